@@ -1,0 +1,38 @@
+"""nccompile's compiler: spec text -> IR -> analysis (no torch) / nn.Module (torch).
+
+Pipeline: `parse` (DSL or YAML) -> `validate` -> `elaborate` (concrete layer tree)
+-> `analysis` (counts, bytes, budgets) or `build` (nn.Module). Importing this
+package does not import torch; only `build_module` and torchvision references do.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from .analysis import Analysis, analyse, predicted_bytes
+from .elaborate import Model, elaborate, parse_shape
+from .errors import NcError, SpecError, UsageError
+from .parse import parse_file
+from .validate import validate
+
+
+def compile_spec(path: str | Path, *, model: str | None = None, params: dict[str, str] | None = None,
+                 input_shape: tuple | None = None) -> Model:
+    """Parse, validate and elaborate a spec file; raises SpecError / UsageError."""
+    spec, text = parse_file(path)
+    sources = {spec.path: text}
+    spec = validate(spec, sources)
+    result = elaborate(spec, model=model, params=params, input_shape=input_shape, sources=sources)
+    result.source = text
+    result.syntax = "yaml" if Path(path).suffix in (".yaml", ".yml") else "dsl"
+    return result
+
+
+def build_module(model: Model, seed: int | None = 0):
+    """The nn.Module of an elaborated model (imports torch)."""
+    from .build import build
+
+    return build(model, seed=seed)
+
+
+__all__ = ["Analysis", "Model", "NcError", "SpecError", "UsageError", "analyse", "build_module", "compile_spec",
+           "elaborate", "parse_file", "parse_shape", "predicted_bytes", "validate"]

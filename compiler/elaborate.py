@@ -1,0 +1,325 @@
+"""Elaboration: validated IR + parameter values + input shape -> a tree of concrete layers.
+
+Every expression is evaluated, blocks and repetitions are expanded, input channels
+are inferred from the previous layer, the width multiplier is applied, residual
+shortcuts are checked or projected, and each layer gets its output shape and exact
+counts. The tree is what both the analysis (no torch) and the builder (torch) read.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import ir
+from .errors import Diagnostics, Span, UsageError, did_you_mean
+from .expr import ExprError, coerce, divisible, evaluate, type_name
+from .layers import LAYERS, REQUIRED, LayerError, Tensor, fmt_shape, macs, tensors
+
+
+@dataclass
+class Node:
+    """One module of the built model. Containers have children; leaves have an op."""
+
+    name: str                 # local name (label or position)
+    path: str                 # dotted module path, '' for the root
+    kind: str                 # layer name (conv, dwconv, ...), block name, 'seq', 'repeat', 'residual', ...
+    op: str                   # leaf ops as in layers.py; containers: 'seq' | 'residual' | 'torchvision'
+    in_shape: tuple
+    out_shape: tuple
+    attrs: dict = field(default_factory=dict)
+    children: list["Node"] = field(default_factory=list)
+    span: Span | None = None
+    tensors: list[Tensor] = field(default_factory=list)  # own state-dict entries (local names)
+    macs: int = 0             # own MACs (leaves; torchvision refs hold their total)
+
+    def walk(self):
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+    def leaves(self):
+        return [n for n in self.walk() if not n.children]
+
+    def state_tensors(self):
+        """(full name, Tensor) for every state-dict entry under this node, in module order."""
+        for n in self.walk():
+            for t in n.tensors:
+                yield (f"{n.path}.{t.name}" if n.path else t.name), t
+
+    @property
+    def params(self) -> int:
+        return sum(t.numel for _, t in self.state_tensors() if t.is_param)
+
+    @property
+    def buffers(self) -> int:
+        return sum(t.numel for _, t in self.state_tensors() if not t.is_param)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(n.macs for n in self.walk())
+
+
+@dataclass
+class Model:
+    """An elaborated model: its tree plus what it was elaborated from."""
+
+    name: str
+    root: Node
+    input_shape: tuple
+    params: dict[str, object]
+    definition: ir.ModelDef
+    spec: ir.SpecFile
+    source: str = ""          # spec text, embedded in model files
+    syntax: str = "dsl"       # dsl | yaml: how to read `source` back
+
+
+class _Stop(Exception):
+    """Shape inference cannot go on past an error (already recorded)."""
+
+
+class _Elaborator:
+    def __init__(self, spec: ir.SpecFile, model: ir.ModelDef, diags: Diagnostics):
+        self.spec, self.model, self.diags = spec, model, diags
+        self.blocks = {b.name: b for b in spec.blocks}
+        self.width_mult: float | None = None
+        self.round_to = 1
+
+    # helpers
+    def eval(self, expr: ir.Expr, env: dict):
+        try:
+            return evaluate(expr, env)
+        except ExprError as err:
+            self.diags.error(str(err), err.node.span or expr.span, hint=err.hint)
+            raise _Stop from None
+
+    def fail(self, message: str, span: Span | None, **kw):
+        self.diags.error(message, span, **kw)
+        raise _Stop
+
+    # bodies
+    def body(self, elements: list[ir.Element], shape: tuple, env: dict, path: str) -> list[Node]:
+        nodes = []
+        for index, el in enumerate(elements):
+            name = el.label if el.label is not None else str(index)
+            child_path = f"{path}.{name}" if path else name
+            if el.repeat is None:
+                node = self.term(el.term, shape, env, name, child_path)
+            else:
+                count = self.eval(el.repeat, env)
+                if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+                    self.fail(f"repetition count must be a positive int, got {count!r}", el.repeat.span or el.span)
+                copies = []
+                inner = shape
+                for i in range(count):
+                    copy = self.term(el.term, inner, env, str(i), f"{child_path}.{i}")
+                    copies.append(copy)
+                    inner = copy.out_shape
+                node = Node(name, child_path, "repeat", "seq", shape, inner, children=copies, span=el.span,
+                            attrs={"count": count})
+            nodes.append(node)
+            shape = node.out_shape
+        return nodes
+
+    def container(self, name, path, kind, shape, children, span, attrs=None) -> Node:
+        out = children[-1].out_shape if children else shape
+        return Node(name, path, kind, "seq", shape, out, attrs=attrs or {}, children=children, span=span)
+
+    def term(self, t, shape, env, name, path) -> Node:
+        if t.kind == "group":
+            return self.container(name, path, "group", shape, self.body(t.elements, shape, env, path), t.span)
+        if t.kind == "residual":
+            return self.residual(t, shape, env, name, path)
+        if t.kind == "torchvision":
+            return self.torchvision(t, shape, env, name, path)
+        if t.name in self.blocks:
+            return self.block_call(t, shape, env, name, path)
+        return self.layer(t, shape, env, name, path)
+
+    def bind(self, call: ir.Call, signature, env) -> dict:
+        """Evaluate a call's (already name-bound) arguments and check their types."""
+        given = {a.name: a for a in call.args}
+        values = {}
+        for name, type_, default in signature:
+            if name in given:
+                value = self.eval(given[name].value, env)
+                span = given[name].span
+                try:
+                    value = coerce(value, type_)
+                except TypeError as err:
+                    hint = "wrap it in int(...), round(...) or divisible(...)" if type_ == "int" else None
+                    self.fail(f"argument `{name}` of `{call.name}` {err}", span, hint=hint)
+                values[name] = value
+            else:
+                values[name] = default
+        return values
+
+    def layer(self, call: ir.Call, shape, env, name, path) -> Node:
+        kind = LAYERS[call.name]
+        values = self.bind(call, [(a.name, a.type, a.default) for a in kind.args], env)
+        if kind.scalable and self.width_mult is not None and values.get("scale", True):
+            values["out"] = divisible(values["out"] * self.width_mult, self.round_to)
+        values.pop("scale", None)
+        try:
+            op, attrs, out_shape = kind.resolve(shape, values)
+        except LayerError as err:
+            span = next((a.span for a in call.args if a.name == err.arg), None) if err.arg else None
+            self.fail(str(err), span or call.span, hint=err.hint, expected=err.expected)
+        return Node(name, path, call.name, op, shape, out_shape, attrs=attrs, span=call.span,
+                    tensors=tensors(op, attrs), macs=macs(op, attrs, out_shape))
+
+    def block_call(self, call: ir.Call, shape, env, name, path) -> Node:
+        block = self.blocks[call.name]
+        signature = []
+        for p in block.params:
+            default = REQUIRED if p.default is None else self.eval(p.default, {})
+            signature.append((p.name, p.type, default))
+        values = self.bind(call, signature, env)
+        children = self.body(block.body, shape, values, path)
+        return self.container(name, path, call.name, shape, children, call.span)
+
+    def residual(self, t: ir.Residual, shape, env, name, path) -> Node:
+        body = self.container("body", f"{path}.body", "seq", shape, self.body(t.body, shape, env, f"{path}.body"),
+                              t.span)
+        children = [body]
+        if t.shortcut is not None:
+            short = self.container("shortcut", f"{path}.shortcut", "seq", shape,
+                                   self.body(t.shortcut, shape, env, f"{path}.shortcut"), t.span)
+            children.append(short)
+            other, what = short.out_shape, "the explicit shortcut's"
+        elif t.project and body.out_shape != shape:
+            children.append(self.projection(shape, body.out_shape, f"{path}.shortcut", t.span))
+            other, what = shape, None
+        else:
+            other, what = shape, "the identity shortcut's"
+        if what and body.out_shape != other:
+            hint = ("add `project` (`residual project { ... }`) for a 1x1 conv + BN shortcut, or write "
+                    "`shortcut { ... }`") if t.shortcut is None else "make both branches end in the same shape"
+            self.fail(f"residual: the body's output {fmt_shape(body.out_shape)} does not match "
+                      f"{what} {fmt_shape(other)}", t.span, hint=hint)
+        return Node(name, path, "residual", "residual", shape, body.out_shape, children=children, span=t.span)
+
+    def projection(self, shape, out_shape, path, span) -> Node:
+        if len(shape) != 3 or len(out_shape) != 3 or shape[1] % out_shape[1] or shape[2] % out_shape[2] \
+                or shape[1] // out_shape[1] != shape[2] // out_shape[2]:
+            self.fail(f"residual: cannot project {fmt_shape(shape)} onto {fmt_shape(out_shape)} with a strided 1x1 conv",
+                      span, hint="write the shortcut explicitly with `shortcut { ... }`")
+        stride = shape[1] // out_shape[1]
+        conv_attrs = {"in": shape[0], "out": out_shape[0], "kernel": 1, "stride": stride, "padding": 0, "groups": 1,
+                      "dilation": 1, "bias": False}
+        conv = Node("0", f"{path}.0", "conv", "conv", shape, out_shape, attrs=conv_attrs, span=span,
+                    tensors=tensors("conv", conv_attrs), macs=macs("conv", conv_attrs, out_shape))
+        bn_attrs = {"channels": out_shape[0], "eps": 1e-5, "momentum": 0.1, "affine": True, "dims": 3}
+        bn = Node("1", f"{path}.1", "bn", "bn", out_shape, out_shape, attrs=bn_attrs, span=span,
+                  tensors=tensors("bn", bn_attrs))
+        return Node("shortcut", path, "projection", "seq", shape, out_shape, children=[conv, bn], span=span)
+
+    def torchvision(self, t: ir.TorchvisionRef, shape, env, name, path) -> Node:
+        from .torchvision_ref import resolve_torchvision  # imports torch: only specs that use it pay
+
+        kwargs = {a.name: self.eval(a.value, env) for a in t.args}
+        try:
+            return resolve_torchvision(t.name, kwargs, shape, name, path, t.span)
+        except LayerError as err:
+            self.fail(str(err), t.span, hint=err.hint)
+
+    def run(self, params: dict, input_shape: tuple) -> Node:
+        m = self.model
+        if m.width_mult is not None:
+            self.width_mult = float(self.eval(m.width_mult, params))
+            self.round_to = int(self.eval(m.round_to, params)) if m.round_to is not None else 1
+            if self.width_mult <= 0 or self.round_to < 1:
+                self.fail("width_mult must be positive and round_to at least 1", m.width_mult.span)
+        only = m.body[0] if len(m.body) == 1 else None
+        if only is not None and only.term.kind == "torchvision" and only.label is None and only.repeat is None:
+            # A model that is just a torchvision network *is* that network: its
+            # state-dict names stay torchvision's own (conv1.weight, fc.bias, ...).
+            return self.torchvision(only.term, input_shape, params, "", "")
+        children = self.body(m.body, input_shape, params, "")
+        return self.container("", "", m.name, input_shape, children, m.span)
+
+
+def resolve_params(model: ir.ModelDef, overrides: dict[str, str], diags: Diagnostics) -> dict:
+    """Parameter values: defaults, then `--param name=value` overrides (strings)."""
+    declared = {p.name: p for p in model.params}
+    values: dict[str, object] = {}
+    for name in overrides:
+        if name not in declared:
+            diags.error(f"model `{model.name}` has no parameter `{name}` (from --param)", model.span,
+                        expected=", ".join(declared) or "no parameters", hint=did_you_mean(name, declared))
+    for p in model.params:
+        if p.name in overrides:
+            raw = overrides[p.name]
+            try:
+                values[p.name] = parse_override(raw, p.type)
+            except ValueError:
+                diags.error(f"parameter `{p.name}` of model `{model.name}` expects {p.type}, got `{raw}` (from --param)",
+                            p.span, hint=f"e.g. --param {p.name}=" + {"int": "10", "float": "0.5", "bool": "true"}[p.type])
+            continue
+        if p.default is None:
+            diags.error(f"parameter `{p.name}` has no default", p.span, hint=f"pass --param {p.name}=...")
+            continue
+        try:
+            value = evaluate(p.default, {})
+        except ExprError as err:
+            diags.error(str(err), p.default.span or p.span)
+            continue
+        try:
+            values[p.name] = coerce(value, p.type)
+        except TypeError as err:
+            diags.error(f"default of parameter `{p.name}` {err}", p.default.span or p.span)
+    return values
+
+
+def parse_override(raw: str, type_: str):
+    if type_ == "int":
+        return int(raw)
+    if type_ == "float":
+        return float(raw)
+    if raw.lower() in ("true", "1", "yes"):
+        return True
+    if raw.lower() in ("false", "0", "no"):
+        return False
+    raise ValueError(raw)
+
+
+def parse_shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        raise UsageError(f"invalid input shape `{text}`: expected e.g. 3x224x224") from None
+    if not shape or any(s < 1 for s in shape):
+        raise UsageError(f"invalid input shape `{text}`: every size must be at least 1")
+    return shape
+
+
+def elaborate(spec: ir.SpecFile, *, model: str | None = None, params: dict[str, str] | None = None,
+              input_shape: tuple | None = None, sources: dict[str, str] | None = None) -> Model:
+    """Elaborate one model of a validated spec (the only one, or the one named)."""
+    if model is None:
+        if len(spec.models) > 1:
+            names = ", ".join(m.name for m in spec.models)
+            raise UsageError(f"{spec.path} defines several models ({names}); choose one with --model")
+        definition = spec.models[0]
+    else:
+        found = [m for m in spec.models if m.name == model]
+        if not found:
+            hint = did_you_mean(model, [m.name for m in spec.models]) or ""
+            raise UsageError(f"{spec.path} has no model `{model}` {hint}".rstrip())
+        definition = found[0]
+    diags = Diagnostics(sources)
+    values = resolve_params(definition, params or {}, diags)
+    shape = tuple(input_shape) if input_shape else (tuple(definition.input) if definition.input else None)
+    if shape is None:
+        diags.error(f"model `{definition.name}` has no input shape", definition.span,
+                    expected="`input CxHxW` in the model, e.g. `input 3x224x224`",
+                    hint="add an `input` line or pass --input 3x224x224")
+    diags.raise_if_any()
+    elaborator = _Elaborator(spec, definition, diags)
+    try:
+        root = elaborator.run(values, shape)
+    except _Stop:
+        diags.raise_if_any()
+        raise
+    return Model(definition.name, root, shape, values, definition, spec)
+
+
+__all__ = ["Node", "Model", "elaborate", "parse_shape"]

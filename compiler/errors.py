@@ -1,0 +1,101 @@
+"""One exception hierarchy for the whole tool.
+
+Every error a user can cause derives from `NcError`; the CLI catches exactly that
+and prints `str(error)`, so no Python traceback ever reaches a user for bad input.
+Spec errors carry *all* diagnostics found in a file (like torchtune's config
+validation) so a user fixes them in one pass.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+class NcError(Exception):
+    """Base of every user-facing error. `exit_code` is what the CLI returns."""
+
+    exit_code = 2
+
+
+class UsageError(NcError):
+    """Bad command-line usage (unknown option value, missing file, ...)."""
+
+
+@dataclass(frozen=True)
+class Span:
+    """A position in a source file (1-based line and column)."""
+
+    file: str
+    line: int
+    column: int
+    end_column: int | None = None
+
+    def __str__(self) -> str:
+        return f"{self.file}:{self.line}:{self.column}"
+
+
+@dataclass
+class Diagnostic:
+    message: str
+    span: Span | None = None
+    expected: str | None = None
+    hint: str | None = None
+
+    def render(self, sources: dict[str, str]) -> str:
+        where = f"{self.span}: " if self.span else ""
+        lines = [f"{where}error: {self.message}"]
+        text = sources.get(self.span.file) if self.span else None
+        if text is not None:
+            source_lines = text.splitlines()
+            if 0 < self.span.line <= len(source_lines):
+                src = source_lines[self.span.line - 1].rstrip("\n")
+                width = 1
+                if self.span.end_column and self.span.end_column > self.span.column:
+                    width = self.span.end_column - self.span.column
+                lines.append(f"    {src}")
+                lines.append("    " + " " * (self.span.column - 1) + "^" * width)
+        if self.expected:
+            lines.append(f"  expected: {self.expected}")
+        if self.hint:
+            lines.append(f"  hint: {self.hint}")
+        return "\n".join(lines)
+
+
+@dataclass
+class SpecError(NcError):
+    """One or more problems in a spec file, each with its position."""
+
+    diagnostics: list[Diagnostic]
+    sources: dict[str, str] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        parts = [d.render(self.sources) for d in self.diagnostics]
+        if len(self.diagnostics) > 1:
+            parts.append(f"{len(self.diagnostics)} errors")
+        return "\n".join(parts)
+
+
+class Diagnostics:
+    """Collects errors while a pass goes on, then raises them all at once."""
+
+    def __init__(self, sources: dict[str, str] | None = None):
+        self.items: list[Diagnostic] = []
+        self.sources = sources if sources is not None else {}
+
+    def error(self, message: str, span: Span | None = None, *, expected: str | None = None,
+              hint: str | None = None) -> None:
+        self.items.append(Diagnostic(message, span, expected, hint))
+
+    def __bool__(self) -> bool:
+        return bool(self.items)
+
+    def raise_if_any(self) -> None:
+        if self.items:
+            raise SpecError(list(self.items), self.sources)
+
+
+def did_you_mean(name: str, candidates) -> str | None:
+    """A 'did you mean' hint for the closest known name, or None."""
+    import difflib
+
+    close = difflib.get_close_matches(name, sorted(set(candidates)), n=1, cutoff=0.6)
+    return f"did you mean `{close[0]}`?" if close else None

@@ -1,0 +1,164 @@
+"""The spec IR: what both front ends (DSL and YAML) produce.
+
+Pydantic models, immutable once built; every node keeps its source span so later
+passes can point at the file, line and column. Expressions stay symbolic here;
+`elaborate` evaluates them for concrete parameter values.
+"""
+from __future__ import annotations
+
+from typing import Annotated, Literal, Union
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from .errors import Span
+
+
+class IRNode(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    span: Span | None = Field(default=None, repr=False)
+
+
+# --- expressions -----------------------------------------------------------
+
+class Num(IRNode):
+    kind: Literal["num"] = "num"
+    value: int | float
+
+
+class Bool(IRNode):
+    kind: Literal["bool"] = "bool"
+    value: bool
+
+
+class Var(IRNode):
+    kind: Literal["var"] = "var"
+    name: str
+
+
+class BinOp(IRNode):
+    kind: Literal["binop"] = "binop"
+    op: Literal["+", "-", "*", "/", "//", "%"]
+    left: "Expr"
+    right: "Expr"
+
+
+class Neg(IRNode):
+    kind: Literal["neg"] = "neg"
+    operand: "Expr"
+
+
+class Func(IRNode):
+    kind: Literal["func"] = "func"
+    name: str
+    args: list["Expr"]
+
+
+Expr = Annotated[Union[Num, Bool, Var, BinOp, Neg, Func], Field(discriminator="kind")]
+
+
+# --- architecture ----------------------------------------------------------
+
+class Arg(IRNode):
+    """A call argument. After validation every argument has a name."""
+
+    name: str | None = None
+    value: Expr
+
+
+class Call(IRNode):
+    """A layer (`conv(16)`) or a block call (`dws(32)`)."""
+
+    kind: Literal["call"] = "call"
+    name: str
+    args: list[Arg] = []
+
+
+class Group(IRNode):
+    kind: Literal["group"] = "group"
+    elements: list["Element"] = []
+
+
+class Residual(IRNode):
+    """`residual [project] { body } [shortcut { ... }]`: output = body(x) + shortcut(x).
+
+    Without `project` or an explicit shortcut the shortcut is the identity and
+    shapes must match; with `project` a 1x1 conv + BN is inserted when they differ.
+    """
+
+    kind: Literal["residual"] = "residual"
+    project: bool = False
+    body: list["Element"]
+    shortcut: list["Element"] | None = None
+
+
+class TorchvisionRef(IRNode):
+    """`torchvision resnet18(num_classes=classes)`: a torchvision model as a layer."""
+
+    kind: Literal["torchvision"] = "torchvision"
+    name: str
+    args: list[Arg] = []
+
+
+Term = Annotated[Union[Call, Group, Residual, TorchvisionRef], Field(discriminator="kind")]
+
+
+class Element(IRNode):
+    """One item of a body: an optional label, a term, an optional repetition."""
+
+    label: str | None = None
+    term: Term
+    repeat: Expr | None = None
+
+
+class ParamDecl(IRNode):
+    name: str
+    type: str  # int | float | bool, checked by the validator
+    default: Expr | None = None
+
+
+class Budget(IRNode):
+    metric: str          # params | macs | bytes
+    format: str | None = None  # for bytes: fp32 | fp16 | int8
+    limit: Expr
+
+    @property
+    def title(self) -> str:
+        metric = f"bytes({self.format})" if self.format else self.metric
+        return metric
+
+
+class BlockDef(IRNode):
+    name: str
+    params: list[ParamDecl] = []
+    body: list[Element] = []
+
+
+class ModelDef(IRNode):
+    name: str
+    params: list[ParamDecl] = []
+    input: list[int] | None = None
+    width_mult: Expr | None = None
+    round_to: Expr | None = None
+    budgets: list[Budget] = []
+    body: list[Element] = []
+
+
+class SpecFile(IRNode):
+    path: str
+    blocks: list[BlockDef] = []
+    models: list[ModelDef] = []
+
+
+for _model in (BinOp, Neg, Func, Group, Residual, Element):
+    _model.model_rebuild()
+
+
+def without_spans(data):
+    """A dump of an IR node with every span removed (to compare front ends)."""
+    if isinstance(data, BaseModel):
+        data = data.model_dump()
+    if isinstance(data, dict):
+        return {k: without_spans(v) for k, v in data.items() if k != "span"}
+    if isinstance(data, list):
+        return [without_spans(v) for v in data]
+    return data

@@ -1,0 +1,249 @@
+"""DSL front end: `.spec` text -> IR, with lark (LALR, positions kept)."""
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+
+from lark import Lark, Token, Tree
+from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput, UnexpectedToken
+
+from .. import ir
+from ..errors import Diagnostic, Span, SpecError
+
+GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "spec.lark"
+
+# How terminals read in "expected ..." lines.
+_FRIENDLY = {
+    "NAME": "a name",
+    "NUMBER": "a number",
+    "SHAPE": "an input shape such as 3x32x32",
+    "FORMAT": "a weight format (fp32, fp16, int8)",
+    "PROJECT": "`project`",
+    "$END": "end of file",
+}
+
+
+@functools.cache
+def parser() -> Lark:
+    return Lark(GRAMMAR.read_text(), parser="lalr", start=["start", "expr_only"],
+                propagate_positions=True, maybe_placeholders=True)
+
+
+def _terminal_text(name: str) -> str:
+    if name in _FRIENDLY:
+        return _FRIENDLY[name]
+    for term in parser().terminals:
+        if term.name == name and term.pattern.type == "str":
+            return f"`{term.pattern.value}`"
+    return name
+
+
+def _expected(names) -> str:
+    texts = sorted({_terminal_text(n) for n in names})
+    return ", ".join(texts)
+
+
+def syntax_error(err: UnexpectedInput, path: str, text: str) -> SpecError:
+    """Turn a lark error into a positioned diagnostic with what was expected."""
+    line, column = getattr(err, "line", 1) or 1, getattr(err, "column", 1) or 1
+    if isinstance(err, UnexpectedToken) and err.token.type == "$END":
+        lines = text.splitlines() or [""]
+        line, column = len(lines), len(lines[-1]) + 1
+        message = "unexpected end of file"
+        expected = _expected(err.expected)
+    elif isinstance(err, UnexpectedToken):
+        token = err.token
+        shown = str(token) if len(str(token)) < 30 else str(token)[:27] + "..."
+        message = f"unexpected `{shown}`"
+        if token.type == "X":
+            message += " (`x` is reserved for repetition, as in `dws(64) x 3`)"
+        expected = _expected(err.expected)
+    elif isinstance(err, UnexpectedCharacters):
+        message = f"unexpected character `{text[err.pos_in_stream]}`"
+        expected = _expected(err.allowed) if err.allowed else None
+    elif isinstance(err, UnexpectedEOF):
+        message = "unexpected end of file"
+        expected = _expected(err.expected)
+    else:  # pragma: no cover - lark has no other kinds today
+        message, expected = str(err), None
+    hint = None
+    if expected and "`}`" in expected and "end of file" in message:
+        hint = "a `{` is not closed"
+    diag = Diagnostic(message, Span(path, line, column), expected=expected, hint=hint)
+    return SpecError([diag], {path: text})
+
+
+# --- tree -> IR --------------------------------------------------------------
+
+class _Converter:
+    def __init__(self, path: str):
+        self.path = path
+
+    def span(self, item) -> Span | None:
+        if isinstance(item, Token):
+            return Span(self.path, item.line, item.column, item.end_column)
+        meta = getattr(item, "meta", None)
+        if meta is None or getattr(meta, "empty", True):
+            return None
+        end = meta.end_column if meta.end_line == meta.line else None
+        return Span(self.path, meta.line, meta.column, end)
+
+    # expressions
+    def expr(self, tree) -> ir.Expr:
+        span = self.span(tree)
+        kind = tree.data
+        if kind == "number":
+            return ir.Num(value=parse_number(str(tree.children[0])), span=span)
+        if kind == "true":
+            return ir.Bool(value=True, span=span)
+        if kind == "false":
+            return ir.Bool(value=False, span=span)
+        if kind == "var":
+            return ir.Var(name=str(tree.children[0]), span=self.span(tree.children[0]))
+        if kind == "neg":
+            return ir.Neg(operand=self.expr(tree.children[0]), span=span)
+        if kind == "func":
+            name, *args = tree.children
+            args = [self.expr(a) for a in args if a is not None]
+            return ir.Func(name=str(name), args=args, span=self.span(name))
+        ops = {"add": "+", "sub": "-", "mul": "*", "div": "/", "floordiv": "//", "mod": "%"}
+        left, right = tree.children
+        return ir.BinOp(op=ops[kind], left=self.expr(left), right=self.expr(right), span=span)
+
+    def args(self, tree) -> list[ir.Arg]:
+        if tree is None:
+            return []
+        out = []
+        for arg in tree.children:
+            if arg is None:
+                continue
+            name, value = arg.children
+            out.append(ir.Arg(name=str(name) if name is not None else None,
+                              value=self.expr(value), span=self.span(arg)))
+        return out
+
+    def elements(self, items) -> list[ir.Element]:
+        return [self.element(e) for e in items if isinstance(e, Tree) and e.data == "element"]
+
+    def element(self, tree) -> ir.Element:
+        label, term, repeat = tree.children
+        return ir.Element(label=str(label) if label is not None else None, term=self.term(term),
+                          repeat=self.expr(repeat) if repeat is not None else None,
+                          span=self.span(label if label is not None else term))
+
+    def term(self, tree) -> ir.Term:
+        kind = tree.data
+        if kind == "call":
+            name, args = tree.children
+            return ir.Call(name=str(name), args=self.args(args), span=self.span(name))
+        if kind == "group":
+            return ir.Group(elements=self.elements(tree.children), span=self.span(tree))
+        if kind == "residual":
+            project, *rest = tree.children
+            shortcut = None
+            if rest and isinstance(rest[-1], Tree) and rest[-1].data == "shortcut":
+                shortcut = self.elements(rest[-1].children)
+                rest = rest[:-1]
+            elif rest and rest[-1] is None:
+                rest = rest[:-1]
+            return ir.Residual(project=project is not None, body=self.elements(rest),
+                               shortcut=shortcut, span=self.span(tree))
+        if kind == "tv_ref":
+            name, args = tree.children
+            return ir.TorchvisionRef(name=str(name), args=self.args(args), span=self.span(name))
+        raise AssertionError(kind)  # grammar and converter out of step
+
+    def params(self, tree) -> list[ir.ParamDecl]:
+        if tree is None:
+            return []
+        out = []
+        for p in tree.children:
+            if p is None:
+                continue
+            name, type_, default = p.children
+            out.append(ir.ParamDecl(name=str(name), type=str(type_),
+                                    default=self.expr(default) if default is not None else None,
+                                    span=self.span(name)))
+        return out
+
+    def spec(self, tree) -> ir.SpecFile:
+        blocks, models = [], []
+        for d in tree.children:
+            if d.data == "block_def":
+                name, params, *body = d.children
+                blocks.append(ir.BlockDef(name=str(name), params=self.params(params),
+                                          body=self.elements(body), span=self.span(name)))
+            else:
+                models.append(self.model(d))
+        return ir.SpecFile(path=self.path, blocks=blocks, models=models)
+
+    def model(self, tree) -> ir.ModelDef:
+        name, params, *items = tree.children
+        fields: dict = {"budgets": [], "body": []}
+        for item in items:
+            if item.data == "input_stmt":
+                fields["input"] = [int(v) for v in str(item.children[0]).split("x")]
+            elif item.data == "budget_stmt":
+                metric, fmt, limit = item.children
+                fields["budgets"].append(ir.Budget(
+                    metric=str(metric), format=str(fmt) if fmt is not None else None,
+                    limit=self.expr(limit), span=self.span(metric)))
+            elif item.data == "width_stmt":
+                mult, round_to = item.children
+                fields["width_mult"] = self.expr(mult)
+                fields["round_to"] = self.expr(round_to) if round_to is not None else None
+            else:
+                fields["body"].append(self.element(item))
+        return ir.ModelDef(name=str(name), params=self.params(params), span=self.span(name), **fields)
+
+
+_SUFFIX = {"k": 10**3, "M": 10**6, "G": 10**9}
+
+
+def parse_number(text: str) -> int | float:
+    text = text.replace("_", "")
+    scale = 1
+    if text[-1] in _SUFFIX:
+        scale, text = _SUFFIX[text[-1]], text[:-1]
+    if any(c in text for c in ".eE"):
+        value = float(text) * scale
+        return int(value) if scale != 1 and value.is_integer() else value
+    return int(text) * scale
+
+
+def parse_dsl(text: str, path: str) -> ir.SpecFile:
+    try:
+        tree = parser().parse(text, start="start")
+    except UnexpectedInput as err:
+        raise syntax_error(err, path, text) from None
+    return _Converter(path).spec(tree)
+
+
+def parse_expression(text: str, span: Span | None) -> ir.Expr:
+    """Parse one expression (the YAML front end's string values)."""
+    path = span.file if span else "<expr>"
+    try:
+        tree = parser().parse(text, start="expr_only")
+    except UnexpectedInput as err:
+        # Report at the YAML value's position; the column inside the string is added.
+        line, col = (span.line, span.column) if span else (1, 1)
+        col += max((getattr(err, "column", 1) or 1) - 1, 0)
+        raise SpecError([Diagnostic(f"invalid expression `{text}`", Span(path, line, col),
+                                    expected="an expression such as `2*base` or `int(64*mult)`")]) from None
+    conv = _Converter(path)
+    expr = conv.expr(tree.children[0])
+    # Positions inside a YAML string are relative to that string: use the value's span.
+    return _respan(expr, span)
+
+
+def _respan(expr, span):
+    data = expr.model_dump()
+
+    def fix(d):
+        if isinstance(d, dict):
+            return {k: (span if k == "span" else fix(v)) for k, v in d.items()}
+        if isinstance(d, list):
+            return [fix(v) for v in d]
+        return d
+
+    return type(expr).model_validate(fix(data))

@@ -1,0 +1,221 @@
+"""YAML front end: the same language as the DSL, written as YAML.
+
+    blocks:
+      dws:
+        params: {out: int}
+        layers:
+          - {dwconv: 3, name: dw}
+          - bn
+          - relu6
+          - {pwconv: out, name: pw}
+    model:
+      name: student
+      params: {classes: {type: int, default: 11}}
+      input: 3x256x256
+      budgets: {"bytes(int8)": 300000}
+      layers:
+        - {conv: {out: 16, kernel: 3}}
+        - {dws: 32, repeat: 2}
+
+A layer is a name (`bn`) or a one-key mapping from the layer or block name to its
+arguments: a scalar (the first argument), a list (positional) or a mapping (by name);
+`name` labels it and `repeat` repeats it. String values are DSL expressions.
+Nodes are composed (not just loaded) so every error keeps its line and column.
+"""
+from __future__ import annotations
+
+import yaml
+
+from .. import ir
+from ..errors import Diagnostic, Diagnostics, Span, SpecError, did_you_mean
+from .dsl import parse_expression
+
+_ELEMENT_KEYS = {"name", "repeat"}
+
+
+class _YamlConverter:
+    def __init__(self, path: str, diags: Diagnostics):
+        self.path, self.diags = path, diags
+
+    def span(self, node) -> Span:
+        m = node.start_mark
+        end = node.end_mark.column + 1 if node.end_mark.line == m.line else None
+        return Span(self.path, m.line + 1, m.column + 1, end)
+
+    # scalars
+    def value(self, node) -> ir.Expr:
+        span = self.span(node)
+        if not isinstance(node, yaml.ScalarNode):
+            self.diags.error("expected a value, got a " + _kind(node), span,
+                             expected="a number, `true`/`false` or an expression string")
+            return ir.Num(value=0, span=span)
+        tag, text = node.tag, node.value
+        if tag.endswith(":bool"):
+            return ir.Bool(value=text.lower() in ("true", "yes", "on"), span=span)
+        if tag.endswith(":int"):
+            return ir.Num(value=int(text.replace("_", ""), 0), span=span)
+        if tag.endswith(":float"):
+            return ir.Num(value=float(text.replace("_", "")), span=span)
+        try:
+            return parse_expression(text, span)
+        except SpecError as err:
+            self.diags.items.extend(err.diagnostics)
+            return ir.Num(value=0, span=span)
+
+    def mapping(self, node, what: str) -> list[tuple[str, object, object]]:
+        if not isinstance(node, yaml.MappingNode):
+            self.diags.error(f"{what} must be a mapping, got a {_kind(node)}", self.span(node))
+            return []
+        return [(k.value, k, v) for k, v in node.value]
+
+    def sequence(self, node, what: str) -> list:
+        if not isinstance(node, yaml.SequenceNode):
+            self.diags.error(f"{what} must be a list, got a {_kind(node)}", self.span(node))
+            return []
+        return node.value
+
+    # structure
+    def params(self, node) -> list[ir.ParamDecl]:
+        out = []
+        for name, knode, vnode in self.mapping(node, "params"):
+            default = None
+            if isinstance(vnode, yaml.ScalarNode):
+                type_ = vnode.value
+            else:
+                fields = {k: v for k, _, v in self.mapping(vnode, f"param `{name}`")}
+                for key in fields.keys() - {"type", "default"}:
+                    self.diags.error(f"unknown key `{key}` in param `{name}`", self.span(fields[key]),
+                                     expected="`type` and `default`", hint=did_you_mean(key, ["type", "default"]))
+                type_ = fields["type"].value if "type" in fields else "float"
+                if "default" in fields:
+                    default = self.value(fields["default"])
+            out.append(ir.ParamDecl(name=name, type=type_, default=default, span=self.span(knode)))
+        return out
+
+    def args(self, node) -> list[ir.Arg]:
+        if isinstance(node, yaml.ScalarNode):
+            if node.value in ("", "~", "null") and node.tag.endswith(":null"):
+                return []
+            return [ir.Arg(value=self.value(node), span=self.span(node))]
+        if isinstance(node, yaml.SequenceNode):
+            return [ir.Arg(value=self.value(v), span=self.span(v)) for v in node.value]
+        return [ir.Arg(name=k, value=self.value(v), span=self.span(kn))
+                for k, kn, v in self.mapping(node, "arguments")]
+
+    def elements(self, node) -> list[ir.Element]:
+        return [e for e in (self.element(n) for n in self.sequence(node, "layers")) if e is not None]
+
+    def element(self, node) -> ir.Element | None:
+        span = self.span(node)
+        if isinstance(node, yaml.ScalarNode):
+            return ir.Element(term=ir.Call(name=node.value, span=span), span=span)
+        items = self.mapping(node, "a layer")
+        extras = {k: v for k, _, v in items if k in _ELEMENT_KEYS}
+        main = [(k, kn, v) for k, kn, v in items if k not in _ELEMENT_KEYS | {"project", "shortcut", "args"}]
+        if len(main) != 1:
+            names = ", ".join(f"`{k}`" for k, _, _ in main) or "none"
+            self.diags.error(f"a layer mapping needs exactly one layer or block name, found {names}", span,
+                             hint="write other layers as separate list items")
+            return None
+        key, knode, value = main[0]
+        others = {k: v for k, _, v in items}
+        kspan = self.span(knode)
+        if key == "group":
+            term = ir.Group(elements=self.elements(value), span=kspan)
+        elif key == "residual":
+            project = others.get("project")
+            shortcut = others.get("shortcut")
+            term = ir.Residual(project=bool(project is not None and project.value.lower() == "true"),
+                               body=self.elements(value),
+                               shortcut=self.elements(shortcut) if shortcut is not None else None, span=kspan)
+        elif key == "torchvision":
+            args = self.args(others["args"]) if "args" in others else []
+            term = ir.TorchvisionRef(name=value.value, args=args, span=self.span(value))
+        else:
+            for extra in ("project", "shortcut", "args"):
+                if extra in others:
+                    self.diags.error(f"`{extra}` does not apply to `{key}`", self.span(others[extra]))
+            term = ir.Call(name=key, args=self.args(value), span=kspan)
+        label = extras["name"].value if "name" in extras else None
+        repeat = self.value(extras["repeat"]) if "repeat" in extras else None
+        return ir.Element(label=label, term=term, repeat=repeat, span=kspan)
+
+    def model(self, node) -> ir.ModelDef:
+        fields = {k: (kn, v) for k, kn, v in self.mapping(node, "model")}
+        known = {"name", "params", "input", "width_mult", "round_to", "budgets", "layers"}
+        for key in fields.keys() - known:
+            self.diags.error(f"unknown key `{key}` in model", self.span(fields[key][0]),
+                             expected=", ".join(f"`{k}`" for k in sorted(known)), hint=did_you_mean(key, known))
+        out: dict = {"name": fields["name"][1].value if "name" in fields else "model"}
+        out["span"] = self.span(fields["name"][1] if "name" in fields else node)
+        if "params" in fields:
+            out["params"] = self.params(fields["params"][1])
+        if "input" in fields:
+            out["input"] = self.shape(fields["input"][1])
+        if "width_mult" in fields:
+            out["width_mult"] = self.value(fields["width_mult"][1])
+        if "round_to" in fields:
+            out["round_to"] = self.value(fields["round_to"][1])
+        budgets = []
+        if "budgets" in fields:
+            for title, kn, v in self.mapping(fields["budgets"][1], "budgets"):
+                metric, fmt = title, None
+                if "(" in title and title.endswith(")"):
+                    metric, fmt = title[:-1].split("(", 1)
+                budgets.append(ir.Budget(metric=metric.strip(), format=fmt.strip() if fmt else None,
+                                         limit=self.value(v), span=self.span(kn)))
+        out["budgets"] = budgets
+        out["body"] = self.elements(fields["layers"][1]) if "layers" in fields else []
+        return ir.ModelDef(**out)
+
+    def shape(self, node) -> list[int] | None:
+        if isinstance(node, yaml.SequenceNode):
+            values = [v.value for v in node.value]
+        else:
+            values = str(node.value).split("x")
+        try:
+            return [int(v) for v in values]
+        except ValueError:
+            self.diags.error(f"invalid input shape `{node.value if isinstance(node, yaml.ScalarNode) else values}`",
+                             self.span(node), expected="a shape such as 3x32x32 or [3, 32, 32]")
+            return None
+
+    def spec(self, root) -> ir.SpecFile:
+        top = {k: (kn, v) for k, kn, v in self.mapping(root, "a spec file")}
+        for key in top.keys() - {"blocks", "model"}:
+            self.diags.error(f"unknown top-level key `{key}`", self.span(top[key][0]),
+                             expected="`blocks` and `model`", hint=did_you_mean(key, ["blocks", "model"]))
+        blocks = []
+        if "blocks" in top:
+            for name, kn, v in self.mapping(top["blocks"][1], "blocks"):
+                fields = {k: (kk, vv) for k, kk, vv in self.mapping(v, f"block `{name}`")}
+                for key in fields.keys() - {"params", "layers"}:
+                    self.diags.error(f"unknown key `{key}` in block `{name}`", self.span(fields[key][0]),
+                                     expected="`params` and `layers`", hint=did_you_mean(key, ["params", "layers"]))
+                blocks.append(ir.BlockDef(
+                    name=name, span=self.span(kn),
+                    params=self.params(fields["params"][1]) if "params" in fields else [],
+                    body=self.elements(fields["layers"][1]) if "layers" in fields else []))
+        models = [self.model(top["model"][1])] if "model" in top else []
+        return ir.SpecFile(path=self.path, blocks=blocks, models=models)
+
+
+def _kind(node) -> str:
+    return {yaml.ScalarNode: "scalar", yaml.SequenceNode: "list", yaml.MappingNode: "mapping"}[type(node)]
+
+
+def parse_yaml(text: str, path: str) -> ir.SpecFile:
+    sources = {path: text}
+    try:
+        root = yaml.compose(text, Loader=yaml.SafeLoader)
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark or err.context_mark
+        span = Span(path, mark.line + 1, mark.column + 1) if mark else None
+        raise SpecError([Diagnostic(f"invalid YAML: {err.problem}", span)], sources) from None
+    if root is None:
+        raise SpecError([Diagnostic("empty spec file", Span(path, 1, 1),
+                                    expected="`model:` with `layers:`")], sources)
+    diags = Diagnostics(sources)
+    spec = _YamlConverter(path, diags).spec(root)
+    diags.raise_if_any()
+    return spec

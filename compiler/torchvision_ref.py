@@ -1,0 +1,76 @@
+"""`torchvision NAME(...)` references: counted by building the model on the meta device.
+
+The meta device allocates no weights, so even ResNet50 is analysed in well under a
+second; shapes come from forward hooks and MACs from torch's own flop counter.
+This module imports torch, so only specs that reference torchvision pay for it.
+"""
+from __future__ import annotations
+
+from .errors import Span
+from .layers import LayerError, Tensor
+
+
+def build_torchvision(name: str, kwargs: dict, device=None):
+    import torchvision
+
+    known = torchvision.models.list_models()
+    if name not in known:
+        from .errors import did_you_mean
+
+        raise LayerError(f"torchvision has no model `{name}`", hint=did_you_mean(name, known))
+    try:
+        if device is None:
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+        import torch
+
+        with torch.device(device):
+            return torchvision.models.get_model(name, weights=None, **kwargs)
+    except (TypeError, ValueError) as err:
+        raise LayerError(f"torchvision `{name}` rejects its arguments: {err}") from None
+
+
+def resolve_torchvision(name: str, kwargs: dict, shape: tuple, node_name: str, path: str, span: Span | None):
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from .elaborate import Node
+
+    model = build_torchvision(name, kwargs, device="meta").eval()
+    children = dict(model.named_children())
+    shapes: dict[str, tuple] = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: shapes.__setitem__(n, tuple(out.shape[1:])))
+             for n, m in children.items()]
+    counter = FlopCounterMode(display=False)
+    try:
+        with torch.no_grad(), counter:
+            out = model(torch.empty((1, *shape), device="meta"))
+    except RuntimeError as err:
+        raise LayerError(f"torchvision `{name}` cannot take a {'x'.join(map(str, shape))} input: {err}") from None
+    finally:
+        for h in hooks:
+            h.remove()
+    flops = counter.get_flop_counts()
+    root_name = type(model).__name__
+    own: dict[str, list[Tensor]] = {n: [] for n in children}
+    root_tensors = []
+    params = {n for n, _ in model.named_parameters()}
+    for full, t in model.state_dict(keep_vars=True).items():
+        if full.endswith("num_batches_tracked"):
+            continue
+        tensor = Tensor(full, tuple(t.shape), is_param=full in params)
+        head, _, rest = full.partition(".")
+        if head in own and rest:
+            own[head].append(Tensor(rest, tensor.shape, is_param=tensor.is_param))
+        else:
+            root_tensors.append(tensor)
+    nodes = []
+    prev = shape
+    for n, mod in children.items():
+        child_path = f"{path}.{n}" if path else n
+        child_flops = sum(flops.get(f"{root_name}.{n}", {}).values())
+        out_shape = shapes.get(n, prev)
+        nodes.append(Node(n, child_path, type(mod).__name__, "tv-part", prev, out_shape,
+                          tensors=own[n], macs=child_flops // 2, span=span))
+        prev = out_shape
+    return Node(node_name, path, f"torchvision:{name}", "torchvision", shape, tuple(out.shape[1:]),
+                attrs={"name": name, "kwargs": kwargs}, children=nodes, span=span, tensors=root_tensors)

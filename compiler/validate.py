@@ -1,0 +1,210 @@
+"""The one validator both front ends share.
+
+Checks what can be checked before any parameter value is known -- names of layers,
+blocks, arguments, variables, types, budgets -- collecting every problem in the
+file, and returns the IR with every call's arguments bound by name in signature
+order (so `conv(16, 3)` and `conv: {out: 16, kernel: 3}` give the same IR).
+"""
+from __future__ import annotations
+
+from .errors import Diagnostics, did_you_mean
+from . import ir
+from .expr import FUNCTIONS, free_names
+from .layers import LAYERS, REQUIRED
+
+PARAM_TYPES = ("int", "float", "bool")
+BUDGET_METRICS = ("params", "macs", "bytes")
+RESERVED_LABELS = ("body", "shortcut")
+
+
+class _Validator:
+    def __init__(self, spec: ir.SpecFile, diags: Diagnostics):
+        self.spec, self.diags = spec, diags
+        self.blocks = {b.name: b for b in spec.blocks}
+
+    def run(self) -> ir.SpecFile:
+        from .fileformat import FORMATS
+
+        self.formats = FORMATS
+        seen: set[str] = set()
+        for b in self.spec.blocks:
+            if b.name in LAYERS:
+                self.diags.error(f"block `{b.name}` has the name of a built-in layer", b.span,
+                                 hint="rename the block")
+            if b.name in seen:
+                self.diags.error(f"block `{b.name}` is defined twice", b.span)
+            seen.add(b.name)
+        self._check_cycles()
+        blocks = [b.model_copy(update={"params": self.params(b.params, set()),
+                                       "body": self.body(b.body, {p.name for p in b.params})})
+                  for b in self.spec.blocks]
+        models = []
+        if not self.spec.models:
+            self.diags.error("no model in this file", None, expected="`model NAME { ... }`")
+        for m in self.spec.models:
+            scope = {p.name for p in m.params}
+            for b in m.budgets:
+                self.budget(b, scope)
+            for e in (m.width_mult, m.round_to):
+                if e is not None:
+                    self.expr(e, scope)
+            models.append(m.model_copy(update={"params": self.params(m.params, set()),
+                                               "body": self.body(m.body, scope)}))
+        return self.spec.model_copy(update={"blocks": blocks, "models": models})
+
+    # declarations
+    def params(self, params: list[ir.ParamDecl], scope: set[str]) -> list[ir.ParamDecl]:
+        seen = set()
+        for p in params:
+            if p.type not in PARAM_TYPES:
+                self.diags.error(f"unknown type `{p.type}` for parameter `{p.name}`", p.span,
+                                 expected=", ".join(PARAM_TYPES), hint=did_you_mean(p.type, PARAM_TYPES))
+            if p.name in seen:
+                self.diags.error(f"parameter `{p.name}` is declared twice", p.span)
+            seen.add(p.name)
+            if p.default is not None:
+                self.expr(p.default, scope)
+        return params
+
+    def budget(self, b: ir.Budget, scope: set[str]) -> None:
+        if b.metric not in BUDGET_METRICS:
+            self.diags.error(f"unknown budget `{b.metric}`", b.span, expected=", ".join(BUDGET_METRICS),
+                             hint=did_you_mean(b.metric, BUDGET_METRICS))
+        elif b.metric == "bytes" and b.format not in self.formats:
+            what = f"unknown weight format `{b.format}`" if b.format else "a bytes budget needs a weight format"
+            self.diags.error(what, b.span, expected="bytes(" + "|".join(self.formats) + ")",
+                             hint=did_you_mean(b.format or "", self.formats))
+        elif b.metric != "bytes" and b.format is not None:
+            self.diags.error(f"`{b.metric}` takes no weight format", b.span, hint=f"write `budget {b.metric} <= ...`")
+        self.expr(b.limit, scope)
+
+    def expr(self, e: ir.Expr, scope: set[str]) -> None:
+        for var in free_names(e):
+            if var.name not in scope:
+                self.diags.error(f"unknown name `{var.name}`", var.span,
+                                 expected="a parameter of the enclosing model or block",
+                                 hint=did_you_mean(var.name, scope))
+        self._funcs(e)
+
+    def _funcs(self, e) -> None:
+        if e.kind == "func":
+            if e.name not in FUNCTIONS:
+                self.diags.error(f"unknown function `{e.name}`", e.span, expected=", ".join(sorted(FUNCTIONS)),
+                                 hint=did_you_mean(e.name, FUNCTIONS))
+            for a in e.args:
+                self._funcs(a)
+        elif e.kind == "binop":
+            self._funcs(e.left)
+            self._funcs(e.right)
+        elif e.kind == "neg":
+            self._funcs(e.operand)
+
+    # bodies
+    def body(self, elements: list[ir.Element], scope: set[str]) -> list[ir.Element]:
+        labels: set[str] = set()
+        out = []
+        for el in elements:
+            if el.label is not None:
+                if el.label in labels:
+                    self.diags.error(f"label `{el.label}` is used twice in the same body", el.span)
+                if el.label in RESERVED_LABELS:
+                    self.diags.error(f"`{el.label}` is reserved for residual parts", el.span, hint="use another label")
+                labels.add(el.label)
+            if el.repeat is not None:
+                self.expr(el.repeat, scope)
+            out.append(el.model_copy(update={"term": self.term(el.term, scope)}))
+        return out
+
+    def term(self, t, scope: set[str]):
+        if t.kind == "group":
+            return t.model_copy(update={"elements": self.body(t.elements, scope)})
+        if t.kind == "residual":
+            shortcut = self.body(t.shortcut, scope) if t.shortcut is not None else None
+            if t.project and shortcut is not None:
+                self.diags.error("a residual has either `project` or an explicit `shortcut`, not both", t.span)
+            return t.model_copy(update={"body": self.body(t.body, scope), "shortcut": shortcut})
+        if t.kind == "torchvision":
+            for a in t.args:
+                if a.name is None:
+                    self.diags.error(f"arguments of torchvision `{t.name}` must be named", a.span,
+                                     hint=f"write e.g. `torchvision {t.name}(num_classes=classes)`")
+                self.expr(a.value, scope)
+            return t
+        return self.call(t, scope)
+
+    def call(self, c: ir.Call, scope: set[str]) -> ir.Call:
+        for a in c.args:
+            self.expr(a.value, scope)
+        if c.name in self.blocks:
+            signature = [(p.name, p.default is None) for p in self.blocks[c.name].params]
+            what = f"block `{c.name}`"
+        elif c.name in LAYERS:
+            signature = [(a.name, a.default is REQUIRED) for a in LAYERS[c.name].args]
+            what = f"`{c.name}`"
+        else:
+            known = list(LAYERS) + list(self.blocks)
+            self.diags.error(f"unknown layer or block `{c.name}`", c.span,
+                             expected="a built-in layer or a block defined in this file",
+                             hint=did_you_mean(c.name, known) or "layers: " + ", ".join(LAYERS))
+            return c
+        names = [n for n, _ in signature]
+        bound: dict[str, ir.Arg] = {}
+        for i, a in enumerate(c.args):
+            if a.name is None:
+                if i >= len(names):
+                    self.diags.error(f"{what} takes at most {len(names)} positional argument(s)", a.span,
+                                     expected=f"arguments {', '.join(names) or '(none)'}")
+                    continue
+                name = names[i]
+                if any(b.name is not None for b in c.args[:i]):
+                    self.diags.error("a positional argument cannot follow a named one", a.span)
+            else:
+                name = a.name
+                if name not in names:
+                    self.diags.error(f"{what} has no argument `{name}`", a.span,
+                                     expected=", ".join(names) or "no arguments", hint=did_you_mean(name, names))
+                    continue
+            if name in bound:
+                self.diags.error(f"argument `{name}` of {what} is given twice", a.span)
+            bound[name] = a.model_copy(update={"name": name})
+        for name, required in signature:
+            if required and name not in bound:
+                self.diags.error(f"{what} needs argument `{name}`", c.span,
+                                 hint=f"e.g. `{c.name}({name}=...)`")
+        ordered = [bound[n] for n in names if n in bound]
+        return c.model_copy(update={"args": ordered})
+
+    def _check_cycles(self) -> None:
+        state: dict[str, int] = {}
+
+        def calls(elements):
+            for el in elements:
+                t = el.term
+                if t.kind == "call" and t.name in self.blocks:
+                    yield t
+                elif t.kind == "group":
+                    yield from calls(t.elements)
+                elif t.kind == "residual":
+                    yield from calls(t.body)
+                    yield from calls(t.shortcut or [])
+
+        def visit(name):
+            state[name] = 1
+            for c in calls(self.blocks[name].body):
+                if state.get(c.name) == 1:
+                    self.diags.error(f"block `{c.name}` calls itself (through `{name}`)", c.span,
+                                     hint="blocks cannot be recursive")
+                elif c.name not in state:
+                    visit(c.name)
+            state[name] = 2
+
+        for name in self.blocks:
+            if name not in state:
+                visit(name)
+
+
+def validate(spec: ir.SpecFile, sources: dict[str, str] | None = None) -> ir.SpecFile:
+    diags = Diagnostics(sources)
+    out = _Validator(spec, diags).run()
+    diags.raise_if_any()
+    return out
