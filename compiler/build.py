@@ -7,6 +7,8 @@ give the same weights.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
+
 import torch
 from torch import nn
 
@@ -33,7 +35,7 @@ class Residual(nn.Module):
 def build_node(node: Node) -> nn.Module:
     op, a = node.op, node.attrs
     if op == "seq":
-        return nn.Sequential(dict((c.name, build_node(c)) for c in node.children))
+        return nn.Sequential(OrderedDict((c.name, build_node(c)) for c in node.children))
     if op == "residual":
         parts = {c.name: c for c in node.children}
         shortcut = build_node(parts["shortcut"]) if "shortcut" in parts else None

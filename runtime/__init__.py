@@ -1,0 +1,1 @@
+"""nccompile's runtime: executing compression recipes on built models (torch side)."""

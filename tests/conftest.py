@@ -1,0 +1,21 @@
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+SPECS = ROOT / "specs"
+DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
+
+
+@pytest.fixture
+def in_root(monkeypatch):
+    """Run with the repository root as working directory (paths in messages are relative)."""
+    monkeypatch.chdir(ROOT)
+    return ROOT
+
+
+def pytest_configure(config):
+    os.environ.setdefault("NCCOMPILE_DEBUG", "")

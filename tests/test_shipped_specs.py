@@ -1,0 +1,113 @@
+"""The shipped specs reproduce the seed's numbers, and analysis == built module."""
+from __future__ import annotations
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+import compiler
+from compiler.analysis import weight_tensors
+from compiler.ir import without_spans
+from compiler.parse import parse_file
+from compiler.validate import validate
+
+from .conftest import SPECS
+from .measure import measure
+
+SEED_PARAMS = {
+    "origin.spec": 2_168_203,
+    "student.spec": 256_779,
+    "student.yaml": 256_779,
+    "resnet18.spec": 11_182_155,
+    "teacher.spec": 11_182_155,
+}
+
+
+@pytest.mark.parametrize("name", sorted(SEED_PARAMS))
+def test_shipped_spec_matches_seed_and_module(name):
+    model = compiler.compile_spec(SPECS / name)
+    analysis = compiler.analyse(model)
+    assert analysis.params == SEED_PARAMS[name]
+    module = compiler.build_module(model)
+    got = measure(module, model.input_shape)
+    assert got["params"] == analysis.params
+    assert got["macs"] == analysis.macs
+    # every layer's output shape, by module path
+    for row in analysis.rows:
+        if row.path in got["shapes"]:
+            assert got["shapes"][row.path] == tuple(row.output), row.path
+    assert got["output"] == model.root.out_shape
+    # buffers and the stored tensor list are those of the real state dict
+    state = {k: v for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    assert [(k, tuple(v.shape)) for k, v in state.items()] == weight_tensors(model)
+    assert analysis.buffers == sum(b.numel() for n, b in module.named_buffers() if "num_batches" not in n)
+
+
+def _seed_student(classes=11):
+    """The seed's StudentNet, written the plain PyTorch way (HW7 architecture design)."""
+    width = [16, 32, 64, 128, 256, 256, 256, 256]
+    layers = [nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU6(), nn.MaxPool2d(2, 2, 0))]
+    for i in range(7):
+        block = [nn.Conv2d(width[i], width[i], 3, 1, 1, groups=width[i]), nn.BatchNorm2d(width[i]), nn.ReLU6(),
+                 nn.Conv2d(width[i], width[i + 1], 1)]
+        if i < 3:
+            block.append(nn.MaxPool2d(2, 2, 0))
+        layers.append(nn.Sequential(*block))
+    layers.append(nn.AdaptiveAvgPool2d((1, 1)))
+    return nn.Sequential(nn.Sequential(*layers), nn.Flatten(), nn.Linear(256, classes))
+
+
+def test_student_parameter_shapes_equal_seed_studentnet():
+    ours = compiler.build_module(compiler.compile_spec(SPECS / "student.spec"))
+    seed = _seed_student()
+    assert [tuple(p.shape) for p in ours.parameters()] == [tuple(p.shape) for p in seed.parameters()]
+    x = torch.randn(2, 3, 64, 64)
+    # same shapes in the same order: the seed's weights load positionally and give the same outputs
+    with torch.no_grad():
+        for p_ours, p_seed in zip(ours.parameters(), seed.parameters()):
+            p_ours.copy_(p_seed)
+    seed.eval()
+    assert torch.allclose(ours(x), seed(x), atol=1e-5)
+
+
+def test_dsl_and_yaml_students_are_identical():
+    dsl, dsl_text = parse_file(SPECS / "student.spec")
+    yml, yml_text = parse_file(SPECS / "student.yaml")
+    dsl, yml = validate(dsl), validate(yml)
+    a, b = without_spans(dsl), without_spans(yml)
+    a.pop("path"), b.pop("path")
+    assert a == b
+    m1 = compiler.build_module(compiler.compile_spec(SPECS / "student.spec"), seed=3)
+    m2 = compiler.build_module(compiler.compile_spec(SPECS / "student.yaml"), seed=3)
+    s1, s2 = m1.state_dict(), m2.state_dict()
+    assert list(s1) == list(s2)
+    assert all(torch.equal(s1[k], s2[k]) for k in s1)
+
+
+def test_dsl_resnet18_matches_torchvision_shapes():
+    ours = compiler.build_module(compiler.compile_spec(SPECS / "resnet18.spec"))
+    ref = torchvision.models.resnet18(num_classes=11)
+    assert [tuple(v.shape) for v in ours.state_dict().values()] == [tuple(v.shape) for v in ref.state_dict().values()]
+
+
+def test_teacher_keeps_torchvision_names():
+    module = compiler.build_module(compiler.compile_spec(SPECS / "teacher.spec"))
+    ref = torchvision.models.resnet18(num_classes=11)
+    assert list(module.state_dict()) == list(ref.state_dict())
+
+
+def test_build_is_deterministic_per_seed():
+    model = compiler.compile_spec(SPECS / "student.spec")
+    a, b, c = (compiler.build_module(model, seed=s).state_dict() for s in (1, 1, 2))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not torch.equal(a["features.0.weight"], c["features.0.weight"])
+
+
+def test_param_and_input_overrides():
+    model = compiler.compile_spec(SPECS / "student.spec", params={"classes": "10", "base": "8"},
+                                  input_shape=(3, 32, 32))
+    analysis = compiler.analyse(model)
+    got = measure(compiler.build_module(model), (3, 32, 32))
+    assert got["output"] == (10,)
+    assert got["params"] == analysis.params and got["macs"] == analysis.macs
