@@ -18,9 +18,9 @@ from .validate import validate
 def compile_spec(path: str | Path, *, model: str | None = None, params: dict[str, str] | None = None,
                  input_shape: tuple | None = None) -> Model:
     """Parse, validate and elaborate a spec file; raises SpecError / UsageError."""
-    spec, text = parse_file(path)
+    spec, text, pending = parse_file(path)
     sources = {spec.path: text}
-    spec = validate(spec, sources)
+    spec = validate(spec, sources, pending)
     result = elaborate(spec, model=model, params=params, input_shape=input_shape, sources=sources)
     result.source = text
     result.syntax = "yaml" if Path(path).suffix in (".yaml", ".yml") else "dsl"

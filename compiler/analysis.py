@@ -32,12 +32,12 @@ class BudgetResult:
     limit: int | float
     value: int
     ok: bool
-    top: list[tuple[str, int]] = field(default_factory=list)  # largest contributors (path, value)
+    top: list[tuple[str, str, int]] = field(default_factory=list)  # largest contributors (path, type, value)
 
     def to_json(self) -> dict:
         return {"name": self.name, "metric": self.metric, "format": self.format, "limit": self.limit,
                 "value": self.value, "ok": self.ok,
-                "top": [{"path": p, "value": v} for p, v in self.top]}
+                "top": [{"path": p, "type": k, "value": v} for p, k, v in self.top]}
 
 
 @dataclass
@@ -91,7 +91,7 @@ def _rows(root: Node) -> list[Row]:
     return rows
 
 
-def _top(root: Node, metric: str, fmt: str | None, n: int = 3) -> list[tuple[str, int]]:
+def _top(root: Node, metric: str, fmt: str | None, n: int = 3) -> list[tuple[str, str, int]]:
     per_elem = {"fp32": 4, "fp16": 2, "int8": 1}.get(fmt or "", 1)
     values = []
     for leaf in root.leaves():
@@ -102,8 +102,8 @@ def _top(root: Node, metric: str, fmt: str | None, n: int = 3) -> list[tuple[str
         else:
             v = (leaf.params + leaf.buffers) * per_elem
         if v:
-            values.append((leaf.path or "(model)", v))
-    return sorted(values, key=lambda pv: -pv[1])[:n]
+            values.append((leaf.path or "(model)", leaf.kind, v))
+    return sorted(values, key=lambda item: -item[2])[:n]
 
 
 def analyse(model: Model) -> Analysis:

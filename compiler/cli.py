@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from .errors import NcError, UsageError
+from .errors import NcError, SpecError, UsageError
 
 EXIT_OK, EXIT_BUDGET, EXIT_INVALID, EXIT_INTERNAL = 0, 1, 2, 70
 
@@ -60,7 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run(argv)
     except NcError as err:
-        print(str(err), file=sys.stderr)
+        # Spec errors carry their own `file:line:col: error:` prefix.
+        print(str(err) if isinstance(err, SpecError) else f"nccompile: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("nccompile: interrupted", file=sys.stderr)

@@ -198,11 +198,14 @@ class _Elaborator:
         return Node(name, path, "residual", "residual", shape, body.out_shape, children=children, span=t.span)
 
     def projection(self, shape, out_shape, path, span) -> Node:
-        if len(shape) != 3 or len(out_shape) != 3 or shape[1] % out_shape[1] or shape[2] % out_shape[2] \
-                or shape[1] // out_shape[1] != shape[2] // out_shape[2]:
+        # A 1x1 conv with stride s maps a size n to (n - 1) // s + 1 (as the body's strided convs do).
+        strides = [s for s in range(1, max(shape[1:], default=1) + 1)
+                   if len(shape) == 3 == len(out_shape)
+                   and all((n - 1) // s + 1 == m for n, m in zip(shape[1:], out_shape[1:]))]
+        if not strides:
             self.fail(f"residual: cannot project {fmt_shape(shape)} onto {fmt_shape(out_shape)} with a strided 1x1 conv",
                       span, hint="write the shortcut explicitly with `shortcut { ... }`")
-        stride = shape[1] // out_shape[1]
+        stride = strides[0]
         conv_attrs = {"in": shape[0], "out": out_shape[0], "kernel": 1, "stride": stride, "padding": 0, "groups": 1,
                       "dilation": 1, "bias": False}
         conv = Node("0", f"{path}.0", "conv", "conv", shape, out_shape, attrs=conv_attrs, span=span,

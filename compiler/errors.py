@@ -90,7 +90,10 @@ class Diagnostics:
 
     def raise_if_any(self) -> None:
         if self.items:
-            raise SpecError(list(self.items), self.sources)
+            # In file order, as a reader fixes them; errors without a position last.
+            ordered = sorted(self.items, key=lambda d: (d.span is None, d.span and (d.span.file, d.span.line,
+                                                                                   d.span.column)))
+            raise SpecError(ordered, self.sources)
 
 
 def did_you_mean(name: str, candidates) -> str | None:

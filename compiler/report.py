@@ -40,7 +40,7 @@ def table(a: Analysis, max_depth: int | None = None) -> str:
             pct = f"{100 * b.value / b.limit:.1f}%" if b.limit else "-"
             out.append(f"  {'ok  ' if b.ok else 'FAIL'}  {b.name}: {b.value:,} ({pct} of the limit)")
             if not b.ok:
-                parts = [f"{p} {v:,} ({100 * v / b.value:.1f}%)" for p, v in b.top]
+                parts = [f"{p} ({k}) {v:,} ({100 * v / b.value:.1f}%)" for p, k, v in b.top]
                 out.append("        largest: " + ", ".join(parts))
     return "\n".join(out)
 

@@ -203,8 +203,10 @@ class _Validator:
                 visit(name)
 
 
-def validate(spec: ir.SpecFile, sources: dict[str, str] | None = None) -> ir.SpecFile:
+def validate(spec: ir.SpecFile, sources: dict[str, str] | None = None, pending=()) -> ir.SpecFile:
+    """Validate and bind; raises SpecError with `pending` and every problem found here."""
     diags = Diagnostics(sources)
+    diags.items.extend(pending)
     out = _Validator(spec, diags).run()
     diags.raise_if_any()
     return out

@@ -8,8 +8,12 @@ from .dsl import parse_dsl
 from .yaml_front import parse_yaml
 
 
-def parse_file(path: str | Path) -> tuple["SpecFile", str]:  # noqa: F821
-    """Read and parse a spec file by its extension; returns (IR, source text)."""
+def parse_file(path: str | Path) -> tuple["SpecFile", str, list]:  # noqa: F821
+    """Read and parse a spec file by its extension.
+
+    Returns (IR, source text, diagnostics not yet raised): problems a front end can
+    step over are handed to the validator so the user sees them all at once.
+    """
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -18,8 +22,9 @@ def parse_file(path: str | Path) -> tuple["SpecFile", str]:  # noqa: F821
     except (OSError, UnicodeDecodeError) as err:
         raise UsageError(f"{path}: cannot read spec file ({err})") from None
     if path.suffix in (".yaml", ".yml"):
-        return parse_yaml(text, str(path)), text
-    return parse_dsl(text, str(path)), text
+        spec, pending = parse_yaml(text, str(path))
+        return spec, text, pending
+    return parse_dsl(text, str(path)), text, []
 
 
 __all__ = ["parse_file", "parse_dsl", "parse_yaml"]

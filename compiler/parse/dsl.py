@@ -55,8 +55,6 @@ def syntax_error(err: UnexpectedInput, path: str, text: str) -> SpecError:
         token = err.token
         shown = str(token) if len(str(token)) < 30 else str(token)[:27] + "..."
         message = f"unexpected `{shown}`"
-        if token.type == "X":
-            message += " (`x` is reserved for repetition, as in `dws(64) x 3`)"
         expected = _expected(err.expected)
     elif isinstance(err, UnexpectedCharacters):
         message = f"unexpected character `{text[err.pos_in_stream]}`"

@@ -204,7 +204,8 @@ def _kind(node) -> str:
     return {yaml.ScalarNode: "scalar", yaml.SequenceNode: "list", yaml.MappingNode: "mapping"}[type(node)]
 
 
-def parse_yaml(text: str, path: str) -> ir.SpecFile:
+def parse_yaml(text: str, path: str) -> tuple[ir.SpecFile, list]:
+    """The IR and the problems found on the way (reported with the validator's, all at once)."""
     sources = {path: text}
     try:
         root = yaml.compose(text, Loader=yaml.SafeLoader)
@@ -217,5 +218,4 @@ def parse_yaml(text: str, path: str) -> ir.SpecFile:
                                     expected="`model:` with `layers:`")], sources)
     diags = Diagnostics(sources)
     spec = _YamlConverter(path, diags).spec(root)
-    diags.raise_if_any()
-    return spec
+    return spec, diags.items

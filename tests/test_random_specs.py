@@ -1,0 +1,112 @@
+"""Randomly generated valid specs: analysis (no torch) == the built module, layer by layer."""
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+
+import torch
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+import compiler
+from compiler.analysis import weight_tensors
+
+from .measure import measure
+
+ACTS = ["relu", "relu6", "gelu", "silu", "hardswish", "sigmoid", "tanh", "leaky_relu(0.1)"]
+
+
+@st.composite
+def specs(draw):
+    width_mult = draw(st.sampled_from([None, 0.5, 0.75, 1.5]))
+    round_to = draw(st.sampled_from([1, 4, 8]))
+    c, h, w = draw(st.integers(1, 4)), draw(st.integers(4, 16)), draw(st.integers(4, 16))
+    shape = f"{c}x{h}x{w}"
+    lines = []
+    flat = False
+    for _ in range(draw(st.integers(1, 8))):
+        if flat:
+            lines.append(draw(st.sampled_from(["bn", "dropout(0.1)", "linear(7)", "relu", "identity"])))
+            continue
+        kind = draw(st.sampled_from(["conv", "dwconv", "pwconv", "bn", "act", "pool", "residual", "block",
+                                     "repeat", "group"]))
+        if kind == "conv":
+            k, s = draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 2]))
+            out = draw(st.integers(1, 12))
+            groups = ""
+            if width_mult is None:
+                g = draw(st.sampled_from([1, 2, 4]))
+                groups = f", groups={g}"
+                out = out * g
+                lines.append(f"conv({out}, kernel={k}, stride={s}, bias={draw(st.booleans()) and 'true' or 'false'}"
+                             f"{groups if c % g == 0 else ''})")
+            else:
+                lines.append(f"conv({out}, kernel={k}, stride={s})")
+        elif kind == "dwconv":
+            lines.append(f"dwconv({draw(st.sampled_from([3, 5]))}, stride={draw(st.sampled_from([1, 2]))}, "
+                         f"multiplier={draw(st.integers(1, 2))})")
+        elif kind == "pwconv":
+            lines.append(f"pwconv({draw(st.integers(1, 16))})")
+        elif kind == "bn":
+            lines.append("bn")
+        elif kind == "act":
+            lines.append(draw(st.sampled_from(ACTS)))
+        elif kind == "pool" and min(h, w) >= 2:
+            lines.append(draw(st.sampled_from(["maxpool(2)", "avgpool(2)", "maxpool(3, stride=2, padding=1)"])))
+        elif kind == "residual":
+            s = draw(st.sampled_from([1, 2]))
+            out = draw(st.integers(1, 8))
+            lines.append(f"residual project {{ conv({out}, stride={s}, bias=false) bn relu conv({out}) bn }} relu")
+        elif kind == "block":
+            lines.append(f"blk({draw(st.integers(1, 8))}, s={draw(st.sampled_from([1, 2]))})")
+        elif kind == "repeat":
+            lines.append(f"keep x {draw(st.integers(1, 3))}")
+        elif kind == "group":
+            lines.append(f"g{draw(st.integers(0, 9))}x: {{ bn relu }}")
+        if lines and lines[-1] in ("maxpool(2)", "avgpool(2)"):
+            h, w = h // 2, w // 2
+        elif lines and ("stride=2" in lines[-1] or "s=2" in lines[-1]):
+            h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
+        if draw(st.integers(0, 5)) == 0:
+            lines.append(draw(st.sampled_from(["gap flatten", "flatten"])))
+            flat = True
+    if not flat:
+        lines.append("gap flatten")
+    lines.append("head: linear(classes, scale=false)")
+    header = f"width_mult {width_mult} round_to {round_to}" if width_mult else ""
+    labels = [line for line in lines if ":" in line]
+    lines = [line for line in lines if ":" not in line or line in labels[:1] or "head:" in line]
+    body = "\n    ".join(lines)
+    return f"""
+block blk(out: int, s: int = 1) {{
+    conv(out, stride=s) bn relu
+}}
+block keep() {{
+    residual {{ dwconv(3) bn relu }}
+}}
+model random(classes: int = 5) {{
+    input {shape}
+    {header}
+    {body}
+}}
+"""
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs())
+def test_random_spec_analysis_equals_module(text):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "random.spec"
+        path.write_text(text)
+        model = compiler.compile_spec(path)
+    analysis = compiler.analyse(model)
+    module = compiler.build_module(model)
+    got = measure(module, model.input_shape)
+    assert got["params"] == analysis.params, text
+    assert got["macs"] == analysis.macs, text
+    for row in analysis.rows:
+        assert got["shapes"][row.path] == tuple(row.output), (row.path, text)
+    assert got["output"] == (5,)
+    state = [(k, tuple(v.shape)) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")]
+    assert state == weight_tensors(model)
+    torch.set_grad_enabled(True)
