@@ -40,13 +40,17 @@ def specs(draw):
                 out = out * g
                 lines.append(f"conv({out}, kernel={k}, stride={s}, bias={draw(st.booleans()) and 'true' or 'false'}"
                              f"{groups if c % g == 0 else ''})")
-            else:
+                c = out
+            else:  # channels are scaled: no groups, `c` is no longer tracked
                 lines.append(f"conv({out}, kernel={k}, stride={s})")
         elif kind == "dwconv":
+            mult = draw(st.integers(1, 2))
             lines.append(f"dwconv({draw(st.sampled_from([3, 5]))}, stride={draw(st.sampled_from([1, 2]))}, "
-                         f"multiplier={draw(st.integers(1, 2))})")
+                         f"multiplier={mult})")
+            c *= mult
         elif kind == "pwconv":
-            lines.append(f"pwconv({draw(st.integers(1, 16))})")
+            c = draw(st.integers(1, 16))
+            lines.append(f"pwconv({c})")
         elif kind == "bn":
             lines.append("bn")
         elif kind == "act":
@@ -55,14 +59,15 @@ def specs(draw):
             lines.append(draw(st.sampled_from(["maxpool(2)", "avgpool(2)", "maxpool(3, stride=2, padding=1)"])))
         elif kind == "residual":
             s = draw(st.sampled_from([1, 2]))
-            out = draw(st.integers(1, 8))
+            out = c = draw(st.integers(1, 8))
             lines.append(f"residual project {{ conv({out}, stride={s}, bias=false) bn relu conv({out}) bn }} relu")
         elif kind == "block":
-            lines.append(f"blk({draw(st.integers(1, 8))}, s={draw(st.sampled_from([1, 2]))})")
+            c = draw(st.integers(1, 8))
+            lines.append(f"blk({c}, s={draw(st.sampled_from([1, 2]))})")
         elif kind == "repeat":
             lines.append(f"keep x {draw(st.integers(1, 3))}")
         elif kind == "group":
-            lines.append(f"g{draw(st.integers(0, 9))}x: {{ bn relu }}")
+            lines.append(f"g{len(lines)}: {{ bn relu }}")  # labels are unique by position
         if lines and lines[-1] in ("maxpool(2)", "avgpool(2)"):
             h, w = h // 2, w // 2
         elif lines and ("stride=2" in lines[-1] or "s=2" in lines[-1]):
@@ -74,8 +79,6 @@ def specs(draw):
         lines.append("gap flatten")
     lines.append("head: linear(classes, scale=false)")
     header = f"width_mult {width_mult} round_to {round_to}" if width_mult else ""
-    labels = [line for line in lines if ":" in line]
-    lines = [line for line in lines if ":" not in line or line in labels[:1] or "head:" in line]
     body = "\n    ".join(lines)
     return f"""
 block blk(out: int, s: int = 1) {{
