@@ -30,6 +30,17 @@ def _arg_parser() -> argparse.ArgumentParser:
     p.add_argument("--input", metavar="CxHxW", help="override the input shape, e.g. --input 3x32x32")
     p.add_argument("--json", action="store_true", help="print the summary as JSON")
     p.add_argument("--depth", type=int, metavar="N", help="show table rows down to this nesting depth")
+    run = p.add_argument_group("running a recipe (imports torch)")
+    run.add_argument("--recipe", metavar="NAME|PATH", help="a built-in recipe (scratch, kd, ...) or a recipe .yaml")
+    run.add_argument("--data", metavar="PATH", help="image folder (ImageFolder train/ val/, or food-11); "
+                                                    "default: the recipe's, else scikit-learn's digits")
+    run.add_argument("--out", metavar="DIR", help="run directory (default runs/<spec>-<recipe>-<time>); "
+                                                   "the same --out resumes")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", dest="sets",
+                     help="override a recipe field by dotted path, e.g. --set steps.distill.epochs=3")
+    run.add_argument("--epochs", type=int, metavar="N", help="epochs of every training step (quick runs)")
+    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    run.add_argument("--dry-run", action="store_true", help="print the steps and what each produces, then exit")
     return p
 
 
@@ -49,6 +60,14 @@ def run(argv: list[str]) -> int:
 
     args = _arg_parser().parse_args(argv)
     shape = parse_shape(args.input) if args.input else None
+    if args.recipe:
+        from runtime.runner import Options
+        from runtime.runner import run as run_recipe
+
+        return run_recipe(Options(args.spec, args.recipe, args.data, args.out, tuple(args.sets), args.epochs,
+                                  args.device, args.dry_run, _params(args.param), shape, args.model))
+    if args.data or args.out or args.sets or args.epochs or args.dry_run:
+        raise UsageError("--data, --out, --set, --epochs and --dry-run need --recipe")
     model = compile_spec(args.spec, model=args.model, params=_params(args.param), input_shape=shape)
     analysis = analyse(model)
     print(to_json(analysis) if args.json else table(analysis, args.depth))

@@ -15,6 +15,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from compiler import fileformat
+from compiler.errors import NcError
 from compiler.analysis import file_metadata
 from compiler.elaborate import Model
 
@@ -85,3 +86,49 @@ def save_model(module: torch.nn.Module, model: Model, path: str | Path, fmt: str
     data = st_save(encode(state_tensors(module), fmt), metadata=file_metadata(model, fmt))
     atomic_write(Path(path), data)
     return len(data)
+
+
+class WeightsError(NcError):
+    """A weights file that cannot be read or does not fit its model."""
+
+
+def read_state(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Float tensors and metadata of an nccompile model file or a plain safetensors state dict.
+
+    Only safetensors is accepted: nothing here unpickles.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise WeightsError(f"{path}: no such weights file")
+    data = path.read_bytes()
+    try:
+        stored = st_load(data)
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+    except Exception as err:  # safetensors raises its own error type for every malformed file
+        raise WeightsError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]}); "
+                           "it may be truncated or not a model file (pickled .pt/.pth files are refused)") from None
+    stored = {k: v for k, v in stored.items() if not k.endswith("num_batches_tracked")}
+    fmt = meta.get("format", "fp32") if "nccompile" in meta else "fp32"
+    try:
+        return decode(stored, fmt), meta
+    except (KeyError, IndexError, RuntimeError, ValueError) as err:
+        raise WeightsError(f"{path}: inconsistent {fmt} model file ({err})") from None
+
+
+def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
+    """Copy `state` into `module`, or say exactly what does not fit."""
+    own = state_tensors(module)
+    missing = [k for k in own if k not in state]
+    unexpected = [k for k in state if k not in own]
+    wrong = [f"{k}: file {tuple(state[k].shape)} vs model {tuple(v.shape)}" for k, v in own.items()
+             if k in state and tuple(state[k].shape) != tuple(v.shape)]
+    if missing or unexpected or wrong:
+        parts = []
+        for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
+            if items:
+                parts.append(f"{title}: {', '.join(items[:4])}" + (f" (+{len(items) - 4} more)" if len(items) > 4 else ""))
+        raise WeightsError(f"{source} does not fit the model: " + "; ".join(parts))
+    module.load_state_dict({k: v for k, v in state.items()}, strict=False)

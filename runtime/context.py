@@ -1,0 +1,110 @@
+"""What steps see while a recipe runs: models, data, device, run directory, ranks."""
+from __future__ import annotations
+
+import os
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+import compiler
+from compiler.analysis import predicted_bytes
+from compiler.elaborate import Model
+
+from .data import Data, Listing, load
+from .recipe import Recipe
+from .rundir import RunDir
+from .transforms import Pipeline
+from .weights import load_into, read_state, save_model
+
+
+@dataclass
+class ModelSlot:
+    """A model of the run and its current weights (the latest artifact)."""
+
+    name: str
+    model: Model
+    weights: Path | None = None          # current weights file; None = fresh initialisation
+    producer: str | None = None          # step name, or 'checkpoint'
+    producer_key: str = "init"           # hash of whatever produced the weights
+    torchvision_weights: str | None = None
+
+    def build(self, device: torch.device, seed: int) -> torch.nn.Module:
+        module = compiler.build_module(self.model, seed=seed)
+        if self.weights is not None:
+            state, _ = read_state(self.weights)
+            load_into(module, state, str(self.weights))
+        elif self.torchvision_weights:
+            load_torchvision_weights(module, self.model, self.torchvision_weights)
+        return module.to(device)
+
+
+def load_torchvision_weights(module: torch.nn.Module, model: Model, weights_name: str) -> None:
+    """Torchvision's named pretrained weights (downloaded and cached by torchvision), minus a
+    classifier whose class count differs from the data's: that layer keeps its fresh init."""
+    import torchvision
+
+    arch = model.root.attrs.get("name")
+    if model.root.op != "torchvision":
+        raise compiler.NcError(f"torchvision_weights needs a spec that is a torchvision model, not `{model.name}`")
+    enum = torchvision.models.get_model_weights(arch)
+    state = enum[weights_name].get_state_dict(progress=False)
+    own = module.state_dict()
+    keep = {k: v for k, v in state.items() if k in own and own[k].shape == v.shape}
+    module.load_state_dict(keep, strict=False)
+
+
+@dataclass
+class RunContext:
+    recipe: Recipe
+    run: RunDir
+    listing: Listing
+    input_shape: tuple
+    device: torch.device
+    models: dict[str, ModelSlot]
+    rank: int = 0
+    world: int = 1
+    _data: Data | None = field(default=None, repr=False)
+    _pipelines: dict = field(default_factory=dict, repr=False)
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def interactive(self) -> bool:
+        return self.is_main and sys.stderr.isatty() and not os.environ.get("CI")
+
+    def log(self, message: str) -> None:
+        if self.is_main:
+            print(message, flush=True)
+
+    def data(self) -> Data:
+        if self._data is None:
+            self._data = load(self.listing, self.recipe.data, self.input_shape, self.recipe.seed)
+            d = self._data
+            self.log(f"data: {d.description}: {len(d.train)} train / {len(d.val)} val images"
+                     + (f" / {len(d.test)} test" if d.test is not None else "")
+                     + f", {len(d.classes)} classes, decoded once to {tuple(d.train.images.shape[1:])} uint8")
+        return self._data
+
+    def pipeline(self, which: str) -> Pipeline:
+        if which not in self._pipelines:
+            specs = getattr(self.recipe.transforms, which)
+            self._pipelines[which] = Pipeline(specs, f"transforms.{which}")
+        return self._pipelines[which]
+
+    def save(self, slot: ModelSlot, module: torch.nn.Module, step: str, fmt: str = "fp32") -> tuple[Path, int]:
+        """Write a step's model file (rank 0) and return (path, bytes); the size is the predicted one."""
+        path = self.run.step_dir(step) / "model.safetensors"
+        if self.is_main:
+            size = save_model(unwrap(module), slot.model, path, fmt)
+            assert size == predicted_bytes(slot.model, fmt), "model file size differs from the prediction"
+        if self.world > 1:
+            torch.distributed.barrier()
+        return path, predicted_bytes(slot.model, fmt)
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    return getattr(module, "module", module)

@@ -1,0 +1,311 @@
+"""Data: find the images, decode every image once, keep the decoded uint8 tensors in memory.
+
+Sources:
+  * ImageFolder trees:  PATH/train/<class>/*.jpg and PATH/val/<class>/*.jpg
+  * food-11 (the seed): PATH/training/<label>_<index>.jpg, PATH/validation/..., PATH/testing/*.jpg
+  * torchvision datasets by name (CIFAR10, MNIST, ...), with root and a download flag
+  * the embedded default: scikit-learn's bundled digits (1,797 real 8x8 images, 10 classes)
+
+On a CPU, decoding JPEGs every epoch costs more than training the small student, so
+images are decoded (and resized to the training size) exactly once, in `load`.
+"""
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from compiler.errors import NcError
+
+from .recipe import DataConfig
+
+IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+
+
+class DataError(NcError):
+    """Missing folders, empty classes, unreadable images: always naming the path."""
+
+
+@dataclass
+class Split:
+    images: torch.Tensor            # uint8 [N, C, H, W]
+    labels: torch.Tensor | None     # int64 [N]; None for an unlabeled split
+    ids: list[str]                  # file stems or indices, for predictions
+
+    def __len__(self) -> int:
+        return self.images.shape[0]
+
+
+@dataclass
+class Data:
+    classes: list[str]
+    train: Split
+    val: Split
+    test: Split | None = None
+    skipped: list[str] = field(default_factory=list)  # unreadable images skipped (on_bad_image: skip)
+    description: str = ""
+
+
+@dataclass
+class Listing:
+    """What a source holds, found without decoding anything (cheap; used for validation and hashing)."""
+
+    kind: str                                   # folder-imagefolder | folder-food11 | torchvision | digits
+    classes: list[str]
+    files: dict[str, list[tuple[Path, int | None]]] = field(default_factory=dict)  # split -> (path, label)
+    fingerprint: str = ""
+    description: str = ""
+
+
+def _images_in(folder: Path) -> list[Path]:
+    return sorted(p for p in folder.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+
+
+def _fingerprint(files: dict[str, list[tuple[Path, int | None]]]) -> str:
+    h = hashlib.sha256()
+    for split in sorted(files):
+        for path, label in files[split]:
+            st = path.stat()
+            h.update(f"{split}|{path.name}|{label}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    return h.hexdigest()[:16]
+
+
+def _limit(items: list[tuple[Path, int | None]], per_class: int | None):
+    if per_class is None:
+        return items
+    seen: dict = {}
+    out = []
+    for path, label in items:
+        if seen.get(label, 0) < per_class:
+            seen[label] = seen.get(label, 0) + 1
+            out.append((path, label))
+    return out
+
+
+def list_folder(root: Path, cfg: DataConfig) -> Listing:
+    if not root.exists():
+        raise DataError(f"data folder {root} does not exist")
+    if not root.is_dir():
+        raise DataError(f"data path {root} is not a folder")
+    if (root / "train").is_dir():
+        classes = sorted(p.name for p in (root / "train").iterdir() if p.is_dir())
+        if not classes:
+            raise DataError(f"{root / 'train'} has no class folders (expected train/<class>/*.jpg)")
+        files = {}
+        for split in ("train", "val"):
+            folder = root / split
+            if not folder.is_dir():
+                raise DataError(f"{folder} is missing: an ImageFolder tree needs train/ and val/")
+            items = []
+            for i, c in enumerate(classes):
+                class_dir = folder / c
+                images = _images_in(class_dir) if class_dir.is_dir() else []
+                if not images:
+                    raise DataError(f"class folder {class_dir} is empty (no image files)")
+                items += [(p, i) for p in images]
+            extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
+            if extra:
+                raise DataError(f"{folder} has classes that train/ lacks: {', '.join(extra)}")
+            files[split] = _limit(items, cfg.limit_per_class)
+        return Listing("folder-imagefolder", classes, files, _fingerprint(files), f"ImageFolder {root}")
+    if (root / "training").is_dir():
+        files = {}
+        labels = set()
+        for split, name in (("train", "training"), ("val", "validation")):
+            folder = root / name
+            if not folder.is_dir():
+                raise DataError(f"{folder} is missing: the food-11 layout needs training/ and validation/")
+            items = []
+            for p in _images_in(folder):
+                head = p.stem.split("_", 1)[0]
+                if not head.isdigit():
+                    raise DataError(f"{p}: expected a name like <label>_<index>{p.suffix} in the food-11 layout")
+                items.append((p, int(head)))
+                labels.add(int(head))
+            if not items:
+                raise DataError(f"{folder} has no images")
+            files[split] = _limit(items, cfg.limit_per_class)
+        if (root / "testing").is_dir():
+            files["test"] = [(p, None) for p in _images_in(root / "testing")]
+        n = max(labels) + 1
+        missing = sorted(set(range(n)) - labels)
+        if missing:
+            raise DataError(f"{root / 'training'}: no images for class(es) {missing}")
+        return Listing("folder-food11", [str(i) for i in range(n)], files, _fingerprint(files), f"food-11 {root}")
+    raise DataError(
+        f"{root}: unknown data layout; expected train/<class>/ and val/<class>/ (ImageFolder) "
+        f"or training/<label>_<index>.jpg and validation/ (food-11)")
+
+
+def _digits_file() -> Path:
+    spec = importlib.util.find_spec("sklearn")
+    if spec is None or spec.origin is None:
+        raise DataError("the embedded default data (scikit-learn's digits) needs scikit-learn: pip install scikit-learn")
+    return Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
+
+
+def list_source(cfg: DataConfig) -> Listing:
+    source = cfg.source
+    if source == "auto":
+        source = "folder" if cfg.path else ("torchvision" if cfg.name else "digits")
+    if source == "folder":
+        if not cfg.path:
+            raise DataError("data.source is `folder` but no path is given (use --data PATH)")
+        return list_folder(Path(cfg.path), cfg)
+    if source == "digits":
+        return Listing("digits", [str(i) for i in range(10)], {}, "digits-sklearn-1797",
+                       "scikit-learn digits (1,797 8x8 images)")
+    if source == "torchvision":
+        import torchvision
+
+        if not cfg.name or not hasattr(torchvision.datasets, cfg.name):
+            raise DataError(f"torchvision has no dataset `{cfg.name}`")
+        train = _torchvision_split(cfg, True)
+        classes = list(getattr(train, "classes", [])) or sorted({str(int(y)) for y in getattr(train, "targets", [])})
+        return Listing("torchvision", classes, {}, f"torchvision-{cfg.name}-{cfg.root}-{len(train)}",
+                       f"torchvision {cfg.name}")
+    raise AssertionError(source)
+
+
+# --- decoding ------------------------------------------------------------------
+
+def _decode_files(items, size: tuple[int, int], channels: int, on_bad: str, skipped: list[str]):
+    """Decode files to one uint8 tensor; JPEGs in batches (torchvision's batched decoder)."""
+    from torchvision.io import ImageReadMode, decode_image, decode_jpeg
+    from torchvision.transforms.v2 import functional as F
+
+    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+
+    def read(path: Path) -> torch.Tensor:
+        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+
+    def one(path: Path, data: torch.Tensor):
+        try:
+            return decode_image(data, mode=mode)
+        except (RuntimeError, ValueError) as err:
+            if on_bad == "error":
+                raise DataError(f"{path}: cannot decode image ({str(err).splitlines()[0]})\n"
+                                "  hint: fix or remove the file, or set data.on_bad_image: skip "
+                                "(--set data.on_bad_image=skip) to skip and count such files") from None
+            skipped.append(str(path))
+            return None
+
+    decoded: list[torch.Tensor | None] = []
+    chunk = 512
+    for start in range(0, len(items), chunk):
+        part = items[start:start + chunk]
+        datas = []
+        for path, _ in part:
+            try:
+                datas.append(read(path))
+            except OSError as err:
+                raise DataError(f"{path}: cannot read image ({err.strerror})") from None
+        jpeg = all(p.suffix.lower() in (".jpg", ".jpeg") for p, _ in part) and all(len(d) for d in datas)
+        try:
+            decoded += decode_jpeg(datas, mode=mode) if jpeg else [one(p, d) for (p, _), d in zip(part, datas)]
+        except RuntimeError:  # a bad file in the batch: find it one by one
+            decoded += [one(p, d) for (p, _), d in zip(part, datas)]
+    images, labels, ids = [], [], []
+    for (path, label), img in zip(items, decoded):
+        if img is None:
+            continue
+        if tuple(img.shape[1:]) != size:
+            img = F.resize(img, list(size), antialias=True)
+        images.append(img)
+        labels.append(label)
+        ids.append(path.stem)
+    if not images:
+        return Split(torch.empty((0, channels, *size), dtype=torch.uint8), None, [])
+    lab = None if labels[0] is None else torch.tensor(labels, dtype=torch.int64)
+    return Split(torch.stack(images), lab, ids)
+
+
+def _to_shape(images: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 [N, c, h, w] -> [N, channels, H, W], resizing the whole batch at once."""
+    from torchvision.transforms.v2 import functional as F
+
+    if images.shape[1] != channels:
+        if images.shape[1] == 1:
+            images = images.expand(-1, channels, -1, -1).contiguous()
+        elif channels == 1:
+            images = F.rgb_to_grayscale(images)
+    if tuple(images.shape[2:]) != size:
+        images = F.resize(images, list(size), antialias=True)
+    return images
+
+
+def _split(n: int, labels: torch.Tensor, fraction: float, seed: int):
+    """A stratified train/val split of range(n), the same for a given seed."""
+    g = torch.Generator().manual_seed(seed)
+    train, val = [], []
+    for c in labels.unique().tolist():
+        idx = (labels == c).nonzero().flatten()
+        idx = idx[torch.randperm(len(idx), generator=g)]
+        k = max(1, round(len(idx) * fraction))
+        val.append(idx[:k])
+        train.append(idx[k:])
+    return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], seed: int) -> Data:
+    channels, size = input_shape[0], tuple(input_shape[1:])
+    skipped: list[str] = []
+    if listing.kind.startswith("folder"):
+        splits = {s: _decode_files(items, size, channels, cfg.on_bad_image, skipped)
+                  for s, items in listing.files.items()}
+        if skipped:
+            print(f"data: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
+        return Data(listing.classes, splits["train"], splits["val"], splits.get("test"), skipped, listing.description)
+    if listing.kind == "digits":
+        import numpy as np
+
+        raw = np.loadtxt(_digits_file(), delimiter=",", dtype=np.float32)
+        pixels = torch.from_numpy(raw[:, :64]).reshape(-1, 1, 8, 8)
+        images = (pixels * (255 / 16)).round().clamp(0, 255).to(torch.uint8)
+        labels = torch.from_numpy(raw[:, 64]).to(torch.int64)
+        images = _to_shape(images, channels, size)
+        tr, va = _split(len(labels), labels, cfg.val_fraction, seed)
+        if cfg.limit_per_class:
+            tr = torch.cat([tr[labels[tr] == c][:cfg.limit_per_class] for c in range(10)]).sort().values
+        ids = [str(i) for i in range(len(labels))]
+        return Data(listing.classes, Split(images[tr], labels[tr], [ids[i] for i in tr]),
+                    Split(images[va], labels[va], [ids[i] for i in va]), description=listing.description)
+    if listing.kind == "torchvision":
+        return _load_torchvision(listing, cfg, channels, size, seed)
+    raise AssertionError(listing.kind)
+
+
+def _torchvision_split(cfg: DataConfig, train: bool):
+    import torchvision
+
+    cls = getattr(torchvision.datasets, cfg.name)
+    root = cfg.root or "data"
+    try:
+        try:
+            return cls(root, train=train, download=cfg.download)
+        except TypeError:
+            return cls(root, split="train" if train else "test", download=cfg.download)
+    except RuntimeError as err:
+        raise DataError(f"torchvision {cfg.name} at {root}: {err}"
+                        + ("" if cfg.download else " (set data.download: true to download it)")) from None
+
+
+def _load_torchvision(listing: Listing, cfg: DataConfig, channels: int, size, seed: int) -> Data:
+    from torchvision.transforms.v2 import functional as F
+
+    def split(train: bool):
+        ds = _torchvision_split(cfg, train)
+        images = [F.pil_to_tensor(img) if not isinstance(img, torch.Tensor) else img for img, _ in ds]
+        labels = torch.tensor([int(y) for _, y in ds])
+        images = torch.stack([_to_shape(i.unsqueeze(0), channels, size)[0] for i in images])
+        classes = list(getattr(ds, "classes", [])) or [str(i) for i in range(int(labels.max()) + 1)]
+        return images, labels, classes
+
+    tr_images, tr_labels, classes = split(True)
+    va_images, va_labels, _ = split(False)
+    ids = lambda n: [str(i) for i in range(n)]  # noqa: E731
+    return Data(classes, Split(tr_images, tr_labels, ids(len(tr_labels))),
+                Split(va_images, va_labels, ids(len(va_labels))), description=listing.description)

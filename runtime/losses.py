@@ -1,0 +1,19 @@
+"""Losses."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+
+def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,
+            temperature: float = 20.0, alpha: float = 0.5) -> torch.Tensor:
+    """Hinton's distillation loss, as in the seed:
+
+        (1 - a) * CE(s, y) + a * T^2 * KL(softmax(t / T) || softmax(s / T))
+
+    with the KL divergence averaged over the batch.
+    """
+    hard = F.cross_entropy(student_logits, labels)
+    soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
+                    F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)
+    return (1 - alpha) * hard + alpha * temperature ** 2 * soft

@@ -1,0 +1,61 @@
+"""PNG plots (matplotlib, headless), written atomically."""
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+from .weights import atomic_write
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path: Path) -> None:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    atomic_write(path, buf.getvalue())
+
+
+def training_curves(history: list[dict], path: Path, title: str) -> None:
+    if not history:
+        return
+    plt = _figure()
+    epochs = [h["epoch"] for h in history]
+    fig, (ax_loss, ax_acc) = plt.subplots(1, 2, figsize=(10, 4))
+    ax_loss.plot(epochs, [h["train_loss"] for h in history], "o-", label="train")
+    ax_loss.plot(epochs, [h["val_loss"] for h in history], "o-", label="validation")
+    ax_loss.set(xlabel="epoch", ylabel="loss", title=f"{title}: loss")
+    ax_acc.plot(epochs, [h["train_accuracy"] for h in history], "o-", label="train")
+    ax_acc.plot(epochs, [h["val_accuracy"] for h in history], "o-", label="validation")
+    ax_acc.set(xlabel="epoch", ylabel="accuracy", title=f"{title}: accuracy", ylim=(0, 1))
+    for ax in (ax_loss, ax_acc):
+        ax.grid(alpha=0.3)
+        ax.legend()
+    _save(fig, path)
+    plt.close(fig)
+
+
+def confusion_matrix(matrix, classes: list[str], path: Path, title: str) -> None:
+    plt = _figure()
+    n = len(classes)
+    fig, ax = plt.subplots(figsize=(max(5, 0.6 * n + 2), max(4, 0.6 * n + 1)))
+    im = ax.imshow(matrix, cmap="Blues")
+    ax.set(xticks=range(n), yticks=range(n), xticklabels=classes, yticklabels=classes,
+           xlabel="predicted", ylabel="true", title=title)
+    plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
+    if n <= 20:
+        top = matrix.max() if matrix.numel() else 0
+        for i in range(n):
+            for j in range(n):
+                v = int(matrix[i, j])
+                ax.text(j, i, str(v), ha="center", va="center", fontsize=8,
+                        color="white" if top and v > top / 2 else "black")
+    fig.colorbar(im, ax=ax)
+    _save(fig, path)
+    plt.close(fig)

@@ -1,0 +1,246 @@
+"""Recipes: YAML files validated by pydantic, with every problem reported at once.
+
+A recipe has shared settings (data, input size, seed, batch size, optimizer,
+learning-rate schedule, transforms, extra models such as a teacher) and an ordered
+list of named, typed steps. Step configs come from the step registry
+(`runtime.steps`), so new step kinds plug in without touching this file.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compiler.errors import NcError, did_you_mean
+
+BUILTIN_RECIPES = Path(__file__).resolve().parent.parent / "specs" / "recipes"
+
+
+class RecipeError(NcError):
+    """Problems in a recipe (or its overrides), each naming its field."""
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: error: {p}" for p in self.problems]
+        if len(self.problems) > 1:
+            lines.append(f"{len(self.problems)} errors")
+        return "\n".join(lines)
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class OptimizerConfig(Strict):
+    name: Literal["adamw", "sgd"] = "adamw"
+    lr: float = Field(3e-3, gt=0)
+    weight_decay: float = Field(5e-4, ge=0)
+    momentum: float = Field(0.9, ge=0, lt=1)  # sgd only
+    nesterov: bool = False
+
+
+class ScheduleConfig(Strict):
+    name: Literal["cosine", "step", "constant"] = "cosine"
+    warmup_epochs: int = Field(0, ge=0)
+    step_size: int = Field(10, ge=1)   # step only
+    gamma: float = Field(0.1, gt=0)    # step only
+
+
+class DataConfig(Strict):
+    """Where the images come from. `--data PATH` sets `path`; nothing at all means digits."""
+
+    source: Literal["auto", "folder", "torchvision", "digits"] = "auto"
+    path: str | None = None            # folder: ImageFolder (train/ val/) or food-11 (training/ validation/ testing/)
+    name: str | None = None            # torchvision dataset class, e.g. CIFAR10
+    root: str | None = None            # torchvision dataset root
+    download: bool = False             # torchvision only; never in tests
+    val_fraction: float = Field(0.2, gt=0, lt=1)  # for sources without a validation split
+    limit_per_class: int | None = Field(None, ge=1)  # a small subset, for quick runs and tests
+    on_bad_image: Literal["error", "skip"] = "error"
+    batch_size: int = Field(64, ge=1)
+    eval_batch_size: int = Field(256, ge=1)
+
+
+class TransformsConfig(Strict):
+    """torchvision.transforms.v2 pipelines, one mapping per transform, e.g. `{flip: 0.5}`."""
+
+    train: list[dict[str, Any]] = []
+    eval: list[dict[str, Any]] = []
+
+
+class ModelRef(Strict):
+    """A model besides the one given on the command line (e.g. the teacher)."""
+
+    spec: str                           # spec file; relative paths resolve against the recipe's folder
+    checkpoint: str | None = None       # nccompile or plain safetensors weights
+    torchvision_weights: str | None = None  # e.g. IMAGENET1K_V1: downloaded and cached by torchvision
+    params: dict[str, str] = {}
+
+
+class Recipe(Strict):
+    name: str
+    description: str = ""
+    seed: int = 0
+    input: str | None = None            # CxHxW for training; default: the spec's
+    data: DataConfig = DataConfig()
+    transforms: TransformsConfig = TransformsConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    schedule: ScheduleConfig = ScheduleConfig()
+    models: dict[str, ModelRef] = {}
+    steps: list[Any]
+
+    @field_validator("models")
+    @classmethod
+    def _no_student(cls, v):
+        if "student" in v:
+            raise ValueError("`student` is the spec given on the command line; name other models differently")
+        return v
+
+
+def find_recipe(name_or_path: str) -> Path:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.exists():
+            raise NcError(f"no recipe file {path}")
+        return path
+    builtin = BUILTIN_RECIPES / f"{name_or_path}.yaml"
+    if builtin.exists():
+        return builtin
+    names = sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml"))
+    hint = did_you_mean(name_or_path, names)
+    raise NcError(f"no built-in recipe `{name_or_path}`" + (f"; {hint}" if hint else "")
+                  + f" (built-in: {', '.join(names)}; or pass a .yaml path)")
+
+
+def _parse_scalar(text: str):
+    try:
+        return yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+
+
+def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
+    """`--set a.b.c=value`: steps are addressed by name (`steps.distill.epochs=3`)."""
+    problems = []
+    for item in overrides:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            problems.append(f"--set expects KEY=VALUE, got `{item}`")
+            continue
+        parts = key.split(".")
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            if isinstance(node, list):  # steps: by name or index
+                match = [s for s in node if isinstance(s, dict) and s.get("name") == part]
+                if not match and part.isdigit() and int(part) < len(node):
+                    match = [node[int(part)]]
+                if not match:
+                    names = [s.get("name") for s in node if isinstance(s, dict)]
+                    hint = did_you_mean(part, names)
+                    problems.append(f"--set {key}: no step `{part}` (steps: {', '.join(map(str, names))})"
+                                    + (f"; {hint}" if hint else ""))
+                    break
+                node = match[0]
+            else:
+                node = node.setdefault(part, {})
+                if not isinstance(node, (dict, list)):
+                    problems.append(f"--set {key}: `{'.'.join(parts[:i + 1])}` is not a section")
+                    break
+        else:
+            node[parts[-1]] = _parse_scalar(value)
+    if problems:
+        raise RecipeError(source, problems)
+    return raw
+
+
+def _loc(loc: tuple, raw: dict) -> str:
+    out = []
+    for i, part in enumerate(loc):
+        if isinstance(part, int) and out and out[-1] == "steps":
+            steps = raw.get("steps") or []
+            name = steps[part].get("name") if part < len(steps) and isinstance(steps[part], dict) else None
+            out[-1] = f"steps[{part}]" + (f" ({name})" if name else "")
+        else:
+            out.append(str(part))
+    return ".".join(out)
+
+
+def _problems(err: ValidationError, raw: dict, model_cls, prefix: tuple = ()) -> list[str]:
+    problems = []
+    for e in err.errors():
+        loc = prefix + tuple(e["loc"])
+        where = _loc(loc, raw)
+        if e["type"] == "extra_forbidden":
+            parent = model_cls
+            for part in e["loc"][:-1]:
+                field = parent.model_fields.get(part) if isinstance(part, str) and hasattr(parent, "model_fields") else None
+                ann = getattr(field, "annotation", None) if field else None
+                parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else parent
+            known = list(getattr(parent, "model_fields", {}))
+            hint = did_you_mean(str(e["loc"][-1]), known)
+            problems.append(f"unknown key `{where}`" + (f"; {hint}" if hint else "")
+                            + (f" (expected one of: {', '.join(known)})" if known else ""))
+        elif e["type"] == "missing":
+            problems.append(f"`{where}` is required")
+        else:
+            problems.append(f"`{where}`: {e['msg']} (got {e.get('input')!r})")
+    return problems
+
+
+def load_recipe(name_or_path: str, overrides: list[str] = (), epochs: int | None = None):
+    """Read, override and validate a recipe; returns (Recipe, typed steps, path)."""
+    from .steps import REGISTRY
+
+    path = find_recipe(name_or_path)
+    source = str(path)
+    try:
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.MarkedYAMLError as err:
+        mark = err.problem_mark
+        raise RecipeError(f"{source}:{mark.line + 1}:{mark.column + 1}", [f"invalid YAML: {err.problem}"]) from None
+    if not isinstance(raw, dict):
+        raise RecipeError(source, ["a recipe must be a mapping with `name` and `steps`"])
+    raw = apply_overrides(raw, list(overrides), source)
+    if epochs is not None:
+        for step in raw.get("steps") or []:
+            kind = REGISTRY.get(step.get("kind")) if isinstance(step, dict) else None
+            if kind is not None and "epochs" in kind.config.model_fields:
+                step["epochs"] = epochs
+    problems: list[str] = []
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        problems += _problems(err, raw, Recipe)
+        recipe = None
+    steps = []
+    names = set()
+    for i, step in enumerate(raw.get("steps") or []):
+        label = f"steps[{i}]"
+        if not isinstance(step, dict):
+            problems.append(f"`{label}` must be a mapping with `name` and `kind`")
+            continue
+        kind = step.get("kind")
+        if kind not in REGISTRY:
+            hint = did_you_mean(str(kind), REGISTRY)
+            problems.append(f"`{label}.kind`: unknown step kind `{kind}`" + (f"; {hint}" if hint else "")
+                            + f" (known: {', '.join(sorted(REGISTRY))})")
+            continue
+        try:
+            cfg = REGISTRY[kind].config.model_validate(step)
+        except ValidationError as err:
+            problems += _problems(err, raw, REGISTRY[kind].config, ("steps", i))
+            continue
+        if cfg.name in names:
+            problems.append(f"`{label}.name`: step name `{cfg.name}` is used twice")
+        names.add(cfg.name)
+        steps.append(cfg)
+    if not raw.get("steps"):
+        problems.append("`steps`: a recipe needs at least one step")
+    if problems:
+        raise RecipeError(source, problems)
+    return recipe, steps, path

@@ -1,0 +1,264 @@
+"""Runs a recipe: validate everything, plan the steps, execute them, report.
+
+Everything that can be checked is checked before any work starts: the recipe, the
+data layout, the class counts, checkpoints, which step produces what, and the
+spec's budgets at the training input size. Under torchrun every rank runs the same
+plan; only rank 0 writes files.
+"""
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import torch
+import yaml
+
+import compiler
+from compiler.analysis import analyse, predicted_bytes
+from compiler.errors import NcError, did_you_mean
+from compiler.report import table
+
+from .context import ModelSlot, RunContext
+from .data import list_source
+from .recipe import load_recipe
+from .rundir import RunDir, digest, write_json, write_text
+from .steps import REGISTRY
+from .weights import read_state
+
+
+class BudgetError(NcError):
+    exit_code = 1
+
+
+@dataclass
+class Options:
+    spec: str
+    recipe: str
+    data: str | None = None
+    out: str | None = None
+    sets: tuple = ()
+    epochs: int | None = None
+    device: str = "auto"
+    dry_run: bool = False
+    params: dict | None = None
+    input: tuple | None = None
+    model: str | None = None
+
+
+def _device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise NcError("--device cuda: no CUDA device is available here (use --device cpu or auto)")
+    return torch.device(name)
+
+
+def _compile(path, classes: list[str], params: dict | None, input_shape, model: str | None, what: str):
+    """Compile a spec for the data: `classes` is set from the data's class count."""
+    params = dict(params or {})
+    m = compiler.compile_spec(path, model=model, params=params, input_shape=input_shape)
+    declared = {p.name for p in m.definition.params}
+    if "classes" in declared:
+        if "classes" in params and int(params["classes"]) != len(classes):
+            raise NcError(f"{what}: --param classes={params['classes']} but the data has {len(classes)} classes")
+        params["classes"] = str(len(classes))
+        m = compiler.compile_spec(path, model=model, params=params, input_shape=input_shape)
+    if m.root.out_shape != (len(classes),):
+        raise NcError(f"{what} ({path}) outputs {'x'.join(map(str, m.root.out_shape))} values but the data has "
+                      f"{len(classes)} classes\n  hint: declare a `classes: int` parameter and end with "
+                      f"`linear(classes)` so the class count comes from the data")
+    return m
+
+
+def _check_checkpoint(slot: ModelSlot, path: Path, n_classes: int) -> None:
+    state, _ = read_state(path)
+    expected = dict((n, tuple(s)) for n, s in compiler.analysis.weight_tensors(slot.model))
+    for name, shape in expected.items():
+        if name in state and tuple(state[name].shape) != shape:
+            if shape and shape[0] == n_classes and state[name].dim() == len(shape):
+                raise NcError(f"{slot.name} checkpoint {path} has {state[name].shape[0]} classes ({name}) but the "
+                              f"data has {n_classes}\n  hint: use a checkpoint trained on this data, or drop the "
+                              f"checkpoint so the recipe trains the {slot.name} first")
+            raise NcError(f"{slot.name} checkpoint {path} does not fit {slot.model.spec.path}: {name} has shape "
+                          f"{tuple(state[name].shape)}, the spec needs {shape}")
+    missing = [n for n in expected if n not in state]
+    if missing:
+        raise NcError(f"{slot.name} checkpoint {path} lacks {len(missing)} tensor(s) of {slot.model.spec.path}, "
+                      f"e.g. {missing[0]}")
+
+
+def _resolve(path: str, recipe_path: Path) -> Path:
+    p = Path(path)
+    if p.is_absolute() or p.exists():
+        return p
+    candidate = recipe_path.parent / p
+    return candidate.resolve() if candidate.exists() else p
+
+
+def prepare(opts: Options):
+    """All validation; returns (context pieces, plan) without doing any work."""
+    recipe, steps, recipe_path = load_recipe(opts.recipe, opts.sets, opts.epochs)
+    if opts.data:
+        recipe.data.path = opts.data
+        if recipe.data.source == "auto":
+            recipe.data.source = "folder"
+    listing = list_source(recipe.data)
+    classes = listing.classes
+    shape = opts.input or (compiler.parse_shape(recipe.input) if recipe.input else None)
+    student = _compile(opts.spec, classes, opts.params, shape, opts.model, "the spec")
+    input_shape = student.input_shape
+    analysis = analyse(student)
+    if not analysis.ok:
+        raise BudgetError(table(analysis, max_depth=1) + "\nnccompile: error: the spec exceeds its budget(s) at the "
+                          f"training input {'x'.join(map(str, input_shape))}; nothing was run")
+    slots = {"student": ModelSlot("student", student)}
+    for name, ref in recipe.models.items():
+        spec_path = _resolve(ref.spec, recipe_path)
+        m = _compile(spec_path, classes, ref.params, input_shape, None, f"models.{name}")
+        slot = ModelSlot(name, m, torchvision_weights=ref.torchvision_weights)
+        if ref.checkpoint:
+            ckpt = _resolve(ref.checkpoint, recipe_path)
+            _check_checkpoint(slot, ckpt, len(classes))
+            slot.weights, slot.producer = ckpt, "checkpoint"
+            slot.producer_key = digest("checkpoint", str(ckpt), ckpt.stat().st_size, ckpt.stat().st_mtime_ns)
+        slots[name] = slot
+    # plan: which artifacts exist when
+    problems = []
+    available = {n for n, s in slots.items() if s.weights is not None}
+    plan = []
+    for cfg in steps:
+        kind = REGISTRY[cfg.kind]
+        if cfg.model not in slots:
+            hint = did_you_mean(cfg.model, slots)
+            problems.append(f"step `{cfg.name}` works on model `{cfg.model}`, which the recipe does not define"
+                            + (f"; {hint}" if hint else "") + f" (models: {', '.join(slots)})")
+            continue
+        skip = getattr(cfg, "unless_checkpoint", False) and slots[cfg.model].producer == "checkpoint"
+        for need in kind.needs(cfg):
+            if need not in slots:
+                problems.append(f"step `{cfg.name}` needs model `{need}`, which the recipe does not define")
+            elif need not in available:
+                problems.append(f"step `{cfg.name}` needs `{need}` weights, which no earlier step produces"
+                                f"\n  hint: add a train step for `{need}` before it, or give models.{need}.checkpoint")
+        if cfg.kind == "predict" and "test" not in listing.files:
+            problems.append(f"step `{cfg.name}` predicts the unlabeled testing/ images, but the data has none "
+                            "(only the food-11 layout has testing/)")
+        if not skip:
+            available |= set(kind.produces(cfg))
+        plan.append((cfg, kind, skip))
+    if problems:
+        raise NcError("\n".join(f"{recipe_path}: error: {p}" for p in problems))
+    # building transforms validates them too
+    from .transforms import Pipeline
+
+    Pipeline(recipe.transforms.train, "transforms.train")
+    Pipeline(recipe.transforms.eval, "transforms.eval")
+    return recipe, recipe_path, listing, slots, plan
+
+
+def _timeline(recipe, listing, slots, plan, input_shape) -> str:
+    lines = [f"recipe {recipe.name}: {recipe.description}".rstrip(": "),
+             f"data: {listing.description} ({len(listing.classes)} classes), training input "
+             f"{'x'.join(map(str, input_shape))}"]
+    for name, slot in slots.items():
+        origin = {None: "fresh initialisation", "checkpoint": f"checkpoint {slot.weights}"}.get(slot.producer)
+        if slot.torchvision_weights:
+            origin = f"torchvision weights {slot.torchvision_weights}"
+        lines.append(f"model {name}: {slot.model.spec.path}, {analyse(slot.model).params:,} params, "
+                     f"starts from {origin}")
+    for i, (cfg, kind, skip) in enumerate(plan, 1):
+        produces = ", ".join(f"{p} weights (steps/{cfg.name}/model.safetensors)" for p in kind.produces(cfg))
+        lines.append(f"{i}. {cfg.name} [{cfg.kind}]: {kind.describe(cfg)}"
+                     + (" -- skipped: checkpoint given" if skip else "")
+                     + (f"\n     needs: {', '.join(kind.needs(cfg))}" if kind.needs(cfg) else "")
+                     + (f"\n     produces: {produces}" if produces and not skip else ""))
+    return "\n".join(lines)
+
+
+def _markdown(entries: list[dict]) -> str:
+    head = "| step | kind | model | params | file bytes | val accuracy | seconds | status |\n|---|---|---|---:|---:|---:|---:|---|"
+    rows = []
+    for e in entries:
+        acc = f"{e['val_accuracy']:.4f}" if isinstance(e.get("val_accuracy"), float) else "-"
+        size = f"{e['file_bytes']:,}" if e.get("file_bytes") else "-"
+        rows.append(f"| {e['name']} | {e['kind']} | {e['model']} | {e['params']:,} | {size} | {acc} | "
+                    f"{e['seconds']:.1f} | {e['status']} |")
+    return "\n".join([head, *rows])
+
+
+def run(opts: Options) -> int:
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    device = _device(opts.device)
+    if world > 1 and not torch.distributed.is_initialized():
+        if device.type == "cuda":
+            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+            device = torch.device("cuda", torch.cuda.current_device())
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    try:
+        return _run(opts, rank, world, device)
+    finally:
+        if world > 1 and torch.distributed.is_initialized():
+            torch.distributed.destroy_process_group()
+
+
+def _run(opts: Options, rank: int, world: int, device) -> int:
+    recipe, recipe_path, listing, slots, plan = prepare(opts)
+    student = slots["student"].model
+    if opts.dry_run:
+        if rank == 0:
+            print(_timeline(recipe, listing, slots, plan, student.input_shape))
+        return 0
+    out = Path(opts.out) if opts.out else Path("runs") / (
+        f"{Path(opts.spec).stem}-{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    run_dir = RunDir(out, writer=rank == 0)
+    if rank == 0:
+        out.mkdir(parents=True, exist_ok=True)
+        write_text(out / f"spec{Path(opts.spec).suffix}", student.source)
+        write_text(out / "recipe.yaml", yaml.safe_dump(
+            {**recipe.model_dump(exclude={"steps"}), "steps": [c.model_dump() for c, _, _ in plan]}, sort_keys=False))
+        print(_timeline(recipe, listing, slots, plan, student.input_shape))
+        print(f"run directory: {out}")
+    ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world)
+    shared = recipe.model_dump(exclude={"steps", "name", "description"})
+    entries = []
+    for cfg, kind, skip in plan:
+        slot = ctx.models[cfg.model]
+        start = time.perf_counter()
+        inputs = {n: ctx.models[n].producer_key for n in [cfg.model, *kind.needs(cfg)]}
+        key = digest(student.source, student.params, student.input_shape, shared, cfg.model_dump(), inputs,
+                     listing.fingerprint, {n: (s.model.source, s.model.params) for n, s in ctx.models.items()})
+        entry = {"name": cfg.name, "kind": cfg.kind, "model": cfg.model, "key": key}
+        if skip:
+            entry.update(status="skipped (checkpoint given)", result={})
+        elif (done := run_dir.finished(cfg.name, key)) is not None:
+            entry.update(status="done earlier", result=done["result"])
+            ctx.log(f"== {cfg.name}: already done in {out} (same inputs), skipped")
+        else:
+            ctx.log(f"== {cfg.name} [{cfg.kind}]: {kind.describe(cfg)}")
+            result = kind.run(cfg, ctx, key)
+            stored = {"model_file": str(result.model_file.relative_to(out)) if result.model_file else None,
+                      "metrics": {k: v for k, v in result.metrics.items() if k != "history"},
+                      "files": result.files, "seconds": time.perf_counter() - start}
+            run_dir.mark_finished(cfg.name, key, stored)
+            entry.update(status="ran", result=stored)
+        result = entry.pop("result")
+        if result.get("model_file"):
+            slot.weights, slot.producer, slot.producer_key = out / result["model_file"], cfg.name, key
+        file_bytes = predicted_bytes(slot.model, "fp32") if result.get("model_file") else None
+        entry.update(params=analyse(slot.model).params, macs=analyse(slot.model).macs, file_bytes=file_bytes,
+                     val_accuracy=result.get("metrics", {}).get("val_accuracy"),
+                     seconds=result.get("seconds", 0.0), model_file=result.get("model_file"),
+                     files=result.get("files", []), metrics=result.get("metrics", {}))
+        entries.append(entry)
+        if rank == 0:
+            write_json(out / "report.json", {"spec": opts.spec, "recipe": str(recipe_path), "run": str(out),
+                                             "steps": entries})
+    if rank == 0:
+        md = _markdown(entries)
+        write_text(out / "report.md", md + "\n")
+        print(md)
+        print(f"report: {out / 'report.json'}")
+    return 0

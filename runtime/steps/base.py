@@ -1,0 +1,64 @@
+"""The step plug-in interface.
+
+A step kind is a pydantic config class plus the code that runs it, registered by
+name with `@register`. The runner only talks to this interface, so new kinds
+(quantize, prune, lowrank, ...) plug in by adding a module to `runtime/steps/`.
+
+Artifacts are model weights, named after the model they belong to (`student`,
+`teacher`, ...): a step `needs` some and `produces` some; the runner checks before
+any work starts that every needed artifact is produced by an earlier step or given
+as a checkpoint.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, ClassVar
+
+from pydantic import BaseModel, ConfigDict
+
+if TYPE_CHECKING:
+    from ..context import RunContext
+
+
+class StepConfig(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    name: str
+    kind: str
+    model: str = "student"  # which model the step works on
+
+
+@dataclass
+class StepResult:
+    model_file: Path | None = None               # weights this step wrote for cfg.model (its artifact)
+    metrics: dict = field(default_factory=dict)  # val_accuracy, val_loss, ...
+    files: list[str] = field(default_factory=list)  # other outputs (PNG, CSV), relative to the run dir
+
+
+class StepKind:
+    kind: ClassVar[str]
+    config: ClassVar[type[StepConfig]]
+    trains: ClassVar[bool] = False  # has epochs (the --epochs override applies)
+
+    def needs(self, cfg) -> list[str]:
+        """Model artifacts that must exist before this step runs."""
+        return []
+
+    def produces(self, cfg) -> list[str]:
+        return []
+
+    def describe(self, cfg) -> str:
+        return cfg.kind
+
+    def run(self, cfg, ctx: "RunContext", key: str) -> StepResult:
+        """Do the work. `key` hashes everything the step depends on; resumable steps
+        store it with their partial progress and continue only when it matches."""
+        raise NotImplementedError
+
+
+REGISTRY: dict[str, StepKind] = {}
+
+
+def register(cls: type[StepKind]) -> type[StepKind]:
+    REGISTRY[cls.kind] = cls()
+    return cls

@@ -1,0 +1,83 @@
+"""`evaluate` (accuracy, loss, per-class accuracy, confusion matrix) and `predict` (CSV)."""
+from __future__ import annotations
+
+import csv
+import io
+
+import torch
+
+from ..loop import accuracy_and_loss, logits_of
+from ..rundir import write_json
+from ..weights import atomic_write
+from .base import StepConfig, StepKind, StepResult, register
+
+
+class EvaluateConfig(StepConfig):
+    kind: str = "evaluate"
+    split: str = "val"
+
+
+class PredictConfig(StepConfig):
+    kind: str = "predict"
+
+
+@register
+class Evaluate(StepKind):
+    kind = "evaluate"
+    config = EvaluateConfig
+
+    def needs(self, cfg):
+        return [cfg.model]
+
+    def describe(self, cfg):
+        return f"evaluate {cfg.model} on the {cfg.split} split: accuracy, loss, per-class accuracy, confusion matrix"
+
+    def run(self, cfg: EvaluateConfig, ctx, key: str = "") -> StepResult:
+        from ..plots import confusion_matrix
+
+        slot = ctx.models[cfg.model]
+        module = slot.build(ctx.device, ctx.recipe.seed).eval()
+        data = ctx.data()
+        split = data.val if cfg.split == "val" else data.train
+        logits = logits_of(module, split, ctx.pipeline("eval"), ctx.device, ctx.recipe.data.eval_batch_size)
+        acc, loss = accuracy_and_loss(logits, split.labels)
+        n = len(data.classes)
+        matrix = torch.bincount(split.labels * n + logits.argmax(1), minlength=n * n).reshape(n, n)
+        totals = matrix.sum(1).clamp(min=1)
+        per_class = {c: (matrix[i, i] / totals[i]).item() for i, c in enumerate(data.classes)}
+        step_dir = ctx.run.step_dir(cfg.name)
+        metrics = {"val_accuracy": acc, "val_loss": loss, "per_class_accuracy": per_class,
+                   "confusion_matrix": matrix.tolist(), "images": len(split)}
+        if ctx.is_main:
+            write_json(step_dir / "metrics.json", metrics)
+            confusion_matrix(matrix, data.classes, step_dir / "confusion.png",
+                             f"{cfg.model} on {cfg.split}: accuracy {acc:.3f}")
+        ctx.log(f"{cfg.name}: {cfg.model} {cfg.split} accuracy {acc:.4f}, loss {loss:.4f}")
+        return StepResult(metrics=metrics, files=[f"steps/{cfg.name}/metrics.json", f"steps/{cfg.name}/confusion.png"])
+
+
+@register
+class Predict(StepKind):
+    kind = "predict"
+    config = PredictConfig
+
+    def needs(self, cfg):
+        return [cfg.model]
+
+    def describe(self, cfg):
+        return f"predict the unlabeled testing/ images with {cfg.model} -> predictions.csv"
+
+    def run(self, cfg: PredictConfig, ctx, key: str = "") -> StepResult:
+        data = ctx.data()
+        module = ctx.models[cfg.model].build(ctx.device, ctx.recipe.seed).eval()
+        logits = logits_of(module, data.test, ctx.pipeline("eval"), ctx.device, ctx.recipe.data.eval_batch_size)
+        out = io.StringIO()
+        writer = csv.writer(out)
+        writer.writerow(["Id", "Category"])
+        for ident, label in zip(data.test.ids, logits.argmax(1).tolist()):
+            writer.writerow([ident, data.classes[label]])
+        path = ctx.run.step_dir(cfg.name) / "predictions.csv"
+        if ctx.is_main:
+            atomic_write(path, out.getvalue().encode())
+        ctx.log(f"{cfg.name}: {len(data.test)} predictions -> {path}")
+        return StepResult(metrics={"predictions": len(data.test)}, files=[f"steps/{cfg.name}/predictions.csv"])

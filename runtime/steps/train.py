@@ -1,0 +1,100 @@
+"""`train` (cross-entropy) and `distill` (Hinton's loss against a frozen teacher)."""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from pydantic import Field
+
+from ..loop import fit, logits_of
+from ..losses import kd_loss
+from .base import StepConfig, StepKind, StepResult, register
+
+
+class TrainConfig(StepConfig):
+    kind: str = "train"
+    epochs: int = Field(10, ge=1)
+    lr: float | None = Field(None, gt=0)           # default: the recipe's optimizer.lr
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    unless_checkpoint: bool = False                 # skip when the model comes with a checkpoint
+
+
+class DistillConfig(TrainConfig):
+    kind: str = "distill"
+    teacher: str = "teacher"
+    temperature: float = Field(20.0, gt=0)          # the seed's T
+    alpha: float = Field(0.5, ge=0, le=1)           # the seed's a
+    teacher_cache: str = Field("auto", pattern="^(auto|always|never)$")
+
+
+def _train(cfg, ctx, key, loss_fn_factory) -> StepResult:
+    slot = ctx.models[cfg.model]
+    torch.manual_seed(ctx.recipe.seed)
+    module = slot.build(ctx.device, ctx.recipe.seed)
+    loss_fn = loss_fn_factory(module)
+    step_dir = ctx.run.step_dir(cfg.name)
+    metrics = fit(ctx, module=module, step_dir=step_dir, key=key, epochs=cfg.epochs, lr=cfg.lr,
+                  loss_fn=loss_fn, label=cfg.name)
+    path, size = ctx.save(slot, module, cfg.name)
+    return StepResult(model_file=path, metrics=metrics, files=[f"steps/{cfg.name}/curves.png"])
+
+
+@register
+class Train(StepKind):
+    kind = "train"
+    config = TrainConfig
+    trains = True
+
+    def produces(self, cfg):
+        return [cfg.model]
+
+    def describe(self, cfg):
+        return f"train {cfg.model} for {cfg.epochs} epoch(s) with cross-entropy"
+
+    def run(self, cfg: TrainConfig, ctx, key: str = "") -> StepResult:
+        def factory(module):
+            return lambda logits, y, idx, x: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
+
+        return _train(cfg, ctx, key, factory)
+
+
+@register
+class Distill(StepKind):
+    kind = "distill"
+    config = DistillConfig
+    trains = True
+
+    def needs(self, cfg):
+        return [cfg.teacher]
+
+    def produces(self, cfg):
+        return [cfg.model]
+
+    def describe(self, cfg):
+        return (f"distill {cfg.model} from {cfg.teacher} for {cfg.epochs} epoch(s) "
+                f"(T={cfg.temperature:g}, alpha={cfg.alpha:g})")
+
+    def run(self, cfg: DistillConfig, ctx, key: str = "") -> StepResult:
+        teacher = ctx.models[cfg.teacher].build(ctx.device, ctx.recipe.seed).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        data = ctx.data()
+        train_tf = ctx.pipeline("train")
+        cached = None
+        # Without random augmentation a teacher sees the same inputs every epoch: compute its
+        # logits once instead of once per batch per epoch (the teacher dominates the cost).
+        if cfg.teacher_cache == "always" or (cfg.teacher_cache == "auto" and not train_tf.random):
+            cached = logits_of(teacher, data.train, train_tf, ctx.device, ctx.recipe.data.eval_batch_size)
+            ctx.log(f"{cfg.name}: teacher logits computed once for {len(cached)} training images")
+
+        def factory(module):
+            def loss(logits, y, idx, x):
+                if cached is not None:
+                    t = cached[idx].to(logits.device)
+                else:
+                    with torch.no_grad():
+                        t = teacher(x)
+                return kd_loss(logits, t, y, cfg.temperature, cfg.alpha)
+
+            return loss
+
+        return _train(cfg, ctx, key, factory)
