@@ -182,8 +182,6 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
         if val_acc > best_acc:
             best_acc, best_epoch = val_acc, epoch + 1
             best_state = {k: v.clone() for k, v in state_tensors(unwrap(module)).items()}
-        ctx.log(f"{label} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
-                f"| val loss {val_loss:.4f} acc {val_acc:.4f} | {row['images_per_second']:.0f} img/s")
         if ctx.is_main:
             opt_tensors, opt_meta = _optimizer_tensors(optimizer)
             model_tensors = {f"model.{k}": v.contiguous() for k, v in state_tensors(unwrap(module)).items()}
@@ -194,6 +192,9 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
                                             metadata={"key": key, "optimizer": opt_meta,
                                                       "schedule": json.dumps(schedule.state_dict()),
                                                       "progress": json.dumps(progress)}))
+        # Logged after the checkpoint is on disk: a run killed after this line resumes after this epoch.
+        ctx.log(f"{label} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
+                f"| val loss {val_loss:.4f} acc {val_acc:.4f} | {row['images_per_second']:.0f} img/s")
     if best_state is not None:
         unwrap(module).load_state_dict(best_state, strict=False)
     if ctx.is_main:

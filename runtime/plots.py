@@ -45,12 +45,13 @@ def confusion_matrix(matrix, classes: list[str], path: Path, title: str) -> None
     plt = _figure()
     n = len(classes)
     fig, ax = plt.subplots(figsize=(max(5, 0.6 * n + 2), max(4, 0.6 * n + 1)))
+    matrix = matrix.numpy() if hasattr(matrix, "numpy") else matrix
     im = ax.imshow(matrix, cmap="Blues")
     ax.set(xticks=range(n), yticks=range(n), xticklabels=classes, yticklabels=classes,
            xlabel="predicted", ylabel="true", title=title)
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     if n <= 20:
-        top = matrix.max() if matrix.numel() else 0
+        top = matrix.max() if matrix.size else 0
         for i in range(n):
             for j in range(n):
                 v = int(matrix[i, j])

@@ -1,0 +1,278 @@
+"""Runtime: recipes, data, steps, resume, distributed, on real images (cifar10-mini) and digits."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from compiler.cli import main
+from runtime.losses import kd_loss
+
+from .conftest import DATA, ROOT
+
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real images not found at {DATA}")
+
+SMALL_TEACHER = """
+model small_teacher(classes: int = 10) {
+    input 3x32x32
+    conv(32) bn relu maxpool(2) conv(64) bn relu maxpool(2) conv(64) bn relu gap flatten linear(classes)
+}
+"""
+
+
+def run_cli(args, capsys) -> tuple[int, str, str]:
+    code = main(args)
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+# --- the distillation loss ---------------------------------------------------------
+
+def test_kd_loss_equals_the_seed_formula_by_hand():
+    torch.manual_seed(0)
+    s, t = torch.randn(4, 5), torch.randn(4, 5)
+    y = torch.tensor([0, 3, 1, 4])
+    T, a = 20.0, 0.5
+    # by hand: (1-a) CE(s, y) + a T^2 KL(p_t || p_s), KL averaged over the batch
+    p_s = torch.softmax(s, 1)
+    ce = -torch.log(p_s[torch.arange(4), y]).mean()
+    q_t, q_s = torch.softmax(t / T, 1), torch.softmax(s / T, 1)
+    kl = (q_t * (q_t.log() - q_s.log())).sum(1).mean()
+    expected = (1 - a) * ce + a * T * T * kl
+    assert torch.allclose(kd_loss(s, t, y, T, a), expected, atol=1e-6)
+    assert torch.allclose(kd_loss(s, t, y, T, 0.0), ce, atol=1e-6)  # alpha 0 is plain cross-entropy
+
+
+# --- end to end on real images -------------------------------------------------------
+
+@needs_data
+def test_scratch_recipe_end_to_end(tmp_path, capsys, in_root):
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["specs/student.spec", "--recipe", "scratch", "--data", str(DATA),
+                                 "--set", "data.limit_per_class=100", "--epochs", "3", "--out", str(out)], capsys)
+    assert code == 0, err
+    report = json.loads((out / "report.json").read_text())
+    steps = report["steps"]
+    assert [s["name"] for s in steps] == ["train", "evaluate"]
+    for s in steps:
+        assert {"name", "kind", "params", "file_bytes", "val_accuracy", "seconds"} <= set(s)
+    train = steps[0]
+    assert train["params"] == 256_522  # the student with 10 classes
+    assert train["file_bytes"] == (out / "steps/train/model.safetensors").stat().st_size
+    assert steps[1]["val_accuracy"] > 0.13  # chance is 0.10 on 1,000 validation images
+    assert steps[1]["val_accuracy"] == pytest.approx(train["val_accuracy"])  # best checkpoint is what is kept
+    for png in ("steps/train/curves.png", "steps/evaluate/confusion.png"):
+        assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert "| train | train | student |" in stdout and (out / "report.md").exists()
+    metrics = json.loads((out / "steps/evaluate/metrics.json").read_text())
+    assert len(metrics["per_class_accuracy"]) == 10 and sum(map(sum, metrics["confusion_matrix"])) == 1000
+    # running the same command again does no work
+    code, stdout, _ = run_cli(["specs/student.spec", "--recipe", "scratch", "--data", str(DATA),
+                               "--set", "data.limit_per_class=100", "--epochs", "3", "--out", str(out)], capsys)
+    assert code == 0 and stdout.count("already done") == 2
+
+
+@needs_data
+def test_kd_recipe_end_to_end_and_resume_after_kill(tmp_path, in_root):
+    """kd: teacher trained first, then distilled student; a run killed mid-distillation resumes."""
+    teacher = tmp_path / "teacher.spec"
+    teacher.write_text(SMALL_TEACHER)
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-u", "-m", "compiler", "specs/student.spec", "--recipe", "kd", "--data", str(DATA),
+           "--set", "data.limit_per_class=100", "--set", f"models.teacher.spec={teacher}",
+           "--set", "steps.teacher.epochs=2", "--set", "steps.distill.epochs=3", "--out", str(out)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if line.startswith("distill epoch 1/3"):
+            proc.send_signal(signal.SIGKILL)
+            break
+    proc.wait()
+    assert proc.returncode == -signal.SIGKILL, "".join(seen)
+    assert not (out / "steps/distill/model.safetensors").exists()
+    assert not list(out.rglob("*.tmp")), "a temporary file was left behind"
+    again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    assert again.returncode == 0, again.stdout + again.stderr
+    assert "teacher: already done" in again.stdout
+    assert "distill: resuming after epoch 1 of 3" in again.stdout
+    assert "distill epoch 1/3" not in again.stdout and "distill epoch 3/3" in again.stdout
+    report = json.loads((out / "report.json").read_text())
+    kinds = {s["name"]: s for s in report["steps"]}
+    assert kinds["teacher"]["status"] == "done earlier" and kinds["distill"]["status"] == "ran"
+    assert kinds["evaluate"]["val_accuracy"] > 0.13
+
+
+@needs_data
+def test_food11_layout_and_predict(tmp_path, capsys, in_root):
+    """The seed's food-11 layout: labels from file names, testing/ predicted to a CSV."""
+    root = tmp_path / "food"
+    classes = ["airplane", "cat", "ship"]
+    for split, name, n in (("train", "training", 30), ("val", "validation", 10)):
+        (root / name).mkdir(parents=True)
+        for label, c in enumerate(classes):
+            for i, f in enumerate(sorted((DATA / split / c).iterdir())[:n]):
+                shutil.copy(f, root / name / f"{label}_{i}.jpg")
+    (root / "testing").mkdir()
+    for i, f in enumerate(sorted((DATA / "val" / "cat").iterdir())[50:57]):
+        shutil.copy(f, root / "testing" / f"{i:04d}.jpg")
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("""
+name: food
+input: 3x32x32
+steps:
+  - {name: train, kind: train, epochs: 1}
+  - {name: predict, kind: predict}
+""")
+    out = tmp_path / "run"
+    code, stdout, err = run_cli(["specs/student.spec", "--recipe", str(recipe), "--data", str(root),
+                                 "--out", str(out)], capsys)
+    assert code == 0, err
+    rows = (out / "steps/predict/predictions.csv").read_text().splitlines()
+    assert rows[0] == "Id,Category" and len(rows) == 8
+    assert all(r.split(",")[1] in ("0", "1", "2") for r in rows[1:])
+    assert "3 classes" in stdout
+
+
+def test_digits_default_and_dry_run(capsys, in_root):
+    code, stdout, err = run_cli(["specs/student.spec", "--recipe", "kd", "--dry-run"], capsys)
+    assert code == 0, err
+    assert "scikit-learn digits" in stdout and "1. teacher [train]" in stdout and "needs: teacher" in stdout
+
+
+# --- bad input: one clear message, exit code 2 --------------------------------------------
+
+def _jpeg(path: Path, seed: int = 0) -> None:
+    from torchvision.io import encode_jpeg
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    g = torch.Generator().manual_seed(seed)
+    path.write_bytes(encode_jpeg(torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8, generator=g)).numpy().tobytes())
+
+
+def _tiny_folder(root: Path, classes=("a", "b"), per_class=3) -> Path:
+    for split in ("train", "val"):
+        for c in classes:
+            for i in range(per_class):
+                _jpeg(root / split / c / f"{i}.jpg", i)
+    return root
+
+
+@pytest.mark.parametrize("args,fragment", [
+    (["--set", "optimizer.lrr=0.1"], "unknown key `optimizer.lrr`; did you mean `lr`?"),
+    (["--set", "steps.train.epochz=2"], "unknown key `steps[0] (train).epochz`; did you mean `epochs`?"),
+    (["--set", "steps.train.epochs=many"], "`steps[0] (train).epochs`: Input should be a valid integer"),
+    (["--set", "data.batch_size=0"], "`data.batch_size`: Input should be greater than or equal to 1"),
+    (["--set", "steps.trian.epochs=2"], "no step `trian`"),
+    (["--data", "/nonexistent/images"], "data folder /nonexistent/images does not exist"),
+])
+def test_bad_recipe_or_data_is_one_clear_error(args, fragment, capsys, in_root):
+    code, _, err = run_cli(["specs/student.spec", "--recipe", "scratch", "--dry-run", *args], capsys)
+    assert code == 2 and fragment in err, err
+    assert "Traceback" not in err
+
+
+def test_unknown_recipe_and_step_kind(tmp_path, capsys, in_root):
+    code, _, err = run_cli(["specs/student.spec", "--recipe", "scrach"], capsys)
+    assert code == 2 and "did you mean `scratch`?" in err
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nsteps:\n  - {name: a, kind: trian}\n  - {name: b, kind: evaluate, model: teacher}\n")
+    code, _, err = run_cli(["specs/student.spec", "--recipe", str(recipe), "--dry-run"], capsys)
+    assert code == 2 and "unknown step kind `trian`; did you mean `train`?" in err
+
+
+def test_step_needing_missing_artifact(tmp_path, capsys, in_root):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodels: {teacher: {spec: %s}}\nsteps:\n  - {name: d, kind: distill}\n"
+                      % (ROOT / "specs/teacher.spec"))
+    code, _, err = run_cli(["specs/student.spec", "--recipe", str(recipe), "--dry-run"], capsys)
+    assert code == 2 and "step `d` needs `teacher` weights, which no earlier step produces" in err
+
+
+def test_empty_class_folder(tmp_path, capsys, in_root):
+    root = _tiny_folder(tmp_path / "d")
+    (root / "val" / "c").mkdir()
+    (root / "train" / "c").mkdir()
+    code, _, err = run_cli(["specs/student.spec", "--recipe", "scratch", "--data", str(root), "--dry-run"], capsys)
+    assert code == 2 and f"class folder {root / 'train' / 'c'} is empty" in err
+
+
+def test_unreadable_image_named_or_skipped(tmp_path, capsys, in_root):
+    root = _tiny_folder(tmp_path / "d")
+    bad = root / "train" / "a" / "broken.jpg"
+    bad.write_bytes(b"\xff\xd8 this is not a jpeg")
+    args = ["specs/student.spec", "--recipe", "scratch", "--data", str(root), "--epochs", "1",
+            "--out", str(tmp_path / "run")]
+    code, _, err = run_cli(args, capsys)
+    assert code == 2 and f"{bad}: cannot decode image" in err and "on_bad_image" in err
+    code, out, err = run_cli(args + ["--set", "data.on_bad_image=skip"], capsys)
+    assert code == 0, err
+    assert "skipped 1 unreadable image(s)" in out
+
+
+def test_teacher_checkpoint_with_wrong_class_count(tmp_path, capsys, in_root):
+    import compiler
+    from runtime.weights import save_model
+
+    teacher = tmp_path / "teacher.spec"
+    teacher.write_text(SMALL_TEACHER)
+    eleven = compiler.compile_spec(teacher, params={"classes": "11"})
+    ckpt = tmp_path / "teacher11.safetensors"
+    save_model(compiler.build_module(eleven), eleven, ckpt)
+    root = _tiny_folder(tmp_path / "d")
+    code, _, err = run_cli(["specs/student.spec", "--recipe", "kd", "--data", str(root), "--dry-run",
+                            "--set", f"models.teacher.spec={teacher}",
+                            "--set", f"models.teacher.checkpoint={ckpt}"], capsys)
+    assert code == 2 and "has 11 classes" in err and "the data has 2" in err, err
+
+
+def test_truncated_checkpoint_is_a_clear_error(tmp_path, capsys, in_root):
+    teacher = tmp_path / "teacher.spec"
+    teacher.write_text(SMALL_TEACHER)
+    ckpt = tmp_path / "t.safetensors"
+    ckpt.write_bytes(b"\x10\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+    code, _, err = run_cli(["specs/student.spec", "--recipe", "kd", "--dry-run",
+                            "--set", f"models.teacher.spec={teacher}", "--set", f"models.teacher.checkpoint={ckpt}"],
+                           capsys)
+    assert code == 2 and "not a readable safetensors file" in err
+
+
+def test_spec_hard_coding_another_class_count(tmp_path, capsys, in_root):
+    spec = tmp_path / "fixed.spec"
+    spec.write_text("model fixed { input 3x32x32 conv(8) gap flatten linear(11) }")
+    code, _, err = run_cli([str(spec), "--recipe", "scratch", "--dry-run"], capsys)
+    assert code == 2 and "outputs 11 values but the data has 10 classes" in err
+
+
+def test_budget_checked_at_training_input(tmp_path, capsys, in_root):
+    spec = tmp_path / "b.spec"
+    spec.write_text("model b(classes: int = 10) { input 3x8x8 budget macs <= 100k conv(8) gap flatten linear(classes) }")
+    assert run_cli([str(spec)], capsys)[0] == 0  # 8x8: within budget
+    code, out, err = run_cli([str(spec), "--recipe", "scratch", "--dry-run"], capsys)  # the recipe trains at 32x32
+    assert code == 1 and "exceeds its budget(s) at the training input 3x32x32" in err
+
+
+# --- distributed --------------------------------------------------------------------
+
+@needs_data
+def test_torchrun_two_cpu_processes(tmp_path, in_root):
+    out = tmp_path / "run"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                           "--master_port", "29517", "-m", "compiler", "specs/student.spec", "--recipe", "scratch",
+                           "--data", str(DATA), "--set", "data.limit_per_class=20", "--epochs", "2",
+                           "--device", "cpu", "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    report = json.loads((out / "report.json").read_text())
+    assert [s["name"] for s in report["steps"]] == ["train", "evaluate"]
+    # rank 0 alone prints: one line per epoch, not two
+    assert proc.stdout.count("train epoch 2/2") == 1
+    assert (out / "steps/train/model.safetensors").stat().st_size == report["steps"][0]["file_bytes"]
