@@ -248,7 +248,8 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
         if result.get("model_file"):
             slot.weights, slot.producer, slot.producer_key = out / result["model_file"], cfg.name, key
         file_bytes = predicted_bytes(slot.model, "fp32") if result.get("model_file") else None
-        entry.update(params=analyse(slot.model).params, macs=analyse(slot.model).macs, file_bytes=file_bytes,
+        summary = analyse(slot.model)
+        entry.update(params=summary.params, macs=summary.macs, file_bytes=file_bytes,
                      val_accuracy=result.get("metrics", {}).get("val_accuracy"),
                      seconds=result.get("seconds", 0.0), model_file=result.get("model_file"),
                      files=result.get("files", []), metrics=result.get("metrics", {}))

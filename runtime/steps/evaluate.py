@@ -4,6 +4,8 @@ from __future__ import annotations
 import csv
 import io
 
+from typing import Literal
+
 import torch
 
 from ..loop import accuracy_and_loss, logits_of
@@ -14,7 +16,7 @@ from .base import StepConfig, StepKind, StepResult, register
 
 class EvaluateConfig(StepConfig):
     kind: str = "evaluate"
-    split: str = "val"
+    split: Literal["val", "train"] = "val"
 
 
 class PredictConfig(StepConfig):

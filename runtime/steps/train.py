@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
+from typing import Literal
+
 from pydantic import Field
 
 from ..loop import fit, logits_of
@@ -23,7 +25,7 @@ class DistillConfig(TrainConfig):
     teacher: str = "teacher"
     temperature: float = Field(20.0, gt=0)          # the seed's T
     alpha: float = Field(0.5, ge=0, le=1)           # the seed's a
-    teacher_cache: str = Field("auto", pattern="^(auto|always|never)$")
+    teacher_cache: Literal["auto", "always", "never"] = "auto"
 
 
 def _train(cfg, ctx, key, loss_fn_factory) -> StepResult:
