@@ -19,11 +19,28 @@ def compile_spec(path: str | Path, *, model: str | None = None, params: dict[str
                  input_shape: tuple | None = None) -> Model:
     """Parse, validate and elaborate a spec file; raises SpecError / UsageError."""
     spec, text, pending = parse_file(path)
+    syntax = "yaml" if Path(path).suffix in (".yaml", ".yml") else "dsl"
+    return _finish(spec, text, pending, syntax, model, params, input_shape)
+
+
+def compile_source(text: str, label: str, *, syntax: str = "dsl", model: str | None = None,
+                   params: dict[str, str] | None = None, input_shape: tuple | None = None) -> Model:
+    """Like compile_spec, for spec text (e.g. the spec embedded in a model file)."""
+    from .parse import parse_dsl, parse_yaml
+
+    if syntax == "yaml":
+        spec, pending = parse_yaml(text, label)
+    else:
+        spec, pending = parse_dsl(text, label), []
+    return _finish(spec, text, pending, syntax, model, params, input_shape)
+
+
+def _finish(spec, text, pending, syntax, model, params, input_shape) -> Model:
     sources = {spec.path: text}
     spec = validate(spec, sources, pending)
     result = elaborate(spec, model=model, params=params, input_shape=input_shape, sources=sources)
     result.source = text
-    result.syntax = "yaml" if Path(path).suffix in (".yaml", ".yml") else "dsl"
+    result.syntax = syntax
     return result
 
 
@@ -34,5 +51,5 @@ def build_module(model: Model, seed: int | None = 0):
     return build(model, seed=seed)
 
 
-__all__ = ["Analysis", "Model", "NcError", "SpecError", "UsageError", "analyse", "build_module", "compile_spec",
+__all__ = ["Analysis", "Model", "NcError", "SpecError", "UsageError", "analyse", "build_module", "compile_source", "compile_spec",
            "elaborate", "parse_file", "parse_shape", "predicted_bytes", "validate"]

@@ -65,19 +65,55 @@ class Analysis:
                 "ok": self.ok, "param_values": self.param_values, "layers": [r.to_json() for r in self.rows]}
 
 
-def weight_tensors(model: Model) -> list[tuple[str, tuple[int, ...]]]:
-    """(state-dict name, shape) of every tensor a model file stores, in module order."""
-    return [(name, t.shape) for name, t in model.root.state_tensors()]
+def fold_pairs(root: Node) -> list[tuple[Node, Node]]:
+    """(conv, bn) pairs where a 2-D BatchNorm directly follows a conv in the same sequence."""
+    pairs = []
+    for node in root.walk():
+        if node.op != "seq":
+            continue
+        for a, b in zip(node.children, node.children[1:]):
+            if a.op == "conv" and b.op == "bn" and b.attrs["dims"] == 3 and b.attrs["channels"] == a.attrs["out"]:
+                pairs.append((a, b))
+    return pairs
 
 
-def file_metadata(model: Model, fmt: str) -> dict[str, str]:
+def weight_tensors(model: Model, fold_bn: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """(state-dict name, shape) of every tensor a model file stores, in module order.
+
+    With `fold_bn`, folded BatchNorms store nothing and their convs gain a bias.
+    """
+    tensors = [(name, t.shape) for name, t in model.root.state_tensors()]
+    if not fold_bn:
+        return tensors
+    pairs = fold_pairs(model.root)
+    dropped = {bn.path for _, bn in pairs}
+    biased = {conv.path: conv.attrs["out"] for conv, _ in pairs if not conv.attrs["bias"]}
+    out = []
+    for name, shape in tensors:
+        owner = name.rsplit(".", 1)[0]
+        if owner in dropped:
+            continue
+        out.append((name, shape))
+        if owner in biased and name.endswith(".weight"):
+            out.append((f"{owner}.bias", (biased[owner],)))
+    return out
+
+
+def as_format(fmt: str | fileformat.WeightFormat) -> fileformat.WeightFormat:
+    return fileformat.parse_format(fmt) if isinstance(fmt, str) else fmt
+
+
+def file_metadata(model: Model, fmt: str | fileformat.WeightFormat) -> dict[str, str]:
+    fmt = as_format(fmt)
+    folded = [bn.path for _, bn in fold_pairs(model.root)] if fmt.fold_bn else []
     return fileformat.metadata(fmt=fmt, model=model.name, spec_source=model.source, syntax=model.syntax,
-                               params=model.params, input_shape=model.input_shape)
+                               params=model.params, input_shape=model.input_shape, folded=folded)
 
 
-def predicted_bytes(model: Model, fmt: str) -> int:
+def predicted_bytes(model: Model, fmt: str | fileformat.WeightFormat) -> int:
     """Exact size of the model file the runtime writes in format `fmt` (see fileformat)."""
-    stored = fileformat.stored_tensors(weight_tensors(model), fmt)
+    fmt = as_format(fmt)
+    stored = fileformat.stored_tensors(weight_tensors(model, fmt.fold_bn), fmt)
     return fileformat.file_bytes(stored, file_metadata(model, fmt))
 
 
@@ -92,7 +128,7 @@ def _rows(root: Node) -> list[Row]:
 
 
 def _top(root: Node, metric: str, fmt: str | None, n: int = 3) -> list[tuple[str, str, int]]:
-    per_elem = {"fp32": 4, "fp16": 2, "int8": 1}.get(fmt or "", 1)
+    per_elem = as_format(fmt).bits / 8 if fmt else 1
     values = []
     for leaf in root.leaves():
         if metric == "macs":
@@ -100,7 +136,7 @@ def _top(root: Node, metric: str, fmt: str | None, n: int = 3) -> list[tuple[str
         elif metric == "params":
             v = leaf.params
         else:
-            v = (leaf.params + leaf.buffers) * per_elem
+            v = int((leaf.params + leaf.buffers) * per_elem)
         if v:
             values.append((leaf.path or "(model)", leaf.kind, v))
     return sorted(values, key=lambda item: -item[2])[:n]
@@ -108,7 +144,10 @@ def _top(root: Node, metric: str, fmt: str | None, n: int = 3) -> list[tuple[str
 
 def analyse(model: Model) -> Analysis:
     root = model.root
-    byte_sizes = {fmt: predicted_bytes(model, fmt) for fmt in fileformat.FORMATS}
+    byte_sizes = {fmt: predicted_bytes(model, fmt) for fmt in fileformat.SUMMARY_FORMATS}
+    for b in model.definition.budgets:  # any other format a budget names
+        if b.metric == "bytes" and b.format not in byte_sizes:
+            byte_sizes[b.format] = predicted_bytes(model, b.format)
     totals = {"params": root.params, "macs": root.total_macs}
     budgets = []
     for b in model.definition.budgets:

@@ -17,12 +17,18 @@ header's exact length.
 Weight formats (which tensors: every state-dict entry except BatchNorm's
 `num_batches_tracked` step counter, i.e. parameters + running statistics):
 
-    fp32   every tensor as F32                      data = 4 * n
-    fp16   every tensor as F16                      data = 2 * n
-    int8   the seed's scheme: per tensor, uint8 codes round((w - min) / (max - min) * 255)
-           stored under the tensor's own name (U8, same shape), plus one F32 tensor
-           `nccompile.ranges` of shape [T, 2] with (min, max) of each of the T
-           tensors in name order                     data = n + 8 * T
+    fp32, fp16     every tensor as F32 / F16                         data = 4n / 2n
+    intN[-tensor]  per tensor (min, max) and N-bit codes              data = codes + 8R
+                   round((w - min) / (max - min) * (2^N - 1)); int8 is the seed's scheme
+    intN-channel   one (min, max) per output channel of each tensor with 2+ dims
+
+    codes: N = 8 -> one byte per element, the tensor's own name and shape (U8);
+           N < 8 -> bit-packed, ceil(numel * N / 8) bytes, shape [bytes] (U8)
+    R: (min, max) pairs, all in one F32 tensor `nccompile.ranges` [R, 2], in
+       tensor-name order
+    options: `keep` patterns store matching tensors as F32/F16 instead of codes;
+       `fold_bn` folds each BatchNorm that follows a conv into that conv first
+       (the BN tensors disappear, the conv gains a bias), listed in the metadata.
 
     file bytes = 8 + pad8(len(header JSON)) + data
 
@@ -43,8 +49,6 @@ DTYPE_BYTES = {"BOOL": 1, "U8": 1, "I8": 1, "I16": 2, "U16": 2, "F16": 2, "BF16"
 _DTYPE_RANK = {d: i for i, d in enumerate(
     ["BOOL", "U8", "I8", "I16", "U16", "F16", "BF16", "I32", "U32", "F32", "F64", "I64", "U64"])}
 
-FORMATS = ("fp32", "fp16", "int8")
-
 
 @dataclass(frozen=True)
 class StoredTensor:
@@ -54,22 +58,106 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n * DTYPE_BYTES[self.dtype]
+        return _numel(self.shape) * DTYPE_BYTES[self.dtype]
 
 
-def stored_tensors(tensors: list[tuple[str, tuple[int, ...]]], fmt: str) -> list[StoredTensor]:
-    """What a file of format `fmt` stores for the given (name, shape) float tensors."""
-    if fmt == "fp32":
-        return [StoredTensor(n, "F32", tuple(s)) for n, s in tensors]
-    if fmt == "fp16":
-        return [StoredTensor(n, "F16", tuple(s)) for n, s in tensors]
-    if fmt == "int8":
-        out = [StoredTensor(n, "U8", tuple(s)) for n, s in tensors]
-        return out + [StoredTensor(RANGES, "F32", (len(tensors), 2))]
-    raise ValueError(f"unknown weight format {fmt!r}; known: {', '.join(FORMATS)}")
+@dataclass(frozen=True)
+class WeightFormat:
+    """How a model file stores its tensors.
+
+    scheme  float:   every tensor as F32 (fp32) or F16 (fp16)
+            tensor:  per tensor, min and max plus unsigned `bits`-bit codes (the seed's scheme at 8 bits)
+            channel: like tensor, but one (min, max) per output channel of every tensor with 2+ dims
+    keep      fnmatch patterns of tensor names stored as floats instead (e.g. "*.bias")
+    keep_dtype  F32 or F16 for those
+    fold_bn   fold every BatchNorm that directly follows a conv into that conv first
+    """
+
+    name: str
+    scheme: str
+    bits: int
+    keep: tuple[str, ...] = ()
+    keep_dtype: str = "F32"
+    fold_bn: bool = False
+
+    @property
+    def quantized(self) -> bool:
+        return self.scheme != "float"
+
+    def options(self) -> dict:
+        """The parts of the format a reader needs, stored in the file's metadata."""
+        return {"scheme": self.scheme, "bits": self.bits, "keep": list(self.keep), "keep_dtype": self.keep_dtype,
+                "fold_bn": self.fold_bn}
+
+
+# Formats a budget may name and the summary lists. `int8` is the seed's scheme (= int8-tensor).
+SUMMARY_FORMATS = ("fp32", "fp16", "int8", "int8-channel", "int4", "int2")
+FORMATS = SUMMARY_FORMATS
+FORMAT_HELP = "fp32, fp16, int8 (= int8-tensor), intN or intN-tensor or intN-channel for N in 2..8"
+
+
+def parse_format(name: str, *, keep=(), keep_dtype: str = "F32", fold_bn: bool = False) -> WeightFormat:
+    """`fp32`, `fp16`, `int8`, `int8-tensor`, `int8-channel`, `int4`, `int2-channel`, ..."""
+    if name in ("fp32", "fp16"):
+        return WeightFormat(name, "float", int(name[2:]), tuple(keep), keep_dtype, fold_bn)
+    base, _, scheme = name.partition("-")
+    scheme = scheme or "tensor"
+    if base.startswith("int") and base[3:].isdigit() and 2 <= int(base[3:]) <= 8 and scheme in ("tensor", "channel"):
+        canonical = base if scheme == "tensor" else f"{base}-channel"
+        return WeightFormat(canonical, scheme, int(base[3:]), tuple(keep), keep_dtype, fold_bn)
+    raise ValueError(f"unknown weight format {name!r}; known: {FORMAT_HELP}")
+
+
+def is_format(name: str) -> bool:
+    try:
+        parse_format(name)
+        return True
+    except ValueError:
+        return False
+
+
+def _numel(shape) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
+def range_rows(shape, fmt: WeightFormat) -> int:
+    """How many (min, max) pairs a quantized tensor of this shape has."""
+    return shape[0] if fmt.scheme == "channel" and len(shape) >= 2 else 1
+
+
+def code_shape(shape, bits: int) -> tuple[int, ...]:
+    """8-bit codes keep the tensor's shape; narrower codes are bit-packed into ceil(n * bits / 8) bytes."""
+    return tuple(shape) if bits == 8 else ((_numel(shape) * bits + 7) // 8,)
+
+
+def keeps(name: str, fmt: WeightFormat) -> bool:
+    from fnmatch import fnmatchcase
+
+    return any(fnmatchcase(name, pattern) for pattern in fmt.keep)
+
+
+def stored_tensors(tensors: list[tuple[str, tuple[int, ...]]], fmt: WeightFormat | str) -> list[StoredTensor]:
+    """What a file of format `fmt` stores for the given (name, shape) float tensors.
+
+    Quantized tensors are stored under their own names as U8 codes; their (min, max)
+    pairs go, in tensor-name order, into one F32 tensor `nccompile.ranges` [R, 2].
+    """
+    if isinstance(fmt, str):
+        fmt = parse_format(fmt)
+    if not fmt.quantized:
+        dtype = "F32" if fmt.bits == 32 else "F16"
+        return [StoredTensor(n, fmt.keep_dtype if keeps(n, fmt) else dtype, tuple(s)) for n, s in tensors]
+    out, rows = [], 0
+    for name, shape in sorted(tensors):
+        if keeps(name, fmt):
+            out.append(StoredTensor(name, fmt.keep_dtype, tuple(shape)))
+        else:
+            out.append(StoredTensor(name, "U8", code_shape(shape, fmt.bits)))
+            rows += range_rows(shape, fmt)
+    return out + [StoredTensor(RANGES, "F32", (rows, 2))]
 
 
 def ordered(stored: list[StoredTensor]) -> list[StoredTensor]:
@@ -100,11 +188,16 @@ def file_bytes(stored: list[StoredTensor], metadata: dict[str, str]) -> int:
     return 8 + len(header(stored, metadata)) + sum(t.nbytes for t in stored)
 
 
-def metadata(*, fmt: str, model: str, spec_source: str, syntax: str, params: dict, input_shape) -> dict[str, str]:
-    """The `__metadata__` every nccompile file carries (all values are strings)."""
+def metadata(*, fmt: WeightFormat, model: str, spec_source: str, syntax: str, params: dict, input_shape,
+             folded: list[str] = ()) -> dict[str, str]:
+    """The `__metadata__` every nccompile file carries (all values are strings).
+
+    `folded` lists the BatchNorm layers folded into their convs (their tensors are absent).
+    """
     return {
         "nccompile": FILE_VERSION,
-        "format": fmt,
+        "format": fmt.name,
+        "quant": _dumps({**fmt.options(), "folded": list(folded)}),
         "model": model,
         "syntax": syntax,
         "params": _dumps(dict(sorted(params.items()))),

@@ -10,6 +10,7 @@ from __future__ import annotations
 from .errors import Diagnostics, did_you_mean
 from . import ir
 from .expr import FUNCTIONS, free_names
+from .fileformat import FORMAT_HELP, SUMMARY_FORMATS, is_format
 from .layers import LAYERS, REQUIRED
 
 PARAM_TYPES = ("int", "float", "bool")
@@ -23,9 +24,7 @@ class _Validator:
         self.blocks = {b.name: b for b in spec.blocks}
 
     def run(self) -> ir.SpecFile:
-        from .fileformat import FORMATS
-
-        self.formats = FORMATS
+        self.formats = SUMMARY_FORMATS + ("int8-tensor",)
         seen: set[str] = set()
         for b in self.spec.blocks:
             if b.name in LAYERS:
@@ -70,9 +69,9 @@ class _Validator:
         if b.metric not in BUDGET_METRICS:
             self.diags.error(f"unknown budget `{b.metric}`", b.span, expected=", ".join(BUDGET_METRICS),
                              hint=did_you_mean(b.metric, BUDGET_METRICS))
-        elif b.metric == "bytes" and b.format not in self.formats:
+        elif b.metric == "bytes" and not (b.format and is_format(b.format)):
             what = f"unknown weight format `{b.format}`" if b.format else "a bytes budget needs a weight format"
-            self.diags.error(what, b.span, expected="bytes(" + "|".join(self.formats) + ")",
+            self.diags.error(what, b.span, expected=f"bytes(FORMAT) with FORMAT one of {FORMAT_HELP}",
                              hint=did_you_mean(b.format or "", self.formats))
         elif b.metric != "bytes" and b.format is not None:
             self.diags.error(f"`{b.metric}` takes no weight format", b.span, hint=f"write `budget {b.metric} <= ...`")

@@ -16,7 +16,7 @@ from .data import Data, Listing, load
 from .recipe import Recipe
 from .rundir import RunDir
 from .transforms import Pipeline
-from .weights import load_into, read_state, save_model
+from .weights import build_with_weights, save_model
 
 
 @dataclass
@@ -31,11 +31,10 @@ class ModelSlot:
     torchvision_weights: str | None = None
 
     def build(self, device: torch.device, seed: int) -> torch.nn.Module:
-        module = compiler.build_module(self.model, seed=seed)
         if self.weights is not None:
-            state, _ = read_state(self.weights)
-            load_into(module, state, str(self.weights))
-        elif self.torchvision_weights:
+            return build_with_weights(self.model, self.weights, seed).to(device)
+        module = compiler.build_module(self.model, seed=seed)
+        if self.torchvision_weights:
             load_torchvision_weights(module, self.model, self.torchvision_weights)
         return module.to(device)
 
@@ -95,7 +94,7 @@ class RunContext:
             self._pipelines[which] = Pipeline(specs, f"transforms.{which}")
         return self._pipelines[which]
 
-    def save(self, slot: ModelSlot, module: torch.nn.Module, step: str, fmt: str = "fp32") -> tuple[Path, int]:
+    def save(self, slot: ModelSlot, module: torch.nn.Module, step: str, fmt="fp32") -> tuple[Path, int]:
         """Write a step's model file (rank 0) and return (path, bytes); the size is the predicted one."""
         path = self.run.step_dir(step) / "model.safetensors"
         if self.is_main:

@@ -74,7 +74,7 @@ def _compile(path, classes: list[str], params: dict | None, input_shape, model: 
 
 
 def _check_checkpoint(slot: ModelSlot, path: Path, n_classes: int) -> None:
-    state, _ = read_state(path)
+    state, _ = read_state(path, slot.model)
     expected = dict((n, tuple(s)) for n, s in compiler.analysis.weight_tensors(slot.model))
     for name, shape in expected.items():
         if name in state and tuple(state[name].shape) != shape:

@@ -1,4 +1,5 @@
-"""Predicted file bytes (from the spec alone) equal the size of the file actually written."""
+"""Predicted file bytes (from the spec alone) equal the size of the file actually written,
+for every weight format and option; files rebuild their model alone; bad files are refused."""
 from __future__ import annotations
 
 import pytest
@@ -6,37 +7,131 @@ import torch
 
 import compiler
 from compiler import fileformat
-from runtime.weights import decode, save_model, state_tensors
+from compiler.fileformat import parse_format
+from runtime.weights import (WeightsError, fold_batchnorm, load_model, pack_bits, save_model, state_tensors,
+                             unpack_bits)
 
 from .conftest import SPECS
 
 SPECS_TO_CHECK = ["student.spec", "student.yaml", "origin.spec", "resnet18.spec", "teacher.spec"]
+FORMATS = ["fp32", "fp16", "int8", "int8-channel", "int4", "int2", "int3-channel", "int7"]
+
+_modules: dict = {}
+
+
+def _built(name):
+    """Build each shipped spec once, with BatchNorm statistics that are not trivial."""
+    if name not in _modules:
+        model = compiler.compile_spec(SPECS / name)
+        module = compiler.build_module(model)
+        with torch.no_grad():
+            for m in module.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.running_mean.uniform_(-0.5, 0.5)
+                    m.running_var.uniform_(0.5, 2.0)
+                    m.weight.uniform_(0.5, 1.5)
+                    m.bias.uniform_(-0.2, 0.2)
+        _modules[name] = (model, module)
+    return _modules[name]
 
 
 @pytest.mark.parametrize("name", SPECS_TO_CHECK)
-@pytest.mark.parametrize("fmt", fileformat.FORMATS)
+@pytest.mark.parametrize("fmt", FORMATS)
 def test_predicted_bytes_equal_written_file(tmp_path, name, fmt):
-    model = compiler.compile_spec(SPECS / name)
-    module = compiler.build_module(model)
-    path = tmp_path / f"model.{fmt}.safetensors"
+    model, module = _built(name)
+    path = tmp_path / "model.safetensors"
     written = save_model(module, model, path, fmt)
-    assert path.stat().st_size == written == compiler.analyse(model).bytes[fmt]
+    assert path.stat().st_size == written == compiler.predicted_bytes(model, fmt)
+    if fmt in fileformat.SUMMARY_FORMATS:
+        assert written == compiler.analyse(model).bytes[fmt]
 
 
-def test_student_int8_file_fits_seed_limit_and_roundtrips(tmp_path):
-    model = compiler.compile_spec(SPECS / "student.spec")
-    module = compiler.build_module(model)
-    path = tmp_path / "student.int8.safetensors"
-    size = save_model(module, model, path, "int8")
-    assert size <= 268_471  # the seed's pickled 8-bit file
-    from safetensors.torch import load_file
+@pytest.mark.parametrize("name", ["student.spec", "resnet18.spec"])
+@pytest.mark.parametrize("options", [dict(fold_bn=True), dict(keep=("*.bias", "*running_*"), keep_dtype="F16"),
+                                     dict(fold_bn=True, keep=("fc.*",))])
+@pytest.mark.parametrize("fmt", ["fp16", "int8", "int4-channel"])
+def test_predicted_bytes_with_options(tmp_path, name, options, fmt):
+    model, module = _built(name)
+    wf = parse_format(fmt, **options)
+    path = tmp_path / "m.safetensors"
+    assert save_model(module, model, path, wf) == path.stat().st_size == compiler.predicted_bytes(model, wf)
 
-    restored = decode(load_file(path), "int8")
-    original = state_tensors(module)
-    assert set(restored) == set(original)
+
+def test_student_8bit_files_fit_and_fp16_is_half():
+    model, _ = _built("student.spec")
+    sizes = {f: compiler.predicted_bytes(model, f) for f in ("fp32", "fp16", "int8", "int8-channel")}
+    assert sizes["int8"] <= 268_471 and sizes["int8-channel"] <= 300_000  # the seed's file and its limit
+    assert abs(sizes["fp16"] / sizes["fp32"] - 0.5) < 0.01
+    for other in ("origin.spec", "resnet18.spec"):
+        m, _ = _built(other)
+        assert abs(compiler.predicted_bytes(m, "fp16") / compiler.predicted_bytes(m, "fp32") - 0.5) < 0.01
+
+
+@pytest.mark.parametrize("bits", range(2, 9))
+def test_bit_packing_roundtrips(bits):
+    codes = torch.randint(0, 2 ** bits, (1001,), dtype=torch.uint8)
+    packed = pack_bits(codes, bits)
+    assert len(packed) == (1001 * bits + 7) // 8
+    assert torch.equal(unpack_bits(packed, bits, 1001), codes)
+
+
+@pytest.mark.parametrize("fmt,tolerance", [("fp32", 0), ("fp16", 1e-3), ("int8", 0.5 / 255), ("int8-channel", 0.5 / 255),
+                                           ("int4", 0.5 / 15), ("int2-channel", 0.5 / 3)])
+def test_file_rebuilds_its_model_alone(tmp_path, fmt, tolerance):
+    model, module = _built("student.spec")
+    path = tmp_path / "m.safetensors"
+    save_model(module, model, path, fmt)
+    rebuilt, rebuilt_model, meta = load_model(path)
+    assert meta["format"] == fmt and rebuilt_model.name == "student"
+    original, restored = state_tensors(module), state_tensors(rebuilt)
+    assert list(original) == list(restored)
     for k, v in original.items():
-        step = (v.max() - v.min()).item() / 255
-        assert torch.allclose(restored[k], v, atol=step / 2 + 1e-6), k
+        rows = v.reshape(v.shape[0], -1) if fmt.endswith("channel") and v.dim() >= 2 else v.reshape(1, -1)
+        span = (rows.amax(1) - rows.amin(1)).max().item()
+        assert (restored[k] - v).abs().max().item() <= tolerance * span + 1e-3 * (fmt == "fp16") + 1e-6, k
+
+
+def test_folding_batchnorm_is_exact_and_rebuilds(tmp_path):
+    model, module = _built("resnet18.spec")
+    x = torch.randn(2, 3, 64, 64)
+    import copy
+
+    with torch.no_grad():
+        expected = module.eval()(x)
+        folded = fold_batchnorm(copy.deepcopy(module).eval(), model)
+        assert (folded(x) - expected).abs().max().item() < 1e-4
+    path = tmp_path / "folded.safetensors"
+    wf = parse_format("fp32", fold_bn=True)
+    assert save_model(module, model, path, wf) == compiler.predicted_bytes(model, wf)
+    rebuilt, _, meta = load_model(path)
+    assert '"fold_bn":true' in meta["quant"]
+    with torch.no_grad():
+        assert (rebuilt(x) - expected).abs().max().item() < 1e-4
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in rebuilt.modules())
+
+
+def test_truncated_and_tampered_files_are_clear_errors(tmp_path):
+    model, module = _built("student.spec")
+    path = tmp_path / "m.safetensors"
+    save_model(module, model, path, "int4")
+    data = path.read_bytes()
+    cases = {
+        "truncated": data[: len(data) // 2],
+        "empty": b"",
+        "pickle": b"\x80\x04\x95" + b"\x00" * 64,
+        "header": data[:8] + b"{" * (len(data) - 8),
+        "spec": data.replace(b"dws(2*base)", b"dws(2*bose)"),
+        "format": data.replace(b'"format":"int4"', b'"format":"int9"'),
+    }
+    for what, blob in cases.items():
+        bad = tmp_path / f"{what}.safetensors"
+        bad.write_bytes(blob)
+        with pytest.raises(compiler.NcError) as info:
+            load_model(bad)
+        assert str(bad) in str(info.value) or "int9" in str(info.value) or "bose" in str(info.value), what
+        assert not isinstance(info.value, (RuntimeError, KeyError)), what
+    with pytest.raises(WeightsError, match="no such weights file"):
+        load_model(tmp_path / "absent.safetensors")
 
 
 def test_header_formula_tracks_metadata_and_names():

@@ -89,13 +89,13 @@ block a(out: int) { conv(out) }
 block a(out: int) { conv(out) }
 model m(n: int = 4) {
     input 3x8x8
-    budget bytes(int4) <= 1k
+    budget bytes(int9) <= 1k
     budget bytes <= 1k
     lin: conv(nn) lin: bn
     frobnicate(2)
 }""")
     assert text.count("error:") == 6, text
-    for fragment in ["defined twice", "unknown weight format `int4`", "a bytes budget needs a weight format",
+    for fragment in ["defined twice", "unknown weight format `int9`", "a bytes budget needs a weight format",
                      "unknown name `nn`", "label `lin` is used twice", "unknown layer or block `frobnicate`"]:
         assert fragment in text
     assert text.endswith("6 errors")
