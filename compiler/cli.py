@@ -74,9 +74,41 @@ def run(argv: list[str]) -> int:
     return EXIT_OK if analysis.ok else EXIT_BUDGET
 
 
+def load(argv: list[str]) -> int:
+    """`nccompile load FILE`: rebuild the model from a model file alone and check it runs."""
+    p = _Parser(prog="nccompile load", description="Rebuild the (dequantized) model from an nccompile model "
+                                                     "file alone, print what it holds and run one forward pass.")
+    p.add_argument("file")
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    import json as _json
+
+    import torch
+
+    from runtime.weights import load_model
+
+    from . import analyse
+
+    module, model, meta = load_model(args.file)
+    with torch.no_grad():
+        out = module(torch.zeros(1, *model.input_shape))
+    info = {"file": args.file, "bytes": os.path.getsize(args.file), "format": meta.get("format"),
+            "model": model.name, "params": analyse(model).params, "param_values": model.params,
+            "input": list(model.input_shape), "output": list(out.shape[1:]), "quant": _json.loads(meta["quant"])}
+    if args.json:
+        print(_json.dumps(info, indent=2))
+    else:
+        print(f"{args.file}: {info['bytes']:,} bytes, format {info['format']}, model {model.name} "
+              f"({info['params']:,} params) from its embedded spec; input {'x'.join(map(str, info['input']))} "
+              f"-> output {'x'.join(map(str, info['output']))}")
+    return EXIT_OK
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
+        if argv[:1] == ["load"]:
+            return load(argv[1:])
         return run(argv)
     except NcError as err:
         # Spec errors carry their own `file:line:col: error:` prefix.

@@ -17,7 +17,7 @@ import torch
 import yaml
 
 import compiler
-from compiler.analysis import analyse, predicted_bytes
+from compiler.analysis import analyse
 from compiler.errors import NcError, did_you_mean
 from compiler.report import table
 
@@ -143,6 +143,7 @@ def prepare(opts: Options):
             elif need not in available:
                 problems.append(f"step `{cfg.name}` needs `{need}` weights, which no earlier step produces"
                                 f"\n  hint: add a train step for `{need}` before it, or give models.{need}.checkpoint")
+        problems += kind.check(cfg, slots)
         if cfg.kind == "predict" and "test" not in listing.files:
             problems.append(f"step `{cfg.name}` predicts the unlabeled testing/ images, but the data has none "
                             "(only the food-11 layout has testing/)")
@@ -224,6 +225,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
     ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world)
     shared = recipe.model_dump(exclude={"steps", "name", "description"})
     entries = []
+    accuracy: dict[str, float] = {}
     for cfg, kind, skip in plan:
         slot = ctx.models[cfg.model]
         start = time.perf_counter()
@@ -247,10 +249,14 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
         result = entry.pop("result")
         if result.get("model_file"):
             slot.weights, slot.producer, slot.producer_key = out / result["model_file"], cfg.name, key
-        file_bytes = predicted_bytes(slot.model, "fp32") if result.get("model_file") else None
+        # Each entry describes the model after the step: its current file and latest measured accuracy.
+        measured = result.get("metrics", {}).get("val_accuracy")
+        if measured is not None:
+            accuracy[cfg.model] = measured
+        file_bytes = slot.weights.stat().st_size if slot.weights is not None and slot.weights.exists() else None
         summary = analyse(slot.model)
         entry.update(params=summary.params, macs=summary.macs, file_bytes=file_bytes,
-                     val_accuracy=result.get("metrics", {}).get("val_accuracy"),
+                     val_accuracy=accuracy.get(cfg.model),
                      seconds=result.get("seconds", 0.0), model_file=result.get("model_file"),
                      files=result.get("files", []), metrics=result.get("metrics", {}))
         entries.append(entry)

@@ -47,6 +47,10 @@ class StepKind:
     def produces(self, cfg) -> list[str]:
         return []
 
+    def check(self, cfg, models: dict) -> list[str]:
+        """Problems with this step's config that only show with the run's models (before any work)."""
+        return []
+
     def describe(self, cfg) -> str:
         return cfg.kind
 

@@ -1,0 +1,143 @@
+"""`quantize`: write the model in a weight format; evaluate it dequantized (and in int8 kernels)."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import Field
+
+from compiler.analysis import predicted_bytes
+from compiler.errors import NcError
+from compiler.fileformat import FORMAT_HELP, is_format, parse_format
+
+from ..loop import accuracy_and_loss, logits_of
+from ..weights import build_with_weights, compress_file, save_model
+from .base import StepConfig, StepKind, StepResult, register
+
+
+class QuantizeConfig(StepConfig):
+    kind: str = "quantize"
+    format: str = "int8"                     # fp16, int8 (the seed's), int8-channel, intN, intN-channel
+    fold_bn: bool = False                    # fold BatchNorm into the preceding conv first
+    keep: list[str] = []                     # tensor-name patterns kept as floats, e.g. ["*.bias"]
+    keep_dtype: Literal["fp32", "fp16"] = "fp32"
+    compress: Literal["none", "lzma"] = "none"  # also write an lzma-compressed copy (size measured)
+    budget_on_compressed: bool = False       # check the spec's bytes budgets against the compressed copy
+    evaluate: bool = True                    # accuracy of fp32 and of the dequantized model, side by side
+    integer_inference: bool = False          # also run PyTorch's int8 CPU kernels: accuracy and latency
+    calibration_batches: int = Field(8, ge=1)
+
+    def weight_format(self):
+        if not is_format(self.format):
+            raise NcError(f"quantize step `{self.name}`: unknown format `{self.format}` (known: {FORMAT_HELP})")
+        return parse_format(self.format, keep=tuple(self.keep), keep_dtype="F16" if self.keep_dtype == "fp16" else "F32",
+                            fold_bn=self.fold_bn)
+
+
+class BudgetExceeded(NcError):
+    exit_code = 1
+
+
+@register
+class Quantize(StepKind):
+    kind = "quantize"
+    config = QuantizeConfig
+
+    def needs(self, cfg):
+        return [cfg.model]
+
+    def produces(self, cfg):
+        return [cfg.model]
+
+    def check(self, cfg, models) -> list[str]:
+        try:
+            cfg.weight_format()
+        except NcError as err:
+            return [str(err)]
+        return []
+
+    def describe(self, cfg):
+        extras = [x for x in ("fold BN" if cfg.fold_bn else "", f"keep {cfg.keep}" if cfg.keep else "",
+                              "lzma" if cfg.compress == "lzma" else "",
+                              "int8 kernels" if cfg.integer_inference else "") if x]
+        return f"quantize {cfg.model} to {cfg.format}" + (f" ({', '.join(extras)})" if extras else "")
+
+    def run(self, cfg: QuantizeConfig, ctx, key: str = "") -> StepResult:
+        fmt = cfg.weight_format()
+        slot = ctx.models[cfg.model]
+        module = slot.build(ctx.device, ctx.recipe.seed).eval()
+        step_dir = ctx.run.step_dir(cfg.name)
+        path = step_dir / "model.safetensors"
+        predicted = predicted_bytes(slot.model, fmt)
+        metrics: dict = {"format": fmt.name, "predicted_bytes": predicted,
+                         "fp32_bytes": predicted_bytes(slot.model, "fp32")}
+        if ctx.is_main:
+            size = save_model(module.cpu(), slot.model, path, fmt)
+            if size != predicted:  # the compiler's promise; a mismatch is a bug worth stopping for
+                raise AssertionError(f"{path}: {size} bytes written, {predicted} predicted")
+        if ctx.world > 1:
+            import torch
+
+            torch.distributed.barrier()
+        metrics["file_bytes"] = path.stat().st_size
+        files = []
+        if cfg.compress == "lzma" and ctx.is_main:
+            xz = compress_file(path)
+            metrics["compressed_bytes"] = xz.stat().st_size
+            files.append(f"steps/{cfg.name}/{xz.name}")
+        self._check_budgets(cfg, slot, fmt, metrics)
+        if cfg.evaluate or cfg.integer_inference:
+            data = ctx.data()
+            eval_tf, bs = ctx.pipeline("eval"), ctx.recipe.data.eval_batch_size
+            fp32_acc, _ = accuracy_and_loss(logits_of(module, data.val, eval_tf, ctx.device, bs), data.val.labels)
+            dequantized = build_with_weights(slot.model, path).to(ctx.device)
+            q_acc, q_loss = accuracy_and_loss(logits_of(dequantized, data.val, eval_tf, ctx.device, bs),
+                                              data.val.labels)
+            metrics.update(fp32_val_accuracy=fp32_acc, val_accuracy=q_acc, val_loss=q_loss,
+                           accuracy_drop=fp32_acc - q_acc)
+            ctx.log(f"{cfg.name}: {fmt.name} file {metrics['file_bytes']:,} bytes (fp32 {metrics['fp32_bytes']:,}); "
+                    f"val accuracy {q_acc:.4f} dequantized vs {fp32_acc:.4f} fp32")
+            if cfg.integer_inference:
+                metrics["integer"] = self._integer(cfg, ctx, dequantized.cpu(), module.cpu(), data, eval_tf)
+        return StepResult(model_file=path, metrics=metrics, files=files)
+
+    def _check_budgets(self, cfg, slot, fmt, metrics) -> None:
+        """The spec's bytes budgets for this format hold for the predicted size (checked before the run)
+        and, if the user opts in, for the compressed copy as measured."""
+        results = []
+        for b in slot.model.definition.budgets:
+            if b.metric != "bytes" or parse_format(b.format).name != fmt.name:
+                continue
+            from compiler.expr import evaluate
+
+            limit = evaluate(b.limit, slot.model.params)
+            on_compressed = cfg.budget_on_compressed and "compressed_bytes" in metrics
+            value = metrics["compressed_bytes"] if on_compressed else metrics["file_bytes"]
+            results.append({"name": f"{b.title} <= {limit:,}", "value": value, "ok": value <= limit,
+                            "measured_on": "compressed file" if on_compressed else "file"})
+        metrics["budgets"] = results
+        failed = [r for r in results if not r["ok"]]
+        if failed:
+            raise BudgetExceeded(f"quantize step `{cfg.name}`: " + "; ".join(
+                f"{r['name']} fails: {r['value']:,} bytes ({r['measured_on']})" for r in failed))
+
+    def _integer(self, cfg, ctx, dequantized, fp32, data, eval_tf) -> dict:
+        import torch
+
+        from ..int8 import integer_model, latency_ms
+
+        bs = ctx.recipe.data.batch_size
+        calibration = [eval_tf(data.train.images[i * bs:(i + 1) * bs]) for i in range(cfg.calibration_batches)
+                       if i * bs < len(data.train)]
+        qmodel, float_ops = integer_model(dequantized, calibration)
+        acc, _ = accuracy_and_loss(logits_of(qmodel, data.val, eval_tf, torch.device("cpu"),
+                                             ctx.recipe.data.eval_batch_size), data.val.labels)
+        one = eval_tf(data.val.images[:1])
+        batch = eval_tf(data.val.images[:64])
+        result = {"engine": torch.backends.quantized.engine, "val_accuracy": acc,
+                  "latency_ms_batch1": {"fp32": latency_ms(fp32, one), "int8": latency_ms(qmodel, one)},
+                  "latency_ms_batch64": {"fp32": latency_ms(fp32, batch, 10), "int8": latency_ms(qmodel, batch, 10)},
+                  "float_layers": float_ops}
+        ctx.log(f"{cfg.name}: int8 kernels ({result['engine']}): val accuracy {acc:.4f}; latency batch 1 "
+                f"{result['latency_ms_batch1']['int8']:.2f} ms vs fp32 {result['latency_ms_batch1']['fp32']:.2f} ms"
+                + (f"; still floating point: {', '.join(float_ops)}" if float_ops else "; every layer runs in int8"))
+        return result

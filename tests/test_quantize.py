@@ -1,0 +1,88 @@
+"""Quantization end to end: kd_wq on real images, every format's accuracy, integer kernels, export."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import compiler
+from compiler.cli import main
+from runtime.int8 import integer_model
+from runtime.weights import build_with_weights, save_model
+
+from .conftest import DATA, SPECS
+from .test_runtime import SMALL_TEACHER, needs_data
+
+
+@needs_data
+def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
+    teacher = tmp_path / "teacher.spec"
+    teacher.write_text(SMALL_TEACHER)
+    out = tmp_path / "run"
+    code = main(["specs/student.spec", "--recipe", "kd_wq", "--data", str(DATA), "--set", "data.limit_per_class=100",
+                 "--set", f"models.teacher.spec={teacher}", "--set", "steps.teacher.epochs=3",
+                 "--set", "steps.distill.epochs=6", "--out", str(out)])
+    stdout, err = capsys.readouterr()
+    assert code == 0, err
+    steps = json.loads((out / "report.json").read_text())["steps"]
+    assert [s["name"] for s in steps] == ["teacher", "distill", "quantize", "evaluate", "export"]
+    q = {s["name"]: s for s in steps}["quantize"]
+    student10 = compiler.compile_spec(SPECS / "student.spec", params={"classes": "10"}, input_shape=(3, 32, 32))
+    predicted = compiler.predicted_bytes(student10, "int8")
+    assert q["file_bytes"] == predicted == (out / "steps/quantize/model.safetensors").stat().st_size
+    assert q["file_bytes"] <= 268_471
+    m = q["metrics"]
+    assert m["fp32_val_accuracy"] > 0.2, "the distilled student should have learned something"
+    assert abs(m["accuracy_drop"]) <= 0.01, m  # 8-bit within 1 point of fp32
+    assert m["integer"]["latency_ms_batch1"]["int8"] > 0 and abs(m["integer"]["val_accuracy"] - m["val_accuracy"]) < 0.05
+    # the report ends with the quantized model's bytes and accuracy
+    last = steps[-1]
+    assert last["file_bytes"] == predicted and last["val_accuracy"] == pytest.approx(m["val_accuracy"])
+    assert (out / "steps/export/student.onnx").stat().st_size > 0
+    assert (out / "steps/export/student.safetensors").read_bytes() == (out / "steps/quantize/model.safetensors").read_bytes()
+    # `nccompile load` rebuilds it from the file alone
+    assert main(["load", str(out / "steps/export/student.safetensors"), "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["format"] == "int8" and info["output"] == [10] and info["bytes"] == predicted
+
+    # every format from the same distilled model, reported whatever it gives
+    fp32_file = out / "steps/distill/model.safetensors"
+    module = build_with_weights(student10, fp32_file)
+    from runtime.data import list_source, load
+    from runtime.loop import accuracy_and_loss, logits_of
+    from runtime.recipe import DataConfig
+    from runtime.transforms import Pipeline
+
+    cfg = DataConfig(path=str(DATA), limit_per_class=100)
+    data = load(list_source(cfg), cfg, (3, 32, 32), 0)
+    accuracy = {}
+    for fmt in ("fp16", "int8-channel", "int4", "int2"):
+        path = tmp_path / f"{fmt}.safetensors"
+        assert save_model(module, student10, path, fmt) == compiler.predicted_bytes(student10, fmt)
+        q_module = build_with_weights(student10, path)
+        accuracy[fmt] = accuracy_and_loss(logits_of(q_module, data.val, Pipeline([], "eval"), "cpu", 256),
+                                          data.val.labels)[0]
+    assert abs(accuracy["fp16"] - m["fp32_val_accuracy"]) < 0.005
+    assert abs(accuracy["int8-channel"] - m["fp32_val_accuracy"]) <= 0.01
+    assert 0.0 <= accuracy["int2"] <= 1.0  # honest, whatever it is
+
+
+def test_integer_kernels_name_float_layers(tmp_path):
+    spec = tmp_path / "g.spec"
+    spec.write_text("model g { input 3x16x16 conv(8) bn relu conv(8) gelu gap flatten linear(4) }")
+    model = compiler.compile_spec(spec)
+    module = compiler.build_module(model).eval()
+    qmodel, float_ops = integer_model(module, [torch.randn(4, 3, 16, 16) for _ in range(2)])
+    assert any("GELU" in name for name in float_ops), float_ops
+    assert not any("Conv" in name or "Linear" in name for name in float_ops)
+    x = torch.randn(2, 3, 16, 16)
+    with torch.no_grad():
+        assert (qmodel(x) - module(x)).abs().max().item() < 0.5
+
+
+def test_quantize_step_rejects_unknown_format(capsys, in_root, tmp_path):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text("name: q\nsteps:\n  - {name: t, kind: train, epochs: 1}\n  - {name: q, kind: quantize, format: int9}\n")
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
+    assert "unknown format `int9`" in capsys.readouterr().err
