@@ -60,3 +60,19 @@ def confusion_matrix(matrix, classes: list[str], path: Path, title: str) -> None
     fig.colorbar(im, ax=ax)
     _save(fig, path)
     plt.close(fig)
+
+
+def pruning_curve(points: list[dict], path: Path, title: str) -> None:
+    """Parameters (x) against validation accuracy (y), one line per run (e.g. per rate)."""
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    runs: dict[str, list[dict]] = {}
+    for p in points:
+        runs.setdefault(p["run"], []).append(p)
+    for run, pts in runs.items():
+        ax.plot([p["params"] for p in pts], [p["val_accuracy"] for p in pts], "o-", label=run)
+    ax.set(xlabel="parameters", ylabel="validation accuracy", title=title)
+    ax.grid(alpha=0.3)
+    ax.legend()
+    _save(fig, path)
+    plt.close(fig)

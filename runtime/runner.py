@@ -230,7 +230,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
         slot = ctx.models[cfg.model]
         start = time.perf_counter()
         inputs = {n: ctx.models[n].producer_key for n in [cfg.model, *kind.needs(cfg)]}
-        key = digest(student.source, student.params, student.input_shape, shared, cfg.model_dump(), inputs,
+        key = digest(shared, cfg.model_dump(), inputs,
                      listing.fingerprint, {n: (s.model.source, s.model.params) for n, s in ctx.models.items()})
         entry = {"name": cfg.name, "kind": cfg.kind, "model": cfg.model, "key": key}
         if skip:
@@ -242,11 +242,16 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
             ctx.log(f"== {cfg.name} [{cfg.kind}]: {kind.describe(cfg)}")
             result = kind.run(cfg, ctx, key)
             stored = {"model_file": str(result.model_file.relative_to(out)) if result.model_file else None,
+                      "spec_file": str(result.spec_file.relative_to(out)) if result.spec_file else None,
                       "metrics": {k: v for k, v in result.metrics.items() if k != "history"},
                       "files": result.files, "seconds": time.perf_counter() - start}
             run_dir.mark_finished(cfg.name, key, stored)
             entry.update(status="ran", result=stored)
         result = entry.pop("result")
+        if result.get("spec_file"):  # the step changed the architecture: the model is now that spec
+            params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in slot.model.params.items()}
+            slot.model = compiler.compile_spec(out / result["spec_file"], params=params,
+                                               input_shape=slot.model.input_shape)
         if result.get("model_file"):
             slot.weights, slot.producer, slot.producer_key = out / result["model_file"], cfg.name, key
         # Each entry describes the model after the step: its current file and latest measured accuracy.

@@ -31,6 +31,7 @@ class StepConfig(BaseModel):
 @dataclass
 class StepResult:
     model_file: Path | None = None               # weights this step wrote for cfg.model (its artifact)
+    spec_file: Path | None = None                # a new spec for cfg.model (steps that change the architecture)
     metrics: dict = field(default_factory=dict)  # val_accuracy, val_loss, ...
     files: list[str] = field(default_factory=list)  # other outputs (PNG, CSV), relative to the run dir
 

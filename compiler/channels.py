@@ -1,0 +1,176 @@
+"""Channel spaces: which channels of which layers must be pruned together (no torch).
+
+A *space* is a set of channels that several layers share: a conv's output channels,
+the BatchNorm and depthwise conv that follow it, every branch of a residual addition
+(identity shortcuts tie a block's output to its input), and a linear layer's inputs
+after `flatten` (each channel there is H*W features). Walking the elaborated tree
+once builds the spaces with a union-find; spaces that touch the model's input, its
+output, a grouped (non-depthwise) conv or a torchvision model are not prunable.
+
+`rewrite` then gives the elaborated tree with the kept channel counts, which
+`compiler.emit` turns into a new spec, and `Usage` tells the weight copy which
+tensor dimension of which layer follows which space.
+"""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass, field
+
+from .elaborate import Node
+from .layers import macs, tensors
+
+
+@dataclass
+class Usage:
+    """How one leaf uses spaces: its input space, its output space, flatten factor for linears."""
+
+    node: Node
+    role: str                 # conv | dwconv | bn | linear
+    inp: int | None = None
+    out: int | None = None
+    factor: int = 1           # features per input channel (linear after flatten of CxHxW)
+
+
+@dataclass
+class Spaces:
+    parent: list[int] = field(default_factory=list)
+    size: list[int] = field(default_factory=list)
+    frozen: list[bool] = field(default_factory=list)
+    usages: list[Usage] = field(default_factory=list)
+
+    def new(self, size: int, frozen: bool = False) -> int:
+        self.parent.append(len(self.parent))
+        self.size.append(size)
+        self.frozen.append(frozen)
+        return len(self.parent) - 1
+
+    def find(self, s: int) -> int:
+        while self.parent[s] != s:
+            self.parent[s] = self.parent[self.parent[s]]
+            s = self.parent[s]
+        return s
+
+    def union(self, a: int, b: int) -> int:
+        a, b = self.find(a), self.find(b)
+        if a != b:
+            if self.size[a] != self.size[b]:
+                raise ValueError(f"cannot tie spaces of {self.size[a]} and {self.size[b]} channels")
+            self.parent[b] = a
+            self.frozen[a] = self.frozen[a] or self.frozen[b]
+        return a
+
+    def freeze(self, s: int) -> None:
+        self.frozen[self.find(s)] = True
+
+    def prunable(self) -> list[int]:
+        roots = sorted({self.find(s) for s in range(len(self.parent))})
+        return [r for r in roots if not self.frozen[r]]
+
+    def members(self, space: int) -> list[Usage]:
+        """Usages whose output (or, for bn/dwconv, whose channels) lie in `space`."""
+        root = self.find(space)
+        return [u for u in self.usages if u.out is not None and self.find(u.out) == root]
+
+
+def analyse_channels(root: Node) -> Spaces:
+    spaces = Spaces()
+    shape = root.in_shape
+    start = spaces.new(shape[0], frozen=True)  # the image channels
+
+    def walk(node: Node, space: int, spatial: int) -> tuple[int, int]:
+        """Returns (space of the output channels, H*W per channel for a following flatten)."""
+        op, a = node.op, node.attrs
+        if op == "seq":
+            for child in node.children:
+                space, spatial = walk(child, space, spatial)
+            return space, spatial
+        if op == "residual":
+            parts = {c.name: c for c in node.children}
+            body, spatial_out = walk(parts["body"], space, spatial)
+            short = walk(parts["shortcut"], space, spatial)[0] if "shortcut" in parts else space
+            return spaces.union(body, short), spatial_out
+        out_spatial = node.out_shape[1] * node.out_shape[2] if len(node.out_shape) == 3 else 1
+        if op == "conv":
+            if a["groups"] == 1:
+                out = spaces.new(a["out"])
+                spaces.usages.append(Usage(node, "conv", space, out))
+                return out, out_spatial
+            if a["groups"] == a["in"] == a["out"]:  # depthwise, multiplier 1: channels pass through
+                spaces.usages.append(Usage(node, "dwconv", space, space))
+                return space, out_spatial
+            spaces.freeze(space)
+            return spaces.new(a["out"], frozen=True), out_spatial
+        if op == "bn":
+            spaces.usages.append(Usage(node, "bn", space, space))
+            return space, spatial
+        if op == "linear":
+            factor = a["in"] // spaces.size[spaces.find(space)]
+            out = spaces.new(a["out"])
+            spaces.usages.append(Usage(node, "linear", space, out, factor))
+            return out, 1
+        if op == "flatten":
+            return space, spatial
+        if op in ("torchvision", "tv-part"):
+            spaces.freeze(space)
+            return spaces.new(node.out_shape[0], frozen=True), 1
+        if op in ("maxpool", "avgpool", "gap"):
+            return space, out_spatial
+        return space, spatial  # activations, dropout, identity
+
+    end, _ = walk(root, start, shape[1] * shape[2] if len(shape) == 3 else 1)
+    spaces.freeze(end)  # the classes
+    return spaces
+
+
+def rewrite(root: Node, spaces: Spaces, kept: dict[int, int]) -> Node:
+    """A copy of the tree with `kept[space]` channels in every pruned space; shapes and counts redone."""
+    new_root = copy.deepcopy(root)
+    by_path = {u.node.path: u for u in spaces.usages}
+
+    def count(space: int) -> int:
+        r = spaces.find(space)
+        return kept.get(r, spaces.size[r])
+
+    def redo(node: Node, shape: tuple) -> tuple:
+        node.in_shape = shape
+        if node.children:
+            if node.op == "residual":
+                parts = {c.name: c for c in node.children}
+                out = redo(parts["body"], shape)
+                if "shortcut" in parts:
+                    redo(parts["shortcut"], shape)
+            else:
+                out = shape
+                for c in node.children:
+                    out = redo(c, out)
+            node.out_shape = out
+            return out
+        u = by_path.get(node.path)
+        a = node.attrs
+        if u is not None and u.role in ("conv", "dwconv"):
+            a["in"] = shape[0]
+            a["out"] = count(u.out)
+            if u.role == "dwconv":
+                a["groups"] = a["in"]
+        elif u is not None and u.role == "bn":
+            a["channels"] = shape[0]
+        elif u is not None and u.role == "linear":
+            a["in"] = shape[0]
+            a["out"] = count(u.out)
+        if node.op in ("conv",):
+            node.out_shape = (a["out"], *node.out_shape[1:])
+        elif node.op == "linear":
+            node.out_shape = (a["out"],)
+        elif node.op == "flatten":
+            size = 1
+            for s in shape:
+                size *= s
+            node.out_shape = (size,)
+        else:
+            node.out_shape = (shape[0], *node.out_shape[1:])
+        node.tensors = tensors(node.op, a)
+        node.macs = macs(node.op, a, node.out_shape)
+        return node.out_shape
+
+    redo(new_root, root.in_shape)
+    return new_root

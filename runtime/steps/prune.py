@@ -1,0 +1,179 @@
+"""`prune`: structured channel pruning, iterated with fine-tuning, optionally swept over rates."""
+from __future__ import annotations
+
+import csv
+import io
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from compiler.analysis import analyse, predicted_bytes
+from compiler.channels import analyse_channels
+
+from ..int8 import latency_ms
+from ..loop import accuracy_and_loss, fit, logits_of
+from ..losses import kd_loss
+from ..prune import choose, importance, prune_model, shrink_to
+from ..rundir import digest
+from ..weights import atomic_write
+from .base import StepConfig, StepKind, StepResult, register
+
+
+class Finetune(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    kind: Literal["train", "distill"] = "train"
+    epochs: int = Field(1, ge=0)
+    lr: float | None = Field(None, gt=0)
+    teacher: str = "teacher"
+    temperature: float = Field(20.0, gt=0)
+    alpha: float = Field(0.5, ge=0, le=1)
+
+
+class PruneConfig(StepConfig):
+    kind: str = "prune"
+    importance: Literal["bn", "l1", "l2", "random"] = "bn"
+    scope: Literal["layer", "global"] = "layer"
+    rate: float = Field(0.9, gt=0, le=1)       # fraction of channels kept per iteration
+    rates: list[float] | None = None            # a sweep: each rate from the same start
+    iterations: int = Field(1, ge=1)
+    target_params: int | None = Field(None, ge=1)  # instead of a rate: prune until params <= N ...
+    target_macs: int | None = Field(None, ge=1)    # ... or MACs <= N (spread over the iterations)
+    min_channels: int = Field(1, ge=1)
+    finetune: Finetune | None = Finetune()
+    latency: bool = True                          # CPU latency per image after every iteration
+
+    @model_validator(mode="after")
+    def _one_goal(self):
+        if self.target_params and self.target_macs:
+            raise ValueError("give target_params or target_macs, not both")
+        if self.rates is not None and (self.target_params or self.target_macs):
+            raise ValueError("a sweep (`rates`) and a target do not combine")
+        if self.rates is not None and not all(0 < r <= 1 for r in self.rates):
+            raise ValueError("every rate must be in (0, 1]")
+        return self
+
+
+@register
+class Prune(StepKind):
+    kind = "prune"
+    config = PruneConfig
+    trains = True
+
+    def needs(self, cfg):
+        return [cfg.model] + ([cfg.finetune.teacher] if cfg.finetune and cfg.finetune.kind == "distill" else [])
+
+    def produces(self, cfg):
+        return [cfg.model]
+
+    def describe(self, cfg):
+        goal = (f"params <= {cfg.target_params:,}" if cfg.target_params else f"MACs <= {cfg.target_macs:,}"
+                if cfg.target_macs else f"keep {', '.join(map(str, cfg.rates))} (sweep)" if cfg.rates
+                else f"keep {cfg.rate:g}")
+        tune = (f", {cfg.finetune.kind} {cfg.finetune.epochs} epoch(s) after each" if cfg.finetune and
+                cfg.finetune.epochs else "")
+        return (f"prune {cfg.model} by {cfg.importance} ({cfg.scope}): {goal}, {cfg.iterations} iteration(s)"
+                f"{tune}")
+
+    # one measured point of the trade-off
+    def _point(self, cfg, ctx, model, module, label, iteration) -> dict:
+        data = ctx.data()
+        a = analyse(model)
+        acc = accuracy_and_loss(logits_of(module, data.val, ctx.pipeline("eval"), ctx.device,
+                                          ctx.recipe.data.eval_batch_size), data.val.labels)[0]
+        point = {"run": label, "iteration": iteration, "params": a.params, "macs": a.macs,
+                 "file_bytes": predicted_bytes(model, "fp32"), "val_accuracy": acc}
+        if cfg.latency:
+            one = ctx.pipeline("eval")(data.val.images[:1])
+            point["latency_ms"] = latency_ms(module.cpu(), one, runs=20)
+            module.to(ctx.device)
+        ctx.log(f"{cfg.name} [{label}] iteration {iteration}: {a.params:,} params, {a.macs:,} MACs, "
+                f"val accuracy {acc:.4f}" + (f", {point['latency_ms']:.2f} ms/image" if cfg.latency else ""))
+        return point
+
+    def _loss(self, cfg, ctx):
+        ft = cfg.finetune
+        if ft.kind == "train":
+            return lambda module: (lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y))
+        teacher = ctx.models[ft.teacher].build(ctx.device, ctx.recipe.seed).eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+
+        def factory(module):
+            def loss(logits, y, idx, x):
+                with torch.no_grad():
+                    t = teacher(x)
+                return kd_loss(logits, t, y, ft.temperature, ft.alpha)
+            return loss
+        return factory
+
+    def _run_one(self, cfg, ctx, key, rate, label, model, module) -> tuple[list[dict], object, object, str]:
+        points = [self._point(cfg, ctx, model, module, label, 0)]
+        text = model.source
+        loss_factory = self._loss(cfg, ctx) if cfg.finetune and cfg.finetune.epochs else None
+        for it in range(1, cfg.iterations + 1):
+            spaces = analyse_channels(model.root)
+            scores = importance(module, spaces, cfg.importance, ctx.recipe.seed + it)
+            step_rate = rate
+            if cfg.target_params or cfg.target_macs:
+                metric = "params" if cfg.target_params else "macs"
+                target = cfg.target_params or cfg.target_macs
+                now = analyse(model).params if metric == "params" else analyse(model).macs
+                remaining = cfg.iterations - it + 1
+                goal = int(now * (target / now) ** (1 / remaining)) if now > target else now
+                step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels)
+            kept = choose(scores, step_rate, cfg.scope, cfg.min_channels)
+            model, module, text = prune_model(model, module, kept, spaces,
+                                              comment=f"pruned by nccompile step {cfg.name} ({label}), "
+                                                      f"iteration {it}, keep rate {step_rate:.4f}")
+            module = module.to(ctx.device)
+            if loss_factory is not None:
+                slug = label.replace(" ", "")
+                fit(ctx, module=module, step_dir=ctx.run.step_dir(cfg.name) / f"{slug}-iter{it}",
+                    key=digest(key, label, it), epochs=cfg.finetune.epochs, lr=cfg.finetune.lr,
+                    loss_fn=loss_factory(module), label=f"{cfg.name} [{label}] finetune {it}")
+            point = self._point(cfg, ctx, model, module, label, it)
+            point["rate"] = step_rate
+            points.append(point)
+        return points, model, module, text
+
+    def run(self, cfg: PruneConfig, ctx, key: str = "") -> StepResult:
+        slot = ctx.models[cfg.model]
+        step_dir = ctx.run.step_dir(cfg.name)
+        runs = [(r, f"rate {r:g}") for r in cfg.rates] if cfg.rates else [(cfg.rate, "prune")]
+        curves, final = [], None
+        for rate, label in runs:
+            torch.manual_seed(ctx.recipe.seed)
+            start = slot.build(ctx.device, ctx.recipe.seed)
+            points, model, module, text = self._run_one(cfg, ctx, key, rate, label, slot.model, start)
+            curves += points
+            final = (model, module, text)
+        model, module, text = final
+        files = []
+        if ctx.is_main:
+            atomic_write(step_dir / "pruned.spec", text.encode())
+            files.append(f"steps/{cfg.name}/pruned.spec")
+            self._write_curve(curves, step_dir, cfg)
+            files += [f"steps/{cfg.name}/pruning_curve.csv", f"steps/{cfg.name}/pruning_curve.png"]
+        slot_model_before = slot.model
+        slot.model = model  # the file and the spec now describe the pruned model
+        path, _ = ctx.save(slot, module, cfg.name)
+        slot.model = slot_model_before  # the runner switches models from the result
+        last = curves[-1]
+        return StepResult(model_file=path, spec_file=step_dir / "pruned.spec", files=files,
+                          metrics={"val_accuracy": last["val_accuracy"], "params": last["params"],
+                                   "macs": last["macs"], "points": curves})
+
+    @staticmethod
+    def _write_curve(points, step_dir, cfg) -> None:
+        from ..plots import pruning_curve
+
+        buf = io.StringIO()
+        fields = ["run", "iteration", "rate", "params", "macs", "file_bytes", "val_accuracy", "latency_ms"]
+        writer = csv.DictWriter(buf, fieldnames=fields, extrasaction="ignore")
+        writer.writeheader()
+        for p in points:
+            writer.writerow({k: p.get(k, "") for k in fields})
+        atomic_write(step_dir / "pruning_curve.csv", buf.getvalue().encode())
+        pruning_curve(points, step_dir / "pruning_curve.png", f"{cfg.model}: {cfg.importance} pruning")
+

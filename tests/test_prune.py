@@ -1,0 +1,119 @@
+"""Structured pruning: exact weight copy, counts equal the emitted spec's analysis, real shrinking."""
+from __future__ import annotations
+
+import csv
+import json
+
+import pytest
+import torch
+
+import compiler
+from compiler.channels import analyse_channels
+from compiler.emit import emit
+from runtime.prune import choose, importance, prune_model
+from runtime.weights import model_bytes
+
+from .conftest import DATA, SPECS
+from .measure import measure
+from .test_runtime import needs_data
+
+
+def _trained_like(name, input_shape=(3, 32, 32)):
+    """A built spec whose BatchNorms look trained (varied gamma and statistics)."""
+    model = compiler.compile_spec(SPECS / name, params={"classes": "10"}, input_shape=input_shape)
+    module = compiler.build_module(model, seed=1)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.05)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return model, module.eval()
+
+
+@pytest.mark.parametrize("name", ["student.spec", "resnet18.spec", "student.yaml"])
+def test_emitted_spec_roundtrips(name):
+    model = compiler.compile_spec(SPECS / name)
+    again = compiler.compile_source(emit(model), "emitted.spec")
+    assert [(n, t.shape) for n, t in model.root.state_tensors()] == [(n, t.shape) for n, t in again.root.state_tensors()]
+    assert compiler.analyse(again).macs == compiler.analyse(model).macs
+
+
+@pytest.mark.parametrize("name", ["student.spec", "resnet18.spec"])
+@pytest.mark.parametrize("method", ["bn", "l1", "random"])
+def test_rate_one_keeps_the_model_exactly(name, method):
+    model, module = _trained_like(name)
+    spaces = analyse_channels(model.root)
+    scores = importance(module, spaces, method)
+    new_model, new_module, _ = prune_model(model, module, choose(scores, 1.0, "layer"), spaces)
+    x = torch.randn(3, 3, 32, 32)
+    with torch.no_grad():
+        assert (new_module.eval()(x) - module(x)).abs().max().item() < 1e-5
+    assert compiler.analyse(new_model).params == compiler.analyse(model).params
+
+
+def test_weight_copy_is_exact_when_channels_are_only_reordered():
+    """Keeping every channel but in a shuffled order (a permutation) must not change outputs."""
+    model, module = _trained_like("resnet18.spec")
+    spaces = analyse_channels(model.root)
+    kept = {s: torch.randperm(spaces.size[s], generator=torch.Generator().manual_seed(s)) for s in spaces.prunable()}
+    _, new_module, _ = prune_model(model, module, kept, spaces)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (new_module.eval()(x) - module(x)).abs().max().item() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["student.spec", "resnet18.spec"])
+@pytest.mark.parametrize("rate,scope", [(0.75, "layer"), (0.5, "layer"), (0.3, "global")])
+def test_pruned_models_run_match_their_spec_and_shrink(name, rate, scope):
+    model, module = _trained_like(name)
+    spaces = analyse_channels(model.root)
+    new_model, new_module, text = prune_model(model, module, choose(importance(module, spaces, "bn"), rate, scope),
+                                              spaces)
+    recompiled = compiler.compile_source(text, "pruned.spec", params={"classes": "10"}, input_shape=(3, 32, 32))
+    a = compiler.analyse(recompiled)
+    got = measure(new_module, (3, 32, 32))
+    assert got["params"] == a.params and got["macs"] == a.macs and got["output"] == (10,)
+    assert a.params < compiler.analyse(model).params and a.macs < compiler.analyse(model).macs
+    assert len(model_bytes(new_module, new_model, "fp32")) == compiler.predicted_bytes(recompiled, "fp32") \
+        < compiler.predicted_bytes(model, "fp32")
+
+
+def test_residual_branches_share_channels():
+    model, _ = _trained_like("resnet18.spec")
+    spaces = analyse_channels(model.root)
+    by_path = {u.node.path: u for u in spaces.usages}
+    # the stem's output, layer1's two block outputs are one space (identity shortcuts)
+    stem = spaces.find(by_path["stem.0"].out)
+    assert spaces.find(by_path["layer1.0.0.body.3"].out) == stem == spaces.find(by_path["layer1.1.0.body.3"].out)
+    # a projection shortcut's conv joins its body's output space
+    assert spaces.find(by_path["layer2.0.0.shortcut.0"].out) == spaces.find(by_path["layer2.0.0.body.3"].out)
+
+
+@needs_data
+def test_tiny_prune_sweep_writes_csv_and_curve(tmp_path, capsys, in_root):
+    from compiler.cli import main
+
+    out = tmp_path / "run"
+    code = main(["specs/student.spec", "--recipe", "prune_sweep", "--data", str(DATA), "--set", "data.limit_per_class=30",
+                 "--set", "steps.train.epochs=1", "--set", "steps.sweep.iterations=2", "--out", str(out)])
+    _, err = capsys.readouterr()
+    assert code == 0, err
+    rows = list(csv.DictReader((out / "steps/sweep/pruning_curve.csv").open()))
+    assert {r["run"] for r in rows} == {"rate 0.95", "rate 0.9", "rate 0.85"} and len(rows) == 9
+    finals = {r["run"]: int(r["params"]) for r in rows if r["iteration"] == "2"}
+    assert finals["rate 0.85"] < finals["rate 0.9"] < finals["rate 0.95"] < int(rows[0]["params"])
+    from PIL import Image
+
+    img = Image.open(out / "steps/sweep/pruning_curve.png").convert("L")
+    assert img.size[0] >= 400 and img.size[1] >= 300
+    pixels = torch.frombuffer(bytearray(img.tobytes()), dtype=torch.uint8)
+    assert (pixels < 128).float().mean() > 0.005  # lines, axes and text drawn, not a blank image
+    report = json.loads((out / "report.json").read_text())
+    final = report["steps"][-1]
+    assert final["params"] == finals["rate 0.85"]  # the evaluated model is the pruned one
+    pruned = compiler.compile_spec(out / "steps/sweep/pruned.spec", params={"classes": "10"})
+    assert compiler.analyse(pruned).params == final["params"]
+    assert final["file_bytes"] == compiler.predicted_bytes(pruned, "fp32")
