@@ -71,6 +71,10 @@ class Model:
     source: str = ""          # spec text, embedded in model files
     syntax: str = "dsl"       # dsl | yaml: how to read `source` back
 
+    def param_strings(self) -> dict[str, str]:
+        """The parameter values as `--param` strings, to compile a related spec with the same values."""
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.params.items()}
+
 
 class _Stop(Exception):
     """Shape inference cannot go on past an error (already recorded)."""

@@ -58,7 +58,7 @@ class StoredTensor:
 
     @property
     def nbytes(self) -> int:
-        return _numel(self.shape) * DTYPE_BYTES[self.dtype]
+        return numel(self.shape) * DTYPE_BYTES[self.dtype]
 
 
 @dataclass(frozen=True)
@@ -116,7 +116,7 @@ def is_format(name: str) -> bool:
         return False
 
 
-def _numel(shape) -> int:
+def numel(shape) -> int:
     n = 1
     for s in shape:
         n *= s
@@ -130,7 +130,7 @@ def range_rows(shape, fmt: WeightFormat) -> int:
 
 def code_shape(shape, bits: int) -> tuple[int, ...]:
     """8-bit codes keep the tensor's shape; narrower codes are bit-packed into ceil(n * bits / 8) bytes."""
-    return tuple(shape) if bits == 8 else ((_numel(shape) * bits + 7) // 8,)
+    return tuple(shape) if bits == 8 else ((numel(shape) * bits + 7) // 8,)
 
 
 def keeps(name: str, fmt: WeightFormat) -> bool:

@@ -94,15 +94,21 @@ class RunContext:
             self._pipelines[which] = Pipeline(specs, f"transforms.{which}")
         return self._pipelines[which]
 
-    def save(self, slot: ModelSlot, module: torch.nn.Module, step: str, fmt="fp32") -> tuple[Path, int]:
-        """Write a step's model file (rank 0) and return (path, bytes); the size is the predicted one."""
+    def save(self, slot: ModelSlot, module: torch.nn.Module, step: str, fmt="fp32",
+             model: Model | None = None) -> tuple[Path, int]:
+        """Write a step's model file (rank 0) and return (path, bytes); the size is the predicted one.
+
+        `model` is the architecture the file describes when a step changed it (prune, lowrank).
+        """
+        model = model or slot.model
         path = self.run.step_dir(step) / "model.safetensors"
         if self.is_main:
-            size = save_model(unwrap(module), slot.model, path, fmt)
-            assert size == predicted_bytes(slot.model, fmt), "model file size differs from the prediction"
+            size = save_model(unwrap(module), model, path, fmt)
+            if size != predicted_bytes(model, fmt):  # the compiler's promise; a mismatch is a bug
+                raise AssertionError(f"{path}: {size} bytes written, {predicted_bytes(model, fmt)} predicted")
         if self.world > 1:
             torch.distributed.barrier()
-        return path, predicted_bytes(slot.model, fmt)
+        return path, predicted_bytes(model, fmt)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

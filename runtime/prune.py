@@ -48,12 +48,21 @@ def importance(module: torch.nn.Module, spaces: Spaces, method: str, seed: int =
     return scores
 
 
-def choose(scores: dict[int, torch.Tensor], rate: float, scope: str, min_channels: int = 1) -> dict[int, torch.Tensor]:
-    """Kept channel indices (sorted) per space: `rate` = fraction kept, per layer or globally."""
+def _rounded(k: int, size: int, multiple: int, minimum: int) -> int:
+    """Channel counts that CPU kernels like: a multiple of `multiple` (never above `size`)."""
+    if multiple > 1 and size > multiple:
+        k = max(multiple, round(k / multiple) * multiple)
+    return min(size, max(minimum, k))
+
+
+def choose(scores: dict[int, torch.Tensor], rate: float, scope: str, min_channels: int = 1,
+           multiple: int = 1) -> dict[int, torch.Tensor]:
+    """Kept channel indices (sorted) per space: `rate` = fraction kept, per layer or globally;
+    counts are rounded to a multiple of `multiple` (the best-scoring channels are kept)."""
     kept = {}
     if scope == "layer":
         for space, s in scores.items():
-            k = min(len(s), max(min_channels, round(rate * len(s))))
+            k = _rounded(round(rate * len(s)), len(s), multiple, min_channels)
             kept[space] = torch.topk(s, k).indices.sort().values
         return kept
     # global: compare channels across spaces on a common scale (each space's mean = 1)
@@ -62,10 +71,8 @@ def choose(scores: dict[int, torch.Tensor], rate: float, scope: str, min_channel
     total = max(1, round(rate * len(allv)))
     threshold = torch.topk(allv, total).values.min()
     for space, s in normed.items():
-        idx = (s >= threshold).nonzero().flatten()
-        if len(idx) < min(min_channels, len(s)):
-            idx = torch.topk(s, min(min_channels, len(s))).indices
-        kept[space] = idx.sort().values
+        k = _rounded(int((s >= threshold).sum()), len(s), multiple, min_channels)
+        kept[space] = torch.topk(s, k).indices.sort().values
     return kept
 
 
@@ -76,8 +83,7 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
     counts = {s: len(idx) for s, idx in kept.items()}
     new_root = rewrite(model.root, spaces, counts)
     text = emit(model, new_root, comment=comment)
-    params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in model.params.items()}
-    new_model = compiler.compile_source(text, f"{model.name}-pruned.spec", params=params,
+    new_model = compiler.compile_source(text, f"{model.name}-pruned.spec", params=model.param_strings(),
                                         input_shape=model.input_shape)
     old = state_tensors(module)
     new_module = compiler.build_module(new_model)
@@ -112,13 +118,13 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
 
 
 def shrink_to(model: Model, module: torch.nn.Module, scores, scope: str, metric: str, target: int,
-              min_channels: int = 1) -> float:
+              min_channels: int = 1, multiple: int = 1) -> float:
     """The largest keep-rate whose pruned model has `metric` <= target (bisection on the analysis)."""
     spaces = analyse_channels(model.root)
     lo, hi = 0.0, 1.0
 
     def value(rate):
-        counts = {s: len(i) for s, i in choose(scores, rate, scope, min_channels).items()}
+        counts = {s: len(i) for s, i in choose(scores, rate, scope, min_channels, multiple).items()}
         root = rewrite(model.root, spaces, counts)
         return root.params if metric == "params" else root.total_macs
 

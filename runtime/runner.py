@@ -249,8 +249,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
             entry.update(status="ran", result=stored)
         result = entry.pop("result")
         if result.get("spec_file"):  # the step changed the architecture: the model is now that spec
-            params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in slot.model.params.items()}
-            slot.model = compiler.compile_spec(out / result["spec_file"], params=params,
+            slot.model = compiler.compile_spec(out / result["spec_file"], params=slot.model.param_strings(),
                                                input_shape=slot.model.input_shape)
         if result.get("model_file"):
             slot.weights, slot.producer, slot.producer_key = out / result["model_file"], cfg.name, key

@@ -102,20 +102,13 @@ def decode(stored: dict[str, torch.Tensor], fmt: WeightFormat | str,
             out[name] = t.float()
             continue
         shape = tuple(t.shape) if fmt.bits == 8 else tuple(shapes[name])
-        codes = t if fmt.bits == 8 else unpack_bits(t, fmt.bits, _numel(shape)).reshape(shape)
+        codes = t if fmt.bits == 8 else unpack_bits(t, fmt.bits, fileformat.numel(shape)).reshape(shape)
         rows = fileformat.range_rows(shape, fmt)
         out[name] = dequantize(codes, ranges[row:row + rows], fmt.bits)
         row += rows
     if row != ranges.shape[0]:
         raise ValueError(f"{fileformat.RANGES} has {ranges.shape[0]} rows, the tensors need {row}")
     return out
-
-
-def _numel(shape) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
 
 
 # --- BatchNorm folding -------------------------------------------------------------
@@ -263,7 +256,8 @@ def model_of(meta: dict[str, str], path: Path) -> Model:
         raise WeightsError(f"{path}: no embedded spec (not an nccompile model file); "
                            "load it into a model built from its spec instead")
     try:
-        params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in json.loads(meta["params"]).items()}
+        params = {k: str(v).lower() if isinstance(v, bool) else str(v)  # back to --param strings
+                  for k, v in json.loads(meta["params"]).items()}
         shape = tuple(int(s) for s in meta["input"].split("x"))
         return compiler.compile_source(meta["spec"], f"{path}#spec", syntax=meta.get("syntax", "dsl"),
                                        model=meta.get("model"), params=params, input_shape=shape)

@@ -117,3 +117,18 @@ def test_tiny_prune_sweep_writes_csv_and_curve(tmp_path, capsys, in_root):
     pruned = compiler.compile_spec(out / "steps/sweep/pruned.spec", params={"classes": "10"})
     assert compiler.analyse(pruned).params == final["params"]
     assert final["file_bytes"] == compiler.predicted_bytes(pruned, "fp32")
+
+
+def test_round_to_multiple_and_target_macs():
+    from runtime.prune import shrink_to
+
+    model, module = _trained_like("student.spec")
+    spaces = analyse_channels(model.root)
+    scores = importance(module, spaces, "bn")
+    target = compiler.analyse(model).macs // 2
+    rate = shrink_to(model, module, scores, "layer", "macs", target, multiple=8)
+    kept = choose(scores, rate, "layer", multiple=8)
+    assert all(len(idx) % 8 == 0 for idx in kept.values())
+    new_model, _, _ = prune_model(model, module, kept, spaces)
+    macs = compiler.analyse(new_model).macs
+    assert macs <= target and macs > 0.4 * compiler.analyse(model).macs  # as close to half as the rounding allows

@@ -52,8 +52,8 @@ def factorize_module(model, module, cfg) -> tuple[object, torch.nn.Module, str, 
         ranks[node.path] = rank
     new_root = factorize(model.root, ranks)
     text = emit(model, new_root, comment=f"low-rank factorized by nccompile ({cfg.rank_by})")
-    params = {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in model.params.items()}
-    new_model = compiler.compile_source(text, f"{model.name}-lowrank.spec", params=params, input_shape=model.input_shape)
+    new_model = compiler.compile_source(text, f"{model.name}-lowrank.spec", params=model.param_strings(),
+                                        input_shape=model.input_shape)
     new_module = compiler.build_module(new_model)
     state = {}
     for name, t in state_tensors(module).items():
@@ -109,10 +109,7 @@ class Lowrank(StepKind):
         a, b = analyse(slot.model), analyse(new_model)
         ctx.log(f"{cfg.name}: {len(ranks)} layer(s) factorized; {a.params:,} -> {b.params:,} params, "
                 f"{a.macs:,} -> {b.macs:,} MACs; val accuracy {before:.4f} -> {after:.4f}")
-        previous = slot.model
-        slot.model = new_model
-        path, _ = ctx.save(slot, new_module, cfg.name)
-        slot.model = previous
+        path, _ = ctx.save(slot, new_module, cfg.name, model=new_model)
         return StepResult(model_file=path, spec_file=step_dir / "lowrank.spec",
                           files=[f"steps/{cfg.name}/lowrank.spec"],
                           metrics={"val_accuracy": after, "val_accuracy_before": before, "ranks": ranks,

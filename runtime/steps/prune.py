@@ -40,6 +40,7 @@ class PruneConfig(StepConfig):
     target_params: int | None = Field(None, ge=1)  # instead of a rate: prune until params <= N ...
     target_macs: int | None = Field(None, ge=1)    # ... or MACs <= N (spread over the iterations)
     min_channels: int = Field(1, ge=1)
+    round_to: int = Field(1, ge=1)                # kept channel counts rounded to a multiple (e.g. 8)
     finetune: Finetune | None = Finetune()
     latency: bool = True                          # CPU latency per image after every iteration
 
@@ -121,8 +122,8 @@ class Prune(StepKind):
                 now = analyse(model).params if metric == "params" else analyse(model).macs
                 remaining = cfg.iterations - it + 1
                 goal = int(now * (target / now) ** (1 / remaining)) if now > target else now
-                step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels)
-            kept = choose(scores, step_rate, cfg.scope, cfg.min_channels)
+                step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels, cfg.round_to)
+            kept = choose(scores, step_rate, cfg.scope, cfg.min_channels, cfg.round_to)
             model, module, text = prune_model(model, module, kept, spaces,
                                               comment=f"pruned by nccompile step {cfg.name} ({label}), "
                                                       f"iteration {it}, keep rate {step_rate:.4f}")
@@ -155,10 +156,7 @@ class Prune(StepKind):
             files.append(f"steps/{cfg.name}/pruned.spec")
             self._write_curve(curves, step_dir, cfg)
             files += [f"steps/{cfg.name}/pruning_curve.csv", f"steps/{cfg.name}/pruning_curve.png"]
-        slot_model_before = slot.model
-        slot.model = model  # the file and the spec now describe the pruned model
-        path, _ = ctx.save(slot, module, cfg.name)
-        slot.model = slot_model_before  # the runner switches models from the result
+        path, _ = ctx.save(slot, module, cfg.name, model=model)  # the runner switches models from the result
         last = curves[-1]
         return StepResult(model_file=path, spec_file=step_dir / "pruned.spec", files=files,
                           metrics={"val_accuracy": last["val_accuracy"], "params": last["params"],
