@@ -144,3 +144,16 @@ def test_header_formula_tracks_metadata_and_names():
     stored = [fileformat.StoredTensor(k, {torch.float32: "F32", torch.uint8: "U8", torch.float16: "F16",
                                           torch.int64: "I64"}[v.dtype], tuple(v.shape)) for k, v in tensors.items()]
     assert fileformat.file_bytes(stored, meta) == len(save(tensors, metadata=meta))
+
+
+def test_lzma_copy_loads_and_is_measured(tmp_path):
+    from runtime.weights import compress_file
+
+    model, module = _built("student.spec")
+    path = tmp_path / "m.safetensors"
+    save_model(module, model, path, "int8")
+    xz = compress_file(path)
+    assert xz.name == "m.safetensors.xz" and 0 < xz.stat().st_size < path.stat().st_size
+    a, _, _ = load_model(path)
+    b, _, _ = load_model(xz)
+    assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))

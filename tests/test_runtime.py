@@ -276,3 +276,16 @@ def test_torchrun_two_cpu_processes(tmp_path, in_root):
     # rank 0 alone prints: one line per epoch, not two
     assert proc.stdout.count("train epoch 2/2") == 1
     assert (out / "steps/train/model.safetensors").stat().st_size == report["steps"][0]["file_bytes"]
+
+
+def test_transform_pipeline():
+    from runtime.recipe import RecipeError
+    from runtime.transforms import Pipeline
+
+    batch = torch.full((4, 3, 8, 8), 255, dtype=torch.uint8)
+    out = Pipeline([{"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}], "eval")(batch)
+    assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
+    aug = Pipeline([{"crop": {"size": 8, "padding": 2}}, {"flip": 0.5}, {"rotation": 10}], "train")
+    assert aug.random and aug(batch).shape == (4, 3, 8, 8)
+    with pytest.raises(RecipeError, match="unknown transform `flop`; did you mean `flip`"):
+        Pipeline([{"flop": 0.5}], "transforms.train")
