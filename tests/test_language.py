@@ -171,7 +171,7 @@ def test_json_output_schema(in_root, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["params"] == 256_779 and isinstance(data["macs"], int)
     assert data["input"] == [3, 256, 256]
-    assert set(data["bytes"]) == {"fp32", "fp16", "int8"} and all(isinstance(v, int) for v in data["bytes"].values())
+    assert set(data["bytes"]) == {"fp32", "fp16", "int8", "int8-channel", "int4", "int2"} and all(isinstance(v, int) for v in data["bytes"].values())
     budget = data["budgets"][0]
     assert {"name", "limit", "value", "ok"} <= set(budget) and budget["ok"] is True
     assert budget["value"] == data["bytes"]["int8"] and budget["limit"] == 300_000
