@@ -37,12 +37,20 @@ class Spaces:
     size: list[int] = field(default_factory=list)
     frozen: list[bool] = field(default_factory=list)
     usages: list[Usage] = field(default_factory=list)
+    activations: list[int] = field(default_factory=list)  # output elements per channel, per raw space
 
     def new(self, size: int, frozen: bool = False) -> int:
         self.parent.append(len(self.parent))
         self.size.append(size)
         self.frozen.append(frozen)
+        self.activations.append(0)
         return len(self.parent) - 1
+
+    def activations_per_channel(self, space: int) -> int:
+        """Elements every layer working in this space writes per channel (a memory-traffic cost:
+        pooling, normalisation and activations scale with it, not with MACs)."""
+        root = self.find(space)
+        return sum(a for s, a in enumerate(self.activations) if self.find(s) == root)
 
     def find(self, s: int) -> int:
         while self.parent[s] != s:
@@ -79,6 +87,15 @@ def analyse_channels(root: Node) -> Spaces:
 
     def walk(node: Node, space: int, spatial: int) -> tuple[int, int]:
         """Returns (space of the output channels, H*W per channel for a following flatten)."""
+        out_space, out_spatial = _walk(node, space, spatial)
+        if not node.children:
+            per_channel = 1
+            for s in node.out_shape[1:]:
+                per_channel *= s
+            spaces.activations[out_space] += per_channel
+        return out_space, out_spatial
+
+    def _walk(node: Node, space: int, spatial: int) -> tuple[int, int]:
         op, a = node.op, node.attrs
         if op == "seq":
             for child in node.children:

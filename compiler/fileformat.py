@@ -92,7 +92,6 @@ class WeightFormat:
 
 # Formats a budget may name and the summary lists. `int8` is the seed's scheme (= int8-tensor).
 SUMMARY_FORMATS = ("fp32", "fp16", "int8", "int8-channel", "int4", "int2")
-FORMATS = SUMMARY_FORMATS
 FORMAT_HELP = "fp32, fp16, int8 (= int8-tensor), intN or intN-tensor or intN-channel for N in 2..8"
 
 

@@ -7,6 +7,8 @@ matches its spec.
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 import compiler
@@ -56,10 +58,17 @@ def _rounded(k: int, size: int, multiple: int, minimum: int) -> int:
 
 
 def choose(scores: dict[int, torch.Tensor], rate: float, scope: str, min_channels: int = 1,
-           multiple: int = 1) -> dict[int, torch.Tensor]:
+           multiple: int = 1, costs: dict[int, float] | None = None, min_rate: float = 0.0,
+           cost_power: float = 0.5) -> dict[int, torch.Tensor]:
     """Kept channel indices (sorted) per space: `rate` = fraction kept, per layer or globally;
-    counts are rounded to a multiple of `multiple` (the best-scoring channels are kept)."""
+    counts are rounded to a multiple of `multiple` (the best-scoring channels are kept).
+
+    Global scope with `costs` (per-channel cost of each space, e.g. activations per channel)
+    ranks channels by importance / cost**cost_power, so expensive high-resolution layers are
+    pruned harder; `min_rate` keeps at least that fraction of every space.
+    """
     kept = {}
+    min_channels_of = (lambda n: max(min_channels, math.ceil(min_rate * n)))
     if scope == "layer":
         for space, s in scores.items():
             k = _rounded(round(rate * len(s)), len(s), multiple, min_channels)
@@ -67,11 +76,14 @@ def choose(scores: dict[int, torch.Tensor], rate: float, scope: str, min_channel
         return kept
     # global: compare channels across spaces on a common scale (each space's mean = 1)
     normed = {space: s / s.mean().clamp(min=1e-12) for space, s in scores.items()}
+    if costs:
+        mean_log = sum(math.log(costs[sp]) for sp in normed) / len(normed)
+        normed = {sp: v / math.exp(cost_power * (math.log(costs[sp]) - mean_log)) for sp, v in normed.items()}
     allv = torch.cat(list(normed.values()))
     total = max(1, round(rate * len(allv)))
     threshold = torch.topk(allv, total).values.min()
     for space, s in normed.items():
-        k = _rounded(int((s >= threshold).sum()), len(s), multiple, min_channels)
+        k = _rounded(max(int((s >= threshold).sum()), min_channels_of(len(s))), len(s), multiple, min_channels)
         kept[space] = torch.topk(s, k).indices.sort().values
     return kept
 
@@ -118,13 +130,14 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
 
 
 def shrink_to(model: Model, module: torch.nn.Module, scores, scope: str, metric: str, target: int,
-              min_channels: int = 1, multiple: int = 1) -> float:
+              min_channels: int = 1, multiple: int = 1, **choose_options) -> float:
     """The largest keep-rate whose pruned model has `metric` <= target (bisection on the analysis)."""
     spaces = analyse_channels(model.root)
     lo, hi = 0.0, 1.0
 
     def value(rate):
-        counts = {s: len(i) for s, i in choose(scores, rate, scope, min_channels, multiple).items()}
+        counts = {s: len(i) for s, i in choose(scores, rate, scope, min_channels, multiple,
+                                                **choose_options).items()}
         root = rewrite(model.root, spaces, counts)
         return root.params if metric == "params" else root.total_macs
 

@@ -132,3 +132,24 @@ def test_round_to_multiple_and_target_macs():
     new_model, _, _ = prune_model(model, module, kept, spaces)
     macs = compiler.analyse(new_model).macs
     assert macs <= target and macs > 0.4 * compiler.analyse(model).macs  # as close to half as the rounding allows
+
+
+def test_activation_cost_prunes_high_resolution_layers_harder():
+    model, module = _trained_like("student.spec", input_shape=(3, 64, 64))
+    spaces = analyse_channels(model.root)
+    scores = importance(module, spaces, "l1")
+    costs = {s: spaces.activations_per_channel(s) for s in scores}
+    first = min(scores, key=lambda s: -costs[s])  # the most expensive space: the first conv's 64x64 outputs
+    plain = choose(scores, 0.6, "global")
+    aware = choose(scores, 0.6, "global", costs=costs, min_rate=0.25)
+    assert len(aware[first]) < len(plain[first])
+    assert all(len(aware[s]) >= 0.25 * spaces.size[s] for s in scores)
+
+
+def test_cost_needs_global_scope(capsys, in_root, tmp_path):
+    from compiler.cli import main
+
+    recipe = tmp_path / "p.yaml"
+    recipe.write_text("name: p\nsteps:\n  - {name: t, kind: train}\n  - {name: p, kind: prune, cost: activations}\n")
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
+    assert "needs `scope: global`" in capsys.readouterr().err

@@ -41,6 +41,9 @@ class PruneConfig(StepConfig):
     target_macs: int | None = Field(None, ge=1)    # ... or MACs <= N (spread over the iterations)
     min_channels: int = Field(1, ge=1)
     round_to: int = Field(1, ge=1)                # kept channel counts rounded to a multiple (e.g. 8)
+    cost: Literal["none", "activations"] = "none"  # global scope: prune high-resolution layers harder
+    cost_power: float = Field(0.5, ge=0)           # importance / cost**cost_power
+    min_rate: float = Field(0.0, ge=0, le=1)       # keep at least this fraction of every layer
     finetune: Finetune | None = Finetune()
     latency: bool = True                          # CPU latency per image after every iteration
 
@@ -52,6 +55,8 @@ class PruneConfig(StepConfig):
             raise ValueError("a sweep (`rates`) and a target do not combine")
         if self.rates is not None and not all(0 < r <= 1 for r in self.rates):
             raise ValueError("every rate must be in (0, 1]")
+        if self.cost != "none" and self.scope != "global":
+            raise ValueError("`cost` ranks channels across layers: it needs `scope: global`")
         return self
 
 
@@ -115,6 +120,10 @@ class Prune(StepKind):
         for it in range(1, cfg.iterations + 1):
             spaces = analyse_channels(model.root)
             scores = importance(module, spaces, cfg.importance, ctx.recipe.seed + it)
+            options = {"min_rate": cfg.min_rate}
+            if cfg.cost == "activations":
+                options.update(costs={s: spaces.activations_per_channel(s) for s in scores},
+                               cost_power=cfg.cost_power)
             step_rate = rate
             if cfg.target_params or cfg.target_macs:
                 metric = "params" if cfg.target_params else "macs"
@@ -122,8 +131,9 @@ class Prune(StepKind):
                 now = analyse(model).params if metric == "params" else analyse(model).macs
                 remaining = cfg.iterations - it + 1
                 goal = int(now * (target / now) ** (1 / remaining)) if now > target else now
-                step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels, cfg.round_to)
-            kept = choose(scores, step_rate, cfg.scope, cfg.min_channels, cfg.round_to)
+                step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels, cfg.round_to,
+                                      **options)
+            kept = choose(scores, step_rate, cfg.scope, cfg.min_channels, cfg.round_to, **options)
             model, module, text = prune_model(model, module, kept, spaces,
                                               comment=f"pruned by nccompile step {cfg.name} ({label}), "
                                                       f"iteration {it}, keep rate {step_rate:.4f}")
