@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 from . import ir
 from .errors import Diagnostics, Span, UsageError, did_you_mean
-from .expr import ExprError, coerce, divisible, evaluate, type_name
+from .expr import ExprError, coerce, divisible, evaluate
 from .layers import LAYERS, REQUIRED, LayerError, Tensor, fmt_shape, macs, tensors
 
 

@@ -14,8 +14,8 @@ from compiler.lowrank import candidates, factor_params, factorize
 
 from ..loop import accuracy_and_loss, fit, logits_of
 from ..weights import atomic_write, load_into, state_tensors
-from .base import StepConfig, StepKind, StepResult, register
-from .prune import Finetune
+from .base import StepConfig, StepResult, register
+from .prune import ArchitectureStep, Finetune, finetune_loss
 
 
 class LowrankConfig(StepConfig):
@@ -73,16 +73,9 @@ def factorize_module(model, module, cfg) -> tuple[object, torch.nn.Module, str, 
 
 
 @register
-class Lowrank(StepKind):
+class Lowrank(ArchitectureStep):
     kind = "lowrank"
     config = LowrankConfig
-    trains = True
-
-    def needs(self, cfg):
-        return [cfg.model] + ([cfg.finetune.teacher] if cfg.finetune and cfg.finetune.kind == "distill" else [])
-
-    def produces(self, cfg):
-        return [cfg.model]
 
     def describe(self, cfg):
         how = f"energy {cfg.energy:g}" if cfg.rank_by == "energy" else f"ratio {cfg.ratio:g}"
@@ -97,10 +90,8 @@ class Lowrank(StepKind):
         new_model, new_module, text, ranks = factorize_module(slot.model, module, cfg)
         new_module = new_module.to(ctx.device)
         if cfg.finetune and cfg.finetune.epochs:
-            from .prune import Prune
-
             fit(ctx, module=new_module, step_dir=ctx.run.step_dir(cfg.name) / "finetune", key=key,
-                epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, loss_fn=Prune()._loss(cfg, ctx)(new_module),
+                epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, loss_fn=finetune_loss(cfg.finetune, ctx)(new_module),
                 label=f"{cfg.name} finetune")
         after = accuracy_and_loss(logits_of(new_module, data.val, eval_tf, ctx.device, bs), data.val.labels)[0]
         step_dir = ctx.run.step_dir(cfg.name)

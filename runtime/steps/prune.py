@@ -60,10 +60,26 @@ class PruneConfig(StepConfig):
         return self
 
 
-@register
-class Prune(StepKind):
-    kind = "prune"
-    config = PruneConfig
+def finetune_loss(ft: Finetune, ctx):
+    """A loss factory for fine-tuning after an architecture change: cross-entropy, or KD from a teacher."""
+    if ft.kind == "train":
+        return lambda module: (lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y))
+    teacher = ctx.models[ft.teacher].build(ctx.device, ctx.recipe.seed).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+
+    def factory(module):
+        def loss(logits, y, idx, x):
+            with torch.no_grad():
+                t = teacher(x)
+            return kd_loss(logits, t, y, ft.temperature, ft.alpha)
+        return loss
+    return factory
+
+
+class ArchitectureStep(StepKind):
+    """A step that rewrites its model's spec and optionally fine-tunes the result."""
+
     trains = True
 
     def needs(self, cfg):
@@ -71,6 +87,12 @@ class Prune(StepKind):
 
     def produces(self, cfg):
         return [cfg.model]
+
+
+@register
+class Prune(ArchitectureStep):
+    kind = "prune"
+    config = PruneConfig
 
     def describe(self, cfg):
         goal = (f"params <= {cfg.target_params:,}" if cfg.target_params else f"MACs <= {cfg.target_macs:,}"
@@ -97,26 +119,10 @@ class Prune(StepKind):
                 f"val accuracy {acc:.4f}" + (f", {point['latency_ms']:.2f} ms/image" if cfg.latency else ""))
         return point
 
-    def _loss(self, cfg, ctx):
-        ft = cfg.finetune
-        if ft.kind == "train":
-            return lambda module: (lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y))
-        teacher = ctx.models[ft.teacher].build(ctx.device, ctx.recipe.seed).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-
-        def factory(module):
-            def loss(logits, y, idx, x):
-                with torch.no_grad():
-                    t = teacher(x)
-                return kd_loss(logits, t, y, ft.temperature, ft.alpha)
-            return loss
-        return factory
-
     def _run_one(self, cfg, ctx, key, rate, label, model, module) -> tuple[list[dict], object, object, str]:
         points = [self._point(cfg, ctx, model, module, label, 0)]
         text = model.source
-        loss_factory = self._loss(cfg, ctx) if cfg.finetune and cfg.finetune.epochs else None
+        loss_factory = finetune_loss(cfg.finetune, ctx) if cfg.finetune and cfg.finetune.epochs else None
         for it in range(1, cfg.iterations + 1):
             spaces = analyse_channels(model.root)
             scores = importance(module, spaces, cfg.importance, ctx.recipe.seed + it)
