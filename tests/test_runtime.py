@@ -289,3 +289,40 @@ def test_transform_pipeline():
     assert aug.random and aug(batch).shape == (4, 3, 8, 8)
     with pytest.raises(RecipeError, match="unknown transform `flop`; did you mean `flip`"):
         Pipeline([{"flop": 0.5}], "transforms.train")
+
+
+def _idx(path: Path, magic: int, dims: tuple, data: torch.Tensor) -> None:
+    import struct
+
+    path.write_bytes(struct.pack(">" + "i" * (1 + len(dims)), magic, *dims) + data.numpy().tobytes())
+
+
+def test_torchvision_dataset_by_name(tmp_path, capsys, in_root):
+    """A torchvision dataset by name (MNIST files laid out locally: nothing is downloaded)."""
+    raw = tmp_path / "MNIST" / "raw"
+    raw.mkdir(parents=True)
+    g = torch.Generator().manual_seed(0)
+    for prefix, n in (("train", 60), ("t10k", 20)):
+        labels = torch.arange(n, dtype=torch.uint8) % 3
+        images = (torch.rand(n, 28, 28, generator=g) * 60).to(torch.uint8)
+        images[:, 4:24, 4:24] += (labels * 60).reshape(-1, 1, 1).to(torch.uint8)  # learnable brightness
+        _idx(raw / f"{prefix}-images-idx3-ubyte", 2051, (n, 28, 28), images)
+        _idx(raw / f"{prefix}-labels-idx1-ubyte", 2049, (n,), labels)
+    recipe = tmp_path / "m.yaml"
+    recipe.write_text(f"""
+name: mnist
+input: 3x16x16
+data: {{source: torchvision, name: MNIST, root: {tmp_path}, download: false}}
+steps:
+  - {{name: train, kind: train, epochs: 1}}
+""")
+    spec = tmp_path / "s.spec"
+    spec.write_text("model s(classes: int = 2) { input 3x16x16 conv(8) bn relu gap flatten linear(classes) }")
+    code = main([str(spec), "--recipe", str(recipe), "--out", str(tmp_path / "run")])
+    out, err = capsys.readouterr()
+    assert code == 0, err
+    assert "60 train / 20 val images, 10 classes" in out  # MNIST declares its 10 classes
+    missing = tmp_path / "none"
+    recipe.write_text(recipe.read_text().replace(str(tmp_path), str(missing)))
+    assert main([str(spec), "--recipe", str(recipe), "--dry-run"]) == 2
+    assert "set data.download: true to download it" in capsys.readouterr().err
