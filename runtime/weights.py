@@ -230,20 +230,23 @@ def file_format(meta: dict[str, str]) -> WeightFormat:
 def read_state(path: str | Path, model: Model | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
     """Float tensors and metadata of an nccompile model file or a plain safetensors state dict.
 
-    Bit-packed formats need the model (for the tensor shapes); `load_model` finds it in the file.
+    Bit-packed formats need the model (for the tensor shapes); without one it comes from the file.
     """
     path = Path(path)
     stored, meta = read_raw(path)
+    return _decoded(stored, meta, model, path), meta
+
+
+def _decoded(stored: dict[str, torch.Tensor], meta: dict[str, str], model: Model | None,
+             path: Path) -> dict[str, torch.Tensor]:
     fmt = file_format(meta)
     shapes = None
     if fmt.quantized and fmt.bits < 8:
-        if model is None:
-            model = model_of(meta, path)
         from compiler.analysis import weight_tensors
 
-        shapes = dict(weight_tensors(model, fmt.fold_bn))
+        shapes = dict(weight_tensors(model or model_of(meta, path), fmt.fold_bn))
     try:
-        return decode(stored, fmt, shapes), meta
+        return decode(stored, fmt, shapes)
     except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as err:
         raise WeightsError(f"{path}: inconsistent {fmt.name} model file ({err})") from None
 
@@ -281,11 +284,16 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: s
     module.load_state_dict(state, strict=False)
 
 
-def build_with_weights(model: Model, path: str | Path, seed: int = 0) -> torch.nn.Module:
-    """Build `model` and load a weights file into it (folding its structure where the file is folded)."""
+def build_with_weights(model: Model, path: str | Path, seed: int = 0, raw=None) -> torch.nn.Module:
+    """Build `model` and load a weights file into it (folding its structure where the file is folded).
+
+    `raw` is the file's (stored tensors, metadata) when the caller has already read it.
+    """
     import compiler
 
-    state, meta = read_state(path, model)
+    path = Path(path)
+    stored, meta = raw if raw is not None else read_raw(path)
+    state = _decoded(stored, meta, model, path)
     module = compiler.build_module(model, seed=seed)
     if file_format(meta).fold_bn:
         fold_structure(module, model)
@@ -294,8 +302,8 @@ def build_with_weights(model: Model, path: str | Path, seed: int = 0) -> torch.n
 
 
 def load_model(path: str | Path) -> tuple[torch.nn.Module, Model, dict[str, str]]:
-    """Rebuild the (dequantized) module from an nccompile model file alone."""
+    """Rebuild the (dequantized) module from an nccompile model file alone (read once)."""
     path = Path(path)
-    _, meta = read_raw(path)
+    stored, meta = read_raw(path)
     model = model_of(meta, path)
-    return build_with_weights(model, path), model, meta
+    return build_with_weights(model, path, raw=(stored, meta)), model, meta
