@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import compiler  # noqa: E402
 from compiler.fileformat import parse_format  # noqa: E402
 from runtime.data import list_source, load  # noqa: E402
-from runtime.loop import accuracy_and_loss, logits_of  # noqa: E402
+from runtime.loop import score_split  # noqa: E402
 from runtime.recipe import DataConfig  # noqa: E402
 from runtime.runner import Options, run  # noqa: E402
 from runtime.transforms import Pipeline  # noqa: E402
@@ -56,8 +56,8 @@ def main() -> None:
             fmt = parse_format(name, **options)
             path = Path(tmp) / "m.safetensors"
             written = save_model(module, student, path, fmt)
-            acc = accuracy_and_loss(logits_of(build_with_weights(student, path), data.val, Pipeline([], "eval"),
-                                              "cpu", 256), data.val.labels)[0]
+            acc = score_split(build_with_weights(student, path), data.val, Pipeline([], "eval", 3, (32, 32)),
+                              10).accuracy
             label = name + "".join(f" +{k}" if v is True else f" {k}={list(v)}" for k, v in options.items())
             rows.append((label, compiler.predicted_bytes(student, fmt), written, acc))
     print(f"cifar10-mini: {len(data.train)} train / {len(data.val)} val images at 32x32; teacher ResNet18 "

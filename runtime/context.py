@@ -12,9 +12,11 @@ import compiler
 from compiler.analysis import predicted_bytes
 from compiler.elaborate import Model
 
+from .batches import Placed
 from .data import Data, Listing, load
 from .recipe import Recipe
 from .rundir import RunDir
+from .speed import Speed, resolve
 from .transforms import Pipeline
 from .weights import build_with_weights, save_model
 
@@ -66,6 +68,12 @@ class RunContext:
     world: int = 1
     _data: Data | None = field(default=None, repr=False)
     _pipelines: dict = field(default_factory=dict, repr=False)
+    _placed: dict = field(default_factory=dict, repr=False)
+    speed: Speed | None = None
+
+    def __post_init__(self):
+        if self.speed is None:
+            self.speed = resolve(self.recipe.speed, self.device)
 
     @property
     def is_main(self) -> bool:
@@ -89,10 +97,32 @@ class RunContext:
         return self._data
 
     def pipeline(self, which: str) -> Pipeline:
+        """The `train` or `eval` transforms, for images of the training input size."""
         if which not in self._pipelines:
-            specs = getattr(self.recipe.transforms, which)
-            self._pipelines[which] = Pipeline(specs, f"transforms.{which}")
+            self._pipelines[which] = pipeline_for(self.recipe, which, self.input_shape)
         return self._pipelines[which]
+
+    def placed(self, split: str) -> Placed:
+        """A split of the data (train, val, test) placed for the run's device, once."""
+        if split not in self._placed:
+            self._placed[split] = Placed(getattr(self.data(), split), self.device, self.speed.data_on_device)
+            if split == "train":
+                self.log(f"data: training images in {self._placed[split].where}; {self.speed.describe()}")
+        return self._placed[split]
+
+    def evaluate(self, module: torch.nn.Module, split: str = "val"):
+        """Accuracy, loss and confusion matrix of `module` on a split, shared out over the ranks."""
+        from .loop import score
+
+        return score(module, self.placed(split), self.pipeline("eval"), self.speed,
+                     self.recipe.data.eval_batch_size, len(self.data().classes), self.rank, self.world)
+
+    def logits(self, module: torch.nn.Module, split: str, which: str = "eval") -> torch.Tensor:
+        """Logits of every image of a split, in order, on the device (every rank computes all)."""
+        from .loop import logits_of
+
+        return logits_of(module, self.placed(split), self.pipeline(which), self.speed,
+                         self.recipe.data.eval_batch_size)
 
     def save(self, slot: ModelSlot, module: torch.nn.Module, step: str, fmt="fp32",
              model: Model | None = None) -> tuple[Path, int]:
@@ -109,6 +139,11 @@ class RunContext:
         if self.world > 1:
             torch.distributed.barrier()
         return path, predicted_bytes(model, fmt)
+
+
+def pipeline_for(recipe: Recipe, which: str, input_shape: tuple) -> Pipeline:
+    size = tuple(input_shape[1:])
+    return Pipeline(getattr(recipe.transforms, which), f"transforms.{which}", input_shape[0], size, expect=size)
 
 
 def unwrap(module: torch.nn.Module) -> torch.nn.Module:

@@ -1,16 +1,17 @@
-"""The training loop shared by `train` and `distill`: epochs, schedule, best checkpoint, resume.
+"""The training loop shared by `train`, `distill` and fine-tuning: epochs, best checkpoint, resume.
 
-Batches are index tensors into the decoded uint8 images (DistributedSampler +
-BatchSampler, so torchrun shards them); no DataLoader workers are needed because
-nothing is decoded here. After every epoch rank 0 writes `last.safetensors`
-(model + optimizer state + progress in its metadata) atomically, so an interrupted
-step continues from its last finished epoch.
+Batches are index tensors into the decoded uint8 images, gathered where the model runs
+and augmented there as whole batches (runtime.transforms). Losses and correct counts
+accumulate on the device: one host sync per epoch. After every epoch rank 0 writes
+`last.safetensors` (model + optimizer state + progress in its metadata) atomically, so an
+interrupted step continues from its last finished epoch.
 """
 from __future__ import annotations
 
 import json
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -18,50 +19,87 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
-from torch.utils.data import BatchSampler, DistributedSampler
 
+from compiler.errors import NcError
+
+from .batches import Placed, epoch_order
 from .context import RunContext, unwrap
-from .data import Split
+from .speed import Speed
 from .transforms import Pipeline
 from .weights import atomic_write, state_tensors
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
 
 
-def batches(n: int, batch_size: int, *, shuffle: bool, seed: int, epoch: int, rank: int = 0, world: int = 1):
-    sampler = DistributedSampler(range(n), num_replicas=world, rank=rank, shuffle=shuffle, seed=seed,
-                                 drop_last=False)
-    sampler.set_epoch(epoch)
-    for idx in BatchSampler(sampler, batch_size, drop_last=False):
-        yield torch.as_tensor(idx)
+class TrainingError(NcError):
+    """Training that cannot go on (a loss that is no longer a number)."""
+
+
+@dataclass
+class Scores:
+    accuracy: float
+    loss: float
+    confusion: torch.Tensor   # [classes, classes] counts, rows = true class
+    images: int
 
 
 @torch.no_grad()
-def logits_of(module: torch.nn.Module, split: Split, pipeline: Pipeline, device, batch_size: int) -> torch.Tensor:
-    """Logits for every image of a split, in order (eval mode)."""
+def logits_of(module: torch.nn.Module, placed: Placed, pipeline: Pipeline, speed: Speed, batch_size: int,
+              start: int = 0, stop: int | None = None) -> torch.Tensor:
+    """float32 logits (on the device) for images start..stop of a placed split, in order, in eval mode."""
     was_training = module.training
     module.eval()
+    stop = len(placed) if stop is None else stop
     out = []
-    for start in range(0, len(split), batch_size):
-        x = pipeline(split.images[start:start + batch_size]).to(device, non_blocking=True)
-        out.append(module(x).float().cpu())
+    for s in range(start, stop, batch_size):
+        x = pipeline(placed.range(s, min(stop, s + batch_size)).to(speed.device, non_blocking=True),
+                     channels_last=speed.channels_last)
+        with speed.autocast():
+            out.append(module(x).float())
     module.train(was_training)
-    return torch.cat(out) if out else torch.empty(0)
+    return torch.cat(out) if out else torch.empty((0, 0), device=speed.device)
 
 
-def accuracy_and_loss(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
-    if len(labels) == 0:
-        return 0.0, 0.0
-    return (logits.argmax(1) == labels).float().mean().item(), F.cross_entropy(logits, labels).item()
+@torch.no_grad()
+def score(module: torch.nn.Module, placed: Placed, pipeline: Pipeline, speed: Speed, batch_size: int,
+          n_classes: int, rank: int = 0, world: int = 1) -> Scores:
+    """Accuracy, mean cross-entropy and confusion matrix; each rank scores its share, results are summed."""
+    n = len(placed)
+    lo, hi = n * rank // world, n * (rank + 1) // world
+    conf = torch.zeros(n_classes * n_classes, dtype=torch.int64, device=speed.device)
+    loss_sum = torch.zeros((), dtype=torch.float64, device=speed.device)
+    if hi > lo:
+        logits = logits_of(module, placed, pipeline, speed, batch_size, lo, hi)
+        y = placed.labels[lo:hi]
+        loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
+        conf += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes * n_classes)
+    if world > 1:
+        torch.distributed.all_reduce(conf)
+        torch.distributed.all_reduce(loss_sum)
+    matrix = conf.view(n_classes, n_classes).cpu()  # the one host sync
+    total = int(matrix.sum())
+    if total == 0:
+        return Scores(0.0, 0.0, matrix, 0)
+    return Scores(matrix.diag().sum().item() / total, loss_sum.item() / total, matrix, total)
+
+
+def score_split(module: torch.nn.Module, split, pipeline: Pipeline, n_classes: int, speed: Speed | None = None,
+                batch_size: int = 256) -> Scores:
+    """`score` for a data split outside a run (benchmarks, tests); plain fp32 on the CPU by default."""
+    from .speed import plain
+
+    speed = speed or plain()
+    return score(module, Placed(split, speed.device), pipeline, speed, batch_size, n_classes)
 
 
 def make_optimizer(ctx: RunContext, module: torch.nn.Module, lr: float | None):
     cfg = ctx.recipe.optimizer
     lr = lr if lr is not None else cfg.lr
+    fused = {"fused": True} if ctx.device.type == "cuda" else {}
     if cfg.name == "sgd":
         return torch.optim.SGD(module.parameters(), lr=lr, momentum=cfg.momentum, nesterov=cfg.nesterov,
-                               weight_decay=cfg.weight_decay)
-    return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay)
+                               weight_decay=cfg.weight_decay, **fused)
+    return torch.optim.AdamW(module.parameters(), lr=lr, weight_decay=cfg.weight_decay, **fused)
 
 
 def make_schedule(ctx: RunContext, optimizer, epochs: int):
@@ -79,6 +117,8 @@ def make_schedule(ctx: RunContext, optimizer, epochs: int):
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
+
+# --- checkpoints ---------------------------------------------------------------------
 
 def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], str]:
     sd = optimizer.state_dict()
@@ -105,102 +145,147 @@ def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: str) -
     optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
 
 
+@dataclass
+class Progress:
+    start: int = 0                 # first epoch still to run
+    best_acc: float = -1.0
+    best_epoch: int = -1
+    history: list = field(default_factory=list)
+    best_state: dict | None = None
+
+
+def resume(ctx: RunContext, module, optimizer, schedule, step_dir: Path, key: str, label: str,
+           epochs: int) -> Progress:
+    """Progress from `last.safetensors` when it belongs to this very step (same key)."""
+    last_path, best_path = step_dir / "last.safetensors", step_dir / "best.safetensors"
+    if not last_path.exists() or not best_path.exists():
+        return Progress()
+    from safetensors import safe_open
+
+    with safe_open(str(last_path), framework="pt") as f:
+        meta = f.metadata() or {}
+    if meta.get("key") != key:
+        return Progress()
+    tensors = load_file(last_path)
+    unwrap(module).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
+    _restore_optimizer(optimizer, tensors, meta["optimizer"])
+    schedule.load_state_dict(json.loads(meta["schedule"]))
+    p = json.loads(meta["progress"])
+    ctx.log(f"{label}: resuming after epoch {p['epoch'] + 1} of {epochs}")
+    return Progress(p["epoch"] + 1, p["best_acc"], p["best_epoch"], p["history"], load_file(best_path))
+
+
+def checkpoint(ctx: RunContext, module, optimizer, schedule, step_dir: Path, key: str, epoch: int,
+               progress: Progress) -> None:
+    if not ctx.is_main:
+        return
+    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
+    model_tensors = {f"model.{k}": v.contiguous() for k, v in state_tensors(unwrap(module)).items()}
+    meta = {"epoch": epoch, "best_acc": progress.best_acc, "best_epoch": progress.best_epoch,
+            "history": progress.history}
+    if progress.best_epoch == epoch + 1:
+        atomic_write(step_dir / "best.safetensors",
+                     st_save({k: v.contiguous() for k, v in progress.best_state.items()}))
+    atomic_write(step_dir / "last.safetensors", st_save({**model_tensors, **opt_tensors}, metadata={
+        "key": key, "optimizer": opt_meta, "schedule": json.dumps(schedule.state_dict()),
+        "progress": json.dumps(meta)}))
+
+
+# --- epochs ------------------------------------------------------------------------
+
+def train_epoch(ctx: RunContext, net, optimizer, scaler, loss_fn: LossFn, placed: Placed, pipeline: Pipeline,
+                epoch: int, bar_label: str) -> tuple[float, float, int]:
+    """One epoch over this rank's batches; returns (summed loss, correct, images) after one sync."""
+    speed = ctx.speed
+    order = epoch_order(len(placed), ctx.recipe.data.batch_size, seed=ctx.recipe.seed, epoch=epoch, rank=ctx.rank,
+                        world=ctx.world, device=placed.images.device, drop_single=True)
+    gen = torch.Generator(device=speed.device).manual_seed(ctx.recipe.seed * 1_000_003 + epoch)
+    loss_sum = torch.zeros((), dtype=torch.float32, device=speed.device)
+    correct = torch.zeros((), dtype=torch.int64, device=speed.device)
+    seen = 0
+    bar = None
+    if ctx.interactive:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(order), desc=bar_label, leave=False, unit="batch", mininterval=0.5)
+    net.train()
+    for idx in order:
+        x = pipeline(placed.images_at(idx).to(speed.device, non_blocking=True), gen,
+                     channels_last=speed.channels_last)
+        idx = idx.to(speed.device, non_blocking=True)
+        y = placed.labels[idx]
+        with speed.autocast():
+            logits = net(x)
+            loss = loss_fn(logits, y, idx, x)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            loss.backward()
+            optimizer.step()
+        loss_sum += loss.detach().float() * len(idx)
+        correct += (logits.detach().argmax(1) == y).sum()
+        seen += len(idx)
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    stats = torch.stack([loss_sum.double(), correct.double(),
+                         torch.tensor(float(seen), dtype=torch.float64, device=speed.device)])
+    if ctx.world > 1:
+        torch.distributed.all_reduce(stats)
+    total_loss, total_correct, total_seen = stats.tolist()  # the epoch's host sync
+    return total_loss, total_correct, int(total_seen)
+
+
 def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, epochs: int, lr: float | None,
         loss_fn: LossFn, label: str) -> dict:
     """Train `module` for `epochs`; keeps the best weights by validation accuracy (loaded at the end)."""
-    data = ctx.data()
-    train, val = data.train, data.val
-    train_tf, eval_tf = ctx.pipeline("train"), ctx.pipeline("eval")
-    device = ctx.device
+    placed, pipeline = ctx.placed("train"), ctx.pipeline("train")
+    speed = ctx.speed
+    speed.prepare(module)
     optimizer = make_optimizer(ctx, module, lr)
     schedule = make_schedule(ctx, optimizer, epochs)
-    last_path, best_path = step_dir / "last.safetensors", step_dir / "best.safetensors"
-    history: list[dict] = []
-    start, best_acc, best_epoch = 0, -1.0, -1
-    if last_path.exists():
-        from safetensors import safe_open
-
-        with safe_open(str(last_path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("key") == key and best_path.exists():
-            tensors = load_file(last_path)
-            unwrap(module).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")},
-                                           strict=False)
-            _restore_optimizer(optimizer, tensors, meta["optimizer"])
-            schedule.load_state_dict(json.loads(meta["schedule"]))
-            progress = json.loads(meta["progress"])
-            start, best_acc, best_epoch, history = (progress["epoch"] + 1, progress["best_acc"],
-                                                    progress["best_epoch"], progress["history"])
-            ctx.log(f"{label}: resuming after epoch {start} of {epochs}")
-    best_state = load_file(best_path) if start > 0 else None
-
+    progress = resume(ctx, module, optimizer, schedule, step_dir, key, label, epochs)
     net = module
     if ctx.world > 1:
         net = torch.nn.parallel.DistributedDataParallel(module)
-    n_train = len(train)
-    for epoch in range(start, epochs):
-        net.train()
+    net = speed.compiled(net)
+    scaler = speed.scaler()
+    for epoch in range(progress.start, epochs):
         t0 = time.perf_counter()
-        loss_sum = torch.zeros((), dtype=torch.float64)
-        correct = torch.zeros((), dtype=torch.int64)
-        seen = 0
-        order = list(batches(n_train, ctx.recipe.data.batch_size, shuffle=True, seed=ctx.recipe.seed, epoch=epoch,
-                             rank=ctx.rank, world=ctx.world))
-        bar = None
-        if ctx.interactive:
-            from tqdm import tqdm
-
-            bar = tqdm(order, desc=f"{label} {epoch + 1}/{epochs}", leave=False, unit="batch")
-        for i, idx in enumerate(bar if bar is not None else order):
-            x = train_tf(train.images[idx]).to(device, non_blocking=True)
-            y = train.labels[idx].to(device, non_blocking=True)
-            logits = net(x)
-            loss = loss_fn(logits, y, idx, x)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            optimizer.step()
-            with torch.no_grad():
-                loss_sum += loss.detach().double().cpu() * len(idx)
-                correct += (logits.argmax(1) == y).sum().cpu()
-            seen += len(idx)
-            if bar is not None and i % 10 == 0:
-                bar.set_postfix(loss=f"{loss_sum.item() / seen:.3f}", acc=f"{correct.item() / seen:.3f}")
-        if bar is not None:
-            bar.close()
-        stats = torch.tensor([loss_sum.item(), float(correct.item()), float(seen)], dtype=torch.float64)
-        if ctx.world > 1:
-            torch.distributed.all_reduce(stats)
+        loss_sum, correct, seen = train_epoch(ctx, net, optimizer, scaler, loss_fn, placed, pipeline, epoch,
+                                              f"{label} {epoch + 1}/{epochs}")
         train_seconds = time.perf_counter() - t0
+        if not math.isfinite(loss_sum):
+            raise TrainingError(
+                f"{label}: the training loss became {loss_sum / max(1, seen)} in epoch {epoch + 1} of {epochs}; "
+                f"nothing of this epoch was saved\n  hint: the learning rate "
+                f"({optimizer.param_groups[0]['lr']:g}) is probably too high; lower it, e.g. "
+                f"--set optimizer.lr=0.001")
         schedule.step()
-        val_logits = logits_of(module, val, eval_tf, device, ctx.recipe.data.eval_batch_size)
-        val_acc, val_loss = accuracy_and_loss(val_logits, val.labels)
-        row = {"epoch": epoch + 1, "train_loss": stats[0].item() / stats[2].item(),
-               "train_accuracy": stats[1].item() / stats[2].item(), "val_loss": val_loss, "val_accuracy": val_acc,
+        val = ctx.evaluate(module, "val")
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
+               "train_accuracy": correct / max(1, seen), "val_loss": val.loss, "val_accuracy": val.accuracy,
                "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-               "images_per_second": stats[2].item() / train_seconds}
-        history.append(row)
-        if val_acc > best_acc:
-            best_acc, best_epoch = val_acc, epoch + 1
-            best_state = {k: v.clone() for k, v in state_tensors(unwrap(module)).items()}
-        if ctx.is_main:
-            opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-            model_tensors = {f"model.{k}": v.contiguous() for k, v in state_tensors(unwrap(module)).items()}
-            progress = {"epoch": epoch, "best_acc": best_acc, "best_epoch": best_epoch, "history": history}
-            if best_epoch == epoch + 1:
-                atomic_write(best_path, st_save({k: v.contiguous() for k, v in best_state.items()}))
-            atomic_write(last_path, st_save({**model_tensors, **opt_tensors},
-                                            metadata={"key": key, "optimizer": opt_meta,
-                                                      "schedule": json.dumps(schedule.state_dict()),
-                                                      "progress": json.dumps(progress)}))
+               "images_per_second": seen / train_seconds}
+        progress.history.append(row)
+        if val.accuracy > progress.best_acc:
+            progress.best_acc, progress.best_epoch = val.accuracy, epoch + 1
+            progress.best_state = {k: v.clone() for k, v in state_tensors(unwrap(module)).items()}
+        checkpoint(ctx, module, optimizer, schedule, step_dir, key, epoch, progress)
         # Logged after the checkpoint is on disk: a run killed after this line resumes after this epoch.
         ctx.log(f"{label} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
-                f"| val loss {val_loss:.4f} acc {val_acc:.4f} | {row['images_per_second']:.0f} img/s")
-    if best_state is not None:
-        unwrap(module).load_state_dict(best_state, strict=False)
+                f"| val loss {val.loss:.4f} acc {val.accuracy:.4f} | {row['images_per_second']:.0f} img/s")
+    if progress.best_state is not None:
+        unwrap(module).load_state_dict(progress.best_state, strict=False)
     if ctx.is_main:
         from .plots import training_curves
 
-        training_curves(history, step_dir / "curves.png", label)
-    return {"val_accuracy": best_acc, "best_epoch": best_epoch, "epochs": epochs, "history": history,
-            "images_per_second": (sum(h["images_per_second"] for h in history[start:]) / max(1, len(history[start:]))
-                                  if history[start:] else None)}
+        training_curves(progress.history, step_dir / "curves.png", label)
+    ran = progress.history[progress.start:]
+    return {"val_accuracy": progress.best_acc, "best_epoch": progress.best_epoch, "epochs": epochs,
+            "history": progress.history,
+            "images_per_second": sum(h["images_per_second"] for h in ran) / len(ran) if ran else None}

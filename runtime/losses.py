@@ -13,6 +13,7 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
 
     with the KL divergence averaged over the batch.
     """
+    student_logits, teacher_logits = student_logits.float(), teacher_logits.float()  # T = 20 needs fp32
     hard = F.cross_entropy(student_logits, labels)
     soft = F.kl_div(F.log_softmax(student_logits / temperature, dim=1),
                     F.log_softmax(teacher_logits / temperature, dim=1), reduction="batchmean", log_target=True)

@@ -64,6 +64,18 @@ class DataConfig(Strict):
     on_bad_image: Literal["error", "skip"] = "error"
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
+    cache: bool = True                 # keep decoded folder images in a memory-mapped file (see runtime.cache)
+    cache_dir: str | None = None       # default: $NCCOMPILE_CACHE_DIR, else ~/.cache/nccompile
+
+
+class SpeedConfig(Strict):
+    """How fast, not what: none of these change what is trained, only how it runs.
+    `auto` picks per device (see runtime.speed): bf16 autocast and channels_last on CUDA, fp32 on the CPU."""
+
+    precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
+    channels_last: Literal["auto"] | bool = "auto"
+    compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # reduce-overhead = CUDA graphs
+    data_on_device: Literal["auto"] | bool = "auto"  # auto: when the uint8 images fit in half the free memory
 
 
 class TransformsConfig(Strict):
@@ -91,6 +103,7 @@ class Recipe(Strict):
     transforms: TransformsConfig = TransformsConfig()
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
+    speed: SpeedConfig = SpeedConfig()
     models: dict[str, ModelRef] = {}
     steps: list[Any]
 

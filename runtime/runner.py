@@ -25,6 +25,7 @@ from .context import ModelSlot, RunContext
 from .data import list_source
 from .recipe import load_recipe
 from .rundir import RunDir, digest, write_json, write_text
+from .speed import resolve as resolve_speed
 from .steps import REGISTRY
 from .weights import read_state
 
@@ -152,18 +153,31 @@ def prepare(opts: Options):
         plan.append((cfg, kind, skip))
     if problems:
         raise NcError("\n".join(f"{recipe_path}: error: {p}" for p in problems))
-    # building transforms validates them too
-    from .transforms import Pipeline
+    # building the transforms for the training input validates them, sizes included
+    from .context import pipeline_for
 
-    Pipeline(recipe.transforms.train, "transforms.train")
-    Pipeline(recipe.transforms.eval, "transforms.eval")
-    return recipe, recipe_path, listing, slots, plan
+    pipelines = {w: pipeline_for(recipe, w, input_shape) for w in ("train", "eval")}
+    return recipe, recipe_path, listing, slots, plan, pipelines
 
 
-def _timeline(recipe, listing, slots, plan, input_shape) -> str:
+def _budgets(model) -> list[str]:
+    """The spec's budgets with their values at the training input, as checked before any work."""
+    a = analyse(model)
+    if not a.budgets:
+        return [f"budgets: none in {model.spec.path}"]
+    return [f"budgets at the training input {'x'.join(map(str, model.input_shape))}:"] + [
+        f"  {'ok  ' if b.ok else 'FAIL'}  {b.name}: {b.value:,}"
+        + (f" ({100 * b.value / b.limit:.1f}% of the limit)" if b.limit else "") for b in a.budgets]
+
+
+def _timeline(recipe, listing, slots, plan, input_shape, pipelines, speed) -> str:
     lines = [f"recipe {recipe.name}: {recipe.description}".rstrip(": "),
              f"data: {listing.description} ({len(listing.classes)} classes), training input "
-             f"{'x'.join(map(str, input_shape))}"]
+             f"{'x'.join(map(str, input_shape))}",
+             *_budgets(slots["student"].model),
+             f"transforms.train: {pipelines['train'].describe()}",
+             f"transforms.eval: {pipelines['eval'].describe()}",
+             f"speed: {speed.describe()}"]
     for name, slot in slots.items():
         origin = {None: "fresh initialisation", "checkpoint": f"checkpoint {slot.weights}"}.get(slot.producer)
         if slot.torchvision_weights:
@@ -206,11 +220,13 @@ def run(opts: Options) -> int:
 
 
 def _run(opts: Options, rank: int, world: int, device) -> int:
-    recipe, recipe_path, listing, slots, plan = prepare(opts)
+    recipe, recipe_path, listing, slots, plan, pipelines = prepare(opts)
     student = slots["student"].model
+    speed = resolve_speed(recipe.speed, device)
+    timeline = _timeline(recipe, listing, slots, plan, student.input_shape, pipelines, speed)
     if opts.dry_run:
         if rank == 0:
-            print(_timeline(recipe, listing, slots, plan, student.input_shape))
+            print(timeline)
         return 0
     out = Path(opts.out) if opts.out else Path("runs") / (
         f"{Path(opts.spec).stem}-{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
@@ -220,9 +236,10 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
         write_text(out / f"spec{Path(opts.spec).suffix}", student.source)
         write_text(out / "recipe.yaml", yaml.safe_dump(
             {**recipe.model_dump(exclude={"steps"}), "steps": [c.model_dump() for c, _, _ in plan]}, sort_keys=False))
-        print(_timeline(recipe, listing, slots, plan, student.input_shape))
+        print(timeline)
         print(f"run directory: {out}")
-    ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world)
+    ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world, speed=speed)
+    ctx._pipelines.update(pipelines)
     shared = recipe.model_dump(exclude={"steps", "name", "description"})
     entries = []
     accuracy: dict[str, float] = {}

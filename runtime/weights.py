@@ -30,7 +30,8 @@ class WeightsError(NcError):
 
 def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The tensors a model file stores: the state dict minus BatchNorm's step counters."""
-    return {k: v.detach().cpu() for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
+    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()
+            if not k.endswith("num_batches_tracked")}
 
 
 # --- quantization ----------------------------------------------------------------

@@ -50,7 +50,7 @@ def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
     fp32_file = out / "steps/distill/model.safetensors"
     module = build_with_weights(student10, fp32_file)
     from runtime.data import list_source, load
-    from runtime.loop import accuracy_and_loss, logits_of
+    from runtime.loop import score_split
     from runtime.recipe import DataConfig
     from runtime.transforms import Pipeline
 
@@ -61,8 +61,7 @@ def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
         path = tmp_path / f"{fmt}.safetensors"
         assert save_model(module, student10, path, fmt) == compiler.predicted_bytes(student10, fmt)
         q_module = build_with_weights(student10, path)
-        accuracy[fmt] = accuracy_and_loss(logits_of(q_module, data.val, Pipeline([], "eval"), "cpu", 256),
-                                          data.val.labels)[0]
+        accuracy[fmt] = score_split(q_module, data.val, Pipeline([], "eval", 3, (32, 32)), 10).accuracy
     assert abs(accuracy["fp16"] - m["fp32_val_accuracy"]) < 0.005
     assert abs(accuracy["int8-channel"] - m["fp32_val_accuracy"]) <= 0.01
     assert 0.0 <= accuracy["int2"] <= 1.0  # honest, whatever it is

@@ -283,12 +283,12 @@ def test_transform_pipeline():
     from runtime.transforms import Pipeline
 
     batch = torch.full((4, 3, 8, 8), 255, dtype=torch.uint8)
-    out = Pipeline([{"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}], "eval")(batch)
+    out = Pipeline([{"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}], "eval", 3, (8, 8))(batch)
     assert out.dtype == torch.float32 and torch.allclose(out, torch.full_like(out, 2.0))
-    aug = Pipeline([{"crop": {"size": 8, "padding": 2}}, {"flip": 0.5}, {"rotation": 10}], "train")
+    aug = Pipeline([{"crop": {"size": 8, "padding": 2}}, {"flip": 0.5}, {"rotation": 10}], "train", 3, (8, 8))
     assert aug.random and aug(batch).shape == (4, 3, 8, 8)
     with pytest.raises(RecipeError, match="unknown transform `flop`; did you mean `flip`"):
-        Pipeline([{"flop": 0.5}], "transforms.train")
+        Pipeline([{"flop": 0.5}], "transforms.train", 3, (8, 8))
 
 
 def _idx(path: Path, magic: int, dims: tuple, data: torch.Tensor) -> None:

@@ -8,7 +8,6 @@ from typing import Literal
 
 import torch
 
-from ..loop import accuracy_and_loss, logits_of
 from ..rundir import write_json
 from ..weights import atomic_write
 from .base import StepConfig, StepKind, StepResult, register
@@ -40,16 +39,13 @@ class Evaluate(StepKind):
         slot = ctx.models[cfg.model]
         module = slot.build(ctx.device, ctx.recipe.seed).eval()
         data = ctx.data()
-        split = data.val if cfg.split == "val" else data.train
-        logits = logits_of(module, split, ctx.pipeline("eval"), ctx.device, ctx.recipe.data.eval_batch_size)
-        acc, loss = accuracy_and_loss(logits, split.labels)
-        n = len(data.classes)
-        matrix = torch.bincount(split.labels * n + logits.argmax(1), minlength=n * n).reshape(n, n)
+        scores = ctx.evaluate(module, cfg.split)
+        acc, loss, matrix = scores.accuracy, scores.loss, scores.confusion
         totals = matrix.sum(1).clamp(min=1)
         per_class = {c: (matrix[i, i] / totals[i]).item() for i, c in enumerate(data.classes)}
         step_dir = ctx.run.step_dir(cfg.name)
         metrics = {"val_accuracy": acc, "val_loss": loss, "per_class_accuracy": per_class,
-                   "confusion_matrix": matrix.tolist(), "images": len(split)}
+                   "confusion_matrix": matrix.tolist(), "images": scores.images}
         if ctx.is_main:
             write_json(step_dir / "metrics.json", metrics)
             confusion_matrix(matrix, data.classes, step_dir / "confusion.png",
@@ -72,7 +68,7 @@ class Predict(StepKind):
     def run(self, cfg: PredictConfig, ctx, key: str = "") -> StepResult:
         data = ctx.data()
         module = ctx.models[cfg.model].build(ctx.device, ctx.recipe.seed).eval()
-        logits = logits_of(module, data.test, ctx.pipeline("eval"), ctx.device, ctx.recipe.data.eval_batch_size)
+        logits = ctx.logits(module, "test").cpu()
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(["Id", "Category"])

@@ -12,7 +12,7 @@ from compiler.analysis import analyse, predicted_bytes
 from compiler.emit import emit
 from compiler.lowrank import candidates, factor_params, factorize
 
-from ..loop import accuracy_and_loss, fit, logits_of
+from ..loop import fit
 from ..weights import atomic_write, load_into, state_tensors
 from .base import StepConfig, StepResult, register
 from .prune import ArchitectureStep, Finetune, finetune_loss
@@ -83,17 +83,15 @@ class Lowrank(ArchitectureStep):
 
     def run(self, cfg: LowrankConfig, ctx, key: str = "") -> StepResult:
         slot = ctx.models[cfg.model]
-        module = slot.build(ctx.device, ctx.recipe.seed).cpu().eval()
-        data = ctx.data()
-        eval_tf, bs = ctx.pipeline("eval"), ctx.recipe.data.eval_batch_size
-        before = accuracy_and_loss(logits_of(module, data.val, eval_tf, "cpu", bs), data.val.labels)[0]
-        new_model, new_module, text, ranks = factorize_module(slot.model, module, cfg)
+        module = slot.build(ctx.device, ctx.recipe.seed).eval()
+        before = ctx.evaluate(module, "val").accuracy
+        new_model, new_module, text, ranks = factorize_module(slot.model, module.cpu(), cfg)
         new_module = new_module.to(ctx.device)
         if cfg.finetune and cfg.finetune.epochs:
             fit(ctx, module=new_module, step_dir=ctx.run.step_dir(cfg.name) / "finetune", key=key,
                 epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, loss_fn=finetune_loss(cfg.finetune, ctx)(new_module),
                 label=f"{cfg.name} finetune")
-        after = accuracy_and_loss(logits_of(new_module, data.val, eval_tf, ctx.device, bs), data.val.labels)[0]
+        after = ctx.evaluate(new_module, "val").accuracy
         step_dir = ctx.run.step_dir(cfg.name)
         if ctx.is_main:
             atomic_write(step_dir / "lowrank.spec", text.encode())

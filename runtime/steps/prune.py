@@ -1,6 +1,7 @@
 """`prune`: structured channel pruning, iterated with fine-tuning, optionally swept over rates."""
 from __future__ import annotations
 
+import copy
 import csv
 import io
 from typing import Literal
@@ -12,8 +13,7 @@ from compiler.analysis import analyse, predicted_bytes
 from compiler.channels import analyse_channels
 
 from ..int8 import latency_ms
-from ..loop import accuracy_and_loss, fit, logits_of
-from ..losses import kd_loss
+from ..loop import fit
 from ..prune import choose, importance, prune_model, shrink_to
 from ..rundir import digest
 from ..weights import atomic_write
@@ -64,17 +64,9 @@ def finetune_loss(ft: Finetune, ctx):
     """A loss factory for fine-tuning after an architecture change: cross-entropy, or KD from a teacher."""
     if ft.kind == "train":
         return lambda module: (lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y))
-    teacher = ctx.models[ft.teacher].build(ctx.device, ctx.recipe.seed).eval()
-    for p in teacher.parameters():
-        p.requires_grad_(False)
+    from .train import teacher_loss
 
-    def factory(module):
-        def loss(logits, y, idx, x):
-            with torch.no_grad():
-                t = teacher(x)
-            return kd_loss(logits, t, y, ft.temperature, ft.alpha)
-        return loss
-    return factory
+    return teacher_loss(ctx, ft.teacher, ft.temperature, ft.alpha, label="fine-tuning")
 
 
 class ArchitectureStep(StepKind):
@@ -107,14 +99,14 @@ class Prune(ArchitectureStep):
     def _point(self, cfg, ctx, model, module, label, iteration) -> dict:
         data = ctx.data()
         a = analyse(model)
-        acc = accuracy_and_loss(logits_of(module, data.val, ctx.pipeline("eval"), ctx.device,
-                                          ctx.recipe.data.eval_batch_size), data.val.labels)[0]
+        acc = ctx.evaluate(module, "val").accuracy
         point = {"run": label, "iteration": iteration, "params": a.params, "macs": a.macs,
                  "file_bytes": predicted_bytes(model, "fp32"), "val_accuracy": acc}
         if cfg.latency:
+            # CPU latency of a CPU copy: the model being pruned stays where it trains
             one = ctx.pipeline("eval")(data.val.images[:1])
-            point["latency_ms"] = latency_ms(module.cpu(), one, runs=20)
-            module.to(ctx.device)
+            cpu = copy.deepcopy(module).cpu().float().to(memory_format=torch.contiguous_format)
+            point["latency_ms"] = latency_ms(cpu, one, runs=20)
         ctx.log(f"{cfg.name} [{label}] iteration {iteration}: {a.params:,} params, {a.macs:,} MACs, "
                 f"val accuracy {acc:.4f}" + (f", {point['latency_ms']:.2f} ms/image" if cfg.latency else ""))
         return point

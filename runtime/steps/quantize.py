@@ -9,7 +9,6 @@ from compiler.analysis import predicted_bytes
 from compiler.errors import NcError
 from compiler.fileformat import FORMAT_HELP, is_format, parse_format
 
-from ..loop import accuracy_and_loss, logits_of
 from ..weights import build_with_weights, compress_file, save_model
 from .base import StepConfig, StepKind, StepResult, register
 
@@ -70,8 +69,8 @@ class Quantize(StepKind):
         predicted = predicted_bytes(slot.model, fmt)
         metrics: dict = {"format": fmt.name, "predicted_bytes": predicted,
                          "fp32_bytes": predicted_bytes(slot.model, "fp32")}
-        if ctx.is_main:
-            size = save_model(module.cpu(), slot.model, path, fmt)
+        if ctx.is_main:  # save_model reads the weights to the CPU; the module stays on the device
+            size = save_model(module, slot.model, path, fmt)
             if size != predicted:  # the compiler's promise; a mismatch is a bug worth stopping for
                 raise AssertionError(f"{path}: {size} bytes written, {predicted} predicted")
         if ctx.world > 1:
@@ -87,17 +86,17 @@ class Quantize(StepKind):
         self._check_budgets(cfg, slot, fmt, metrics)
         if cfg.evaluate or cfg.integer_inference:
             data = ctx.data()
-            eval_tf, bs = ctx.pipeline("eval"), ctx.recipe.data.eval_batch_size
-            fp32_acc, _ = accuracy_and_loss(logits_of(module, data.val, eval_tf, ctx.device, bs), data.val.labels)
-            dequantized = build_with_weights(slot.model, path).to(ctx.device)
-            q_acc, q_loss = accuracy_and_loss(logits_of(dequantized, data.val, eval_tf, ctx.device, bs),
-                                              data.val.labels)
+            fp32_acc = ctx.evaluate(module, "val").accuracy
+            dequantized = ctx.speed.prepare(build_with_weights(slot.model, path).to(ctx.device).eval())
+            q = ctx.evaluate(dequantized, "val")
+            q_acc, q_loss = q.accuracy, q.loss
             metrics.update(fp32_val_accuracy=fp32_acc, val_accuracy=q_acc, val_loss=q_loss,
                            accuracy_drop=fp32_acc - q_acc)
             ctx.log(f"{cfg.name}: {fmt.name} file {metrics['file_bytes']:,} bytes (fp32 {metrics['fp32_bytes']:,}); "
                     f"val accuracy {q_acc:.4f} dequantized vs {fp32_acc:.4f} fp32")
-            if cfg.integer_inference:
-                metrics["integer"] = self._integer(cfg, ctx, dequantized.cpu(), module.cpu(), data, eval_tf)
+            if cfg.integer_inference:  # PyTorch's int8 kernels are CPU-only: measured there, on CPU copies
+                metrics["integer"] = self._integer(cfg, ctx, build_with_weights(slot.model, path).eval(),
+                                                   build_with_weights(slot.model, slot.weights).eval(), data)
         return StepResult(model_file=path, metrics=metrics, files=files)
 
     def _check_budgets(self, cfg, slot, fmt, metrics) -> None:
@@ -120,17 +119,19 @@ class Quantize(StepKind):
             raise BudgetExceeded(f"quantize step `{cfg.name}`: " + "; ".join(
                 f"{r['name']} fails: {r['value']:,} bytes ({r['measured_on']})" for r in failed))
 
-    def _integer(self, cfg, ctx, dequantized, fp32, data, eval_tf) -> dict:
+    def _integer(self, cfg, ctx, dequantized, fp32, data) -> dict:
         import torch
 
         from ..int8 import integer_model, latency_ms
+        from ..loop import score_split
 
+        eval_tf = ctx.pipeline("eval")
         bs = ctx.recipe.data.batch_size
         calibration = [eval_tf(data.train.images[i * bs:(i + 1) * bs]) for i in range(cfg.calibration_batches)
                        if i * bs < len(data.train)]
         qmodel, float_ops = integer_model(dequantized, calibration)
-        acc, _ = accuracy_and_loss(logits_of(qmodel, data.val, eval_tf, torch.device("cpu"),
-                                             ctx.recipe.data.eval_batch_size), data.val.labels)
+        acc = score_split(qmodel, data.val, eval_tf, len(data.classes),
+                          batch_size=ctx.recipe.data.eval_batch_size).accuracy
         one = eval_tf(data.val.images[:1])
         batch = eval_tf(data.val.images[:64])
         result = {"engine": torch.backends.quantized.engine, "val_accuracy": acc,

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..loop import fit, logits_of
+from ..loop import fit
 from ..losses import kd_loss
 from .base import StepConfig, StepKind, StepResult, register
 
@@ -76,27 +76,40 @@ class Distill(StepKind):
                 f"(T={cfg.temperature:g}, alpha={cfg.alpha:g})")
 
     def run(self, cfg: DistillConfig, ctx, key: str = "") -> StepResult:
-        teacher = ctx.models[cfg.teacher].build(ctx.device, ctx.recipe.seed).eval()
-        for p in teacher.parameters():
-            p.requires_grad_(False)
-        data = ctx.data()
-        train_tf = ctx.pipeline("train")
-        cached = None
-        # Without random augmentation a teacher sees the same inputs every epoch: compute its
-        # logits once instead of once per batch per epoch (the teacher dominates the cost).
-        if cfg.teacher_cache == "always" or (cfg.teacher_cache == "auto" and not train_tf.random):
-            cached = logits_of(teacher, data.train, train_tf, ctx.device, ctx.recipe.data.eval_batch_size)
-            ctx.log(f"{cfg.name}: teacher logits computed once for {len(cached)} training images")
+        return _train(cfg, ctx, key, teacher_loss(ctx, cfg.teacher, cfg.temperature, cfg.alpha, cfg.teacher_cache,
+                                                  cfg.name))
 
-        def factory(module):
-            def loss(logits, y, idx, x):
-                if cached is not None:
-                    t = cached[idx].to(logits.device)
-                else:
-                    with torch.no_grad():
-                        t = teacher(x)
-                return kd_loss(logits, t, y, cfg.temperature, cfg.alpha)
 
-            return loss
+def frozen_teacher(ctx, name: str) -> torch.nn.Module:
+    """A model of the run in eval mode, without gradients, in the run's memory format."""
+    teacher = ctx.speed.prepare(ctx.models[name].build(ctx.device, ctx.recipe.seed).eval())
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    return teacher
 
-        return _train(cfg, ctx, key, factory)
+
+def teacher_loss(ctx, teacher_name: str, temperature: float, alpha: float, cache: str = "auto", label: str = ""):
+    """A loss factory for learning from a teacher (distill, and fine-tuning after pruning).
+
+    Without random augmentation the teacher sees the same inputs every epoch: its logits
+    are computed once instead of once per batch per epoch (the teacher dominates the cost).
+    Otherwise it runs on every augmented batch, in the loop's precision (autocast).
+    """
+    teacher = frozen_teacher(ctx, teacher_name)
+    cached = None
+    if cache == "always" or (cache == "auto" and not ctx.pipeline("train").random):
+        cached = ctx.logits(teacher, "train", "train")
+        ctx.log(f"{label}: teacher logits computed once for {len(cached)} training images")
+
+    def factory(module):
+        def loss(logits, y, idx, x):
+            if cached is not None:
+                t = cached[idx]
+            else:
+                with torch.no_grad():
+                    t = teacher(x)
+            return kd_loss(logits, t, y, temperature, alpha)
+
+        return loss
+
+    return factory

@@ -1,0 +1,72 @@
+"""The recipe's `speed` section resolved for a device: precision, memory format, compilation.
+
+Defaults follow what a tuned PyTorch loop does on each device: on CUDA, bf16 autocast,
+channels_last and the decoded images kept on the GPU; on the CPU, fp32 and contiguous
+tensors (bf16 autocast is slower than fp32 on most CPUs).
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+
+from .recipe import SpeedConfig
+
+_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+@dataclass(frozen=True)
+class Speed:
+    device: torch.device
+    precision: str               # bf16 | fp16 | fp32
+    channels_last: bool
+    compile: str                 # off | default | reduce-overhead | max-autotune
+    data_on_device: bool | None  # None: when it fits
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return _DTYPES[self.precision]
+
+    def autocast(self):
+        """Mixed precision for forward passes (and the loss); a no-op in fp32."""
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.dtype)
+
+    def scaler(self):
+        """fp16 needs loss scaling; bf16 and fp32 do not."""
+        if self.precision == "fp16":
+            return torch.amp.GradScaler(self.device.type)
+        return None
+
+    def prepare(self, module: torch.nn.Module) -> torch.nn.Module:
+        """The module in the memory format to train or run it in (in place)."""
+        if self.channels_last:
+            module.to(memory_format=torch.channels_last)
+        return module
+
+    def compiled(self, module: torch.nn.Module):
+        if self.compile == "off":
+            return module
+        return torch.compile(module, mode=None if self.compile == "default" else self.compile)
+
+    def describe(self) -> str:
+        return (f"{self.device.type}: {self.precision}"
+                + (", channels_last" if self.channels_last else "")
+                + (f", torch.compile ({self.compile})" if self.compile != "off" else ""))
+
+
+def resolve(cfg: SpeedConfig, device: torch.device) -> Speed:
+    cuda = device.type == "cuda"
+    precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
+    if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        precision = "fp16"
+    channels_last = cuda if cfg.channels_last == "auto" else bool(cfg.channels_last)
+    on_device = None if cfg.data_on_device == "auto" else bool(cfg.data_on_device)
+    return Speed(device, precision, channels_last, cfg.compile, on_device)
+
+
+def plain(device: str | torch.device = "cpu") -> Speed:
+    """fp32, contiguous, eager: the reference setting (int8 kernels, latency, tests)."""
+    return Speed(torch.device(device), "fp32", False, "off", None)
