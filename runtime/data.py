@@ -172,15 +172,19 @@ def list_source(cfg: DataConfig) -> Listing:
 
 # --- decoding ------------------------------------------------------------------
 
-def _decode_files(items, size: tuple[int, int], channels: int, on_bad: str, skipped: list[str]):
-    """Decode files to one uint8 tensor; JPEGs in batches (torchvision's batched decoder)."""
+def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, skipped: list[str], chunk: int = 512):
+    """Decode files in chunks of `chunk`: yields (uint8 [k, C, H, W], labels, ids); JPEGs go through
+    torchvision's batched decoder, other formats and bad files one by one."""
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     from torchvision.transforms.v2 import functional as F
 
     mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
 
     def read(path: Path) -> torch.Tensor:
-        return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        try:
+            return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+        except OSError as err:
+            raise DataError(f"{path}: cannot read image ({err.strerror})") from None
 
     def one(path: Path, data: torch.Tensor):
         try:
@@ -193,34 +197,38 @@ def _decode_files(items, size: tuple[int, int], channels: int, on_bad: str, skip
             skipped.append(str(path))
             return None
 
-    decoded: list[torch.Tensor | None] = []
-    chunk = 512
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
-        datas = []
-        for path, _ in part:
-            try:
-                datas.append(read(path))
-            except OSError as err:
-                raise DataError(f"{path}: cannot read image ({err.strerror})") from None
+        datas = [read(path) for path, _ in part]
         jpeg = all(p.suffix.lower() in (".jpg", ".jpeg") for p, _ in part) and all(len(d) for d in datas)
         try:
-            decoded += decode_jpeg(datas, mode=mode) if jpeg else [one(p, d) for (p, _), d in zip(part, datas)]
+            decoded = decode_jpeg(datas, mode=mode) if jpeg else [one(p, d) for (p, _), d in zip(part, datas)]
         except RuntimeError:  # a bad file in the batch: find it one by one
-            decoded += [one(p, d) for (p, _), d in zip(part, datas)]
+            decoded = [one(p, d) for (p, _), d in zip(part, datas)]
+        images, labels, ids = [], [], []
+        for (path, label), img in zip(part, decoded):
+            if img is None:
+                continue
+            if tuple(img.shape[1:]) != size:
+                img = F.resize(img, list(size), antialias=True)
+            images.append(img)
+            labels.append(label)
+            ids.append(path.stem)
+        if images:
+            yield torch.stack(images), labels, ids
+
+
+def _decode_files(items, size: tuple[int, int], channels: int, on_bad: str, skipped: list[str]) -> Split:
+    """Decode files into one uint8 tensor in memory."""
     images, labels, ids = [], [], []
-    for (path, label), img in zip(items, decoded):
-        if img is None:
-            continue
-        if tuple(img.shape[1:]) != size:
-            img = F.resize(img, list(size), antialias=True)
-        images.append(img)
-        labels.append(label)
-        ids.append(path.stem)
+    for chunk_images, chunk_labels, chunk_ids in _decoded_chunks(items, size, channels, on_bad, skipped):
+        images.append(chunk_images)
+        labels += chunk_labels
+        ids += chunk_ids
     if not images:
         return Split(torch.empty((0, channels, *size), dtype=torch.uint8), None, [])
     lab = None if labels[0] is None else torch.tensor(labels, dtype=torch.int64)
-    return Split(torch.stack(images), lab, ids)
+    return Split(torch.cat(images), lab, ids)
 
 
 def _to_shape(images: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
@@ -254,8 +262,18 @@ def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], s
     channels, size = input_shape[0], tuple(input_shape[1:])
     skipped: list[str] = []
     if listing.kind.startswith("folder"):
-        splits = {s: _decode_files(items, size, channels, cfg.on_bad_image, skipped)
-                  for s, items in listing.files.items()}
+        from .cache import cache_folder, cached_split
+
+        folder = cache_folder(cfg) if cfg.cache else None
+        splits = {}
+        for name, items in listing.files.items():
+            if folder is not None:
+                key = (listing.fingerprint, name, size, channels, cfg.on_bad_image)
+                splits[name], bad = cached_split(folder, key, (channels, *size), lambda out, items=items: (
+                    _decoded_chunks(items, size, channels, cfg.on_bad_image, out)), len(items))
+                skipped += bad
+            else:
+                splits[name] = _decode_files(items, size, channels, cfg.on_bad_image, skipped)
         if skipped:
             print(f"data: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
         return Data(listing.classes, splits["train"], splits["val"], splits.get("test"), skipped, listing.description)

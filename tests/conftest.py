@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -19,3 +20,5 @@ def in_root(monkeypatch):
 
 def pytest_configure(config):
     os.environ.setdefault("NCCOMPILE_DEBUG", "")
+    # decoded-image cache of this test session (subprocesses inherit it); never the user's ~/.cache
+    os.environ["NCCOMPILE_CACHE_DIR"] = tempfile.mkdtemp(prefix="nccompile-test-cache-")

@@ -1,0 +1,212 @@
+"""nccompile's `train` and `distill` on a GPU against two plain PyTorch loops, in one process.
+
+Same data (decoded once to uint8 at --input), same modules (built from specs/student.spec and
+specs/teacher.spec), same optimizer (AdamW, lr 3e-3, wd 5e-4), same batch size:
+
+  naive  fp32, batches copied from host memory, `loss.item()` after every step
+  tuned  uint8 images on the GPU, bf16 autocast, channels_last, fused AdamW, no per-step sync
+  nccompile  the `train` / `distill` step with the recipe's default speed settings
+
+For distillation the plain loops run the teacher on every batch without gradients, in the
+loop's precision; nccompile computes the teacher's logits once when there is no random
+augmentation (the default here, --augment none), as its distill step does.
+
+Throughput = training images / training time of one epoch (CUDA-synchronized; validation not
+counted), the median over epochs 2..E, so one-time costs (decoding, cuDNN autotuning, torch.compile)
+are left out on every side. Accuracy = validation accuracy after the last epoch.
+
+Run (GPU):  python bench/bench_gpu.py [--data DIR] [--input 3x128x128] [--epochs 3] [--batch 64 256]
+Smoke test: python bench/bench_gpu.py --device cpu --input 3x32x32 --per-class 20 --epochs 2 --batch 32
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import compiler  # noqa: E402
+from runtime.data import list_source, load  # noqa: E402
+from runtime.losses import kd_loss  # noqa: E402
+from runtime.recipe import DataConfig  # noqa: E402
+from runtime.runner import Options, run  # noqa: E402
+
+RECIPE = """
+name: bench_gpu
+seed: 0
+data: {{batch_size: {batch}, eval_batch_size: 512, limit_per_class: {per_class}}}
+transforms: {{train: {train_tf}, eval: []}}
+optimizer: {{name: adamw, lr: 0.003, weight_decay: 0.0005}}
+schedule: {{name: constant}}
+speed: {{compile: {compile}}}
+models: {{teacher: {{spec: {teacher}, checkpoint: {teacher_ckpt}}}}}
+steps:
+  - {{name: step, kind: {kind}, model: {model}, epochs: {epochs}{extra}}}
+"""
+
+
+def sync(device):
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def build(spec: str, shape, seed=0):
+    model = compiler.compile_spec(ROOT / "specs" / spec, params={"classes": 10}, input_shape=shape)
+    return model, compiler.build_module(model, seed=seed)
+
+
+def accuracy(module, images, labels, device, tuned: bool) -> float:
+    module.eval()
+    correct = 0
+    with torch.no_grad(), torch.autocast(device.type, dtype=torch.bfloat16, enabled=tuned):
+        for s in range(0, len(images), 512):
+            x = images[s:s + 512].to(device).float().div_(255)
+            if tuned:
+                x = x.contiguous(memory_format=torch.channels_last)
+            correct += (module(x).argmax(1) == labels[s:s + 512].to(device)).sum().item()
+    module.train()
+    return correct / len(images)
+
+
+def plain_loop(kind: str, module, teacher, data, device, batch: int, epochs: int) -> tuple[float, float]:
+    """(median img/s over epochs 2..E, final val accuracy) of the naive or tuned loop."""
+    tuned = kind == "tuned"
+    module = module.to(device)
+    if teacher is not None:
+        teacher = teacher.to(device).eval()
+    if tuned:
+        module = module.to(memory_format=torch.channels_last)
+        if teacher is not None:
+            teacher = teacher.to(memory_format=torch.channels_last)
+    extra = {"fused": True} if tuned and device.type == "cuda" else {}
+    opt = torch.optim.AdamW(module.parameters(), lr=3e-3, weight_decay=5e-4, **extra)
+    images, labels = data.train.images, data.train.labels
+    if tuned:
+        images, labels = images.to(device), labels.to(device)
+    rates = []
+    for epoch in range(epochs):
+        g = torch.Generator().manual_seed(epoch)
+        order = torch.randperm(len(images), generator=g)
+        if tuned:
+            order = order.to(device)
+        sync(device)
+        t0 = time.perf_counter()
+        for idx in torch.split(order, batch):
+            x, y = images[idx].to(device, non_blocking=tuned), labels[idx].to(device, non_blocking=tuned)
+            x = x.float().div_(255)
+            if tuned:
+                x = x.contiguous(memory_format=torch.channels_last)
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=tuned):
+                logits = module(x)
+                if teacher is not None:
+                    with torch.no_grad():
+                        t = teacher(x)
+                    loss = kd_loss(logits, t, y, 20.0, 0.5)
+                else:
+                    loss = F.cross_entropy(logits, y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            if not tuned:
+                loss.item()
+        sync(device)
+        rates.append(len(images) / (time.perf_counter() - t0))
+    return statistics.median(rates[1:] or rates), accuracy(module, data.val.images, data.val.labels, device, tuned)
+
+
+def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_ckpt: Path, tmp: Path):
+    recipe = tmp / f"{kind}-{model_name}-{batch}.yaml"
+    spec = "student.spec" if model_name == "student" else "teacher.spec"
+    extra = ", teacher: teacher" if kind == "distill" else ""
+    train_tf = "[{flip: 0.5}, {crop: {padding: 4}}]" if args.augment == "flipcrop" else "[]"
+    recipe.write_text(RECIPE.format(batch=batch, per_class=args.per_class or "null", train_tf=train_tf,
+                                    compile=args.compile, teacher=ROOT / "specs/teacher.spec",
+                                    teacher_ckpt=teacher_ckpt, kind=kind,
+                                    model="student", epochs=args.epochs, extra=extra))
+    out = tmp / f"run-{kind}-{model_name}-{batch}"
+    run(Options(str(ROOT / "specs" / spec), str(recipe), data=str(args.data), out=str(out), device=args.device,
+                input=shape))
+    from safetensors import safe_open
+
+    with safe_open(str(out / "steps/step/last.safetensors"), framework="pt") as f:
+        history = json.loads(f.metadata()["progress"])["history"]
+    rates = [h["images_per_second"] for h in history]
+    return statistics.median(rates[1:] or rates), history[-1]["val_accuracy"]
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-mini")
+    p.add_argument("--input", default="3x128x128")
+    p.add_argument("--per-class", type=int, default=None)
+    p.add_argument("--epochs", type=int, default=3)
+    p.add_argument("--batch", type=int, nargs="+", default=[64, 256])
+    p.add_argument("--models", nargs="+", default=["student", "teacher"])
+    p.add_argument("--steps", nargs="+", default=["train", "distill"])
+    p.add_argument("--augment", choices=["none", "flipcrop"], default="none")
+    p.add_argument("--compile", default="off", help="nccompile's speed.compile (off, default, reduce-overhead)")
+    p.add_argument("--device", default="cuda")
+    p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    args = p.parse_args()
+    device = torch.device(args.device)
+    shape = compiler.parse_shape(args.input)
+    cfg = DataConfig(path=str(args.data), limit_per_class=args.per_class)
+    data = load(list_source(cfg), cfg, shape, 0)
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
+    print(f"{name}; torch {torch.__version__}; {len(data.train)} train / {len(data.val)} val images at "
+          f"{args.input}; {args.epochs} epochs per measurement; augmentation {args.augment}", flush=True)
+    rows = []
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        # one trained teacher for every distillation (the plain loops and nccompile alike)
+        t_model, teacher = build("teacher.spec", shape)
+        from runtime.weights import save_model
+
+        plain_loop("tuned", teacher, None, data, device, 256, 1)
+        teacher_ckpt = tmp / "teacher.safetensors"
+        save_model(teacher.cpu(), t_model, teacher_ckpt)
+        for step in args.steps:
+            for model_name in args.models:
+                if step == "distill" and model_name == "teacher":
+                    continue  # the teacher is not distilled from itself
+                spec = "student.spec" if model_name == "student" else "teacher.spec"
+                for batch in args.batch:
+                    result = {}
+                    for loop in ("naive", "tuned"):
+                        torch.manual_seed(0)
+                        _, module = build(spec, shape)
+                        t = None
+                        if step == "distill":
+                            _, t = build("teacher.spec", shape)
+                            t.load_state_dict(teacher.state_dict())
+                        result[loop] = plain_loop(loop, module, t, data, device, batch, args.epochs)
+                    result["nccompile"] = nccompile_step(step, model_name, shape, args, batch, teacher_ckpt, tmp)
+                    tuned = result["tuned"][0]
+                    for loop, (rate, acc) in result.items():
+                        rows.append({"step": step, "model": model_name, "batch": batch, "loop": loop,
+                                     "images_per_second": rate, "vs_tuned": rate / tuned, "val_accuracy": acc})
+                        print(f"{step:8s} {model_name:8s} batch {batch:4d} {loop:10s} {rate:10.0f} img/s "
+                              f"{rate / tuned:6.2f}x tuned   val acc {acc:.4f}", flush=True)
+    print("\n| step | model | batch | naive img/s | tuned img/s | nccompile img/s | vs naive | vs tuned "
+          "| val acc (naive / tuned / nccompile) |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for i in range(0, len(rows), 3):
+        n, t, c = rows[i:i + 3]
+        print(f"| {c['step']} | {c['model']} | {c['batch']} | {n['images_per_second']:,.0f} | "
+              f"{t['images_per_second']:,.0f} | {c['images_per_second']:,.0f} | "
+              f"{c['images_per_second'] / n['images_per_second']:.2f}x | {c['vs_tuned']:.2f}x | "
+              f"{n['val_accuracy']:.3f} / {t['val_accuracy']:.3f} / {c['val_accuracy']:.3f} |")
+    if args.json:
+        args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
