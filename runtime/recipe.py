@@ -77,6 +77,11 @@ class SpeedConfig(Strict):
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # reduce-overhead = CUDA graphs
     data_on_device: Literal["auto"] | bool = "auto"  # auto: when the uint8 images fit in half the free memory
 
+    @field_validator("compile", mode="before")
+    @classmethod
+    def _yaml_booleans(cls, v):  # YAML reads `off` / `on` as booleans
+        return {False: "off", True: "default"}.get(v, v) if isinstance(v, bool) else v
+
 
 class TransformsConfig(Strict):
     """torchvision.transforms.v2 pipelines, one mapping per transform, e.g. `{flip: 0.5}`."""

@@ -97,7 +97,8 @@ class VFlip(Flip):
 
 
 class Crop:
-    """Random crop of `size` (default: the incoming size) after padding every side by `padding`."""
+    """Random crop of `size` (default: the incoming size) after padding every side by `padding`:
+    pixels (an integer), or a fraction of the image's shorter side (0.125 pads a 32x32 image by 4)."""
 
     random = True
     float_only = False
@@ -107,8 +108,13 @@ class Crop:
             arg = {"size": arg}
         a = _args(arg, {"size": None, "padding": 0, "padding_mode": "constant", "fill": 0}, "crop")
         self.size = None if a["size"] is None else _pair(a["size"], "size")
-        if isinstance(a["padding"], bool) or not isinstance(a["padding"], int) or a["padding"] < 0:
-            raise ValueError(f"padding must be a non-negative integer, got {a['padding']!r}")
+        pad = a["padding"]
+        if isinstance(pad, float) and 0 <= pad < 1:
+            pad = round(pad * min(size))
+        if isinstance(pad, bool) or not isinstance(pad, int) or pad < 0:
+            raise ValueError(f"padding must be a non-negative integer (pixels) or a fraction in [0, 1) of the "
+                             f"image size, got {a['padding']!r}")
+        a["padding"] = pad
         if a["padding_mode"] not in ("constant", "reflect", "edge"):
             raise ValueError(f"padding_mode must be constant, reflect or edge, got {a['padding_mode']!r}")
         self.padding, self.mode, self.fill = a["padding"], a["padding_mode"], a["fill"]
@@ -226,8 +232,8 @@ class ResizedCrop:
         h, w = size
         dev = like.device
         area = _uniform(n * tries, *self.scale, like, gen).view(n, tries) * (h * w)
-        log_r = torch.log(torch.tensor(self.ratio, device=dev))
-        ratio = torch.exp(_uniform(n * tries, float(log_r[0]), float(log_r[1]), like, gen)).view(n, tries)
+        ratio = torch.exp(_uniform(n * tries, math.log(self.ratio[0]), math.log(self.ratio[1]), like, gen)
+                          ).view(n, tries)
         bw = torch.sqrt(area * ratio).round()
         bh = torch.sqrt(area / ratio).round()
         ok = (bw > 0) & (bw <= w) & (bh > 0) & (bh <= h)
@@ -418,6 +424,7 @@ class Pipeline:
         self.out_size = current
         self.random = any(op.random for _, op in self.ops)
         self.channels = channels
+        self._consts: dict = {}
 
     def describe(self) -> str:
         steps, size = [], self.in_size
@@ -432,11 +439,17 @@ class Pipeline:
         head = f"{self.in_size[0]}x{self.in_size[1]}"
         return (f"{head} -> " + " -> ".join(steps) + f" -> {size[0]}x{size[1]}") if steps else f"{head} (as is)"
 
-    def _affine_params(self, device) -> tuple[torch.Tensor, torch.Tensor]:
-        """scale and bias so that uint8 * scale + bias = normalize(x / 255)."""
-        mean = torch.tensor(self.norm.mean if self.norm else [0.0], device=device)
-        std = torch.tensor(self.norm.std if self.norm else [1.0], device=device)
-        return (1 / (255 * std)).view(1, -1, 1, 1), (-mean / std).view(1, -1, 1, 1)
+    def _affine_params(self, device, dtype, is_float: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        """scale and bias so that x * scale + bias = normalize(x / 255) (x / 255 already when is_float);
+        made once per device: building them per batch would copy to the GPU and wait every time."""
+        key = (str(device), dtype, is_float)
+        if key not in self._consts:
+            mean = torch.tensor(self.norm.mean if self.norm else [0.0], dtype=torch.float64)
+            std = torch.tensor(self.norm.std if self.norm else [1.0], dtype=torch.float64)
+            scale = 1 / std if is_float else 1 / (255 * std)
+            self._consts[key] = (scale.view(1, -1, 1, 1).to(device, dtype), (-mean / std).view(1, -1, 1, 1).to(
+                device, dtype))
+        return self._consts[key]
 
     def __call__(self, x: torch.Tensor, generator: torch.Generator | None = None,
                  dtype: torch.dtype = torch.float32, channels_last: bool = False) -> torch.Tensor:
@@ -446,10 +459,8 @@ class Pipeline:
             if op.float_only and not is_float:
                 x, is_float = x.to(dtype).div_(255), True
             x = op.apply(x, op.sample(n, tuple(x.shape[-2:]), x, generator))
-        scale, bias = self._affine_params(x.device)
-        if is_float:
-            scale = scale * 255
+        scale, bias = self._affine_params(x.device, dtype, is_float)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         # one pass: float conversion, [0, 1] scaling and normalization
-        return torch.addcmul(bias.to(dtype), x.to(dtype), scale.to(dtype))
+        return torch.addcmul(bias, x.to(dtype), scale)

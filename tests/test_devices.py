@@ -18,8 +18,8 @@ from runtime.recipe import BUILTIN_RECIPES
 from .conftest import DATA
 
 needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real images not found at {DATA}")
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
-                                                                reason="no CUDA device here"))]
+_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+DEVICES = ["cpu", pytest.param("cuda", marks=_CUDA), pytest.param("auto", marks=_CUDA)]
 RECIPES = sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml"))
 
 
@@ -43,7 +43,7 @@ def test_builtin_recipe_end_to_end(recipe, device, tmp_path, capsys, in_root):
             assert "integer" in m and 0 <= m["integer"]["val_accuracy"] <= 1
         if step["kind"] == "evaluate":
             assert step["metrics"]["images"] == 60
-    if device == "cuda":
+    if device != "cpu":
         assert "training images in GPU memory; cuda: bf16, channels_last" in printed.out
 
 
@@ -152,3 +152,42 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, in_root):
     assert code == 2 and "training loss became" in err and "learning rate" in err, err
     assert not (out / "steps/train/best.safetensors").exists()
     assert os.path.exists(out)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+@pytest.mark.parametrize("transforms", [[], [{"flip": 0.5}, {"crop": {"padding": 4}}, {"resized_crop": {}},
+                                            {"rotation": 10}, {"color_jitter": {"brightness": 0.2, "hue": 0.05}}]])
+def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms):
+    """PyTorch's sync debug mode counts synchronizing calls: 2 batches and 12 batches must make as many."""
+    import warnings
+    from types import SimpleNamespace
+
+    from runtime.loop import train_epoch
+    from runtime.recipe import SpeedConfig
+    from runtime.speed import resolve
+    from runtime.transforms import Pipeline
+
+    device = torch.device("cuda")
+    speed = resolve(SpeedConfig(), device)
+    model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
+    module = speed.prepare(compiler.build_module(model).to(device))
+    optimizer = torch.optim.AdamW(module.parameters(), fused=True)
+    pipeline = Pipeline(transforms, "t", 3, (32, 32), expect=(32, 32))
+    counts = []
+    for n in (128, 768):
+        split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8), torch.arange(n) % 10, [])
+        placed = Placed(split, device)
+        ctx = SimpleNamespace(speed=speed, rank=0, world=1, interactive=False,
+                              recipe=SimpleNamespace(seed=0, data=SimpleNamespace(batch_size=64)))
+        loss = lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y)  # noqa: E731
+        train_epoch(ctx, module, optimizer, None, loss, placed, pipeline, 0, "warm-up")
+        torch.cuda.synchronize()
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            torch.cuda.set_sync_debug_mode("warn")
+            try:
+                train_epoch(ctx, module, optimizer, None, loss, placed, pipeline, 1, "counted")
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        counts.append(sum("synchroniz" in str(w.message) for w in seen))
+    assert counts[0] == counts[1] <= 2, counts

@@ -99,6 +99,13 @@ def test_pipeline_normalizes_in_one_pass_and_keeps_sizes():
     assert plain(x, channels_last=True).is_contiguous(memory_format=torch.channels_last)
 
 
+def test_crop_padding_as_a_fraction_follows_the_image_size():
+    assert Crop({"padding": 0.125}, (32, 32)).padding == 4
+    assert Crop({"padding": 0.125}, (64, 48)).padding == 6
+    p = Pipeline([{"crop": {"padding": 0.125}}], "t", 3, (64, 64), expect=(64, 64))
+    assert p.describe() == "64x64 -> crop(padding=8) -> 64x64"
+
+
 def test_same_generator_state_gives_the_same_batch():
     x = images(8, 32, 32)
     p = Pipeline([{"resized_crop": {"scale": [0.5, 1]}}, {"rotation": 10}, {"color_jitter": {"brightness": 0.3}}],
