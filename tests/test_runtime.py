@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
+import compiler
 from compiler.cli import main
 from runtime.losses import kd_loss
 
@@ -276,6 +277,23 @@ def test_torchrun_two_cpu_processes(tmp_path, in_root):
     # rank 0 alone prints: one line per epoch, not two
     assert proc.stdout.count("train epoch 2/2") == 1
     assert (out / "steps/train/model.safetensors").stat().st_size == report["steps"][0]["file_bytes"]
+    # validation is shared out over the two ranks and summed: every image once, the same accuracy
+    # as one process evaluating the saved model alone
+    from runtime.data import list_source, load
+    from runtime.loop import score_split
+    from runtime.recipe import DataConfig
+    from runtime.transforms import Pipeline
+    from runtime.weights import build_with_weights
+
+    metrics = report["steps"][1]["metrics"]
+    cfg = DataConfig(path=str(DATA), limit_per_class=20, cache=False)
+    data = load(list_source(cfg), cfg, (3, 32, 32), 0)
+    model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
+    alone = score_split(build_with_weights(model, out / "steps/train/model.safetensors"), data.val,
+                        Pipeline([], "eval", 3, (32, 32)), 10)
+    assert metrics["images"] == alone.images == len(data.val) == 200
+    assert metrics["val_accuracy"] == pytest.approx(alone.accuracy, abs=1e-9)
+    assert metrics["confusion_matrix"] == alone.confusion.tolist()
 
 
 def test_transform_pipeline():
