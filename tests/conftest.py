@@ -8,7 +8,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
 SPECS = ROOT / "specs"
-DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
+# the real images beside the checkout; NCCOMPILE_TEST_DATA points elsewhere (a GPU machine's copy)
+DATA = Path(os.environ.get("NCCOMPILE_TEST_DATA") or ROOT.parent / "shared" / "data" / "cifar10-mini")
 
 
 @pytest.fixture
