@@ -52,7 +52,7 @@ def main() -> None:
     args = p.parse_args()
     py = sys.executable
     cases = {
-        "nccompile specs/resnet18.spec --json": [py, "-m", "compiler", "specs/resnet18.spec", "--json"],
+        "nccompile specs/resnet18.spec --json": [py, "-m", "runtime", "specs/resnet18.spec", "--json"],
         'python -c "import torch"': [py, "-c", "import torch"],
         "torch: build resnet18 + forward summary": [py, "-c", TORCH_SUMMARY],
     }

@@ -48,7 +48,7 @@ def main() -> None:
     rows = []
     for name in args.only or VARIANTS:
         with tempfile.TemporaryDirectory() as tmp:
-            cmd = [sys.executable, "-m", "compiler", "specs/student.spec", "--recipe", "kd_wq", "--data", str(DATA),
+            cmd = [sys.executable, "-m", "runtime", "specs/student.spec", "--recipe", "kd_wq", "--data", str(DATA),
                    "--epochs", str(args.epochs), "--input", args.input, "--device", args.device, "--out", tmp]
             for s in VARIANTS[name] + ([f"data.limit_per_class={args.per_class}"] if args.per_class else []):
                 cmd += ["--set", s]

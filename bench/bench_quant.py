@@ -21,7 +21,7 @@ sys.path.insert(0, str(ROOT))
 import compiler  # noqa: E402
 from compiler.fileformat import parse_format  # noqa: E402
 from runtime.data import list_source, load  # noqa: E402
-from runtime.loop import score_split  # noqa: E402
+from runtime.evaluation import score_split  # noqa: E402
 from runtime.recipe import DataConfig  # noqa: E402
 from runtime.runner import Options, run  # noqa: E402
 from runtime.transforms import Pipeline  # noqa: E402

@@ -11,7 +11,7 @@ nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/nvidia-smi.txt"
 timeout 200 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_transforms.py -k "cuda or auto or syncs or placed" \
   2>&1 | tee "$OUT/pytest.log" | tail -5
-timeout 120 python3 -m compiler specs/student.spec --recipe kd_wq --device cuda --data .gpudata/cifar10-mini \
+timeout 120 python3 -m runtime specs/student.spec --recipe kd_wq --device cuda --data .gpudata/cifar10-mini \
   --input 3x32x32 --epochs 3 --out /tmp/kdwq 2>&1 | grep -v Warning | tee "$OUT/kd_wq.log" | tail -12
 timeout 240 python3 bench/bench_gpu.py --data .gpudata/cifar10-mini --input 3x128x128 --epochs 3 \
   --json "$OUT/bench_gpu.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_gpu.log" | tail -12

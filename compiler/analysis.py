@@ -5,7 +5,7 @@ import math
 from dataclasses import dataclass, field
 
 from . import fileformat
-from .elaborate import Model, Node
+from .tree import Model, Node
 from .expr import evaluate
 
 
@@ -142,6 +142,25 @@ def _top(root: Node, metric: str, fmt: str | None, n: int = 3) -> list[tuple[str
     return sorted(values, key=lambda item: -item[2])[:n]
 
 
+def budgets(model: Model, measured_bytes: dict[str, int] | None = None) -> list[BudgetResult]:
+    """Every budget of the spec against its value: predicted from the spec, or for file sizes the
+    `measured_bytes` of written files (format name -> bytes) where given. The one budget evaluator."""
+    root = model.root
+    totals = {"params": root.params, "macs": root.total_macs}
+    out = []
+    for b in model.definition.budgets:
+        limit = evaluate(b.limit, model.params)
+        if b.metric == "bytes":
+            name = as_format(b.format).name
+            value = (measured_bytes or {}).get(name)
+            value = predicted_bytes(model, b.format) if value is None else value
+        else:
+            value = totals[b.metric]
+        out.append(BudgetResult(f"{b.title} <= {limit:,}", b.metric, b.format, limit, value, value <= limit,
+                                _top(root, b.metric, b.format)))
+    return out
+
+
 def analyse(model: Model) -> Analysis:
     root = model.root
     byte_sizes = {fmt: predicted_bytes(model, fmt) for fmt in fileformat.SUMMARY_FORMATS}
@@ -149,14 +168,7 @@ def analyse(model: Model) -> Analysis:
         if b.metric == "bytes" and b.format not in byte_sizes:
             byte_sizes[b.format] = predicted_bytes(model, b.format)
     totals = {"params": root.params, "macs": root.total_macs}
-    budgets = []
-    for b in model.definition.budgets:
-        limit = evaluate(b.limit, model.params)
-        value = byte_sizes[b.format] if b.metric == "bytes" else totals[b.metric]
-        ok = value <= limit
-        budgets.append(BudgetResult(f"{b.title} <= {limit:,}", b.metric, b.format, limit, value, ok,
-                                    _top(root, b.metric, b.format)))
     leaves = root.leaves()
     return Analysis(model.name, model.spec.path, model.input_shape, totals["params"], root.buffers, totals["macs"],
-                    sum(math.prod(n.out_shape) for n in leaves if n is not root), byte_sizes, budgets,
+                    sum(math.prod(n.out_shape) for n in leaves if n is not root), byte_sizes, budgets(model),
                     _rows(root), dict(model.params))

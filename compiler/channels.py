@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .elaborate import Node
+from .tree import Node
 from .layers import macs, tensors
 
 

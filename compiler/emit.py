@@ -7,7 +7,7 @@ Positional children (names "0", "1", ...) are emitted unlabelled, in order.
 """
 from __future__ import annotations
 
-from .elaborate import Model, Node
+from .tree import Model, Node
 from .layers import fmt_shape
 
 

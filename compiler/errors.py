@@ -16,6 +16,12 @@ class NcError(Exception):
     exit_code = 2
 
 
+class BudgetError(NcError):
+    """A budget of the spec does not hold (predicted before any work, or measured on a written file)."""
+
+    exit_code = 1
+
+
 class UsageError(NcError):
     """Bad command-line usage (unknown option value, missing file, ...)."""
 

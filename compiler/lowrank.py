@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 
-from .elaborate import Node
+from .tree import Node
 from .layers import macs, tensors
 
 

@@ -33,7 +33,7 @@ def resolve_torchvision(name: str, kwargs: dict, shape: tuple, node_name: str, p
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from .elaborate import Node
+    from .tree import Node
 
     model = build_torchvision(name, kwargs, device="meta").eval()
     children = dict(model.named_children())

@@ -21,7 +21,6 @@ from typing import Callable, Iterator
 
 import torch
 
-from .data import Split
 from .recipe import DataConfig
 from .rundir import digest
 from .weights import atomic_write
@@ -58,7 +57,10 @@ def _open(raw: Path, shape: tuple) -> torch.Tensor:
     return torch.from_file(str(raw), shared=False, size=numel, dtype=torch.uint8).view(shape)
 
 
-def _read(folder: Path, key: str) -> tuple[Split, list[str]] | None:
+Entry = tuple  # (uint8 images [N, C, H, W], int64 labels or None, ids, skipped files)
+
+
+def _read(folder: Path, key: str) -> Entry | None:
     meta_path, raw = folder / f"{key}.json", folder / f"{key}.u8"
     try:
         meta = json.loads(meta_path.read_text())
@@ -71,16 +73,16 @@ def _read(folder: Path, key: str) -> tuple[Split, list[str]] | None:
     except (OSError, ValueError, KeyError, TypeError):
         return None
     labels = None if meta["labels"] is None else torch.tensor(meta["labels"], dtype=torch.int64)
-    return Split(_open(raw, shape), labels, meta["ids"]), meta["skipped"]
+    return _open(raw, shape), labels, meta["ids"], meta["skipped"]
 
 
 def cached_split(folder: Path, key_parts, image_shape: tuple, decode: Callable[[list], Iterator], n_max: int
-                 ) -> tuple[Split, list[str]]:
+                 ) -> Entry:
     """The split from the cache, or decoded (streamed chunk by chunk into the mapped file) and cached."""
     key = digest(FORMAT, *key_parts)
     found = _read(folder, key)
     if found is not None:
-        _say(f"data: {found[0].images.shape[0]:,} decoded images from the cache {folder / key}.u8 (no decoding)")
+        _say(f"data: {found[0].shape[0]:,} decoded images from the cache {folder / key}.u8 (no decoding)")
         return found
     per = 1
     for d in image_shape:

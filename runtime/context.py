@@ -10,15 +10,16 @@ import torch
 
 import compiler
 from compiler.analysis import predicted_bytes
-from compiler.elaborate import Model
+from compiler.tree import Model
 
 from .batches import Placed
 from .data import Data, Listing, load
+from .evaluation import logits_of, score
 from .recipe import Recipe
 from .rundir import RunDir
 from .speed import Speed, resolve
 from .transforms import Pipeline
-from .weights import build_with_weights, save_model
+from .weights import build_with_weights, save_model, unwrap
 
 
 @dataclass
@@ -112,15 +113,11 @@ class RunContext:
 
     def evaluate(self, module: torch.nn.Module, split: str = "val"):
         """Accuracy, loss and confusion matrix of `module` on a split, shared out over the ranks."""
-        from .loop import score
-
         return score(module, self.placed(split), self.pipeline("eval"), self.speed,
                      self.recipe.data.eval_batch_size, len(self.data().classes), self.rank, self.world)
 
     def logits(self, module: torch.nn.Module, split: str, which: str = "eval") -> torch.Tensor:
         """Logits of every image of a split, in order, on the device (every rank computes all)."""
-        from .loop import logits_of
-
         return logits_of(module, self.placed(split), self.pipeline(which), self.speed,
                          self.recipe.data.eval_batch_size)
 
@@ -144,7 +141,3 @@ class RunContext:
 def pipeline_for(recipe: Recipe, which: str, input_shape: tuple) -> Pipeline:
     size = tuple(input_shape[1:])
     return Pipeline(getattr(recipe.transforms, which), f"transforms.{which}", input_shape[0], size, expect=size)
-
-
-def unwrap(module: torch.nn.Module) -> torch.nn.Module:
-    return getattr(module, "module", module)

@@ -269,8 +269,9 @@ def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], s
         for name, items in listing.files.items():
             if folder is not None:
                 key = (listing.fingerprint, name, size, channels, cfg.on_bad_image)
-                splits[name], bad = cached_split(folder, key, (channels, *size), lambda out, items=items: (
+                images, labels, ids, bad = cached_split(folder, key, (channels, *size), lambda out, items=items: (
                     _decoded_chunks(items, size, channels, cfg.on_bad_image, out)), len(items))
+                splits[name] = Split(images, labels, ids)
                 skipped += bad
             else:
                 splits[name] = _decode_files(items, size, channels, cfg.on_bad_image, skipped)

@@ -13,7 +13,7 @@ import torch
 
 import compiler
 from compiler.channels import Spaces, analyse_channels, rewrite
-from compiler.elaborate import Model
+from compiler.tree import Model
 from compiler.emit import emit
 
 from .weights import load_into, state_tensors

@@ -188,7 +188,7 @@ def _loc(loc: tuple, raw: dict) -> str:
     return ".".join(out)
 
 
-def _problems(err: ValidationError, raw: dict, model_cls, prefix: tuple = ()) -> list[str]:
+def problems_of(err: ValidationError, raw: dict, model_cls, prefix: tuple = ()) -> list[str]:
     problems = []
     for e in err.errors():
         loc = prefix + tuple(e["loc"])
@@ -210,10 +210,8 @@ def _problems(err: ValidationError, raw: dict, model_cls, prefix: tuple = ()) ->
     return problems
 
 
-def load_recipe(name_or_path: str, overrides: list[str] = (), epochs: int | None = None):
-    """Read, override and validate a recipe; returns (Recipe, typed steps, path)."""
-    from .steps import REGISTRY
-
+def read_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[dict, Path]:
+    """The recipe's YAML as a mapping, with `--set` overrides applied; not validated yet."""
     path = find_recipe(name_or_path)
     source = str(path)
     try:
@@ -223,42 +221,12 @@ def load_recipe(name_or_path: str, overrides: list[str] = (), epochs: int | None
         raise RecipeError(f"{source}:{mark.line + 1}:{mark.column + 1}", [f"invalid YAML: {err.problem}"]) from None
     if not isinstance(raw, dict):
         raise RecipeError(source, ["a recipe must be a mapping with `name` and `steps`"])
-    raw = apply_overrides(raw, list(overrides), source)
-    if epochs is not None:
-        for step in raw.get("steps") or []:
-            kind = REGISTRY.get(step.get("kind")) if isinstance(step, dict) else None
-            if kind is not None and "epochs" in kind.config.model_fields:
-                step["epochs"] = epochs
-    problems: list[str] = []
+    return apply_overrides(raw, list(overrides), source), path
+
+
+def validate_recipe(raw: dict) -> tuple[Recipe | None, list[str]]:
+    """The shared settings, validated (steps are validated by runtime.plan against the step kinds)."""
     try:
-        recipe = Recipe.model_validate(raw)
+        return Recipe.model_validate(raw), []
     except ValidationError as err:
-        problems += _problems(err, raw, Recipe)
-        recipe = None
-    steps = []
-    names = set()
-    for i, step in enumerate(raw.get("steps") or []):
-        label = f"steps[{i}]"
-        if not isinstance(step, dict):
-            problems.append(f"`{label}` must be a mapping with `name` and `kind`")
-            continue
-        kind = step.get("kind")
-        if kind not in REGISTRY:
-            hint = did_you_mean(str(kind), REGISTRY)
-            problems.append(f"`{label}.kind`: unknown step kind `{kind}`" + (f"; {hint}" if hint else "")
-                            + f" (known: {', '.join(sorted(REGISTRY))})")
-            continue
-        try:
-            cfg = REGISTRY[kind].config.model_validate(step)
-        except ValidationError as err:
-            problems += _problems(err, raw, REGISTRY[kind].config, ("steps", i))
-            continue
-        if cfg.name in names:
-            problems.append(f"`{label}.name`: step name `{cfg.name}` is used twice")
-        names.add(cfg.name)
-        steps.append(cfg)
-    if not raw.get("steps"):
-        problems.append("`steps`: a recipe needs at least one step")
-    if problems:
-        raise RecipeError(source, problems)
-    return recipe, steps, path
+        return None, problems_of(err, raw, Recipe)

@@ -18,20 +18,15 @@ import yaml
 
 import compiler
 from compiler.analysis import analyse
-from compiler.errors import NcError, did_you_mean
+from compiler.errors import BudgetError, NcError
 from compiler.report import table
 
 from .context import ModelSlot, RunContext
 from .data import list_source
-from .recipe import load_recipe
+from .plan import Plan, load as load_plan, make_plan
 from .rundir import RunDir, digest, write_json, write_text
 from .speed import resolve as resolve_speed
-from .steps import REGISTRY
 from .weights import read_state
-
-
-class BudgetError(NcError):
-    exit_code = 1
 
 
 @dataclass
@@ -101,7 +96,7 @@ def _resolve(path: str, recipe_path: Path) -> Path:
 
 def prepare(opts: Options):
     """All validation; returns (context pieces, plan) without doing any work."""
-    recipe, steps, recipe_path = load_recipe(opts.recipe, opts.sets, opts.epochs)
+    recipe, steps, recipe_path = load_plan(opts.recipe, opts.sets, opts.epochs)
     if opts.data:
         recipe.data.path = opts.data
         if recipe.data.source == "auto":
@@ -126,33 +121,7 @@ def prepare(opts: Options):
             slot.weights, slot.producer = ckpt, "checkpoint"
             slot.producer_key = digest("checkpoint", str(ckpt), ckpt.stat().st_size, ckpt.stat().st_mtime_ns)
         slots[name] = slot
-    # plan: which artifacts exist when
-    problems = []
-    available = {n for n, s in slots.items() if s.weights is not None}
-    plan = []
-    for cfg in steps:
-        kind = REGISTRY[cfg.kind]
-        if cfg.model not in slots:
-            hint = did_you_mean(cfg.model, slots)
-            problems.append(f"step `{cfg.name}` works on model `{cfg.model}`, which the recipe does not define"
-                            + (f"; {hint}" if hint else "") + f" (models: {', '.join(slots)})")
-            continue
-        skip = getattr(cfg, "unless_checkpoint", False) and slots[cfg.model].producer == "checkpoint"
-        for need in kind.needs(cfg):
-            if need not in slots:
-                problems.append(f"step `{cfg.name}` needs model `{need}`, which the recipe does not define")
-            elif need not in available:
-                problems.append(f"step `{cfg.name}` needs `{need}` weights, which no earlier step produces"
-                                f"\n  hint: add a train step for `{need}` before it, or give models.{need}.checkpoint")
-        problems += kind.check(cfg, slots)
-        if cfg.kind == "predict" and "test" not in listing.files:
-            problems.append(f"step `{cfg.name}` predicts the unlabeled testing/ images, but the data has none "
-                            "(only the food-11 layout has testing/)")
-        if not skip:
-            available |= set(kind.produces(cfg))
-        plan.append((cfg, kind, skip))
-    if problems:
-        raise NcError("\n".join(f"{recipe_path}: error: {p}" for p in problems))
+    plan = make_plan(recipe, recipe_path, steps, slots, listing)
     # building the transforms for the training input validates them, sizes included
     from .context import pipeline_for
 
@@ -184,10 +153,11 @@ def _timeline(recipe, listing, slots, plan, input_shape, pipelines, speed) -> st
             origin = f"torchvision weights {slot.torchvision_weights}"
         lines.append(f"model {name}: {slot.model.spec.path}, {analyse(slot.model).params:,} params, "
                      f"starts from {origin}")
-    for i, (cfg, kind, skip) in enumerate(plan, 1):
+    for i, step in enumerate(plan.steps, 1):
+        cfg, kind, skip = step.config, step.kind, step.skip
         produces = ", ".join(f"{p} weights (steps/{cfg.name}/model.safetensors)" for p in kind.produces(cfg))
         lines.append(f"{i}. {cfg.name} [{cfg.kind}]: {kind.describe(cfg)}"
-                     + (" -- skipped: checkpoint given" if skip else "")
+                     + (f" -- skipped: {skip}" if skip else "")
                      + (f"\n     needs: {', '.join(kind.needs(cfg))}" if kind.needs(cfg) else "")
                      + (f"\n     produces: {produces}" if produces and not skip else ""))
     return "\n".join(lines)
@@ -235,7 +205,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / f"spec{Path(opts.spec).suffix}", student.source)
         write_text(out / "recipe.yaml", yaml.safe_dump(
-            {**recipe.model_dump(exclude={"steps"}), "steps": [c.model_dump() for c, _, _ in plan]}, sort_keys=False))
+            {**recipe.model_dump(exclude={"steps"}), "steps": [s.config.model_dump() for s in plan.steps]}, sort_keys=False))
         print(timeline)
         print(f"run directory: {out}")
     ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world, speed=speed)
@@ -243,7 +213,8 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
     shared = recipe.model_dump(exclude={"steps", "name", "description"})
     entries = []
     accuracy: dict[str, float] = {}
-    for cfg, kind, skip in plan:
+    for step in plan.steps:
+        cfg, kind, skip = step.config, step.kind, step.skip
         slot = ctx.models[cfg.model]
         start = time.perf_counter()
         inputs = {n: ctx.models[n].producer_key for n in [cfg.model, *kind.needs(cfg)]}
@@ -251,7 +222,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
                      listing.fingerprint, {n: (s.model.source, s.model.params) for n, s in ctx.models.items()})
         entry = {"name": cfg.name, "kind": cfg.kind, "model": cfg.model, "key": key}
         if skip:
-            entry.update(status="skipped (checkpoint given)", result={})
+            entry.update(status=f"skipped ({skip})", result={})
         elif (done := run_dir.finished(cfg.name, key)) is not None:
             entry.update(status="done earlier", result=done["result"])
             ctx.log(f"== {cfg.name}: already done in {out} (same inputs), skipped")

@@ -19,13 +19,18 @@ from safetensors.torch import save as st_save
 
 from compiler import fileformat
 from compiler.analysis import file_metadata, fold_pairs
-from compiler.elaborate import Model
+from compiler.tree import Model
 from compiler.errors import NcError
 from compiler.fileformat import WeightFormat, parse_format
 
 
 class WeightsError(NcError):
     """A weights file that cannot be read or does not fit its model."""
+
+
+def unwrap(module: torch.nn.Module) -> torch.nn.Module:
+    """The model inside a DistributedDataParallel (or compiled) wrapper."""
+    return getattr(module, "module", getattr(module, "_orig_mod", module))
 
 
 def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import BatchSampler, DistributedSampler
 
 import compiler
-from compiler.cli import main
+from runtime.cli import main
 from runtime.batches import Placed, epoch_order
 from runtime.data import Split
 from runtime.recipe import BUILTIN_RECIPES

@@ -9,7 +9,7 @@ import os
 
 import pytest
 
-from compiler.cli import main
+from runtime.cli import main
 
 from .conftest import ROOT
 

@@ -151,13 +151,13 @@ model:
 
 
 def test_cli_exit_codes(tmp_path):
-    ok = subprocess.run([sys.executable, "-m", "compiler", "specs/student.spec", "--json"], cwd=ROOT,
+    ok = subprocess.run([sys.executable, "-m", "runtime", "specs/student.spec", "--json"], cwd=ROOT,
                         capture_output=True, text=True)
     assert ok.returncode == 0, ok.stderr
-    over = subprocess.run([sys.executable, "-m", "compiler", "specs/student.spec", "--param", "base=32"], cwd=ROOT,
+    over = subprocess.run([sys.executable, "-m", "runtime", "specs/student.spec", "--param", "base=32"], cwd=ROOT,
                           capture_output=True, text=True)
     assert over.returncode == 1 and "FAIL  bytes(int8) <= 300,000" in over.stdout
-    bad = subprocess.run([sys.executable, "-m", "compiler", "specs/student.spec", "--frobnicate"], cwd=ROOT,
+    bad = subprocess.run([sys.executable, "-m", "runtime", "specs/student.spec", "--frobnicate"], cwd=ROOT,
                          capture_output=True, text=True)
     assert bad.returncode == 2 and "Traceback" not in bad.stderr
 
@@ -165,7 +165,7 @@ def test_cli_exit_codes(tmp_path):
 def test_json_output_schema(in_root, capsys):
     import json
 
-    from compiler.cli import main
+    from runtime.cli import main
 
     assert main(["specs/student.spec", "--json"]) == 0
     data = json.loads(capsys.readouterr().out)
@@ -180,13 +180,13 @@ def test_json_output_schema(in_root, capsys):
 
 def test_analysis_never_imports_torch():
     """`nccompile specs/resnet18.spec --json` runs without importing torch (checked in a fresh process)."""
-    code = ("import sys; from compiler.cli import main; rc = main(['specs/resnet18.spec', '--json']); "
+    code = ("import sys; from runtime.cli import main; rc = main(['specs/resnet18.spec', '--json']); "
             "bad = sorted(m for m in sys.modules if m == 'torch' or m.startswith(('torch.', 'torchvision')));"
             "print('IMPORTED', bad, file=sys.stderr) if bad else None; sys.exit(rc or (3 if bad else 0))")
     proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr
     # and the real console entry point, traced with -X importtime
-    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "compiler", "specs/resnet18.spec", "--json"],
+    proc = subprocess.run([sys.executable, "-X", "importtime", "-m", "runtime", "specs/resnet18.spec", "--json"],
                           cwd=ROOT, capture_output=True, text=True)
     assert proc.returncode == 0
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}

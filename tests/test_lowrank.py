@@ -46,7 +46,7 @@ def test_factorized_resnet_is_smaller_and_matches_its_spec(cfg):
 
 @needs_data
 def test_lowrank_step_in_a_recipe(tmp_path, capsys, in_root):
-    from compiler.cli import main
+    from runtime.cli import main
 
     recipe = tmp_path / "lr.yaml"
     recipe.write_text("""

@@ -94,7 +94,7 @@ def test_residual_branches_share_channels():
 
 @needs_data
 def test_tiny_prune_sweep_writes_csv_and_curve(tmp_path, capsys, in_root):
-    from compiler.cli import main
+    from runtime.cli import main
 
     out = tmp_path / "run"
     code = main(["specs/student.spec", "--recipe", "prune_sweep", "--data", str(DATA), "--set", "data.limit_per_class=30",
@@ -147,7 +147,7 @@ def test_activation_cost_prunes_high_resolution_layers_harder():
 
 
 def test_cost_needs_global_scope(capsys, in_root, tmp_path):
-    from compiler.cli import main
+    from runtime.cli import main
 
     recipe = tmp_path / "p.yaml"
     recipe.write_text("name: p\nsteps:\n  - {name: t, kind: train}\n  - {name: p, kind: prune, cost: activations}\n")

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.cli import main
+from runtime.cli import main
 from runtime.int8 import integer_model
 from runtime.weights import build_with_weights, save_model
 
@@ -50,7 +50,7 @@ def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
     fp32_file = out / "steps/distill/model.safetensors"
     module = build_with_weights(student10, fp32_file)
     from runtime.data import list_source, load
-    from runtime.loop import score_split
+    from runtime.evaluation import score_split
     from runtime.recipe import DataConfig
     from runtime.transforms import Pipeline
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 import compiler
-from compiler.cli import main
+from runtime.cli import main
 from runtime.losses import kd_loss
 
 from .conftest import DATA, ROOT
@@ -86,7 +86,7 @@ def test_kd_recipe_end_to_end_and_resume_after_kill(tmp_path, in_root):
     teacher = tmp_path / "teacher.spec"
     teacher.write_text(SMALL_TEACHER)
     out = tmp_path / "run"
-    cmd = [sys.executable, "-u", "-m", "compiler", "specs/student.spec", "--recipe", "kd", "--data", str(DATA),
+    cmd = [sys.executable, "-u", "-m", "runtime", "specs/student.spec", "--recipe", "kd", "--data", str(DATA),
            "--set", "data.limit_per_class=100", "--set", f"models.teacher.spec={teacher}",
            "--set", "steps.teacher.epochs=2", "--set", "steps.distill.epochs=3", "--out", str(out)]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -267,7 +267,7 @@ def test_torchrun_two_cpu_processes(tmp_path, in_root):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "compiler", "specs/student.spec", "--recipe", "scratch",
+                           "--master_port", "29517", "-m", "runtime", "specs/student.spec", "--recipe", "scratch",
                            "--data", str(DATA), "--set", "data.limit_per_class=20", "--epochs", "2",
                            "--device", "cpu", "--out", str(out)],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
@@ -280,7 +280,7 @@ def test_torchrun_two_cpu_processes(tmp_path, in_root):
     # validation is shared out over the two ranks and summed: every image once, the same accuracy
     # as one process evaluating the saved model alone
     from runtime.data import list_source, load
-    from runtime.loop import score_split
+    from runtime.evaluation import score_split
     from runtime.recipe import DataConfig
     from runtime.transforms import Pipeline
     from runtime.weights import build_with_weights

@@ -48,9 +48,18 @@ class StepKind:
     def produces(self, cfg) -> list[str]:
         return []
 
-    def check(self, cfg, models: dict) -> list[str]:
-        """Problems with this step's config that only show with the run's models (before any work)."""
+    def check(self, cfg, models: dict, listing) -> list[str]:
+        """Problems with this step's config that only show with the run's models and data (before any work)."""
         return []
+
+    def skip_reason(self, cfg, models: dict) -> str | None:
+        """Why this step need not run with these models (e.g. a checkpoint is given), or None."""
+        return None
+
+    def set_epochs(self, raw: dict, epochs: int) -> None:
+        """`--epochs N` on this step's raw config: every training setting it has."""
+        if self.trains:
+            raw["epochs"] = epochs
 
     def describe(self, cfg) -> str:
         return cfg.kind

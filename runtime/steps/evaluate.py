@@ -65,6 +65,12 @@ class Predict(StepKind):
     def describe(self, cfg):
         return f"predict the unlabeled testing/ images with {cfg.model} -> predictions.csv"
 
+    def check(self, cfg, models, listing):
+        if "test" not in listing.files:
+            return [f"step `{cfg.name}` predicts the unlabeled testing/ images, but the data has none "
+                    "(only the food-11 layout has testing/)"]
+        return []
+
     def run(self, cfg: PredictConfig, ctx, key: str = "") -> StepResult:
         data = ctx.data()
         module = ctx.models[cfg.model].build(ctx.device, ctx.recipe.seed).eval()

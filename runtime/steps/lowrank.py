@@ -12,10 +12,9 @@ from compiler.analysis import analyse, predicted_bytes
 from compiler.emit import emit
 from compiler.lowrank import candidates, factor_params, factorize
 
-from ..loop import fit
 from ..weights import atomic_write, load_into, state_tensors
-from .base import StepConfig, StepResult, register
-from .prune import ArchitectureStep, Finetune, finetune_loss
+from .base import StepConfig, StepKind, StepResult, register
+from .finetune import Finetune, finetune, finetune_needs, set_finetune_epochs
 
 
 class LowrankConfig(StepConfig):
@@ -73,9 +72,19 @@ def factorize_module(model, module, cfg) -> tuple[object, torch.nn.Module, str, 
 
 
 @register
-class Lowrank(ArchitectureStep):
+class Lowrank(StepKind):
     kind = "lowrank"
     config = LowrankConfig
+    trains = True
+
+    def needs(self, cfg):
+        return finetune_needs(cfg)
+
+    def produces(self, cfg):
+        return [cfg.model]
+
+    def set_epochs(self, raw, epochs):
+        set_finetune_epochs(self.config, raw, epochs)
 
     def describe(self, cfg):
         how = f"energy {cfg.energy:g}" if cfg.rank_by == "energy" else f"ratio {cfg.ratio:g}"
@@ -88,9 +97,8 @@ class Lowrank(ArchitectureStep):
         new_model, new_module, text, ranks = factorize_module(slot.model, module.cpu(), cfg)
         new_module = new_module.to(ctx.device)
         if cfg.finetune and cfg.finetune.epochs:
-            fit(ctx, module=new_module, step_dir=ctx.run.step_dir(cfg.name) / "finetune", key=key,
-                epochs=cfg.finetune.epochs, lr=cfg.finetune.lr, loss_fn=finetune_loss(cfg.finetune, ctx)(new_module),
-                label=f"{cfg.name} finetune")
+            finetune(ctx, cfg.finetune, new_module, ctx.run.step_dir(cfg.name) / "finetune", key,
+                     f"{cfg.name} finetune")
         after = ctx.evaluate(new_module, "val").accuracy
         step_dir = ctx.run.step_dir(cfg.name)
         if ctx.is_main:

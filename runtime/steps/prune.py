@@ -7,27 +7,17 @@ import io
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
 
 from compiler.analysis import analyse, predicted_bytes
 from compiler.channels import analyse_channels
 
 from ..int8 import latency_ms
-from ..loop import fit
 from ..prune import choose, importance, prune_model, shrink_to
 from ..rundir import digest
 from ..weights import atomic_write
 from .base import StepConfig, StepKind, StepResult, register
-
-
-class Finetune(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    kind: Literal["train", "distill"] = "train"
-    epochs: int = Field(1, ge=0)
-    lr: float | None = Field(None, gt=0)
-    teacher: str = "teacher"
-    temperature: float = Field(20.0, gt=0)
-    alpha: float = Field(0.5, ge=0, le=1)
+from .finetune import Finetune, finetune, finetune_needs, set_finetune_epochs
 
 
 class PruneConfig(StepConfig):
@@ -60,31 +50,20 @@ class PruneConfig(StepConfig):
         return self
 
 
-def finetune_loss(ft: Finetune, ctx):
-    """A loss factory for fine-tuning after an architecture change: cross-entropy, or KD from a teacher."""
-    if ft.kind == "train":
-        return lambda module: (lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y))
-    from .train import teacher_loss
-
-    return teacher_loss(ctx, ft.teacher, ft.temperature, ft.alpha, label="fine-tuning")
-
-
-class ArchitectureStep(StepKind):
-    """A step that rewrites its model's spec and optionally fine-tunes the result."""
-
+@register
+class Prune(StepKind):
+    kind = "prune"
+    config = PruneConfig
     trains = True
 
     def needs(self, cfg):
-        return [cfg.model] + ([cfg.finetune.teacher] if cfg.finetune and cfg.finetune.kind == "distill" else [])
+        return finetune_needs(cfg)
 
     def produces(self, cfg):
         return [cfg.model]
 
-
-@register
-class Prune(ArchitectureStep):
-    kind = "prune"
-    config = PruneConfig
+    def set_epochs(self, raw, epochs):
+        set_finetune_epochs(self.config, raw, epochs)
 
     def describe(self, cfg):
         goal = (f"params <= {cfg.target_params:,}" if cfg.target_params else f"MACs <= {cfg.target_macs:,}"
@@ -114,7 +93,7 @@ class Prune(ArchitectureStep):
     def _run_one(self, cfg, ctx, key, rate, label, model, module) -> tuple[list[dict], object, object, str]:
         points = [self._point(cfg, ctx, model, module, label, 0)]
         text = model.source
-        loss_factory = finetune_loss(cfg.finetune, ctx) if cfg.finetune and cfg.finetune.epochs else None
+        tuning = cfg.finetune if cfg.finetune and cfg.finetune.epochs else None
         for it in range(1, cfg.iterations + 1):
             spaces = analyse_channels(model.root)
             scores = importance(module, spaces, cfg.importance, ctx.recipe.seed + it)
@@ -136,11 +115,10 @@ class Prune(ArchitectureStep):
                                               comment=f"pruned by nccompile step {cfg.name} ({label}), "
                                                       f"iteration {it}, keep rate {step_rate:.4f}")
             module = module.to(ctx.device)
-            if loss_factory is not None:
+            if tuning is not None:
                 slug = label.replace(" ", "")
-                fit(ctx, module=module, step_dir=ctx.run.step_dir(cfg.name) / f"{slug}-iter{it}",
-                    key=digest(key, label, it), epochs=cfg.finetune.epochs, lr=cfg.finetune.lr,
-                    loss_fn=loss_factory(module), label=f"{cfg.name} [{label}] finetune {it}")
+                finetune(ctx, tuning, module, ctx.run.step_dir(cfg.name) / f"{slug}-iter{it}", digest(key, label, it),
+                         f"{cfg.name} [{label}] finetune {it}")
             point = self._point(cfg, ctx, model, module, label, it)
             point["rate"] = step_rate
             points.append(point)

@@ -5,8 +5,8 @@ from typing import Literal
 
 from pydantic import Field
 
-from compiler.analysis import predicted_bytes
-from compiler.errors import NcError
+from compiler.analysis import budgets, predicted_bytes
+from compiler.errors import BudgetError, NcError
 from compiler.fileformat import FORMAT_HELP, is_format, parse_format
 
 from ..weights import build_with_weights, compress_file, save_model
@@ -32,10 +32,6 @@ class QuantizeConfig(StepConfig):
                             fold_bn=self.fold_bn)
 
 
-class BudgetExceeded(NcError):
-    exit_code = 1
-
-
 @register
 class Quantize(StepKind):
     kind = "quantize"
@@ -47,7 +43,7 @@ class Quantize(StepKind):
     def produces(self, cfg):
         return [cfg.model]
 
-    def check(self, cfg, models) -> list[str]:
+    def check(self, cfg, models, listing) -> list[str]:
         try:
             cfg.weight_format()
         except NcError as err:
@@ -100,30 +96,25 @@ class Quantize(StepKind):
         return StepResult(model_file=path, metrics=metrics, files=files)
 
     def _check_budgets(self, cfg, slot, fmt, metrics) -> None:
-        """The spec's bytes budgets for this format hold for the predicted size (checked before the run)
-        and, if the user opts in, for the compressed copy as measured."""
-        results = []
-        for b in slot.model.definition.budgets:
-            if b.metric != "bytes" or parse_format(b.format).name != fmt.name:
-                continue
-            from compiler.expr import evaluate
-
-            limit = evaluate(b.limit, slot.model.params)
-            on_compressed = cfg.budget_on_compressed and "compressed_bytes" in metrics
-            value = metrics["compressed_bytes"] if on_compressed else metrics["file_bytes"]
-            results.append({"name": f"{b.title} <= {limit:,}", "value": value, "ok": value <= limit,
-                            "measured_on": "compressed file" if on_compressed else "file"})
-        metrics["budgets"] = results
-        failed = [r for r in results if not r["ok"]]
+        """The spec's bytes budgets for this format, on the file as written (predicted before the run)
+        or, if the user opts in, on the compressed copy as measured."""
+        on_compressed = cfg.budget_on_compressed and "compressed_bytes" in metrics
+        value = metrics["compressed_bytes"] if on_compressed else metrics["file_bytes"]
+        results = [b for b in budgets(slot.model, {fmt.name: value})
+                   if b.metric == "bytes" and parse_format(b.format).name == fmt.name]
+        metrics["budgets"] = [{"name": b.name, "value": b.value, "ok": b.ok,
+                               "measured_on": "compressed file" if on_compressed else "file"} for b in results]
+        failed = [b for b in results if not b.ok]
         if failed:
-            raise BudgetExceeded(f"quantize step `{cfg.name}`: " + "; ".join(
-                f"{r['name']} fails: {r['value']:,} bytes ({r['measured_on']})" for r in failed))
+            raise BudgetError(f"quantize step `{cfg.name}`: " + "; ".join(
+                f"{b.name} fails: {b.value:,} bytes (" + ("compressed file" if on_compressed else "file") + ")"
+                for b in failed))
 
     def _integer(self, cfg, ctx, dequantized, fp32, data) -> dict:
         import torch
 
         from ..int8 import integer_model, latency_ms
-        from ..loop import score_split
+        from ..evaluation import score_split
 
         eval_tf = ctx.pipeline("eval")
         bs = ctx.recipe.data.batch_size

@@ -8,8 +8,9 @@ from typing import Literal
 from pydantic import Field
 
 from ..loop import fit
-from ..losses import kd_loss
+from ..losses import KD_ALPHA, KD_TEMPERATURE
 from .base import StepConfig, StepKind, StepResult, register
+from .finetune import teacher_loss
 
 
 class TrainConfig(StepConfig):
@@ -23,8 +24,8 @@ class TrainConfig(StepConfig):
 class DistillConfig(TrainConfig):
     kind: str = "distill"
     teacher: str = "teacher"
-    temperature: float = Field(20.0, gt=0)          # the seed's T
-    alpha: float = Field(0.5, ge=0, le=1)           # the seed's a
+    temperature: float = Field(KD_TEMPERATURE, gt=0)
+    alpha: float = Field(KD_ALPHA, ge=0, le=1)
     teacher_cache: Literal["auto", "always", "never"] = "auto"
 
 
@@ -52,6 +53,11 @@ class Train(StepKind):
     def describe(self, cfg):
         return f"train {cfg.model} for {cfg.epochs} epoch(s) with cross-entropy"
 
+    def skip_reason(self, cfg, models):
+        if cfg.unless_checkpoint and models[cfg.model].producer == "checkpoint":
+            return "checkpoint given"
+        return None
+
     def run(self, cfg: TrainConfig, ctx, key: str = "") -> StepResult:
         def factory(module):
             return lambda logits, y, idx, x: F.cross_entropy(logits, y, label_smoothing=cfg.label_smoothing)
@@ -78,38 +84,3 @@ class Distill(StepKind):
     def run(self, cfg: DistillConfig, ctx, key: str = "") -> StepResult:
         return _train(cfg, ctx, key, teacher_loss(ctx, cfg.teacher, cfg.temperature, cfg.alpha, cfg.teacher_cache,
                                                   cfg.name))
-
-
-def frozen_teacher(ctx, name: str) -> torch.nn.Module:
-    """A model of the run in eval mode, without gradients, in the run's memory format."""
-    teacher = ctx.speed.prepare(ctx.models[name].build(ctx.device, ctx.recipe.seed).eval())
-    for p in teacher.parameters():
-        p.requires_grad_(False)
-    return teacher
-
-
-def teacher_loss(ctx, teacher_name: str, temperature: float, alpha: float, cache: str = "auto", label: str = ""):
-    """A loss factory for learning from a teacher (distill, and fine-tuning after pruning).
-
-    Without random augmentation the teacher sees the same inputs every epoch: its logits
-    are computed once instead of once per batch per epoch (the teacher dominates the cost).
-    Otherwise it runs on every augmented batch, in the loop's precision (autocast).
-    """
-    teacher = frozen_teacher(ctx, teacher_name)
-    cached = None
-    if cache == "always" or (cache == "auto" and not ctx.pipeline("train").random):
-        cached = ctx.logits(teacher, "train", "train")
-        ctx.log(f"{label}: teacher logits computed once for {len(cached)} training images")
-
-    def factory(module):
-        def loss(logits, y, idx, x):
-            if cached is not None:
-                t = cached[idx]
-            else:
-                with torch.no_grad():
-                    t = teacher(x)
-            return kd_loss(logits, t, y, temperature, alpha)
-
-        return loss
-
-    return factory

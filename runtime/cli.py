@@ -8,7 +8,7 @@ import argparse
 import os
 import sys
 
-from .errors import NcError, SpecError, UsageError
+from compiler.errors import NcError, SpecError, UsageError
 
 EXIT_OK, EXIT_BUDGET, EXIT_INVALID, EXIT_INTERNAL = 0, 1, 2, 70
 
@@ -55,14 +55,14 @@ def _params(items: list[str]) -> dict[str, str]:
 
 
 def run(argv: list[str]) -> int:
-    from . import analyse, compile_spec, parse_shape
-    from .report import table, to_json
+    from compiler import analyse, compile_spec, parse_shape
+    from compiler.report import table, to_json
 
     args = _arg_parser().parse_args(argv)
     shape = parse_shape(args.input) if args.input else None
     if args.recipe:
-        from runtime.runner import Options
-        from runtime.runner import run as run_recipe
+        from .runner import Options
+        from .runner import run as run_recipe
 
         return run_recipe(Options(args.spec, args.recipe, args.data, args.out, tuple(args.sets), args.epochs,
                                   args.device, args.dry_run, _params(args.param), shape, args.model))
@@ -85,9 +85,9 @@ def load(argv: list[str]) -> int:
 
     import torch
 
-    from runtime.weights import load_model
+    from compiler import analyse
 
-    from . import analyse
+    from .weights import load_model
 
     module, model, meta = load_model(args.file)
     with torch.no_grad():

@@ -1,0 +1,69 @@
+"""The elaborated tree: concrete layers with shapes and exact counts, and the model around it."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from . import ir
+from .errors import Span
+from .layers import Tensor
+
+
+@dataclass
+class Node:
+    """One module of the built model. Containers have children; leaves have an op."""
+
+    name: str                 # local name (label or position)
+    path: str                 # dotted module path, '' for the root
+    kind: str                 # layer name (conv, dwconv, ...), block name, 'seq', 'repeat', 'residual', ...
+    op: str                   # leaf ops as in layers.py; containers: 'seq' | 'residual' | 'torchvision'
+    in_shape: tuple
+    out_shape: tuple
+    attrs: dict = field(default_factory=dict)
+    children: list["Node"] = field(default_factory=list)
+    span: Span | None = None
+    tensors: list[Tensor] = field(default_factory=list)  # own state-dict entries (local names)
+    macs: int = 0             # own MACs (leaves; torchvision refs hold their total)
+
+    def walk(self):
+        yield self
+        for c in self.children:
+            yield from c.walk()
+
+    def leaves(self):
+        return [n for n in self.walk() if not n.children]
+
+    def state_tensors(self):
+        """(full name, Tensor) for every state-dict entry under this node, in module order."""
+        for n in self.walk():
+            for t in n.tensors:
+                yield (f"{n.path}.{t.name}" if n.path else t.name), t
+
+    @property
+    def params(self) -> int:
+        return sum(t.numel for _, t in self.state_tensors() if t.is_param)
+
+    @property
+    def buffers(self) -> int:
+        return sum(t.numel for _, t in self.state_tensors() if not t.is_param)
+
+    @property
+    def total_macs(self) -> int:
+        return sum(n.macs for n in self.walk())
+
+
+@dataclass
+class Model:
+    """An elaborated model: its tree plus what it was elaborated from."""
+
+    name: str
+    root: Node
+    input_shape: tuple
+    params: dict[str, object]
+    definition: ir.ModelDef
+    spec: ir.SpecFile
+    source: str = ""          # spec text, embedded in model files
+    syntax: str = "dsl"       # dsl | yaml: how to read `source` back
+
+    def param_strings(self) -> dict[str, str]:
+        """The parameter values as `--param` strings, to compile a related spec with the same values."""
+        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.params.items()}
