@@ -65,7 +65,7 @@ def main() -> None:
             rows.append(row)
             print(f"{name:28s} teacher {row['teacher']:.4f}  distilled {row['distilled']:.4f}  "
                   f"8-bit {row['int8']:.4f} (+-{stderr(row['int8'], n):.4f})  {row['seconds']:.0f} s", flush=True)
-    print(f"\n| variant | input | teacher | distilled student | 8-bit student |\n|---|---|---:|---:|---:|")
+    print("\n| variant | input | teacher | distilled student | 8-bit student |\n|---|---|---:|---:|---:|")
     for r in rows:
         se = stderr(r["int8"], r["val_images"])
         print(f"| {r['variant']} | {r['input']} | {r['teacher']:.4f} | {r['distilled']:.4f} | "

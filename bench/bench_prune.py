@@ -56,7 +56,7 @@ def latency_table(weights: Path | None = None, runs: int = 60) -> list[tuple]:
     counts multiples of 8), two ways: every layer keeping the same fraction, and globally with
     channels ranked by gamma / sqrt(activations per channel) (`cost: activations`), which prunes
     the high-resolution layers harder. Eager fp32, measured alternately."""
-    model = compiler.compile_spec(ROOT / "specs/student.spec", params={"classes": "10"})  # 3x256x256
+    model = compiler.compile_spec(ROOT / "specs/student.spec", params={"classes": 10})  # 3x256x256
     module = compiler.build_module(model).eval()
     if weights is not None:  # the trained student (fully convolutional: same weights at 256x256)
         from runtime.weights import load_into, read_state
@@ -122,7 +122,8 @@ def main() -> None:
         if r["iteration"] == "0" and r["run"] != prune_rows[0]["run"]:
             continue
         label = "unpruned" if r["iteration"] == "0" else r["run"]
-        print(f"  {label:24} {int(r['params']):>9,} params {int(r['macs']):>13,} MACs  val acc {float(r['val_accuracy']):.4f}")
+        print(f"  {label:24} {int(r['params']):>9,} params {int(r['macs']):>13,} MACs  "
+              f"val acc {float(r['val_accuracy']):.4f}")
     print(f"\nresnet18 low-rank (truncated SVD of 3x3 convs and fc, 1 fine-tuning epoch), trained "
           f"{args.resnet_epochs} epochs:")
     for label, params, macs, acc in lowrank_rows:

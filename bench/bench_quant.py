@@ -47,7 +47,7 @@ def main() -> None:
                           f"steps.distill.epochs={args.epochs}", "steps.export.onnx=false")))
         report = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
         quant = report["quantize"]["metrics"]
-        student = compiler.compile_spec(ROOT / "specs/student.spec", params={"classes": "10"}, input_shape=(3, 32, 32))
+        student = compiler.compile_spec(ROOT / "specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
         module = build_with_weights(student, out / "steps/distill/model.safetensors")
         cfg = DataConfig(path=str(DATA), limit_per_class=args.per_class)
         data = load(list_source(cfg), cfg, (3, 32, 32), 0)
@@ -70,7 +70,8 @@ def main() -> None:
     integer = quant["integer"]
     print(f"int8 kernels ({integer['engine']}): val accuracy {integer['val_accuracy']:.4f}; latency batch 1: "
           f"fp32 {integer['latency_ms_batch1']['fp32']:.2f} ms, int8 {integer['latency_ms_batch1']['int8']:.2f} ms; "
-          f"batch 64: fp32 {integer['latency_ms_batch64']['fp32']:.1f} ms, int8 {integer['latency_ms_batch64']['int8']:.1f} ms;"
+          f"batch 64: fp32 {integer['latency_ms_batch64']['fp32']:.1f} ms, "
+          f"int8 {integer['latency_ms_batch64']['int8']:.1f} ms;"
           f" float layers: {integer['float_layers'] or 'none'}")
 
 

@@ -115,9 +115,9 @@ def main() -> None:
                 for name in ("train", "distill")}
 
         # the plain loop: same student architecture and init, same trained teacher
-        student_model = compiler.compile_spec(ROOT / "specs/student.spec", params={"classes": "10"},
+        student_model = compiler.compile_spec(ROOT / "specs/student.spec", params={"classes": 10},
                                               input_shape=(3, 32, 32))
-        teacher_model = compiler.compile_spec(ROOT / "specs/teacher.spec", params={"classes": "10"},
+        teacher_model = compiler.compile_spec(ROOT / "specs/teacher.spec", params={"classes": 10},
                                               input_shape=(3, 32, 32))
         teacher = compiler.build_module(teacher_model)
         state, _ = read_state(out / "steps/teacher/model.safetensors")

@@ -5,8 +5,8 @@ import math
 from dataclasses import dataclass, field
 
 from . import fileformat
-from .tree import Model, Node
 from .expr import evaluate
+from .tree import Model, Node
 
 
 @dataclass

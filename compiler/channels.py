@@ -16,8 +16,8 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .tree import Node
 from .layers import macs, tensors
+from .tree import Node
 
 
 @dataclass

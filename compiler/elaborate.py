@@ -24,6 +24,9 @@ class _Elaborator:
         self.blocks = {b.name: b for b in spec.blocks}
         self.width_mult: float | None = None
         self.round_to = 1
+        # id(env) -> {name in that env: model parameter it stands for}: which layer arguments were
+        # written as a model parameter, directly or through block parameters (for emit)
+        self.symbols: dict[int, dict[str, str]] = {}
 
     # helpers
     def eval(self, expr: ir.Expr, env: dict):
@@ -76,6 +79,12 @@ class _Elaborator:
             return self.block_call(t, shape, env, name, path)
         return self.layer(t, shape, env, name, path)
 
+    def provenance(self, call: ir.Call, env) -> dict[str, str]:
+        """Arguments written as a bare name that stands for a model parameter."""
+        known = self.symbols.get(id(env), {})
+        return {a.name: known[a.value.name] for a in call.args
+                if isinstance(a.value, ir.Var) and a.value.name in known}
+
     def bind(self, call: ir.Call, signature, env) -> dict:
         """Evaluate a call's (already name-bound) arguments and check their types."""
         given = {a.name: a for a in call.args}
@@ -106,7 +115,8 @@ class _Elaborator:
             span = next((a.span for a in call.args if a.name == err.arg), None) if err.arg else None
             self.fail(str(err), span or call.span, hint=err.hint, expected=err.expected)
         return Node(name, path, call.name, op, shape, out_shape, attrs=attrs, span=call.span,
-                    tensors=tensors(op, attrs), macs=macs(op, attrs, out_shape))
+                    tensors=tensors(op, attrs), macs=macs(op, attrs, out_shape),
+                    symbols=self.provenance(call, env))
 
     def block_call(self, call: ir.Call, shape, env, name, path) -> Node:
         block = self.blocks[call.name]
@@ -115,6 +125,7 @@ class _Elaborator:
             default = REQUIRED if p.default is None else self.eval(p.default, {})
             signature.append((p.name, p.type, default))
         values = self.bind(call, signature, env)
+        self.symbols[id(values)] = self.provenance(call, env)
         children = self.body(block.body, shape, values, path)
         return self.container(name, path, call.name, shape, children, call.span)
 
@@ -145,7 +156,8 @@ class _Elaborator:
                    if len(shape) == 3 == len(out_shape)
                    and all((n - 1) // s + 1 == m for n, m in zip(shape[1:], out_shape[1:]))]
         if not strides:
-            self.fail(f"residual: cannot project {fmt_shape(shape)} onto {fmt_shape(out_shape)} with a strided 1x1 conv",
+            self.fail(f"residual: cannot project {fmt_shape(shape)} onto {fmt_shape(out_shape)} "
+                      "with a strided 1x1 conv",
                       span, hint="write the shortcut explicitly with `shortcut { ... }`")
         stride = strides[0]
         conv_attrs = {"in": shape[0], "out": out_shape[0], "kernel": 1, "stride": stride, "padding": 0, "groups": 1,
@@ -178,12 +190,29 @@ class _Elaborator:
             # A model that is just a torchvision network *is* that network: its
             # state-dict names stay torchvision's own (conv1.weight, fc.bias, ...).
             return self.torchvision(only.term, input_shape, params, "", "")
+        self.symbols[id(params)] = {name: name for name in params}
         children = self.body(m.body, input_shape, params, "")
         return self.container("", "", m.name, input_shape, children, m.span)
 
 
-def resolve_params(model: ir.ModelDef, overrides: dict[str, str], diags: Diagnostics) -> dict:
-    """Parameter values: defaults, then `--param name=value` overrides (strings)."""
+_EXAMPLE = {"int": "10", "float": "0.5", "bool": "true"}
+
+
+def _typed(value, type_: str):
+    """`value` as a parameter of type `type_`, or ValueError: ints stay ints, bools are not numbers."""
+    if type_ == "bool":
+        if isinstance(value, bool):
+            return value
+    elif type_ == "int":
+        if isinstance(value, int) and not isinstance(value, bool):
+            return value
+    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    raise ValueError(value)
+
+
+def resolve_params(model: ir.ModelDef, overrides: dict[str, object], diags: Diagnostics) -> dict:
+    """Parameter values: defaults, then typed overrides (int, float, bool)."""
     declared = {p.name: p for p in model.params}
     values: dict[str, object] = {}
     for name in overrides:
@@ -192,12 +221,12 @@ def resolve_params(model: ir.ModelDef, overrides: dict[str, str], diags: Diagnos
                         expected=", ".join(declared) or "no parameters", hint=did_you_mean(name, declared))
     for p in model.params:
         if p.name in overrides:
-            raw = overrides[p.name]
+            given = overrides[p.name]
             try:
-                values[p.name] = parse_override(raw, p.type)
+                values[p.name] = _typed(given, p.type)
             except ValueError:
-                diags.error(f"parameter `{p.name}` of model `{model.name}` expects {p.type}, got `{raw}` (from --param)",
-                            p.span, hint=f"e.g. --param {p.name}=" + {"int": "10", "float": "0.5", "bool": "true"}[p.type])
+                diags.error(f"parameter `{p.name}` of model `{model.name}` expects {p.type}, got `{given}` "
+                            f"(from --param)", p.span, hint=f"e.g. --param {p.name}={_EXAMPLE[p.type]}")
             continue
         if p.default is None:
             diags.error(f"parameter `{p.name}` has no default", p.span, hint=f"pass --param {p.name}=...")
@@ -212,6 +241,20 @@ def resolve_params(model: ir.ModelDef, overrides: dict[str, str], diags: Diagnos
         except TypeError as err:
             diags.error(f"default of parameter `{p.name}` {err}", p.default.span or p.span)
     return values
+
+
+def parse_param_strings(model: ir.ModelDef, strings: dict[str, str]) -> dict[str, object]:
+    """`--param NAME=VALUE` strings -> typed values by the declared types (the command line's job).
+    Unknown names and unparsable values are passed on as they are, for resolve_params to report."""
+    declared = {p.name: p.type for p in model.params}
+    out: dict[str, object] = {}
+    for name, raw in strings.items():
+        type_ = declared.get(name)
+        try:
+            out[name] = parse_override(raw, type_) if type_ else raw
+        except ValueError:
+            out[name] = raw
+    return out
 
 
 def parse_override(raw: str, type_: str):
@@ -236,20 +279,24 @@ def parse_shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def elaborate(spec: ir.SpecFile, *, model: str | None = None, params: dict[str, str] | None = None,
-              input_shape: tuple | None = None, sources: dict[str, str] | None = None) -> Model:
-    """Elaborate one model of a validated spec (the only one, or the one named)."""
+def select_model(spec: ir.SpecFile, model: str | None) -> ir.ModelDef:
+    """The only model of the spec, or the one named."""
     if model is None:
         if len(spec.models) > 1:
             names = ", ".join(m.name for m in spec.models)
             raise UsageError(f"{spec.path} defines several models ({names}); choose one with --model")
-        definition = spec.models[0]
-    else:
-        found = [m for m in spec.models if m.name == model]
-        if not found:
-            hint = did_you_mean(model, [m.name for m in spec.models]) or ""
-            raise UsageError(f"{spec.path} has no model `{model}` {hint}".rstrip())
-        definition = found[0]
+        return spec.models[0]
+    found = [m for m in spec.models if m.name == model]
+    if not found:
+        hint = did_you_mean(model, [m.name for m in spec.models]) or ""
+        raise UsageError(f"{spec.path} has no model `{model}` {hint}".rstrip())
+    return found[0]
+
+
+def elaborate(spec: ir.SpecFile, *, model: str | None = None, params: dict[str, object] | None = None,
+              input_shape: tuple | None = None, sources: dict[str, str] | None = None) -> Model:
+    """Elaborate one model of a validated spec (the only one, or the one named) with typed parameters."""
+    definition = select_model(spec, model)
     diags = Diagnostics(sources)
     values = resolve_params(definition, params or {}, diags)
     shape = tuple(input_shape) if input_shape else (tuple(definition.input) if definition.input else None)

@@ -7,8 +7,9 @@ Positional children (names "0", "1", ...) are emitted unlabelled, in order.
 """
 from __future__ import annotations
 
-from .tree import Model, Node
+from .expr import evaluate
 from .layers import fmt_shape
+from .tree import Model, Node
 
 
 def _bool(v: bool) -> str:
@@ -19,19 +20,27 @@ def _num(v) -> str:
     return repr(v) if isinstance(v, float) else str(v)
 
 
-def leaf(node: Node, classes: int | None = None) -> str:
+def _arg(node: Node, arg: str, params: dict) -> str:
+    """An argument as the spec wrote it (a model parameter's name) while it still has that value."""
+    value = node.attrs[arg]
+    symbol = node.symbols.get(arg)
+    return symbol if symbol is not None and params.get(symbol) == value else str(value)
+
+
+def leaf(node: Node, params: dict | None = None) -> str:
     op, a = node.op, node.attrs
+    params = params or {}
     if op == "conv":
         if node.kind == "dwconv" and a["groups"] == a["in"]:
             return (f"dwconv(kernel={a['kernel']}, stride={a['stride']}, padding={a['padding']}, "
                     f"dilation={a['dilation']}, bias={_bool(a['bias'])}, multiplier={a['out'] // a['in']})")
         if node.kind == "pwconv" and a["kernel"] == 1 and a["stride"] == 1 and a["groups"] == 1:
-            return f"pwconv({a['out']}, bias={_bool(a['bias'])}, scale=false)"
-        return (f"conv({a['out']}, kernel={a['kernel']}, stride={a['stride']}, padding={a['padding']}, "
+            return f"pwconv({_arg(node, 'out', params)}, bias={_bool(a['bias'])}, scale=false)"
+        return (f"conv({_arg(node, 'out', params)}, kernel={a['kernel']}, stride={a['stride']}, "
+                f"padding={a['padding']}, "
                 f"dilation={a['dilation']}, groups={a['groups']}, bias={_bool(a['bias'])}, scale=false)")
     if op == "linear":
-        out = "classes" if classes is not None and a["out"] == classes else str(a["out"])
-        return f"linear({out}, bias={_bool(a['bias'])}, scale=false)"
+        return f"linear({_arg(node, 'out', params)}, bias={_bool(a['bias'])}, scale=false)"
     if op == "bn":
         return f"bn(eps={_num(a['eps'])}, momentum={_num(a['momentum'])}, affine={_bool(a['affine'])})"
     if op == "act":
@@ -48,7 +57,7 @@ def leaf(node: Node, classes: int | None = None) -> str:
     raise ValueError(f"cannot emit op {op!r}")
 
 
-def _body(children: list[Node], indent: str, classes, lines: list[str]) -> None:
+def _body(children: list[Node], indent: str, params, lines: list[str]) -> None:
     for index, child in enumerate(children):
         if child.name.isdigit():
             if int(child.name) != index:
@@ -56,43 +65,41 @@ def _body(children: list[Node], indent: str, classes, lines: list[str]) -> None:
             label = ""
         else:
             label = f"{child.name}: "
-        _node(child, indent, label, classes, lines)
+        _node(child, indent, label, params, lines)
 
 
-def _node(node: Node, indent: str, label: str, classes, lines: list[str]) -> None:
+def _node(node: Node, indent: str, label: str, params, lines: list[str]) -> None:
     if node.op == "residual":
         parts = {c.name: c for c in node.children}
         lines.append(f"{indent}{label}residual {{")
-        _body(parts["body"].children, indent + "    ", classes, lines)
+        _body(parts["body"].children, indent + "    ", params, lines)
         if "shortcut" in parts:
             lines.append(f"{indent}}} shortcut {{")
-            _body(parts["shortcut"].children, indent + "    ", classes, lines)
+            _body(parts["shortcut"].children, indent + "    ", params, lines)
         lines.append(f"{indent}}}")
     elif node.op == "seq":
         lines.append(f"{indent}{label}{{  # {node.kind}")
-        _body(node.children, indent + "    ", classes, lines)
+        _body(node.children, indent + "    ", params, lines)
         lines.append(f"{indent}}}")
     else:
-        lines.append(f"{indent}{label}{leaf(node, classes)}")
+        lines.append(f"{indent}{label}{leaf(node, params)}")
 
 
 def emit(model: Model, root: Node | None = None, *, name: str | None = None, comment: str = "") -> str:
     """DSL text for `model` (or for a rewritten tree `root` of it)."""
     root = root or model.root
     types = {p.name: p.type for p in model.definition.params}
-    params = ", ".join(f"{k}: {types[k]} = {_bool(v) if isinstance(v, bool) else _num(v)}"
+    header = ", ".join(f"{k}: {types[k]} = {_bool(v) if isinstance(v, bool) else _num(v)}"
                        for k, v in model.params.items())
-    classes = model.params.get("classes") if types.get("classes") == "int" else None
+    params = model.params  # the names emitted arguments may use
     lines = [f"# {line}" for line in comment.splitlines()] if comment else []
-    lines.append(f"model {name or model.name}({params}) {{")
+    lines.append(f"model {name or model.name}({header}) {{")
     lines.append(f"    input {fmt_shape(model.input_shape)}")
-    from .expr import evaluate
-
     for b in model.definition.budgets:
         lines.append(f"    budget {b.title} <= {_num(evaluate(b.limit, model.params))}")
     if root.op == "torchvision" and root.path == "":
-        lines.append(f"    {leaf(root, classes)}")
+        lines.append(f"    {leaf(root, params)}")
     else:
-        _body(root.children, "    ", classes, lines)
+        _body(root.children, "    ", params, lines)
     lines.append("}")
     return "\n".join(lines) + "\n"

@@ -121,7 +121,8 @@ def _pool(kind: str):
             raise LayerError(f"padding {a['padding']} is more than half the kernel ({k})", arg="padding")
         ho, wo = _conv_out(h, k, stride, a["padding"]), _conv_out(w, k, stride, a["padding"])
         if ho < 1 or wo < 1:
-            raise LayerError(f"{kind}({k}) cannot take a {h}x{w} input", hint="remove a pooling layer or use a larger input")
+            raise LayerError(f"{kind}({k}) cannot take a {h}x{w} input",
+                             hint="remove a pooling layer or use a larger input")
         return kind, {"kernel": k, "stride": stride, "padding": a["padding"]}, (c, ho, wo)
 
     return resolve

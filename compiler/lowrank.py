@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import copy
 
-from .tree import Node
 from .layers import macs, tensors
+from .tree import Node
 
 
 def factor_params(node: Node, rank: int) -> int:

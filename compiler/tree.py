@@ -23,6 +23,7 @@ class Node:
     span: Span | None = None
     tensors: list[Tensor] = field(default_factory=list)  # own state-dict entries (local names)
     macs: int = 0             # own MACs (leaves; torchvision refs hold their total)
+    symbols: dict = field(default_factory=dict)  # argument -> model parameter it was written as (`linear(classes)`)
 
     def walk(self):
         yield self
@@ -64,6 +65,3 @@ class Model:
     source: str = ""          # spec text, embedded in model files
     syntax: str = "dsl"       # dsl | yaml: how to read `source` back
 
-    def param_strings(self) -> dict[str, str]:
-        """The parameter values as `--param` strings, to compile a related spec with the same values."""
-        return {k: str(v).lower() if isinstance(v, bool) else str(v) for k, v in self.params.items()}

@@ -7,8 +7,8 @@ order (so `conv(16, 3)` and `conv: {out: 16, kernel: 3}` give the same IR).
 """
 from __future__ import annotations
 
-from .errors import Diagnostics, did_you_mean
 from . import ir
+from .errors import Diagnostics, did_you_mean
 from .expr import FUNCTIONS, free_names
 from .fileformat import FORMAT_HELP, SUMMARY_FORMATS, is_format
 from .layers import LAYERS, REQUIRED

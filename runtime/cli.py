@@ -68,7 +68,7 @@ def run(argv: list[str]) -> int:
                                   args.device, args.dry_run, _params(args.param), shape, args.model))
     if args.data or args.out or args.sets or args.epochs or args.dry_run:
         raise UsageError("--data, --out, --set, --epochs and --dry-run need --recipe")
-    model = compile_spec(args.spec, model=args.model, params=_params(args.param), input_shape=shape)
+    model = compile_spec(args.spec, model=args.model, param_strings=_params(args.param), input_shape=shape)
     analysis = analyse(model)
     print(to_json(analysis) if args.json else table(analysis, args.depth))
     return EXIT_OK if analysis.ok else EXIT_BUDGET

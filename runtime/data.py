@@ -143,7 +143,8 @@ def list_folder(root: Path, cfg: DataConfig) -> Listing:
 def _digits_file() -> Path:
     spec = importlib.util.find_spec("sklearn")
     if spec is None or spec.origin is None:
-        raise DataError("the embedded default data (scikit-learn's digits) needs scikit-learn: pip install scikit-learn")
+        raise DataError("the embedded default data (scikit-learn's digits) needs scikit-learn: "
+                        "pip install scikit-learn")
     return Path(spec.origin).parent / "datasets" / "data" / "digits.csv.gz"
 
 

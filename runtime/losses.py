@@ -4,7 +4,6 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-
 # The course report's knowledge-distillation settings: every default in nccompile comes from here.
 KD_TEMPERATURE = 20.0
 KD_ALPHA = 0.5

@@ -13,8 +13,8 @@ import torch
 
 import compiler
 from compiler.channels import Spaces, analyse_channels, rewrite
-from compiler.tree import Model
 from compiler.emit import emit
+from compiler.tree import Model
 
 from .weights import load_into, state_tensors
 
@@ -68,7 +68,10 @@ def choose(scores: dict[int, torch.Tensor], rate: float, scope: str, min_channel
     pruned harder; `min_rate` keeps at least that fraction of every space.
     """
     kept = {}
-    min_channels_of = (lambda n: max(min_channels, math.ceil(min_rate * n)))
+
+    def min_channels_of(n: int) -> int:
+        return max(min_channels, math.ceil(min_rate * n))
+
     if scope == "layer":
         for space, s in scores.items():
             k = _rounded(round(rate * len(s)), len(s), multiple, min_channels)
@@ -95,7 +98,7 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
     counts = {s: len(idx) for s, idx in kept.items()}
     new_root = rewrite(model.root, spaces, counts)
     text = emit(model, new_root, comment=comment)
-    new_model = compiler.compile_source(text, f"{model.name}-pruned.spec", params=model.param_strings(),
+    new_model = compiler.compile_source(text, f"{model.name}-pruned.spec", params=model.params,
                                         input_shape=model.input_shape)
     old = state_tensors(module)
     new_module = compiler.build_module(new_model)

@@ -15,7 +15,17 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compiler.errors import NcError, did_you_mean
 
-BUILTIN_RECIPES = Path(__file__).resolve().parent.parent / "specs" / "recipes"
+def _builtin_recipes() -> Path:
+    """specs/recipes of a checkout, else the copy an installed wheel carries (package runtime._specs)."""
+    checkout = Path(__file__).resolve().parent.parent / "specs" / "recipes"
+    if checkout.is_dir():
+        return checkout
+    from importlib.resources import files
+
+    return Path(str(files("runtime._specs") / "recipes"))
+
+
+BUILTIN_RECIPES = _builtin_recipes()
 
 
 class RecipeError(NcError):
@@ -96,7 +106,7 @@ class ModelRef(Strict):
     spec: str                           # spec file; relative paths resolve against the recipe's folder
     checkpoint: str | None = None       # nccompile or plain safetensors weights
     torchvision_weights: str | None = None  # e.g. IMAGENET1K_V1: downloaded and cached by torchvision
-    params: dict[str, str] = {}
+    params: dict[str, bool | int | float] = {}  # the spec's parameters, typed as declared
 
 
 class Recipe(Strict):
@@ -178,7 +188,7 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
 
 def _loc(loc: tuple, raw: dict) -> str:
     out = []
-    for i, part in enumerate(loc):
+    for part in loc:
         if isinstance(part, int) and out and out[-1] == "steps":
             steps = raw.get("steps") or []
             name = steps[part].get("name") if part < len(steps) and isinstance(steps[part], dict) else None
@@ -196,7 +206,8 @@ def problems_of(err: ValidationError, raw: dict, model_cls, prefix: tuple = ()) 
         if e["type"] == "extra_forbidden":
             parent = model_cls
             for part in e["loc"][:-1]:
-                field = parent.model_fields.get(part) if isinstance(part, str) and hasattr(parent, "model_fields") else None
+                fields = getattr(parent, "model_fields", {})
+                field = fields.get(part) if isinstance(part, str) else None
                 ann = getattr(field, "annotation", None) if field else None
                 parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else parent
             known = list(getattr(parent, "model_fields", {}))

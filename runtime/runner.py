@@ -23,7 +23,8 @@ from compiler.report import table
 
 from .context import ModelSlot, RunContext
 from .data import list_source
-from .plan import Plan, load as load_plan, make_plan
+from .plan import load as load_plan
+from .plan import make_plan
 from .rundir import RunDir, digest, write_json, write_text
 from .speed import resolve as resolve_speed
 from .weights import read_state
@@ -52,16 +53,14 @@ def _device(name: str) -> torch.device:
     return torch.device(name)
 
 
-def _compile(path, classes: list[str], params: dict | None, input_shape, model: str | None, what: str):
-    """Compile a spec for the data: `classes` is set from the data's class count."""
-    params = dict(params or {})
-    m = compiler.compile_spec(path, model=model, params=params, input_shape=input_shape)
-    declared = {p.name for p in m.definition.params}
-    if "classes" in declared:
-        if "classes" in params and int(params["classes"]) != len(classes):
-            raise NcError(f"{what}: --param classes={params['classes']} but the data has {len(classes)} classes")
-        params["classes"] = str(len(classes))
-        m = compiler.compile_spec(path, model=model, params=params, input_shape=input_shape)
+def _compile(path, classes: list[str], input_shape, what: str, *, model: str | None = None,
+             params: dict | None = None, strings: dict | None = None):
+    """Compile a spec once for the data: a declared `classes` parameter is the data's class count."""
+    given = {**(params or {}), **(strings or {})}
+    if "classes" in given and str(given["classes"]) != str(len(classes)):
+        raise NcError(f"{what}: classes={given['classes']} but the data has {len(classes)} classes")
+    m = compiler.compile_spec(path, model=model, params=params, param_strings=strings, input_shape=input_shape,
+                              if_declared={"classes": len(classes)})
     if m.root.out_shape != (len(classes),):
         raise NcError(f"{what} ({path}) outputs {'x'.join(map(str, m.root.out_shape))} values but the data has "
                       f"{len(classes)} classes\n  hint: declare a `classes: int` parameter and end with "
@@ -104,7 +103,7 @@ def prepare(opts: Options):
     listing = list_source(recipe.data)
     classes = listing.classes
     shape = opts.input or (compiler.parse_shape(recipe.input) if recipe.input else None)
-    student = _compile(opts.spec, classes, opts.params, shape, opts.model, "the spec")
+    student = _compile(opts.spec, classes, shape, "the spec", model=opts.model, strings=opts.params)
     input_shape = student.input_shape
     analysis = analyse(student)
     if not analysis.ok:
@@ -113,7 +112,7 @@ def prepare(opts: Options):
     slots = {"student": ModelSlot("student", student)}
     for name, ref in recipe.models.items():
         spec_path = _resolve(ref.spec, recipe_path)
-        m = _compile(spec_path, classes, ref.params, input_shape, None, f"models.{name}")
+        m = _compile(spec_path, classes, input_shape, f"models.{name}", params=ref.params)
         slot = ModelSlot(name, m, torchvision_weights=ref.torchvision_weights)
         if ref.checkpoint:
             ckpt = _resolve(ref.checkpoint, recipe_path)
@@ -164,7 +163,8 @@ def _timeline(recipe, listing, slots, plan, input_shape, pipelines, speed) -> st
 
 
 def _markdown(entries: list[dict]) -> str:
-    head = "| step | kind | model | params | file bytes | val accuracy | seconds | status |\n|---|---|---|---:|---:|---:|---:|---|"
+    head = ("| step | kind | model | params | file bytes | val accuracy | seconds | status |\n"
+            "|---|---|---|---:|---:|---:|---:|---|")
     rows = []
     for e in entries:
         acc = f"{e['val_accuracy']:.4f}" if isinstance(e.get("val_accuracy"), float) else "-"
@@ -205,7 +205,8 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
         out.mkdir(parents=True, exist_ok=True)
         write_text(out / f"spec{Path(opts.spec).suffix}", student.source)
         write_text(out / "recipe.yaml", yaml.safe_dump(
-            {**recipe.model_dump(exclude={"steps"}), "steps": [s.config.model_dump() for s in plan.steps]}, sort_keys=False))
+            {**recipe.model_dump(exclude={"steps"}), "steps": [s.config.model_dump() for s in plan.steps]},
+            sort_keys=False))
         print(timeline)
         print(f"run directory: {out}")
     ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world, speed=speed)
@@ -237,7 +238,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
             entry.update(status="ran", result=stored)
         result = entry.pop("result")
         if result.get("spec_file"):  # the step changed the architecture: the model is now that spec
-            slot.model = compiler.compile_spec(out / result["spec_file"], params=slot.model.param_strings(),
+            slot.model = compiler.compile_spec(out / result["spec_file"], params=slot.model.params,
                                                input_shape=slot.model.input_shape)
         if result.get("model_file"):
             slot.weights, slot.producer, slot.producer_key = out / result["model_file"], cfg.name, key

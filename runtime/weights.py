@@ -19,9 +19,9 @@ from safetensors.torch import save as st_save
 
 from compiler import fileformat
 from compiler.analysis import file_metadata, fold_pairs
-from compiler.tree import Model
 from compiler.errors import NcError
 from compiler.fileformat import WeightFormat, parse_format
+from compiler.tree import Model
 
 
 class WeightsError(NcError):
@@ -145,7 +145,8 @@ def fold_batchnorm(module: torch.nn.Module, model: Model) -> torch.nn.Module:
     """Fold each BN that follows a conv into the conv (exact in eval mode); returns the module."""
     for conv_node, bn_node in fold_pairs(model.root):
         conv, bn = _get(module, conv_node.path), _get(module, bn_node.path)
-        scale = bn.weight / torch.sqrt(bn.running_var + bn.eps) if bn.affine else 1 / torch.sqrt(bn.running_var + bn.eps)
+        inv_std = 1 / torch.sqrt(bn.running_var + bn.eps)
+        scale = bn.weight * inv_std if bn.affine else inv_std
         shift = (bn.bias if bn.affine else 0) - bn.running_mean * scale
         bias = conv.bias if conv.bias is not None else torch.zeros_like(bn.running_mean)
         conv.weight.mul_(scale.reshape(-1, 1, 1, 1))
@@ -265,8 +266,9 @@ def model_of(meta: dict[str, str], path: Path) -> Model:
         raise WeightsError(f"{path}: no embedded spec (not an nccompile model file); "
                            "load it into a model built from its spec instead")
     try:
-        params = {k: str(v).lower() if isinstance(v, bool) else str(v)  # back to --param strings
-                  for k, v in json.loads(meta["params"]).items()}
+        params = json.loads(meta["params"])
+        if not isinstance(params, dict):
+            raise ValueError(f"params is a {type(params).__name__}, not a mapping")
         shape = tuple(int(s) for s in meta["input"].split("x"))
         return compiler.compile_source(meta["spec"], f"{path}#spec", syntax=meta.get("syntax", "dsl"),
                                        model=meta.get("model"), params=params, input_shape=shape)
@@ -285,7 +287,8 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: s
         parts = []
         for title, items in (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)):
             if items:
-                parts.append(f"{title}: {', '.join(items[:4])}" + (f" (+{len(items) - 4} more)" if len(items) > 4 else ""))
+                more = f" (+{len(items) - 4} more)" if len(items) > 4 else ""
+                parts.append(f"{title}: {', '.join(items[:4])}{more}")
         raise WeightsError(f"{source} does not fit the model: " + "; ".join(parts))
     module.load_state_dict(state, strict=False)
 

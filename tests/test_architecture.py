@@ -95,3 +95,21 @@ def test_the_checker_sees_relative_and_nested_imports():
     graph = _graph()
     assert "runtime.runner" in graph["runtime.cli"]          # nested `from .runner import ...`
     assert "compiler.tree" in graph["compiler.elaborate"]    # relative `from .tree import ...`
+
+
+def test_a_wheel_runs_a_builtin_recipe_from_another_directory(tmp_path):
+    """Recipes are package data: a non-editable install finds `kd` and the teacher spec it names."""
+    import subprocess
+    import sys
+
+    wheels, target, elsewhere = tmp_path / "wheels", tmp_path / "site", tmp_path / "elsewhere"
+    subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(wheels),
+                    str(ROOT)], check=True, capture_output=True)
+    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--target", str(target),
+                    *map(str, wheels.glob("*.whl"))], check=True, capture_output=True)
+    (elsewhere / "specs").mkdir(parents=True)
+    (elsewhere / "specs" / "student.spec").write_text((ROOT / "specs" / "student.spec").read_text())
+    proc = subprocess.run([sys.executable, "-m", "runtime", "specs/student.spec", "--recipe", "kd", "--dry-run"],
+                          cwd=elsewhere, capture_output=True, text=True, env={"PYTHONPATH": str(target), "PATH": ""})
+    assert proc.returncode == 0, proc.stderr
+    assert f"model teacher: {target / 'runtime' / '_specs' / 'teacher.spec'}" in proc.stdout

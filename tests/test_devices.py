@@ -10,8 +10,8 @@ import torch
 from torch.utils.data import BatchSampler, DistributedSampler
 
 import compiler
-from runtime.cli import main
 from runtime.batches import Placed, epoch_order
+from runtime.cli import main
 from runtime.data import Split
 from runtime.recipe import BUILTIN_RECIPES
 

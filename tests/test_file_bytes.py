@@ -8,8 +8,7 @@ import torch
 import compiler
 from compiler import fileformat
 from compiler.fileformat import parse_format
-from runtime.weights import (WeightsError, fold_batchnorm, load_model, pack_bits, save_model, state_tensors,
-                             unpack_bits)
+from runtime.weights import WeightsError, fold_batchnorm, load_model, pack_bits, save_model, state_tensors, unpack_bits
 
 from .conftest import SPECS
 
@@ -75,7 +74,8 @@ def test_bit_packing_roundtrips(bits):
     assert torch.equal(unpack_bits(packed, bits, 1001), codes)
 
 
-@pytest.mark.parametrize("fmt,tolerance", [("fp32", 0), ("fp16", 1e-3), ("int8", 0.5 / 255), ("int8-channel", 0.5 / 255),
+@pytest.mark.parametrize("fmt,tolerance", [("fp32", 0), ("fp16", 1e-3), ("int8", 0.5 / 255),
+                                           ("int8-channel", 0.5 / 255),
                                            ("int4", 0.5 / 15), ("int2-channel", 0.5 / 3)])
 def test_file_rebuilds_its_model_alone(tmp_path, fmt, tolerance):
     model, module = _built("student.spec")

@@ -51,7 +51,7 @@ model m(classes: int = 10, mult: float = 1.0) {
     conv(32) bn relu dwconv(3) pwconv(64) gap flatten linear(100) fc: linear(classes, scale=false)
 }"""
     base = compile_text(tmp_path, text)
-    half = compile_text(tmp_path, text, params={"mult": "0.5"})
+    half = compile_text(tmp_path, text, params={"mult": 0.5})
     outs = lambda m: [n.attrs.get("out", n.attrs.get("channels")) for n in m.root.leaves()  # noqa: E731
                       if n.op in ("conv", "bn", "linear")]
     assert outs(base) == [32, 32, 32, 64, 104, 10]  # every scaled width is a multiple of 8: 100 -> 104
@@ -171,7 +171,8 @@ def test_json_output_schema(in_root, capsys):
     data = json.loads(capsys.readouterr().out)
     assert data["params"] == 256_779 and isinstance(data["macs"], int)
     assert data["input"] == [3, 256, 256]
-    assert set(data["bytes"]) == {"fp32", "fp16", "int8", "int8-channel", "int4", "int2"} and all(isinstance(v, int) for v in data["bytes"].values())
+    assert set(data["bytes"]) == {"fp32", "fp16", "int8", "int8-channel", "int4", "int2"}
+    assert all(isinstance(v, int) for v in data["bytes"].values())
     budget = data["budgets"][0]
     assert {"name", "limit", "value", "ok"} <= set(budget) and budget["ok"] is True
     assert budget["value"] == data["bytes"]["int8"] and budget["limit"] == 300_000

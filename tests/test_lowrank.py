@@ -15,7 +15,7 @@ from .test_runtime import needs_data
 
 
 def _model(name):
-    model = compiler.compile_spec(SPECS / name, params={"classes": "10"}, input_shape=(3, 32, 32))
+    model = compiler.compile_spec(SPECS / name, params={"classes": 10}, input_shape=(3, 32, 32))
     return model, compiler.build_module(model, seed=2).eval()
 
 
@@ -35,7 +35,7 @@ def test_full_rank_factorization_is_exact(name):
 def test_factorized_resnet_is_smaller_and_matches_its_spec(cfg):
     model, module = _model("resnet18.spec")
     new_model, new_module, text, ranks = factorize_module(model, module, LowrankConfig(name="l", **cfg))
-    again = compiler.compile_source(text, "lowrank.spec", params={"classes": "10"}, input_shape=(3, 32, 32))
+    again = compiler.compile_source(text, "lowrank.spec", params={"classes": 10}, input_shape=(3, 32, 32))
     a = compiler.analyse(again)
     got = measure(new_module, (3, 32, 32))
     assert got["params"] == a.params < compiler.analyse(model).params

@@ -20,7 +20,7 @@ from .test_runtime import needs_data
 
 def _trained_like(name, input_shape=(3, 32, 32)):
     """A built spec whose BatchNorms look trained (varied gamma and statistics)."""
-    model = compiler.compile_spec(SPECS / name, params={"classes": "10"}, input_shape=input_shape)
+    model = compiler.compile_spec(SPECS / name, params={"classes": 10}, input_shape=input_shape)
     module = compiler.build_module(model, seed=1)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -37,7 +37,8 @@ def _trained_like(name, input_shape=(3, 32, 32)):
 def test_emitted_spec_roundtrips(name):
     model = compiler.compile_spec(SPECS / name)
     again = compiler.compile_source(emit(model), "emitted.spec")
-    assert [(n, t.shape) for n, t in model.root.state_tensors()] == [(n, t.shape) for n, t in again.root.state_tensors()]
+    shapes = [(n, t.shape) for n, t in model.root.state_tensors()]
+    assert shapes == [(n, t.shape) for n, t in again.root.state_tensors()]
     assert compiler.analyse(again).macs == compiler.analyse(model).macs
 
 
@@ -72,7 +73,7 @@ def test_pruned_models_run_match_their_spec_and_shrink(name, rate, scope):
     spaces = analyse_channels(model.root)
     new_model, new_module, text = prune_model(model, module, choose(importance(module, spaces, "bn"), rate, scope),
                                               spaces)
-    recompiled = compiler.compile_source(text, "pruned.spec", params={"classes": "10"}, input_shape=(3, 32, 32))
+    recompiled = compiler.compile_source(text, "pruned.spec", params={"classes": 10}, input_shape=(3, 32, 32))
     a = compiler.analyse(recompiled)
     got = measure(new_module, (3, 32, 32))
     assert got["params"] == a.params and got["macs"] == a.macs and got["output"] == (10,)
@@ -97,7 +98,8 @@ def test_tiny_prune_sweep_writes_csv_and_curve(tmp_path, capsys, in_root):
     from runtime.cli import main
 
     out = tmp_path / "run"
-    code = main(["specs/student.spec", "--recipe", "prune_sweep", "--data", str(DATA), "--set", "data.limit_per_class=30",
+    code = main(["specs/student.spec", "--recipe", "prune_sweep", "--data", str(DATA),
+                 "--set", "data.limit_per_class=30",
                  "--set", "steps.train.epochs=1", "--set", "steps.sweep.iterations=2", "--out", str(out)])
     _, err = capsys.readouterr()
     assert code == 0, err
@@ -114,7 +116,7 @@ def test_tiny_prune_sweep_writes_csv_and_curve(tmp_path, capsys, in_root):
     report = json.loads((out / "report.json").read_text())
     final = report["steps"][-1]
     assert final["params"] == finals["rate 0.85"]  # the evaluated model is the pruned one
-    pruned = compiler.compile_spec(out / "steps/sweep/pruned.spec", params={"classes": "10"})
+    pruned = compiler.compile_spec(out / "steps/sweep/pruned.spec", params={"classes": 10})
     assert compiler.analyse(pruned).params == final["params"]
     assert final["file_bytes"] == compiler.predicted_bytes(pruned, "fp32")
 

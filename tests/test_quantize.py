@@ -28,19 +28,21 @@ def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
     steps = json.loads((out / "report.json").read_text())["steps"]
     assert [s["name"] for s in steps] == ["teacher", "distill", "quantize", "evaluate", "export"]
     q = {s["name"]: s for s in steps}["quantize"]
-    student10 = compiler.compile_spec(SPECS / "student.spec", params={"classes": "10"}, input_shape=(3, 32, 32))
+    student10 = compiler.compile_spec(SPECS / "student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
     predicted = compiler.predicted_bytes(student10, "int8")
     assert q["file_bytes"] == predicted == (out / "steps/quantize/model.safetensors").stat().st_size
     assert q["file_bytes"] <= 268_471
     m = q["metrics"]
     assert m["fp32_val_accuracy"] > 0.2, "the distilled student should have learned something"
     assert abs(m["accuracy_drop"]) <= 0.01, m  # 8-bit within 1 point of fp32
-    assert m["integer"]["latency_ms_batch1"]["int8"] > 0 and abs(m["integer"]["val_accuracy"] - m["val_accuracy"]) < 0.05
+    assert m["integer"]["latency_ms_batch1"]["int8"] > 0
+    assert abs(m["integer"]["val_accuracy"] - m["val_accuracy"]) < 0.05
     # the report ends with the quantized model's bytes and accuracy
     last = steps[-1]
     assert last["file_bytes"] == predicted and last["val_accuracy"] == pytest.approx(m["val_accuracy"])
     assert (out / "steps/export/student.onnx").stat().st_size > 0
-    assert (out / "steps/export/student.safetensors").read_bytes() == (out / "steps/quantize/model.safetensors").read_bytes()
+    exported = (out / "steps/export/student.safetensors").read_bytes()
+    assert exported == (out / "steps/quantize/model.safetensors").read_bytes()
     # `nccompile load` rebuilds it from the file alone
     assert main(["load", str(out / "steps/export/student.safetensors"), "--json"]) == 0
     info = json.loads(capsys.readouterr().out)
@@ -82,6 +84,7 @@ def test_integer_kernels_name_float_layers(tmp_path):
 
 def test_quantize_step_rejects_unknown_format(capsys, in_root, tmp_path):
     recipe = tmp_path / "q.yaml"
-    recipe.write_text("name: q\nsteps:\n  - {name: t, kind: train, epochs: 1}\n  - {name: q, kind: quantize, format: int9}\n")
+    recipe.write_text("name: q\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"
+                      "  - {name: q, kind: quantize, format: int9}\n")
     assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
     assert "unknown format `int9`" in capsys.readouterr().err

@@ -224,7 +224,7 @@ def test_teacher_checkpoint_with_wrong_class_count(tmp_path, capsys, in_root):
 
     teacher = tmp_path / "teacher.spec"
     teacher.write_text(SMALL_TEACHER)
-    eleven = compiler.compile_spec(teacher, params={"classes": "11"})
+    eleven = compiler.compile_spec(teacher, params={"classes": 11})
     ckpt = tmp_path / "teacher11.safetensors"
     save_model(compiler.build_module(eleven), eleven, ckpt)
     root = _tiny_folder(tmp_path / "d")
@@ -254,7 +254,8 @@ def test_spec_hard_coding_another_class_count(tmp_path, capsys, in_root):
 
 def test_budget_checked_at_training_input(tmp_path, capsys, in_root):
     spec = tmp_path / "b.spec"
-    spec.write_text("model b(classes: int = 10) { input 3x8x8 budget macs <= 100k conv(8) gap flatten linear(classes) }")
+    spec.write_text("model b(classes: int = 10) { input 3x8x8 budget macs <= 100k conv(8) gap flatten "
+                    "linear(classes) }")
     assert run_cli([str(spec)], capsys)[0] == 0  # 8x8: within budget
     code, out, err = run_cli([str(spec), "--recipe", "scratch", "--dry-run"], capsys)  # the recipe trains at 32x32
     assert code == 1 and "exceeds its budget(s) at the training input 3x32x32" in err

@@ -106,7 +106,7 @@ def test_build_is_deterministic_per_seed():
 
 
 def test_param_and_input_overrides():
-    model = compiler.compile_spec(SPECS / "student.spec", params={"classes": "10", "base": "8"},
+    model = compiler.compile_spec(SPECS / "student.spec", params={"classes": 10, "base": 8},
                                   input_shape=(3, 32, 32))
     analysis = compiler.analyse(model)
     got = measure(compiler.build_module(model), (3, 32, 32))

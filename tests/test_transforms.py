@@ -35,9 +35,9 @@ def test_padded_crop_matches_per_image(device, mode):
     top, left = op.sample(len(x), (20, 24), x, torch.Generator(device).manual_seed(2))
     out = op.apply(x, (top, left))
     assert out.shape == x.shape and out.dtype == torch.uint8
-    for img, t, l, o in zip(x, top.tolist(), left.tolist(), out):
+    for img, t, left_, o in zip(x, top.tolist(), left.tolist(), out):
         padded = TF.pad(img, [4], padding_mode={"edge": "edge"}.get(mode, mode))
-        assert torch.equal(o, TF.crop(padded, t, l, 20, 24))
+        assert torch.equal(o, TF.crop(padded, t, left_, 20, 24))
     assert top.min() >= 0 and top.max() <= 8 and left.max() <= 8
 
 
@@ -62,9 +62,9 @@ def test_resized_crop_matches_per_image(device):
     out = op.apply(x, boxes)
     assert out.shape == x.shape
     for i, (img, o) in enumerate(zip(x, out)):
-        t, l, h, w = (int(b[i]) for b in boxes)
-        assert 0 <= t and t + h <= 20 and 0 <= l and l + w <= 24
-        ref = TF.resized_crop(img, t, l, h, w, [20, 24], antialias=False)
+        t, left_, h, w = (int(b[i]) for b in boxes)
+        assert 0 <= t and t + h <= 20 and 0 <= left_ and left_ + w <= 24
+        ref = TF.resized_crop(img, t, left_, h, w, [20, 24], antialias=False)
         # Same bilinear geometry; only the outermost pixels differ: grid sampling blends in the real
         # neighbours outside the box where torchvision repeats the box's edge.
         torch.testing.assert_close(o[:, 1:-1, 1:-1], ref[:, 1:-1, 1:-1], atol=1e-3, rtol=1e-4)

@@ -3,10 +3,7 @@ from __future__ import annotations
 
 import csv
 import io
-
 from typing import Literal
-
-import torch
 
 from ..rundir import write_json
 from ..weights import atomic_write

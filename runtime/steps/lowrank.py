@@ -51,7 +51,7 @@ def factorize_module(model, module, cfg) -> tuple[object, torch.nn.Module, str, 
         ranks[node.path] = rank
     new_root = factorize(model.root, ranks)
     text = emit(model, new_root, comment=f"low-rank factorized by nccompile ({cfg.rank_by})")
-    new_model = compiler.compile_source(text, f"{model.name}-lowrank.spec", params=model.param_strings(),
+    new_model = compiler.compile_source(text, f"{model.name}-lowrank.spec", params=model.params,
                                         input_shape=model.input_shape)
     new_module = compiler.build_module(new_model)
     state = {}

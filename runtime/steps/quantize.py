@@ -28,7 +28,8 @@ class QuantizeConfig(StepConfig):
     def weight_format(self):
         if not is_format(self.format):
             raise NcError(f"quantize step `{self.name}`: unknown format `{self.format}` (known: {FORMAT_HELP})")
-        return parse_format(self.format, keep=tuple(self.keep), keep_dtype="F16" if self.keep_dtype == "fp16" else "F32",
+        return parse_format(self.format, keep=tuple(self.keep),
+                            keep_dtype="F16" if self.keep_dtype == "fp16" else "F32",
                             fold_bn=self.fold_bn)
 
 
@@ -113,8 +114,8 @@ class Quantize(StepKind):
     def _integer(self, cfg, ctx, dequantized, fp32, data) -> dict:
         import torch
 
-        from ..int8 import integer_model, latency_ms
         from ..evaluation import score_split
+        from ..int8 import integer_model, latency_ms
 
         eval_tf = ctx.pipeline("eval")
         bs = ctx.recipe.data.batch_size

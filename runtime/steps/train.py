@@ -1,10 +1,10 @@
 """`train` (cross-entropy) and `distill` (Hinton's loss against a frozen teacher)."""
 from __future__ import annotations
 
-import torch
-import torch.nn.functional as F
 from typing import Literal
 
+import torch
+import torch.nn.functional as F
 from pydantic import Field
 
 from ..loop import fit
