@@ -155,3 +155,31 @@ def test_cost_needs_global_scope(capsys, in_root, tmp_path):
     recipe.write_text("name: p\nsteps:\n  - {name: t, kind: train}\n  - {name: p, kind: prune, cost: activations}\n")
     assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
     assert "needs `scope: global`" in capsys.readouterr().err
+
+
+def test_pruned_spec_writes_a_parameter_only_where_the_spec_did(tmp_path):
+    """A hidden `linear(10)` in a 10-class model stays `linear(10)`; `linear(classes)` stays symbolic."""
+    spec = tmp_path / "hidden.spec"
+    spec.write_text("model h(classes: int = 10, width: int = 16) {\n  input 3x16x16\n"
+                    "  conv(width) bn relu conv(width) bn relu gap flatten\n"
+                    "  hidden: linear(10) relu\n  fc: linear(classes)\n}\n")
+    model = compiler.compile_spec(spec)
+    module = compiler.build_module(model).eval()
+    spaces = analyse_channels(model.root)
+    scores = importance(module, spaces, "l1")
+    _, _, kept_all = prune_model(model, module, choose(scores, 1.0, "layer"), spaces)
+    assert "hidden: linear(10, " in kept_all and "fc: linear(classes, " in kept_all
+    assert "conv(width, " in kept_all  # still the value the spec wrote: still the name
+    _, _, halved = prune_model(model, module, choose(scores, 0.5, "layer"), spaces)
+    assert "conv(width" not in halved and "conv(8, " in halved and "fc: linear(classes, " in halved
+
+
+def test_epochs_reaches_fine_tuning_in_the_dry_run(capsys, in_root):
+    from runtime.cli import main
+
+    assert main(["specs/student.spec", "--recipe", "prune", "--epochs", "1", "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "train student for 1 epoch(s)" in out and "train 1 epoch(s) after each" in out
+    assert main(["specs/student.spec", "--recipe", "prune", "--epochs", "3", "--set", "steps.prune.finetune=null",
+                 "--dry-run"]) == 0
+    assert "after each" not in capsys.readouterr().out  # fine-tuning that is off stays off
