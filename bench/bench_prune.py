@@ -1,6 +1,6 @@
 """Pruning and low-rank factorization: CPU latency and the accuracy-parameters trade-off.
 
-1. Latency: the student at the seed's input (3x256x256), pruned by BatchNorm gamma to
+1. Latency: the student at the course's input (3x256x256), pruned by BatchNorm gamma to
    about half its MACs (`target_macs`), against the unpruned student; batch 1, median.
 2. Trade-off on cifar10-mini (32x32): the student trained from scratch, then pruned at
    several keep-rates (one iteration + fine-tuning each, a `prune` sweep); ResNet18 (the

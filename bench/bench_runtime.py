@@ -1,6 +1,6 @@
 """Throughput of nccompile's `train` and `distill` steps against a plain PyTorch loop.
 
-The plain loop is the seed's kind: torchvision ImageFolder (PIL decode + ToTensor on
+The plain loop is the course's kind: torchvision ImageFolder (PIL decode + ToTensor on
 every access), a DataLoader, the same student module, batch size, optimizer, epochs
 and data; validation after every epoch as nccompile does. Both sides run in this one
 process, one after the other, on the same subset of cifar10-mini.
@@ -62,7 +62,7 @@ def first_per_class(ds: datasets.ImageFolder, n: int) -> Subset:
 
 
 def plain_loop(student, teacher, args, train_set, val_set) -> tuple[float, float]:
-    """The seed's way: PIL ImageFolder + DataLoader; returns (images/s, final val accuracy)."""
+    """The course's way: PIL ImageFolder + DataLoader; returns (images/s, final val accuracy)."""
     torch.manual_seed(0)
     loader = DataLoader(train_set, batch_size=64, shuffle=True, num_workers=args.workers)
     val_loader = DataLoader(val_set, batch_size=256, shuffle=False, num_workers=args.workers)

@@ -12,7 +12,7 @@ from .tree import Model, Node
 @dataclass
 class Row:
     path: str
-    kind: str
+    type: str                 # the node's layer (conv, dws, residual, ...)
     depth: int
     output: tuple
     params: int
@@ -20,7 +20,7 @@ class Row:
     activations: int  # output elements of this module for one sample
 
     def to_json(self) -> dict:
-        return {"path": self.path, "type": self.kind, "depth": self.depth, "output": list(self.output),
+        return {"path": self.path, "type": self.type, "depth": self.depth, "output": list(self.output),
                 "params": self.params, "macs": self.macs, "activations": self.activations}
 
 
@@ -122,7 +122,7 @@ def _rows(root: Node) -> list[Row]:
     for node in root.walk():
         if node is root:
             continue
-        rows.append(Row(node.path, node.kind, node.path.count(".") + 1, node.out_shape, node.params,
+        rows.append(Row(node.path, node.layer, node.path.count(".") + 1, node.out_shape, node.params,
                         node.total_macs, math.prod(node.out_shape)))
     return rows
 
@@ -138,7 +138,7 @@ def _top(root: Node, metric: str, fmt: str | None, n: int = 3) -> list[tuple[str
         else:
             v = int((leaf.params + leaf.buffers) * per_elem)
         if v:
-            values.append((leaf.path or "(model)", leaf.kind, v))
+            values.append((leaf.path or "(model)", leaf.layer, v))
     return sorted(values, key=lambda item: -item[2])[:n]
 
 

@@ -31,10 +31,10 @@ def leaf(node: Node, params: dict | None = None) -> str:
     op, a = node.op, node.attrs
     params = params or {}
     if op == "conv":
-        if node.kind == "dwconv" and a["groups"] == a["in"]:
+        if node.layer == "dwconv" and a["groups"] == a["in"]:
             return (f"dwconv(kernel={a['kernel']}, stride={a['stride']}, padding={a['padding']}, "
                     f"dilation={a['dilation']}, bias={_bool(a['bias'])}, multiplier={a['out'] // a['in']})")
-        if node.kind == "pwconv" and a["kernel"] == 1 and a["stride"] == 1 and a["groups"] == 1:
+        if node.layer == "pwconv" and a["kernel"] == 1 and a["stride"] == 1 and a["groups"] == 1:
             return f"pwconv({_arg(node, 'out', params)}, bias={_bool(a['bias'])}, scale=false)"
         return (f"conv({_arg(node, 'out', params)}, kernel={a['kernel']}, stride={a['stride']}, "
                 f"padding={a['padding']}, "
@@ -78,7 +78,7 @@ def _node(node: Node, indent: str, label: str, params, lines: list[str]) -> None
             _body(parts["shortcut"].children, indent + "    ", params, lines)
         lines.append(f"{indent}}}")
     elif node.op == "seq":
-        lines.append(f"{indent}{label}{{  # {node.kind}")
+        lines.append(f"{indent}{label}{{  # {node.layer}")
         _body(node.children, indent + "    ", params, lines)
         lines.append(f"{indent}}}")
     else:

@@ -19,7 +19,7 @@ Weight formats (which tensors: every state-dict entry except BatchNorm's
 
     fp32, fp16     every tensor as F32 / F16                         data = 4n / 2n
     intN[-tensor]  per tensor (min, max) and N-bit codes              data = codes + 8R
-                   round((w - min) / (max - min) * (2^N - 1)); int8 is the seed's scheme
+                   round((w - min) / (max - min) * (2^N - 1)); int8 is the course's scheme
     intN-channel   one (min, max) per output channel of each tensor with 2+ dims
 
     codes: N = 8 -> one byte per element, the tensor's own name and shape (U8);
@@ -66,7 +66,7 @@ class WeightFormat:
     """How a model file stores its tensors.
 
     scheme  float:   every tensor as F32 (fp32) or F16 (fp16)
-            tensor:  per tensor, min and max plus unsigned `bits`-bit codes (the seed's scheme at 8 bits)
+            tensor:  per tensor, min and max plus unsigned `bits`-bit codes (the course's scheme at 8 bits)
             channel: like tensor, but one (min, max) per output channel of every tensor with 2+ dims
     keep      fnmatch patterns of tensor names stored as floats instead (e.g. "*.bias")
     keep_dtype  F32 or F16 for those
@@ -90,7 +90,7 @@ class WeightFormat:
                 "fold_bn": self.fold_bn}
 
 
-# Formats a budget may name and the summary lists. `int8` is the seed's scheme (= int8-tensor).
+# Formats a budget may name and the summary lists. `int8` is the course's scheme (= int8-tensor).
 SUMMARY_FORMATS = ("fp32", "fp16", "int8", "int8-channel", "int4", "int2")
 FORMAT_HELP = "fp32, fp16, int8 (= int8-tensor), intN or intN-tensor or intN-channel for N in 2..8"
 

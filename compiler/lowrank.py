@@ -49,15 +49,15 @@ def _split(node: Node, rank: int) -> Node:
         first_attrs = {**a, "out": rank, "bias": False}
         second_attrs = {"in": rank, "out": a["out"], "kernel": 1, "stride": 1, "padding": 0, "groups": 1,
                         "dilation": 1, "bias": a["bias"]}
-        kinds = ("conv", "pwconv")
+        layers = ("conv", "pwconv")
     else:
         mid = (rank,)
         first_attrs = {"in": a["in"], "out": rank, "bias": False}
         second_attrs = {"in": rank, "out": a["out"], "bias": a["bias"]}
-        kinds = ("linear", "linear")
-    first = Node("0", f"{node.path}.0", kinds[0], node.op, node.in_shape, mid, attrs=first_attrs, span=node.span,
+        layers = ("linear", "linear")
+    first = Node("0", f"{node.path}.0", layers[0], node.op, node.in_shape, mid, attrs=first_attrs, span=node.span,
                  tensors=tensors(node.op, first_attrs), macs=macs(node.op, first_attrs, mid))
-    second = Node("1", f"{node.path}.1", kinds[1], node.op, mid, node.out_shape, attrs=second_attrs, span=node.span,
+    second = Node("1", f"{node.path}.1", layers[1], node.op, mid, node.out_shape, attrs=second_attrs, span=node.span,
                   tensors=tensors(node.op, second_attrs), macs=macs(node.op, second_attrs, node.out_shape))
     return Node(node.name, node.path, "lowrank", "seq", node.in_shape, node.out_shape, children=[first, second],
                 span=node.span)

@@ -18,7 +18,7 @@ def table(a: Analysis, max_depth: int | None = None) -> str:
     rows = [r for r in a.rows if max_depth is None or r.depth <= max_depth]
     header = ("Layer", "Type", "Output", "Params", "MACs")
     body = [("  " * (r.depth - 1) + r.path,
-             r.kind, fmt_shape(r.output), f"{r.params:,}", f"{r.macs:,}") for r in rows]
+             r.type, fmt_shape(r.output), f"{r.params:,}", f"{r.macs:,}") for r in rows]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
     align = ("<", "<", "<", ">", ">")
 

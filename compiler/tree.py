@@ -14,7 +14,7 @@ class Node:
 
     name: str                 # local name (label or position)
     path: str                 # dotted module path, '' for the root
-    kind: str                 # layer name (conv, dwconv, ...), block name, 'seq', 'repeat', 'residual', ...
+    layer: str                # what the spec wrote: layer or block name, 'repeat', 'residual', ...
     op: str                   # leaf ops as in layers.py; containers: 'seq' | 'residual' | 'torchvision'
     in_shape: tuple
     out_shape: tuple

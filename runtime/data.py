@@ -2,7 +2,7 @@
 
 Sources:
   * ImageFolder trees:  PATH/train/<class>/*.jpg and PATH/val/<class>/*.jpg
-  * food-11 (the seed): PATH/training/<label>_<index>.jpg, PATH/validation/..., PATH/testing/*.jpg
+  * food-11 (the course): PATH/training/<label>_<index>.jpg, PATH/validation/..., PATH/testing/*.jpg
   * torchvision datasets by name (CIFAR10, MNIST, ...), with root and a download flag
   * the embedded default: scikit-learn's bundled digits (1,797 real 8x8 images, 10 classes)
 
@@ -53,7 +53,7 @@ class Data:
 class Listing:
     """What a source holds, found without decoding anything (cheap; used for validation and hashing)."""
 
-    kind: str                                   # folder-imagefolder | folder-food11 | torchvision | digits
+    source: str                                 # folder-imagefolder | folder-food11 | torchvision | digits
     classes: list[str]
     files: dict[str, list[tuple[Path, int | None]]] = field(default_factory=dict)  # split -> (path, label)
     fingerprint: str = ""
@@ -262,7 +262,7 @@ def _split(n: int, labels: torch.Tensor, fraction: float, seed: int):
 def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], seed: int) -> Data:
     channels, size = input_shape[0], tuple(input_shape[1:])
     skipped: list[str] = []
-    if listing.kind.startswith("folder"):
+    if listing.source.startswith("folder"):
         from .cache import cache_folder, cached_split
 
         folder = cache_folder(cfg) if cfg.cache else None
@@ -279,7 +279,7 @@ def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], s
         if skipped:
             print(f"data: skipped {len(skipped)} unreadable image(s), e.g. {skipped[0]}")
         return Data(listing.classes, splits["train"], splits["val"], splits.get("test"), skipped, listing.description)
-    if listing.kind == "digits":
+    if listing.source == "digits":
         import numpy as np
 
         raw = np.loadtxt(_digits_file(), delimiter=",", dtype=np.float32)
@@ -293,9 +293,9 @@ def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], s
         ids = [str(i) for i in range(len(labels))]
         return Data(listing.classes, Split(images[tr], labels[tr], [ids[i] for i in tr]),
                     Split(images[va], labels[va], [ids[i] for i in va]), description=listing.description)
-    if listing.kind == "torchvision":
+    if listing.source == "torchvision":
         return _load_torchvision(listing, cfg, channels, size, seed)
-    raise AssertionError(listing.kind)
+    raise AssertionError(listing.source)
 
 
 def _torchvision_split(cfg: DataConfig, train: bool):

@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compiler.errors import NcError, did_you_mean
 
+
 def _builtin_recipes() -> Path:
     """specs/recipes of a checkout, else the copy an installed wheel carries (package runtime._specs)."""
     checkout = Path(__file__).resolve().parent.parent / "specs" / "recipes"

@@ -59,7 +59,7 @@ def test_predicted_bytes_with_options(tmp_path, name, options, fmt):
 def test_student_8bit_files_fit_and_fp16_is_half():
     model, _ = _built("student.spec")
     sizes = {f: compiler.predicted_bytes(model, f) for f in ("fp32", "fp16", "int8", "int8-channel")}
-    assert sizes["int8"] <= 268_471 and sizes["int8-channel"] <= 300_000  # the seed's file and its limit
+    assert sizes["int8"] <= 268_471 and sizes["int8-channel"] <= 300_000  # the course's file and its limit
     assert abs(sizes["fp16"] / sizes["fp32"] - 0.5) < 0.01
     for other in ("origin.spec", "resnet18.spec"):
         m, _ = _built(other)

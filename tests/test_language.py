@@ -79,7 +79,7 @@ model m {
     res1, res2 = [n for n in m.root.walk() if n.op == "residual"]
     assert [c.name for c in res1.children] == ["body", "shortcut"]
     proj = res2.children[1]
-    assert proj.kind == "projection" and proj.children[0].attrs["stride"] == 2
+    assert proj.layer == "projection" and proj.children[0].attrs["stride"] == 2
     assert m.root.out_shape == (32, 2, 2)
 
 

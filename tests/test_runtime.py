@@ -113,7 +113,7 @@ def test_kd_recipe_end_to_end_and_resume_after_kill(tmp_path, in_root):
 
 @needs_data
 def test_food11_layout_and_predict(tmp_path, capsys, in_root):
-    """The seed's food-11 layout: labels from file names, testing/ predicted to a CSV."""
+    """The course's food-11 layout: labels from file names, testing/ predicted to a CSV."""
     root = tmp_path / "food"
     classes = ["airplane", "cat", "ship"]
     for split, name, n in (("train", "training", 30), ("val", "validation", 10)):

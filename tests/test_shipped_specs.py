@@ -1,4 +1,4 @@
-"""The shipped specs reproduce the seed's numbers, and analysis == built module."""
+"""The shipped specs reproduce the course's numbers, and analysis == built module."""
 from __future__ import annotations
 
 import pytest
@@ -44,8 +44,8 @@ def test_shipped_spec_matches_seed_and_module(name):
     assert analysis.buffers == sum(b.numel() for n, b in module.named_buffers() if "num_batches" not in n)
 
 
-def _seed_student(classes=11):
-    """The seed's StudentNet, written the plain PyTorch way (HW7 architecture design)."""
+def _course_student(classes=11):
+    """The course's StudentNet, written the plain PyTorch way (HW7 architecture design)."""
     width = [16, 32, 64, 128, 256, 256, 256, 256]
     layers = [nn.Sequential(nn.Conv2d(3, 16, 3, 1, 1), nn.BatchNorm2d(16), nn.ReLU6(), nn.MaxPool2d(2, 2, 0))]
     for i in range(7):
@@ -58,17 +58,17 @@ def _seed_student(classes=11):
     return nn.Sequential(nn.Sequential(*layers), nn.Flatten(), nn.Linear(256, classes))
 
 
-def test_student_parameter_shapes_equal_seed_studentnet():
+def test_student_parameter_shapes_equal_course_studentnet():
     ours = compiler.build_module(compiler.compile_spec(SPECS / "student.spec"))
-    seed = _seed_student()
-    assert [tuple(p.shape) for p in ours.parameters()] == [tuple(p.shape) for p in seed.parameters()]
+    course = _course_student()
+    assert [tuple(p.shape) for p in ours.parameters()] == [tuple(p.shape) for p in course.parameters()]
     x = torch.randn(2, 3, 64, 64)
-    # same shapes in the same order: the seed's weights load positionally and give the same outputs
+    # same shapes in the same order: the course's weights load positionally and give the same outputs
     with torch.no_grad():
-        for p_ours, p_seed in zip(ours.parameters(), seed.parameters()):
-            p_ours.copy_(p_seed)
-    seed.eval()
-    assert torch.allclose(ours(x), seed(x), atol=1e-5)
+        for p_ours, p_course in zip(ours.parameters(), course.parameters()):
+            p_ours.copy_(p_course)
+    course.eval()
+    assert torch.allclose(ours(x), course(x), atol=1e-5)
 
 
 def test_dsl_and_yaml_students_are_identical():

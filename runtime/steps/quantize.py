@@ -15,7 +15,7 @@ from .base import StepConfig, StepKind, StepResult, register
 
 class QuantizeConfig(StepConfig):
     kind: str = "quantize"
-    format: str = "int8"                     # fp16, int8 (the seed's), int8-channel, intN, intN-channel
+    format: str = "int8"                     # fp16, int8 (the course's), int8-channel, intN, intN-channel
     fold_bn: bool = False                    # fold BatchNorm into the preceding conv first
     keep: list[str] = []                     # tensor-name patterns kept as floats, e.g. ["*.bias"]
     keep_dtype: Literal["fp32", "fp16"] = "fp32"
