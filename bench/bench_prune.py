@@ -59,9 +59,9 @@ def latency_table(weights: Path | None = None, runs: int = 60) -> list[tuple]:
     model = compiler.compile_spec(ROOT / "specs/student.spec", params={"classes": 10})  # 3x256x256
     module = compiler.build_module(model).eval()
     if weights is not None:  # the trained student (fully convolutional: same weights at 256x256)
-        from runtime.weights import load_into, read_state
+        from runtime.weights import ModelFile, load_into
 
-        load_into(module, read_state(weights, None)[0], str(weights))
+        load_into(module, ModelFile(weights).state(), str(weights))
     spaces = analyse_channels(model.root)
     scores = importance(module, spaces, "bn")
     target = compiler.analyse(model).macs // 2

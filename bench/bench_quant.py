@@ -25,7 +25,7 @@ from runtime.evaluation import score_split  # noqa: E402
 from runtime.recipe import DataConfig  # noqa: E402
 from runtime.runner import Options, run  # noqa: E402
 from runtime.transforms import Pipeline  # noqa: E402
-from runtime.weights import build_with_weights, save_model  # noqa: E402
+from runtime.weights import ModelFile, save_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
 FORMATS = [("fp32", {}), ("fp16", {}), ("int8", {}), ("int8-channel", {}), ("int8", {"fold_bn": True}),
@@ -48,7 +48,7 @@ def main() -> None:
         report = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
         quant = report["quantize"]["metrics"]
         student = compiler.compile_spec(ROOT / "specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
-        module = build_with_weights(student, out / "steps/distill/model.safetensors")
+        module = ModelFile(out / "steps/distill/model.safetensors").build(student)
         cfg = DataConfig(path=str(DATA), limit_per_class=args.per_class)
         data = load(list_source(cfg), cfg, (3, 32, 32), 0)
         rows = []
@@ -56,7 +56,7 @@ def main() -> None:
             fmt = parse_format(name, **options)
             path = Path(tmp) / "m.safetensors"
             written = save_model(module, student, path, fmt)
-            acc = score_split(build_with_weights(student, path), data.val, Pipeline([], "eval", 3, (32, 32)),
+            acc = score_split(ModelFile(path).build(student), data.val, Pipeline([], "eval", 3, (32, 32)),
                               10).accuracy
             label = name + "".join(f" +{k}" if v is True else f" {k}={list(v)}" for k, v in options.items())
             rows.append((label, compiler.predicted_bytes(student, fmt), written, acc))

@@ -32,7 +32,7 @@ sys.path.insert(0, str(ROOT))
 import compiler  # noqa: E402
 from runtime.losses import kd_loss  # noqa: E402
 from runtime.runner import Options, run  # noqa: E402
-from runtime.weights import load_into, read_state  # noqa: E402
+from runtime.weights import ModelFile, load_into  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
 
@@ -120,7 +120,7 @@ def main() -> None:
         teacher_model = compiler.compile_spec(ROOT / "specs/teacher.spec", params={"classes": 10},
                                               input_shape=(3, 32, 32))
         teacher = compiler.build_module(teacher_model)
-        state, _ = read_state(out / "steps/teacher/model.safetensors")
+        state = ModelFile(out / "steps/teacher/model.safetensors").state()
         load_into(teacher, state, "teacher")
         teacher.eval()
         tf = v2.Compose([v2.ToImage(), v2.ToDtype(torch.float32, scale=True)])

@@ -6,6 +6,7 @@ from dataclasses import dataclass, field
 
 from . import fileformat
 from .expr import evaluate
+from .fileformat import as_format, predicted_bytes
 from .tree import Model, Node
 
 
@@ -63,58 +64,6 @@ class Analysis:
                 "buffers": self.buffers, "macs": self.macs, "activations": self.activations,
                 "bytes": dict(self.bytes), "budgets": [b.to_json() for b in self.budgets],
                 "ok": self.ok, "param_values": self.param_values, "layers": [r.to_json() for r in self.rows]}
-
-
-def fold_pairs(root: Node) -> list[tuple[Node, Node]]:
-    """(conv, bn) pairs where a 2-D BatchNorm directly follows a conv in the same sequence."""
-    pairs = []
-    for node in root.walk():
-        if node.op != "seq":
-            continue
-        for a, b in zip(node.children, node.children[1:]):
-            if a.op == "conv" and b.op == "bn" and b.attrs["dims"] == 3 and b.attrs["channels"] == a.attrs["out"]:
-                pairs.append((a, b))
-    return pairs
-
-
-def weight_tensors(model: Model, fold_bn: bool = False) -> list[tuple[str, tuple[int, ...]]]:
-    """(state-dict name, shape) of every tensor a model file stores, in module order.
-
-    With `fold_bn`, folded BatchNorms store nothing and their convs gain a bias.
-    """
-    tensors = [(name, t.shape) for name, t in model.root.state_tensors()]
-    if not fold_bn:
-        return tensors
-    pairs = fold_pairs(model.root)
-    dropped = {bn.path for _, bn in pairs}
-    biased = {conv.path: conv.attrs["out"] for conv, _ in pairs if not conv.attrs["bias"]}
-    out = []
-    for name, shape in tensors:
-        owner = name.rsplit(".", 1)[0]
-        if owner in dropped:
-            continue
-        out.append((name, shape))
-        if owner in biased and name.endswith(".weight"):
-            out.append((f"{owner}.bias", (biased[owner],)))
-    return out
-
-
-def as_format(fmt: str | fileformat.WeightFormat) -> fileformat.WeightFormat:
-    return fileformat.parse_format(fmt) if isinstance(fmt, str) else fmt
-
-
-def file_metadata(model: Model, fmt: str | fileformat.WeightFormat) -> dict[str, str]:
-    fmt = as_format(fmt)
-    folded = [bn.path for _, bn in fold_pairs(model.root)] if fmt.fold_bn else []
-    return fileformat.metadata(fmt=fmt, model=model.name, spec_source=model.source, syntax=model.syntax,
-                               params=model.params, input_shape=model.input_shape, folded=folded)
-
-
-def predicted_bytes(model: Model, fmt: str | fileformat.WeightFormat) -> int:
-    """Exact size of the model file the runtime writes in format `fmt` (see fileformat)."""
-    fmt = as_format(fmt)
-    stored = fileformat.stored_tensors(weight_tensors(model, fmt.fold_bn), fmt)
-    return fileformat.file_bytes(stored, file_metadata(model, fmt))
 
 
 def _rows(root: Node) -> list[Row]:

@@ -17,7 +17,7 @@ header's exact length.
 Weight formats (which tensors: every state-dict entry except BatchNorm's
 `num_batches_tracked` step counter, i.e. parameters + running statistics):
 
-    fp32, fp16     every tensor as F32 / F16                         data = 4n / 2n
+    fp32, fp16, bf16  every tensor as F32 / F16 / BF16               data = 4n / 2n / 2n
     intN[-tensor]  per tensor (min, max) and N-bit codes              data = codes + 8R
                    round((w - min) / (max - min) * (2^N - 1)); int8 is the course's scheme
     intN-channel   one (min, max) per output channel of each tensor with 2+ dims
@@ -39,6 +39,8 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+
+from .tree import Model, Node
 
 FILE_VERSION = "1"
 RANGES = "nccompile.ranges"
@@ -79,6 +81,7 @@ class WeightFormat:
     keep: tuple[str, ...] = ()
     keep_dtype: str = "F32"
     fold_bn: bool = False
+    dtype: str = "U8"         # how values are stored: F32 / F16 / BF16 for float formats, U8 codes otherwise
 
     @property
     def quantized(self) -> bool:
@@ -92,13 +95,15 @@ class WeightFormat:
 
 # Formats a budget may name and the summary lists. `int8` is the course's scheme (= int8-tensor).
 SUMMARY_FORMATS = ("fp32", "fp16", "int8", "int8-channel", "int4", "int2")
-FORMAT_HELP = "fp32, fp16, int8 (= int8-tensor), intN or intN-tensor or intN-channel for N in 2..8"
+FORMAT_HELP = "fp32, fp16, bf16, int8 (= int8-tensor), intN or intN-tensor or intN-channel for N in 2..8"
+FLOAT_FORMATS = {"fp32": ("F32", 32), "fp16": ("F16", 16), "bf16": ("BF16", 16)}
 
 
 def parse_format(name: str, *, keep=(), keep_dtype: str = "F32", fold_bn: bool = False) -> WeightFormat:
-    """`fp32`, `fp16`, `int8`, `int8-tensor`, `int8-channel`, `int4`, `int2-channel`, ..."""
-    if name in ("fp32", "fp16"):
-        return WeightFormat(name, "float", int(name[2:]), tuple(keep), keep_dtype, fold_bn)
+    """`fp32`, `fp16`, `bf16`, `int8`, `int8-tensor`, `int8-channel`, `int4`, `int2-channel`, ..."""
+    if name in FLOAT_FORMATS:
+        dtype, bits = FLOAT_FORMATS[name]
+        return WeightFormat(name, "float", bits, tuple(keep), keep_dtype, fold_bn, dtype)
     base, _, scheme = name.partition("-")
     scheme = scheme or "tensor"
     if base.startswith("int") and base[3:].isdigit() and 2 <= int(base[3:]) <= 8 and scheme in ("tensor", "channel"):
@@ -138,25 +143,57 @@ def keeps(name: str, fmt: WeightFormat) -> bool:
     return any(fnmatchcase(name, pattern) for pattern in fmt.keep)
 
 
-def stored_tensors(tensors: list[tuple[str, tuple[int, ...]]], fmt: WeightFormat | str) -> list[StoredTensor]:
-    """What a file of format `fmt` stores for the given (name, shape) float tensors.
+@dataclass(frozen=True)
+class Entry:
+    """One float tensor of the model and how the file stores it."""
 
-    Quantized tensors are stored under their own names as U8 codes; their (min, max)
-    pairs go, in tensor-name order, into one F32 tensor `nccompile.ranges` [R, 2].
+    name: str
+    shape: tuple[int, ...]           # the tensor's own shape
+    stored: StoredTensor             # as stored: a float dtype, or U8 codes (bit-packed below 8 bits)
+    rows: tuple[int, int] | None     # its (min, max) pairs: rows [start, stop) of `nccompile.ranges`
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Everything a file of one format stores for one set of tensors, in the order ranges are kept.
+    The analysis sizes files from it; encoding and decoding walk it."""
+
+    format: WeightFormat
+    entries: tuple[Entry, ...]
+    ranges: StoredTensor | None      # `nccompile.ranges` [R, 2] F32 for quantized formats
+
+    def stored(self) -> list[StoredTensor]:
+        return [e.stored for e in self.entries] + ([self.ranges] if self.ranges is not None else [])
+
+
+def layout(tensors: list[tuple[str, tuple[int, ...]]], fmt: WeightFormat | str) -> Layout:
+    """The layout of a file of format `fmt` for (name, shape) float tensors.
+
+    Float formats store each tensor in the format's dtype (or `keep_dtype` for kept ones).
+    Quantized tensors are stored under their own names as U8 codes; their (min, max) pairs
+    go, in tensor-name order, into one F32 tensor `nccompile.ranges` [R, 2].
     """
     if isinstance(fmt, str):
         fmt = parse_format(fmt)
     if not fmt.quantized:
-        dtype = "F32" if fmt.bits == 32 else "F16"
-        return [StoredTensor(n, fmt.keep_dtype if keeps(n, fmt) else dtype, tuple(s)) for n, s in tensors]
-    out, rows = [], 0
+        entries = tuple(Entry(n, tuple(s), StoredTensor(n, fmt.keep_dtype if keeps(n, fmt) else fmt.dtype, tuple(s)),
+                              None) for n, s in tensors)
+        return Layout(fmt, entries, None)
+    entries, row = [], 0
     for name, shape in sorted(tensors):
+        shape = tuple(shape)
         if keeps(name, fmt):
-            out.append(StoredTensor(name, fmt.keep_dtype, tuple(shape)))
+            entries.append(Entry(name, shape, StoredTensor(name, fmt.keep_dtype, shape), None))
         else:
-            out.append(StoredTensor(name, "U8", code_shape(shape, fmt.bits)))
-            rows += range_rows(shape, fmt)
-    return out + [StoredTensor(RANGES, "F32", (rows, 2))]
+            n = range_rows(shape, fmt)
+            entries.append(Entry(name, shape, StoredTensor(name, "U8", code_shape(shape, fmt.bits)), (row, row + n)))
+            row += n
+    return Layout(fmt, tuple(entries), StoredTensor(RANGES, "F32", (row, 2)))
+
+
+def stored_tensors(tensors: list[tuple[str, tuple[int, ...]]], fmt: WeightFormat | str) -> list[StoredTensor]:
+    """What a file of format `fmt` stores for the given (name, shape) float tensors."""
+    return layout(tensors, fmt).stored()
 
 
 def ordered(stored: list[StoredTensor]) -> list[StoredTensor]:
@@ -203,3 +240,61 @@ def metadata(*, fmt: WeightFormat, model: str, spec_source: str, syntax: str, pa
         "input": "x".join(str(s) for s in input_shape),
         "spec": spec_source,
     }
+
+
+# --- a model's file: which tensors, which metadata, how many bytes ------------------------
+
+def as_format(fmt: str | WeightFormat) -> WeightFormat:
+    return parse_format(fmt) if isinstance(fmt, str) else fmt
+
+
+def fold_pairs(root: Node) -> list[tuple[Node, Node]]:
+    """(conv, bn) pairs where a 2-D BatchNorm directly follows a conv in the same sequence."""
+    pairs = []
+    for node in root.walk():
+        if node.op != "seq":
+            continue
+        for a, b in zip(node.children, node.children[1:]):
+            if a.op == "conv" and b.op == "bn" and b.attrs["dims"] == 3 and b.attrs["channels"] == a.attrs["out"]:
+                pairs.append((a, b))
+    return pairs
+
+
+def weight_tensors(model: Model, fold_bn: bool = False) -> list[tuple[str, tuple[int, ...]]]:
+    """(state-dict name, shape) of every tensor a model file stores, in module order.
+
+    With `fold_bn`, folded BatchNorms store nothing and their convs gain a bias.
+    """
+    tensors = [(name, t.shape) for name, t in model.root.state_tensors()]
+    if not fold_bn:
+        return tensors
+    pairs = fold_pairs(model.root)
+    dropped = {bn.path for _, bn in pairs}
+    biased = {conv.path: conv.attrs["out"] for conv, _ in pairs if not conv.attrs["bias"]}
+    out = []
+    for name, shape in tensors:
+        owner = name.rsplit(".", 1)[0]
+        if owner in dropped:
+            continue
+        out.append((name, shape))
+        if owner in biased and name.endswith(".weight"):
+            out.append((f"{owner}.bias", (biased[owner],)))
+    return out
+
+
+def model_layout(model: Model, fmt: str | WeightFormat) -> Layout:
+    fmt = as_format(fmt)
+    return layout(weight_tensors(model, fmt.fold_bn), fmt)
+
+
+def file_metadata(model: Model, fmt: str | WeightFormat) -> dict[str, str]:
+    fmt = as_format(fmt)
+    folded = [bn.path for _, bn in fold_pairs(model.root)] if fmt.fold_bn else []
+    return metadata(fmt=fmt, model=model.name, spec_source=model.source, syntax=model.syntax,
+                    params=model.params, input_shape=model.input_shape, folded=folded)
+
+
+def predicted_bytes(model: Model, fmt: str | WeightFormat) -> int:
+    """Exact size of the model file the runtime writes in format `fmt`."""
+    fmt = as_format(fmt)
+    return file_bytes(model_layout(model, fmt).stored(), file_metadata(model, fmt))

@@ -87,9 +87,10 @@ def load(argv: list[str]) -> int:
 
     from compiler import analyse
 
-    from .weights import load_model
+    from .weights import ModelFile
 
-    module, model, meta = load_model(args.file)
+    file = ModelFile(args.file)
+    module, model, meta = file.build(), file.model(), file.meta
     with torch.no_grad():
         out = module(torch.zeros(1, *model.input_shape))
     info = {"file": args.file, "bytes": os.path.getsize(args.file), "format": meta.get("format"),

@@ -19,7 +19,7 @@ from .recipe import Recipe
 from .rundir import RunDir
 from .speed import Speed, resolve
 from .transforms import Pipeline
-from .weights import build_with_weights, save_model, unwrap
+from .weights import ModelFile, save_model, unwrap
 
 
 @dataclass
@@ -35,7 +35,7 @@ class ModelSlot:
 
     def build(self, device: torch.device, seed: int) -> torch.nn.Module:
         if self.weights is not None:
-            return build_with_weights(self.model, self.weights, seed).to(device)
+            return ModelFile(self.weights).build(self.model, seed).to(device)
         module = compiler.build_module(self.model, seed=seed)
         if self.torchvision_weights:
             load_torchvision_weights(module, self.model, self.torchvision_weights)

@@ -19,6 +19,7 @@ import yaml
 import compiler
 from compiler.analysis import analyse
 from compiler.errors import BudgetError, NcError
+from compiler.fileformat import weight_tensors
 from compiler.report import table
 
 from .context import ModelSlot, RunContext
@@ -27,7 +28,7 @@ from .plan import load as load_plan
 from .plan import make_plan
 from .rundir import RunDir, digest, write_json, write_text
 from .speed import resolve as resolve_speed
-from .weights import read_state
+from .weights import ModelFile
 
 
 @dataclass
@@ -69,8 +70,8 @@ def _compile(path, classes: list[str], input_shape, what: str, *, model: str | N
 
 
 def _check_checkpoint(slot: ModelSlot, path: Path, n_classes: int) -> None:
-    state, _ = read_state(path, slot.model)
-    expected = dict((n, tuple(s)) for n, s in compiler.analysis.weight_tensors(slot.model))
+    state = ModelFile(path).state(slot.model)
+    expected = dict((n, tuple(s)) for n, s in weight_tensors(slot.model))
     for name, shape in expected.items():
         if name in state and tuple(state[name].shape) != shape:
             if shape and shape[0] == n_classes and state[name].dim() == len(shape):

@@ -18,9 +18,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from compiler import fileformat
-from compiler.analysis import file_metadata, fold_pairs
 from compiler.errors import NcError
-from compiler.fileformat import WeightFormat, parse_format
+from compiler.fileformat import WeightFormat, file_metadata, fold_pairs, layout, parse_format, weight_tensors
 from compiler.tree import Model
 
 
@@ -74,46 +73,48 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return (stream.reshape(numel, bits) << torch.arange(bits)).sum(1).to(torch.uint8)
 
 
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
 def encode(tensors: dict[str, torch.Tensor], fmt: WeightFormat | str) -> dict[str, torch.Tensor]:
-    """The tensors of a file of format `fmt` (see compiler.fileformat for the layout)."""
-    fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
-    keep_dtype = torch.float16 if fmt.keep_dtype == "F16" else torch.float32
-    if not fmt.quantized:
-        dtype = torch.float32 if fmt.bits == 32 else torch.float16
-        return {k: v.to(keep_dtype if fileformat.keeps(k, fmt) else dtype).contiguous() for k, v in tensors.items()}
+    """The tensors of a file of format `fmt`, by walking its layout (see compiler.fileformat)."""
+    lay = layout([(k, tuple(v.shape)) for k, v in tensors.items()], fmt)
     out, ranges = {}, []
-    for name in sorted(tensors):
-        t = tensors[name]
-        if fileformat.keeps(name, fmt):
-            out[name] = t.to(keep_dtype).contiguous()
+    for e in lay.entries:
+        t = tensors[e.name]
+        if e.rows is None:
+            out[e.name] = t.to(_TORCH_DTYPES[e.stored.dtype]).contiguous()
             continue
-        codes, r = quantize(t, fmt.bits, fileformat.range_rows(tuple(t.shape), fmt))
-        out[name] = (codes if fmt.bits == 8 else pack_bits(codes, fmt.bits)).contiguous()
+        codes, r = quantize(t, lay.format.bits, e.rows[1] - e.rows[0])
+        out[e.name] = (codes if lay.format.bits == 8 else pack_bits(codes, lay.format.bits)).contiguous()
         ranges.append(r)
-    out[fileformat.RANGES] = torch.cat(ranges) if ranges else torch.zeros((0, 2))
+    if lay.ranges is not None:
+        out[fileformat.RANGES] = torch.cat(ranges) if ranges else torch.zeros((0, 2))
     return out
 
 
 def decode(stored: dict[str, torch.Tensor], fmt: WeightFormat | str,
            shapes: dict[str, tuple] | None = None) -> dict[str, torch.Tensor]:
-    """Float tensors back from a file's tensors; bit-packed codes need the `shapes` (from the spec)."""
+    """Float tensors back from a file's tensors, by walking the same layout. Bit-packed codes need
+    the tensors' own `shapes` (from the spec); 8-bit codes and floats keep theirs."""
     fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
-    if not fmt.quantized:
-        return {k: v.float() for k, v in stored.items()}
-    ranges = stored[fileformat.RANGES]
-    out, row = {}, 0
-    for name in sorted(k for k in stored if k != fileformat.RANGES):
-        t = stored[name]
-        if fileformat.keeps(name, fmt):
-            out[name] = t.float()
+    names = [k for k in stored if k != fileformat.RANGES]
+    if shapes is None:
+        shapes = {k: tuple(stored[k].shape) for k in names}
+    lay = layout([(k, tuple(shapes[k])) for k in names], fmt)
+    ranges = stored.get(fileformat.RANGES)
+    if lay.ranges is not None and (ranges is None or tuple(ranges.shape) != lay.ranges.shape):
+        got = None if ranges is None else tuple(ranges.shape)
+        raise ValueError(f"{fileformat.RANGES} has shape {got}, the tensors need {lay.ranges.shape}")
+    out = {}
+    for e in lay.entries:
+        t = stored[e.name]
+        if e.rows is None:
+            out[e.name] = t.float()
             continue
-        shape = tuple(t.shape) if fmt.bits == 8 else tuple(shapes[name])
-        codes = t if fmt.bits == 8 else unpack_bits(t, fmt.bits, fileformat.numel(shape)).reshape(shape)
-        rows = fileformat.range_rows(shape, fmt)
-        out[name] = dequantize(codes, ranges[row:row + rows], fmt.bits)
-        row += rows
-    if row != ranges.shape[0]:
-        raise ValueError(f"{fileformat.RANGES} has {ranges.shape[0]} rows, the tensors need {row}")
+        bits = lay.format.bits
+        codes = t if bits == 8 else unpack_bits(t, bits, fileformat.numel(e.shape)).reshape(e.shape)
+        out[e.name] = dequantize(codes, ranges[e.rows[0]:e.rows[1]], bits)
     return out
 
 
@@ -209,71 +210,76 @@ def _read_bytes(path: Path) -> bytes:
     return data
 
 
-def read_raw(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """The stored tensors and metadata of a safetensors file, or a clear error."""
-    path = Path(path)
-    data = _read_bytes(path)
-    try:
-        stored = st_load(data)
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
-    except Exception as err:  # safetensors raises its own error type for every malformed file
-        raise WeightsError(f"{path}: not a readable safetensors file ({str(err).splitlines()[0]}); "
-                           "it may be truncated or not a model file (pickled .pt/.pth files are refused)") from None
-    return {k: v for k, v in stored.items() if not k.endswith("num_batches_tracked")}, meta
+class ModelFile:
+    """A weights file, read once: an nccompile model file (self-describing: format and spec) or a
+    plain safetensors state dict. Reading never unpickles."""
 
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        data = _read_bytes(self.path)
+        try:
+            stored = st_load(data)
+            header_len = int.from_bytes(data[:8], "little")
+            self.meta: dict[str, str] = json.loads(data[8:8 + header_len]).get("__metadata__") or {}
+        except Exception as err:  # safetensors raises its own error type for every malformed file
+            raise WeightsError(f"{self.path}: not a readable safetensors file ({str(err).splitlines()[0]}); "
+                               "it may be truncated or not a model file (pickled .pt/.pth files are refused)"
+                               ) from None
+        self.stored = {k: v for k, v in stored.items() if not k.endswith("num_batches_tracked")}
+        self.format = self._format()
+        self._model: Model | None = None
 
-def file_format(meta: dict[str, str]) -> WeightFormat:
-    if "nccompile" not in meta:
-        return parse_format("fp32")
-    try:
-        options = json.loads(meta.get("quant", "{}"))
-        return parse_format(meta["format"], keep=options.get("keep", ()), keep_dtype=options.get("keep_dtype", "F32"),
-                            fold_bn=options.get("fold_bn", False))
-    except (ValueError, KeyError, TypeError) as err:
-        raise WeightsError(f"unreadable format in the file's metadata ({err})") from None
+    def _format(self) -> WeightFormat:
+        if "nccompile" not in self.meta:
+            return parse_format("fp32")
+        try:
+            options = json.loads(self.meta.get("quant", "{}"))
+            return parse_format(self.meta["format"], keep=options.get("keep", ()),
+                                keep_dtype=options.get("keep_dtype", "F32"), fold_bn=options.get("fold_bn", False))
+        except (ValueError, KeyError, TypeError, AttributeError) as err:
+            raise WeightsError(f"{self.path}: unreadable format in the file's metadata ({err})") from None
 
+    def model(self) -> Model:
+        """The elaborated model the file's embedded spec describes."""
+        if self._model is None:
+            import compiler
 
-def read_state(path: str | Path, model: Model | None = None) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """Float tensors and metadata of an nccompile model file or a plain safetensors state dict.
+            if "nccompile" not in self.meta or "spec" not in self.meta:
+                raise WeightsError(f"{self.path}: no embedded spec (not an nccompile model file); "
+                                   "load it into a model built from its spec instead")
+            try:
+                params = json.loads(self.meta["params"])
+                if not isinstance(params, dict):
+                    raise ValueError(f"params is a {type(params).__name__}, not a mapping")
+                shape = tuple(int(s) for s in self.meta["input"].split("x"))
+                self._model = compiler.compile_source(self.meta["spec"], f"{self.path}#spec",
+                                                      syntax=self.meta.get("syntax", "dsl"),
+                                                      model=self.meta.get("model"), params=params, input_shape=shape)
+            except (KeyError, ValueError) as err:
+                raise WeightsError(f"{self.path}: damaged metadata ({err})") from None
+        return self._model
 
-    Bit-packed formats need the model (for the tensor shapes); without one it comes from the file.
-    """
-    path = Path(path)
-    stored, meta = read_raw(path)
-    return _decoded(stored, meta, model, path), meta
+    def state(self, model: Model | None = None) -> dict[str, torch.Tensor]:
+        """The float tensors. Bit-packed formats need the model's shapes: `model`, else the embedded one."""
+        shapes = None
+        if self.format.quantized and self.format.bits < 8:
+            shapes = dict(weight_tensors(model or self.model(), self.format.fold_bn))
+        try:
+            return decode(self.stored, self.format, shapes)
+        except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as err:
+            raise WeightsError(f"{self.path}: inconsistent {self.format.name} model file ({err})") from None
 
+    def build(self, model: Model | None = None, seed: int = 0) -> torch.nn.Module:
+        """`model` (default: the embedded one) built with these weights, folded as the file is, in eval mode."""
+        import compiler
 
-def _decoded(stored: dict[str, torch.Tensor], meta: dict[str, str], model: Model | None,
-             path: Path) -> dict[str, torch.Tensor]:
-    fmt = file_format(meta)
-    shapes = None
-    if fmt.quantized and fmt.bits < 8:
-        from compiler.analysis import weight_tensors
-
-        shapes = dict(weight_tensors(model or model_of(meta, path), fmt.fold_bn))
-    try:
-        return decode(stored, fmt, shapes)
-    except (KeyError, IndexError, RuntimeError, ValueError, TypeError) as err:
-        raise WeightsError(f"{path}: inconsistent {fmt.name} model file ({err})") from None
-
-
-def model_of(meta: dict[str, str], path: Path) -> Model:
-    """The elaborated model a file's metadata describes (its embedded spec)."""
-    import compiler
-
-    if "nccompile" not in meta or "spec" not in meta:
-        raise WeightsError(f"{path}: no embedded spec (not an nccompile model file); "
-                           "load it into a model built from its spec instead")
-    try:
-        params = json.loads(meta["params"])
-        if not isinstance(params, dict):
-            raise ValueError(f"params is a {type(params).__name__}, not a mapping")
-        shape = tuple(int(s) for s in meta["input"].split("x"))
-        return compiler.compile_source(meta["spec"], f"{path}#spec", syntax=meta.get("syntax", "dsl"),
-                                       model=meta.get("model"), params=params, input_shape=shape)
-    except (KeyError, ValueError) as err:
-        raise WeightsError(f"{path}: damaged metadata ({err})") from None
+        model = model or self.model()
+        state = self.state(model)
+        module = compiler.build_module(model, seed=seed)
+        if self.format.fold_bn:
+            fold_structure(module, model)
+        load_into(module, state, str(self.path))
+        return module.eval()
 
 
 def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: str) -> None:
@@ -291,28 +297,3 @@ def load_into(module: torch.nn.Module, state: dict[str, torch.Tensor], source: s
                 parts.append(f"{title}: {', '.join(items[:4])}{more}")
         raise WeightsError(f"{source} does not fit the model: " + "; ".join(parts))
     module.load_state_dict(state, strict=False)
-
-
-def build_with_weights(model: Model, path: str | Path, seed: int = 0, raw=None) -> torch.nn.Module:
-    """Build `model` and load a weights file into it (folding its structure where the file is folded).
-
-    `raw` is the file's (stored tensors, metadata) when the caller has already read it.
-    """
-    import compiler
-
-    path = Path(path)
-    stored, meta = raw if raw is not None else read_raw(path)
-    state = _decoded(stored, meta, model, path)
-    module = compiler.build_module(model, seed=seed)
-    if file_format(meta).fold_bn:
-        fold_structure(module, model)
-    load_into(module, state, str(path))
-    return module.eval()
-
-
-def load_model(path: str | Path) -> tuple[torch.nn.Module, Model, dict[str, str]]:
-    """Rebuild the (dequantized) module from an nccompile model file alone (read once)."""
-    path = Path(path)
-    stored, meta = read_raw(path)
-    model = model_of(meta, path)
-    return build_with_weights(model, path, raw=(stored, meta)), model, meta

@@ -8,12 +8,19 @@ import torch
 import compiler
 from compiler import fileformat
 from compiler.fileformat import parse_format
-from runtime.weights import WeightsError, fold_batchnorm, load_model, pack_bits, save_model, state_tensors, unpack_bits
+from runtime.weights import ModelFile, WeightsError, fold_batchnorm, pack_bits, save_model, state_tensors, unpack_bits
 
 from .conftest import SPECS
 
+
+def load_model(path):
+    """(module, model, metadata) from a model file alone."""
+    file = ModelFile(path)
+    return file.build(), file.model(), file.meta
+
+
 SPECS_TO_CHECK = ["student.spec", "student.yaml", "origin.spec", "resnet18.spec", "teacher.spec"]
-FORMATS = ["fp32", "fp16", "int8", "int8-channel", "int4", "int2", "int3-channel", "int7"]
+FORMATS = ["fp32", "fp16", "bf16", "int8", "int8-channel", "int4", "int2", "int3-channel", "int7"]
 
 _modules: dict = {}
 
@@ -74,7 +81,7 @@ def test_bit_packing_roundtrips(bits):
     assert torch.equal(unpack_bits(packed, bits, 1001), codes)
 
 
-@pytest.mark.parametrize("fmt,tolerance", [("fp32", 0), ("fp16", 1e-3), ("int8", 0.5 / 255),
+@pytest.mark.parametrize("fmt,tolerance", [("fp32", 0), ("fp16", 1e-3), ("bf16", 8e-3), ("int8", 0.5 / 255),
                                            ("int8-channel", 0.5 / 255),
                                            ("int4", 0.5 / 15), ("int2-channel", 0.5 / 3)])
 def test_file_rebuilds_its_model_alone(tmp_path, fmt, tolerance):

@@ -9,7 +9,7 @@ import torch
 import compiler
 from runtime.cli import main
 from runtime.int8 import integer_model
-from runtime.weights import build_with_weights, save_model
+from runtime.weights import ModelFile, save_model
 
 from .conftest import DATA, SPECS
 from .test_runtime import SMALL_TEACHER, needs_data
@@ -50,7 +50,7 @@ def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
 
     # every format from the same distilled model, reported whatever it gives
     fp32_file = out / "steps/distill/model.safetensors"
-    module = build_with_weights(student10, fp32_file)
+    module = ModelFile(fp32_file).build(student10)
     from runtime.data import list_source, load
     from runtime.evaluation import score_split
     from runtime.recipe import DataConfig
@@ -62,7 +62,7 @@ def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
     for fmt in ("fp16", "int8-channel", "int4", "int2"):
         path = tmp_path / f"{fmt}.safetensors"
         assert save_model(module, student10, path, fmt) == compiler.predicted_bytes(student10, fmt)
-        q_module = build_with_weights(student10, path)
+        q_module = ModelFile(path).build(student10)
         accuracy[fmt] = score_split(q_module, data.val, Pipeline([], "eval", 3, (32, 32)), 10).accuracy
     assert abs(accuracy["fp16"] - m["fp32_val_accuracy"]) < 0.005
     assert abs(accuracy["int8-channel"] - m["fp32_val_accuracy"]) <= 0.01

@@ -9,7 +9,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import compiler
-from compiler.analysis import weight_tensors
+from compiler.fileformat import weight_tensors
 
 from .measure import measure
 

@@ -284,13 +284,13 @@ def test_torchrun_two_cpu_processes(tmp_path, in_root):
     from runtime.evaluation import score_split
     from runtime.recipe import DataConfig
     from runtime.transforms import Pipeline
-    from runtime.weights import build_with_weights
+    from runtime.weights import ModelFile
 
     metrics = report["steps"][1]["metrics"]
     cfg = DataConfig(path=str(DATA), limit_per_class=20, cache=False)
     data = load(list_source(cfg), cfg, (3, 32, 32), 0)
     model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
-    alone = score_split(build_with_weights(model, out / "steps/train/model.safetensors"), data.val,
+    alone = score_split(ModelFile(out / "steps/train/model.safetensors").build(model), data.val,
                         Pipeline([], "eval", 3, (32, 32)), 10)
     assert metrics["images"] == alone.images == len(data.val) == 200
     assert metrics["val_accuracy"] == pytest.approx(alone.accuracy, abs=1e-9)

@@ -7,7 +7,7 @@ import torchvision
 from torch import nn
 
 import compiler
-from compiler.analysis import weight_tensors
+from compiler.fileformat import weight_tensors
 from compiler.ir import without_spans
 from compiler.parse import parse_file
 from compiler.validate import validate

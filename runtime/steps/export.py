@@ -8,7 +8,7 @@ import warnings
 
 import torch
 
-from ..weights import atomic_write, build_with_weights
+from ..weights import ModelFile, atomic_write
 from .base import StepConfig, StepKind, StepResult, register
 
 
@@ -40,7 +40,7 @@ class Export(StepKind):
             metrics["file_bytes"] = target.stat().st_size
             if cfg.onnx:
                 onnx_path = step_dir / f"{cfg.model}.onnx"
-                self._onnx(build_with_weights(slot.model, slot.weights).cpu().eval(), slot.model.input_shape,
+                self._onnx(ModelFile(slot.weights).build(slot.model).cpu().eval(), slot.model.input_shape,
                            onnx_path, cfg.opset)
                 metrics["onnx_bytes"] = onnx_path.stat().st_size
                 files.append(f"steps/{cfg.name}/{onnx_path.name}")

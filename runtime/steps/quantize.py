@@ -9,7 +9,7 @@ from compiler.analysis import budgets, predicted_bytes
 from compiler.errors import BudgetError, NcError
 from compiler.fileformat import FORMAT_HELP, is_format, parse_format
 
-from ..weights import build_with_weights, compress_file, save_model
+from ..weights import ModelFile, compress_file, save_model
 from .base import StepConfig, StepKind, StepResult, register
 
 
@@ -84,7 +84,7 @@ class Quantize(StepKind):
         if cfg.evaluate or cfg.integer_inference:
             data = ctx.data()
             fp32_acc = ctx.evaluate(module, "val").accuracy
-            dequantized = ctx.speed.prepare(build_with_weights(slot.model, path).to(ctx.device).eval())
+            dequantized = ctx.speed.prepare(ModelFile(path).build(slot.model).to(ctx.device).eval())
             q = ctx.evaluate(dequantized, "val")
             q_acc, q_loss = q.accuracy, q.loss
             metrics.update(fp32_val_accuracy=fp32_acc, val_accuracy=q_acc, val_loss=q_loss,
@@ -92,8 +92,8 @@ class Quantize(StepKind):
             ctx.log(f"{cfg.name}: {fmt.name} file {metrics['file_bytes']:,} bytes (fp32 {metrics['fp32_bytes']:,}); "
                     f"val accuracy {q_acc:.4f} dequantized vs {fp32_acc:.4f} fp32")
             if cfg.integer_inference:  # PyTorch's int8 kernels are CPU-only: measured there, on CPU copies
-                metrics["integer"] = self._integer(cfg, ctx, build_with_weights(slot.model, path).eval(),
-                                                   build_with_weights(slot.model, slot.weights).eval(), data)
+                metrics["integer"] = self._integer(cfg, ctx, ModelFile(path).build(slot.model).eval(),
+                                                   ModelFile(slot.weights).build(slot.model).eval(), data)
         return StepResult(model_file=path, metrics=metrics, files=files)
 
     def _check_budgets(self, cfg, slot, fmt, metrics) -> None:
