@@ -14,7 +14,7 @@ from torch import nn
 
 from .tree import Model, Node
 
-_ACTIVATIONS = {
+ACTIVATIONS = {  # the nn class of each activation of compiler.ops.activation
     "relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "hardswish": nn.Hardswish,
     "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
 }
@@ -32,43 +32,52 @@ class Residual(nn.Module):
         return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
 
 
+def _conv(a):
+    return nn.Conv2d(a["in"], a["out"], a["kernel"], stride=a["stride"], padding=a["padding"],
+                     dilation=a["dilation"], groups=a["groups"], bias=a["bias"])
+
+
+def _bn(a):
+    cls = nn.BatchNorm2d if a["dims"] == 3 else nn.BatchNorm1d
+    return cls(a["channels"], eps=a["eps"], momentum=a["momentum"], affine=a["affine"])
+
+
+def _act(a):
+    return nn.LeakyReLU(a["slope"]) if a["fn"] == "leaky_relu" else ACTIVATIONS[a["fn"]]()
+
+
+def _torchvision(a):
+    from .torchvision_ref import build_torchvision
+
+    return build_torchvision(a["name"], a["kwargs"])
+
+
+# One builder per op of compiler.ops, from the op's attrs (tested complete).
+BUILDERS = {
+    "conv": _conv,
+    "linear": lambda a: nn.Linear(a["in"], a["out"], bias=a["bias"]),
+    "bn": _bn,
+    "act": _act,
+    "maxpool": lambda a: nn.MaxPool2d(a["kernel"], a["stride"], a["padding"]),
+    "avgpool": lambda a: nn.AvgPool2d(a["kernel"], a["stride"], a["padding"]),
+    "gap": lambda a: nn.AdaptiveAvgPool2d(1),
+    "flatten": lambda a: nn.Flatten(),
+    "dropout": lambda a: nn.Dropout(a["p"]),
+    "identity": lambda a: nn.Identity(),
+    "torchvision": _torchvision,
+}
+
+
 def build_node(node: Node) -> nn.Module:
-    op, a = node.op, node.attrs
-    if op == "seq":
+    if node.op == "seq":
         return nn.Sequential(OrderedDict((c.name, build_node(c)) for c in node.children))
-    if op == "residual":
+    if node.op == "residual":
         parts = {c.name: c for c in node.children}
         shortcut = build_node(parts["shortcut"]) if "shortcut" in parts else None
         return Residual(build_node(parts["body"]), shortcut)
-    if op == "conv":
-        return nn.Conv2d(a["in"], a["out"], a["kernel"], stride=a["stride"], padding=a["padding"],
-                         dilation=a["dilation"], groups=a["groups"], bias=a["bias"])
-    if op == "linear":
-        return nn.Linear(a["in"], a["out"], bias=a["bias"])
-    if op == "bn":
-        cls = nn.BatchNorm2d if a["dims"] == 3 else nn.BatchNorm1d
-        return cls(a["channels"], eps=a["eps"], momentum=a["momentum"], affine=a["affine"])
-    if op == "act":
-        if a["fn"] == "leaky_relu":
-            return nn.LeakyReLU(a["slope"])
-        return _ACTIVATIONS[a["fn"]]()
-    if op == "maxpool":
-        return nn.MaxPool2d(a["kernel"], a["stride"], a["padding"])
-    if op == "avgpool":
-        return nn.AvgPool2d(a["kernel"], a["stride"], a["padding"])
-    if op == "gap":
-        return nn.AdaptiveAvgPool2d(1)
-    if op == "flatten":
-        return nn.Flatten()
-    if op == "dropout":
-        return nn.Dropout(a["p"])
-    if op == "identity":
-        return nn.Identity()
-    if op == "torchvision":
-        from .torchvision_ref import build_torchvision
-
-        return build_torchvision(a["name"], a["kwargs"])
-    raise AssertionError(f"no builder for op {op!r}")  # layers.py and build.py out of step
+    if node.op not in BUILDERS:
+        raise KeyError(f"no builder for op {node.op!r}: add one to compiler.build.BUILDERS")
+    return BUILDERS[node.op](node.attrs)
 
 
 def build(model: Model, seed: int | None = 0) -> nn.Module:

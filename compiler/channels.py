@@ -16,7 +16,7 @@ from __future__ import annotations
 import copy
 from dataclasses import dataclass, field
 
-from .layers import macs, tensors
+from .ops import BLOCKS, PRODUCES, WEIGHTED, macs, record, tensors
 from .tree import Node
 
 
@@ -25,7 +25,7 @@ class Usage:
     """How one leaf uses spaces: its input space, its output space, flatten factor for linears."""
 
     node: Node
-    role: str                 # conv | dwconv | bn | linear
+    role: str                 # PRODUCES (conv, linear) or WEIGHTED (bn, depthwise conv): see compiler.ops
     inp: int | None = None
     out: int | None = None
     factor: int = 1           # features per input channel (linear after flatten of CxHxW)
@@ -106,33 +106,24 @@ def analyse_channels(root: Node) -> Spaces:
             body, spatial_out = walk(parts["body"], space, spatial)
             short = walk(parts["shortcut"], space, spatial)[0] if "shortcut" in parts else space
             return spaces.union(body, short), spatial_out
-        out_spatial = node.out_shape[1] * node.out_shape[2] if len(node.out_shape) == 3 else 1
-        if op == "conv":
-            if a["groups"] == 1:
-                out = spaces.new(a["out"])
-                spaces.usages.append(Usage(node, "conv", space, out))
-                return out, out_spatial
-            if a["groups"] == a["in"] == a["out"]:  # depthwise, multiplier 1: channels pass through
-                spaces.usages.append(Usage(node, "dwconv", space, space))
-                return space, out_spatial
+        image_out = len(node.out_shape) == 3
+        out_spatial = node.out_shape[1] * node.out_shape[2] if image_out else 1
+        try:
+            kind = record(op).role(a)
+        except KeyError as err:  # a missing rule must fail, never pass channels through silently
+            raise ValueError(f"{node.path or 'the model'}: {err}") from None
+        if kind == PRODUCES:
+            out = spaces.new(node.out_shape[0])
+            factor = a["in"] // spaces.size[spaces.find(space)] if not image_out else 1
+            spaces.usages.append(Usage(node, PRODUCES, space, out, factor))
+            return out, out_spatial
+        if kind == WEIGHTED:
+            spaces.usages.append(Usage(node, WEIGHTED, space, space))
+            return space, out_spatial if image_out else spatial
+        if kind == BLOCKS:
             spaces.freeze(space)
-            return spaces.new(a["out"], frozen=True), out_spatial
-        if op == "bn":
-            spaces.usages.append(Usage(node, "bn", space, space))
-            return space, spatial
-        if op == "linear":
-            factor = a["in"] // spaces.size[spaces.find(space)]
-            out = spaces.new(a["out"])
-            spaces.usages.append(Usage(node, "linear", space, out, factor))
-            return out, 1
-        if op == "flatten":
-            return space, spatial
-        if op in ("torchvision", "tv-part"):
-            spaces.freeze(space)
-            return spaces.new(node.out_shape[0], frozen=True), 1
-        if op in ("maxpool", "avgpool", "gap"):
-            return space, out_spatial
-        return space, spatial  # activations, dropout, identity
+            return spaces.new(node.out_shape[0], frozen=True), out_spatial
+        return space, out_spatial if image_out else spatial  # PASSES
 
     end, _ = walk(root, start, shape[1] * shape[2] if len(shape) == 3 else 1)
     spaces.freeze(end)  # the classes
@@ -164,27 +155,10 @@ def rewrite(root: Node, spaces: Spaces, kept: dict[int, int]) -> Node:
             return out
         u = by_path.get(node.path)
         a = node.attrs
-        if u is not None and u.role in ("conv", "dwconv"):
-            a["in"] = shape[0]
-            a["out"] = count(u.out)
-            if u.role == "dwconv":
-                a["groups"] = a["in"]
-        elif u is not None and u.role == "bn":
-            a["channels"] = shape[0]
-        elif u is not None and u.role == "linear":
-            a["in"] = shape[0]
-            a["out"] = count(u.out)
-        if node.op in ("conv",):
-            node.out_shape = (a["out"], *node.out_shape[1:])
-        elif node.op == "linear":
-            node.out_shape = (a["out"],)
-        elif node.op == "flatten":
-            size = 1
-            for s in shape:
-                size *= s
-            node.out_shape = (size,)
-        else:
-            node.out_shape = (shape[0], *node.out_shape[1:])
+        rec = record(node.op)
+        if u is not None:
+            rec.rechannel(a, shape[0], count(u.out))
+        node.out_shape = rec.reshaped(a, shape, node.out_shape)
         node.tensors = tensors(node.op, a)
         node.macs = macs(node.op, a, node.out_shape)
         return node.out_shape

@@ -10,7 +10,7 @@ from __future__ import annotations
 from . import ir
 from .errors import Diagnostics, Span, UsageError, did_you_mean
 from .expr import ExprError, coerce, divisible, evaluate
-from .layers import LAYERS, REQUIRED, LayerError, fmt_shape, macs, tensors
+from .ops import LAYERS, REQUIRED, LayerError, fmt_shape, macs, tensors
 from .tree import Model, Node
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import copy
 
-from .layers import macs, tensors
+from .ops import macs, tensors
 from .tree import Node
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 
 from .analysis import Analysis
-from .layers import fmt_shape
+from .ops import fmt_shape
 
 
 def human(n: float) -> str:

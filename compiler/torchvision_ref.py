@@ -7,7 +7,7 @@ This module imports torch, so only specs that reference torchvision pay for it.
 from __future__ import annotations
 
 from .errors import Span
-from .layers import LayerError, Tensor
+from .ops import LayerError, Tensor
 
 
 def build_torchvision(name: str, kwargs: dict, device=None):

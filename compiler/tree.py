@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from . import ir
 from .errors import Span
-from .layers import Tensor
+from .ops import Tensor
 
 
 @dataclass

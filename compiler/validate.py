@@ -11,7 +11,7 @@ from . import ir
 from .errors import Diagnostics, did_you_mean
 from .expr import FUNCTIONS, free_names
 from .fileformat import FORMAT_HELP, SUMMARY_FORMATS, is_format
-from .layers import LAYERS, REQUIRED
+from .ops import LAYERS, REQUIRED
 
 PARAM_TYPES = ("int", "float", "bool")
 BUDGET_METRICS = ("params", "macs", "bytes")

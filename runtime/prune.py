@@ -14,6 +14,7 @@ import torch
 import compiler
 from compiler.channels import Spaces, analyse_channels, rewrite
 from compiler.emit import emit
+from compiler.ops import PRODUCES, WEIGHTED
 from compiler.tree import Model
 
 from .weights import load_into, state_tensors
@@ -36,14 +37,14 @@ def importance(module: torch.nn.Module, spaces: Spaces, method: str, seed: int =
         if method == "random":
             scores[space] = torch.rand(size, generator=g)
             continue
-        bns = [u for u in members if u.role == "bn" and named[u.node.path].affine]
+        bns = [u for u in members if u.node.op == "bn" and named[u.node.path].affine]
         if method == "bn" and bns:
             for u in bns:
                 score += named[u.node.path].weight.detach().abs().cpu()
         else:
             p = 2 if method == "l2" else 1
             for u in members:
-                if u.role in ("conv", "linear"):
+                if u.role == PRODUCES:
                     w = named[u.node.path].weight.detach().cpu()
                     score += w.reshape(w.shape[0], -1).norm(p=p, dim=1)
         scores[space] = score
@@ -91,6 +92,27 @@ def choose(scores: dict[int, torch.Tensor], rate: float, scope: str, min_channel
     return kept
 
 
+def _slice_producer(t, leaf, out_idx, in_idx, factor):
+    """conv / linear that make the space: outputs along dim 0, inputs along dim 1 (weights only);
+    a linear after flatten sees each input channel as `factor` consecutive features."""
+    t = t.index_select(0, out_idx)
+    if leaf == "weight":
+        if factor > 1:
+            in_idx = (in_idx.unsqueeze(1) * factor + torch.arange(factor)).reshape(-1)
+        t = t.index_select(1, in_idx)
+    return t
+
+
+def _slice_channels(t, leaf, out_idx, in_idx, factor):
+    """bn and depthwise conv: one entry per channel of the space they carry (dim 0)."""
+    return t.index_select(0, out_idx)
+
+
+# One weight slicer per pruning role (compiler.ops): every op that produces a space stores
+# [out, in, ...] weights, every weighted pass-through one value per channel (tested complete).
+SLICERS = {PRODUCES: _slice_producer, WEIGHTED: _slice_channels}
+
+
 def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Tensor],
                 spaces: Spaces | None = None, comment: str = "") -> tuple[Model, torch.nn.Module, str]:
     """The pruned spec text, its model and module with the kept weights copied in (exactly)."""
@@ -112,22 +134,10 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
     for name, tensor in old.items():
         owner, _, leaf = name.rpartition(".")
         u = by_path.get(owner)
-        t = tensor
-        if u is not None:
-            out_idx = index(u.out)
-            if u.role == "conv":
-                t = t.index_select(0, out_idx) if leaf in ("weight", "bias") else t
-                if leaf == "weight":
-                    t = t.index_select(1, index(u.inp))
-            elif u.role in ("dwconv", "bn"):
-                t = t.index_select(0, out_idx)
-            elif u.role == "linear":
-                t = t.index_select(0, out_idx)
-                if leaf == "weight":
-                    in_idx = index(u.inp)
-                    features = (in_idx.unsqueeze(1) * u.factor + torch.arange(u.factor)).reshape(-1)
-                    t = t.index_select(1, features)
-        new_state[name] = t.contiguous()
+        if u is None:
+            new_state[name] = tensor.contiguous()
+            continue
+        new_state[name] = SLICERS[u.role](tensor, leaf, index(u.out), index(u.inp), u.factor).contiguous()
     load_into(new_module, new_state, "pruned weights")
     return new_model, new_module.train(module.training), text
 

@@ -1,0 +1,35 @@
+"""`linear` -> op `linear` (nn.Linear)."""
+from __future__ import annotations
+
+from .base import PRODUCES, ArgSpec, LayerError, LayerKind, OpRecord, Tensor, boolean, fmt_shape, positive, role
+
+
+def _resolve(shape, a):
+    if len(shape) != 1:
+        raise LayerError(f"linear expects a flat input, got {fmt_shape(shape)}",
+                         hint="insert `flatten` before it (after `gap` for conv features)")
+    positive(a, "out")
+    if a.get("in") is not None and a["in"] != shape[0]:
+        raise LayerError(f"linear declares in={a['in']} input features but its input has {shape[0]}", arg="in",
+                         hint="drop `in=` to infer it from the previous layer")
+    return "linear", {"in": shape[0], "out": a["out"], "bias": a["bias"]}, (a["out"],)
+
+
+def _tensors(a: dict) -> list[Tensor]:
+    return [Tensor("weight", (a["out"], a["in"]))] + ([Tensor("bias", (a["out"],))] if a["bias"] else [])
+
+
+def _emit(node, arg) -> str:
+    return f"linear({arg('out')}, bias={boolean(node.attrs['bias'])}, scale=false)"
+
+
+_B = ArgSpec
+LAYER_KINDS = [
+    LayerKind("linear", "linear", (_B("out", "int"), _B("bias", "bool", True), _B("scale", "bool", True),
+                                   _B("in", "int", None)), _resolve, "fully connected layer", scalable=True),
+]
+def _rechannel(a: dict, in_features: int, out_features: int) -> None:
+    a["in"], a["out"] = in_features, out_features
+
+
+OPS = [OpRecord("linear", _emit, role(PRODUCES), _tensors, lambda a, out: a["in"] * a["out"], _rechannel)]

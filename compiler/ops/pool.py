@@ -1,0 +1,41 @@
+"""Pooling: `maxpool`, `avgpool`, `gap` (global average) -> ops of the same names."""
+from __future__ import annotations
+
+from .base import PASSES, ArgSpec, LayerError, LayerKind, OpRecord, conv_out, image, positive, role
+
+
+def _resolve(kind: str):
+    def resolve(shape, a):
+        c, h, w = image(kind, shape)
+        k = a["kernel"]
+        stride = a["stride"] if a["stride"] is not None else k
+        positive({"kernel": k, "stride": stride}, "kernel", "stride")
+        if a["padding"] * 2 > k:
+            raise LayerError(f"padding {a['padding']} is more than half the kernel ({k})", arg="padding")
+        ho, wo = conv_out(h, k, stride, a["padding"]), conv_out(w, k, stride, a["padding"])
+        if ho < 1 or wo < 1:
+            raise LayerError(f"{kind}({k}) cannot take a {h}x{w} input",
+                             hint="remove a pooling layer or use a larger input")
+        return kind, {"kernel": k, "stride": stride, "padding": a["padding"]}, (c, ho, wo)
+
+    return resolve
+
+
+def _gap(shape, a):
+    c, _, _ = image("gap", shape)
+    return "gap", {}, (c, 1, 1)
+
+
+def _emit(node, arg) -> str:
+    a = node.attrs
+    return f"{node.op}(kernel={a['kernel']}, stride={a['stride']}, padding={a['padding']})"
+
+
+_WINDOW = (ArgSpec("kernel", "int", 2), ArgSpec("stride", "int", None), ArgSpec("padding", "int", 0))
+LAYER_KINDS = [
+    LayerKind("maxpool", "maxpool", _WINDOW, _resolve("maxpool"), "max pooling; stride defaults to the kernel"),
+    LayerKind("avgpool", "avgpool", _WINDOW, _resolve("avgpool"), "average pooling; stride defaults to the kernel"),
+    LayerKind("gap", "gap", (), _gap, "global average pooling to Cx1x1"),
+]
+OPS = [OpRecord("maxpool", _emit, role(PASSES)), OpRecord("avgpool", _emit, role(PASSES)),
+       OpRecord("gap", lambda node, arg: "gap", role(PASSES))]

@@ -1,0 +1,45 @@
+"""Layers without weights that reshape or skip: `flatten`, `dropout`, `identity`; and torchvision models."""
+from __future__ import annotations
+
+import math
+
+from .base import BLOCKS, PASSES, ArgSpec, LayerError, LayerKind, OpRecord, boolean, number, role
+
+
+def _flatten(shape, a):
+    return "flatten", {}, (math.prod(shape),)
+
+
+def _dropout(shape, a):
+    if not 0.0 <= a["p"] < 1.0:
+        raise LayerError(f"dropout probability must be in [0, 1), got {a['p']}", arg="p")
+    return "dropout", {"p": a["p"]}, shape
+
+
+def _identity(shape, a):
+    return "identity", {}, shape
+
+
+def _torchvision(node, arg) -> str:
+    a = node.attrs
+    args = ", ".join(f"{k}={boolean(v) if isinstance(v, bool) else number(v)}" for k, v in a["kwargs"].items())
+    return f"torchvision {a['name']}({args})"
+
+
+def _tv_part(node, arg) -> str:
+    raise ValueError(f"{node.path}: a part of a torchvision model cannot be written as a layer")
+
+
+LAYER_KINDS = [
+    LayerKind("flatten", "flatten", (), _flatten, "flatten to one dimension"),
+    LayerKind("dropout", "dropout", (ArgSpec("p", "float", 0.5),), _dropout, "dropout"),
+    LayerKind("identity", "identity", (), _identity, "no-op"),
+]
+# A torchvision model is opaque to pruning: its channels are tied (state-dict tensors come from
+# compiler.torchvision_ref, which builds it on the meta device).
+OPS = [OpRecord("flatten", lambda node, arg: "flatten", role(PASSES),
+                out_shape=lambda a, in_shape, old: (math.prod(in_shape),)),
+       OpRecord("dropout", lambda node, arg: f"dropout({number(node.attrs['p'])})", role(PASSES)),
+       OpRecord("identity", lambda node, arg: "identity", role(PASSES)),
+       OpRecord("torchvision", _torchvision, role(BLOCKS)),
+       OpRecord("tv-part", _tv_part, role(BLOCKS))]
