@@ -7,6 +7,7 @@ list of named, typed steps. Step configs come from the step registry
 """
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -27,6 +28,17 @@ def _builtin_recipes() -> Path:
 
 
 BUILTIN_RECIPES = _builtin_recipes()
+
+
+_PLAIN = re.compile(r"[A-Za-z0-9_.-]+")
+
+
+def plain_name(value: str, what: str) -> str:
+    """A name that becomes part of a file path: letters, digits, `_`, `.`, `-`; never `.` or `..`."""
+    if not isinstance(value, str) or not _PLAIN.fullmatch(value) or value in (".", ".."):
+        raise ValueError(f"{what} {value!r} is used in file paths: use letters, digits, `_`, `.` and `-` only "
+                         "(not `.` or `..`)")
+    return value
 
 
 class RecipeError(NcError):
@@ -123,9 +135,16 @@ class Recipe(Strict):
     models: dict[str, ModelRef] = {}
     steps: list[Any]
 
+    @field_validator("name")
+    @classmethod
+    def _plain_name(cls, v):
+        return plain_name(v, "the recipe name")
+
     @field_validator("models")
     @classmethod
     def _no_student(cls, v):
+        for key in v:
+            plain_name(key, "the model name")
         if "student" in v:
             raise ValueError("`student` is the spec given on the command line; name other models differently")
         return v

@@ -9,7 +9,11 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 from pathlib import Path
+
+from compiler.errors import NcError
 
 from .weights import atomic_write
 
@@ -30,6 +34,16 @@ def digest(*parts) -> str:
     return h.hexdigest()[:20]
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 class RunDir:
     def __init__(self, root: Path, writer: bool = True):
         self.root = Path(root)
@@ -38,7 +52,42 @@ class RunDir:
         self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"steps": {}}
 
     def step_dir(self, name: str) -> Path:
-        return self.root / "steps" / name
+        return self.inside(self.root / "steps" / name)
+
+    def inside(self, path: Path) -> Path:
+        """`path` if it resolves to a place inside the run directory (names are checked, links are not)."""
+        if not path.resolve().is_relative_to(self.root.resolve()):
+            raise NcError(f"{path} lies outside the run directory {self.root}; nothing is written there")
+        return path
+
+    # --- one run at a time per directory ------------------------------------------------
+    @property
+    def lock_path(self) -> Path:
+        return self.root / ".nccompile.lock"
+
+    def lock(self) -> None:
+        """Take the directory for this run, or a clear error when a live run holds it."""
+        me = f"{os.getpid()} {socket.gethostname()}"
+        for _ in range(2):
+            try:
+                fd = os.open(self.lock_path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.lock_path.read_text(errors="replace").split()
+                pid = int(holder[0]) if holder and holder[0].isdigit() else None
+                same_host = len(holder) > 1 and holder[1] == socket.gethostname()
+                if pid is not None and (not same_host or _alive(pid)):
+                    raise NcError(f"another nccompile run (pid {pid} on {holder[1] if len(holder) > 1 else '?'}) "
+                                  f"is writing to {self.root}\n  hint: wait for it to finish, or choose another "
+                                  f"--out; if no run is left, delete {self.lock_path}") from None
+                self.lock_path.unlink(missing_ok=True)  # left by a run that died
+                continue
+            with os.fdopen(fd, "w") as f:
+                f.write(me)
+            return
+        raise NcError(f"cannot take {self.lock_path}")
+
+    def unlock(self) -> None:
+        self.lock_path.unlink(missing_ok=True)
 
     def finished(self, name: str, key: str) -> dict | None:
         entry = self.state["steps"].get(name)

@@ -24,8 +24,8 @@ from compiler.report import table
 
 from .context import ModelSlot, RunContext
 from .data import list_source
+from .plan import Plan, make_plan
 from .plan import load as load_plan
-from .plan import make_plan
 from .rundir import RunDir, digest, write_json, write_text
 from .speed import resolve as resolve_speed
 from .weights import ModelFile
@@ -203,15 +203,38 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
         f"{Path(opts.spec).stem}-{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
     run_dir = RunDir(out, writer=rank == 0)
     if rank == 0:
+        _make_run_dir(out)
+        run_dir.lock()
+    try:
+        if rank == 0:
+            write_text(out / f"spec{Path(opts.spec).suffix}", student.source)
+            write_text(out / "recipe.yaml", yaml.safe_dump(
+                {**recipe.model_dump(exclude={"steps"}), "steps": [s.config.model_dump() for s in plan.steps]},
+                sort_keys=False))
+            print(timeline)
+            print(f"run directory: {out}")
+        ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world, speed=speed)
+        ctx._pipelines.update(pipelines)
+        return _execute(opts, ctx, plan, out)
+    finally:
+        if rank == 0:
+            run_dir.unlock()
+
+
+def _make_run_dir(out: Path) -> None:
+    if out.exists() and not out.is_dir():
+        raise NcError(f"--out {out} is a file, not a folder\n  hint: choose a folder for the run")
+    try:
         out.mkdir(parents=True, exist_ok=True)
-        write_text(out / f"spec{Path(opts.spec).suffix}", student.source)
-        write_text(out / "recipe.yaml", yaml.safe_dump(
-            {**recipe.model_dump(exclude={"steps"}), "steps": [s.config.model_dump() for s in plan.steps]},
-            sort_keys=False))
-        print(timeline)
-        print(f"run directory: {out}")
-    ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world, speed=speed)
-    ctx._pipelines.update(pipelines)
+    except OSError as err:
+        raise NcError(f"cannot create the run directory {out}: {err.strerror}") from None
+    if not os.access(out, os.W_OK):
+        raise NcError(f"cannot write to the run directory {out}\n  hint: choose a folder you can write")
+
+
+def _execute(opts: Options, ctx: RunContext, plan: Plan, out: Path) -> int:
+    """Run the planned steps in order (skipping those finished earlier), writing the report after each."""
+    recipe, listing, run_dir, rank = ctx.recipe, ctx.listing, ctx.run, ctx.rank
     shared = recipe.model_dump(exclude={"steps", "name", "description"})
     entries = []
     accuracy: dict[str, float] = {}
@@ -255,7 +278,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
                      files=result.get("files", []), metrics=result.get("metrics", {}))
         entries.append(entry)
         if rank == 0:
-            write_json(out / "report.json", {"spec": opts.spec, "recipe": str(recipe_path), "run": str(out),
+            write_json(out / "report.json", {"spec": opts.spec, "recipe": str(plan.path), "run": str(out),
                                              "steps": entries})
     if rank == 0:
         md = _markdown(entries)

@@ -345,3 +345,55 @@ steps:
     recipe.write_text(recipe.read_text().replace(str(tmp_path), str(missing)))
     assert main([str(spec), "--recipe", str(recipe), "--dry-run"]) == 2
     assert "set data.download: true to download it" in capsys.readouterr().err
+
+
+# --- confinement: nothing is written outside the run directory ---------------------------------
+
+@pytest.mark.parametrize("override, fragment", [
+    ("name=../../x", "the recipe name '../../x' is used in file paths"),
+    ("steps.0.name=/tmp/evil", "the step's name '/tmp/evil' is used in file paths"),
+    ("steps.train.name=..", "the step's name '..' is used in file paths"),
+    ("steps.train.model=../up", "the step's model '../up' is used in file paths"),
+])
+def test_names_that_become_paths_are_plain(override, fragment, tmp_path, capsys, in_root):
+    code = main(["specs/student.spec", "--recipe", "scratch", "--set", override, "--out", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    assert code == 2 and fragment in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_model_keys_are_plain_names(tmp_path, capsys, in_root):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nmodels: {'../../x': {spec: ../teacher.spec}}\nsteps: [{name: t, kind: train}]\n")
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
+    assert "the model name '../../x' is used in file paths" in capsys.readouterr().err
+
+
+def test_one_run_at_a_time_per_out_folder(tmp_path, capsys, in_root):
+    import socket
+
+    out = tmp_path / "run"
+    out.mkdir()
+    args = ["specs/student.spec", "--recipe", "scratch", "--epochs", "1", "--device", "cpu",
+            "--set", "data.limit_per_class=5", "--out", str(out)]
+    (out / ".nccompile.lock").write_text(f"{os.getpid()} {socket.gethostname()}")  # a live run holds it
+    assert main(args) == 2
+    assert "another nccompile run" in capsys.readouterr().err
+    assert not (out / "report.json").exists()
+    (out / ".nccompile.lock").write_text(f"999999999 {socket.gethostname()}")  # left by a run that died
+    assert main(args) == 0
+    assert (out / "report.json").exists() and not (out / ".nccompile.lock").exists()
+
+
+def test_out_that_is_a_file_is_a_clear_error(tmp_path, capsys, in_root):
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    assert main(["specs/student.spec", "--recipe", "scratch", "--epochs", "1", "--out", str(target)]) == 2
+    assert "is a file, not a folder" in capsys.readouterr().err and target.read_text() == "keep me"
+
+
+def test_csv_cells_that_would_be_formulas_are_escaped():
+    from runtime.steps.evaluate import csv_cell
+
+    assert [csv_cell(t) for t in ("=HYPERLINK(1)", "+1", "-2", "@x", "plain", "a=b")] == [
+        "'=HYPERLINK(1)", "'+1", "'-2", "'@x", "plain", "a=b"]

@@ -15,7 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import BaseModel, ConfigDict, field_validator
+
+from ..recipe import plain_name
 
 if TYPE_CHECKING:
     from ..context import RunContext
@@ -23,9 +25,14 @@ if TYPE_CHECKING:
 
 class StepConfig(BaseModel):
     model_config = ConfigDict(extra="forbid")
-    name: str
+    name: str               # also its folder: steps/<name>/
     kind: str
     model: str = "student"  # which model the step works on
+
+    @field_validator("name", "model")
+    @classmethod
+    def _plain(cls, v, info):
+        return plain_name(v, f"the step's {info.field_name}")
 
 
 @dataclass

@@ -19,6 +19,11 @@ class PredictConfig(StepConfig):
     kind: str = "predict"
 
 
+def csv_cell(text: str) -> str:
+    """A cell a spreadsheet shows as text: a leading =, +, - or @ would make it a formula."""
+    return "'" + text if text[:1] in ("=", "+", "-", "@") else text
+
+
 @register
 class Evaluate(StepKind):
     kind = "evaluate"
@@ -76,7 +81,7 @@ class Predict(StepKind):
         writer = csv.writer(out)
         writer.writerow(["Id", "Category"])
         for ident, label in zip(data.test.ids, logits.argmax(1).tolist()):
-            writer.writerow([ident, data.classes[label]])
+            writer.writerow([csv_cell(ident), csv_cell(data.classes[label])])
         path = ctx.run.step_dir(cfg.name) / "predictions.csv"
         if ctx.is_main:
             atomic_write(path, out.getvalue().encode())
