@@ -15,6 +15,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compiler.errors import NcError, did_you_mean
+from compiler.limits import NoAliasLoader, read_text
 
 
 def _builtin_recipes() -> Path:
@@ -167,7 +168,7 @@ def find_recipe(name_or_path: str) -> Path:
 
 def _parse_scalar(text: str):
     try:
-        return yaml.safe_load(text)
+        return yaml.load(text, Loader=NoAliasLoader)
     except yaml.YAMLError:
         return text
 
@@ -246,10 +247,11 @@ def read_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[dict, Pat
     path = find_recipe(name_or_path)
     source = str(path)
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark
-        raise RecipeError(f"{source}:{mark.line + 1}:{mark.column + 1}", [f"invalid YAML: {err.problem}"]) from None
+        raw = yaml.load(read_text(path, "recipe file", "recipe_bytes"), Loader=NoAliasLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise RecipeError(where, [f"invalid YAML: {getattr(err, 'problem', None) or err}"]) from None
     if not isinstance(raw, dict):
         raise RecipeError(source, ["a recipe must be a mapping with `name` and `steps`"])
     return apply_overrides(raw, list(overrides), source), path

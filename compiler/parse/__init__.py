@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..errors import UsageError
+from ..limits import read_text
 from .dsl import parse_dsl
 from .yaml_front import parse_yaml
 
@@ -15,12 +15,7 @@ def parse_file(path: str | Path) -> tuple["SpecFile", str, list]:  # noqa: F821
     step over are handed to the validator so the user sees them all at once.
     """
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise UsageError(f"{path}: no such spec file") from None
-    except (OSError, UnicodeDecodeError) as err:
-        raise UsageError(f"{path}: cannot read spec file ({err})") from None
+    text = read_text(path, "spec file", "spec_bytes")
     if path.suffix in (".yaml", ".yml"):
         spec, pending = parse_yaml(text, str(path))
         return spec, text, pending

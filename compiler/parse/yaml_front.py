@@ -28,6 +28,7 @@ import yaml
 
 from .. import ir
 from ..errors import Diagnostic, Diagnostics, Span, SpecError, did_you_mean
+from ..limits import NoAliasLoader
 from .dsl import parse_expression
 
 _ELEMENT_KEYS = {"name", "repeat"}
@@ -174,11 +175,15 @@ class _YamlConverter:
         else:
             values = str(node.value).split("x")
         try:
-            return [int(v) for v in values]
-        except ValueError:
-            self.diags.error(f"invalid input shape `{node.value if isinstance(node, yaml.ScalarNode) else values}`",
-                             self.span(node), expected="a shape such as 3x32x32 or [3, 32, 32]")
+            shape = [int(v) for v in values]
+        except (ValueError, TypeError):
+            shape = None
+        if not shape or any(s < 1 for s in shape):
+            self.diags.error(f"invalid input shape `{node.value if isinstance(node, yaml.ScalarNode) else values}`: "
+                             "every size must be at least 1", self.span(node),
+                             expected="a shape such as 3x32x32 or [3, 32, 32]")
             return None
+        return shape
 
     def spec(self, root) -> ir.SpecFile:
         top = {k: (kn, v) for k, kn, v in self.mapping(root, "a spec file")}
@@ -208,11 +213,12 @@ def parse_yaml(text: str, path: str) -> tuple[ir.SpecFile, list]:
     """The IR and the problems found on the way (reported with the validator's, all at once)."""
     sources = {path: text}
     try:
-        root = yaml.compose(text, Loader=yaml.SafeLoader)
-    except yaml.MarkedYAMLError as err:
-        mark = err.problem_mark or err.context_mark
-        span = Span(path, mark.line + 1, mark.column + 1) if mark else None
-        raise SpecError([Diagnostic(f"invalid YAML: {err.problem}", span)], sources) from None
+        root = yaml.compose(text, Loader=NoAliasLoader)
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None) or getattr(err, "context_mark", None)
+        span = Span(path, mark.line + 1, mark.column + 1) if mark else Span(path, 1, 1)
+        problem = getattr(err, "problem", None) or str(err).splitlines()[0]
+        raise SpecError([Diagnostic(f"invalid YAML: {problem}", span)], sources) from None
     if root is None:
         raise SpecError([Diagnostic("empty spec file", Span(path, 1, 1),
                                     expected="`model:` with `layers:`")], sources)

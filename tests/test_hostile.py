@@ -1,0 +1,72 @@
+"""Hostile and clumsy inputs: each is a clean error (exit 2, or 1 for budgets), never an internal
+error, a hang or a write outside the run directory."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from runtime.cli import main
+
+ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
+
+
+def run(args, capsys) -> tuple[int, str]:
+    code = main(args)
+    captured = capsys.readouterr()
+    return code, captured.out + captured.err
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: "/dev/urandom", "not a regular file"),
+    (lambda d: str(d), "a folder; expected a spec file"),
+    (lambda d: _write(d / "big.spec", "# " + "x" * 300_000 + "\nmodel m { input 3x8x8 relu }"),
+     "larger than the 262,144-byte limit"),
+    (lambda d: _write_bytes(d / "bin.spec", b"model \xff\xfe"), "not UTF-8 text"),
+    (lambda d: _write(d / "bomb.yaml", ALIAS_BOMB), "aliases (*name) are not allowed"),
+    (lambda d: _write(d / "neg.yaml", "model:\n  name: n\n  input: [-1, 100, 100]\n  layers: [relu]\n"),
+     "every size must be at least 1"),
+    (lambda d: _write(d / "ctl.yaml", "model: \x07\n"), "invalid YAML"),
+])
+def test_bad_spec_files(make, fragment, tmp_path, capsys):
+    code, printed = run([make(tmp_path)], capsys)
+    assert code == 2 and fragment in printed, printed
+    assert "internal error" not in printed
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: "/dev/zero", "not a regular file"),
+    (lambda d: _mkdir(d / "r.yaml"), "a folder; expected a recipe file"),
+    (lambda d: _write_bytes(d / "bin.yaml", bytes(range(256)) * 4), "not UTF-8 text"),
+    (lambda d: _write(d / "bomb.yaml", ALIAS_BOMB), "aliases (*name) are not allowed"),
+    (lambda d: _write(d / "steps.yaml", "name: r\nsteps: 5\n"), "`steps` must be a list"),
+])
+def test_bad_recipe_files(make, fragment, tmp_path, capsys, in_root):
+    code, printed = run(["specs/student.spec", "--recipe", make(tmp_path), "--dry-run"], capsys)
+    assert code == 2 and fragment in printed, printed
+    assert "internal error" not in printed
+
+
+def test_limits_are_configurable(tmp_path, capsys, monkeypatch):
+    spec = _write(tmp_path / "m.spec", "model m { input 3x8x8 relu }\n")
+    monkeypatch.setenv("NCCOMPILE_LIMIT_SPEC_BYTES", "10")
+    code, printed = run([spec], capsys)
+    assert code == 2 and "larger than the 10-byte limit" in printed
+    monkeypatch.setenv("NCCOMPILE_LIMIT_SPEC_BYTES", "1000")
+    assert run([spec], capsys)[0] == 0
+
+
+def _write(path, text: str) -> str:
+    path.write_text(text)
+    return str(path)
+
+
+def _write_bytes(path, data: bytes) -> str:
+    path.write_bytes(data)
+    return str(path)
+
+
+def _mkdir(path) -> str:
+    os.makedirs(path)
+    return str(path)
