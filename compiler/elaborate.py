@@ -7,6 +7,8 @@ counts. The tree is what both the analysis (no torch) and the builder (torch) re
 """
 from __future__ import annotations
 
+import math
+
 from . import ir
 from .errors import Diagnostics, Span, UsageError, did_you_mean
 from .expr import ExprError, coerce, divisible, evaluate
@@ -180,11 +182,18 @@ class _Elaborator:
 
     def run(self, params: dict, input_shape: tuple) -> Node:
         m = self.model
+        for b in m.budgets:  # limits go through the diagnostics like every other expression
+            limit = self.eval(b.limit, params)
+            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0:
+                self.fail(f"a budget limit must be a non-negative number, got {limit!r}", b.limit.span or b.span)
         if m.width_mult is not None:
-            self.width_mult = float(self.eval(m.width_mult, params))
-            self.round_to = int(self.eval(m.round_to, params)) if m.round_to is not None else 1
-            if self.width_mult <= 0 or self.round_to < 1:
-                self.fail("width_mult must be positive and round_to at least 1", m.width_mult.span)
+            mult = self.eval(m.width_mult, params)
+            round_to = self.eval(m.round_to, params) if m.round_to is not None else 1
+            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult <= 0:
+                self.fail(f"width_mult must be a positive number, got {mult!r}", m.width_mult.span)
+            if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+                self.fail(f"round_to must be a positive integer, got {round_to!r}", m.round_to.span)
+            self.width_mult, self.round_to = float(mult), round_to
         only = m.body[0] if len(m.body) == 1 else None
         if only is not None and only.term.kind == "torchvision" and only.label is None and only.repeat is None:
             # A model that is just a torchvision network *is* that network: its
@@ -204,9 +213,9 @@ def _typed(value, type_: str):
         if isinstance(value, bool):
             return value
     elif type_ == "int":
-        if isinstance(value, int) and not isinstance(value, bool):
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 63:
             return value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool):
+    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
         return float(value)
     raise ValueError(value)
 

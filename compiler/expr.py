@@ -12,8 +12,15 @@ class ExprError(Exception):
         self.node, self.hint = node, hint
 
 
+LIMIT = 2 ** 63  # no count in a model comes near it; past it, arithmetic only burns memory
+
+
 def divisible(value: float, divisor: int = 8) -> int:
     """Round to a multiple of `divisor`, never dropping more than 10% (MobileNet's rule)."""
+    if isinstance(divisor, bool) or not isinstance(divisor, (int, float)) or int(divisor) < 1:
+        raise ValueError(f"the divisor must be a positive integer, got {divisor!r}")
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0:
+        raise ValueError(f"the value must be a positive number, got {value!r}")
     divisor = int(divisor)
     rounded = max(divisor, int(value + divisor / 2) // divisor * divisor)
     if rounded < 0.9 * value:
@@ -43,6 +50,17 @@ _OPS = {
 
 
 def evaluate(expr: ir.Expr, env: dict[str, object]):
+    """The value of an expression: a bool, an int within +-2^63 or a finite float, or ExprError."""
+    value = _evaluate(expr, env)
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ExprError(f"the result is {value}, not a finite number", expr,
+                        hint="check the operands: a too large literal or a division that overflows")
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= LIMIT:
+        raise ExprError("the result is too large (2^63 or more)", expr)
+    return value
+
+
+def _evaluate(expr: ir.Expr, env: dict[str, object]):
     kind = expr.kind
     if kind in ("num", "bool"):
         return expr.value
@@ -67,7 +85,13 @@ def evaluate(expr: ir.Expr, env: dict[str, object]):
         if not low <= len(expr.args) <= high:
             raise ExprError(f"`{expr.name}` takes {low}{'' if low == high else f' to {high}'} argument(s), "
                             f"got {len(expr.args)}", expr)
-        return fn(*(evaluate(a, env) for a in expr.args))
+        args = [evaluate(a, env) for a in expr.args]
+        if any(isinstance(a, bool) for a in args) and expr.name != "min" and expr.name != "max":
+            raise ExprError(f"`{expr.name}` takes numbers, not true/false", expr)
+        try:
+            return fn(*args)
+        except (ValueError, OverflowError, TypeError, ZeroDivisionError) as err:
+            raise ExprError(f"`{expr.name}`: {err}", expr) from None
     raise AssertionError(kind)
 
 

@@ -70,3 +70,41 @@ def _write_bytes(path, data: bytes) -> str:
 def _mkdir(path) -> str:
     os.makedirs(path)
     return str(path)
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("conv(divisible(16, 0))", "the divisor must be a positive integer"),
+    ("conv(divisible(-100, 8))", "the value must be a positive number"),
+    ("conv(int(1e309))", "not a finite number"),
+    ("conv(int(1e300 * 1e300))", "not a finite number"),
+    ("conv(99999999999 * 99999999999)", "too large"),
+    ("conv(int(0.0 / 0.0 + 1))", "division by zero"),
+])
+def test_bad_arithmetic_is_a_spec_error_at_its_place(body, fragment, tmp_path, capsys):
+    spec = _write(tmp_path / "e.spec", f"model e {{\n    input 3x8x8\n    {body}\n}}\n")
+    code, printed = run([spec], capsys)
+    assert code == 2 and fragment in printed and "e.spec:3:" in printed, printed
+
+
+@pytest.mark.parametrize("line, fragment", [
+    ("budget params <= 1/0", "division by zero"),
+    ("budget params <= true", "a budget limit must be a non-negative number"),
+    ("budget params <= -5", "a budget limit must be a non-negative number"),
+])
+def test_budget_limits_go_through_the_diagnostics(line, fragment, tmp_path, capsys):
+    spec = _write(tmp_path / "b.spec", f"model b {{\n    input 3x8x8\n    {line}\n    conv(4)\n}}\n")
+    code, printed = run([spec], capsys)
+    assert code == 2 and fragment in printed and "b.spec:3:" in printed, printed
+
+
+@pytest.mark.parametrize("value", ["nan", "inf", "-inf"])
+def test_non_finite_parameters_are_refused(value, tmp_path, capsys):
+    spec = _write(tmp_path / "p.spec", "model p(mult: float = 1.0) {\n    input 3x8x8\n    conv(int(8 * mult))\n}\n")
+    code, printed = run([spec, "--param", f"mult={value}"], capsys)
+    assert code == 2 and "expects float" in printed, printed
+
+
+def test_width_mult_must_be_a_number(tmp_path, capsys):
+    spec = _write(tmp_path / "w.spec", "model w {\n    input 3x8x8\n    width_mult true\n    conv(8)\n}\n")
+    code, printed = run([spec], capsys)
+    assert code == 2 and "width_mult must be a positive number" in printed, printed
