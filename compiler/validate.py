@@ -7,6 +7,8 @@ order (so `conv(16, 3)` and `conv: {out: 16, kernel: 3}` give the same IR).
 """
 from __future__ import annotations
 
+import re
+
 from . import ir
 from .errors import Diagnostics, did_you_mean
 from .expr import FUNCTIONS, free_names
@@ -16,6 +18,11 @@ from .ops import LAYERS, REQUIRED
 PARAM_TYPES = ("int", "float", "bool")
 BUDGET_METRICS = ("params", "macs", "bytes")
 RESERVED_LABELS = ("body", "shortcut")
+_LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+# Names every nn.Module has (a label is a submodule's attribute name): torch refuses or shadows them.
+_MODULE_ATTRIBUTES = {"training", "forward", "parameters", "modules", "children", "state_dict", "to", "cuda", "cpu",
+                      "eval", "train", "apply", "type", "float", "double", "half", "register_buffer",
+                      "register_parameter", "add_module", "zero_grad", "dump_patches", "call_super_init"}
 
 
 class _Validator:
@@ -40,7 +47,13 @@ class _Validator:
         models = []
         if not self.spec.models:
             self.diags.error("no model in this file", None, expected="`model NAME { ... }`")
+        names: set[str] = set()
         for m in self.spec.models:
+            if m.name in names:
+                self.diags.error(f"model `{m.name}` is defined twice", m.span, hint="rename one of them")
+            names.add(m.name)
+            if m.input is not None and any(s < 1 for s in m.input):
+                self.diags.error(f"input sizes must be at least 1, got {'x'.join(map(str, m.input))}", m.span)
             scope = {p.name for p in m.params}
             for b in m.budgets:
                 self.budget(b, scope)
@@ -108,6 +121,12 @@ class _Validator:
                     self.diags.error(f"label `{el.label}` is used twice in the same body", el.span)
                 if el.label in RESERVED_LABELS:
                     self.diags.error(f"`{el.label}` is reserved for residual parts", el.span, hint="use another label")
+                elif not _LABEL.fullmatch(el.label) or el.label.isdigit():
+                    self.diags.error(f"label `{el.label}` is not a name: it becomes part of a module path",
+                                     el.span, expected="letters, digits and `_`, starting with a letter or `_`")
+                elif el.label in _MODULE_ATTRIBUTES:
+                    self.diags.error(f"label `{el.label}` is an attribute of every torch module", el.span,
+                                     hint="use another label")
                 labels.add(el.label)
             if el.repeat is not None:
                 self.expr(el.repeat, scope)

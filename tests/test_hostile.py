@@ -108,3 +108,32 @@ def test_width_mult_must_be_a_number(tmp_path, capsys):
     spec = _write(tmp_path / "w.spec", "model w {\n    input 3x8x8\n    width_mult true\n    conv(8)\n}\n")
     code, printed = run([spec], capsys)
     assert code == 2 and "width_mult must be a positive number" in printed, printed
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("conv(8, padding=-1)", "padding must be at least 0"),
+    ("maxpool(2, padding=-1)", "padding must be at least 0"),
+    ("conv(8) bn(eps=-1.0)", "eps must be positive"),
+    ("conv(8) bn(momentum=2.0)", "momentum must lie in [0, 1]"),
+    ("training: conv(8)", "is an attribute of every torch module"),
+    ("forward: conv(8)", "is an attribute of every torch module"),
+])
+def test_invalid_layer_arguments_and_labels(body, fragment, tmp_path, capsys):
+    spec = _write(tmp_path / "l.spec", f"model l {{\n    input 3x8x8\n    {body}\n}}\n")
+    code, printed = run([spec], capsys)
+    assert code == 2 and fragment in printed, printed
+
+
+def test_duplicate_models_and_empty_inputs(tmp_path, capsys):
+    twice = _write(tmp_path / "t.spec", "model m { input 3x8x8 relu }\nmodel m { input 3x8x8 relu }\n")
+    code, printed = run([twice, "--model", "m"], capsys)
+    assert code == 2 and "model `m` is defined twice" in printed
+    zero = _write(tmp_path / "z.yaml", "model:\n  name: z\n  input: 0x0x0\n  layers: [relu]\n")
+    code, printed = run([zero], capsys)
+    assert code == 2 and "every size must be at least 1" in printed
+    zero_dsl = _write(tmp_path / "z.spec", "model z { input 0x0x0 relu }\n")
+    code, printed = run([zero_dsl], capsys)
+    assert code == 2 and ("at least 1" in printed), printed
+    dotted = _write(tmp_path / "d.yaml", "model:\n  name: d\n  input: 3x8x8\n  layers: [{relu: [], name: a.b}]\n")
+    code, printed = run([dotted], capsys)
+    assert code == 2 and "is not a name" in printed, printed

@@ -39,6 +39,8 @@ def _resolve(kind: str):
         padding = a.get("padding")
         if padding is None:
             padding = dilation * (k - 1) // 2  # "same" size for odd kernels at stride 1
+        if padding < 0:
+            raise LayerError(f"padding must be at least 0, got {padding}", arg="padding")
         ho, wo = conv_out(h, k, stride, padding, dilation), conv_out(w, k, stride, padding, dilation)
         if ho < 1 or wo < 1:
             raise LayerError(f"{kind} with kernel {k} cannot take a {h}x{w} input (output would be {ho}x{wo})",

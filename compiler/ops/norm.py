@@ -7,6 +7,10 @@ from .base import WEIGHTED, ArgSpec, LayerError, LayerKind, OpRecord, Tensor, bo
 def _resolve(shape, a):
     if len(shape) not in (1, 3):
         raise LayerError(f"bn expects CxHxW or a flat input, got {fmt_shape(shape)}")
+    if not a["eps"] > 0:
+        raise LayerError(f"eps must be positive, got {a['eps']}", arg="eps")
+    if not 0 <= a["momentum"] <= 1:
+        raise LayerError(f"momentum must lie in [0, 1], got {a['momentum']}", arg="momentum")
     return "bn", {"channels": shape[0], "eps": a["eps"], "momentum": a["momentum"], "affine": a["affine"],
                   "dims": len(shape)}, shape
 

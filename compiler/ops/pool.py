@@ -10,6 +10,8 @@ def _resolve(kind: str):
         k = a["kernel"]
         stride = a["stride"] if a["stride"] is not None else k
         positive({"kernel": k, "stride": stride}, "kernel", "stride")
+        if a["padding"] < 0:
+            raise LayerError(f"padding must be at least 0, got {a['padding']}", arg="padding")
         if a["padding"] * 2 > k:
             raise LayerError(f"padding {a['padding']} is more than half the kernel ({k})", arg="padding")
         ho, wo = conv_out(h, k, stride, a["padding"]), conv_out(w, k, stride, a["padding"])
