@@ -23,6 +23,18 @@ from compiler.errors import NcError
 from .recipe import DataConfig
 
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
+PILLOW_ONLY = (".bmp", ".tif", ".tiff")  # torchvision's decoders do not read these; Pillow does
+MAX_LABEL = 100_000                      # food-11 style labels are class indices, not arbitrary numbers
+
+
+def _pillow_decode(data: torch.Tensor, channels: int) -> torch.Tensor:
+    import io
+
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:  # Pillow refuses decompression bombs
+        return F.pil_to_tensor(img.convert("RGB" if channels == 3 else "L"))
 
 
 class DataError(NcError):
@@ -123,6 +135,8 @@ def list_folder(root: Path, cfg: DataConfig) -> Listing:
                 head = p.stem.split("_", 1)[0]
                 if not head.isdigit():
                     raise DataError(f"{p}: expected a name like <label>_<index>{p.suffix} in the food-11 layout")
+                if int(head) >= MAX_LABEL:
+                    raise DataError(f"{p}: label {int(head)} is not a class index (labels are 0, 1, ... N-1)")
                 items.append((p, int(head)))
                 labels.add(int(head))
             if not items:
@@ -149,6 +163,15 @@ def _digits_file() -> Path:
 
 
 def list_source(cfg: DataConfig) -> Listing:
+    """What the configured source holds, without decoding; a single class is an error unless allowed."""
+    listing = _list_source(cfg)
+    if len(listing.classes) < 2 and not cfg.allow_single_class:
+        raise DataError(f"{listing.description} has {len(listing.classes)} class(es): a classifier needs two or "
+                        "more\n  hint: add class folders, or set data.allow_single_class: true if you mean it")
+    return listing
+
+
+def _list_source(cfg: DataConfig) -> Listing:
     source = cfg.source
     if source == "auto":
         source = "folder" if cfg.path else ("torchvision" if cfg.name else "digits")
@@ -162,8 +185,11 @@ def list_source(cfg: DataConfig) -> Listing:
     if source == "torchvision":
         import torchvision
 
-        if not cfg.name or not hasattr(torchvision.datasets, cfg.name):
+        cls = getattr(torchvision.datasets, cfg.name, None) if cfg.name and not cfg.name.startswith("_") else None
+        if not (isinstance(cls, type) and issubclass(cls, torchvision.datasets.VisionDataset)):
             raise DataError(f"torchvision has no dataset `{cfg.name}`")
+        if issubclass(cls, torchvision.datasets.DatasetFolder):
+            raise DataError(f"`{cfg.name}` reads image folders: use --data PATH (data.source: folder) instead")
         train = _torchvision_split(cfg, True)
         classes = list(getattr(train, "classes", [])) or sorted({str(int(y)) for y in getattr(train, "targets", [])})
         return Listing("torchvision", classes, {}, f"torchvision-{cfg.name}-{cfg.root}-{len(train)}",
@@ -183,14 +209,21 @@ def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, sk
 
     def read(path: Path) -> torch.Tensor:
         try:
-            return torch.frombuffer(bytearray(path.read_bytes()), dtype=torch.uint8)
+            raw = path.read_bytes()
         except OSError as err:
             raise DataError(f"{path}: cannot read image ({err.strerror})") from None
+        return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
 
     def one(path: Path, data: torch.Tensor):
         try:
-            return decode_image(data, mode=mode)
-        except (RuntimeError, ValueError) as err:
+            if not len(data):
+                raise ValueError("the file is empty")
+            if path.suffix.lower() in PILLOW_ONLY:
+                return _pillow_decode(data, channels)
+            img = decode_image(data, mode=mode)
+            # 16-bit PNGs decode to uint16: scale to 8 bits like every other image
+            return img if img.dtype == torch.uint8 else F.to_dtype(img, torch.uint8, scale=True)
+        except (RuntimeError, ValueError, OSError) as err:
             if on_bad == "error":
                 raise DataError(f"{path}: cannot decode image ({str(err).splitlines()[0]})\n"
                                 "  hint: fix or remove the file, or set data.on_bad_image: skip "
@@ -288,6 +321,9 @@ def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], s
         labels = torch.from_numpy(raw[:, 64]).to(torch.int64)
         images = _to_shape(images, channels, size)
         tr, va = _split(len(labels), labels, cfg.val_fraction, seed)
+        if len(tr) == 0:
+            raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training images\n"
+                            "  hint: use a smaller fraction, such as 0.2")
         if cfg.limit_per_class:
             tr = torch.cat([tr[labels[tr] == c][:cfg.limit_per_class] for c in range(10)]).sort().values
         ids = [str(i) for i in range(len(labels))]
@@ -308,7 +344,10 @@ def _torchvision_split(cfg: DataConfig, train: bool):
             return cls(root, train=train, download=cfg.download)
         except TypeError:
             return cls(root, split="train" if train else "test", download=cfg.download)
-    except RuntimeError as err:
+    except TypeError:
+        raise DataError(f"torchvision {cfg.name} has neither a `train` flag nor a train/test `split`; "
+                        "nccompile cannot tell its training images from its test images") from None
+    except (RuntimeError, ValueError, OSError) as err:
         raise DataError(f"torchvision {cfg.name} at {root}: {err}"
                         + ("" if cfg.download else " (set data.download: true to download it)")) from None
 

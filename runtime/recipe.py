@@ -86,6 +86,7 @@ class DataConfig(Strict):
     val_fraction: float = Field(0.2, gt=0, lt=1)  # for sources without a validation split
     limit_per_class: int | None = Field(None, ge=1)  # a small subset, for quick runs and tests
     on_bad_image: Literal["error", "skip"] = "error"
+    allow_single_class: bool = False   # one class trains to accuracy 1.0 and means nothing: refused unless set
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
     cache: bool = True                 # keep decoded folder images in a memory-mapped file (see runtime.cache)

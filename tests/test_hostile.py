@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 
 import pytest
+import torch
 
 from runtime.cli import main
 
@@ -137,3 +138,91 @@ def test_duplicate_models_and_empty_inputs(tmp_path, capsys):
     dotted = _write(tmp_path / "d.yaml", "model:\n  name: d\n  input: 3x8x8\n  layers: [{relu: [], name: a.b}]\n")
     code, printed = run([dotted], capsys)
     assert code == 2 and "is not a name" in printed, printed
+
+
+# --- data ---------------------------------------------------------------------------------
+
+def _image_folder(root, files: dict[str, dict[str, object]]):
+    """root/{train,val}/<class>/<name>: Pillow images, or raw bytes."""
+
+    for split in ("train", "val"):
+        for cls, items in files.items():
+            folder = root / split / cls
+            folder.mkdir(parents=True, exist_ok=True)
+            for name, content in items.items():
+                if isinstance(content, bytes):
+                    (folder / name).write_bytes(content)
+                else:
+                    content.save(folder / name)
+    return root
+
+
+def test_every_listed_image_format_decodes_and_16_bit_is_scaled(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    from runtime.data import list_source, load
+    from runtime.recipe import DataConfig
+
+    white16 = Image.fromarray(np.full((8, 8), 65535, dtype=np.uint16))
+    gray = Image.new("RGB", (8, 8), (128, 128, 128))
+    root = _image_folder(tmp_path / "d", {"a": {"x.png": white16, "y.bmp": gray},
+                                          "b": {"z.tif": gray, "w.tiff": gray, "v.gif": gray.convert("P")}})
+    cfg = DataConfig(path=str(root), cache=False)
+    data = load(list_source(cfg), cfg, (3, 8, 8), 0)
+    assert data.train.images.dtype == torch.uint8 and len(data.train) == 5
+    by_id = dict(zip(data.train.ids, data.train.images))
+    assert int(by_id["x"].min()) == 255  # 65535 in 16 bits is white, not 255/65535 of it
+    assert all(int(by_id[i].float().mean().round()) == 128 for i in ("y", "z", "w", "v"))
+
+
+def test_empty_image_files_follow_on_bad_image(tmp_path):
+    from PIL import Image
+
+    from runtime.data import DataError, list_source, load
+    from runtime.recipe import DataConfig
+
+    ok = Image.new("RGB", (8, 8), (1, 2, 3))
+    root = _image_folder(tmp_path / "d", {"a": {"0.jpg": ok, "1.jpg": b""}, "b": {"0.jpg": ok}})
+    cfg = DataConfig(path=str(root), cache=False)
+    with pytest.raises(DataError, match="1.jpg: cannot decode image"):
+        load(list_source(cfg), cfg, (3, 8, 8), 0)
+    cfg = DataConfig(path=str(root), cache=False, on_bad_image="skip")
+    data = load(list_source(cfg), cfg, (3, 8, 8), 0)
+    assert len(data.train) == 2 and len(data.skipped) == 2
+
+
+def test_a_single_class_is_refused_unless_allowed(tmp_path):
+    from PIL import Image
+
+    from runtime.data import DataError, list_source
+    from runtime.recipe import DataConfig
+
+    root = _image_folder(tmp_path / "d", {"only": {"0.jpg": Image.new("RGB", (8, 8))}})
+    with pytest.raises(DataError, match="1 class"):
+        list_source(DataConfig(path=str(root)))
+    assert list_source(DataConfig(path=str(root), allow_single_class=True)).classes == ["only"]
+
+
+def test_food11_labels_must_be_class_indices(tmp_path):
+    from runtime.data import DataError, list_source
+    from runtime.recipe import DataConfig
+
+    for split in ("training", "validation"):
+        (tmp_path / split).mkdir()
+        (tmp_path / split / "0_0.jpg").write_bytes(b"x")
+        (tmp_path / split / "99999999999_0.jpg").write_bytes(b"x")
+    with pytest.raises(DataError, match="is not a class index"):
+        list_source(DataConfig(path=str(tmp_path)))
+
+
+@pytest.mark.parametrize("override, fragment", [
+    ("data.val_fraction=0.999", "leaves no training images"),
+    ("data.name=__loader__", "torchvision has no dataset `__loader__`"),
+    ("data.name=ImageFolder", "use --data PATH"),
+])
+def test_data_settings_that_cannot_work(override, fragment, tmp_path, capsys, in_root):
+    source = ["--set", "data.source=torchvision", "--set", "data.root=/nonexistent"] if "name=" in override else []
+    code, printed = run(["specs/student.spec", "--recipe", "scratch", "--epochs", "1", *source, "--set", override,
+                         "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and fragment in printed, printed
