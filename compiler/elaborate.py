@@ -12,6 +12,7 @@ import math
 from . import ir
 from .errors import Diagnostics, Span, UsageError, did_you_mean
 from .expr import ExprError, coerce, divisible, evaluate
+from .limits import limit
 from .ops import LAYERS, REQUIRED, LayerError, fmt_shape, macs, tensors
 from .tree import Model, Node
 
@@ -29,6 +30,7 @@ class _Elaborator:
         # id(env) -> {name in that env: model parameter it stands for}: which layer arguments were
         # written as a model parameter, directly or through block parameters (for emit)
         self.symbols: dict[int, dict[str, str]] = {}
+        self.max_repeat, self.max_layers, self.layers = limit("repeat"), limit("layers"), 0
 
     # helpers
     def eval(self, expr: ir.Expr, env: dict):
@@ -54,6 +56,9 @@ class _Elaborator:
                 count = self.eval(el.repeat, env)
                 if isinstance(count, bool) or not isinstance(count, int) or count < 1:
                     self.fail(f"repetition count must be a positive int, got {count!r}", el.repeat.span or el.span)
+                if count > self.max_repeat:
+                    self.fail(f"repetition count {count:,} is over the limit of {self.max_repeat:,}",
+                              el.repeat.span or el.span, hint="raise it with NCCOMPILE_LIMIT_REPEAT=N")
                 copies = []
                 inner = shape
                 for i in range(count):
@@ -106,6 +111,10 @@ class _Elaborator:
         return values
 
     def layer(self, call: ir.Call, shape, env, name, path) -> Node:
+        self.layers += 1
+        if self.layers > self.max_layers:
+            self.fail(f"the model has more than {self.max_layers:,} layers", call.span,
+                      hint="raise the limit with NCCOMPILE_LIMIT_LAYERS=N")
         kind = LAYERS[call.name]
         values = self.bind(call, [(a.name, a.type, a.default) for a in kind.args], env)
         if kind.scalable and self.width_mult is not None and values.get("scale", True):

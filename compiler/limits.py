@@ -4,6 +4,9 @@ Each limit has a default and an environment variable that changes it (a positive
 
     spec file size      256 KiB     NCCOMPILE_LIMIT_SPEC_BYTES
     recipe file size    256 KiB     NCCOMPILE_LIMIT_RECIPE_BYTES
+    repetition count    10,000      NCCOMPILE_LIMIT_REPEAT       (`layer x N`)
+    layers              100,000     NCCOMPILE_LIMIT_LAYERS       (after elaboration)
+    input elements      2^26        NCCOMPILE_LIMIT_INPUT_ELEMENTS  (C x H x W of a forward pass)
 
 YAML (specs and recipes) is read without aliases (`&a` / `*a`): expanding them is how a
 1 KB file becomes gigabytes, and nothing nccompile reads needs them.
@@ -21,7 +24,8 @@ import yaml
 
 from .errors import UsageError
 
-DEFAULTS = {"spec_bytes": 256 * 1024, "recipe_bytes": 256 * 1024}
+DEFAULTS = {"spec_bytes": 256 * 1024, "recipe_bytes": 256 * 1024, "repeat": 10_000, "layers": 100_000,
+            "input_elements": 2 ** 26}
 
 
 def limit(name: str) -> int:

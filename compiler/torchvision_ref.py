@@ -13,11 +13,18 @@ from .ops import LayerError, Tensor
 def build_torchvision(name: str, kwargs: dict, device=None):
     import torchvision
 
-    known = torchvision.models.list_models()
+    # Classification models only: one image batch in, one logits tensor out (detection and
+    # segmentation models take other inputs and return tuples or dicts).
+    known = torchvision.models.list_models(module=torchvision.models)
     if name not in known:
         from .errors import did_you_mean
 
-        raise LayerError(f"torchvision has no model `{name}`", hint=did_you_mean(name, known))
+        raise LayerError(f"torchvision has no classification model `{name}`", hint=did_you_mean(name, known))
+    if "weights" in kwargs or "weights_backbone" in kwargs:
+        raise LayerError("a spec never names pretrained weights (building never downloads); "
+                         "give torchvision_weights in the recipe's models section instead")
+    if isinstance(kwargs.get("num_classes"), int) and kwargs["num_classes"] < 1:
+        raise LayerError(f"num_classes must be at least 1, got {kwargs['num_classes']}")
     try:
         if device is None:
             return torchvision.models.get_model(name, weights=None, **kwargs)
@@ -25,7 +32,7 @@ def build_torchvision(name: str, kwargs: dict, device=None):
 
         with torch.device(device):
             return torchvision.models.get_model(name, weights=None, **kwargs)
-    except (TypeError, ValueError) as err:
+    except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise LayerError(f"torchvision `{name}` rejects its arguments: {err}") from None
 
 

@@ -86,11 +86,20 @@ def load(argv: list[str]) -> int:
     import torch
 
     from compiler import analyse
+    from compiler.limits import limit
 
     from .weights import ModelFile
 
     file = ModelFile(args.file)
-    module, model, meta = file.build(), file.model(), file.meta
+    model = file.model()
+    elements = 1
+    for s in model.input_shape:
+        elements *= s
+    if elements > limit("input_elements"):
+        raise NcError(f"{args.file}: its input {'x'.join(map(str, model.input_shape))} is over the limit of "
+                      f"{limit('input_elements'):,} elements for a forward pass\n"
+                      "  hint: raise it with NCCOMPILE_LIMIT_INPUT_ELEMENTS=N")
+    module, meta = file.build(model), file.meta
     with torch.no_grad():
         out = module(torch.zeros(1, *model.input_shape))
     info = {"file": args.file, "bytes": os.path.getsize(args.file), "format": meta.get("format"),

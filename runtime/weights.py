@@ -74,6 +74,7 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
 
 
 _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.uint8: "U8"}
 
 
 def encode(tensors: dict[str, torch.Tensor], fmt: WeightFormat | str) -> dict[str, torch.Tensor]:
@@ -252,12 +253,27 @@ class ModelFile:
                 if not isinstance(params, dict):
                     raise ValueError(f"params is a {type(params).__name__}, not a mapping")
                 shape = tuple(int(s) for s in self.meta["input"].split("x"))
-                self._model = compiler.compile_source(self.meta["spec"], f"{self.path}#spec",
-                                                      syntax=self.meta.get("syntax", "dsl"),
-                                                      model=self.meta.get("model"), params=params, input_shape=shape)
+                model = compiler.compile_source(self.meta["spec"], f"{self.path}#spec",
+                                                syntax=self.meta.get("syntax", "dsl"),
+                                                model=self.meta.get("model"), params=params, input_shape=shape)
             except (KeyError, ValueError) as err:
                 raise WeightsError(f"{self.path}: damaged metadata ({err})") from None
+            self._check_against(model)
+            self._model = model
         return self._model
+
+    def _check_against(self, model: Model) -> None:
+        """The embedded spec must predict exactly the tensors in the file, before anything is built."""
+        if model.root.op == "torchvision" and not os.environ.get("NCCOMPILE_TRUST_TORCHVISION"):
+            raise WeightsError(f"{self.path}: its spec is a torchvision model, which runs torchvision's code; "
+                               "load it only from a source you trust (NCCOMPILE_TRUST_TORCHVISION=1)")
+        expected = {t.name: (t.dtype, tuple(t.shape)) for t in layout(
+            weight_tensors(model, self.format.fold_bn), self.format).stored()}
+        found = {k: (_DTYPE_NAMES.get(v.dtype, str(v.dtype)), tuple(v.shape)) for k, v in self.stored.items()}
+        if expected != found:
+            wrong = sorted(set(expected) ^ set(found)) or sorted(k for k in expected if expected[k] != found[k])
+            raise WeightsError(f"{self.path}: its tensors do not match its embedded spec "
+                               f"({len(wrong)} differ, e.g. {wrong[0]}); the file is damaged or forged")
 
     def state(self, model: Model | None = None) -> dict[str, torch.Tensor]:
         """The float tensors. Bit-packed formats need the model's shapes: `model`, else the embedded one."""

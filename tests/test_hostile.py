@@ -226,3 +226,58 @@ def test_data_settings_that_cannot_work(override, fragment, tmp_path, capsys, in
     code, printed = run(["specs/student.spec", "--recipe", "scratch", "--epochs", "1", *source, "--set", override,
                          "--out", str(tmp_path / "run")], capsys)
     assert code == 2 and fragment in printed, printed
+
+
+# --- untrusted model files and runaway specs -------------------------------------------------
+
+def _forged(tmp_path, spec_text: str):
+    """A real small model file whose embedded spec is replaced by `spec_text`."""
+    import json
+
+    from safetensors.torch import load_file
+    from safetensors.torch import save as st_save
+
+    import compiler
+    from runtime.weights import save_model
+
+    spec = tmp_path / "small.spec"
+    spec.write_text("model small { input 3x8x8 conv(4) gap flatten linear(2) }\n")
+    model = compiler.compile_spec(spec)
+    path = tmp_path / "real.safetensors"
+    save_model(compiler.build_module(model), model, path, "int8")
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        meta = dict(f.metadata())
+    meta["spec"] = spec_text
+    meta["model"] = json.loads(json.dumps("forged"))
+    forged = tmp_path / "forged.safetensors"
+    forged.write_bytes(st_save(load_file(path), metadata=meta))
+    return str(forged)
+
+
+@pytest.mark.parametrize("spec_text, fragment", [
+    ("model forged { input 3x8x8 conv(4) gap flatten linear(150000000) }", "do not match its embedded spec"),
+    ("model forged { input 3x8x8 identity x 100000000 }", "over the limit of 10,000"),
+    ("model forged { input 3x8x8 torchvision resnet18(num_classes=2) }", "torchvision model"),
+])
+def test_load_refuses_a_forged_model_file_before_building(spec_text, fragment, tmp_path, capsys):
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, printed = run(["load", _forged(tmp_path, spec_text)], capsys)
+    assert code == 2 and fragment in printed, printed
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 200_000  # KiB: nothing big was built
+
+
+@pytest.mark.parametrize("body, fragment", [
+    ("identity x 1000000000", "over the limit of 10,000"),
+    ("{ { relu x 1000 } x 1000 } x 1000", "more than 100,000 layers"),
+    ("torchvision fasterrcnn_resnet50_fpn()", "no classification model"),
+    ("torchvision resnet18(weights_backbone=1)", "never names pretrained weights"),
+    ("torchvision resnet18(num_classes=-3)", "num_classes must be at least 1"),
+])
+def test_runaway_specs_stop_at_their_limits(body, fragment, tmp_path, capsys):
+    spec = _write(tmp_path / "r.spec", f"model r {{\n    input 3x32x32\n    {body}\n}}\n")
+    code, printed = run([spec], capsys)
+    assert code == 2 and fragment in printed, printed
