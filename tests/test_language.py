@@ -122,7 +122,7 @@ def test_groups_must_divide(tmp_path):
 
 def test_unknown_torchvision_model(tmp_path):
     text = errors(tmp_path, "model m { input 3x32x32 torchvision resnet81(num_classes=3) }")
-    assert "torchvision has no model `resnet81`" in text and "did you mean `resnet18`?" in text
+    assert "torchvision has no classification model `resnet81`" in text and "did you mean `resnet18`?" in text
 
 
 def test_several_models_need_model_option(tmp_path):
