@@ -59,7 +59,7 @@ def run(argv: list[str]) -> int:
     from compiler.report import table, to_json
 
     args = _arg_parser().parse_args(argv)
-    shape = parse_shape(args.input) if args.input else None
+    shape = parse_shape(args.input) if args.input is not None else None
     if args.recipe:
         from .runner import Options
         from .runner import run as run_recipe

@@ -202,6 +202,10 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
                     problems.append(f"--set {key}: `{'.'.join(parts[:i + 1])}` is not a section")
                     break
         else:
+            if isinstance(node, list):
+                problems.append(f"--set {key}: `{'.'.join(parts[:-1])}` is a list; address a field of one "
+                                f"of its items, e.g. steps.NAME.epochs=3")
+                continue
             node[parts[-1]] = _parse_scalar(value)
     if problems:
         raise RecipeError(source, problems)
@@ -249,6 +253,8 @@ def read_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[dict, Pat
     source = str(path)
     try:
         raw = yaml.load(read_text(path, "recipe file", "recipe_bytes"), Loader=NoAliasLoader)
+    except RecursionError:
+        raise RecipeError(source, ["the YAML nests too deeply"]) from None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source

@@ -49,7 +49,15 @@ class RunDir:
         self.root = Path(root)
         self.writer = writer  # only rank 0 writes under torchrun
         self.state_path = self.root / "state.json"
-        self.state = json.loads(self.state_path.read_text()) if self.state_path.exists() else {"steps": {}}
+        self.state = {"steps": {}}
+        if self.state_path.exists():
+            try:
+                self.state = json.loads(self.state_path.read_text())
+                if not isinstance(self.state, dict) or not isinstance(self.state.get("steps"), dict):
+                    raise ValueError("no `steps` mapping")
+            except (ValueError, OSError, UnicodeDecodeError) as err:
+                raise NcError(f"{self.state_path} is damaged ({err}); it records which steps finished\n"
+                              f"  hint: delete it to run every step again, or choose another --out") from None
 
     def step_dir(self, name: str) -> Path:
         return self.inside(self.root / "steps" / name)

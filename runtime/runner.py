@@ -18,7 +18,7 @@ import yaml
 
 import compiler
 from compiler.analysis import analyse
-from compiler.errors import BudgetError, NcError
+from compiler.errors import BudgetError, NcError, did_you_mean
 from compiler.fileformat import weight_tensors
 from compiler.report import table
 
@@ -86,6 +86,20 @@ def _check_checkpoint(slot: ModelSlot, path: Path, n_classes: int) -> None:
                       f"e.g. {missing[0]}")
 
 
+def _check_torchvision_weights(model, name: str, weights: str) -> None:
+    """Named pretrained weights must exist for the model (checked before anything downloads)."""
+    import torchvision
+
+    if model.root.op != "torchvision":
+        raise NcError(f"models.{name}.torchvision_weights needs a spec that is a torchvision model")
+    arch = model.root.attrs["name"]
+    known = list(torchvision.models.get_model_weights(arch).__members__)
+    if weights not in known:
+        raise NcError(f"models.{name}.torchvision_weights: torchvision has no weights `{weights}` for {arch}"
+                      + (f"; {did_you_mean(weights, known)}" if did_you_mean(weights, known) else "")
+                      + f" (known: {', '.join(known)})")
+
+
 def _resolve(path: str, recipe_path: Path) -> Path:
     p = Path(path)
     if p.is_absolute() or p.exists():
@@ -114,6 +128,8 @@ def prepare(opts: Options):
     for name, ref in recipe.models.items():
         spec_path = _resolve(ref.spec, recipe_path)
         m = _compile(spec_path, classes, input_shape, f"models.{name}", params=ref.params)
+        if ref.torchvision_weights:
+            _check_torchvision_weights(m, name, ref.torchvision_weights)
         slot = ModelSlot(name, m, torchvision_weights=ref.torchvision_weights)
         if ref.checkpoint:
             ckpt = _resolve(ref.checkpoint, recipe_path)

@@ -107,6 +107,8 @@ def decode(stored: dict[str, torch.Tensor], fmt: WeightFormat | str,
     if lay.ranges is not None and (ranges is None or tuple(ranges.shape) != lay.ranges.shape):
         got = None if ranges is None else tuple(ranges.shape)
         raise ValueError(f"{fileformat.RANGES} has shape {got}, the tensors need {lay.ranges.shape}")
+    if ranges is not None and not torch.isfinite(ranges).all():
+        raise ValueError(f"{fileformat.RANGES} holds values that are not finite numbers")
     out = {}
     for e in lay.entries:
         t = stored[e.name]

@@ -281,3 +281,61 @@ def test_runaway_specs_stop_at_their_limits(body, fragment, tmp_path, capsys):
     spec = _write(tmp_path / "r.spec", f"model r {{\n    input 3x32x32\n    {body}\n}}\n")
     code, printed = run([spec], capsys)
     assert code == 2 and fragment in printed, printed
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("model n { input 3x8x8 " + "{ " * 245 + "relu" + " }" * 245 + " }", "nesting deeper than 100 levels"),
+    ("model n { input 3x8x8 conv(" + "-" * 300 + "8) }", "nesting deeper than 100 levels"),
+    ("model n { input 3x8x8 conv(8 - 1 - 1 - 1) " * 1 + " }", None),  # binary minus signs are not nesting
+])
+def test_deep_nesting_is_an_error_with_a_position(text, fragment, tmp_path, capsys):
+    code, printed = run([_write(tmp_path / "n.spec", text)], capsys)
+    if fragment is None:
+        assert code == 0, printed
+    else:
+        assert code == 2 and fragment in printed and "n.spec:1:" in printed, printed
+
+
+def test_deeply_nested_yaml_is_a_clean_error(tmp_path, capsys):
+    spec = _write(tmp_path / "n.yaml", "model:\n  name: n\n  input: 3x8x8\n  layers: " + "[" * 5000 + "]" * 5000 + "\n")
+    code, printed = run([spec], capsys)
+    assert code == 2 and "internal error" not in printed, printed
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["--input", ""], "invalid input shape"),
+    (["--recipe", "scratch", "--set", "steps.train=5", "--dry-run"], "is a list; address a field"),
+    (["--recipe", "kd_wq", "--set", "steps.export.opset=1", "--dry-run"], "opset"),
+    (["--recipe", "kd", "--set", "models.teacher.torchvision_weights=IMAGENET9K", "--dry-run"],
+     "no weights `IMAGENET9K`"),
+])
+def test_bad_command_lines(args, fragment, capsys, in_root):
+    code, printed = run(["specs/student.spec", *args], capsys)
+    assert code == 2 and fragment in printed, printed
+
+
+def test_a_damaged_state_file_is_a_clear_error(tmp_path, capsys, in_root):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "state.json").write_text("{not json")
+    code, printed = run(["specs/student.spec", "--recipe", "scratch", "--epochs", "1", "--out", str(out)], capsys)
+    assert code == 2 and "state.json is damaged" in printed, printed
+    assert (out / "state.json").read_text() == "{not json"  # nothing lost
+
+
+def test_a_model_file_with_non_finite_ranges_is_refused(tmp_path, capsys):
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+    from safetensors.torch import save as st_save
+
+    _forged(tmp_path, "model forged { input 3x8x8 relu }")
+    good = str(tmp_path / "real.safetensors")  # the unforged file the helper wrote first
+    assert run(["load", good], capsys)[0] == 0
+    tensors = load_file(good)
+    tensors["nccompile.ranges"][0, 0] = float("nan")
+    with safe_open(good, framework="pt") as f:
+        meta = f.metadata()
+    bad = tmp_path / "nan.safetensors"
+    bad.write_bytes(st_save(tensors, metadata=meta))
+    code, printed = run(["load", str(bad)], capsys)
+    assert code == 2 and "not finite" in printed, printed

@@ -209,7 +209,36 @@ def parse_number(text: str) -> int | float:
     return int(text) * scale
 
 
+MAX_NESTING = 100  # brackets, or unary minus signs in a row; deeper specs reach Python's recursion limit
+
+
+def _check_nesting(text: str, path: str) -> None:
+    """Refuse, with a position, nesting deeper than MAX_NESTING (checked before parsing)."""
+    depth = minus_run = 0
+    line, col, in_comment = 1, 0, False
+    for ch in text:
+        col += 1
+        if ch == "\n":
+            line, col, in_comment = line + 1, 0, False
+            continue
+        if in_comment or ch in " \t\r":
+            continue
+        if ch == "#":
+            in_comment = True
+            continue
+        minus_run = minus_run + 1 if ch == "-" else 0
+        if ch in "({[":
+            depth += 1
+        elif ch in ")}]":
+            depth = max(0, depth - 1)
+        if depth > MAX_NESTING or minus_run > MAX_NESTING:
+            raise SpecError([Diagnostic(f"nesting deeper than {MAX_NESTING} levels", Span(path, line, col),
+                                        hint="flatten the spec, e.g. with blocks and `x N` repetition")],
+                            {path: text})
+
+
 def parse_dsl(text: str, path: str) -> ir.SpecFile:
+    _check_nesting(text, path)
     try:
         tree = parser().parse(text, start="start")
     except UnexpectedInput as err:

@@ -219,9 +219,16 @@ def parse_yaml(text: str, path: str) -> tuple[ir.SpecFile, list]:
         span = Span(path, mark.line + 1, mark.column + 1) if mark else Span(path, 1, 1)
         problem = getattr(err, "problem", None) or str(err).splitlines()[0]
         raise SpecError([Diagnostic(f"invalid YAML: {problem}", span)], sources) from None
+    except RecursionError:
+        raise SpecError([Diagnostic("the YAML nests too deeply", Span(path, 1, 1),
+                                    hint="flatten the spec, e.g. with blocks and `repeat`")], sources) from None
     if root is None:
         raise SpecError([Diagnostic("empty spec file", Span(path, 1, 1),
                                     expected="`model:` with `layers:`")], sources)
     diags = Diagnostics(sources)
-    spec = _YamlConverter(path, diags).spec(root)
+    try:
+        spec = _YamlConverter(path, diags).spec(root)
+    except RecursionError:
+        raise SpecError([Diagnostic("the spec nests too deeply", Span(path, 1, 1),
+                                    hint="flatten the spec, e.g. with blocks and `repeat`")], sources) from None
     return spec, diags.items

@@ -7,6 +7,7 @@ import tempfile
 import warnings
 
 import torch
+from pydantic import Field
 
 from ..weights import ModelFile, atomic_write
 from .base import StepConfig, StepKind, StepResult, register
@@ -15,7 +16,7 @@ from .base import StepConfig, StepKind, StepResult, register
 class ExportConfig(StepConfig):
     kind: str = "export"
     onnx: bool = True
-    opset: int = 17
+    opset: int = Field(17, ge=9, le=20)  # the opsets torch.onnx exports with the classic exporter
 
 
 @register
