@@ -94,7 +94,7 @@ def test_second_run_reads_the_decoded_cache(tmp_path, capsys, in_root):
 def test_dry_run_shows_pipelines_at_the_training_input(capsys, in_root):
     assert main(["specs/student.spec", "--recipe", "scratch", "--input", "3x64x64", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "transforms.train: 64x64 -> crop(padding=4) -> flip(p=0.5) -> 64x64" in out
+    assert "transforms.train: 64x64 -> crop(padding=8) -> flip(p=0.5) -> 64x64" in out
     assert "budgets at the training input 3x64x64:" in out and "bytes(int8) <= 300,000" in out
 
 
