@@ -100,7 +100,7 @@ class RunContext:
     def pipeline(self, which: str) -> Pipeline:
         """The `train` or `eval` transforms, for images of the training input size."""
         if which not in self._pipelines:
-            self._pipelines[which] = pipeline_for(self.recipe, which, self.input_shape)
+            self._pipelines[which] = pipeline_for(self.recipe, which, self.input_shape, self.listing)
         return self._pipelines[which]
 
     def placed(self, split: str) -> Placed:
@@ -138,6 +138,16 @@ class RunContext:
         return path, predicted_bytes(model, fmt)
 
 
-def pipeline_for(recipe: Recipe, which: str, input_shape: tuple) -> Pipeline:
+def pipeline_for(recipe: Recipe, which: str, input_shape: tuple, listing: Listing) -> Pipeline:
+    """The recipe's transforms for the training input. Flips are left out (and the pipeline says so)
+    for data that is not mirror-symmetric, such as digits: a mirrored 3 is no 3."""
     size = tuple(input_shape[1:])
-    return Pipeline(getattr(recipe.transforms, which), f"transforms.{which}", input_shape[0], size, expect=size)
+    specs = getattr(recipe.transforms, which)
+    dropped = []
+    if not listing.mirror_symmetric:
+        dropped = [t for t in specs if isinstance(t, dict) and set(t) <= {"flip"}]
+        specs = [t for t in specs if t not in dropped]
+    pipeline = Pipeline(specs, f"transforms.{which}", input_shape[0], size, expect=size)
+    if dropped:
+        pipeline.note = f"flip left out: {listing.description} is not mirror-symmetric"
+    return pipeline

@@ -70,6 +70,7 @@ class Listing:
     files: dict[str, list[tuple[Path, int | None]]] = field(default_factory=dict)  # split -> (path, label)
     fingerprint: str = ""
     description: str = ""
+    mirror_symmetric: bool = True               # False: a mirrored image is another class's shape (digits)
 
 
 def _images_in(folder: Path) -> list[Path]:
@@ -181,7 +182,7 @@ def _list_source(cfg: DataConfig) -> Listing:
         return list_folder(Path(cfg.path), cfg)
     if source == "digits":
         return Listing("digits", [str(i) for i in range(10)], {}, "digits-sklearn-1797",
-                       "scikit-learn digits (1,797 8x8 images)")
+                       "scikit-learn digits (1,797 8x8 images)", mirror_symmetric=False)
     if source == "torchvision":
         import torchvision
 

@@ -141,7 +141,7 @@ def prepare(opts: Options):
     # building the transforms for the training input validates them, sizes included
     from .context import pipeline_for
 
-    pipelines = {w: pipeline_for(recipe, w, input_shape) for w in ("train", "eval")}
+    pipelines = {w: pipeline_for(recipe, w, input_shape, listing) for w in ("train", "eval")}
     return recipe, recipe_path, listing, slots, plan, pipelines
 
 

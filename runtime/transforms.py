@@ -424,6 +424,7 @@ class Pipeline:
         self.out_size = current
         self.random = any(op.random for _, op in self.ops)
         self.channels = channels
+        self.note = ""  # why the pipeline differs from the recipe's (set by its maker)
         self._consts: dict = {}
 
     def describe(self) -> str:
@@ -437,7 +438,8 @@ class Pipeline:
         if self.norm is not None:
             steps.append("normalize")
         head = f"{self.in_size[0]}x{self.in_size[1]}"
-        return (f"{head} -> " + " -> ".join(steps) + f" -> {size[0]}x{size[1]}") if steps else f"{head} (as is)"
+        text = (f"{head} -> " + " -> ".join(steps) + f" -> {size[0]}x{size[1]}") if steps else f"{head} (as is)"
+        return text + (f" ({self.note})" if self.note else "")
 
     def _affine_params(self, device, dtype, is_float: bool) -> tuple[torch.Tensor, torch.Tensor]:
         """scale and bias so that x * scale + bias = normalize(x / 255) (x / 255 already when is_float);

@@ -94,7 +94,7 @@ def test_second_run_reads_the_decoded_cache(tmp_path, capsys, in_root):
 def test_dry_run_shows_pipelines_at_the_training_input(capsys, in_root):
     assert main(["specs/student.spec", "--recipe", "scratch", "--input", "3x64x64", "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "transforms.train: 64x64 -> crop(padding=8) -> flip(p=0.5) -> 64x64" in out
+    assert "transforms.train: 64x64 -> crop(padding=8) -> 64x64 (flip left out" in out
     assert "budgets at the training input 3x64x64:" in out and "bytes(int8) <= 300,000" in out
 
 
@@ -191,3 +191,12 @@ def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms):
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in seen))
     assert counts[0] == counts[1] <= 2, counts
+
+
+def test_flips_are_left_out_for_data_that_is_not_mirror_symmetric(capsys, in_root):
+    assert main(["specs/student.spec", "--recipe", "kd_wq", "--dry-run"]) == 0  # digits
+    out = capsys.readouterr().out
+    assert "transforms.train: 32x32 -> crop(padding=4) -> 32x32 (flip left out: scikit-learn digits" in out
+    if DATA.is_dir():
+        assert main(["specs/student.spec", "--recipe", "kd_wq", "--data", str(DATA), "--dry-run"]) == 0
+        assert "transforms.train: 32x32 -> flip(p=0.5) -> crop(padding=4) -> 32x32\n" in capsys.readouterr().out
