@@ -99,12 +99,12 @@ def load(argv: list[str]) -> int:
         raise NcError(f"{args.file}: its input {'x'.join(map(str, model.input_shape))} is over the limit of "
                       f"{limit('input_elements'):,} elements for a forward pass\n"
                       "  hint: raise it with NCCOMPILE_LIMIT_INPUT_ELEMENTS=N")
-    module, meta = file.build(model), file.meta
+    module = file.build(model)
     with torch.no_grad():
         out = module(torch.zeros(1, *model.input_shape))
-    info = {"file": args.file, "bytes": os.path.getsize(args.file), "format": meta.get("format"),
+    info = {"file": args.file, "bytes": os.path.getsize(args.file), "format": file.format.name,
             "model": model.name, "params": analyse(model).params, "param_values": model.params,
-            "input": list(model.input_shape), "output": list(out.shape[1:]), "quant": _json.loads(meta["quant"])}
+            "input": list(model.input_shape), "output": list(out.shape[1:]), "quant": file.format.options()}
     if args.json:
         print(_json.dumps(info, indent=2))
     else:

@@ -339,3 +339,13 @@ def test_a_model_file_with_non_finite_ranges_is_refused(tmp_path, capsys):
     bad.write_bytes(st_save(tensors, metadata=meta))
     code, printed = run(["load", str(bad)], capsys)
     assert code == 2 and "not finite" in printed, printed
+
+
+def test_load_survives_a_renamed_metadata_key(tmp_path, capsys):
+    """Found by the fuzzer: one flipped byte renamed `quant` in the header, and load crashed."""
+    _forged(tmp_path, "model forged { input 3x8x8 relu }")
+    data = (tmp_path / "real.safetensors").read_bytes().replace(b'"quant"', b'"quan!"', 1)
+    bad = tmp_path / "renamed.safetensors"
+    bad.write_bytes(data)
+    code, printed = run(["load", str(bad)], capsys)
+    assert code in (0, 2) and "internal error" not in printed, printed
