@@ -163,9 +163,11 @@ class _Elaborator:
 
     def projection(self, shape, out_shape, path, span) -> Node:
         # A 1x1 conv with stride s maps a size n to (n - 1) // s + 1 (as the body's strided convs do).
-        strides = [s for s in range(1, max(shape[1:], default=1) + 1)
-                   if len(shape) == 3 == len(out_shape)
-                   and all((n - 1) // s + 1 == m for n, m in zip(shape[1:], out_shape[1:]))]
+        # the smallest s with (n - 1) // s + 1 == m for every side: s lies in ((n-1)/m, (n-1)/(m-1)]
+        strides = []
+        if len(shape) == 3 == len(out_shape) and all(m >= 1 for m in out_shape[1:]):
+            low = max((n - 1) // m + 1 for n, m in zip(shape[1:], out_shape[1:]))
+            strides = [low] if all((n - 1) // low + 1 == m for n, m in zip(shape[1:], out_shape[1:])) else []
         if not strides:
             self.fail(f"residual: cannot project {fmt_shape(shape)} onto {fmt_shape(out_shape)} "
                       "with a strided 1x1 conv",

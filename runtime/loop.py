@@ -99,23 +99,31 @@ class Progress:
 
 def resume(ctx: RunContext, module, optimizer, schedule, step_dir: Path, key: str, label: str,
            epochs: int) -> Progress:
-    """Progress from `last.safetensors` when it belongs to this very step (same key)."""
+    """Progress from `last.safetensors` when it belongs to this very step (same key). Everything is
+    read and parsed before anything is applied, so a damaged checkpoint leaves a fresh start."""
     last_path, best_path = step_dir / "last.safetensors", step_dir / "best.safetensors"
     if not last_path.exists() or not best_path.exists():
         return Progress()
     from safetensors import safe_open
 
-    with safe_open(str(last_path), framework="pt") as f:
-        meta = f.metadata() or {}
-    if meta.get("key") != key:
+    try:
+        with safe_open(str(last_path), framework="pt") as f:
+            meta = f.metadata() or {}
+        if meta.get("key") != key:
+            return Progress()
+        tensors = load_file(last_path)
+        p = json.loads(meta["progress"])
+        progress = Progress(p["epoch"] + 1, p["best_acc"], p["best_epoch"], p["history"], load_file(best_path))
+        optimizer_meta, schedule_state = meta["optimizer"], json.loads(meta["schedule"])
+    except Exception as err:  # a damaged checkpoint costs its epochs, never the run
+        ctx.log(f"{label}: cannot resume from {last_path} ({type(err).__name__}: {str(err)[:200]}); "
+                "starting this step over")
         return Progress()
-    tensors = load_file(last_path)
     unwrap(module).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-    _restore_optimizer(optimizer, tensors, meta["optimizer"])
-    schedule.load_state_dict(json.loads(meta["schedule"]))
-    p = json.loads(meta["progress"])
-    ctx.log(f"{label}: resuming after epoch {p['epoch'] + 1} of {epochs}")
-    return Progress(p["epoch"] + 1, p["best_acc"], p["best_epoch"], p["history"], load_file(best_path))
+    _restore_optimizer(optimizer, tensors, optimizer_meta)
+    schedule.load_state_dict(schedule_state)
+    ctx.log(f"{label}: resuming after epoch {progress.start} of {epochs}")
+    return progress
 
 
 def checkpoint(ctx: RunContext, module, optimizer, schedule, step_dir: Path, key: str, epoch: int,

@@ -3,6 +3,7 @@ error, a hang or a write outside the run directory."""
 from __future__ import annotations
 
 import os
+import time
 
 import pytest
 import torch
@@ -349,3 +350,29 @@ def test_load_survives_a_renamed_metadata_key(tmp_path, capsys):
     bad.write_bytes(data)
     code, printed = run(["load", str(bad)], capsys)
     assert code in (0, 2) and "internal error" not in printed, printed
+
+
+def test_a_damaged_checkpoint_restarts_its_step(tmp_path, capsys, in_root):
+    out = tmp_path / "run"
+    args = ["specs/student.spec", "--recipe", "scratch", "--epochs", "1", "--device", "cpu",
+            "--set", "data.limit_per_class=5", "--out", str(out)]
+    assert main(args) == 0
+    capsys.readouterr()
+    (out / "state.json").unlink()  # forget that the step finished, keep its checkpoints
+    (out / "steps/train/last.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
+    code, printed = run(args, capsys)
+    assert code == 0 and "cannot resume from" in printed and "starting this step over" in printed, printed
+
+
+def test_yaml_keys_given_twice_are_errors(tmp_path, capsys):
+    spec = _write(tmp_path / "d.yaml", "model:\n  name: a\n  input: 3x8x8\n  input: 3x9x9\n  layers: [relu]\n")
+    code, printed = run([spec], capsys)
+    assert code == 2 and "`input` appears twice" in printed, printed
+
+
+def test_projection_of_a_huge_input_is_computed_not_searched(tmp_path, capsys):
+    spec = _write(tmp_path / "p.spec", "model p {\n    input 3x8x8\n    residual project { conv(8, stride=2) }\n}\n")
+    start = time.perf_counter()
+    code, printed = run([spec, "--input", "3x1000000000x1"], capsys)
+    assert code in (0, 1, 2) and time.perf_counter() - start < 10 and "internal error" not in printed, printed
+    assert run([spec], capsys)[0] == 0  # and the ordinary case still projects with stride 2

@@ -67,7 +67,17 @@ class _YamlConverter:
         if not isinstance(node, yaml.MappingNode):
             self.diags.error(f"{what} must be a mapping, got a {_kind(node)}", self.span(node))
             return []
-        return [(k.value, k, v) for k, v in node.value]
+        out, seen = [], set()
+        for k, v in node.value:
+            if not isinstance(k, yaml.ScalarNode):
+                self.diags.error(f"a key of {what} must be a name, got a {_kind(k)}", self.span(k))
+                continue
+            if k.value in seen:
+                self.diags.error(f"`{k.value}` appears twice in {what}", self.span(k), hint="keep one of them")
+                continue
+            seen.add(k.value)
+            out.append((k.value, k, v))
+        return out
 
     def sequence(self, node, what: str) -> list:
         if not isinstance(node, yaml.SequenceNode):
