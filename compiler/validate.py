@@ -34,6 +34,9 @@ class _Validator:
         self.formats = SUMMARY_FORMATS + ("int8-tensor",)
         seen: set[str] = set()
         for b in self.spec.blocks:
+            if not _LABEL.fullmatch(b.name):
+                self.diags.error(f"block name `{b.name}` is not a name", b.span,
+                                 expected="letters, digits and `_`, starting with a letter or `_`")
             if b.name in LAYERS:
                 self.diags.error(f"block `{b.name}` has the name of a built-in layer", b.span,
                                  hint="rename the block")
@@ -49,6 +52,9 @@ class _Validator:
             self.diags.error("no model in this file", None, expected="`model NAME { ... }`")
         names: set[str] = set()
         for m in self.spec.models:
+            if not _LABEL.fullmatch(m.name):
+                self.diags.error(f"model name `{m.name}` is not a name", m.span,
+                                 expected="letters, digits and `_`, starting with a letter or `_`")
             if m.name in names:
                 self.diags.error(f"model `{m.name}` is defined twice", m.span, hint="rename one of them")
             names.add(m.name)

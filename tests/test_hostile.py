@@ -376,3 +376,17 @@ def test_projection_of_a_huge_input_is_computed_not_searched(tmp_path, capsys):
     code, printed = run([spec, "--input", "3x1000000000x1"], capsys)
     assert code in (0, 1, 2) and time.perf_counter() - start < 10 and "internal error" not in printed, printed
     assert run([spec], capsys)[0] == 0  # and the ordinary case still projects with stride 2
+
+
+@pytest.mark.parametrize("model_lines, fragments", [
+    ("  name: {a: 1}\n  input: 3x8x8\n  layers: [relu]\n", ["`name` must be a plain value, got a mapping"]),
+    ("  name: '017'\n  input: 3x8x8\n  layers: [relu]\n", ["model name `017` is not a name"]),
+    ("  name: m\n  input: 3x8x8\n  layers:\n    - residual: [relu]\n      project: {a: 1}\n",
+     ["`project` must be true or false"]),
+    ("  name: m\n  input: 3x8x8\n  layers:\n    - {relu: [], name: [x]}\n", ["`name` must be a plain value"]),
+    ("  name: m\n  input: 3x8x8\n  layers:\n    - {conv: [8], repeat: .nan}\n    - {conv: [017]}\n"
+     "    - {conv: [1:30]}\n", ["`.nan` is not a number", "`017` is not a number", "`1:30` is not a number"]),
+])
+def test_yaml_scalars_of_the_wrong_kind(model_lines, fragments, tmp_path, capsys):
+    code, printed = run([_write(tmp_path / "s.yaml", "model:\n" + model_lines)], capsys)
+    assert code == 2 and all(f in printed for f in fragments) and "internal error" not in printed, printed

@@ -24,6 +24,8 @@ Nodes are composed (not just loaded) so every error keeps its line and column.
 """
 from __future__ import annotations
 
+import math
+
 import yaml
 
 from .. import ir
@@ -53,15 +55,34 @@ class _YamlConverter:
         tag, text = node.tag, node.value
         if tag.endswith(":bool"):
             return ir.Bool(value=text.lower() in ("true", "yes", "on"), span=span)
-        if tag.endswith(":int"):
-            return ir.Num(value=int(text.replace("_", ""), 0), span=span)
-        if tag.endswith(":float"):
-            return ir.Num(value=float(text.replace("_", "")), span=span)
+        if tag.endswith(":int") or tag.endswith(":float"):
+            try:  # YAML 1.1 also reads 017 (octal) and 1:30 (base 60) as numbers; Python does not
+                number = int(text.replace("_", ""), 0) if tag.endswith(":int") else float(text.replace("_", ""))
+            except ValueError:
+                number = None
+            if number is None or (isinstance(number, float) and not math.isfinite(number)):
+                self.diags.error(f"`{text}` is not a number nccompile reads", span,
+                                 expected="a plain decimal number such as 17 or 0.5")
+                return ir.Num(value=0, span=span)
+            return ir.Num(value=number, span=span)
         try:
             return parse_expression(text, span)
         except SpecError as err:
             self.diags.items.extend(err.diagnostics)
             return ir.Num(value=0, span=span)
+
+    def text(self, node, what: str, default: str) -> str:
+        """A scalar's text (a name, a type): anything else is an error at its place."""
+        if isinstance(node, yaml.ScalarNode):
+            return node.value
+        self.diags.error(f"{what} must be a plain value, got a {_kind(node)}", self.span(node))
+        return default
+
+    def flag(self, node, what: str) -> bool:
+        if isinstance(node, yaml.ScalarNode) and node.tag.endswith(":bool"):
+            return node.value.lower() in ("true", "yes", "on")
+        self.diags.error(f"{what} must be true or false", self.span(node))
+        return False
 
     def mapping(self, node, what: str) -> list[tuple[str, object, object]]:
         if not isinstance(node, yaml.MappingNode):
@@ -97,7 +118,8 @@ class _YamlConverter:
                 for key in fields.keys() - {"type", "default"}:
                     self.diags.error(f"unknown key `{key}` in param `{name}`", self.span(fields[key]),
                                      expected="`type` and `default`", hint=did_you_mean(key, ["type", "default"]))
-                type_ = fields["type"].value if "type" in fields else "float"
+                type_ = self.text(fields["type"], f"the type of param `{name}`", "float") if "type" in fields \
+                    else "float"
                 if "default" in fields:
                     default = self.value(fields["default"])
             out.append(ir.ParamDecl(name=name, type=type_, default=default, span=self.span(knode)))
@@ -136,7 +158,7 @@ class _YamlConverter:
         elif key == "residual":
             project = others.get("project")
             shortcut = others.get("shortcut")
-            term = ir.Residual(project=bool(project is not None and project.value.lower() == "true"),
+            term = ir.Residual(project=project is not None and self.flag(project, "`project`"),
                                body=self.elements(value),
                                shortcut=self.elements(shortcut) if shortcut is not None else None, span=kspan)
         elif key == "torchvision":
@@ -147,7 +169,7 @@ class _YamlConverter:
                 if extra in others:
                     self.diags.error(f"`{extra}` does not apply to `{key}`", self.span(others[extra]))
             term = ir.Call(name=key, args=self.args(value), span=kspan)
-        label = extras["name"].value if "name" in extras else None
+        label = self.text(extras["name"], "a layer's `name`", "_") if "name" in extras else None
         repeat = self.value(extras["repeat"]) if "repeat" in extras else None
         return ir.Element(label=label, term=term, repeat=repeat, span=kspan)
 
@@ -157,7 +179,8 @@ class _YamlConverter:
         for key in fields.keys() - known:
             self.diags.error(f"unknown key `{key}` in model", self.span(fields[key][0]),
                              expected=", ".join(f"`{k}`" for k in sorted(known)), hint=did_you_mean(key, known))
-        out: dict = {"name": fields["name"][1].value if "name" in fields else "model"}
+        out: dict = {"name": self.text(fields["name"][1], "the model's `name`", "model") if "name" in fields
+                     else "model"}
         out["span"] = self.span(fields["name"][1] if "name" in fields else node)
         if "params" in fields:
             out["params"] = self.params(fields["params"][1])
