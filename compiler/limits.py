@@ -7,6 +7,7 @@ Each limit has a default and an environment variable that changes it (a positive
     repetition count    10,000      NCCOMPILE_LIMIT_REPEAT       (`layer x N`)
     layers              100,000     NCCOMPILE_LIMIT_LAYERS       (after elaboration)
     input elements      2^26        NCCOMPILE_LIMIT_INPUT_ELEMENTS  (C x H x W of a forward pass)
+    model file          4 GiB       NCCOMPILE_LIMIT_MODEL_BYTES  (as its header declares; xz stops there)
 
 YAML (specs and recipes) is read without aliases (`&a` / `*a`): expanding them is how a
 1 KB file becomes gigabytes, and nothing nccompile reads needs them.
@@ -25,7 +26,7 @@ import yaml
 from .errors import UsageError
 
 DEFAULTS = {"spec_bytes": 256 * 1024, "recipe_bytes": 256 * 1024, "repeat": 10_000, "layers": 100_000,
-            "input_elements": 2 ** 26}
+            "input_elements": 2 ** 26, "model_bytes": 4 * 1024 ** 3}
 
 
 def limit(name: str) -> int:

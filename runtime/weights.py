@@ -207,10 +207,36 @@ def _read_bytes(path: Path) -> bytes:
     data = path.read_bytes()
     if path.suffix == ".xz":
         try:
-            data = lzma.decompress(data)
-        except lzma.LZMAError as err:
-            raise WeightsError(f"{path}: not a readable lzma file ({err})") from None
+            return _decompress_declared(path, data)
+        except (lzma.LZMAError, ValueError, TypeError, KeyError, AttributeError) as err:
+            raise WeightsError(f"{path}: not a readable compressed model file ({err})") from None
     return data
+
+
+_HEADER_CAP = 64 * 1024 * 1024
+
+
+def _decompress_declared(path: Path, data: bytes) -> bytes:
+    """An xz-compressed safetensors file, decompressed no further than its own header declares:
+    a small file that expands to gigabytes stops at the first byte past that size."""
+    d = lzma.LZMADecompressor()
+    head = d.decompress(data, max_length=8)
+    if len(head) < 8:
+        raise ValueError("shorter than a safetensors header")
+    n = int.from_bytes(head, "little")
+    if n > _HEADER_CAP:
+        raise ValueError(f"a header of {n:,} bytes")
+    header = d.decompress(b"", max_length=n)
+    entries = json.loads(header)
+    end = max((v["data_offsets"][1] for k, v in entries.items() if k != "__metadata__"), default=0)
+    from compiler.limits import limit
+
+    if 8 + n + end > limit("model_bytes"):
+        raise ValueError(f"it declares {8 + n + end:,} bytes, over NCCOMPILE_LIMIT_MODEL_BYTES")
+    body = d.decompress(b"", max_length=end + 1)
+    if len(body) != end:
+        raise ValueError(f"it holds {'more' if len(body) > end else 'less'} data than its header declares")
+    return head + header + body
 
 
 class ModelFile:

@@ -390,3 +390,29 @@ def test_projection_of_a_huge_input_is_computed_not_searched(tmp_path, capsys):
 def test_yaml_scalars_of_the_wrong_kind(model_lines, fragments, tmp_path, capsys):
     code, printed = run([_write(tmp_path / "s.yaml", "model:\n" + model_lines)], capsys)
     assert code == 2 and all(f in printed for f in fragments) and "internal error" not in printed, printed
+
+
+def test_a_round_to_that_prunes_nothing_is_refused(capsys, in_root):
+    code, printed = run(["specs/student.spec", "--recipe", "prune", "--set", "steps.prune.round_to=1000000",
+                         "--dry-run"], capsys)
+    assert code == 2 and "round_to=1000000 is not below the widest prunable layer" in printed, printed
+
+
+def test_an_xz_bomb_stops_at_the_size_its_header_declares(tmp_path, capsys):
+    import json
+    import lzma
+    import resource
+
+    header = json.dumps({"w": {"dtype": "F32", "shape": [2], "data_offsets": [0, 8]}}).encode()
+    header += b" " * (-len(header) % 8)
+    packer = lzma.LZMACompressor(preset=1)  # 300 MB past its declared end, never held in memory
+    parts = [packer.compress(len(header).to_bytes(8, "little") + header + bytes(8))]
+    zeros = bytes(10_000_000)
+    parts += [packer.compress(zeros) for _ in range(30)] + [packer.flush()]
+    bomb = tmp_path / "bomb.safetensors.xz"
+    bomb.write_bytes(b"".join(parts))
+    assert bomb.stat().st_size < 1_000_000
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, printed = run(["load", str(bomb)], capsys)
+    assert code == 2 and "more data than its header declares" in printed, printed
+    assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB

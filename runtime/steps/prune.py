@@ -65,6 +65,20 @@ class Prune(StepKind):
     def set_epochs(self, raw, epochs):
         set_finetune_epochs(self.config, raw, epochs)
 
+    def check(self, cfg, models, listing) -> list[str]:
+        """A round_to no prunable layer can honour would silently prune nothing."""
+        if cfg.model not in models:
+            return []
+        spaces = analyse_channels(models[cfg.model].model.root)
+        sizes = [spaces.size[s] for s in spaces.prunable()]
+        if not sizes:
+            return [f"step `{cfg.name}`: {cfg.model} has no prunable channels (its spec is a torchvision model or "
+                    "all its channels are tied)"]
+        if cfg.round_to >= max(sizes):
+            return [f"step `{cfg.name}`: round_to={cfg.round_to} is not below the widest prunable layer "
+                    f"({max(sizes)} channels), so nothing would be pruned"]
+        return []
+
     def describe(self, cfg):
         goal = (f"params <= {cfg.target_params:,}" if cfg.target_params else f"MACs <= {cfg.target_macs:,}"
                 if cfg.target_macs else f"keep {', '.join(map(str, cfg.rates))} (sweep)" if cfg.rates
