@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 
 from compiler.errors import NcError
+from compiler.limits import limit
 
 from .recipe import DataConfig
 
@@ -232,9 +233,34 @@ def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, sk
             skipped.append(str(path))
             return None
 
+    max_pixels = limit("image_pixels")
+
+    def too_large(path: Path, data: torch.Tensor) -> bool:
+        """Width x height from the header (Pillow reads no pixels for it) over the limit."""
+        import io
+
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+                w, h = img.size
+        except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
+            return False  # not for Pillow to judge; the decoder reports it
+        if w * h <= max_pixels:
+            return False
+        if on_bad == "error":
+            raise DataError(f"{path}: {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}\n"
+                            "  hint: resize it, raise NCCOMPILE_LIMIT_IMAGE_PIXELS, or set data.on_bad_image: skip")
+        skipped.append(str(path))
+        return True
+
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
         datas = [read(path) for path, _ in part]
+        keep = [i for i, ((path, _), d) in enumerate(zip(part, datas)) if not (len(d) and too_large(path, d))]
+        part, datas = [part[i] for i in keep], [datas[i] for i in keep]
+        if not part:
+            continue
         jpeg = all(p.suffix.lower() in (".jpg", ".jpeg") for p, _ in part) and all(len(d) for d in datas)
         try:
             decoded = decode_jpeg(datas, mode=mode) if jpeg else [one(p, d) for (p, _), d in zip(part, datas)]

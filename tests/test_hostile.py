@@ -416,3 +416,20 @@ def test_an_xz_bomb_stops_at_the_size_its_header_declares(tmp_path, capsys):
     code, printed = run(["load", str(bomb)], capsys)
     assert code == 2 and "more data than its header declares" in printed, printed
     assert resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before < 100_000  # KiB
+
+
+def test_images_over_the_pixel_limit_follow_on_bad_image(tmp_path, monkeypatch):
+    from PIL import Image
+
+    from runtime.data import DataError, list_source, load
+    from runtime.recipe import DataConfig
+
+    small, large = Image.new("RGB", (8, 8)), Image.new("RGB", (64, 64))
+    root = _image_folder(tmp_path / "d", {"a": {"0.png": small, "1.png": large}, "b": {"0.jpg": small}})
+    monkeypatch.setenv("NCCOMPILE_LIMIT_IMAGE_PIXELS", "1000")
+    cfg = DataConfig(path=str(root), cache=False)
+    with pytest.raises(DataError, match="64x64 = 4,096 pixels, over the limit of 1,000"):
+        load(list_source(cfg), cfg, (3, 8, 8), 0)
+    cfg = DataConfig(path=str(root), cache=False, on_bad_image="skip")
+    data = load(list_source(cfg), cfg, (3, 8, 8), 0)
+    assert len(data.train) == 2 and any(p.endswith("1.png") for p in data.skipped)
