@@ -2,8 +2,9 @@
 
 A recipe has shared settings (data, input size, seed, batch size, optimizer,
 learning-rate schedule, transforms, extra models such as a teacher) and an ordered
-list of named, typed steps. Step configs come from the step registry
-(`runtime.steps`), so new step kinds plug in without touching this file.
+list of named, typed steps. This module reads and validates the shared settings;
+`runtime.plan` validates the steps against the step kinds (`runtime.steps`), so new
+kinds plug in without touching either.
 """
 from __future__ import annotations
 

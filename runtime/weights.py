@@ -3,7 +3,7 @@
 Files are written atomically (temporary file in the same folder, then rename), so an
 interrupted run never leaves a half-written model file. Reading goes through
 safetensors only: no code path unpickles a model file. A file carries its spec, so
-`load_model` rebuilds the (dequantized) module from the file alone.
+`ModelFile(path).build()` rebuilds the (dequantized) module from the file alone.
 """
 from __future__ import annotations
 
