@@ -11,7 +11,7 @@ import math
 
 from . import ir
 from .errors import Diagnostics, Span, UsageError, did_you_mean
-from .expr import ExprError, coerce, divisible, evaluate
+from .expr import LIMIT, ExprError, coerce, divisible, evaluate
 from .limits import limit
 from .ops import LAYERS, REQUIRED, LayerError, fmt_shape, macs, tensors
 from .tree import Model, Node
@@ -219,16 +219,16 @@ _EXAMPLE = {"int": "10", "float": "0.5", "bool": "true"}
 
 
 def _typed(value, type_: str):
-    """`value` as a parameter of type `type_`, or ValueError: ints stay ints, bools are not numbers."""
-    if type_ == "bool":
-        if isinstance(value, bool):
-            return value
-    elif type_ == "int":
-        if isinstance(value, int) and not isinstance(value, bool) and abs(value) < 2 ** 63:
-            return value
-    elif isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value):
-        return float(value)
-    raise ValueError(value)
+    """`value` as a parameter of type `type_` (expr.coerce's rules), finite and below 2^63, or ValueError."""
+    try:
+        value = coerce(value, type_)
+    except TypeError:
+        raise ValueError(value) from None
+    if isinstance(value, float) and not math.isfinite(value):
+        raise ValueError(value)
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= LIMIT:
+        raise ValueError(value)
+    return value
 
 
 def resolve_params(model: ir.ModelDef, overrides: dict[str, object], diags: Diagnostics) -> dict:

@@ -51,6 +51,7 @@ class Placed:
     def _copy(self, idx: torch.Tensor) -> torch.Tensor:
         # Two pinned buffers used in turn; before refilling one, wait only for its own copy.
         shape = (len(idx), *self.images.shape[1:])
+        size = idx.numel() * self.images[0].numel()
         if len(self._pinned) < 2:
             self._pinned.append(torch.empty((0,), dtype=torch.uint8).pin_memory())
             self._events.append(None)
@@ -58,9 +59,9 @@ class Placed:
         self._turn += 1
         if self._events[k] is not None:
             self._events[k].synchronize()
-        if self._pinned[k].numel() < idx.numel() * self.images[0].numel():
-            self._pinned[k] = torch.empty((idx.numel() * self.images[0].numel(),), dtype=torch.uint8).pin_memory()
-        buf = self._pinned[k][: idx.numel() * self.images[0].numel()].view(shape)
+        if self._pinned[k].numel() < size:
+            self._pinned[k] = torch.empty((size,), dtype=torch.uint8).pin_memory()
+        buf = self._pinned[k][:size].view(shape)
         torch.index_select(self.images, 0, idx, out=buf)
         out = buf.to(self.device, non_blocking=True)
         event = torch.cuda.Event()

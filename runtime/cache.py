@@ -14,6 +14,7 @@ Folder: data.cache_dir, else $NCCOMPILE_CACHE_DIR, else $XDG_CACHE_HOME/nccompil
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from pathlib import Path
@@ -48,13 +49,9 @@ def cache_folder(cfg: DataConfig) -> Path | None:
 
 
 def _open(raw: Path, shape: tuple) -> torch.Tensor:
-    n = shape[0]
-    if n == 0:
+    if shape[0] == 0:
         return torch.empty(shape, dtype=torch.uint8)
-    numel = 1
-    for d in shape:
-        numel *= d
-    return torch.from_file(str(raw), shared=False, size=numel, dtype=torch.uint8).view(shape)
+    return torch.from_file(str(raw), shared=False, size=math.prod(shape), dtype=torch.uint8).view(shape)
 
 
 Entry = tuple  # (uint8 images [N, C, H, W], int64 labels or None, ids, skipped files)
@@ -65,10 +62,7 @@ def _read(folder: Path, key: str) -> Entry | None:
     try:
         meta = json.loads(meta_path.read_text())
         shape = tuple(meta["shape"])
-        per = 1
-        for d in shape[1:]:
-            per *= d
-        if meta.get("format") != FORMAT or raw.stat().st_size != shape[0] * per:
+        if meta.get("format") != FORMAT or raw.stat().st_size != math.prod(shape):
             return None
     except (OSError, ValueError, KeyError, TypeError):
         return None
@@ -84,9 +78,7 @@ def cached_split(folder: Path, key_parts, image_shape: tuple, decode: Callable[[
     if found is not None:
         _say(f"data: {found[0].shape[0]:,} decoded images from the cache {folder / key}.u8 (no decoding)")
         return found
-    per = 1
-    for d in image_shape:
-        per *= d
+    per = math.prod(image_shape)
     fd, tmp = tempfile.mkstemp(dir=folder, prefix=f".{key}.", suffix=".tmp")
     skipped: list[str] = []
     labels: list = []

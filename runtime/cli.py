@@ -5,6 +5,7 @@ Exit codes: 0 every budget holds, 1 a budget is exceeded, 2 invalid spec or usag
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 
@@ -92,10 +93,7 @@ def load(argv: list[str]) -> int:
 
     file = ModelFile(args.file)
     model = file.model()
-    elements = 1
-    for s in model.input_shape:
-        elements *= s
-    if elements > limit("input_elements"):
+    if math.prod(model.input_shape) > limit("input_elements"):
         raise NcError(f"{args.file}: its input {'x'.join(map(str, model.input_shape))} is over the limit of "
                       f"{limit('input_elements'):,} elements for a forward pass\n"
                       "  hint: raise it with NCCOMPILE_LIMIT_INPUT_ELEMENTS=N")

@@ -68,7 +68,7 @@ class RunContext:
     rank: int = 0
     world: int = 1
     _data: Data | None = field(default=None, repr=False)
-    _pipelines: dict = field(default_factory=dict, repr=False)
+    pipelines: dict = field(default_factory=dict, repr=False)  # train / eval, built on first use unless given
     _placed: dict = field(default_factory=dict, repr=False)
     speed: Speed | None = None
 
@@ -99,9 +99,9 @@ class RunContext:
 
     def pipeline(self, which: str) -> Pipeline:
         """The `train` or `eval` transforms, for images of the training input size."""
-        if which not in self._pipelines:
-            self._pipelines[which] = pipeline_for(self.recipe, which, self.input_shape, self.listing)
-        return self._pipelines[which]
+        if which not in self.pipelines:
+            self.pipelines[which] = pipeline_for(self.recipe, which, self.input_shape, self.listing)
+        return self.pipelines[which]
 
     def placed(self, split: str) -> Placed:
         """A split of the data (train, val, test) placed for the run's device, once."""

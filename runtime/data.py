@@ -28,13 +28,13 @@ PILLOW_ONLY = (".bmp", ".tif", ".tiff")  # torchvision's decoders do not read th
 MAX_LABEL = 100_000                      # food-11 style labels are class indices, not arbitrary numbers
 
 
-def _pillow_decode(data: torch.Tensor, channels: int) -> torch.Tensor:
+def _pillow_decode(raw: bytes, channels: int) -> torch.Tensor:
     import io
 
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
 
-    with Image.open(io.BytesIO(data.numpy().tobytes())) as img:  # Pillow refuses decompression bombs
+    with Image.open(io.BytesIO(raw)) as img:  # Pillow refuses decompression bombs
         return F.pil_to_tensor(img.convert("RGB" if channels == 3 else "L"))
 
 
@@ -209,20 +209,22 @@ def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, sk
 
     mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
 
-    def read(path: Path) -> torch.Tensor:
+    def read(path: Path) -> bytes:
         try:
-            raw = path.read_bytes()
+            return path.read_bytes()
         except OSError as err:
             raise DataError(f"{path}: cannot read image ({err.strerror})") from None
+
+    def tensor(raw: bytes) -> torch.Tensor:  # torchvision's decoders read uint8 tensors
         return torch.frombuffer(bytearray(raw), dtype=torch.uint8) if raw else torch.empty(0, dtype=torch.uint8)
 
-    def one(path: Path, data: torch.Tensor):
+    def one(path: Path, raw: bytes):
         try:
-            if not len(data):
+            if not raw:
                 raise ValueError("the file is empty")
             if path.suffix.lower() in PILLOW_ONLY:
-                return _pillow_decode(data, channels)
-            img = decode_image(data, mode=mode)
+                return _pillow_decode(raw, channels)
+            img = decode_image(tensor(raw), mode=mode)
             # 16-bit PNGs decode to uint16: scale to 8 bits like every other image
             return img if img.dtype == torch.uint8 else F.to_dtype(img, torch.uint8, scale=True)
         except (RuntimeError, ValueError, OSError) as err:
@@ -235,14 +237,14 @@ def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, sk
 
     max_pixels = limit("image_pixels")
 
-    def too_large(path: Path, data: torch.Tensor) -> bool:
+    def too_large(path: Path, raw: bytes) -> bool:
         """Width x height from the header (Pillow reads no pixels for it) over the limit."""
         import io
 
         from PIL import Image, UnidentifiedImageError
 
         try:
-            with Image.open(io.BytesIO(data.numpy().tobytes())) as img:
+            with Image.open(io.BytesIO(raw)) as img:  # BytesIO shares the bytes, no copy
                 w, h = img.size
         except (UnidentifiedImageError, OSError, ValueError, Image.DecompressionBombError):
             return False  # not for Pillow to judge; the decoder reports it
@@ -256,14 +258,15 @@ def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, sk
 
     for start in range(0, len(items), chunk):
         part = items[start:start + chunk]
-        datas = [read(path) for path, _ in part]
-        keep = [i for i, ((path, _), d) in enumerate(zip(part, datas)) if not (len(d) and too_large(path, d))]
-        part, datas = [part[i] for i in keep], [datas[i] for i in keep]
+        raws = [read(path) for path, _ in part]
+        keep = [i for i, ((path, _), r) in enumerate(zip(part, raws)) if not (r and too_large(path, r))]
+        part, datas = [part[i] for i in keep], [raws[i] for i in keep]
         if not part:
             continue
-        jpeg = all(p.suffix.lower() in (".jpg", ".jpeg") for p, _ in part) and all(len(d) for d in datas)
+        jpeg = all(p.suffix.lower() in (".jpg", ".jpeg") for p, _ in part) and all(datas)
         try:
-            decoded = decode_jpeg(datas, mode=mode) if jpeg else [one(p, d) for (p, _), d in zip(part, datas)]
+            decoded = (decode_jpeg([tensor(r) for r in datas], mode=mode) if jpeg
+                       else [one(p, d) for (p, _), d in zip(part, datas)])
         except RuntimeError:  # a bad file in the batch: find it one by one
             decoded = [one(p, d) for (p, _), d in zip(part, datas)]
         images, labels, ids = [], [], []

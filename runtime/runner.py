@@ -229,8 +229,8 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
                 sort_keys=False))
             print(timeline)
             print(f"run directory: {out}")
-        ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world, speed=speed)
-        ctx._pipelines.update(pipelines)
+        ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world,
+                         pipelines=pipelines, speed=speed)
         return _execute(opts, ctx, plan, out)
     finally:
         if rank == 0:

@@ -59,6 +59,11 @@ def test_limits_are_configurable(tmp_path, capsys, monkeypatch):
     assert run([spec], capsys)[0] == 0
 
 
+def _one_model(path, body: str, input_shape: str = "3x8x8") -> str:
+    """A spec file whose one model is `body` (line 3 onwards) at `input_shape`."""
+    return _write(path, f"model {path.stem} {{\n    input {input_shape}\n    {body}\n}}\n")
+
+
 def _write(path, text: str) -> str:
     path.write_text(text)
     return str(path)
@@ -83,7 +88,7 @@ def _mkdir(path) -> str:
     ("conv(int(0.0 / 0.0 + 1))", "division by zero"),
 ])
 def test_bad_arithmetic_is_a_spec_error_at_its_place(body, fragment, tmp_path, capsys):
-    spec = _write(tmp_path / "e.spec", f"model e {{\n    input 3x8x8\n    {body}\n}}\n")
+    spec = _one_model(tmp_path / "e.spec", body)
     code, printed = run([spec], capsys)
     assert code == 2 and fragment in printed and "e.spec:3:" in printed, printed
 
@@ -94,7 +99,7 @@ def test_bad_arithmetic_is_a_spec_error_at_its_place(body, fragment, tmp_path, c
     ("budget params <= -5", "a budget limit must be a non-negative number"),
 ])
 def test_budget_limits_go_through_the_diagnostics(line, fragment, tmp_path, capsys):
-    spec = _write(tmp_path / "b.spec", f"model b {{\n    input 3x8x8\n    {line}\n    conv(4)\n}}\n")
+    spec = _one_model(tmp_path / "b.spec", f"{line}\n    conv(4)")
     code, printed = run([spec], capsys)
     assert code == 2 and fragment in printed and "b.spec:3:" in printed, printed
 
@@ -121,7 +126,7 @@ def test_width_mult_must_be_a_number(tmp_path, capsys):
     ("forward: conv(8)", "is an attribute of every torch module"),
 ])
 def test_invalid_layer_arguments_and_labels(body, fragment, tmp_path, capsys):
-    spec = _write(tmp_path / "l.spec", f"model l {{\n    input 3x8x8\n    {body}\n}}\n")
+    spec = _one_model(tmp_path / "l.spec", body)
     code, printed = run([spec], capsys)
     assert code == 2 and fragment in printed, printed
 
@@ -279,7 +284,7 @@ def test_load_refuses_a_forged_model_file_before_building(spec_text, fragment, t
     ("torchvision resnet18(num_classes=-3)", "num_classes must be at least 1"),
 ])
 def test_runaway_specs_stop_at_their_limits(body, fragment, tmp_path, capsys):
-    spec = _write(tmp_path / "r.spec", f"model r {{\n    input 3x32x32\n    {body}\n}}\n")
+    spec = _one_model(tmp_path / "r.spec", body, "3x32x32")
     code, printed = run([spec], capsys)
     assert code == 2 and fragment in printed, printed
 

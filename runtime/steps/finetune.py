@@ -87,7 +87,10 @@ def finetune_loss(ft: Finetune, ctx):
     return teacher_loss(ctx, ft.teacher, ft.temperature, ft.alpha, label="fine-tuning")
 
 
-def finetune(ctx, ft: Finetune, module: torch.nn.Module, step_dir, key: str, label: str) -> dict:
-    """Fine-tune `module` in place (best epoch kept), as the step's `finetune` section says."""
+def finetune(ctx, ft: Finetune, module: torch.nn.Module, step_dir, key: str, label: str,
+             loss_factory=None) -> dict:
+    """Fine-tune `module` in place (best epoch kept), as the step's `finetune` section says.
+    A step that fine-tunes several times passes one `finetune_loss` (its teacher is built once)."""
+    loss_factory = loss_factory or finetune_loss(ft, ctx)
     return fit(ctx, module=module, step_dir=step_dir, key=key, epochs=ft.epochs, lr=ft.lr,
-               loss_fn=finetune_loss(ft, ctx)(module), label=label)
+               loss_fn=loss_factory(module), label=label)

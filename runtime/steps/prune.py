@@ -17,7 +17,7 @@ from ..prune import choose, importance, prune_model, shrink_to
 from ..rundir import digest
 from ..weights import atomic_write
 from .base import StepConfig, StepKind, StepResult, register
-from .finetune import Finetune, finetune, finetune_needs, set_finetune_epochs
+from .finetune import Finetune, finetune, finetune_loss, finetune_needs, set_finetune_epochs
 
 
 class PruneConfig(StepConfig):
@@ -104,10 +104,10 @@ class Prune(StepKind):
                 f"val accuracy {acc:.4f}" + (f", {point['latency_ms']:.2f} ms/image" if cfg.latency else ""))
         return point
 
-    def _run_one(self, cfg, ctx, key, rate, label, model, module) -> tuple[list[dict], object, object, str]:
+    def _run_one(self, cfg, ctx, key, rate, label, model, module, loss_factory
+                 ) -> tuple[list[dict], object, object, str]:
         points = [self._point(cfg, ctx, model, module, label, 0)]
         text = model.source
-        tuning = cfg.finetune if cfg.finetune and cfg.finetune.epochs else None
         for it in range(1, cfg.iterations + 1):
             spaces = analyse_channels(model.root)
             scores = importance(module, spaces, cfg.importance, ctx.recipe.seed + it)
@@ -129,10 +129,10 @@ class Prune(StepKind):
                                               comment=f"pruned by nccompile step {cfg.name} ({label}), "
                                                       f"iteration {it}, keep rate {step_rate:.4f}")
             module = module.to(ctx.device)
-            if tuning is not None:
+            if loss_factory is not None:
                 slug = label.replace(" ", "")
-                finetune(ctx, tuning, module, ctx.run.step_dir(cfg.name) / f"{slug}-iter{it}", digest(key, label, it),
-                         f"{cfg.name} [{label}] finetune {it}")
+                finetune(ctx, cfg.finetune, module, ctx.run.step_dir(cfg.name) / f"{slug}-iter{it}",
+                         digest(key, label, it), f"{cfg.name} [{label}] finetune {it}", loss_factory)
             point = self._point(cfg, ctx, model, module, label, it)
             point["rate"] = step_rate
             points.append(point)
@@ -143,10 +143,12 @@ class Prune(StepKind):
         step_dir = ctx.run.step_dir(cfg.name)
         runs = [(r, f"rate {r:g}") for r in cfg.rates] if cfg.rates else [(cfg.rate, "prune")]
         curves, final = [], None
+        # one teacher (and its cached logits) for every rate and iteration of the step
+        loss_factory = finetune_loss(cfg.finetune, ctx) if cfg.finetune and cfg.finetune.epochs else None
         for rate, label in runs:
             torch.manual_seed(ctx.recipe.seed)
             start = slot.build(ctx.device, ctx.recipe.seed)
-            points, model, module, text = self._run_one(cfg, ctx, key, rate, label, slot.model, start)
+            points, model, module, text = self._run_one(cfg, ctx, key, rate, label, slot.model, start, loss_factory)
             curves += points
             final = (model, module, text)
         model, module, text = final

@@ -84,7 +84,8 @@ class Quantize(StepKind):
         if cfg.evaluate or cfg.integer_inference:
             data = ctx.data()
             fp32_acc = ctx.evaluate(module, "val").accuracy
-            dequantized = ctx.speed.prepare(ModelFile(path).build(slot.model).to(ctx.device).eval())
+            written = ModelFile(path)  # read once: the dequantized model on the device, and a CPU copy
+            dequantized = ctx.speed.prepare(written.build(slot.model).to(ctx.device).eval())
             q = ctx.evaluate(dequantized, "val")
             q_acc, q_loss = q.accuracy, q.loss
             metrics.update(fp32_val_accuracy=fp32_acc, val_accuracy=q_acc, val_loss=q_loss,
@@ -92,7 +93,7 @@ class Quantize(StepKind):
             ctx.log(f"{cfg.name}: {fmt.name} file {metrics['file_bytes']:,} bytes (fp32 {metrics['fp32_bytes']:,}); "
                     f"val accuracy {q_acc:.4f} dequantized vs {fp32_acc:.4f} fp32")
             if cfg.integer_inference:  # PyTorch's int8 kernels are CPU-only: measured there, on CPU copies
-                metrics["integer"] = self._integer(cfg, ctx, ModelFile(path).build(slot.model).eval(),
+                metrics["integer"] = self._integer(cfg, ctx, written.build(slot.model).eval(),
                                                    ModelFile(slot.weights).build(slot.model).eval(), data)
         return StepResult(model_file=path, metrics=metrics, files=files)
 
@@ -101,15 +102,15 @@ class Quantize(StepKind):
         or, if the user opts in, on the compressed copy as measured."""
         on_compressed = cfg.budget_on_compressed and "compressed_bytes" in metrics
         value = metrics["compressed_bytes"] if on_compressed else metrics["file_bytes"]
+        measured_on = "compressed file" if on_compressed else "file"
         results = [b for b in budgets(slot.model, {fmt.name: value})
                    if b.metric == "bytes" and parse_format(b.format).name == fmt.name]
-        metrics["budgets"] = [{"name": b.name, "value": b.value, "ok": b.ok,
-                               "measured_on": "compressed file" if on_compressed else "file"} for b in results]
+        metrics["budgets"] = [{"name": b.name, "value": b.value, "ok": b.ok, "measured_on": measured_on}
+                              for b in results]
         failed = [b for b in results if not b.ok]
         if failed:
             raise BudgetError(f"quantize step `{cfg.name}`: " + "; ".join(
-                f"{b.name} fails: {b.value:,} bytes (" + ("compressed file" if on_compressed else "file") + ")"
-                for b in failed))
+                f"{b.name} fails: {b.value:,} bytes ({measured_on})" for b in failed))
 
     def _integer(self, cfg, ctx, dequantized, fp32, data) -> dict:
         import torch
