@@ -12,6 +12,7 @@ import compiler
 from compiler.analysis import predicted_bytes
 from compiler.tree import Model
 
+from . import distributed
 from .batches import Placed
 from .data import Data, Listing, load
 from .evaluation import logits_of, score
@@ -133,7 +134,7 @@ class RunContext:
             size = save_model(unwrap(module), model, path, fmt)
             if size != predicted_bytes(model, fmt):  # the compiler's promise; a mismatch is a bug
                 raise AssertionError(f"{path}: {size} bytes written, {predicted_bytes(model, fmt)} predicted")
-        if self.world > 1:
+        if distributed.active():
             torch.distributed.barrier()
         return path, predicted_bytes(model, fmt)
 

@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from . import distributed
 from .batches import Placed
 from .speed import Speed, plain
 from .transforms import Pipeline
@@ -53,7 +54,7 @@ def score(module: torch.nn.Module, placed: Placed, pipeline: Pipeline, speed: Sp
         y = placed.labels[lo:hi]
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         conf += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes * n_classes)
-    if world > 1:
+    if distributed.active():
         torch.distributed.all_reduce(conf)
         torch.distributed.all_reduce(loss_sum)
     matrix = conf.view(n_classes, n_classes).cpu()  # the one host sync

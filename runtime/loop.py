@@ -21,6 +21,7 @@ from safetensors.torch import save as st_save
 
 from compiler.errors import NcError
 
+from . import distributed
 from .batches import Placed, epoch_order
 from .transforms import Pipeline
 from .weights import atomic_write, state_tensors, unwrap
@@ -185,7 +186,7 @@ def train_epoch(ctx: RunContext, net, optimizer, scaler, loss_fn: LossFn, placed
         bar.close()
     stats = torch.stack([loss_sum.double(), correct.double(),
                          torch.tensor(float(seen), dtype=torch.float64, device=speed.device)])
-    if ctx.world > 1:
+    if distributed.active():
         torch.distributed.all_reduce(stats)
     total_loss, total_correct, total_seen = stats.tolist()  # the epoch's host sync
     return total_loss, total_correct, int(total_seen)
@@ -201,7 +202,7 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
     schedule = make_schedule(ctx, optimizer, epochs)
     progress = resume(ctx, module, optimizer, schedule, step_dir, key, label, epochs)
     net = module
-    if ctx.world > 1:
+    if distributed.active():
         net = torch.nn.parallel.DistributedDataParallel(module)
     net = speed.compiled(net)
     scaler = speed.scaler()

@@ -22,6 +22,7 @@ from compiler.errors import BudgetError, NcError, did_you_mean
 from compiler.fileformat import weight_tensors
 from compiler.report import table
 
+from . import distributed
 from .context import ModelSlot, RunContext
 from .data import list_source
 from .plan import Plan, make_plan
@@ -192,18 +193,12 @@ def _markdown(entries: list[dict]) -> str:
 
 
 def run(opts: Options) -> int:
-    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
-    device = _device(opts.device)
-    if world > 1 and not torch.distributed.is_initialized():
-        if device.type == "cuda":
-            torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
-            device = torch.device("cuda", torch.cuda.current_device())
-        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    rank, world = distributed.launched()
+    device = distributed.start(_device(opts.device))
     try:
         return _run(opts, rank, world, device)
     finally:
-        if world > 1 and torch.distributed.is_initialized():
-            torch.distributed.destroy_process_group()
+        distributed.stop()
 
 
 def _run(opts: Options, rank: int, world: int, device) -> int:

@@ -9,6 +9,7 @@ from compiler.analysis import budgets, predicted_bytes
 from compiler.errors import BudgetError, NcError
 from compiler.fileformat import FORMAT_HELP, is_format, parse_format
 
+from .. import distributed
 from ..weights import ModelFile, compress_file, save_model
 from .base import StepConfig, StepKind, StepResult, register
 
@@ -70,7 +71,7 @@ class Quantize(StepKind):
             size = save_model(module, slot.model, path, fmt)
             if size != predicted:  # the compiler's promise; a mismatch is a bug worth stopping for
                 raise AssertionError(f"{path}: {size} bytes written, {predicted} predicted")
-        if ctx.world > 1:
+        if distributed.active():
             import torch
 
             torch.distributed.barrier()
