@@ -80,7 +80,7 @@ def accuracy(module, images, labels, device, tuned: bool) -> float:
 def plain_loop(kind: str, module, teacher, data, device, batch: int, epochs: int) -> tuple[float, float]:
     """(median img/s over epochs 2..E, final val accuracy) of the naive or tuned loop."""
     tuned = kind == "tuned"
-    module = module.to(device)
+    module = module.to(device).train()  # build_module returns eval mode
     if teacher is not None:
         teacher = teacher.to(device).eval()
     if tuned:
