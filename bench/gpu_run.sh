@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Everything issue 8 asks of a GPU, in one device call (prepare with bench/gpu_prepare.sh first):
-#   run(command="bash bench/gpu_run.sh", carry=[".whl", ".gpudata"], timeout_s=480)
+#   run(command="bash bench/gpu_run.sh", carry=[".whl", ".gpudata"], timeout_s=500)
 # Writes to $OUT: nvidia-smi.txt, pytest.log (CUDA tests), kd_wq.log, torchrun.log,
 # bench_gpu.log/.json (eager) and bench_compile.log/.json (the moonshot: CUDA graphs at batch 64).
 # Parts run in order of importance, each under its own timeout, so a late one cannot hide an early one.
