@@ -18,7 +18,12 @@ from .tree import Model, Node
 
 
 class _Stop(Exception):
-    """Shape inference cannot go on past an error (already recorded)."""
+    """This element cannot be elaborated past an error (already recorded).
+
+    The enclosing body goes on with an unknown shape (None), so later elements still have their
+    arguments checked and every independent error in a file is reported at once; checks that need a
+    shape are skipped downstream of an error, where they would only repeat it.
+    """
 
 
 class _Elaborator:
@@ -50,26 +55,30 @@ class _Elaborator:
         for index, el in enumerate(elements):
             name = el.label if el.label is not None else str(index)
             child_path = f"{path}.{name}" if path else name
-            if el.repeat is None:
-                node = self.term(el.term, shape, env, name, child_path)
-            else:
-                count = self.eval(el.repeat, env)
-                if isinstance(count, bool) or not isinstance(count, int) or count < 1:
-                    self.fail(f"repetition count must be a positive int, got {count!r}", el.repeat.span or el.span)
-                if count > self.max_repeat:
-                    self.fail(f"repetition count {count:,} is over the limit of {self.max_repeat:,}",
-                              el.repeat.span or el.span, hint="raise it with NCCOMPILE_LIMIT_REPEAT=N")
-                copies = []
-                inner = shape
-                for i in range(count):
-                    copy = self.term(el.term, inner, env, str(i), f"{child_path}.{i}")
-                    copies.append(copy)
-                    inner = copy.out_shape
-                node = Node(name, child_path, "repeat", "seq", shape, inner, children=copies, span=el.span,
-                            attrs={"count": count})
+            try:
+                node = self.element(el, shape, env, name, child_path)
+            except _Stop:
+                node = Node(name, child_path, "error", "error", shape, None, span=el.span)
             nodes.append(node)
             shape = node.out_shape
         return nodes
+
+    def element(self, el: ir.Element, shape, env: dict, name: str, path: str) -> Node:
+        if el.repeat is None:
+            return self.term(el.term, shape, env, name, path)
+        count = self.eval(el.repeat, env)
+        if isinstance(count, bool) or not isinstance(count, int) or count < 1:
+            self.fail(f"repetition count must be a positive int, got {count!r}", el.repeat.span or el.span)
+        if count > self.max_repeat:
+            self.fail(f"repetition count {count:,} is over the limit of {self.max_repeat:,}",
+                      el.repeat.span or el.span, hint="raise it with NCCOMPILE_LIMIT_REPEAT=N")
+        copies = []
+        inner = shape
+        for i in range(count):  # a copy's error stops the rest: they would repeat it
+            copy = self.term(el.term, inner, env, str(i), f"{path}.{i}")
+            copies.append(copy)
+            inner = copy.out_shape
+        return Node(name, path, "repeat", "seq", shape, inner, children=copies, span=el.span, attrs={"count": count})
 
     def container(self, name, path, kind, shape, children, span, attrs=None) -> Node:
         out = children[-1].out_shape if children else shape
@@ -117,10 +126,13 @@ class _Elaborator:
                       hint="raise the limit with NCCOMPILE_LIMIT_LAYERS=N")
         kind = LAYERS[call.name]
         values = self.bind(call, [(a.name, a.type, a.default) for a in kind.args], env)
-        if kind.scalable and self.width_mult is not None and values.get("scale", True):
-            values["out"] = divisible(values["out"] * self.width_mult, self.round_to)
-        values.pop("scale", None)
         try:
+            kind.check(values)  # as written, before the width multiplier
+            if kind.scalable and self.width_mult is not None and values.get("scale", True):
+                values["out"] = divisible(values["out"] * self.width_mult, self.round_to)
+            values.pop("scale", None)
+            if shape is None:  # downstream of an error: the arguments are checked, the shapes cannot be
+                return Node(name, path, call.name, "error", None, None, span=call.span)
             op, attrs, out_shape = kind.resolve(shape, values)
         except LayerError as err:
             span = next((a.span for a in call.args if a.name == err.arg), None) if err.arg else None
@@ -144,6 +156,10 @@ class _Elaborator:
         body = self.container("body", f"{path}.body", "seq", shape, self.body(t.body, shape, env, f"{path}.body"),
                               t.span)
         children = [body]
+        if shape is None or body.out_shape is None:
+            if t.shortcut is not None:
+                self.body(t.shortcut, shape, env, f"{path}.shortcut")
+            return Node(name, path, "residual", "error", shape, None, children=children, span=t.span)
         if t.shortcut is not None:
             short = self.container("shortcut", f"{path}.shortcut", "seq", shape,
                                    self.body(t.shortcut, shape, env, f"{path}.shortcut"), t.span)
@@ -154,7 +170,7 @@ class _Elaborator:
             other, what = shape, None
         else:
             other, what = shape, "the identity shortcut's"
-        if what and body.out_shape != other:
+        if what and other is not None and body.out_shape != other:
             hint = ("add `project` (`residual project { ... }`) for a 1x1 conv + BN shortcut, or write "
                     "`shortcut { ... }`") if t.shortcut is None else "make both branches end in the same shape"
             self.fail(f"residual: the body's output {fmt_shape(body.out_shape)} does not match "
@@ -186,25 +202,37 @@ class _Elaborator:
         from .torchvision_ref import resolve_torchvision  # imports torch: only specs that use it pay
 
         kwargs = {a.name: self.eval(a.value, env) for a in t.args}
+        if shape is None:
+            return Node(name, path, "torchvision", "error", None, None, span=t.span)
         try:
             return resolve_torchvision(t.name, kwargs, shape, name, path, t.span)
         except LayerError as err:
             self.fail(str(err), t.span, hint=err.hint)
 
+    def scaling(self, params: dict) -> None:
+        m = self.model
+        mult = self.eval(m.width_mult, params)
+        round_to = self.eval(m.round_to, params) if m.round_to is not None else 1
+        if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult <= 0:
+            self.fail(f"width_mult must be a positive number, got {mult!r}", m.width_mult.span)
+        if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
+            self.fail(f"round_to must be a positive integer, got {round_to!r}", m.round_to.span)
+        self.width_mult, self.round_to = float(mult), round_to
+
     def run(self, params: dict, input_shape: tuple) -> Node:
         m = self.model
         for b in m.budgets:  # limits go through the diagnostics like every other expression
-            limit = self.eval(b.limit, params)
-            if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0:
-                self.fail(f"a budget limit must be a non-negative number, got {limit!r}", b.limit.span or b.span)
+            try:
+                limit = self.eval(b.limit, params)
+                if isinstance(limit, bool) or not isinstance(limit, (int, float)) or limit < 0:
+                    self.fail(f"a budget limit must be a non-negative number, got {limit!r}", b.limit.span or b.span)
+            except _Stop:
+                pass
         if m.width_mult is not None:
-            mult = self.eval(m.width_mult, params)
-            round_to = self.eval(m.round_to, params) if m.round_to is not None else 1
-            if isinstance(mult, bool) or not isinstance(mult, (int, float)) or mult <= 0:
-                self.fail(f"width_mult must be a positive number, got {mult!r}", m.width_mult.span)
-            if isinstance(round_to, bool) or not isinstance(round_to, int) or round_to < 1:
-                self.fail(f"round_to must be a positive integer, got {round_to!r}", m.round_to.span)
-            self.width_mult, self.round_to = float(mult), round_to
+            try:
+                self.scaling(params)
+            except _Stop:
+                pass
         only = m.body[0] if len(m.body) == 1 else None
         if only is not None and only.term.kind == "torchvision" and only.label is None and only.repeat is None:
             # A model that is just a torchvision network *is* that network: its
@@ -329,8 +357,8 @@ def elaborate(spec: ir.SpecFile, *, model: str | None = None, params: dict[str, 
     try:
         root = elaborator.run(values, shape)
     except _Stop:
-        diags.raise_if_any()
-        raise
+        pass
+    diags.raise_if_any()
     return Model(definition.name, root, shape, values, definition, spec)
 
 

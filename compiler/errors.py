@@ -96,8 +96,10 @@ class Diagnostics:
 
     def raise_if_any(self) -> None:
         if self.items:
-            # In file order, as a reader fixes them; errors without a position last.
-            ordered = sorted(self.items, key=lambda d: (d.span is None, d.span and (d.span.file, d.span.line,
+            # In file order, as a reader fixes them; errors without a position last. A block called
+            # twice reports an error in its body once.
+            unique = list({(d.message, d.span): d for d in self.items}.values())
+            ordered = sorted(unique, key=lambda d: (d.span is None, d.span and (d.span.file, d.span.line,
                                                                                    d.span.column)))
             raise SpecError(ordered, self.sources)
 

@@ -131,6 +131,35 @@ def test_invalid_layer_arguments_and_labels(body, fragment, tmp_path, capsys):
     assert code == 2 and fragment in printed, printed
 
 
+def test_every_elaboration_error_is_reported_at_once(tmp_path, capsys):
+    """Errors independent of each other all come out in file order; a block's error once however often
+    it is called; shape checks downstream of an error are skipped (they would only repeat it)."""
+    spec = _write(tmp_path / "many.spec", """block b(c: int) {
+  conv(c, padding=-1) relu
+}
+model m(classes: int = 10) {
+  input 3x32x32
+  budget params <= 1/0
+  conv(2.5)
+  b(8) b(8)
+  dropout(2.0)
+  residual { conv(32) }
+  bn(eps=0.0)
+  linear(0)
+}
+""")
+    code, printed = run([spec], capsys)
+    assert code == 2, printed
+    expected = ["many.spec:2:11: error: padding must be at least 0", "many.spec:6:20: error: division by zero",
+                "many.spec:7:8: error: argument `out` of `conv` expects int",
+                "many.spec:9:11: error: dropout probability must be in [0, 1)",
+                "many.spec:11:6: error: eps must be positive", "many.spec:12:10: error: `out` must be at least 1"]
+    where = [printed.find(e) for e in expected]
+    assert -1 not in where and where == sorted(where), printed
+    assert "6 errors" in printed and printed.count("padding must be") == 1
+    assert "residual:" not in printed  # its input shape is unknown after conv(2.5)
+
+
 def test_duplicate_models_and_empty_inputs(tmp_path, capsys):
     twice = _write(tmp_path / "t.spec", "model m { input 3x8x8 relu }\nmodel m { input 3x8x8 relu }\n")
     code, printed = run([twice, "--model", "m"], capsys)

@@ -83,6 +83,8 @@ class LayerKind:
     resolve: Callable[[tuple, dict], tuple[str, dict, tuple]]  # -> (op, attrs, out_shape)
     doc: str
     scalable: bool = False  # follows the model-wide width multiplier (its `out`)
+    # checks of the arguments alone (no input shape): they run even downstream of another error
+    check: Callable[[dict], None] = lambda args: None
     arg_names: tuple = field(init=False)
 
     def __post_init__(self):

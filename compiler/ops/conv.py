@@ -17,6 +17,12 @@ from .base import (
 )
 
 
+def _check(a: dict) -> None:
+    positive(a, *(n for n in ("out", "kernel", "stride", "groups", "dilation", "multiplier") if n in a))
+    if a.get("padding") is not None and a["padding"] < 0:
+        raise LayerError(f"padding must be at least 0, got {a['padding']}", arg="padding")
+
+
 def _resolve(kind: str):
     def resolve(shape, a):
         c, h, w = image(kind, shape)
@@ -27,8 +33,6 @@ def _resolve(kind: str):
             out, groups = a["out"], 1
         else:
             out, groups = a["out"], a["groups"]
-        positive({"out": out, "kernel": k, "stride": a.get("stride", 1), "groups": groups,
-                  "dilation": a.get("dilation", 1)}, "out", "kernel", "stride", "groups", "dilation")
         if a.get("in") is not None and a["in"] != c:
             raise LayerError(f"{kind} declares in={a['in']} input channels but its input has {c}", arg="in",
                              hint="drop `in=` to infer it from the previous layer")
@@ -39,8 +43,6 @@ def _resolve(kind: str):
         padding = a.get("padding")
         if padding is None:
             padding = dilation * (k - 1) // 2  # "same" size for odd kernels at stride 1
-        if padding < 0:
-            raise LayerError(f"padding must be at least 0, got {padding}", arg="padding")
         ho, wo = conv_out(h, k, stride, padding, dilation), conv_out(w, k, stride, padding, dilation)
         if ho < 1 or wo < 1:
             raise LayerError(f"{kind} with kernel {k} cannot take a {h}x{w} input (output would be {ho}x{wo})",
@@ -91,12 +93,12 @@ _TAIL = (_B("stride", "int", 1), _B("padding", "int", None), _B("dilation", "int
 LAYER_KINDS = [
     LayerKind("conv", "conv", (_B("out", "int"), _B("kernel", "int", 3), *_TAIL[:3], _B("groups", "int", 1), _TAIL[3],
                                _B("scale", "bool", True), _B("in", "int", None)),
-              _resolve("conv"), "2-D convolution; padding defaults to (kernel-1)//2", scalable=True),
+              _resolve("conv"), "2-D convolution; padding defaults to (kernel-1)//2", scalable=True, check=_check),
     LayerKind("dwconv", "conv", (_B("kernel", "int", 3), *_TAIL, _B("multiplier", "int", 1)),
-              _resolve("dwconv"), "depthwise convolution (groups = input channels)"),
+              _resolve("dwconv"), "depthwise convolution (groups = input channels)", check=_check),
     LayerKind("pwconv", "conv", (_B("out", "int"), _B("bias", "bool", True), _B("scale", "bool", True),
                                  _B("in", "int", None)),
-              _resolve("pwconv"), "pointwise (1x1) convolution", scalable=True),
+              _resolve("pwconv"), "pointwise (1x1) convolution", scalable=True, check=_check),
 ]
 def _rechannel(a: dict, in_channels: int, out_channels: int) -> None:
     depthwise = a["groups"] == a["in"] == a["out"]

@@ -8,7 +8,6 @@ def _resolve(shape, a):
     if len(shape) != 1:
         raise LayerError(f"linear expects a flat input, got {fmt_shape(shape)}",
                          hint="insert `flatten` before it (after `gap` for conv features)")
-    positive(a, "out")
     if a.get("in") is not None and a["in"] != shape[0]:
         raise LayerError(f"linear declares in={a['in']} input features but its input has {shape[0]}", arg="in",
                          hint="drop `in=` to infer it from the previous layer")
@@ -26,7 +25,8 @@ def _emit(node, arg) -> str:
 _B = ArgSpec
 LAYER_KINDS = [
     LayerKind("linear", "linear", (_B("out", "int"), _B("bias", "bool", True), _B("scale", "bool", True),
-                                   _B("in", "int", None)), _resolve, "fully connected layer", scalable=True),
+                                   _B("in", "int", None)), _resolve, "fully connected layer", scalable=True,
+              check=lambda a: positive(a, "out")),
 ]
 def _rechannel(a: dict, in_features: int, out_features: int) -> None:
     a["in"], a["out"] = in_features, out_features

@@ -4,16 +4,19 @@ from __future__ import annotations
 from .base import PASSES, ArgSpec, LayerError, LayerKind, OpRecord, conv_out, image, positive, role
 
 
+def _check(a: dict) -> None:
+    positive(a, "kernel", "stride")
+    if a["padding"] < 0:
+        raise LayerError(f"padding must be at least 0, got {a['padding']}", arg="padding")
+    if a["padding"] * 2 > a["kernel"]:
+        raise LayerError(f"padding {a['padding']} is more than half the kernel ({a['kernel']})", arg="padding")
+
+
 def _resolve(kind: str):
     def resolve(shape, a):
         c, h, w = image(kind, shape)
         k = a["kernel"]
         stride = a["stride"] if a["stride"] is not None else k
-        positive({"kernel": k, "stride": stride}, "kernel", "stride")
-        if a["padding"] < 0:
-            raise LayerError(f"padding must be at least 0, got {a['padding']}", arg="padding")
-        if a["padding"] * 2 > k:
-            raise LayerError(f"padding {a['padding']} is more than half the kernel ({k})", arg="padding")
         ho, wo = conv_out(h, k, stride, a["padding"]), conv_out(w, k, stride, a["padding"])
         if ho < 1 or wo < 1:
             raise LayerError(f"{kind}({k}) cannot take a {h}x{w} input",
@@ -35,8 +38,10 @@ def _emit(node, arg) -> str:
 
 _WINDOW = (ArgSpec("kernel", "int", 2), ArgSpec("stride", "int", None), ArgSpec("padding", "int", 0))
 LAYER_KINDS = [
-    LayerKind("maxpool", "maxpool", _WINDOW, _resolve("maxpool"), "max pooling; stride defaults to the kernel"),
-    LayerKind("avgpool", "avgpool", _WINDOW, _resolve("avgpool"), "average pooling; stride defaults to the kernel"),
+    LayerKind("maxpool", "maxpool", _WINDOW, _resolve("maxpool"), "max pooling; stride defaults to the kernel",
+              check=_check),
+    LayerKind("avgpool", "avgpool", _WINDOW, _resolve("avgpool"), "average pooling; stride defaults to the kernel",
+              check=_check),
     LayerKind("gap", "gap", (), _gap, "global average pooling to Cx1x1"),
 ]
 OPS = [OpRecord("maxpool", _emit, role(PASSES)), OpRecord("avgpool", _emit, role(PASSES)),

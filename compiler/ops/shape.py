@@ -10,9 +10,12 @@ def _flatten(shape, a):
     return "flatten", {}, (math.prod(shape),)
 
 
-def _dropout(shape, a):
+def _dropout_check(a):
     if not 0.0 <= a["p"] < 1.0:
         raise LayerError(f"dropout probability must be in [0, 1), got {a['p']}", arg="p")
+
+
+def _dropout(shape, a):
     return "dropout", {"p": a["p"]}, shape
 
 
@@ -32,7 +35,7 @@ def _tv_part(node, arg) -> str:
 
 LAYER_KINDS = [
     LayerKind("flatten", "flatten", (), _flatten, "flatten to one dimension"),
-    LayerKind("dropout", "dropout", (ArgSpec("p", "float", 0.5),), _dropout, "dropout"),
+    LayerKind("dropout", "dropout", (ArgSpec("p", "float", 0.5),), _dropout, "dropout", check=_dropout_check),
     LayerKind("identity", "identity", (), _identity, "no-op"),
 ]
 # A torchvision model is opaque to pruning: its channels are tied (state-dict tensors come from
