@@ -1,7 +1,9 @@
 """Fuzzing: mutations of valid specs, recipes and model files, fed to the command line.
 
 Every case must end with exit code 0, 1 or 2 (never 70, an internal error), within a few
-seconds, writing nothing outside its temporary folder. The number of cases per kind is
+seconds, under a memory cap (the address space may grow by NCCOMPILE_FUZZ_MEMORY_MB, default 2048,
+over what the test process holds when fuzzing starts: an allocation past it fails the case), writing
+nothing outside its temporary folder. The number of cases per kind is
 NCCOMPILE_FUZZ_EXAMPLES (default 60 in the test suite); the search is derandomized, so CI
 sees the same cases every run.
 """
@@ -19,6 +21,7 @@ from runtime.cli import main
 
 from .conftest import ROOT, SPECS
 
+MEMORY_MB = int(os.environ.get("NCCOMPILE_FUZZ_MEMORY_MB", "2048"))
 EXAMPLES = int(os.environ.get("NCCOMPILE_FUZZ_EXAMPLES", "60"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
@@ -26,6 +29,40 @@ SEEDS = [SPECS / "student.spec", SPECS / "resnet18.spec", SPECS / "origin.spec",
 TOKENS = ["{", "}", "(", ")", "[", "]", ",", ":", "x", "*", "/", "-", "0", "1", "-1", "1e309", "999999999999",
           "true", "conv", "linear", "bn", "relu", "residual", "project", "gap", "flatten", "input", "budget",
           "model", "block", "int", "float", "in", "x 1000000", "\n", "#", "'", '"', "&a", "*a", "nan", "\x00"]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def memory_cap(model_file, tmp_path_factory):
+    """Lower the soft address-space limit for this module's cases (Linux), and restore it after.
+    One valid case of each kind runs first, so that libraries loaded lazily are mapped before the cap."""
+    resource = pytest.importorskip("resource")
+    if not Path("/proc/self/statm").exists():
+        yield None
+        return
+    warm = tmp_path_factory.mktemp("warm")
+    (warm / "m.safetensors").write_bytes(model_file)
+    for args in ([str(SPECS / "student.spec"), "--json"], [str(SPECS / "student.yaml"), "--json"],
+                 [str(SPECS / "student.spec"), "--recipe", str(RECIPES[0]), "--dry-run"],
+                 ["load", str(warm / "m.safetensors")]):
+        assert main(args) in (0, 1), args
+    soft, hard = resource.getrlimit(resource.RLIMIT_AS)
+    held = int(Path("/proc/self/statm").read_text().split()[0]) * os.sysconf("SC_PAGE_SIZE")
+    cap = held + MEMORY_MB * 2**20
+    if hard != resource.RLIM_INFINITY:
+        cap = min(cap, hard)
+    resource.setrlimit(resource.RLIMIT_AS, (cap, hard))
+    try:
+        yield cap
+    finally:
+        resource.setrlimit(resource.RLIMIT_AS, (soft, hard))
+
+
+def test_the_memory_cap_holds(memory_cap):
+    """The cap is real: allocating past it fails (so a case that tried would fail its check)."""
+    if memory_cap is None:
+        pytest.skip("no /proc here: no address-space cap")
+    with pytest.raises(MemoryError):
+        bytearray(MEMORY_MB * 2**20 + 2**30)
 
 
 def _mutate(text: str, edits: list[tuple[int, int, str]]) -> str:
