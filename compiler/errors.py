@@ -48,7 +48,7 @@ class Diagnostic:
 
     def render(self, sources: dict[str, str]) -> str:
         where = f"{self.span}: " if self.span else ""
-        lines = [f"{where}error: {self.message}"]
+        lines = [f"{where}error: {shorten(self.message, 400)}"]
         text = sources.get(self.span.file) if self.span else None
         if text is not None:
             source_lines = text.splitlines()
@@ -57,13 +57,23 @@ class Diagnostic:
                 width = 1
                 if self.span.end_column and self.span.end_column > self.span.column:
                     width = self.span.end_column - self.span.column
-                lines.append(f"    {src}")
-                lines.append("    " + " " * (self.span.column - 1) + "^" * width)
+                # a window of the line around the caret: a source line can be megabytes long
+                start = max(0, self.span.column - 60)
+                shown = src[start:self.span.column - 1 + min(width, 60) + 60]
+                prefix = "..." if start else ""
+                lines.append(f"    {prefix}{shown}{'...' if len(src) > start + len(shown) else ''}")
+                lines.append("    " + " " * (len(prefix) + self.span.column - 1 - start) + "^" * min(width, 60))
         if self.expected:
             lines.append(f"  expected: {self.expected}")
         if self.hint:
             lines.append(f"  hint: {self.hint}")
         return "\n".join(lines)
+
+
+def shorten(text: str, limit: int) -> str:
+    """`text`, its middle cut out past `limit` characters (values echoed in errors can be huge)."""
+    return text if len(text) <= limit else f"{text[:limit // 2]}...({len(text) - limit:,} characters)..." \
+        f"{text[-limit // 2:]}"
 
 
 @dataclass

@@ -68,7 +68,14 @@ def read_text(path: str | Path, what: str, limit_name: str) -> str:
 
 
 class NoAliasLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, refusing aliases with the position of the first one."""
+    """PyYAML's safe loader, refusing aliases and integers of more than 30 digits (Python refuses to
+    convert 4,300 or more, and no setting needs 30) with the position of the first one."""
+
+    def construct_yaml_int(self, node):
+        if len(node.value) > 30:
+            raise yaml.MarkedYAMLError(None, None, f"an integer of {len(node.value):,} digits is too large",
+                                       node.start_mark)
+        return super().construct_yaml_int(node)
 
     def compose_node(self, parent, index):
         if self.check_event(yaml.AliasEvent):
@@ -76,3 +83,6 @@ class NoAliasLoader(yaml.SafeLoader):
             raise yaml.MarkedYAMLError(None, None, "aliases (*name) are not allowed here; write the value out",
                                        mark)
         return super().compose_node(parent, index)
+
+
+NoAliasLoader.add_constructor("tag:yaml.org,2002:int", NoAliasLoader.construct_yaml_int)

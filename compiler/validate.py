@@ -11,7 +11,7 @@ import re
 
 from . import ir
 from .errors import Diagnostics, did_you_mean
-from .expr import FUNCTIONS, free_names
+from .expr import FUNCTIONS, LIMIT, free_names
 from .fileformat import FORMAT_HELP, SUMMARY_FORMATS, is_format
 from .ops import LAYERS, REQUIRED
 
@@ -58,8 +58,9 @@ class _Validator:
             if m.name in names:
                 self.diags.error(f"model `{m.name}` is defined twice", m.span, hint="rename one of them")
             names.add(m.name)
-            if m.input is not None and any(s < 1 for s in m.input):
-                self.diags.error(f"input sizes must be at least 1, got {'x'.join(map(str, m.input))}", m.span)
+            if m.input is not None and any(s < 1 or s >= LIMIT for s in m.input):
+                self.diags.error(f"input sizes must be at least 1 and below 2^63, got {'x'.join(map(str, m.input))}",
+                                 m.span)
             scope = {p.name for p in m.params}
             for b in m.budgets:
                 self.budget(b, scope)

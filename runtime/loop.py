@@ -192,6 +192,13 @@ def train_epoch(ctx: RunContext, net, optimizer, scaler, loss_fn: LossFn, placed
     return total_loss, total_correct, int(total_seen)
 
 
+def _all_finite(module: torch.nn.Module) -> bool:
+    """Whether every parameter is finite (one host sync): a step can poison the weights while the
+    loss it reported was still finite (a single batch at an infinite learning rate)."""
+    params = [p.detach() for p in module.parameters()]
+    return not params or bool(torch.stack([p.isfinite().all() for p in params]).all())
+
+
 def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, epochs: int, lr: float | None,
         loss_fn: LossFn, label: str) -> dict:
     """Train `module` for `epochs`; keeps the best weights by validation accuracy (loaded at the end)."""
@@ -211,9 +218,11 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
         loss_sum, correct, seen = train_epoch(ctx, net, optimizer, scaler, loss_fn, placed, pipeline, epoch,
                                               f"{label} {epoch + 1}/{epochs}")
         train_seconds = time.perf_counter() - t0
-        if not math.isfinite(loss_sum):
+        if not math.isfinite(loss_sum) or not _all_finite(module):
+            what = "training loss" if not math.isfinite(loss_sum) else "weights' values"
+            value = loss_sum / max(1, seen) if not math.isfinite(loss_sum) else "NaN or infinite"
             raise TrainingError(
-                f"{label}: the training loss became {loss_sum / max(1, seen)} in epoch {epoch + 1} of {epochs}; "
+                f"{label}: the {what} became {value} in epoch {epoch + 1} of {epochs}; "
                 f"nothing of this epoch was saved\n  hint: the learning rate "
                 f"({optimizer.param_groups[0]['lr']:g}) is probably too high; lower it, e.g. "
                 f"--set optimizer.lr=0.001")

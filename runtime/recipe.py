@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from compiler.errors import NcError, did_you_mean
+from compiler.errors import NcError, did_you_mean, shorten
 from compiler.limits import NoAliasLoader, read_text
 
 
@@ -244,7 +244,7 @@ def problems_of(err: ValidationError, raw: dict, model_cls, prefix: tuple = ()) 
         elif e["type"] == "missing":
             problems.append(f"`{where}` is required")
         else:
-            problems.append(f"`{where}`: {e['msg']} (got {e.get('input')!r})")
+            problems.append(f"`{where}`: {e['msg']} (got {shorten(repr(e.get('input')), 200)})")
     return problems
 
 

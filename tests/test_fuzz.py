@@ -27,8 +27,8 @@ SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, data
                     suppress_health_check=list(HealthCheck))
 SEEDS = [SPECS / "student.spec", SPECS / "resnet18.spec", SPECS / "origin.spec", SPECS / "student.yaml"]
 TOKENS = ["{", "}", "(", ")", "[", "]", ",", ":", "x", "*", "/", "-", "0", "1", "-1", "1e309", "999999999999",
-          "true", "conv", "linear", "bn", "relu", "residual", "project", "gap", "flatten", "input", "budget",
-          "model", "block", "int", "float", "in", "x 1000000", "\n", "#", "'", '"', "&a", "*a", "nan", "\x00"]
+          "9" * 5000, "true", "conv", "linear", "bn", "relu", "residual", "project", "gap", "flatten", "input",
+          "budget", "model", "block", "int", "float", "in", "x 1000000", "\n", "#", "'", '"', "&a", "*a", "nan", "\x00"]
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -10,6 +10,8 @@ import torch
 
 from runtime.cli import main
 
+from .conftest import DATA
+
 ALIAS_BOMB = "a: &a [x, x, x, x, x, x, x, x, x]\n" + "".join(
     f"{c}: &{c} [*{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}, *{p}]\n" for p, c in zip("abcdefgh", "bcdefghi"))
 
@@ -467,3 +469,35 @@ def test_images_over_the_pixel_limit_follow_on_bad_image(tmp_path, monkeypatch):
     cfg = DataConfig(path=str(root), cache=False, on_bad_image="skip")
     data = load(list_source(cfg), cfg, (3, 8, 8), 0)
     assert len(data.train) == 2 and any(p.endswith("1.png") for p in data.skipped)
+
+
+HUGE = "9" * 5000  # Python refuses int() of 4,300 digits or more
+
+
+@pytest.mark.parametrize("where, make, fragment", [
+    ("a layer argument", lambda d: [_one_model(d / "a.spec", f"conv({HUGE})")], "too large (2^63 or more)"),
+    ("the input line", lambda d: [_one_model(d / "b.spec", "relu", f"3x{HUGE}x8")], "below 2^63"),
+    ("a YAML spec", lambda d: [_write(d / "c.yaml",
+                                      f"model:\n  name: c\n  input: [3, 8, 8]\n  layers: [{{conv: {HUGE}}}]\n")],
+     "is not a number nccompile reads"),
+    ("a recipe", lambda d: ["specs/student.spec", "--dry-run", "--recipe",
+                            _write(d / "r.yaml", f"name: r\nsteps: [{{name: t, kind: train, epochs: {HUGE}}}]\n")],
+     "r.yaml:2:40: error: invalid YAML: an integer of 5,000 digits is too large"),
+    ("--set", lambda d: ["specs/student.spec", "--recipe", "scratch", "--dry-run", "--set", f"data.batch_size={HUGE}"],
+     "(4,802 characters)"),
+])
+def test_integers_of_thousands_of_digits(where, make, fragment, tmp_path, capsys, in_root):
+    code, printed = run(make(tmp_path), capsys)
+    assert code == 2 and fragment in printed, (where, printed[:3000])
+    assert len(printed) < 3000, "errors echo at most a window of a huge value"
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason="real images not found")
+def test_weights_poisoned_by_one_step_are_never_saved(tmp_path, capsys, in_root):
+    """One batch at an infinite learning rate: its loss was finite, the weights after it are not."""
+    out = tmp_path / "run"
+    code, printed = run(["specs/student.spec", "--recipe", "scratch", "--epochs", "1", "--device", "cpu",
+                         "--data", str(DATA), "--set", "data.limit_per_class=5", "--set", "optimizer.lr=.inf",
+                         "--out", str(out)], capsys)
+    assert code == 2 and "the weights' values became NaN or infinite in epoch 1" in printed, printed[-2000:]
+    assert not list(out.glob("steps/train/*.safetensors"))

@@ -9,6 +9,7 @@ from lark.exceptions import UnexpectedCharacters, UnexpectedEOF, UnexpectedInput
 
 from .. import ir
 from ..errors import Diagnostic, Span, SpecError
+from ..expr import LIMIT
 
 GRAMMAR = Path(__file__).resolve().parent.parent / "grammar" / "spec.lark"
 
@@ -180,7 +181,7 @@ class _Converter:
         fields: dict = {"budgets": [], "body": []}
         for item in items:
             if item.data == "input_stmt":
-                fields["input"] = [int(v) for v in str(item.children[0]).split("x")]
+                fields["input"] = [parse_number(v) for v in str(item.children[0]).split("x")]
             elif item.data == "budget_stmt":
                 metric, fmt, limit = item.children
                 fields["budgets"].append(ir.Budget(
@@ -206,6 +207,8 @@ def parse_number(text: str) -> int | float:
     if any(c in text for c in ".eE"):
         value = float(text) * scale
         return int(value) if scale != 1 and value.is_integer() else value
+    if len(text) > 30:  # past the expression limit anyway; Python refuses int() of 4,300+ digits
+        return LIMIT
     return int(text) * scale
 
 
