@@ -26,6 +26,13 @@ class _Stop(Exception):
     """
 
 
+class _Abort(Exception):
+    """Elaboration cannot usefully go on (a size limit was reached, or too many errors): report now."""
+
+
+MAX_ERRORS = 50
+
+
 class _Elaborator:
     def __init__(self, spec: ir.SpecFile, model: ir.ModelDef, diags: Diagnostics):
         self.spec, self.model, self.diags = spec, model, diags
@@ -42,11 +49,12 @@ class _Elaborator:
         try:
             return evaluate(expr, env)
         except ExprError as err:
-            self.diags.error(str(err), err.node.span or expr.span, hint=err.hint)
-            raise _Stop from None
+            self.fail(str(err), err.node.span or expr.span, hint=err.hint)
 
-    def fail(self, message: str, span: Span | None, **kw):
+    def fail(self, message: str, span: Span | None, *, fatal: bool = False, **kw):
         self.diags.error(message, span, **kw)
+        if fatal or len(self.diags.items) >= MAX_ERRORS:
+            raise _Abort
         raise _Stop
 
     # bodies
@@ -71,7 +79,7 @@ class _Elaborator:
             self.fail(f"repetition count must be a positive int, got {count!r}", el.repeat.span or el.span)
         if count > self.max_repeat:
             self.fail(f"repetition count {count:,} is over the limit of {self.max_repeat:,}",
-                      el.repeat.span or el.span, hint="raise it with NCCOMPILE_LIMIT_REPEAT=N")
+                      el.repeat.span or el.span, hint="raise it with NCCOMPILE_LIMIT_REPEAT=N", fatal=True)
         copies = []
         inner = shape
         for i in range(count):  # a copy's error stops the rest: they would repeat it
@@ -123,7 +131,7 @@ class _Elaborator:
         self.layers += 1
         if self.layers > self.max_layers:
             self.fail(f"the model has more than {self.max_layers:,} layers", call.span,
-                      hint="raise the limit with NCCOMPILE_LIMIT_LAYERS=N")
+                      hint="raise the limit with NCCOMPILE_LIMIT_LAYERS=N", fatal=True)
         kind = LAYERS[call.name]
         values = self.bind(call, [(a.name, a.type, a.default) for a in kind.args], env)
         try:
@@ -356,7 +364,7 @@ def elaborate(spec: ir.SpecFile, *, model: str | None = None, params: dict[str, 
     elaborator = _Elaborator(spec, definition, diags)
     try:
         root = elaborator.run(values, shape)
-    except _Stop:
+    except (_Stop, _Abort):
         pass
     diags.raise_if_any()
     return Model(definition.name, root, shape, values, definition, spec)

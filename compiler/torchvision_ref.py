@@ -25,12 +25,14 @@ def build_torchvision(name: str, kwargs: dict, device=None):
                          "give torchvision_weights in the recipe's models section instead")
     if isinstance(kwargs.get("num_classes"), int) and kwargs["num_classes"] < 1:
         raise LayerError(f"num_classes must be at least 1, got {kwargs['num_classes']}")
-    try:
-        if device is None:
-            return torchvision.models.get_model(name, weights=None, **kwargs)
-        import torch
+    import warnings
 
-        with torch.device(device):
+    import torch
+
+    try:
+        # FutureWarnings about torchvision's own future defaults (googlenet, inception_v3) are not the user's
+        with warnings.catch_warnings(), torch.device(device or "cpu"):
+            warnings.simplefilter("ignore", FutureWarning)
             return torchvision.models.get_model(name, weights=None, **kwargs)
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise LayerError(f"torchvision `{name}` rejects its arguments: {err}") from None
@@ -48,14 +50,24 @@ def resolve_torchvision(name: str, kwargs: dict, shape: tuple, node_name: str, p
     hooks = [m.register_forward_hook(lambda mod, inp, out, n=n: shapes.__setitem__(n, tuple(out.shape[1:])))
              for n, m in children.items()]
     counter = FlopCounterMode(display=False)
+    # a model's own checks of its input fail in many ways (vit: AssertionError on the image size)
+    failures = (RuntimeError, AssertionError, ValueError, TypeError, IndexError, AttributeError)
     try:
         with torch.no_grad(), counter:
             out = model(torch.empty((1, *shape), device="meta"))
-    except RuntimeError as err:
-        raise LayerError(f"torchvision `{name}` cannot take a {'x'.join(map(str, shape))} input: {err}") from None
+        with torch.no_grad():  # training forward (batch 2: BatchNorm needs two values per channel)
+            training_out = model.train()(torch.empty((2, *shape), device="meta"))
+        model.eval()
+    except failures as err:
+        raise LayerError(f"torchvision `{name}` cannot take a {'x'.join(map(str, shape))} input: "
+                         f"{type(err).__name__}: {err}") from None
     finally:
         for h in hooks:
             h.remove()
+    if not isinstance(out, torch.Tensor) or not isinstance(training_out, torch.Tensor) or out.dim() != 2:
+        what = type(training_out if isinstance(out, torch.Tensor) else out).__name__
+        raise LayerError(f"torchvision `{name}` returns {what} (in training), not one logits tensor",
+                         hint="turn its auxiliary outputs off, e.g. aux_logits=false")
     flops = counter.get_flop_counts()
     root_name = type(model).__name__
     own: dict[str, list[Tensor]] = {n: [] for n in children}

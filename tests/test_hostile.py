@@ -313,6 +313,8 @@ def test_load_refuses_a_forged_model_file_before_building(spec_text, fragment, t
     ("torchvision fasterrcnn_resnet50_fpn()", "no classification model"),
     ("torchvision resnet18(weights_backbone=1)", "never names pretrained weights"),
     ("torchvision resnet18(num_classes=-3)", "num_classes must be at least 1"),
+    ("torchvision vit_b_16(num_classes=10)", "cannot take a 3x32x32 input: AssertionError: Wrong image height"),
+    ("torchvision googlenet(num_classes=10)", "returns GoogLeNetOutputs (in training), not one logits tensor"),
 ])
 def test_runaway_specs_stop_at_their_limits(body, fragment, tmp_path, capsys):
     spec = _one_model(tmp_path / "r.spec", body, "3x32x32")
