@@ -16,7 +16,7 @@ from .tree import Model, Node
 
 ACTIVATIONS = {  # the nn class of each activation of compiler.ops.activation
     "relu": nn.ReLU, "relu6": nn.ReLU6, "gelu": nn.GELU, "silu": nn.SiLU, "hardswish": nn.Hardswish,
-    "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
+    "hardsigmoid": nn.Hardsigmoid, "sigmoid": nn.Sigmoid, "tanh": nn.Tanh,
 }
 
 
@@ -30,6 +30,50 @@ class Residual(nn.Module):
 
     def forward(self, x):
         return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+
+
+class Join(nn.ModuleList):
+    """Parallel branches (children "0", "1", ...), joined by concatenation along channels, addition or
+    multiplication; with `split`, branch i receives its share of the input channels."""
+
+    def __init__(self, branches: list[nn.Module], mode: str, split: list[int] | None):
+        super().__init__(branches)
+        self.mode, self.split = mode, split
+
+    def forward(self, x):
+        inputs = torch.split(x, self.split, dim=1) if self.split else [x] * len(self)
+        outs = [branch(part) for branch, part in zip(self, inputs)]
+        if self.mode == "concat":
+            return torch.cat(outs, dim=1)
+        result = outs[0]
+        for o in outs[1:]:
+            result = result + o if self.mode == "add" else result * o
+        return result
+
+
+class LayerScale(nn.Module):
+    """x times a learned per-channel factor (ConvNeXt's layer scale)."""
+
+    def __init__(self, channels: int, init: float, dims: int):
+        super().__init__()
+        self.scale = nn.Parameter(torch.full((channels,) + (1, 1) * (dims == 3), float(init)))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+def _layernorm(a):
+    if a["dims"] == 1:
+        return nn.LayerNorm(a["channels"], eps=a["eps"])
+    from torchvision.models.convnext import LayerNorm2d
+
+    return LayerNorm2d(a["channels"], eps=a["eps"])
+
+
+def _droppath(a):
+    from torchvision.ops import StochasticDepth
+
+    return StochasticDepth(a["p"], "row")
 
 
 def _conv(a):
@@ -64,6 +108,12 @@ BUILDERS = {
     "flatten": lambda a: nn.Flatten(),
     "dropout": lambda a: nn.Dropout(a["p"]),
     "identity": lambda a: nn.Identity(),
+    "layernorm": _layernorm,
+    "groupnorm": lambda a: nn.GroupNorm(a["groups"], a["channels"], eps=a["eps"]),
+    "layerscale": lambda a: LayerScale(a["channels"], a["init"], a["dims"]),
+    "adaptive_avgpool": lambda a: nn.AdaptiveAvgPool2d(tuple(a["size"])),
+    "droppath": _droppath,
+    "shuffle": lambda a: nn.ChannelShuffle(a["groups"]),
     "torchvision": _torchvision,
 }
 
@@ -75,6 +125,8 @@ def build_node(node: Node) -> nn.Module:
         parts = {c.name: c for c in node.children}
         shortcut = build_node(parts["shortcut"]) if "shortcut" in parts else None
         return Residual(build_node(parts["body"]), shortcut)
+    if node.op == "join":
+        return Join([build_node(c) for c in node.children], node.attrs["mode"], node.attrs["split"])
     if node.op not in BUILDERS:
         raise KeyError(f"no builder for op {node.op!r}: add one to compiler.build.BUILDERS")
     return BUILDERS[node.op](node.attrs)

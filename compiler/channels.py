@@ -2,8 +2,10 @@
 
 A *space* is a set of channels that several layers share: a conv's output channels,
 the BatchNorm and depthwise conv that follow it, every branch of a residual addition
-(identity shortcuts tie a block's output to its input), and a linear layer's inputs
-after `flatten` (each channel there is H*W features). Walking the elaborated tree
+(identity shortcuts tie a block's output to its input), every branch of an `add` or `mul` join
+(a gate's channels are its input's), and a linear layer's inputs after `flatten` (each channel
+there is H*W features). Concatenated and split channels are tied for now: a space is one run of
+channels, and a concatenation is several. Walking the elaborated tree
 once builds the spaces with a union-find; spaces that touch the model's input, its
 output, a grouped (non-depthwise) conv or a torchvision model are not prunable.
 
@@ -14,6 +16,7 @@ tensor dimension of which layer follows which space.
 from __future__ import annotations
 
 import copy
+import math
 from dataclasses import dataclass, field
 
 from .ops import BLOCKS, PRODUCES, WEIGHTED, macs, record, tensors
@@ -106,6 +109,8 @@ def analyse_channels(root: Node) -> Spaces:
             body, spatial_out = walk(parts["body"], space, spatial)
             short = walk(parts["shortcut"], space, spatial)[0] if "shortcut" in parts else space
             return spaces.union(body, short), spatial_out
+        if op == "join":
+            return _join(node, space, spatial)
         image_out = len(node.out_shape) == 3
         out_spatial = node.out_shape[1] * node.out_shape[2] if image_out else 1
         try:
@@ -125,6 +130,24 @@ def analyse_channels(root: Node) -> Spaces:
             return spaces.new(node.out_shape[0], frozen=True), out_spatial
         return space, out_spatial if image_out else spatial  # PASSES
 
+    def _join(node: Node, space: int, spatial: int) -> tuple[int, int]:
+        split = node.attrs["split"]
+        if split:
+            spaces.freeze(space)
+        outs = []
+        for i, branch in enumerate(node.children):
+            inp = spaces.new(split[i], frozen=True) if split else space
+            outs.append(walk(branch, inp, spatial))
+        out_spatial = math.prod(node.out_shape[1:]) if len(node.out_shape) == 3 else spatial
+        if node.attrs["mode"] == "concat":
+            for s, _ in outs:
+                spaces.freeze(s)
+            return spaces.new(node.out_shape[0], frozen=True), out_spatial
+        joined = outs[0][0]
+        for s, _ in outs[1:]:
+            joined = spaces.union(joined, s)
+        return joined, out_spatial
+
     end, _ = walk(root, start, shape[1] * shape[2] if len(shape) == 3 else 1)
     spaces.freeze(end)  # the classes
     return spaces
@@ -141,7 +164,15 @@ def rewrite(root: Node, spaces: Spaces, kept: dict[int, int]) -> Node:
 
     def redo(node: Node, shape: tuple) -> tuple:
         node.in_shape = shape
-        if node.children:
+        if node.op == "join":
+            split = node.attrs["split"]  # split channels are tied: the sizes stay
+            outs = [redo(c, (split[i], *shape[1:]) if split else shape) for i, c in enumerate(node.children)]
+            if node.attrs["mode"] == "concat":
+                node.out_shape = (sum(o[0] for o in outs), *outs[0][1:])
+            else:
+                node.out_shape = max(outs, key=math.prod)
+            return node.out_shape
+        if node.children or node.op == "seq":  # an empty seq is an identity branch
             if node.op == "residual":
                 parts = {c.name: c for c in node.children}
                 out = redo(parts["body"], shape)

@@ -11,10 +11,11 @@ import math
 
 from . import ir
 from .errors import Diagnostics, Span, UsageError, did_you_mean
-from .expr import LIMIT, ExprError, coerce, divisible, evaluate
+from .expr import LIMIT, ExprError, coerce, divisible, evaluate, free_names
 from .limits import limit
 from .ops import LAYERS, REQUIRED, LayerError, fmt_shape, macs, tensors
 from .tree import Model, Node
+from .validate import IN_CHANNELS
 
 
 class _Stop(Exception):
@@ -46,6 +47,8 @@ class _Elaborator:
 
     # helpers
     def eval(self, expr: ir.Expr, env: dict):
+        if IN_CHANNELS in env and env[IN_CHANNELS] is None and any(v.name == IN_CHANNELS for v in free_names(expr)):
+            raise _Stop  # downstream of an error the channels are unknown: nothing to report here
         try:
             return evaluate(expr, env)
         except ExprError as err:
@@ -99,6 +102,8 @@ class _Elaborator:
             return self.residual(t, shape, env, name, path)
         if t.kind == "torchvision":
             return self.torchvision(t, shape, env, name, path)
+        if t.kind == "join":
+            return self.join(t, shape, env, name, path)
         if t.name in self.blocks:
             return self.block_call(t, shape, env, name, path)
         return self.layer(t, shape, env, name, path)
@@ -157,6 +162,7 @@ class _Elaborator:
             signature.append((p.name, p.type, default))
         values = self.bind(call, signature, env)
         self.symbols[id(values)] = self.provenance(call, env)
+        values[IN_CHANNELS] = shape[0] if shape is not None else None  # unknown downstream of an error
         children = self.body(block.body, shape, values, path)
         return self.container(name, path, call.name, shape, children, call.span)
 
@@ -184,6 +190,63 @@ class _Elaborator:
             self.fail(f"residual: the body's output {fmt_shape(body.out_shape)} does not match "
                       f"{what} {fmt_shape(other)}", t.span, hint=hint)
         return Node(name, path, "residual", "residual", shape, body.out_shape, children=children, span=t.span)
+
+    def join(self, t: ir.Join, shape, env, name, path) -> Node:
+        layer = "gate" if t.gate else t.mode
+        n = len(t.branches)
+        sizes = None
+        if t.split is not None:
+            sizes = self.split_sizes(t, shape, env)
+        inputs = [shape if shape is None or sizes is None else (s, *shape[1:]) for s in sizes or [None] * n]
+        children = [self.container(str(i), f"{path}.{i}", "branch", inp, self.body(b, inp, env, f"{path}.{i}"),
+                                   t.span) for i, (b, inp) in enumerate(zip(t.branches, inputs))]
+        attrs = {"mode": t.mode, "split": sizes, "gate": t.gate}
+        outs = [c.out_shape for c in children]
+        out = None if shape is None or None in outs else self.joined(layer, outs, t.span)
+        return Node(name, path, layer, "join", shape, out, attrs=attrs, children=children, span=t.span)
+
+    def split_sizes(self, t: ir.Join, shape, env) -> list[int] | None:
+        n = len(t.branches)
+        sizes = []
+        for a in t.split:
+            s = self.eval(a.value, env)
+            if isinstance(s, bool) or not isinstance(s, int) or s < 1:
+                self.fail(f"a split size must be a positive int, got {s!r}", a.span)
+            sizes.append(s)
+        if shape is None:
+            return None
+        c = shape[0]
+        if sizes and sum(sizes) != c:
+            self.fail(f"split({', '.join(map(str, sizes))}) gives {sum(sizes)} channels but the input has {c}",
+                      t.span, hint="the sizes must add up to the input's channels")
+        if not sizes:
+            if c % n:
+                self.fail(f"split: {c} input channels do not divide into {n} equal shares", t.span,
+                          hint="give the sizes, e.g. `split(24, 40)`")
+            sizes = [c // n] * n
+        return sizes
+
+    def joined(self, layer: str, outs: list[tuple], span) -> tuple:
+        """The output shape of a join of branch outputs `outs`, or an error naming the shapes."""
+        def clash(i: int, why: str):
+            self.fail(f"{layer}: branch 0 gives {fmt_shape(outs[0])} but branch {i} gives {fmt_shape(outs[i])}; "
+                      f"{why}", span)
+
+        if layer == "concat":
+            for i, o in enumerate(outs):
+                if len(o) != len(outs[0]) or o[1:] != outs[0][1:]:
+                    clash(i, "concatenation needs the same size except in channels")
+            return (sum(o[0] for o in outs), *outs[0][1:])
+        if layer == "add":
+            for i, o in enumerate(outs):
+                if o != outs[0]:
+                    clash(i, "addition needs the same shapes")
+            return outs[0]
+        full = max(outs, key=lambda o: math.prod(o))  # mul, gate: a Cx1x1 branch scales every position
+        for i, o in enumerate(outs):
+            if o != full and not (len(o) == len(full) == 3 and o[0] == full[0] and o[1:] == (1, 1)):
+                clash(i, "multiplication needs the same shapes, or Cx1x1 with the same channels (a gate)")
+        return full
 
     def projection(self, shape, out_shape, path, span) -> Node:
         # A 1x1 conv with stride s maps a size n to (n - 1) // s + 1 (as the body's strided convs do).

@@ -49,6 +49,19 @@ def _node(node: Node, indent: str, label: str, params, lines: list[str]) -> None
             lines.append(f"{indent}}} shortcut {{")
             _body(parts["shortcut"].children, indent + "    ", params, lines)
         lines.append(f"{indent}}}")
+    elif node.op == "join":
+        a = node.attrs
+        if a["gate"]:
+            head, branches = "gate", node.children[1:]
+        else:
+            split = "" if a["split"] is None else " split(" + ", ".join(map(str, a["split"])) + ")"
+            head, branches = a["mode"] + split, node.children
+        lines.append(f"{indent}{label}{head} {{")
+        for i, branch in enumerate(branches):
+            if i:
+                lines.append(f"{indent}}} {{")
+            _body(branch.children, indent + "    ", params, lines)
+        lines.append(f"{indent}}}")
     elif node.op == "seq":
         lines.append(f"{indent}{label}{{  # {node.layer}")
         _body(node.children, indent + "    ", params, lines)

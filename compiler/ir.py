@@ -99,7 +99,21 @@ class TorchvisionRef(IRNode):
     args: list[Arg] = []
 
 
-Term = Annotated[Union[Call, Group, Residual, TorchvisionRef], Field(discriminator="kind")]
+class Join(IRNode):
+    """`concat|add|mul [split[(sizes)]] { ... } { ... } ...`: parallel branches, joined.
+
+    `split` None: every branch receives the whole input; [] equal shares of its channels; else one
+    channel count per branch. An empty branch is the identity. `gate { body }` is `mul { } { body }`.
+    """
+
+    kind: Literal["join"] = "join"
+    mode: Literal["concat", "add", "mul"]
+    split: list[Arg] | None = None
+    branches: list[list["Element"]]
+    gate: bool = False  # written as `gate { body }` (emitted back that way)
+
+
+Term = Annotated[Union[Call, Group, Residual, TorchvisionRef, Join], Field(discriminator="kind")]
 
 
 class Element(IRNode):
@@ -149,7 +163,7 @@ class SpecFile(IRNode):
     models: list[ModelDef] = []
 
 
-for _model in (BinOp, Neg, Func, Group, Residual, Element):
+for _model in (BinOp, Neg, Func, Group, Residual, Join, Element):
     _model.model_rebuild()
 
 

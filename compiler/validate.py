@@ -18,6 +18,7 @@ from .ops import LAYERS, REQUIRED
 PARAM_TYPES = ("int", "float", "bool")
 BUDGET_METRICS = ("params", "macs", "bytes")
 RESERVED_LABELS = ("body", "shortcut")
+IN_CHANNELS = "in_channels"  # in a block: the channel count of the input it receives
 _LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 # Names every nn.Module has (a label is a submodule's attribute name): torch refuses or shadows them.
 _MODULE_ATTRIBUTES = {"training", "forward", "parameters", "modules", "children", "state_dict", "to", "cuda", "cpu",
@@ -44,8 +45,13 @@ class _Validator:
                 self.diags.error(f"block `{b.name}` is defined twice", b.span)
             seen.add(b.name)
         self._check_cycles()
+        for b in self.spec.blocks:
+            for p in b.params:
+                if p.name == IN_CHANNELS:
+                    self.diags.error(f"`{IN_CHANNELS}` is the channel count a block receives; it cannot be "
+                                     "declared", p.span, hint="use another parameter name")
         blocks = [b.model_copy(update={"params": self.params(b.params, set()),
-                                       "body": self.body(b.body, {p.name for p in b.params})})
+                                       "body": self.body(b.body, {p.name for p in b.params} | {IN_CHANNELS})})
                   for b in self.spec.blocks]
         models = []
         if not self.spec.models:
@@ -148,6 +154,17 @@ class _Validator:
             if t.project and shortcut is not None:
                 self.diags.error("a residual has either `project` or an explicit `shortcut`, not both", t.span)
             return t.model_copy(update={"body": self.body(t.body, scope), "shortcut": shortcut})
+        if t.kind == "join":
+            if t.split is not None:
+                for a in t.split:
+                    if a.name is not None:
+                        self.diags.error("split takes channel counts, not named arguments", a.span,
+                                         hint="write e.g. `concat split(24, 40) { ... } { ... }`")
+                    self.expr(a.value, scope)
+                if t.split and len(t.split) != len(t.branches):
+                    self.diags.error(f"split gives {len(t.split)} channel count(s) for {len(t.branches)} branches",
+                                     t.span, expected="one channel count per branch, or `split` alone for equal shares")
+            return t.model_copy(update={"branches": [self.body(b, scope) for b in t.branches]})
         if t.kind == "torchvision":
             for a in t.args:
                 if a.name is None:
@@ -212,6 +229,9 @@ class _Validator:
                 elif t.kind == "residual":
                     yield from calls(t.body)
                     yield from calls(t.shortcut or [])
+                elif t.kind == "join":
+                    for branch in t.branches:
+                        yield from calls(branch)
 
         def visit(name):
             state[name] = 1

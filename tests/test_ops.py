@@ -20,9 +20,10 @@ from .conftest import ROOT
 EVERY_LAYER = """
 model every(classes: int = 4) {
     input 3x16x16
-    conv(8) bn relu relu6 gelu silu hardswish sigmoid tanh leaky_relu(0.1)
+    conv(8) bn relu relu6 gelu silu hardswish hardsigmoid sigmoid tanh leaky_relu(0.1)
     dwconv(3) pwconv(8) conv(8, groups=2) dwconv(3, multiplier=2) maxpool(2) avgpool(2) identity dropout(0.1)
-    gap flatten linear(16) bn relu linear(classes)
+    layernorm groupnorm(4) layerscale droppath(0.1) shuffle(2) adaptive_avgpool(4)
+    gap flatten linear(16) bn relu layernorm layerscale linear(classes)
 }
 """
 

@@ -21,6 +21,9 @@ SEED_PARAMS = {
     "student.yaml": 256_779,
     "resnet18.spec": 11_182_155,
     "teacher.spec": 11_182_155,
+    # the student plus four squeeze-excitation gates: 2*C*r + r + C each, for
+    # (C, r) = (32, 8), (64, 16), (128, 32), (256, 16): 552 + 2,128 + 8,352 + 8,464
+    "student_se.spec": 256_779 + 19_496,
 }
 
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from .base import PASSES, ArgSpec, LayerKind, OpRecord, number, role
 
-NAMES = ("relu", "relu6", "gelu", "silu", "hardswish", "sigmoid", "tanh")
+NAMES = ("relu", "relu6", "gelu", "silu", "hardswish", "hardsigmoid", "sigmoid", "tanh")
 
 
 def _resolve(name: str):

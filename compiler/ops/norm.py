@@ -1,7 +1,22 @@
-"""`bn` -> op `bn` (nn.BatchNorm2d on images, nn.BatchNorm1d on flat inputs)."""
+"""Normalisation and per-channel scaling: `bn` (nn.BatchNorm2d on images, nn.BatchNorm1d on flat
+inputs), `layernorm` (over the channels at every position, as ConvNeXt's LayerNorm2d; over the
+features of a flat input), `groupnorm` (nn.GroupNorm) and `layerscale` (a learned per-channel factor)."""
 from __future__ import annotations
 
-from .base import WEIGHTED, ArgSpec, LayerError, LayerKind, OpRecord, Tensor, boolean, fmt_shape, number, role
+from .base import (
+    BLOCKS,
+    WEIGHTED,
+    ArgSpec,
+    LayerError,
+    LayerKind,
+    OpRecord,
+    Tensor,
+    boolean,
+    fmt_shape,
+    number,
+    positive,
+    role,
+)
 
 
 def _check(a: dict) -> None:
@@ -31,13 +46,58 @@ def _emit(node, arg) -> str:
     return f"bn(eps={number(a['eps'])}, momentum={number(a['momentum'])}, affine={boolean(a['affine'])})"
 
 
+def _eps(a: dict) -> None:
+    if not a["eps"] > 0:
+        raise LayerError(f"eps must be positive, got {a['eps']}", arg="eps")
+
+
+def _layernorm(shape, a):
+    if len(shape) not in (1, 3):
+        raise LayerError(f"layernorm expects CxHxW or a flat input, got {fmt_shape(shape)}")
+    return "layernorm", {"channels": shape[0], "eps": a["eps"], "dims": len(shape)}, shape
+
+
+def _groupnorm_check(a: dict) -> None:
+    _eps(a)
+    positive(a, "groups")
+
+
+def _groupnorm(shape, a):
+    if len(shape) != 3:
+        raise LayerError(f"groupnorm expects an image-shaped input CxHxW, got {fmt_shape(shape)}")
+    if shape[0] % a["groups"]:
+        raise LayerError(f"groupnorm: {a['groups']} groups do not divide {shape[0]} channels", arg="groups")
+    return "groupnorm", {"channels": shape[0], "groups": a["groups"], "eps": a["eps"]}, shape
+
+
+def _layerscale(shape, a):
+    return "layerscale", {"channels": shape[0], "init": a["init"], "dims": len(shape)}, shape
+
+
+def _affine(a: dict) -> list[Tensor]:
+    return [Tensor("weight", (a["channels"],)), Tensor("bias", (a["channels"],))]
+
+
 _B = ArgSpec
 LAYER_KINDS = [
     LayerKind("bn", "bn", (_B("eps", "float", 1e-5), _B("momentum", "float", 0.1), _B("affine", "bool", True)),
               _resolve, "batch normalisation (2-D for images, 1-D for flat inputs)", check=_check),
+    LayerKind("layernorm", "layernorm", (_B("eps", "float", 1e-6),), _layernorm,
+              "layer normalisation over the channels at each position (ConvNeXt's LayerNorm2d)", check=_eps),
+    LayerKind("groupnorm", "groupnorm", (_B("groups", "int"), _B("eps", "float", 1e-5)), _groupnorm,
+              "group normalisation", check=_groupnorm_check),
+    LayerKind("layerscale", "layerscale", (_B("init", "float", 1e-6),), _layerscale,
+              "a learned per-channel factor, initialised to `init` (ConvNeXt's layer scale)"),
 ]
 def _rechannel(a: dict, in_channels: int, out_channels: int) -> None:
     a["channels"] = in_channels
 
 
-OPS = [OpRecord("bn", _emit, role(WEIGHTED), _tensors, rechannel=_rechannel)]
+OPS = [OpRecord("bn", _emit, role(WEIGHTED), _tensors, rechannel=_rechannel),
+       OpRecord("layernorm", lambda node, arg: f"layernorm(eps={number(node.attrs['eps'])})", role(WEIGHTED),
+                _affine, rechannel=_rechannel),
+       # pruning would have to keep every group's channel count equal: its channels stay tied
+       OpRecord("groupnorm", lambda node, arg: f"groupnorm({node.attrs['groups']}, eps={number(node.attrs['eps'])})",
+                role(BLOCKS), _affine),
+       OpRecord("layerscale", lambda node, arg: f"layerscale({number(node.attrs['init'])})", role(WEIGHTED),
+                lambda a: [Tensor("scale", (a["channels"],) + (1, 1) * (a["dims"] == 3))], rechannel=_rechannel)]

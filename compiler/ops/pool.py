@@ -1,4 +1,5 @@
-"""Pooling: `maxpool`, `avgpool`, `gap` (global average) -> ops of the same names."""
+"""Pooling: `maxpool`, `avgpool`, `gap` (global average), `adaptive_avgpool` (to a size) -> ops of the
+same names."""
 from __future__ import annotations
 
 from .base import PASSES, ArgSpec, LayerError, LayerKind, OpRecord, conv_out, image, positive, role
@@ -37,12 +38,28 @@ def _emit(node, arg) -> str:
 
 
 _WINDOW = (ArgSpec("kernel", "int", 2), ArgSpec("stride", "int", None), ArgSpec("padding", "int", 0))
+def _adaptive(shape, a):
+    c, _, _ = image("adaptive_avgpool", shape)
+    size = (a["size"], a["width"] if a["width"] is not None else a["size"])
+    return "adaptive_avgpool", {"size": list(size)}, (c, *size)
+
+
+def _adaptive_emit(node, arg) -> str:
+    h, w = node.attrs["size"]
+    return f"adaptive_avgpool({h}, {w})"
+
+
 LAYER_KINDS = [
     LayerKind("maxpool", "maxpool", _WINDOW, _resolve("maxpool"), "max pooling; stride defaults to the kernel",
               check=_check),
     LayerKind("avgpool", "avgpool", _WINDOW, _resolve("avgpool"), "average pooling; stride defaults to the kernel",
               check=_check),
     LayerKind("gap", "gap", (), _gap, "global average pooling to Cx1x1"),
+    LayerKind("adaptive_avgpool", "adaptive_avgpool", (ArgSpec("size", "int"), ArgSpec("width", "int", None)),
+              _adaptive, "average pooling to size x size (or size x width) whatever the input",
+              check=lambda a: positive(a, "size", "width")),
 ]
 OPS = [OpRecord("maxpool", _emit, role(PASSES)), OpRecord("avgpool", _emit, role(PASSES)),
-       OpRecord("gap", lambda node, arg: "gap", role(PASSES))]
+       OpRecord("gap", lambda node, arg: "gap", role(PASSES)),
+       OpRecord("adaptive_avgpool", _adaptive_emit, role(PASSES),
+                out_shape=lambda a, in_shape, old: (in_shape[0], *a["size"]))]

@@ -1,9 +1,10 @@
-"""Layers without weights that reshape or skip: `flatten`, `dropout`, `identity`; and torchvision models."""
+"""Layers without weights that reshape, reorder or skip: `flatten`, `dropout`, `droppath` (stochastic
+depth), `shuffle` (channel shuffle), `identity`; and torchvision models."""
 from __future__ import annotations
 
 import math
 
-from .base import BLOCKS, PASSES, ArgSpec, LayerError, LayerKind, OpRecord, boolean, number, role
+from .base import BLOCKS, PASSES, ArgSpec, LayerError, LayerKind, OpRecord, boolean, fmt_shape, number, positive, role
 
 
 def _flatten(shape, a):
@@ -17,6 +18,18 @@ def _dropout_check(a):
 
 def _dropout(shape, a):
     return "dropout", {"p": a["p"]}, shape
+
+
+def _droppath(shape, a):
+    return "droppath", {"p": a["p"]}, shape
+
+
+def _shuffle(shape, a):
+    if len(shape) != 3:
+        raise LayerError(f"shuffle expects an image-shaped input CxHxW, got {fmt_shape(shape)}")
+    if shape[0] % a["groups"]:
+        raise LayerError(f"shuffle: {a['groups']} groups do not divide {shape[0]} channels", arg="groups")
+    return "shuffle", {"groups": a["groups"]}, shape
 
 
 def _identity(shape, a):
@@ -36,6 +49,11 @@ def _tv_part(node, arg) -> str:
 LAYER_KINDS = [
     LayerKind("flatten", "flatten", (), _flatten, "flatten to one dimension"),
     LayerKind("dropout", "dropout", (ArgSpec("p", "float", 0.5),), _dropout, "dropout", check=_dropout_check),
+    LayerKind("droppath", "droppath", (ArgSpec("p", "float"),), _droppath,
+              "stochastic depth: drops the whole input of a sample with probability p in training "
+              "(identity at inference); put it at the end of a residual body", check=_dropout_check),
+    LayerKind("shuffle", "shuffle", (ArgSpec("groups", "int"),), _shuffle, "channel shuffle (ShuffleNet)",
+              check=lambda a: positive(a, "groups")),
     LayerKind("identity", "identity", (), _identity, "no-op"),
 ]
 # A torchvision model is opaque to pruning: its channels are tied (state-dict tensors come from
@@ -43,6 +61,9 @@ LAYER_KINDS = [
 OPS = [OpRecord("flatten", lambda node, arg: "flatten", role(PASSES),
                 out_shape=lambda a, in_shape, old: (math.prod(in_shape),)),
        OpRecord("dropout", lambda node, arg: f"dropout({number(node.attrs['p'])})", role(PASSES)),
+       OpRecord("droppath", lambda node, arg: f"droppath({number(node.attrs['p'])})", role(PASSES)),
+       # it interleaves channel groups: pruning would have to keep them equal, so its channels stay tied
+       OpRecord("shuffle", lambda node, arg: f"shuffle({node.attrs['groups']})", role(BLOCKS)),
        OpRecord("identity", lambda node, arg: "identity", role(PASSES)),
        OpRecord("torchvision", _torchvision, role(BLOCKS)),
        OpRecord("tv-part", _tv_part, role(BLOCKS))]

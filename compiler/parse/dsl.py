@@ -147,6 +147,12 @@ class _Converter:
                 rest = rest[:-1]
             return ir.Residual(project=project is not None, body=self.elements(rest),
                                shortcut=shortcut, span=self.span(tree))
+        if kind == "join":
+            mode, split, *branches = tree.children
+            return ir.Join(mode=str(mode), split=self.args(split.children[1]) if split is not None else None,
+                           branches=[self.elements(b.children) for b in branches], span=self.span(tree))
+        if kind == "gate":
+            return ir.Join(mode="mul", branches=[[], self.elements(tree.children)], gate=True, span=self.span(tree))
         if kind == "tv_ref":
             name, args = tree.children
             return ir.TorchvisionRef(name=str(name), args=self.args(args), span=self.span(name))

@@ -34,6 +34,8 @@ from ..limits import NoAliasLoader
 from .dsl import parse_expression
 
 _ELEMENT_KEYS = {"name", "repeat"}
+_TERM_OPTIONS = ("project", "shortcut", "args", "split")  # keys beside a term's name
+_JOINS = ("concat", "add", "mul")
 
 
 class _YamlConverter:
@@ -144,7 +146,7 @@ class _YamlConverter:
             return ir.Element(term=ir.Call(name=node.value, span=span), span=span)
         items = self.mapping(node, "a layer")
         extras = {k: v for k, _, v in items if k in _ELEMENT_KEYS}
-        main = [(k, kn, v) for k, kn, v in items if k not in _ELEMENT_KEYS | {"project", "shortcut", "args"}]
+        main = [(k, kn, v) for k, kn, v in items if k not in _ELEMENT_KEYS | set(_TERM_OPTIONS)]
         if len(main) != 1:
             names = ", ".join(f"`{k}`" for k, _, _ in main) or "none"
             self.diags.error(f"a layer mapping needs exactly one layer or block name, found {names}", span,
@@ -161,17 +163,34 @@ class _YamlConverter:
             term = ir.Residual(project=project is not None and self.flag(project, "`project`"),
                                body=self.elements(value),
                                shortcut=self.elements(shortcut) if shortcut is not None else None, span=kspan)
+        elif key in _JOINS:  # concat: [[branch layers], [branch layers]], split: true | [sizes]
+            branches = [self.elements(b) for b in self.sequence(value, f"the branches of `{key}`")]
+            if len(branches) < 2:
+                self.diags.error(f"`{key}` needs at least two branches (lists of layers)", kspan,
+                                 hint="write an empty list [] for an identity branch")
+            term = ir.Join(mode=key, split=self.split(others["split"]) if "split" in others else None,
+                           branches=branches, span=kspan)
+        elif key == "gate":
+            term = ir.Join(mode="mul", branches=[[], self.elements(value)], gate=True, span=kspan)
         elif key == "torchvision":
             args = self.args(others["args"]) if "args" in others else []
             term = ir.TorchvisionRef(name=value.value, args=args, span=self.span(value))
         else:
-            for extra in ("project", "shortcut", "args"):
-                if extra in others:
-                    self.diags.error(f"`{extra}` does not apply to `{key}`", self.span(others[extra]))
             term = ir.Call(name=key, args=self.args(value), span=kspan)
+        allowed = {"residual": ("project", "shortcut"), "torchvision": ("args",)}.get(
+            key, ("split",) if key in _JOINS else ())
+        for extra in _TERM_OPTIONS:
+            if extra in others and extra not in allowed:
+                self.diags.error(f"`{extra}` does not apply to `{key}`", self.span(others[extra]))
         label = self.text(extras["name"], "a layer's `name`", "_") if "name" in extras else None
         repeat = self.value(extras["repeat"]) if "repeat" in extras else None
         return ir.Element(label=label, term=term, repeat=repeat, span=kspan)
+
+    def split(self, node) -> list[ir.Arg] | None:
+        """`split: true` (equal shares) or `split: [24, 40]`."""
+        if isinstance(node, yaml.SequenceNode):
+            return [ir.Arg(value=self.value(v), span=self.span(v)) for v in node.value]
+        return [] if self.flag(node, "`split`") else None
 
     def model(self, node) -> ir.ModelDef:
         fields = {k: (kn, v) for k, kn, v in self.mapping(node, "model")}
