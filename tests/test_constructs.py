@@ -248,3 +248,20 @@ def test_yaml_construct_errors(layers, fragment):
     with pytest.raises(SpecError) as err:
         compiler.compile_source(text, "m.yaml", syntax="yaml")
     assert fragment in str(err.value) and "m.yaml:4:" in str(err.value), str(err.value)
+
+
+def test_lowrank_factorizes_convs_inside_branches():
+    from runtime.steps.lowrank import LowrankConfig, factorize_module
+
+    model = _compile(EVERY_CONSTRUCT)
+    module = _trained_like(model)
+    exact_model, exact, _, ranks = factorize_module(model, module, LowrankConfig(
+        name="l", rank_by="ratio", ratio=1.0, only_if_smaller=False))
+    assert "3.2.1.0" in ranks  # fire's 3x3 expand conv, inside a concat branch
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (exact.eval()(x) - module(x)).abs().max().item() < 1e-4
+    small_model, small, text, _ = factorize_module(model, module, LowrankConfig(name="l", rank_by="ratio", ratio=0.25))
+    again = compiler.analyse(compiler.compile_source(text, "lowrank.spec"))
+    got = measure(small, (3, 32, 32))
+    assert got["params"] == again.params < compiler.analyse(model).params and got["macs"] == again.macs

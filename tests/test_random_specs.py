@@ -29,7 +29,7 @@ def specs(draw):
             lines.append(draw(st.sampled_from(["bn", "dropout(0.1)", "linear(7)", "relu", "identity"])))
             continue
         kind = draw(st.sampled_from(["conv", "dwconv", "pwconv", "bn", "act", "pool", "residual", "block",
-                                     "repeat", "group"]))
+                                     "repeat", "group", "concat", "gate", "add", "norm"]))
         if kind == "conv":
             k, s = draw(st.sampled_from([1, 3, 5])), draw(st.sampled_from([1, 2]))
             out = draw(st.integers(1, 12))
@@ -68,7 +68,20 @@ def specs(draw):
             lines.append(f"keep x {draw(st.integers(1, 3))}")
         elif kind == "group":
             lines.append(f"g{len(lines)}: {{ bn relu }}")  # labels are unique by position
-        if lines and lines[-1] in ("maxpool(2)", "avgpool(2)"):
+        elif kind == "concat":
+            a, b = draw(st.integers(1, 6)), draw(st.integers(1, 6))
+            lines.append(f"concat {{ conv({a}, kernel=1) }} {{ conv({b}) relu }} {{ }}")
+            c = c + a + b if not width_mult else c
+        elif kind == "gate":
+            lines.append("se")
+        elif kind == "add":
+            lines.append("mix")
+        elif kind == "norm":
+            lines.append(draw(st.sampled_from(["layernorm", "layerscale", "droppath(0.2)", "hardsigmoid",
+                                               "adaptive_avgpool(2, 3) shuffle(1)"])))
+        if lines and lines[-1].startswith("adaptive_avgpool"):
+            h, w = 2, 3
+        elif lines and lines[-1] in ("maxpool(2)", "avgpool(2)"):
             h, w = h // 2, w // 2
         elif lines and ("stride=2" in lines[-1] or "s=2" in lines[-1]):
             h, w = (h - 1) // 2 + 1, (w - 1) // 2 + 1
@@ -86,6 +99,13 @@ block blk(out: int, s: int = 1) {{
 }}
 block keep() {{
     residual {{ dwconv(3) bn relu }}
+}}
+block se() {{
+    gate {{ gap conv(max(1, in_channels // 2), kernel=1, scale=false) relu conv(in_channels, kernel=1, scale=false)
+           sigmoid }}
+}}
+block mix() {{
+    add {{ }} {{ pwconv(in_channels, scale=false) bn }} {{ dwconv(3) }}
 }}
 model random(classes: int = 5) {{
     input {shape}
