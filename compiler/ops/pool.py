@@ -1,8 +1,8 @@
 """Pooling: `maxpool`, `avgpool`, `gap` (global average), `adaptive_avgpool` (to a size) -> ops of the
-same names."""
+same names. `ceil` is torch's ceil_mode (SqueezeNet's pools)."""
 from __future__ import annotations
 
-from .base import PASSES, ArgSpec, LayerError, LayerKind, OpRecord, conv_out, image, positive, role
+from .base import PASSES, ArgSpec, LayerError, LayerKind, OpRecord, boolean, conv_out, image, positive, role
 
 
 def _check(a: dict) -> None:
@@ -13,16 +13,24 @@ def _check(a: dict) -> None:
         raise LayerError(f"padding {a['padding']} is more than half the kernel ({a['kernel']})", arg="padding")
 
 
+def pool_out(size: int, kernel: int, stride: int, padding: int, ceil: bool) -> int:
+    """torch's pooling output size; with ceil_mode a last window must still start inside the input."""
+    if not ceil:
+        return conv_out(size, kernel, stride, padding)
+    out = -(-(size + 2 * padding - kernel) // stride) + 1
+    return out - 1 if (out - 1) * stride >= size + padding else out
+
+
 def _resolve(kind: str):
     def resolve(shape, a):
         c, h, w = image(kind, shape)
         k = a["kernel"]
         stride = a["stride"] if a["stride"] is not None else k
-        ho, wo = conv_out(h, k, stride, a["padding"]), conv_out(w, k, stride, a["padding"])
+        ho, wo = (pool_out(n, k, stride, a["padding"], a["ceil"]) for n in (h, w))
         if ho < 1 or wo < 1:
             raise LayerError(f"{kind}({k}) cannot take a {h}x{w} input",
                              hint="remove a pooling layer or use a larger input")
-        return kind, {"kernel": k, "stride": stride, "padding": a["padding"]}, (c, ho, wo)
+        return kind, {"kernel": k, "stride": stride, "padding": a["padding"], "ceil": a["ceil"]}, (c, ho, wo)
 
     return resolve
 
@@ -34,10 +42,12 @@ def _gap(shape, a):
 
 def _emit(node, arg) -> str:
     a = node.attrs
-    return f"{node.op}(kernel={a['kernel']}, stride={a['stride']}, padding={a['padding']})"
+    ceil = f", ceil={boolean(True)}" if a.get("ceil") else ""
+    return f"{node.op}(kernel={a['kernel']}, stride={a['stride']}, padding={a['padding']}{ceil})"
 
 
-_WINDOW = (ArgSpec("kernel", "int", 2), ArgSpec("stride", "int", None), ArgSpec("padding", "int", 0))
+_WINDOW = (ArgSpec("kernel", "int", 2), ArgSpec("stride", "int", None), ArgSpec("padding", "int", 0),
+           ArgSpec("ceil", "bool", False))
 def _adaptive(shape, a):
     c, _, _ = image("adaptive_avgpool", shape)
     size = (a["size"], a["width"] if a["width"] is not None else a["size"])
