@@ -29,7 +29,10 @@ class Residual(nn.Module):
         self.shortcut = shortcut
 
     def forward(self, x):
-        return self.body(x) + (x if self.shortcut is None else self.shortcut(x))
+        # the shortcut runs first, as torchvision's regnet runs its `proj` (the weight pairing of
+        # runtime.torchvision_state follows forward order); addition is exact in either order
+        short = x if self.shortcut is None else self.shortcut(x)
+        return self.body(x) + short
 
 
 class Join(nn.ModuleList):

@@ -1,0 +1,119 @@
+"""specs/zoo: one spec per torchvision builder, equal to torchvision's model in parameters, MACs
+(FlopCounterMode on torchvision's module at 224x224) and outputs under torchvision's weights; and
+every compression step works on each."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+import compiler
+from compiler.channels import analyse_channels
+from runtime.cli import main
+from runtime.prune import choose, importance, prune_model
+from runtime.torchvision_state import load_torchvision_state
+from runtime.weights import model_bytes
+
+from .conftest import SPECS
+from .measure import measure
+
+ZOO = sorted(p.stem for p in (SPECS / "zoo").glob("*.spec"))
+SMALL = (3, 64, 64)  # compression and weight tests run at a small input: the counts do not need 224
+
+
+def _torchvision(name: str, device: str = "cpu"):
+    import torchvision
+
+    try:
+        with torch.device(device):
+            return torchvision.models.get_model(name, weights=None).eval()
+    except NotImplementedError:  # regnet computes its widths with tensors: not on the meta device
+        return torchvision.models.get_model(name, weights=None).eval().to(device)
+
+
+def test_the_zoo_has_every_family():
+    assert ZOO == sorted(["resnet50", "mobilenet_v2", "mobilenet_v3_small", "mobilenet_v3_large", "efficientnet_b0",
+                          "shufflenet_v2_x1_0", "squeezenet1_1", "densenet121", "regnet_x_400mf", "convnext_tiny"])
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_counts_equal_torchvision(name, capsys):
+    from torch.utils.flop_counter import FlopCounterMode
+
+    assert main([str(SPECS / "zoo" / f"{name}.spec"), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    tv = _torchvision(name, "meta")
+    counter = FlopCounterMode(display=False)
+    with counter, torch.no_grad():
+        tv(torch.empty(1, 3, 224, 224, device="meta"))
+    assert report["params"] == sum(p.numel() for p in tv.parameters())
+    assert report["macs"] == counter.get_total_flops() // 2
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_torchvision_weights_give_torchvision_outputs(name, tmp_path):
+    from safetensors.torch import save_file
+
+    tv = _torchvision(name)
+    g = torch.Generator().manual_seed(0)
+    with torch.no_grad():  # statistics that are not the identity, so a BatchNorm paired wrongly shows
+        for m in tv.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.1)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    path = tmp_path / f"{name}.safetensors"
+    save_file({k: v.contiguous() for k, v in tv.state_dict().items()}, str(path))
+    model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL)
+    ours = compiler.build_module(model)
+    assert load_torchvision_state(ours, model, path) == len(list(model.root.state_tensors()))
+    x = torch.randn(2, *SMALL, generator=g)
+    with torch.no_grad():
+        assert (ours.eval()(x) - tv(x)).abs().max().item() < 1e-5
+    # another class count: everything but the classifier is loaded, which keeps its fresh init
+    ten = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
+    assert load_torchvision_state(compiler.build_module(ten), ten, path) < len(list(ten.root.state_tensors()))
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_pruning_at_half_recompiles_shrinks_and_runs(name):
+    model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
+    module = compiler.build_module(model).eval()
+    spaces = analyse_channels(model.root)
+    assert spaces.prunable(), f"{name}: nothing to prune"
+    new_model, new_module, text = prune_model(model, module, choose(importance(module, spaces, "l1"), 0.5, "layer"),
+                                              spaces)
+    again = compiler.analyse(compiler.compile_source(text, "pruned.spec"))
+    got = measure(new_module, SMALL)
+    assert got["params"] == again.params < compiler.analyse(model).params
+    assert got["macs"] == again.macs and got["output"] == (10,)
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_1"])
+def test_rate_one_keeps_the_outputs(name):
+    model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
+    module = compiler.build_module(model).eval()
+    spaces = analyse_channels(model.root)
+    _, new_module, _ = prune_model(model, module, choose(importance(module, spaces, "l1"), 1.0, "layer"), spaces)
+    x = torch.randn(2, *SMALL)
+    with torch.no_grad():
+        assert (new_module.eval()(x) - module(x)).abs().max().item() < 1e-5
+
+
+@pytest.mark.parametrize("name", ["mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x1_0", "efficientnet_b0"])
+@pytest.mark.parametrize("fmt", ["fp16", "int8-channel", "int4"])
+def test_weight_formats_are_predicted_exactly(name, fmt):
+    model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
+    assert len(model_bytes(compiler.build_module(model), model, fmt)) == compiler.predicted_bytes(model, fmt)
+
+
+@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "convnext_tiny"])
+def test_lowrank_applies(name):
+    from runtime.steps.lowrank import LowrankConfig, factorize_module
+
+    model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
+    module = compiler.build_module(model).eval()
+    new_model, new_module, text, ranks = factorize_module(model, module, LowrankConfig(
+        name="l", rank_by="ratio", ratio=0.25))
+    again = compiler.analyse(compiler.compile_source(text, "lowrank.spec"))
+    assert ranks and measure(new_module, SMALL)["params"] == again.params < compiler.analyse(model).params
