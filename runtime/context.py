@@ -33,6 +33,7 @@ class ModelSlot:
     producer: str | None = None          # step name, or 'checkpoint'
     producer_key: str = "init"           # hash of whatever produced the weights
     torchvision_weights: str | None = None
+    torchvision_state: Path | None = None  # torchvision's weights for a zoo spec (runtime.torchvision_state)
 
     def build(self, device: torch.device, seed: int) -> torch.nn.Module:
         if self.weights is not None:
@@ -40,6 +41,10 @@ class ModelSlot:
         module = compiler.build_module(self.model, seed=seed)
         if self.torchvision_weights:
             load_torchvision_weights(module, self.model, self.torchvision_weights)
+        if self.torchvision_state:
+            from .torchvision_state import load_torchvision_state
+
+            load_torchvision_state(module, self.model, self.torchvision_state)
         return module.to(device)
 
 

@@ -122,6 +122,7 @@ class ModelRef(Strict):
     spec: str                           # spec file; relative paths resolve against the recipe's folder
     checkpoint: str | None = None       # nccompile or plain safetensors weights
     torchvision_weights: str | None = None  # e.g. IMAGENET1K_V1: downloaded and cached by torchvision
+    torchvision_state: str | None = None  # a zoo spec: torchvision's state dict as .safetensors, on disk
     params: dict[str, bool | int | float] = {}  # the spec's parameters, typed as declared
 
 

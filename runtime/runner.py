@@ -132,6 +132,15 @@ def prepare(opts: Options):
         if ref.torchvision_weights:
             _check_torchvision_weights(m, name, ref.torchvision_weights)
         slot = ModelSlot(name, m, torchvision_weights=ref.torchvision_weights)
+        if ref.torchvision_state:
+            from .torchvision_state import pairing
+
+            slot.torchvision_state = _resolve(ref.torchvision_state, recipe_path)
+            if not slot.torchvision_state.is_file():
+                raise NcError(f"models.{name}.torchvision_state: no such file {slot.torchvision_state}")
+            pairing(m, m.name, m.root.out_shape[0])  # a spec that does not pair fails here, before any work
+            slot.producer_key = digest("torchvision_state", str(slot.torchvision_state),
+                                       slot.torchvision_state.stat().st_mtime_ns)
         if ref.checkpoint:
             ckpt = _resolve(ref.checkpoint, recipe_path)
             _check_checkpoint(slot, ckpt, len(classes))
