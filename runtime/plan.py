@@ -80,7 +80,9 @@ def load(name_or_path: str, overrides: list[str] = (), epochs: int | None = None
 def make_plan(recipe: Recipe, path: Path, steps: list[StepConfig], models: dict, listing) -> Plan:
     """Which model weights exist when; every problem at once, before any work."""
     problems: list[str] = []
-    available = {n for n, s in models.items() if s.weights is not None}
+    # weights exist from the start: a checkpoint, or pretrained torchvision weights
+    available = {n for n, s in models.items() if s.weights is not None or s.torchvision_weights
+                 or s.torchvision_state}
     planned = []
     for cfg in steps:
         kind = REGISTRY[cfg.kind]

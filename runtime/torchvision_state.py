@@ -60,6 +60,9 @@ def pairing(model: Model, arch: str, classes: int) -> dict[str, str]:
     """Our state-dict name -> torchvision's, for the zoo spec `model` of torchvision's `arch`."""
     import torchvision
 
+    if arch not in torchvision.models.list_models(module=torchvision.models):
+        raise NcError(f"{model.name}: its tensors do not pair with torchvision's {arch}: torchvision has no such "
+                      "classification model; only the specs of specs/zoo map onto torchvision weights")
     with torch.device("meta"):
         ours = compiler.build_module(model, seed=None)
     try:

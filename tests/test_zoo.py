@@ -117,3 +117,28 @@ def test_lowrank_applies(name):
         name="l", rank_by="ratio", ratio=0.25))
     again = compiler.analyse(compiler.compile_source(text, "lowrank.spec"))
     assert ranks and measure(new_module, SMALL)["params"] == again.params < compiler.analyse(model).params
+
+
+def test_a_recipe_starts_a_zoo_teacher_from_torchvision_weights(tmp_path, capsys, in_root):
+    from safetensors.torch import save_file
+
+    tv = _torchvision("mobilenet_v3_small")
+    save_file({k: v.contiguous() for k, v in tv.state_dict().items()}, str(tmp_path / "tv.safetensors"))
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(f"""name: r
+data: {{limit_per_class: 3}}
+models: {{teacher: {{spec: {SPECS / "zoo" / "mobilenet_v3_small.spec"}, torchvision_state: tv.safetensors}}}}
+steps: [{{name: ev, kind: evaluate, model: teacher}}]
+""")
+    out = tmp_path / "run"
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--device", "cpu", "--out", str(out)]) == 0, \
+        capsys.readouterr()
+    assert json.loads((out / "report.json").read_text())["steps"][0]["status"] == "ran"
+    bad = recipe.read_text().replace("tv.safetensors", "missing.safetensors")
+    recipe.write_text(bad)
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
+    assert "models.teacher.torchvision_state: no such file" in capsys.readouterr().err
+    recipe.write_text(bad.replace(str(SPECS / "zoo" / "mobilenet_v3_small.spec"), str(SPECS / "student.spec"))
+                      .replace("missing.safetensors", "tv.safetensors"))
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
+    assert "do not pair with torchvision's student" in capsys.readouterr().err
