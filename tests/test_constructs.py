@@ -265,3 +265,31 @@ def test_lowrank_factorizes_convs_inside_branches():
     again = compiler.analyse(compiler.compile_source(text, "lowrank.spec"))
     got = measure(small, (3, 32, 32))
     assert got["params"] == again.params < compiler.analyse(model).params and got["macs"] == again.macs
+
+
+def test_in_place_activations_change_nothing_but_memory():
+    """Activations run in place only where nothing else reads their input; outputs and gradients
+    equal those of the same module with every activation out of place, in training too."""
+    import copy
+
+    text = ("model m { input 3x8x8 conv(8) relu relu6 residual { relu conv(8) bn silu } hardswish "
+            "add { relu } { } relu gate { gap conv(8, kernel=1) relu conv(8, kernel=1) sigmoid } relu "
+            "concat { relu6 } { conv(4) } relu identity relu gap flatten linear(3) relu }")
+    model = _compile(text)
+    module = compiler.build_module(model).train()
+    in_place = {n for n, m in module.named_modules() if getattr(m, "inplace", False)}
+    # after conv, residual, add, gate (mul), concat and linear; not after another activation, not first
+    # in a body, not after identity (which returns its input)
+    assert in_place == {"1", "3.body.3", "4", "6", "7.1.2", "8", "10", "16"}, in_place
+    plain = copy.deepcopy(module)
+    for m in plain.modules():
+        if hasattr(m, "inplace"):
+            m.inplace = False
+    x = torch.randn(4, 3, 8, 8)
+    outs = []
+    for mod in (module, plain):
+        y = mod(x.clone().requires_grad_())
+        y.square().sum().backward()
+        outs.append((y.detach(), [p.grad.clone() for p in mod.parameters()]))
+    assert torch.equal(outs[0][0], outs[1][0])
+    assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
