@@ -8,7 +8,8 @@
    MACs after (both by FlopCounterMode), or the error.
 3. CPU latency at batch 1, 224x224, of mobilenet_v2 and resnet50 pruned to half their MACs by
    each tool (nccompile: bisection on the analysis; Torch-Pruning: bisection on pruning_ratio,
-   counted by FlopCounterMode). Median of --runs, the two models alternating.
+   counted by FlopCounterMode); both also with channel counts rounded to multiples of 8.
+   Median of --runs, the models alternating.
 
 Needs `pip install torch-pruning` (not a dependency of nccompile).
 Run: python bench/bench_zoo.py [--runs 30] [--threads N]
@@ -59,13 +60,13 @@ def classifier_of(module: torch.nn.Module) -> list[torch.nn.Module]:
     return [last]
 
 
-def tp_prune(name: str, ratio: float):
+def tp_prune(name: str, ratio: float, round_to: int | None = None):
     import torch_pruning as tp
 
     tv = torchvision_model(name)
     x = torch.randn(1, *SHAPE)
     pruner = tp.pruner.MetaPruner(tv, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
-                                  ignored_layers=classifier_of(tv))
+                                  ignored_layers=classifier_of(tv), round_to=round_to)
     pruner.step()
     return tv.eval(), sum(p.numel() for p in tv.parameters()), flop_counter_macs(tv)
 
@@ -80,16 +81,29 @@ def flop_counter_macs(module: torch.nn.Module) -> int:
     return counter.get_total_flops() // 2
 
 
-def ours_prune(name: str, keep: float | None = None, target_macs: int | None = None):
+def ours_prune(name: str, keep: float | None = None, target_macs: int | None = None, multiple: int = 1):
     model = compiler.compile_spec(ROOT / "specs" / "zoo" / f"{name}.spec")
     module = compiler.build_module(model).eval()
     spaces = analyse_channels(model.root)
     scores = importance(module, spaces, "l1")
     if target_macs is not None:
-        keep = shrink_to(model, module, scores, "layer", "macs", target_macs)
-    new_model, new_module, _ = prune_model(model, module, choose(scores, keep, "layer"), spaces)
+        keep = shrink_to(model, module, scores, "layer", "macs", target_macs, multiple=multiple)
+    new_model, new_module, _ = prune_model(model, module, choose(scores, keep, "layer", 1, multiple), spaces)
     a = compiler.analyse(new_model)
     return new_module.eval(), a.params, a.macs
+
+
+def tp_to(name: str, target: int, round_to: int | None = None):
+    """Torch-Pruning at the smallest ratio (bisection) whose MACs are at most `target`."""
+    lo, hi, best = 0.0, 0.9, None
+    for _ in range(8):
+        mid = (lo + hi) / 2
+        tv, tpp, tpm = tp_prune(name, mid, round_to)
+        if tpm <= target:
+            hi, best = mid, (tv, tpp, tpm)
+        else:
+            lo = mid
+    return best if best is not None else tp_prune(name, hi, round_to)
 
 
 def latency(modules: dict[str, torch.nn.Module], runs: int) -> dict[str, float]:
@@ -112,6 +126,7 @@ def main() -> None:
     p.add_argument("--runs", type=int, default=30)
     p.add_argument("--threads", type=int, default=torch.get_num_threads())
     p.add_argument("--skip-latency", action="store_true")
+    p.add_argument("--skip-counts", action="store_true")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     import torch_pruning as tp
@@ -119,7 +134,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, torch-pruning {tp.__version__}, {args.threads} threads\n")
     print("| model | params (nccompile = torchvision) | MACs at 224 (nccompile = torchvision) | nccompile keep 0.5: "
           "params / MACs | Torch-Pruning ratio 0.5: params / MACs |\n|---|---|---|---|---|")
-    for name in ZOO:
+    for name in [] if args.skip_counts else ZOO:
         a = compiler.analyse(compiler.compile_spec(ROOT / "specs" / "zoo" / f"{name}.spec"))
         tv_params, tv_macs = torchvision_counts(name)
         try:
@@ -141,19 +156,16 @@ def main() -> None:
         _, full_macs = torchvision_counts(name)
         target = full_macs // 2
         ours, op, om = ours_prune(name, target_macs=target)
-        lo, hi = 0.0, 0.9  # Torch-Pruning: the smallest ratio whose MACs are at most the target
-        best = None
-        for _ in range(8):
-            mid = (lo + hi) / 2
-            tv, tpp, tpm = tp_prune(name, mid)
-            if tpm <= target:
-                hi, best = mid, (tv, tpp, tpm)
-            else:
-                lo = mid
-        tv, tpp, tpm = best if best is not None else tp_prune(name, hi)
-        ms = latency({"nccompile": ours, "Torch-Pruning": tv}, args.runs)
+        ours8, op8, om8 = ours_prune(name, target_macs=target, multiple=8)
+        tv, tpp, tpm = tp_to(name, target)
+        tv8, tpp8, tpm8 = tp_to(name, target, round_to=8)
+        ms = latency({"nccompile": ours, "nccompile8": ours8, "Torch-Pruning": tv, "Torch-Pruning8": tv8}, args.runs)
         print(f"| {name} | nccompile | {op:,} | {om:,} | {ms['nccompile']:.2f} |")
-        print(f"| {name} | Torch-Pruning | {tpp:,} | {tpm:,} | {ms['Torch-Pruning']:.2f} |", flush=True)
+        print(f"| {name} | nccompile, channels rounded to 8 (`round_to: 8`) | {op8:,} | {om8:,} | "
+              f"{ms['nccompile8']:.2f} |")
+        print(f"| {name} | Torch-Pruning | {tpp:,} | {tpm:,} | {ms['Torch-Pruning']:.2f} |")
+        print(f"| {name} | Torch-Pruning, `round_to=8` | {tpp8:,} | {tpm8:,} | {ms['Torch-Pruning8']:.2f} |",
+              flush=True)
 
 
 if __name__ == "__main__":
