@@ -76,12 +76,14 @@ def test_torchvision_weights_give_torchvision_outputs(name, tmp_path):
 
 
 @pytest.mark.parametrize("name", ZOO)
-def test_pruning_at_half_recompiles_shrinks_and_runs(name):
+@pytest.mark.parametrize("rate, method, scope", [(0.5, "l1", "layer"), (0.75, "bn", "layer"),
+                                                 (0.3, "random", "global")])
+def test_pruning_recompiles_shrinks_and_runs(name, rate, method, scope):
     model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
     module = compiler.build_module(model).eval()
     spaces = analyse_channels(model.root)
     assert spaces.prunable(), f"{name}: nothing to prune"
-    new_model, new_module, text = prune_model(model, module, choose(importance(module, spaces, "l1"), 0.5, "layer"),
+    new_model, new_module, text = prune_model(model, module, choose(importance(module, spaces, method), rate, scope),
                                               spaces)
     again = compiler.analyse(compiler.compile_source(text, "pruned.spec"))
     got = measure(new_module, SMALL)
@@ -89,7 +91,7 @@ def test_pruning_at_half_recompiles_shrinks_and_runs(name):
     assert got["macs"] == again.macs and got["output"] == (10,)
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "shufflenet_v2_x1_0", "squeezenet1_1"])
+@pytest.mark.parametrize("name", ZOO)
 def test_rate_one_keeps_the_outputs(name):
     model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
     module = compiler.build_module(model).eval()
@@ -100,14 +102,18 @@ def test_rate_one_keeps_the_outputs(name):
         assert (new_module.eval()(x) - module(x)).abs().max().item() < 1e-5
 
 
-@pytest.mark.parametrize("name", ["mobilenet_v3_small", "squeezenet1_1", "shufflenet_v2_x1_0", "efficientnet_b0"])
-@pytest.mark.parametrize("fmt", ["fp16", "int8-channel", "int4"])
-def test_weight_formats_are_predicted_exactly(name, fmt):
+@pytest.mark.parametrize("name", ZOO)
+def test_every_weight_format_is_predicted_exactly(name):
+    from compiler.fileformat import SUMMARY_FORMATS, parse_format
+
     model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
-    assert len(model_bytes(compiler.build_module(model), model, fmt)) == compiler.predicted_bytes(model, fmt)
+    module = compiler.build_module(model)
+    for fmt in [*map(parse_format, SUMMARY_FORMATS + ("bf16", "int3-channel")),
+                parse_format("int8-channel", fold_bn=True), parse_format("int4", keep=("*.bias",))]:
+        assert len(model_bytes(module, model, fmt)) == compiler.predicted_bytes(model, fmt), fmt
 
 
-@pytest.mark.parametrize("name", ["resnet50", "mobilenet_v2", "convnext_tiny"])
+@pytest.mark.parametrize("name", ZOO)
 def test_lowrank_applies(name):
     from runtime.steps.lowrank import LowrankConfig, factorize_module
 
