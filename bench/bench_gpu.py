@@ -21,6 +21,7 @@ Smoke test: python bench/bench_gpu.py --device cpu --input 3x32x32 --per-class 2
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import statistics
 import sys
@@ -52,6 +53,21 @@ models: {{teacher: {{spec: {teacher}, checkpoint: {teacher_ckpt}}}}}
 steps:
   - {{name: step, kind: {kind}, model: {model}, epochs: {epochs}{extra}}}
 """
+
+
+@contextlib.contextmanager
+def profiled(enabled: bool, title: str, device):
+    """torch.profiler around the block; prints its top operators by device (or CPU) time."""
+    if not enabled:
+        yield
+        return
+    from torch.profiler import ProfilerActivity, profile
+
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        yield
+    key = "cuda_time_total" if device.type == "cuda" else "cpu_time_total"
+    print(f"\n== profile: {title}\n" + prof.key_averages().table(sort_by=key, row_limit=15), flush=True)
 
 
 def sync(device):
@@ -156,6 +172,9 @@ def main() -> None:
     p.add_argument("--compile", default="off", help="nccompile's speed.compile (off, default, reduce-overhead)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
+    p.add_argument("--profile", action="store_true",
+                   help="also print torch.profiler's top kernels of the tuned loop and of nccompile's step "
+                        "(whole runs, validation included), to find where they differ")
     args = p.parse_args()
     device = torch.device(args.device)
     shape = compiler.parse_shape(args.input)
@@ -188,8 +207,11 @@ def main() -> None:
                         if step == "distill":
                             _, t = build("teacher.spec", shape)
                             t.load_state_dict(teacher.state_dict())
-                        result[loop] = plain_loop(loop, module, t, data, device, batch, args.epochs)
-                    result["nccompile"] = nccompile_step(step, model_name, shape, args, batch, teacher_ckpt, tmp)
+                        with profiled(args.profile and loop == "tuned", f"{step} {model_name} {batch} tuned", device):
+                            result[loop] = plain_loop(loop, module, t, data, device, batch, args.epochs)
+                    with profiled(args.profile, f"{step} {model_name} {batch} nccompile", device):
+                        result["nccompile"] = nccompile_step(step, model_name, shape, args, batch, teacher_ckpt,
+                                                             tmp)
                     tuned = result["tuned"][0]
                     for loop, (rate, acc) in result.items():
                         rows.append({"step": step, "model": model_name, "batch": batch, "loop": loop,
