@@ -39,8 +39,10 @@ def importance(module: torch.nn.Module, spaces: Spaces, method: str, seed: int =
             continue
         bns = [u for u in members if u.node.op == "bn" and named[u.node.path].affine]
         if method == "bn" and bns:
-            for u in bns:
-                score += named[u.node.path].weight.detach().abs().cpu()
+            for u in bns:  # a BatchNorm after a concatenation holds this space's channels at an offset
+                gamma = named[u.node.path].weight.detach().abs().cpu()
+                for at in spaces.offsets(u.outs, space):
+                    score += gamma[at:at + size]
         else:
             p = 2 if method == "l2" else 1
             for u in members:
@@ -126,9 +128,14 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
     new_module = compiler.build_module(new_model)
     new_state = {}
 
-    def index(space):
-        r = spaces.find(space)
-        return kept.get(r, torch.arange(spaces.size[r]))
+    def index(segments):
+        """Kept channel indices of a tensor made of `segments`, each shifted by its offset."""
+        parts, at = [], 0
+        for s in segments:
+            r = spaces.find(s)
+            parts.append(kept.get(r, torch.arange(spaces.size[r])) + at)
+            at += spaces.size[r]
+        return torch.cat(parts)
 
     by_path = {u.node.path: u for u in spaces.usages}
     for name, tensor in old.items():
@@ -137,7 +144,7 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
         if u is None:
             new_state[name] = tensor.contiguous()
             continue
-        new_state[name] = SLICERS[u.role](tensor, leaf, index(u.out), index(u.inp), u.factor).contiguous()
+        new_state[name] = SLICERS[u.role](tensor, leaf, index(u.outs), index(u.ins), u.factor).contiguous()
     load_into(new_module, new_state, "pruned weights")
     return new_model, new_module.train(module.training), text
 

@@ -153,8 +153,15 @@ def test_channel_coupling_through_joins():
     assert out["0"] == out["3.1.3"] == out["4.1.0"] and not spaces.frozen[out["0"]]
     # the squeeze inside the gate is a space of its own, free to prune
     assert out["3.1.1"] not in (out["0"],) and not spaces.frozen[out["3.1.1"]]
-    # concatenated and split channels are tied (not pruned yet)
-    assert spaces.frozen[out["5.0.0"]] and spaces.frozen[out["5.1.0"]] and spaces.frozen[out["6.0.0"]]
+    # a concatenation lists its branches' spaces; a split on their boundary hands them out again
+    assert not any(spaces.frozen[out[p]] for p in ("5.0.0", "5.1.0", "6.0.0"))
+    assert [[spaces.find(s) for s in segs] for segs in spaces.splits["6"]] == [[out["5.0.0"]], [out["5.1.0"]]]
+    head = next(u for u in spaces.usages if u.node.path == "9")
+    assert [spaces.find(s) for s in head.ins] == [out["6.0.0"], out["5.1.0"]]
+    # a split that cuts a segment ties its channels
+    cut = analyse_channels(_compile("model m { input 3x8x8 conv(8) concat split(3, 5) { } { } gap flatten "
+                                    "linear(2) }").root)
+    assert all(cut.frozen[cut.find(u.outs[0])] for u in cut.usages if u.node.path == "0")
 
 
 @pytest.mark.parametrize("method", ["bn", "l1"])

@@ -148,3 +148,18 @@ steps: [{{name: ev, kind: evaluate, model: teacher}}]
                       .replace("missing.safetensors", "tv.safetensors"))
     assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
     assert "do not pair with torchvision's student" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", ["densenet121", "squeezenet1_1", "shufflenet_v2_x1_0", "efficientnet_b0"])
+def test_reordering_every_prunable_space_keeps_the_outputs(name):
+    """Keeping every channel in a shuffled order moves each concatenated segment's weights with it:
+    any slip in an offset changes the outputs."""
+    model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
+    module = compiler.build_module(model).eval()
+    spaces = analyse_channels(model.root)
+    g = torch.Generator().manual_seed(0)
+    kept = {s: torch.randperm(spaces.size[s], generator=g) for s in spaces.prunable()}
+    _, new_module, _ = prune_model(model, module, kept, spaces)
+    x = torch.randn(2, *SMALL)
+    with torch.no_grad():
+        assert (new_module.eval()(x) - module(x)).abs().max().item() < 1e-4
