@@ -44,14 +44,29 @@ class Join(nn.ModuleList):
         self.mode, self.split = mode, split
 
     def forward(self, x):
-        inputs = torch.split(x, self.split, dim=1) if self.split else [x] * len(self)
-        outs = [branch(part) for branch, part in zip(self, inputs)]
+        # indexed, never iterated: torch.fx (the int8 kernels' tracer) cannot iterate a traced split
+        parts = torch.split(x, self.split, dim=1) if self.split else None
+        outs = [branch(x if parts is None else parts[i]) for i, branch in enumerate(self)]
         if self.mode == "concat":
             return torch.cat(outs, dim=1)
         result = outs[0]
         for o in outs[1:]:
             result = result + o if self.mode == "add" else result * o
         return result
+
+
+class ChannelShuffle(nn.Module):
+    """torchvision's ShuffleNetV2 channel shuffle (reshape, transpose): unlike nn.ChannelShuffle it
+    exports to ONNX and runs on quantized tensors."""
+
+    def __init__(self, groups: int):
+        super().__init__()
+        self.groups = groups
+
+    def forward(self, x):
+        from torchvision.models.shufflenetv2 import channel_shuffle
+
+        return channel_shuffle(x, self.groups)
 
 
 class LayerScale(nn.Module):
@@ -116,7 +131,7 @@ BUILDERS = {
     "layerscale": lambda a: LayerScale(a["channels"], a["init"], a["dims"]),
     "adaptive_avgpool": lambda a: nn.AdaptiveAvgPool2d(tuple(a["size"])),
     "droppath": _droppath,
-    "shuffle": lambda a: nn.ChannelShuffle(a["groups"]),
+    "shuffle": lambda a: ChannelShuffle(a["groups"]),
     "torchvision": _torchvision,
 }
 

@@ -300,3 +300,20 @@ def test_in_place_activations_change_nothing_but_memory():
         outs.append((y.detach(), [p.grad.clone() for p in mod.parameters()]))
     assert torch.equal(outs[0][0], outs[1][0])
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
+
+
+def test_int8_kernels_and_onnx_export_run_through_every_construct(tmp_path):
+    """torch.fx traces the joins (the int8 kernels) and the ONNX exporter takes them (shuffle too)."""
+    import onnx
+
+    from runtime.int8 import integer_model
+    from runtime.steps.export import Export
+
+    model = _compile(EVERY_CONSTRUCT)
+    module = _trained_like(model)
+    x = torch.randn(4, 3, 32, 32)
+    quantized, _ = integer_model(module, [x])
+    with torch.no_grad():
+        assert quantized(x).shape == (4, 10)
+    Export._onnx(module, model.input_shape, tmp_path / "m.onnx", 17)
+    assert onnx.load(str(tmp_path / "m.onnx")).graph.output[0].name == "logits"
