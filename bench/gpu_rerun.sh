@@ -1,13 +1,7 @@
 #!/usr/bin/env bash
 # The second device call of a session: the eager benchmark again and the compile moonshot with more time.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 3
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCOMPILE_TEST_DATA=$PWD/.gpudata/cifar10-mini \
-  NCCOMPILE_CACHE_DIR=/tmp/nccache
-data=.gpudata/cifar10-mini
-stamp() { echo "== $(date +%T) $*"; }
+source "$(dirname "$0")/gpu_env.sh"
 stamp pytest
 timeout 40 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py -k "syncs" 2>&1 | tee "$OUT/pytest.log" | tail -3
 stamp bench eager

@@ -5,13 +5,7 @@
 # bench_gpu.log/.json (eager) and bench_compile.log/.json (the moonshot: CUDA graphs at batch 64).
 # Parts run in order of importance, each under its own timeout, so a late one cannot hide an early one.
 set -uo pipefail
-OUT=${OUT:-/tmp/gpu-out}; mkdir -p "$OUT"
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-  || exit 3
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 NCCOMPILE_TEST_DATA=$PWD/.gpudata/cifar10-mini \
-  NCCOMPILE_CACHE_DIR=/tmp/nccache
-data=.gpudata/cifar10-mini
-stamp() { echo "== $(date +%T) $*"; }
+source "$(dirname "$0")/gpu_env.sh"
 nvidia-smi > "$OUT/nvidia-smi.txt" 2>&1
 python3 -c "import torch; print(torch.__version__, torch.cuda.get_device_name())" | tee -a "$OUT/nvidia-smi.txt"
 stamp pytest

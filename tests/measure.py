@@ -24,3 +24,17 @@ def measure(module: torch.nn.Module, input_shape) -> dict:
         "output": tuple(out.shape[1:]),
         "macs": counter.get_total_flops() // 2,
     }
+
+
+def trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
+    """`module` in eval mode with BatchNorms that look trained (varied gamma, beta and statistics), so
+    that a weight copied to the wrong channel shows in the outputs."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.05)
+                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
+                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
+    return module.eval()

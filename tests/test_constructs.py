@@ -16,7 +16,7 @@ from compiler.validate import validate
 from runtime.prune import choose, importance, prune_model
 from runtime.weights import model_bytes
 
-from .measure import measure
+from .measure import measure, trained_like
 
 EVERY_CONSTRUCT = """
 block fire(squeeze: int, expand: int) {
@@ -53,14 +53,7 @@ def _compile(text: str, **kw):
 
 
 def _trained_like(model):
-    module = compiler.build_module(model, seed=1)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.05)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return module.eval()
+    return trained_like(compiler.build_module(model, seed=1))
 
 
 def test_counts_agree_with_the_module_and_the_flop_counter():

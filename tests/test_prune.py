@@ -14,23 +14,14 @@ from runtime.prune import choose, importance, prune_model
 from runtime.weights import model_bytes
 
 from .conftest import DATA, SPECS
-from .measure import measure
+from .measure import measure, trained_like
 from .test_runtime import needs_data
 
 
 def _trained_like(name, input_shape=(3, 32, 32)):
     """A built spec whose BatchNorms look trained (varied gamma and statistics)."""
     model = compiler.compile_spec(SPECS / name, params={"classes": 10}, input_shape=input_shape)
-    module = compiler.build_module(model, seed=1)
-    g = torch.Generator().manual_seed(0)
-    with torch.no_grad():
-        for m in module.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.05)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
-                m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
-                m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
-    return model, module.eval()
+    return model, trained_like(compiler.build_module(model, seed=1))
 
 
 @pytest.mark.parametrize("name", ["student.spec", "resnet18.spec", "student.yaml"])
