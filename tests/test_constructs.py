@@ -310,3 +310,15 @@ def test_int8_kernels_and_onnx_export_run_through_every_construct(tmp_path):
         assert quantized(x).shape == (4, 10)
     Export._onnx(module, model.input_shape, tmp_path / "m.onnx", 17)
     assert onnx.load(str(tmp_path / "m.onnx")).graph.output[0].name == "logits"
+
+
+def test_reordering_every_prunable_space_keeps_the_outputs():
+    model = _compile(EVERY_CONSTRUCT)
+    module = _trained_like(model)
+    spaces = analyse_channels(model.root)
+    g = torch.Generator().manual_seed(0)
+    kept = {s: torch.randperm(spaces.size[s], generator=g) for s in spaces.prunable()}
+    _, new_module, _ = prune_model(model, module, kept, spaces)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert (new_module.eval()(x) - module(x)).abs().max().item() < 1e-4
