@@ -27,6 +27,9 @@ Weight formats (which tensors: every state-dict entry except BatchNorm's
     R: (min, max) pairs, all in one F32 tensor `nccompile.ranges` [R, 2], in
        tensor-name order
     options: `keep` patterns store matching tensors as F32/F16 instead of codes;
+       `overrides` give matching tensors another format of the list above (mixed
+       precision: `fc.*` as int8 in an int4 file, `*.running_*` as fp16, ...), the
+       first matching pattern wins, after `keep`;
        `fold_bn` folds each BatchNorm that follows a conv into that conv first
        (the BN tensors disappear, the conv gains a bias), listed in the metadata.
 
@@ -73,6 +76,7 @@ class WeightFormat:
     keep      fnmatch patterns of tensor names stored as floats instead (e.g. "*.bias")
     keep_dtype  F32 or F16 for those
     fold_bn   fold every BatchNorm that directly follows a conv into that conv first
+    overrides (fnmatch pattern, format name) pairs: matching tensors use that format instead
     """
 
     name: str
@@ -82,6 +86,7 @@ class WeightFormat:
     keep_dtype: str = "F32"
     fold_bn: bool = False
     dtype: str = "U8"         # how values are stored: F32 / F16 / BF16 for float formats, U8 codes otherwise
+    overrides: tuple[tuple[str, str], ...] = ()
 
     @property
     def quantized(self) -> bool:
@@ -89,8 +94,22 @@ class WeightFormat:
 
     def options(self) -> dict:
         """The parts of the format a reader needs, stored in the file's metadata."""
-        return {"scheme": self.scheme, "bits": self.bits, "keep": list(self.keep), "keep_dtype": self.keep_dtype,
-                "fold_bn": self.fold_bn}
+        options = {"scheme": self.scheme, "bits": self.bits, "keep": list(self.keep), "keep_dtype": self.keep_dtype,
+                   "fold_bn": self.fold_bn}
+        if self.overrides:  # only where used: the files of plain formats keep their exact size
+            options["overrides"] = [list(o) for o in self.overrides]
+        return options
+
+    def of(self, name: str) -> WeightFormat:
+        """The format tensor `name` is stored in (`keep` first, then the first matching override)."""
+        from fnmatch import fnmatchcase
+
+        if any(fnmatchcase(name, p) for p in self.keep):
+            return parse_format("fp32" if self.keep_dtype == "F32" else "fp16")
+        for pattern, fmt in self.overrides:
+            if fnmatchcase(name, pattern):
+                return parse_format(fmt)
+        return self
 
 
 # Formats a budget may name and the summary lists. `int8` is the course's scheme (= int8-tensor).
@@ -99,16 +118,21 @@ FORMAT_HELP = "fp32, fp16, bf16, int8 (= int8-tensor), intN or intN-tensor or in
 FLOAT_FORMATS = {"fp32": ("F32", 32), "fp16": ("F16", 16), "bf16": ("BF16", 16)}
 
 
-def parse_format(name: str, *, keep=(), keep_dtype: str = "F32", fold_bn: bool = False) -> WeightFormat:
-    """`fp32`, `fp16`, `bf16`, `int8`, `int8-tensor`, `int8-channel`, `int4`, `int2-channel`, ..."""
+def parse_format(name: str, *, keep=(), keep_dtype: str = "F32", fold_bn: bool = False,
+                 overrides=()) -> WeightFormat:
+    """`fp32`, `fp16`, `bf16`, `int8`, `int8-tensor`, `int8-channel`, `int4`, `int2-channel`, ...;
+    `overrides`: (pattern, format name) pairs for mixed precision."""
+    overrides = tuple((str(p), str(f)) for p, f in overrides)
+    for _, f in overrides:
+        parse_format(f)  # each must be a plain format
     if name in FLOAT_FORMATS:
         dtype, bits = FLOAT_FORMATS[name]
-        return WeightFormat(name, "float", bits, tuple(keep), keep_dtype, fold_bn, dtype)
+        return WeightFormat(name, "float", bits, tuple(keep), keep_dtype, fold_bn, dtype, overrides)
     base, _, scheme = name.partition("-")
     scheme = scheme or "tensor"
     if base.startswith("int") and base[3:].isdigit() and 2 <= int(base[3:]) <= 8 and scheme in ("tensor", "channel"):
         canonical = base if scheme == "tensor" else f"{base}-channel"
-        return WeightFormat(canonical, scheme, int(base[3:]), tuple(keep), keep_dtype, fold_bn)
+        return WeightFormat(canonical, scheme, int(base[3:]), tuple(keep), keep_dtype, fold_bn, overrides=overrides)
     raise ValueError(f"unknown weight format {name!r}; known: {FORMAT_HELP}")
 
 
@@ -137,12 +161,6 @@ def code_shape(shape, bits: int) -> tuple[int, ...]:
     return tuple(shape) if bits == 8 else ((numel(shape) * bits + 7) // 8,)
 
 
-def keeps(name: str, fmt: WeightFormat) -> bool:
-    from fnmatch import fnmatchcase
-
-    return any(fnmatchcase(name, pattern) for pattern in fmt.keep)
-
-
 @dataclass(frozen=True)
 class Entry:
     """One float tensor of the model and how the file stores it."""
@@ -151,6 +169,7 @@ class Entry:
     shape: tuple[int, ...]           # the tensor's own shape
     stored: StoredTensor             # as stored: a float dtype, or U8 codes (bit-packed below 8 bits)
     rows: tuple[int, int] | None     # its (min, max) pairs: rows [start, stop) of `nccompile.ranges`
+    bits: int | None = None          # code width of a quantized entry
 
 
 @dataclass(frozen=True)
@@ -175,18 +194,19 @@ def layout(tensors: list[tuple[str, tuple[int, ...]]], fmt: WeightFormat | str) 
     """
     if isinstance(fmt, str):
         fmt = parse_format(fmt)
-    if not fmt.quantized:
-        entries = tuple(Entry(n, tuple(s), StoredTensor(n, fmt.keep_dtype if keeps(n, fmt) else fmt.dtype, tuple(s)),
-                              None) for n, s in tensors)
+    formats = {n: fmt.of(n) for n, _ in tensors}
+    if not any(f.quantized for f in formats.values()):
+        entries = tuple(Entry(n, tuple(s), StoredTensor(n, formats[n].dtype, tuple(s)), None) for n, s in tensors)
         return Layout(fmt, entries, None)
     entries, row = [], 0
     for name, shape in sorted(tensors):
-        shape = tuple(shape)
-        if keeps(name, fmt):
-            entries.append(Entry(name, shape, StoredTensor(name, fmt.keep_dtype, shape), None))
+        shape, f = tuple(shape), formats[name]
+        if not f.quantized:
+            entries.append(Entry(name, shape, StoredTensor(name, f.dtype, shape), None))
         else:
-            n = range_rows(shape, fmt)
-            entries.append(Entry(name, shape, StoredTensor(name, "U8", code_shape(shape, fmt.bits)), (row, row + n)))
+            n = range_rows(shape, f)
+            entries.append(Entry(name, shape, StoredTensor(name, "U8", code_shape(shape, f.bits)), (row, row + n),
+                                 f.bits))
             row += n
     return Layout(fmt, tuple(entries), StoredTensor(RANGES, "F32", (row, 2)))
 

@@ -86,8 +86,8 @@ def encode(tensors: dict[str, torch.Tensor], fmt: WeightFormat | str) -> dict[st
         if e.rows is None:
             out[e.name] = t.to(_TORCH_DTYPES[e.stored.dtype]).contiguous()
             continue
-        codes, r = quantize(t, lay.format.bits, e.rows[1] - e.rows[0])
-        out[e.name] = (codes if lay.format.bits == 8 else pack_bits(codes, lay.format.bits)).contiguous()
+        codes, r = quantize(t, e.bits, e.rows[1] - e.rows[0])
+        out[e.name] = (codes if e.bits == 8 else pack_bits(codes, e.bits)).contiguous()
         ranges.append(r)
     if lay.ranges is not None:
         out[fileformat.RANGES] = torch.cat(ranges) if ranges else torch.zeros((0, 2))
@@ -115,7 +115,7 @@ def decode(stored: dict[str, torch.Tensor], fmt: WeightFormat | str,
         if e.rows is None:
             out[e.name] = t.float()
             continue
-        bits = lay.format.bits
+        bits = e.bits
         codes = t if bits == 8 else unpack_bits(t, bits, fileformat.numel(e.shape)).reshape(e.shape)
         out[e.name] = dequantize(codes, ranges[e.rows[0]:e.rows[1]], bits)
     return out
@@ -264,7 +264,8 @@ class ModelFile:
         try:
             options = json.loads(self.meta.get("quant", "{}"))
             return parse_format(self.meta["format"], keep=options.get("keep", ()),
-                                keep_dtype=options.get("keep_dtype", "F32"), fold_bn=options.get("fold_bn", False))
+                                keep_dtype=options.get("keep_dtype", "F32"), fold_bn=options.get("fold_bn", False),
+                                overrides=options.get("overrides", ()))
         except (ValueError, KeyError, TypeError, AttributeError) as err:
             raise WeightsError(f"{self.path}: unreadable format in the file's metadata ({err})") from None
 

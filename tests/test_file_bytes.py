@@ -164,3 +164,41 @@ def test_lzma_copy_loads_and_is_measured(tmp_path):
     a, _, _ = load_model(path)
     b, _, _ = load_model(xz)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
+
+
+MIXED = [("fc.*", "int8-channel"), ("*.running_*", "fp16"), ("features.0.*", "fp32"), ("*.pw.*", "int3-channel")]
+
+
+@pytest.mark.parametrize("name", ["student.spec", "resnet18.spec", "origin.spec"])
+@pytest.mark.parametrize("base", ["int4-channel", "int2", "fp16"])
+def test_mixed_precision_files_are_predicted_exactly(tmp_path, name, base):
+    model, module = _built(name)
+    wf = parse_format(base, overrides=MIXED)
+    path = tmp_path / "m.safetensors"
+    assert save_model(module, model, path, wf) == path.stat().st_size == compiler.predicted_bytes(model, wf)
+
+
+def test_mixed_precision_stores_each_tensor_in_its_format_and_rebuilds(tmp_path):
+    """Each tensor decodes exactly as a file of its own format would hold it."""
+    model, module = _built("student.spec")
+    path = tmp_path / "mixed.safetensors"
+    save_model(module, model, path, parse_format("int4-channel", overrides=MIXED, keep=("*.bias",)))
+    file = ModelFile(path)
+    assert file.format.overrides == tuple(tuple(o) for o in MIXED)
+    dtypes = {k: v.dtype for k, v in file.stored.items()}
+    assert dtypes["fc.bias"] == torch.float32  # `keep` comes before the overrides
+    assert dtypes["features.1.running_mean"] == torch.float16
+    assert dtypes["features.0.weight"] == torch.float32
+    rebuilt = state_tensors(file.build())
+    for fmt, names in (("int8-channel", ["fc.weight"]), ("int3-channel", ["features.4.pw.weight"]),
+                       ("int4-channel", ["features.4.dw.weight"])):
+        single = tmp_path / f"{fmt}.safetensors"
+        save_model(module, model, single, fmt)
+        alone = state_tensors(ModelFile(single).build())
+        for n in names:
+            assert torch.equal(rebuilt[n], alone[n]), (fmt, n)
+
+
+def test_an_override_must_name_a_format():
+    with pytest.raises(ValueError, match="unknown weight format 'int9'"):
+        parse_format("int4", overrides=[("fc.*", "int9")])

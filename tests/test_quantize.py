@@ -88,3 +88,23 @@ def test_quantize_step_rejects_unknown_format(capsys, in_root, tmp_path):
                       "  - {name: q, kind: quantize, format: int9}\n")
     assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
     assert "unknown format `int9`" in capsys.readouterr().err
+
+
+def test_quantize_step_writes_mixed_precision_of_the_predicted_size(tmp_path, capsys, in_root):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text("name: q\ndata: {limit_per_class: 5}\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"
+                      "  - {name: q, kind: quantize, format: int4-channel, evaluate: false,\n"
+                      "     formats: {'fc.*': int8-channel, '*.running_*': fp16}}\n")
+    out = tmp_path / "run"
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--device", "cpu", "--out", str(out)]) == 0
+    step = json.loads((out / "report.json").read_text())["steps"][1]
+    m = step["metrics"]
+    assert m["file_bytes"] == m["predicted_bytes"] == (out / step["model_file"]).stat().st_size
+    assert ModelFile(out / step["model_file"]).format.overrides == (("fc.*", "int8-channel"), ("*.running_*", "fp16"))
+    capsys.readouterr()
+    for formats, fragment in (("{'fc.*': int9}", "formats.fc.*: unknown format `int9`"),
+                              ("{'head.*': int8}", "formats pattern(s) 'head.*' match no tensor of `student`")):
+        recipe.write_text("name: q\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"
+                          f"  - {{name: q, kind: quantize, format: int4, formats: {formats}}}\n")
+        assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
+        assert fragment in capsys.readouterr().err

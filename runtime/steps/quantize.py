@@ -20,6 +20,7 @@ class QuantizeConfig(StepConfig):
     fold_bn: bool = False                    # fold BatchNorm into the preceding conv first
     keep: list[str] = []                     # tensor-name patterns kept as floats, e.g. ["*.bias"]
     keep_dtype: Literal["fp32", "fp16"] = "fp32"
+    formats: dict[str, str] = {}             # mixed precision: tensor-name pattern -> format, e.g. {"fc.*": int8}
     compress: Literal["none", "lzma"] = "none"  # also write an lzma-compressed copy (size measured)
     budget_on_compressed: bool = False       # check the spec's bytes budgets against the compressed copy
     evaluate: bool = True                    # accuracy of fp32 and of the dequantized model, side by side
@@ -29,9 +30,13 @@ class QuantizeConfig(StepConfig):
     def weight_format(self):
         if not is_format(self.format):
             raise NcError(f"quantize step `{self.name}`: unknown format `{self.format}` (known: {FORMAT_HELP})")
+        for pattern, fmt in self.formats.items():
+            if not is_format(fmt):
+                raise NcError(f"quantize step `{self.name}`: formats.{pattern}: unknown format `{fmt}` "
+                              f"(known: {FORMAT_HELP})")
         return parse_format(self.format, keep=tuple(self.keep),
                             keep_dtype="F16" if self.keep_dtype == "fp16" else "F32",
-                            fold_bn=self.fold_bn)
+                            fold_bn=self.fold_bn, overrides=tuple(self.formats.items()))
 
 
 @register
@@ -50,10 +55,21 @@ class Quantize(StepKind):
             cfg.weight_format()
         except NcError as err:
             return [str(err)]
+        if cfg.formats and cfg.model in models:
+            from fnmatch import fnmatchcase
+
+            from compiler.fileformat import weight_tensors
+
+            names = [n for n, _ in weight_tensors(models[cfg.model].model, cfg.fold_bn)]
+            unused = [p for p in cfg.formats if not any(fnmatchcase(n, p) for n in names)]
+            if unused:
+                return [f"quantize step `{cfg.name}`: formats pattern(s) {', '.join(map(repr, unused))} match no "
+                        f"tensor of `{cfg.model}` (its tensors are named like {names[0]!r}, {names[-1]!r})"]
         return []
 
     def describe(self, cfg):
         extras = [x for x in ("fold BN" if cfg.fold_bn else "", f"keep {cfg.keep}" if cfg.keep else "",
+                              f"formats {cfg.formats}" if cfg.formats else "",
                               "lzma" if cfg.compress == "lzma" else "",
                               "int8 kernels" if cfg.integer_inference else "") if x]
         return f"quantize {cfg.model} to {cfg.format}" + (f" ({', '.join(extras)})" if extras else "")
