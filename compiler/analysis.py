@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from . import fileformat
 from .expr import evaluate
-from .fileformat import as_format, predicted_bytes
+from .fileformat import SPEC, WeightFormat, as_format, model_format, predicted_bytes
 from .tree import Model, Node
 
 
@@ -76,8 +76,13 @@ def _rows(root: Node) -> list[Row]:
     return rows
 
 
-def _top(root: Node, metric: str, fmt: str | None, n: int = 3) -> list[tuple[str, str, int]]:
-    per_elem = as_format(fmt).bits / 8 if fmt else 1
+def format_key(fmt: str) -> str:
+    """How budgets and measured sizes name a format: `spec`, or the format's canonical name."""
+    return fmt if fmt == SPEC else as_format(fmt).name
+
+
+def _top(root: Node, metric: str, fmt: WeightFormat | None, n: int = 3) -> list[tuple[str, str, int]]:
+    per_elem = fmt.bits / 8 if fmt else 1  # the default's width: a ranking, not a size
     values = []
     for leaf in root.leaves():
         if metric == "macs":
@@ -99,20 +104,22 @@ def budgets(model: Model, measured_bytes: dict[str, int] | None = None) -> list[
     out = []
     for b in model.definition.budgets:
         limit = evaluate(b.limit, model.params)
+        fmt = model_format(model, b.format) if b.format else None
         if b.metric == "bytes":
-            name = as_format(b.format).name
-            value = (measured_bytes or {}).get(name)
+            value = (measured_bytes or {}).get(format_key(b.format))
             value = predicted_bytes(model, b.format) if value is None else value
         else:
             value = totals[b.metric]
         out.append(BudgetResult(f"{b.title} <= {limit:,}", b.metric, b.format, limit, value, value <= limit,
-                                _top(root, b.metric, b.format)))
+                                _top(root, b.metric, fmt)))
     return out
 
 
 def analyse(model: Model) -> Analysis:
     root = model.root
     byte_sizes = {fmt: predicted_bytes(model, fmt) for fmt in fileformat.SUMMARY_FORMATS}
+    if model.definition.precision is not None:
+        byte_sizes[SPEC] = predicted_bytes(model, SPEC)
     for b in model.definition.budgets:  # any other format a budget names
         if b.metric == "bytes" and b.format not in byte_sizes:
             byte_sizes[b.format] = predicted_bytes(model, b.format)

@@ -311,7 +311,22 @@ class _Elaborator:
             return self.torchvision(only.term, input_shape, params, "", "")
         self.symbols[id(params)] = {name: name for name in params}
         children = self.body(m.body, input_shape, params, "")
-        return self.container("", "", m.name, input_shape, children, m.span)
+        root = self.container("", "", m.name, input_shape, children, m.span)
+        if m.precision is not None:
+            self.check_precision(m.precision, root)
+        return root
+
+    def check_precision(self, precision: ir.Precision, root: Node) -> None:
+        """Each pattern must name at least one layer with weights (a typo would silently do nothing)."""
+        from fnmatch import fnmatchcase
+
+        paths = [n.path for n in root.walk() if n.tensors]
+        for r in precision.rules:
+            if not any(fnmatchcase(p, r.pattern) or fnmatchcase(p, f"{r.pattern}.*") for p in paths):
+                self.diags.error(f"precision pattern `{r.pattern}` matches no layer with weights", r.span,
+                                 expected=f"a layer path such as `{paths[-1] if paths else 'fc'}` or a pattern "
+                                          "such as `features.*`",
+                                 hint=did_you_mean(r.pattern, paths))
 
 
 _EXAMPLE = {"int": "10", "float": "0.5", "bool": "true"}

@@ -80,6 +80,10 @@ def emit(model: Model, root: Node | None = None, *, name: str | None = None, com
     lines = [f"# {line}" for line in comment.splitlines()] if comment else []
     lines.append(f"model {name or model.name}({header}) {{")
     lines.append(f"    input {fmt_shape(model.input_shape)}")
+    p = model.definition.precision
+    if p is not None:
+        rules = ", ".join(f'"{r.pattern}": {r.format}' for r in p.rules)
+        lines.append(f"    precision {p.default}" + (f" {{ {rules} }}" if rules else ""))
     for b in model.definition.budgets:
         lines.append(f"    budget {b.title} <= {number(evaluate(b.limit, model.params))}")
     if root.op == "torchvision" and root.path == "":

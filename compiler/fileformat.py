@@ -302,19 +302,36 @@ def weight_tensors(model: Model, fold_bn: bool = False) -> list[tuple[str, tuple
     return out
 
 
+SPEC = "spec"  # the format a model's `precision` section states (`bytes(spec)`, `format: spec`)
+
+
+def spec_format(model: Model, **options) -> WeightFormat:
+    """The format of the model's `precision` section: its default, and its layer-path patterns as
+    overrides of those layers' tensors (`fc` -> `fc.*`)."""
+    p = model.definition.precision
+    if p is None:
+        raise ValueError(f"model `{model.name}` has no `precision` section")
+    rules = [(f"{r.pattern}.*", r.format) for r in p.rules] + list(options.pop("overrides", ()))
+    return parse_format(p.default, overrides=rules, **options)
+
+
+def model_format(model: Model, fmt: str | WeightFormat) -> WeightFormat:
+    return spec_format(model) if fmt == SPEC else as_format(fmt)
+
+
 def model_layout(model: Model, fmt: str | WeightFormat) -> Layout:
-    fmt = as_format(fmt)
+    fmt = model_format(model, fmt)
     return layout(weight_tensors(model, fmt.fold_bn), fmt)
 
 
 def file_metadata(model: Model, fmt: str | WeightFormat) -> dict[str, str]:
-    fmt = as_format(fmt)
+    fmt = model_format(model, fmt)
     folded = [bn.path for _, bn in fold_pairs(model.root)] if fmt.fold_bn else []
     return metadata(fmt=fmt, model=model.name, spec_source=model.source, syntax=model.syntax,
                     params=model.params, input_shape=model.input_shape, folded=folded)
 
 
 def predicted_bytes(model: Model, fmt: str | WeightFormat) -> int:
-    """Exact size of the model file the runtime writes in format `fmt`."""
-    fmt = as_format(fmt)
+    """Exact size of the model file the runtime writes in format `fmt` (`spec`: the model's precision)."""
+    fmt = model_format(model, fmt)
     return file_bytes(model_layout(model, fmt).stored(), file_metadata(model, fmt))

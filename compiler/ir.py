@@ -147,6 +147,18 @@ class BlockDef(IRNode):
     body: list[Element] = []
 
 
+class PrecisionRule(IRNode):
+    pattern: str              # fnmatch pattern of layer paths ("fc", "features.*")
+    format: str
+
+
+class Precision(IRNode):
+    """`precision int4-channel { "fc": int8 }`: the weight format of each layer's tensors (`bytes(spec)`)."""
+
+    default: str
+    rules: list[PrecisionRule] = []
+
+
 class ModelDef(IRNode):
     name: str
     params: list[ParamDecl] = []
@@ -154,6 +166,7 @@ class ModelDef(IRNode):
     width_mult: Expr | None = None
     round_to: Expr | None = None
     budgets: list[Budget] = []
+    precision: Precision | None = None
     body: list[Element] = []
 
 

@@ -68,8 +68,13 @@ class _Validator:
                 self.diags.error(f"input sizes must be at least 1 and below 2^63, got {'x'.join(map(str, m.input))}",
                                  m.span)
             scope = {p.name for p in m.params}
+            if m.precision is not None:
+                for where, fmt in [(m.precision, m.precision.default)] + [(r, r.format) for r in m.precision.rules]:
+                    if not is_format(fmt):
+                        self.diags.error(f"unknown weight format `{fmt}` in `precision`", where.span,
+                                         expected=FORMAT_HELP, hint=did_you_mean(fmt, self.formats))
             for b in m.budgets:
-                self.budget(b, scope)
+                self.budget(b, scope, has_precision=m.precision is not None)
             for e in (m.width_mult, m.round_to):
                 if e is not None:
                     self.expr(e, scope)
@@ -91,11 +96,14 @@ class _Validator:
                 self.expr(p.default, scope)
         return params
 
-    def budget(self, b: ir.Budget, scope: set[str]) -> None:
+    def budget(self, b: ir.Budget, scope: set[str], has_precision: bool = False) -> None:
         if b.metric not in BUDGET_METRICS:
             self.diags.error(f"unknown budget `{b.metric}`", b.span, expected=", ".join(BUDGET_METRICS),
                              hint=did_you_mean(b.metric, BUDGET_METRICS))
-        elif b.metric == "bytes" and not (b.format and is_format(b.format)):
+        elif b.metric == "bytes" and b.format == "spec" and not has_precision:
+            self.diags.error("`bytes(spec)` needs a `precision` section in the model", b.span,
+                             hint="add e.g. `precision int4-channel { \"fc\": int8 }`, or name a format")
+        elif b.metric == "bytes" and b.format != "spec" and not (b.format and is_format(b.format)):
             what = f"unknown weight format `{b.format}`" if b.format else "a bytes budget needs a weight format"
             self.diags.error(what, b.span, expected=f"bytes(FORMAT) with FORMAT one of {FORMAT_HELP}",
                              hint=did_you_mean(b.format or "", self.formats))

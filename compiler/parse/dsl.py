@@ -193,6 +193,14 @@ class _Converter:
                 fields["budgets"].append(ir.Budget(
                     metric=str(metric), format=str(fmt) if fmt is not None else None,
                     limit=self.expr(limit), span=self.span(metric)))
+            elif item.data == "precision_stmt":
+                default, *rules = item.children
+                if "precision" in fields:
+                    raise SpecError([Diagnostic("a model has one `precision` section", self.span(item))])
+                fields["precision"] = ir.Precision(
+                    default=str(default), span=self.span(default),
+                    rules=[ir.PrecisionRule(pattern=str(r.children[0])[1:-1], format=str(r.children[1]),
+                                            span=self.span(r.children[0])) for r in rules if r is not None])
             elif item.data == "width_stmt":
                 mult, round_to = item.children
                 fields["width_mult"] = self.expr(mult)

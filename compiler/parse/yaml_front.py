@@ -194,7 +194,7 @@ class _YamlConverter:
 
     def model(self, node) -> ir.ModelDef:
         fields = {k: (kn, v) for k, kn, v in self.mapping(node, "model")}
-        known = {"name", "params", "input", "width_mult", "round_to", "budgets", "layers"}
+        known = {"name", "params", "input", "width_mult", "round_to", "budgets", "layers", "precision"}
         for key in fields.keys() - known:
             self.diags.error(f"unknown key `{key}` in model", self.span(fields[key][0]),
                              expected=", ".join(f"`{k}`" for k in sorted(known)), hint=did_you_mean(key, known))
@@ -218,8 +218,28 @@ class _YamlConverter:
                 budgets.append(ir.Budget(metric=metric.strip(), format=fmt.strip() if fmt else None,
                                          limit=self.value(v), span=self.span(kn)))
         out["budgets"] = budgets
+        if "precision" in fields:
+            out["precision"] = self.precision(fields["precision"][1])
         out["body"] = self.elements(fields["layers"][1]) if "layers" in fields else []
         return ir.ModelDef(**out)
+
+    def precision(self, node) -> ir.Precision | None:
+        """`precision: int4-channel`, or `{default: int4-channel, fc: int8, "features.*": fp16}`."""
+        if isinstance(node, yaml.ScalarNode):
+            return ir.Precision(default=self.text(node, "`precision`", "int8"), span=self.span(node))
+        items = self.mapping(node, "`precision`")
+        rules, default = [], None
+        for key, kn, v in items:
+            fmt = self.text(v, f"the format of `{key}`", "int8")
+            if key == "default":
+                default = fmt
+            else:
+                rules.append(ir.PrecisionRule(pattern=key, format=fmt, span=self.span(kn)))
+        if default is None:
+            self.diags.error("`precision` needs a `default` format", self.span(node),
+                             hint="e.g. precision: {default: int4-channel, fc: int8}")
+            return None
+        return ir.Precision(default=default, rules=rules, span=self.span(node))
 
     def shape(self, node) -> list[int] | None:
         if isinstance(node, yaml.SequenceNode):

@@ -5,9 +5,9 @@ from typing import Literal
 
 from pydantic import Field
 
-from compiler.analysis import budgets, predicted_bytes
+from compiler.analysis import budgets, format_key, predicted_bytes
 from compiler.errors import BudgetError, NcError
-from compiler.fileformat import FORMAT_HELP, is_format, parse_format
+from compiler.fileformat import FORMAT_HELP, SPEC, is_format, parse_format, spec_format
 
 from .. import distributed
 from ..weights import ModelFile, compress_file, save_model
@@ -16,7 +16,8 @@ from .base import StepConfig, StepKind, StepResult, register
 
 class QuantizeConfig(StepConfig):
     kind: str = "quantize"
-    format: str = "int8"                     # fp16, int8 (the course's), int8-channel, intN, intN-channel
+    format: str = "int8"                     # fp16, int8 (the course's), int8-channel, intN, intN-channel;
+                                             # spec: the spec's `precision` section
     fold_bn: bool = False                    # fold BatchNorm into the preceding conv first
     keep: list[str] = []                     # tensor-name patterns kept as floats, e.g. ["*.bias"]
     keep_dtype: Literal["fp32", "fp16"] = "fp32"
@@ -27,16 +28,22 @@ class QuantizeConfig(StepConfig):
     integer_inference: bool = False          # also run PyTorch's int8 CPU kernels: accuracy and latency
     calibration_batches: int = Field(8, ge=1)
 
-    def weight_format(self):
-        if not is_format(self.format):
+    def weight_format(self, model=None):
+        options = dict(keep=tuple(self.keep), keep_dtype="F16" if self.keep_dtype == "fp16" else "F32",
+                       fold_bn=self.fold_bn, overrides=tuple(self.formats.items()))
+        if self.format == SPEC:
+            if model is not None and model.definition.precision is None:
+                raise NcError(f"quantize step `{self.name}`: format `spec` needs a `precision` section in the spec "
+                              f"of `{self.model}`")
+            if model is not None:
+                return spec_format(model, **options)
+        elif not is_format(self.format):
             raise NcError(f"quantize step `{self.name}`: unknown format `{self.format}` (known: {FORMAT_HELP})")
         for pattern, fmt in self.formats.items():
             if not is_format(fmt):
                 raise NcError(f"quantize step `{self.name}`: formats.{pattern}: unknown format `{fmt}` "
                               f"(known: {FORMAT_HELP})")
-        return parse_format(self.format, keep=tuple(self.keep),
-                            keep_dtype="F16" if self.keep_dtype == "fp16" else "F32",
-                            fold_bn=self.fold_bn, overrides=tuple(self.formats.items()))
+        return parse_format("fp32" if self.format == SPEC else self.format, **options)
 
 
 @register
@@ -52,7 +59,7 @@ class Quantize(StepKind):
 
     def check(self, cfg, models, listing) -> list[str]:
         try:
-            cfg.weight_format()
+            cfg.weight_format(models[cfg.model].model if cfg.model in models else None)
         except NcError as err:
             return [str(err)]
         if cfg.formats and cfg.model in models:
@@ -75,8 +82,8 @@ class Quantize(StepKind):
         return f"quantize {cfg.model} to {cfg.format}" + (f" ({', '.join(extras)})" if extras else "")
 
     def run(self, cfg: QuantizeConfig, ctx, key: str = "") -> StepResult:
-        fmt = cfg.weight_format()
         slot = ctx.models[cfg.model]
+        fmt = cfg.weight_format(slot.model)
         module = slot.build(ctx.device, ctx.recipe.seed).eval()
         step_dir = ctx.run.step_dir(cfg.name)
         path = step_dir / "model.safetensors"
@@ -120,8 +127,8 @@ class Quantize(StepKind):
         on_compressed = cfg.budget_on_compressed and "compressed_bytes" in metrics
         value = metrics["compressed_bytes"] if on_compressed else metrics["file_bytes"]
         measured_on = "compressed file" if on_compressed else "file"
-        results = [b for b in budgets(slot.model, {fmt.name: value})
-                   if b.metric == "bytes" and parse_format(b.format).name == fmt.name]
+        key = SPEC if cfg.format == SPEC else fmt.name
+        results = [b for b in budgets(slot.model, {key: value}) if b.metric == "bytes" and format_key(b.format) == key]
         metrics["budgets"] = [{"name": b.name, "value": b.value, "ok": b.ok, "measured_on": measured_on}
                               for b in results]
         failed = [b for b in results if not b.ok]
