@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from . import fileformat
 from .expr import evaluate
-from .fileformat import SPEC, WeightFormat, as_format, model_format, predicted_bytes
+from .fileformat import SPEC, WeightFormat, as_format, model_format, predicted_bytes, spec_format
 from .tree import Model, Node
 
 
@@ -19,10 +19,14 @@ class Row:
     params: int
     macs: int
     activations: int  # output elements of this module for one sample
+    format: str | None = None  # with a `precision` section: the format of the layer's weights
 
     def to_json(self) -> dict:
-        return {"path": self.path, "type": self.type, "depth": self.depth, "output": list(self.output),
-                "params": self.params, "macs": self.macs, "activations": self.activations}
+        out = {"path": self.path, "type": self.type, "depth": self.depth, "output": list(self.output),
+               "params": self.params, "macs": self.macs, "activations": self.activations}
+        if self.format is not None:
+            out["format"] = self.format
+        return out
 
 
 @dataclass
@@ -66,13 +70,16 @@ class Analysis:
                 "ok": self.ok, "param_values": self.param_values, "layers": [r.to_json() for r in self.rows]}
 
 
-def _rows(root: Node) -> list[Row]:
+def _rows(root: Node, precision: WeightFormat | None = None) -> list[Row]:
     rows = []
     for node in root.walk():
         if node is root:
             continue
+        fmt = None
+        if precision is not None and node.tensors and not node.children:
+            fmt = precision.of(f"{node.path}.{node.tensors[0].name}" if node.path else node.tensors[0].name).name
         rows.append(Row(node.path, node.layer, node.path.count(".") + 1, node.out_shape, node.params,
-                        node.total_macs, math.prod(node.out_shape)))
+                        node.total_macs, math.prod(node.out_shape), fmt))
     return rows
 
 
@@ -127,4 +134,4 @@ def analyse(model: Model) -> Analysis:
     leaves = root.leaves()
     return Analysis(model.name, model.spec.path, model.input_shape, totals["params"], root.buffers, totals["macs"],
                     sum(math.prod(n.out_shape) for n in leaves if n is not root), byte_sizes, budgets(model),
-                    _rows(root), dict(model.params))
+                    _rows(root, spec_format(model) if model.definition.precision else None), dict(model.params))

@@ -19,8 +19,11 @@ def table(a: Analysis, max_depth: int | None = None) -> str:
     header = ("Layer", "Type", "Output", "Params", "MACs")
     body = [("  " * (r.depth - 1) + r.path,
              r.type, fmt_shape(r.output), f"{r.params:,}", f"{r.macs:,}") for r in rows]
-    widths = [max(len(x) for x in col) for col in zip(header, *body)]
     align = ("<", "<", "<", ">", ">")
+    if any(r.format for r in a.rows):  # a `precision` section: each layer's weight format
+        header, align = header + ("Format",), align + ("<",)
+        body = [b + (r.format or "",) for b, r in zip(body, rows)]
+    widths = [max(len(x) for x in col) for col in zip(header, *body)]
 
     def line(cells):
         return "  ".join(f"{c:{al}{w}}" for c, al, w in zip(cells, align, widths)).rstrip()

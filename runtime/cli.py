@@ -125,6 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("nccompile: interrupted", file=sys.stderr)
         return 130
+    except BrokenPipeError:  # the reader went away (`nccompile spec | head`): stop quietly, as cat does
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise fail again flushing stdout at exit
+        return 141
     except Exception as err:  # a bug in nccompile, not bad input
         if os.environ.get("NCCOMPILE_DEBUG"):
             raise

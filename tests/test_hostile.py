@@ -503,3 +503,16 @@ def test_weights_poisoned_by_one_step_are_never_saved(tmp_path, capsys, in_root)
                          "--out", str(out)], capsys)
     assert code == 2 and "the weights' values became NaN or infinite in epoch 1" in printed, printed[-2000:]
     assert not list(out.glob("steps/train/*.safetensors"))
+
+
+def test_a_reader_that_goes_away_is_no_internal_error(in_root):
+    """`nccompile big.spec | head -1`: the pipe closes while the table is printed."""
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "specs/zoo/densenet121.spec"], stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+    proc.stdout.readline()
+    proc.stdout.close()
+    err = proc.stderr.read().decode()
+    assert proc.wait(timeout=60) in (0, 141) and "internal error" not in err and "Traceback" not in err, err

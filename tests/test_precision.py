@@ -122,3 +122,19 @@ def test_pruned_and_factorized_specs_keep_the_precision():
     assert "fc" in ranks  # fc is now fc.0 and fc.1: the pattern still names it
     again = compiler.compile_source(low_text, "low.spec")
     assert spec_format(again).of("fc.1.weight").name == "int8-channel"
+
+
+def test_the_summary_shows_each_layers_format(capsys):
+    import tempfile
+    from pathlib import Path
+
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = Path(tmp) / "mixed.spec"
+        spec.write_text(MIXED)
+        assert main([str(spec), "--json"]) == 0
+        layers = {r["path"]: r.get("format") for r in json.loads(capsys.readouterr().out)["layers"]}
+        assert main([str(spec)]) == 0
+        text = capsys.readouterr().out
+    assert layers["fc"] == "int8-channel" and layers["features.0"] == "fp16"
+    assert layers["features.4.pw"] == "int4-channel" and layers["features.2"] is None  # relu: no weights
+    assert "Format" in text.splitlines()[2]
