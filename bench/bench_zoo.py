@@ -30,25 +30,16 @@ sys.path.insert(0, str(ROOT))
 import compiler  # noqa: E402
 from compiler.channels import analyse_channels  # noqa: E402
 from runtime.prune import choose, importance, prune_model, shrink_to  # noqa: E402
+from runtime.torchvision_state import torchvision_module  # noqa: E402
 
 ZOO = sorted(p.stem for p in (ROOT / "specs" / "zoo").glob("*.spec"))
 SHAPE = (3, 224, 224)
 
 
-def torchvision_model(name: str, device="cpu"):
-    import torchvision
-
-    try:
-        with torch.device(device):
-            return torchvision.models.get_model(name, weights=None).eval()
-    except NotImplementedError:
-        return torchvision.models.get_model(name, weights=None).eval().to(device)
-
-
 def torchvision_counts(name: str) -> tuple[int, int]:
     from torch.utils.flop_counter import FlopCounterMode
 
-    tv = torchvision_model(name, "meta")
+    tv = torchvision_module(name, "meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         tv(torch.empty(1, *SHAPE, device="meta"))
@@ -63,7 +54,7 @@ def classifier_of(module: torch.nn.Module) -> list[torch.nn.Module]:
 def tp_prune(name: str, ratio: float, round_to: int | None = None):
     import torch_pruning as tp
 
-    tv = torchvision_model(name)
+    tv = torchvision_module(name)
     x = torch.randn(1, *SHAPE)
     pruner = tp.pruner.MetaPruner(tv, x, importance=tp.importance.MagnitudeImportance(p=1), pruning_ratio=ratio,
                                   ignored_layers=classifier_of(tv), round_to=round_to)

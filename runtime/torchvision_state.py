@@ -56,6 +56,17 @@ def _fits(ours: tuple, theirs: tuple) -> bool:
     return squeeze and math.prod(ours) == math.prod(theirs) and ours[:2] == theirs[:2]
 
 
+def torchvision_module(arch: str, device: str = "cpu", **kwargs) -> torch.nn.Module:
+    """torchvision's `arch` without weights, in eval mode, built on `device` (meta: no memory)."""
+    import torchvision
+
+    try:
+        with torch.device(device):
+            return torchvision.models.get_model(arch, weights=None, **kwargs).eval()
+    except NotImplementedError:  # a builder that computes its widths with tensors (regnet): not on meta
+        return torchvision.models.get_model(arch, weights=None, **kwargs).eval().to(device)
+
+
 def pairing(model: Model, arch: str, classes: int) -> dict[str, str]:
     """Our state-dict name -> torchvision's, for the zoo spec `model` of torchvision's `arch`."""
     import torchvision
@@ -65,11 +76,7 @@ def pairing(model: Model, arch: str, classes: int) -> dict[str, str]:
                       "classification model; only the specs of specs/zoo map onto torchvision weights")
     with torch.device("meta"):
         ours = compiler.build_module(model, seed=None)
-    try:
-        with torch.device("meta"):
-            theirs = torchvision.models.get_model(arch, weights=None, num_classes=classes)
-    except NotImplementedError:  # a builder that computes its widths with tensors (regnet)
-        theirs = torchvision.models.get_model(arch, weights=None, num_classes=classes).to("meta")
+    theirs = torchvision_module(arch, "meta", num_classes=classes)
     for order in (_tensors_in_state_order, lambda m: _tensors_in_finishing_order(m, model.input_shape)):
         a, b = order(ours), order(theirs)
         if len(a) == len(b) and all(_fits(x[1], y[1]) for x, y in zip(a, b)):

@@ -12,7 +12,7 @@ import compiler
 from compiler.channels import analyse_channels
 from runtime.cli import main
 from runtime.prune import choose, importance, prune_model
-from runtime.torchvision_state import load_torchvision_state
+from runtime.torchvision_state import load_torchvision_state, torchvision_module
 from runtime.weights import model_bytes
 
 from .conftest import SPECS
@@ -20,16 +20,6 @@ from .measure import measure, trained_like
 
 ZOO = sorted(p.stem for p in (SPECS / "zoo").glob("*.spec"))
 SMALL = (3, 64, 64)  # compression and weight tests run at a small input: the counts do not need 224
-
-
-def _torchvision(name: str, device: str = "cpu"):
-    import torchvision
-
-    try:
-        with torch.device(device):
-            return torchvision.models.get_model(name, weights=None).eval()
-    except NotImplementedError:  # regnet computes its widths with tensors: not on the meta device
-        return torchvision.models.get_model(name, weights=None).eval().to(device)
 
 
 def test_the_zoo_has_every_family():
@@ -43,7 +33,7 @@ def test_counts_equal_torchvision(name, capsys):
 
     assert main([str(SPECS / "zoo" / f"{name}.spec"), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
-    tv = _torchvision(name, "meta")
+    tv = torchvision_module(name, "meta")
     counter = FlopCounterMode(display=False)
     with counter, torch.no_grad():
         tv(torch.empty(1, 3, 224, 224, device="meta"))
@@ -55,7 +45,7 @@ def test_counts_equal_torchvision(name, capsys):
 def test_torchvision_weights_give_torchvision_outputs(name, tmp_path):
     from safetensors.torch import save_file
 
-    tv = trained_like(_torchvision(name))  # a BatchNorm paired wrongly shows in the outputs
+    tv = trained_like(torchvision_module(name))  # a BatchNorm paired wrongly shows in the outputs
     g = torch.Generator().manual_seed(0)
     path = tmp_path / f"{name}.safetensors"
     save_file({k: v.contiguous() for k, v in tv.state_dict().items()}, str(path))
@@ -123,7 +113,7 @@ def test_lowrank_applies(name):
 def test_a_recipe_starts_a_zoo_teacher_from_torchvision_weights(tmp_path, capsys, in_root):
     from safetensors.torch import save_file
 
-    tv = _torchvision("mobilenet_v3_small")
+    tv = torchvision_module("mobilenet_v3_small")
     save_file({k: v.contiguous() for k, v in tv.state_dict().items()}, str(tmp_path / "tv.safetensors"))
     recipe = tmp_path / "r.yaml"
     recipe.write_text(f"""name: r
