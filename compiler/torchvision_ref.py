@@ -31,9 +31,13 @@ def build_torchvision(name: str, kwargs: dict, device=None):
 
     try:
         # FutureWarnings about torchvision's own future defaults (googlenet, inception_v3) are not the user's
-        with warnings.catch_warnings(), torch.device(device or "cpu"):
+        with warnings.catch_warnings():
             warnings.simplefilter("ignore", FutureWarning)
-            return torchvision.models.get_model(name, weights=None, **kwargs)
+            try:
+                with torch.device(device or "cpu"):
+                    return torchvision.models.get_model(name, weights=None, **kwargs)
+            except NotImplementedError:  # a builder that computes its widths with tensors (regnet): not on meta
+                return torchvision.models.get_model(name, weights=None, **kwargs).to(device or "cpu")
     except (TypeError, ValueError, AssertionError, RuntimeError) as err:
         raise LayerError(f"torchvision `{name}` rejects its arguments: {err}") from None
 

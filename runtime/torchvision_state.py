@@ -58,13 +58,9 @@ def _fits(ours: tuple, theirs: tuple) -> bool:
 
 def torchvision_module(arch: str, device: str = "cpu", **kwargs) -> torch.nn.Module:
     """torchvision's `arch` without weights, in eval mode, built on `device` (meta: no memory)."""
-    import torchvision
+    from compiler.torchvision_ref import build_torchvision
 
-    try:
-        with torch.device(device):
-            return torchvision.models.get_model(arch, weights=None, **kwargs).eval()
-    except NotImplementedError:  # a builder that computes its widths with tensors (regnet): not on meta
-        return torchvision.models.get_model(arch, weights=None, **kwargs).eval().to(device)
+    return build_torchvision(arch, kwargs, device).eval()
 
 
 def pairing(model: Model, arch: str, classes: int) -> dict[str, str]:

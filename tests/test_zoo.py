@@ -148,3 +148,10 @@ def test_reordering_every_prunable_space_keeps_the_outputs(name):
     x = torch.randn(2, *SMALL)
     with torch.no_grad():
         assert (new_module.eval()(x) - module(x)).abs().max().item() < 1e-4
+
+
+def test_a_spec_may_reference_torchvisions_regnet():
+    """regnet's builder computes its widths with tensors, which the meta device cannot hold."""
+    ref = compiler.compile_source("model m { input 3x64x64 torchvision regnet_x_400mf() }", "ref.spec")
+    zoo = compiler.compile_spec(SPECS / "zoo" / "regnet_x_400mf.spec", input_shape=(3, 64, 64))
+    assert compiler.analyse(ref).params == compiler.analyse(zoo).params == 5_495_976
