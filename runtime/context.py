@@ -122,6 +122,15 @@ class RunContext:
         return score(module, self.placed(split), self.pipeline("eval"), self.speed,
                      self.recipe.data.eval_batch_size, len(self.data().classes), self.rank, self.world)
 
+    def calibration(self, images: int) -> list[torch.Tensor]:
+        """`images` training images (a seeded draw) as eval-transformed batches on the device."""
+        train = self.placed("train")
+        gen = torch.Generator().manual_seed(self.recipe.seed)
+        idx = torch.randperm(len(train), generator=gen)[:images].sort().values
+        bs, tf = self.recipe.data.eval_batch_size, self.pipeline("eval")
+        return [tf(train.images_at(idx[i:i + bs]).to(self.device), channels_last=self.speed.channels_last)
+                for i in range(0, len(idx), bs)]
+
     def logits(self, module: torch.nn.Module, split: str, which: str = "eval") -> torch.Tensor:
         """Logits of every image of a split, in order, on the device (every rank computes all)."""
         return logits_of(module, self.placed(split), self.pipeline(which), self.speed,

@@ -30,6 +30,7 @@ if TYPE_CHECKING:  # typing only: the context calls into this module's callers, 
     from .context import RunContext
 
 LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]
+EpochHook = Callable[[int, torch.nn.Module], None]  # (epoch, module) after train(), before the epoch's batches
 
 
 class TrainingError(NcError):
@@ -146,7 +147,7 @@ def checkpoint(ctx: RunContext, module, optimizer, schedule, step_dir: Path, key
 # --- epochs ------------------------------------------------------------------------
 
 def train_epoch(ctx: RunContext, net, optimizer, scaler, loss_fn: LossFn, placed: Placed, pipeline: Pipeline,
-                epoch: int, bar_label: str) -> tuple[float, float, int]:
+                epoch: int, bar_label: str, epoch_hook: EpochHook | None = None) -> tuple[float, float, int]:
     """One epoch over this rank's batches; returns (summed loss, correct, images) after one sync."""
     speed = ctx.speed
     order = epoch_order(len(placed), ctx.recipe.data.batch_size, seed=ctx.recipe.seed, epoch=epoch, rank=ctx.rank,
@@ -161,6 +162,8 @@ def train_epoch(ctx: RunContext, net, optimizer, scaler, loss_fn: LossFn, placed
 
         bar = tqdm(total=len(order), desc=bar_label, leave=False, unit="batch", mininterval=0.5)
     net.train()
+    if epoch_hook is not None:
+        epoch_hook(epoch, unwrap(net))
     for idx in order:
         x = pipeline(placed.images_at(idx).to(speed.device, non_blocking=True), gen,
                      channels_last=speed.channels_last)
@@ -200,7 +203,7 @@ def _all_finite(module: torch.nn.Module) -> bool:
 
 
 def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, epochs: int, lr: float | None,
-        loss_fn: LossFn, label: str) -> dict:
+        loss_fn: LossFn, label: str, epoch_hook: EpochHook | None = None) -> dict:
     """Train `module` for `epochs`; keeps the best weights by validation accuracy (loaded at the end)."""
     placed, pipeline = ctx.placed("train"), ctx.pipeline("train")
     speed = ctx.speed
@@ -216,7 +219,7 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
     for epoch in range(progress.start, epochs):
         t0 = time.perf_counter()
         loss_sum, correct, seen = train_epoch(ctx, net, optimizer, scaler, loss_fn, placed, pipeline, epoch,
-                                              f"{label} {epoch + 1}/{epochs}")
+                                              f"{label} {epoch + 1}/{epochs}", epoch_hook)
         train_seconds = time.perf_counter() - t0
         if not math.isfinite(loss_sum) or not _all_finite(module):
             what = "training loss" if not math.isfinite(loss_sum) else "weights' values"

@@ -40,14 +40,21 @@ def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # --- quantization ----------------------------------------------------------------
 
-def quantize(t: torch.Tensor, bits: int, rows: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Codes round((w - min) / (max - min) * (2^bits - 1)) per row; returns (uint8 codes, [rows, 2] ranges)."""
+def quantize(t: torch.Tensor, bits: int, rows: int,
+             given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Codes round((w - min) / (max - min) * (2^bits - 1)) per row; returns (uint8 codes, [rows, 2] ranges).
+    `given` [rows, 2] ranges replace each row's (min, max); values outside are clipped."""
     flat = t.detach().float().reshape(rows, -1)
-    lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    if given is None:
+        lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
+    else:
+        lo, hi = given[:, :1].float(), given[:, 1:].float()
     levels = 2 ** bits - 1
     span = hi - lo
     safe = torch.where(span > 0, span, torch.ones_like(span))
     codes = torch.where(span > 0, torch.round((flat - lo) / safe * levels), torch.zeros_like(flat))
+    if given is not None:
+        codes = codes.clamp(0, levels)
     return codes.to(torch.uint8).reshape(t.shape), torch.cat([lo, hi], 1)
 
 
@@ -77,8 +84,11 @@ _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
 _DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
 
 
-def encode(tensors: dict[str, torch.Tensor], fmt: WeightFormat | str) -> dict[str, torch.Tensor]:
-    """The tensors of a file of format `fmt`, by walking its layout (see compiler.fileformat)."""
+def encode(tensors: dict[str, torch.Tensor], fmt: WeightFormat | str,
+           ranges: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+    """The tensors of a file of format `fmt`, by walking its layout (see compiler.fileformat).
+    `ranges`: chosen (min, max) rows for some quantized tensors (calibrated rounding), by name."""
+    ranges_given = ranges or {}
     lay = layout([(k, tuple(v.shape)) for k, v in tensors.items()], fmt)
     out, ranges = {}, []
     for e in lay.entries:
@@ -86,7 +96,7 @@ def encode(tensors: dict[str, torch.Tensor], fmt: WeightFormat | str) -> dict[st
         if e.rows is None:
             out[e.name] = t.to(_TORCH_DTYPES[e.stored.dtype]).contiguous()
             continue
-        codes, r = quantize(t, e.bits, e.rows[1] - e.rows[0])
+        codes, r = quantize(t, e.bits, e.rows[1] - e.rows[0], ranges_given.get(e.name))
         out[e.name] = (codes if e.bits == 8 else pack_bits(codes, e.bits)).contiguous()
         ranges.append(r)
     if lay.ranges is not None:
@@ -177,19 +187,21 @@ def atomic_write(path: Path, data: bytes) -> None:
         raise
 
 
-def model_bytes(module: torch.nn.Module, model: Model, fmt: WeightFormat | str = "fp32") -> bytes:
+def model_bytes(module: torch.nn.Module, model: Model, fmt: WeightFormat | str = "fp32",
+                ranges: dict[str, torch.Tensor] | None = None) -> bytes:
     """The model file's bytes; with `fold_bn` the module is folded on a copy first."""
     fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
     if fmt.fold_bn:
         import copy
 
         module = fold_batchnorm(copy.deepcopy(module).eval(), model)
-    return st_save(encode(state_tensors(module), fmt), metadata=file_metadata(model, fmt))
+    return st_save(encode(state_tensors(module), fmt, ranges), metadata=file_metadata(model, fmt))
 
 
-def save_model(module: torch.nn.Module, model: Model, path: str | Path, fmt: WeightFormat | str = "fp32") -> int:
-    """Write `module`'s weights in format `fmt`; returns the file size in bytes."""
-    data = model_bytes(module, model, fmt)
+def save_model(module: torch.nn.Module, model: Model, path: str | Path, fmt: WeightFormat | str = "fp32",
+               ranges: dict[str, torch.Tensor] | None = None) -> int:
+    """Write `module`'s weights in format `fmt` (`ranges`: see `encode`); returns the file size in bytes."""
+    data = model_bytes(module, model, fmt, ranges)
     atomic_write(Path(path), data)
     return len(data)
 
@@ -307,7 +319,8 @@ class ModelFile:
     def state(self, model: Model | None = None) -> dict[str, torch.Tensor]:
         """The float tensors. Bit-packed formats need the model's shapes: `model`, else the embedded one."""
         shapes = None
-        if self.format.quantized and self.format.bits < 8:
+        formats = [self.format] + [parse_format(f) for _, f in self.format.overrides]
+        if any(f.quantized and f.bits < 8 for f in formats):
             shapes = dict(weight_tensors(model or self.model(), self.format.fold_bn))
         try:
             return decode(self.stored, self.format, shapes)

@@ -133,3 +133,24 @@ def test_random_spec_analysis_equals_module(text):
     state = [(k, tuple(v.shape)) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")]
     assert state == weight_tensors(model)
     torch.set_grad_enabled(True)
+
+
+FORMATS = ["fp32", "fp16", "int8", "int5-channel", "int4", "int3-channel", "int2"]
+
+
+@settings(max_examples=30, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(specs(), st.sampled_from(FORMATS), st.sampled_from(FORMATS))
+def test_random_spec_with_a_precision_section_writes_the_predicted_file(text, default, head):
+    from compiler.fileformat import SPEC
+    from runtime.weights import ModelFile, save_model
+
+    text = text.replace("    input ", f'    precision {default} {{ "head": {head} }}\n    input ', 1)
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "random.spec"
+        path.write_text(text)
+        model = compiler.compile_spec(path)
+        module = compiler.build_module(model)
+        out = Path(tmp) / "m.safetensors"
+        assert save_model(module, model, out, SPEC) == out.stat().st_size == compiler.predicted_bytes(model, SPEC)
+        rebuilt = ModelFile(out).build()
+        assert [k for k in rebuilt.state_dict()] == [k for k in module.state_dict()]

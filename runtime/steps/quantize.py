@@ -5,22 +5,32 @@ from typing import Literal
 
 from pydantic import Field
 
+from compiler import bitalloc
 from compiler.analysis import budgets, format_key, predicted_bytes
+from compiler.bitalloc import AUTO_CANDIDATES
 from compiler.errors import BudgetError, NcError
-from compiler.fileformat import FORMAT_HELP, SPEC, is_format, parse_format, spec_format
+from compiler.expr import evaluate
+from compiler.fileformat import FORMAT_HELP, SPEC, is_format, parse_format
 
-from .. import distributed
-from ..weights import ModelFile, compress_file, save_model
+from .. import autobits, distributed
+from ..weights import ModelFile, atomic_write, compress_file, save_model
 from .base import StepConfig, StepKind, StepResult, register
+from .formats import resolve_format, unmatched_patterns
 
 
 class QuantizeConfig(StepConfig):
     kind: str = "quantize"
     format: str = "int8"                     # fp16, int8 (the course's), int8-channel, intN, intN-channel;
-                                             # spec: the spec's `precision` section
+                                             # spec: the spec's `precision` section;
+                                             # auto: each layer's format chosen for max_bytes (runtime.autobits)
+    max_bytes: int | None = Field(None, ge=1)  # auto: the file's byte budget (default: the spec's bytes(spec))
+    candidates: list[str] = list(AUTO_CANDIDATES)  # auto: the formats a layer may get
+    rounding: Literal["nearest", "calibrated"] = "nearest"  # calibrated: GPTQ on calibration images
+    calibration_images: int = Field(256, ge=1)  # training images for `calibrated` and `auto`
     fold_bn: bool = False                    # fold BatchNorm into the preceding conv first
     keep: list[str] = []                     # tensor-name patterns kept as floats, e.g. ["*.bias"]
     keep_dtype: Literal["fp32", "fp16"] = "fp32"
+    fallback: str | None = None              # the format for `spec` when the spec has no precision section
     formats: dict[str, str] = {}             # mixed precision: tensor-name pattern -> format, e.g. {"fc.*": int8}
     compress: Literal["none", "lzma"] = "none"  # also write an lzma-compressed copy (size measured)
     budget_on_compressed: bool = False       # check the spec's bytes budgets against the compressed copy
@@ -28,22 +38,29 @@ class QuantizeConfig(StepConfig):
     integer_inference: bool = False          # also run PyTorch's int8 CPU kernels: accuracy and latency
     calibration_batches: int = Field(8, ge=1)
 
+    @property
+    def where(self) -> str:
+        return f"quantize step `{self.name}`"
+
     def weight_format(self, model=None):
-        options = dict(keep=tuple(self.keep), keep_dtype="F16" if self.keep_dtype == "fp16" else "F32",
-                       fold_bn=self.fold_bn, overrides=tuple(self.formats.items()))
-        if self.format == SPEC:
-            if model is not None and model.definition.precision is None:
-                raise NcError(f"quantize step `{self.name}`: format `spec` needs a `precision` section in the spec "
-                              f"of `{self.model}`")
-            if model is not None:
-                return spec_format(model, **options)
-        elif not is_format(self.format):
-            raise NcError(f"quantize step `{self.name}`: unknown format `{self.format}` (known: {FORMAT_HELP})")
-        for pattern, fmt in self.formats.items():
-            if not is_format(fmt):
-                raise NcError(f"quantize step `{self.name}`: formats.{pattern}: unknown format `{fmt}` "
-                              f"(known: {FORMAT_HELP})")
-        return parse_format("fp32" if self.format == SPEC else self.format, **options)
+        if self.format == AUTO:  # the chosen precision, once chosen; checked without it before
+            return resolve_format(self.where, SPEC, model if model is not None and model.definition.precision
+                                  else None, formats=self.formats, keep=tuple(self.keep), fold_bn=self.fold_bn)
+        return resolve_format(self.where, self.format, model, fallback=self.fallback,
+                              formats=self.formats, keep=tuple(self.keep),
+                              keep_dtype="F16" if self.keep_dtype == "fp16" else "F32", fold_bn=self.fold_bn)
+
+
+AUTO = "auto"
+
+
+def auto_budget(cfg: QuantizeConfig, model) -> int | None:
+    """`max_bytes`, else the tightest `bytes(spec)` budget of the spec."""
+    if cfg.max_bytes is not None:
+        return cfg.max_bytes
+    limits = [evaluate(b.limit, model.params) for b in model.definition.budgets
+              if b.metric == "bytes" and b.format == SPEC]
+    return min(limits) if limits else None
 
 
 @register
@@ -58,20 +75,40 @@ class Quantize(StepKind):
         return [cfg.model]
 
     def check(self, cfg, models, listing) -> list[str]:
+        model = models[cfg.model].model if cfg.model in models else None
         try:
-            cfg.weight_format(models[cfg.model].model if cfg.model in models else None)
+            cfg.weight_format(None if cfg.format == AUTO else model)
         except NcError as err:
             return [str(err)]
-        if cfg.formats and cfg.model in models:
-            from fnmatch import fnmatchcase
+        problems = []
+        if cfg.rounding == "calibrated" and cfg.fold_bn:
+            problems.append(f"{cfg.where}: rounding `calibrated` works on the unfolded layers; drop fold_bn "
+                            f"or use rounding `nearest`")
+        if cfg.format == AUTO:
+            problems += self._check_auto(cfg, model)
+        if model is not None:
+            problems += unmatched_patterns(cfg.where, cfg.formats, model, cfg.fold_bn)
+        return problems
 
-            from compiler.fileformat import weight_tensors
-
-            names = [n for n, _ in weight_tensors(models[cfg.model].model, cfg.fold_bn)]
-            unused = [p for p in cfg.formats if not any(fnmatchcase(n, p) for n in names)]
-            if unused:
-                return [f"quantize step `{cfg.name}`: formats pattern(s) {', '.join(map(repr, unused))} match no "
-                        f"tensor of `{cfg.model}` (its tensors are named like {names[0]!r}, {names[-1]!r})"]
+    @staticmethod
+    def _check_auto(cfg, model) -> list[str]:
+        bad = [f for f in cfg.candidates if not is_format(f)]
+        if bad or not cfg.candidates:
+            return [f"{cfg.where}: candidates: {', '.join(map(repr, bad)) or 'none given'} "
+                    f"(each must be a format: {FORMAT_HELP})"]
+        if cfg.formats or cfg.keep or cfg.fold_bn:
+            return [f"{cfg.where}: format `auto` chooses every layer's format; it takes no formats, keep or fold_bn"]
+        if model is None:
+            return []
+        budget = auto_budget(cfg, model)
+        if budget is None:
+            return [f"{cfg.where}: format `auto` needs a byte budget\n  hint: set max_bytes, or give the spec a "
+                    f"`budget bytes(spec) <= N`"]
+        _, least = bitalloc.smallest(model, cfg.candidates)
+        if least > budget:
+            return [f"{cfg.where}: no choice of formats fits {budget:,} bytes: the smallest file, every layer in its "
+                    f"cheapest candidate, takes {least:,} bytes\n  hint: raise the budget, allow fewer bits "
+                    f"(candidates), or make the model smaller"]
         return []
 
     def describe(self, cfg):
@@ -83,15 +120,24 @@ class Quantize(StepKind):
 
     def run(self, cfg: QuantizeConfig, ctx, key: str = "") -> StepResult:
         slot = ctx.models[cfg.model]
-        fmt = cfg.weight_format(slot.model)
         module = slot.build(ctx.device, ctx.recipe.seed).eval()
         step_dir = ctx.run.step_dir(cfg.name)
         path = step_dir / "model.safetensors"
-        predicted = predicted_bytes(slot.model, fmt)
-        metrics: dict = {"format": fmt.name, "predicted_bytes": predicted,
-                         "fp32_bytes": predicted_bytes(slot.model, "fp32")}
+        model, metrics, files = slot.model, {}, []
+        scored = cfg.evaluate or cfg.integer_inference
+        fp32_acc = ctx.evaluate(module, "val").accuracy if scored else None  # before any rounding in place
+        spec_file = None
+        if cfg.format == AUTO:
+            model, spec_file = self._auto(cfg, ctx, module, slot.model, step_dir, metrics)
+            files.append(f"steps/{cfg.name}/{spec_file.name}")
+        fmt = cfg.weight_format(model)
+        ranges = None
+        if cfg.rounding == "calibrated":
+            ranges = self._calibrated(cfg, ctx, module, model, fmt, metrics)
+        predicted = predicted_bytes(model, fmt)
+        metrics.update({"format": fmt.name, "predicted_bytes": predicted, "fp32_bytes": predicted_bytes(model, "fp32")})
         if ctx.is_main:  # save_model reads the weights to the CPU; the module stays on the device
-            size = save_model(module, slot.model, path, fmt)
+            size = save_model(module, model, path, fmt, ranges)
             if size != predicted:  # the compiler's promise; a mismatch is a bug worth stopping for
                 raise AssertionError(f"{path}: {size} bytes written, {predicted} predicted")
         if distributed.active():
@@ -99,17 +145,15 @@ class Quantize(StepKind):
 
             torch.distributed.barrier()
         metrics["file_bytes"] = path.stat().st_size
-        files = []
         if cfg.compress == "lzma" and ctx.is_main:
             xz = compress_file(path)
             metrics["compressed_bytes"] = xz.stat().st_size
             files.append(f"steps/{cfg.name}/{xz.name}")
-        self._check_budgets(cfg, slot, fmt, metrics)
-        if cfg.evaluate or cfg.integer_inference:
+        self._check_budgets(cfg, model, fmt, metrics)
+        if scored:
             data = ctx.data()
-            fp32_acc = ctx.evaluate(module, "val").accuracy
             written = ModelFile(path)  # read once: the dequantized model on the device, and a CPU copy
-            dequantized = ctx.speed.prepare(written.build(slot.model).to(ctx.device).eval())
+            dequantized = ctx.speed.prepare(written.build(model).to(ctx.device).eval())
             q = ctx.evaluate(dequantized, "val")
             q_acc, q_loss = q.accuracy, q.loss
             metrics.update(fp32_val_accuracy=fp32_acc, val_accuracy=q_acc, val_loss=q_loss,
@@ -117,18 +161,58 @@ class Quantize(StepKind):
             ctx.log(f"{cfg.name}: {fmt.name} file {metrics['file_bytes']:,} bytes (fp32 {metrics['fp32_bytes']:,}); "
                     f"val accuracy {q_acc:.4f} dequantized vs {fp32_acc:.4f} fp32")
             if cfg.integer_inference:  # PyTorch's int8 kernels are CPU-only: measured there, on CPU copies
-                metrics["integer"] = self._integer(cfg, ctx, written.build(slot.model).eval(),
+                metrics["integer"] = self._integer(cfg, ctx, written.build(model).eval(),
                                                    ModelFile(slot.weights).build(slot.model).eval(), data)
-        return StepResult(model_file=path, metrics=metrics, files=files)
+        return StepResult(model_file=path, spec_file=spec_file, metrics=metrics, files=files)
 
-    def _check_budgets(self, cfg, slot, fmt, metrics) -> None:
+    def _auto(self, cfg, ctx, module, model, step_dir, metrics):
+        """Each layer's format for the budget; the model becomes the spec that states them."""
+        budget = auto_budget(cfg, model)
+        batches = ctx.calibration(cfg.calibration_images)
+        sens = autobits.sensitivity(module, model, batches, cfg.candidates)
+        choice, text, chosen = autobits.choose(model, sens, budget, cfg.where, comment=(
+            f"{model.name} with each layer's weight format chosen by nccompile for a {budget:,}-byte file\n"
+            f"(quantize step `{cfg.name}`, format auto, {cfg.calibration_images} calibration images)"))
+        spec_file = step_dir / "precision.spec"
+        if ctx.is_main:
+            atomic_write(spec_file, text.encode())
+        bits = {path: parse_format(f).bits for path, f in choice.items()}
+        metrics["auto"] = {"budget": budget, "choice": choice, "sensitivity": sens,
+                           "mean_bits": sum(bits.values()) / max(1, len(bits))}
+        counts = {}
+        for f in choice.values():
+            counts[f] = counts.get(f, 0) + 1
+        ctx.log(f"{cfg.name}: formats chosen for {budget:,} bytes: "
+                + ", ".join(f"{n} x {f}" for f, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+        return chosen, spec_file
+
+    def _calibrated(self, cfg, ctx, module, model, fmt, metrics):
+        """GPTQ rounding in place; the round-to-nearest accuracy beside it, for comparison."""
+        import copy
+
+        from ..calibrated import calibrate
+        from ..weights import decode, encode, state_tensors
+
+        if cfg.evaluate:
+            nearest = copy.deepcopy(module)
+            stored = state_tensors(module)
+            nearest.load_state_dict(decode(encode(stored, fmt), fmt, {k: tuple(v.shape) for k, v in stored.items()}),
+                                    strict=False)
+            metrics["nearest_val_accuracy"] = ctx.evaluate(nearest.eval(), "val").accuracy
+        ranges = calibrate(module, fmt, ctx.calibration(cfg.calibration_images))
+        ctx.log(f"{cfg.name}: calibrated rounding (GPTQ) of {len(ranges)} layers on {cfg.calibration_images} images"
+                + (f"; round-to-nearest scores {metrics['nearest_val_accuracy']:.4f}" if cfg.evaluate else ""))
+        metrics["calibrated_layers"] = len(ranges)
+        return ranges
+
+    def _check_budgets(self, cfg, model, fmt, metrics) -> None:
         """The spec's bytes budgets for this format, on the file as written (predicted before the run)
         or, if the user opts in, on the compressed copy as measured."""
         on_compressed = cfg.budget_on_compressed and "compressed_bytes" in metrics
         value = metrics["compressed_bytes"] if on_compressed else metrics["file_bytes"]
         measured_on = "compressed file" if on_compressed else "file"
-        key = SPEC if cfg.format == SPEC else fmt.name
-        results = [b for b in budgets(slot.model, {key: value}) if b.metric == "bytes" and format_key(b.format) == key]
+        key = SPEC if cfg.format in (SPEC, AUTO) and model.definition.precision is not None else fmt.name
+        results = [b for b in budgets(model, {key: value}) if b.metric == "bytes" and format_key(b.format) == key]
         metrics["budgets"] = [{"name": b.name, "value": b.value, "ok": b.ok, "measured_on": measured_on}
                               for b in results]
         failed = [b for b in results if not b.ok]

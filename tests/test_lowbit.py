@@ -1,0 +1,253 @@
+"""Below 8 bits: quantization-aware training (runtime.fakequant), calibrated rounding
+(runtime.calibrated), bits chosen for a budget (runtime.autobits, compiler.bitalloc) and the
+kd_qat recipe."""
+from __future__ import annotations
+
+import itertools
+import json
+import random
+
+import pytest
+import torch
+
+import compiler
+from compiler import bitalloc
+from compiler.fileformat import parse_format
+from runtime import autobits, calibrated, fakequant
+from runtime.cli import main
+from runtime.weights import ModelFile, save_model, state_tensors
+
+from .conftest import DATA, SPECS
+from .test_runtime import SMALL_TEACHER, needs_data
+
+
+def _student():
+    return compiler.compile_spec(SPECS / "student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
+
+
+def _train_a_little(module, steps=4):
+    opt = torch.optim.AdamW(module.parameters(), lr=0.01)
+    gen = torch.Generator().manual_seed(0)
+    x, y = torch.randn(16, 3, 32, 32, generator=gen), torch.randint(0, 10, (16,), generator=gen)
+    for i in range(steps):
+        if i == steps // 2:
+            fakequant.freeze_batchnorm(module)
+        loss = torch.nn.functional.cross_entropy(module(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return x
+
+
+@pytest.mark.parametrize("fmt, scales", [("int4", "learned"), ("int3-channel", "learned"), ("int2", "minmax"),
+                                         ("fp16", "learned")])
+def test_the_written_file_predicts_exactly_what_the_quantization_aware_model_did(tmp_path, fmt, scales):
+    model = _student()
+    wf = parse_format(fmt, overrides=[("fc.*", "int8"), ("features.1.*", "fp16"), ("features.4.pw.*", "int2")])
+    module = compiler.build_module(model, seed=0)
+    stored = len(state_tensors(module))
+    assert fakequant.attach(module, model, wf, scales) == stored
+    x = _train_a_little(module)
+    module.eval()
+    with torch.no_grad():
+        trained = module(x)
+    fakequant.bake(module)
+    assert not any("parametrizations" in k for k in module.state_dict())
+    path = tmp_path / "m.safetensors"
+    assert save_model(module, model, path, wf) == compiler.predicted_bytes(model, wf)
+    with torch.no_grad():
+        written = ModelFile(path).build(model)(x)
+    assert torch.equal(trained, written)
+
+
+def test_learned_ranges_train_and_clip():
+    model = _student()
+    module = compiler.build_module(model, seed=0)
+    fakequant.attach(module, model, parse_format("int3"), "learned")
+    before = {n: p.detach().clone() for n, p in module.named_parameters() if n.endswith((".lo", ".hi"))}
+    assert before
+    _train_a_little(module, steps=6)
+    moved = [n for n, p in module.named_parameters() if n in before and not torch.equal(p, before[n])]
+    assert moved, "range ends get gradients (LSQ)"
+
+
+def test_batchnorm_statistics_update_in_training_and_are_rounded_in_eval():
+    model = _student()
+    module = compiler.build_module(model, seed=0)
+    fakequant.attach(module, model, parse_format("int2"), "learned")
+    bn = module.get_submodule("features.1")
+    raw = bn.parametrizations.running_mean.original
+    start = raw.clone()
+    module.train()
+    module(torch.randn(8, 3, 32, 32) + 3)
+    assert not torch.equal(raw, start), "training updates the running mean in place"
+    bn.eval()
+    assert len(torch.unique(bn.running_mean)) <= 4, "in eval mode it is seen on the 2-bit grid"
+
+
+def _correlated_inputs(n=512, c=8):
+    gen = torch.Generator().manual_seed(1)
+    mix = torch.randn(c, c, generator=gen)
+    return (torch.randn(n, c, 6, 6, generator=gen).permute(0, 2, 3, 1) @ mix).permute(0, 3, 1, 2).contiguous()
+
+
+@pytest.mark.parametrize("groups, fmt", [(1, "int3-channel"), (8, "int3"), (2, "int2-channel")])
+def test_calibrated_rounding_beats_nearest_on_the_layer_output_and_is_written_exactly(tmp_path, groups, fmt):
+    torch.manual_seed(0)
+    layer = torch.nn.Conv2d(8, 16, 3, padding=1, groups=groups)
+    net = torch.nn.Sequential(layer)
+    x = _correlated_inputs()
+    with torch.no_grad():
+        want = layer(x)
+    f = parse_format(fmt)
+    rows = 16 if f.scheme == "channel" else 1
+    from runtime.weights import dequantize, quantize
+
+    codes, r = quantize(layer.weight, f.bits, rows)
+    nearest = dequantize(codes, r, f.bits).reshape(layer.weight.shape)
+    ranges = calibrated.calibrate(net, parse_format(fmt), [x[:256], x[256:]])
+    with torch.no_grad():
+        err_cal = (layer(x) - want).pow(2).mean()
+        err_rtn = (torch.nn.functional.conv2d(x, nearest, layer.bias, padding=1, groups=groups) - want).pow(2).mean()
+    assert err_cal < 0.8 * err_rtn, (err_cal, err_rtn)
+    # the file's codes with these ranges are exactly the calibrated weights
+    codes2, r2 = quantize(layer.weight, f.bits, rows, ranges["0.weight"])
+    assert torch.equal(r2, ranges["0.weight"])
+    assert torch.allclose(dequantize(codes2, r2, f.bits).reshape(layer.weight.shape), layer.weight, atol=1e-6)
+
+
+def test_knapsack_is_optimal_on_small_instances():
+    rng = random.Random(0)
+    for _ in range(30):
+        items = [[(rng.randint(1, 40), rng.random()) for _ in range(rng.randint(1, 4))] for _ in range(4)]
+        cap = rng.randint(10, 120)
+        best = None
+        for combo in itertools.product(*[range(len(o)) for o in items]):
+            size = sum(items[i][k][0] for i, k in enumerate(combo))
+            cost = sum(items[i][k][1] for i, k in enumerate(combo))
+            if size <= cap and (best is None or cost < best - 1e-12):
+                best = cost
+        got = autobits.knapsack(items, cap)
+        if best is None:
+            assert got is None
+        else:
+            assert sum(items[i][k][0] for i, k in enumerate(got)) <= cap
+            assert sum(items[i][k][1] for i, k in enumerate(got)) == pytest.approx(best)
+
+
+def test_auto_choice_fits_the_budget_exactly_and_recompiles():
+    model = _student()
+    module = compiler.build_module(model, seed=0).eval()
+    batches = [torch.randn(32, 3, 32, 32)]
+    sens = autobits.sensitivity(module, model, batches, ("int2", "int4", "int8-channel", "fp16"))
+    assert set(sens) == {layer.path for layer in bitalloc.layers(model)}
+    assert all(s["int2"] >= 0 for s in sens.values())
+    for budget in (90_000, 140_000):
+        choice, text, chosen = autobits.choose(model, sens, budget, "test")
+        size = compiler.predicted_bytes(chosen, "spec")
+        assert size <= budget
+        assert chosen.root.params == model.root.params
+        again = compiler.compile_source(text, "again.spec")
+        assert compiler.predicted_bytes(again, "spec") == size
+    with pytest.raises(compiler.NcError, match="no choice of formats fits"):
+        autobits.choose(model, sens, 50_000, "test")
+
+
+def test_fp16_default_with_bit_packed_exceptions_reads_back(tmp_path):
+    model = _student()
+    module = compiler.build_module(model, seed=0)
+    wf = parse_format("fp16", overrides=[("features.4.pw.*", "int2-channel"), ("fc.*", "int5")])
+    path = tmp_path / "m.safetensors"
+    assert save_model(module, model, path, wf) == compiler.predicted_bytes(model, wf)
+    rebuilt = state_tensors(ModelFile(path).build(model))
+    assert len(torch.unique(rebuilt["features.4.pw.weight"][0])) <= 4
+
+
+QUANT_RECIPE = """
+name: q
+input: 3x32x32
+data: {{limit_per_class: 5}}
+steps:
+  - {{name: t, kind: train, epochs: 1{extra}}}
+  - {{name: q, kind: quantize, evaluate: false, {step}}}
+"""
+
+
+@pytest.mark.parametrize("step, extra, fragment", [
+    ("format: auto", "", "format `auto` needs a byte budget"),
+    ("format: auto, max_bytes: 1000", "", "no choice of formats fits 1,000 bytes"),
+    ("format: auto, max_bytes: 90000, candidates: [int9]", "", "candidates: 'int9'"),
+    ("format: int9", "", "unknown format `int9`"),
+    ("format: int4, rounding: calibrated, fold_bn: true", "", "rounding `calibrated` works on the unfolded"),
+    ("format: int4", ", quantize_aware: {format: int1}", "quantize_aware: unknown format `int1`"),
+    ("format: int4", ", quantize_aware: {format: int4, formats: {'nope.*': int8}}", "'nope.*' match no tensor"),
+    ("format: int4", ", quantize_aware: {format: int4, freeze_bn_epochs: 3}", "freeze_bn_epochs: 3 is more than"),
+    ("format: int4", ", quantize_aware: {format: spec}", "format `spec` needs a `precision` section"),
+    ("format: int4", ", quantize_aware: {format: int4, scales: lsq}", "scales"),
+])
+def test_bad_low_bit_settings_are_refused_before_any_training(tmp_path, capsys, in_root, step, extra, fragment):
+    recipe = tmp_path / "q.yaml"
+    recipe.write_text(QUANT_RECIPE.format(step=step, extra=extra))
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err, err
+    assert "Traceback" not in err
+
+
+@needs_data
+def test_kd_qat_writes_a_predicted_file_under_150k_that_predicts_what_training_saw(tmp_path, capsys, in_root):
+    teacher = tmp_path / "teacher.spec"
+    teacher.write_text(SMALL_TEACHER)
+    out = tmp_path / "run"
+    code = main(["specs/student.spec", "--recipe", "kd_qat", "--data", str(DATA), "--epochs", "2",
+                 "--set", "data.limit_per_class=20", "--set", f"models.teacher.spec={teacher}",
+                 "--set", "steps.export.onnx=false", "--out", str(out)])
+    assert code == 0, capsys.readouterr().err
+    steps = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
+    q = steps["quantize"]
+    student = _student()
+    predicted = compiler.predicted_bytes(student, "int4")
+    assert q["file_bytes"] == predicted == (out / q["model_file"]).stat().st_size <= 150_000
+    assert steps["distill"]["metrics"]["quantize_aware"]["format"] == "int4"
+    # the dequantized file scores what the quantization-aware model scored in its best epoch
+    assert q["val_accuracy"] == steps["distill"]["val_accuracy"]
+    assert steps["evaluate"]["val_accuracy"] == q["val_accuracy"]
+    # and makes the same predictions, image by image: the trained tensors rounded again give the file
+    baked = ModelFile(out / steps["distill"]["model_file"]).build(student)
+    fakequant.attach(baked, student, parse_format("int4"), "minmax")
+    written = ModelFile(out / q["model_file"]).build(student)
+    from runtime.data import list_source, load
+    from runtime.recipe import DataConfig
+    from runtime.transforms import Pipeline
+
+    cfg = DataConfig(path=str(DATA), limit_per_class=20)
+    x = Pipeline([], "eval", 3, (32, 32))(load(list_source(cfg), cfg, (3, 32, 32), 0).val.images)
+    with torch.no_grad():
+        assert torch.equal(baked.eval()(x).argmax(1), written(x).argmax(1))
+
+
+def test_auto_and_calibrated_quantize_steps_run_and_write_the_chosen_spec(tmp_path, capsys, in_root):
+    recipe = tmp_path / "a.yaml"
+    recipe.write_text("name: a\ninput: 3x32x32\ndata: {limit_per_class: 10}\nsteps:\n"
+                      "  - {name: t, kind: train, epochs: 1}\n"
+                      "  - {name: q, kind: quantize, format: auto, max_bytes: 95000, rounding: calibrated,"
+                      " calibration_images: 64, candidates: [int2, int3-channel, int4, int6, fp16]}\n"
+                      "  - {name: e, kind: evaluate}\n")
+    out = tmp_path / "run"
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--device", "cpu", "--out", str(out)]) == 0, \
+        capsys.readouterr().err
+    steps = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
+    q = steps["q"]
+    spec = out / "steps/q/precision.spec"
+    chosen = compiler.compile_spec(spec)
+    assert chosen.definition.precision is not None
+    assert q["file_bytes"] == compiler.predicted_bytes(chosen, "spec") <= 95_000
+    assert q["metrics"]["calibrated_layers"] > 0 and "nearest_val_accuracy" in q["metrics"]
+    assert set(q["metrics"]["auto"]["choice"].values()) <= {"int2", "int3-channel", "int4", "int6", "fp16"}
+    assert steps["e"]["file_bytes"] == q["file_bytes"]  # the next steps use the chosen spec
+    file = ModelFile(out / q["model_file"])
+    def rules(m):
+        p = m.definition.precision
+        return p.default, [(r.pattern, r.format) for r in p.rules]
+
+    assert rules(file.model()) == rules(chosen)
