@@ -124,10 +124,20 @@ class Element(IRNode):
     repeat: Expr | None = None
 
 
+class ParamSpace(IRNode):
+    """A model parameter's candidate values: `in [3, 5]` (values) or `in 8..64 step 8` (start, stop inclusive)."""
+
+    values: list[Expr] | None = None
+    start: Expr | None = None
+    stop: Expr | None = None
+    step: Expr | None = None
+
+
 class ParamDecl(IRNode):
     name: str
     type: str  # int | float | bool, checked by the validator
     default: Expr | None = None
+    space: ParamSpace | None = None  # candidate values (search spaces); the default is one of them
 
 
 class Budget(IRNode):

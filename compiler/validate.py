@@ -11,9 +11,10 @@ import re
 
 from . import ir
 from .errors import Diagnostics, did_you_mean
-from .expr import FUNCTIONS, LIMIT, free_names
+from .expr import FUNCTIONS, LIMIT, ExprError, evaluate, free_names
 from .fileformat import FORMAT_HELP, SUMMARY_FORMATS, is_format
 from .ops import LAYERS, REQUIRED
+from .space import SpaceError, space_of
 
 PARAM_TYPES = ("int", "float", "bool")
 BUDGET_METRICS = ("params", "macs", "bytes")
@@ -94,7 +95,20 @@ class _Validator:
             seen.add(p.name)
             if p.default is not None:
                 self.expr(p.default, scope)
+            if p.space is not None:
+                self.space(p)
         return params
+
+    def space(self, p: ir.ParamDecl) -> None:
+        try:
+            default = evaluate(p.default, {}) if p.default is not None else None
+        except ExprError:
+            default = None  # reported with the default itself
+        try:
+            space_of(p, default)
+        except SpaceError as err:
+            self.diags.error(str(err), err.span or p.span,
+                             hint="e.g. `base: int = 16 in 8..64 step 8` or `kernel: int = 3 in [3, 5]`")
 
     def budget(self, b: ir.Budget, scope: set[str], has_precision: bool = False) -> None:
         if b.metric not in BUDGET_METRICS:

@@ -112,11 +112,97 @@ def load(argv: list[str]) -> int:
     return EXIT_OK
 
 
+def search(argv: list[str]) -> int:
+    """`nccompile search SPEC`: the configurations of a spec's search space that meet its budgets (no torch)."""
+    from compiler.search import OBJECTIVES, pareto
+    from compiler.search import search as run_search
+
+    p = _Parser(prog="nccompile search", description="Analyse every configuration of the spec's search space "
+                                                       "(parameters declared `in ...`) without torch; print the "
+                                                       "ones that meet every budget, as a Pareto front.")
+    p.add_argument("spec")
+    p.add_argument("--model", help="which model, when the file defines several")
+    p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE", help="fix a parameter")
+    p.add_argument("--input", metavar="CxHxW")
+    p.add_argument("--samples", type=int, metavar="N", help="draw N seeded configurations instead of all")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--objective", choices=OBJECTIVES, default="params",
+                   help="capacity to maximise against file bytes (default: params)")
+    p.add_argument("--bytes", default="int8", metavar="FORMAT", help="the file format on the bytes axis "
+                                                                      "(default: int8)")
+    p.add_argument("--all", action="store_true", help="list every configuration that meets the budgets")
+    p.add_argument("--json", action="store_true")
+    p.add_argument("--emit", metavar="DIR", help="write each listed configuration as a concrete spec file")
+    args = p.parse_args(argv)
+    from compiler import parse_shape
+    from compiler.fileformat import SPEC, is_format
+
+    if args.samples is not None and args.samples < 1:
+        raise UsageError(f"--samples must be at least 1, got {args.samples}")
+    if args.bytes != SPEC and not is_format(args.bytes):
+        raise UsageError(f"--bytes: unknown format `{args.bytes}`")
+    shape = parse_shape(args.input) if args.input is not None else None
+    result = run_search(args.spec, model=args.model, fixed=_params(args.param), input_shape=shape,
+                        samples=args.samples, seed=args.seed, formats=(args.bytes,))
+    listed = result.candidates if args.all else pareto(result.candidates, args.objective, args.bytes)
+    if args.emit:
+        _emit_specs(listed, args.emit)
+    if args.json:
+        import json as _json
+
+        print(_json.dumps({"model": result.model, "space_size": result.space_size, "evaluated": result.evaluated,
+                           "feasible": len(result.candidates), "rejected_by_budget": result.rejected,
+                           "invalid": result.invalid, "objective": args.objective, "bytes_format": args.bytes,
+                           "listed": "all" if args.all else "pareto",
+                           "candidates": [c.as_json() for c in listed]}, indent=2))
+        return EXIT_OK
+    names = list(listed[0].params) if listed else []
+    print(f"{result.model}: {result.evaluated:,} of {result.space_size:,} configurations analysed in "
+          f"{result.seconds:.2f} s ({result.evaluated / max(result.seconds, 1e-9):,.0f}/s): "
+          f"{len(result.candidates):,} meet every budget, {result.rejected:,} break one, {result.invalid:,} invalid"
+          + (f" (e.g. {result.invalid_example})" if result.invalid else ""))
+    if not listed:
+        return EXIT_BUDGET
+    what = "every configuration that meets the budgets" if args.all else \
+        f"Pareto front: most {args.objective} for the fewest bytes({args.bytes})"
+    print(what)
+    header = [*names, "params_count", "macs", f"bytes({args.bytes})"]
+    rows = [[str(c.params[n]) for n in names] + [f"{c.params_count:,}", f"{c.macs:,}", f"{c.bytes[args.bytes]:,}"]
+            for c in listed]
+    widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
+    print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
+    for r in rows:
+        print("  ".join(v.rjust(w) for v, w in zip(r, widths)))
+    if args.emit:
+        print(f"specs: {args.emit}/ ({len(listed)} files)")
+    return EXIT_OK
+
+
+def _emit_specs(candidates, folder: str) -> None:
+    """Each candidate as a concrete spec file, written whole (temporary file, then rename)."""
+    import tempfile
+    from pathlib import Path
+
+    from compiler.emit import emit
+
+    out = Path(folder)
+    out.mkdir(parents=True, exist_ok=True)
+    for k, c in enumerate(candidates, 1):
+        label = "-".join(f"{n}{v}" for n, v in c.params.items())
+        text = emit(c.model, comment=f"nccompile search: {c.params}")
+        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+        os.replace(tmp, out / f"{c.model.name}-{k:03d}-{label}.spec")
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
         if argv[:1] == ["load"]:
             return load(argv[1:])
+        if argv[:1] == ["search"]:
+            return search(argv[1:])
         return run(argv)
     except NcError as err:
         # Spec errors carry their own `file:line:col: error:` prefix.

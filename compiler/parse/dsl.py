@@ -26,7 +26,7 @@ _FRIENDLY = {
 
 @functools.cache
 def parser() -> Lark:
-    return Lark(GRAMMAR.read_text(), parser="lalr", start=["start", "expr_only"],
+    return Lark(GRAMMAR.read_text(), parser="lalr", start=["start", "expr_only", "space_only"],
                 propagate_positions=True, maybe_placeholders=True)
 
 
@@ -165,11 +165,21 @@ class _Converter:
         for p in tree.children:
             if p is None:
                 continue
-            name, type_, default = p.children
+            name, type_, default, space = p.children
             out.append(ir.ParamDecl(name=str(name), type=str(type_),
                                     default=self.expr(default) if default is not None else None,
+                                    space=self.space(space) if space is not None else None,
                                     span=self.span(name)))
         return out
+
+    def space(self, tree) -> ir.ParamSpace:
+        body = tree.children[0]
+        if body.data == "space_list":
+            return ir.ParamSpace(values=[self.expr(e) for e in body.children if e is not None],
+                                 span=self.span(tree))
+        start, stop, step = body.children
+        return ir.ParamSpace(start=self.expr(start), stop=self.expr(stop),
+                             step=self.expr(step) if step is not None else None, span=self.span(tree))
 
     def spec(self, tree) -> ir.SpecFile:
         blocks, models = [], []
@@ -278,6 +288,18 @@ def parse_expression(text: str, span: Span | None) -> ir.Expr:
     expr = conv.expr(tree.children[0])
     # Positions inside a YAML string are relative to that string: use the value's span.
     return _respan(expr, span)
+
+
+def parse_space(text: str, span: Span | None) -> ir.ParamSpace:
+    """Parse a parameter space, `in 8..64 step 8` or `in [3, 5]` (the YAML front end's `in:` strings)."""
+    path = span.file if span else "<space>"
+    try:
+        tree = parser().parse(text if text.lstrip().startswith("in") else f"in {text}", start="space_only")
+    except UnexpectedInput:
+        line, col = (span.line, span.column) if span else (1, 1)
+        raise SpecError([Diagnostic(f"invalid parameter space `{text}`", Span(path, line, col),
+                                    expected="`LOW..HIGH`, `LOW..HIGH step N` or `[A, B, ...]`")]) from None
+    return _respan(_Converter(path).space(tree.children[0]), span)
 
 
 def _respan(expr, span):

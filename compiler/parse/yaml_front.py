@@ -31,7 +31,7 @@ import yaml
 from .. import ir
 from ..errors import Diagnostic, Diagnostics, Span, SpecError, did_you_mean
 from ..limits import NoAliasLoader
-from .dsl import parse_expression
+from .dsl import parse_expression, parse_space
 
 _ELEMENT_KEYS = {"name", "repeat"}
 _TERM_OPTIONS = ("project", "shortcut", "args", "split")  # keys beside a term's name
@@ -112,20 +112,38 @@ class _YamlConverter:
     def params(self, node) -> list[ir.ParamDecl]:
         out = []
         for name, knode, vnode in self.mapping(node, "params"):
-            default = None
+            default = space = None
             if isinstance(vnode, yaml.ScalarNode):
                 type_ = vnode.value
             else:
                 fields = {k: v for k, _, v in self.mapping(vnode, f"param `{name}`")}
-                for key in fields.keys() - {"type", "default"}:
+                for key in fields.keys() - {"type", "default", "in"}:
                     self.diags.error(f"unknown key `{key}` in param `{name}`", self.span(fields[key]),
-                                     expected="`type` and `default`", hint=did_you_mean(key, ["type", "default"]))
+                                     expected="`type`, `default` and `in`",
+                                     hint=did_you_mean(key, ["type", "default", "in"]))
                 type_ = self.text(fields["type"], f"the type of param `{name}`", "float") if "type" in fields \
                     else "float"
                 if "default" in fields:
                     default = self.value(fields["default"])
-            out.append(ir.ParamDecl(name=name, type=type_, default=default, span=self.span(knode)))
+                if "in" in fields:
+                    space = self.space(fields["in"], name)
+            out.append(ir.ParamDecl(name=name, type=type_, default=default, space=space, span=self.span(knode)))
         return out
+
+    def space(self, node, name: str) -> ir.ParamSpace | None:
+        """`in: [3, 5]`, or `in: 8..64 step 8` (the DSL's text)."""
+        if isinstance(node, yaml.SequenceNode):
+            return ir.ParamSpace(values=[self.value(v) for v in node.value], span=self.span(node))
+        if isinstance(node, yaml.ScalarNode):
+            try:
+                return parse_space(str(node.value), self.span(node))
+            except SpecError as err:
+                for d in err.diagnostics:
+                    self.diags.error(d.message, d.span, expected=d.expected)
+                return None
+        self.diags.error(f"the space of param `{name}` must be a list or a range", self.span(node),
+                         expected="`[3, 5]` or `8..64 step 8`")
+        return None
 
     def args(self, node) -> list[ir.Arg]:
         if isinstance(node, yaml.ScalarNode):
