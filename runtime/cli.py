@@ -203,6 +203,10 @@ def main(argv: list[str] | None = None) -> int:
             return load(argv[1:])
         if argv[:1] == ["search"]:
             return search(argv[1:])
+        if argv[:1] == ["study"]:
+            from .study import main as study_main
+
+            return study_main(argv[1:])
         return run(argv)
     except NcError as err:
         # Spec errors carry their own `file:line:col: error:` prefix.

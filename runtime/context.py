@@ -77,6 +77,7 @@ class RunContext:
     pipelines: dict = field(default_factory=dict, repr=False)  # train / eval, built on first use unless given
     _placed: dict = field(default_factory=dict, repr=False)
     speed: Speed | None = None
+    on_epoch: object = None  # callable(step label, epoch row), e.g. a study's early stopping; may raise to stop
 
     def __post_init__(self):
         if self.speed is None:

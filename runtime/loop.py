@@ -243,6 +243,8 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
         # Logged after the checkpoint is on disk: a run killed after this line resumes after this epoch.
         ctx.log(f"{label} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
                 f"| val loss {val.loss:.4f} acc {val.accuracy:.4f} | {row['images_per_second']:.0f} img/s")
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(label, row)
     if progress.best_state is not None:
         unwrap(module).load_state_dict(progress.best_state, strict=False)
     if ctx.is_main:

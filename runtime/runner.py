@@ -45,6 +45,7 @@ class Options:
     params: dict | None = None
     input: tuple | None = None
     model: str | None = None
+    on_epoch: object = None        # callable(step label, epoch row) after each training epoch (studies)
 
 
 def _device(name: str) -> torch.device:
@@ -234,7 +235,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
             print(timeline)
             print(f"run directory: {out}")
         ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world,
-                         pipelines=pipelines, speed=speed)
+                         pipelines=pipelines, speed=speed, on_epoch=opts.on_epoch)
         return _execute(opts, ctx, plan, out)
     finally:
         if rank == 0:

@@ -1,0 +1,388 @@
+"""The study engine: trials as Optuna trials in a shared storage, each an ordinary nccompile run.
+
+Fixed trials (explicit runs, grid points) are enqueued once, by name; a worker takes one with
+`study.ask()`, which hands each waiting trial to exactly one worker, whatever the storage.
+Search trials are drawn by the sampler from the spec's space; a configuration that breaks a
+budget is rejected analytically (the trial is pruned, nothing trains). Each trial runs in
+`trials/NAME/` of the study directory, so an interrupted trial resumes from its last epoch
+when it runs again. A trial that fails is recorded with its error and the study goes on.
+
+Workers write a heartbeat into their running trial. A new worker finds trials left RUNNING by
+a worker that is gone (its process ended on this machine, or no heartbeat for 5 minutes), or
+stopped by Ctrl-C, marks them failed and enqueues them again: they resume, not restart.
+"""
+from __future__ import annotations
+
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import optuna
+
+import compiler
+from compiler.errors import BudgetError, NcError
+from compiler.space import spaces
+
+from ..runner import Options, prepare
+from ..runner import run as run_recipe
+from .config import StudyConfig, StudyError, Trial, fixed_trials, search_trial
+
+STALE_SECONDS = 300
+HEARTBEAT_SECONDS = 20
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+class StopTrial(Exception):
+    """Raised from the per-epoch hook when the pruner stops a poor trial."""
+
+
+def storage_for(url: str | None, out: Path):
+    """`--storage URL` (PostgreSQL, MySQL, SQLite), else a journal file in the study directory."""
+    if url:
+        try:
+            return optuna.storages.RDBStorage(url)
+        except Exception as err:  # a bad URL, a server that does not answer, a missing driver
+            raise NcError(f"--storage {url}: cannot open it ({type(err).__name__}: {str(err).splitlines()[0]})\n"
+                          "  hint: postgresql://USER:PASS@HOST/DB (needs psycopg2) or mysql+pymysql://...") from None
+    from optuna.storages.journal import JournalFileBackend
+
+    out.mkdir(parents=True, exist_ok=True)
+    return optuna.storages.JournalStorage(JournalFileBackend(str(out / "study.journal")))
+
+
+def _sampler(cfg: StudyConfig, space_values: dict):
+    s = cfg.search
+    if s is None or s.sampler == "random":
+        return optuna.samplers.RandomSampler(seed=s.seed if s else 0)
+    if s.sampler == "grid":
+        return optuna.samplers.GridSampler({k: list(v) for k, v in space_values.items()}, seed=s.seed)
+    return optuna.samplers.TPESampler(seed=s.seed)
+
+
+def _pruner(cfg: StudyConfig):
+    p = cfg.search.pruner if cfg.search else "none"
+    if p == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+    if p == "halving":
+        return optuna.pruners.SuccessiveHalvingPruner()
+    return optuna.pruners.NopPruner()
+
+
+class Study:
+    def __init__(self, cfg: StudyConfig, path: Path, out: Path, *, data: str | None, epochs: int | None,
+                 sets: tuple, device: str, storage: str | None, trials: int | None):
+        self.cfg, self.path, self.out = cfg, path, out
+        self.data = data or (str((path.parent / cfg.data).resolve()) if cfg.data else None)
+        self.epochs, self.sets, self.device = epochs, tuple(sets), device
+        self.storage_url = storage
+        problems: list[str] = []
+        self.fixed = fixed_trials(cfg, path.parent, problems)
+        self.template = search_trial(cfg, path.parent, problems)
+        self.trials_wanted = trials if trials is not None else (cfg.search.trials if cfg.search else 0)
+        if problems:
+            raise StudyError(str(path), problems)
+        self.rejected_fixed: dict[str, str] = {}
+        self.byte_limits: set[int] = set()
+        self.space: dict = {}
+        self.validate()
+
+    # --- before any trial runs ---------------------------------------------------------
+
+    def options(self, trial: Trial, params: dict | None = None, on_epoch=None) -> Options:
+        strings = {**trial.param_strings(), **{k: str(v) for k, v in (params or {}).items()}}
+        return Options(str(trial.spec), trial.recipe, self.data, str(self.out / "trials" / trial.name),
+                       trial.set_strings(self.sets), self.epochs, self.device, params=strings, on_epoch=on_epoch)
+
+    def validate(self) -> None:
+        """Every trial's spec, recipe and overrides, as the runner checks them; all problems at once."""
+        problems = []
+        for t in self.fixed:
+            try:
+                self._note_budgets(prepare(self.options(t))[3]["student"].model)
+            except BudgetError as err:  # a run that breaks its budget is a result, not bad input
+                self.rejected_fixed[t.name] = str(err).splitlines()[-1]
+            except NcError as err:
+                problems.append(f"{t.where}: {_first_lines(err)}")
+        if self.template is not None:
+            t = self.template
+            try:
+                model = compiler.compile_spec(t.spec, param_strings=t.param_strings())
+                found = [s for s in spaces(model.definition, model.params) if s.name not in t.params]
+                if not found:
+                    problems.append(f"search.spec: {t.spec} declares no search space "
+                                    "(e.g. `base: int = 16 in 8..64 step 8`)")
+                self.space = {s.name: [s[i] for i in range(len(s))] for s in found}
+                self._note_budgets(model)
+                if any(len(v) > 100_000 for v in self.space.values()):
+                    problems.append("search.spec: a parameter space of more than 100,000 values")
+                prepare(self.options(t))
+            except BudgetError:
+                pass  # the defaults may break a budget; drawn configurations are checked one by one
+            except NcError as err:
+                problems.append(f"search: {_first_lines(err)}")
+            steps = self._recipe_steps(t) if not problems else []
+            if steps and self.cfg.search.objective.step not in steps:
+                problems.append(f"search.objective.step: no step `{self.cfg.search.objective.step}` in "
+                                f"{t.recipe} (steps: {', '.join(steps)})")
+        if problems:
+            raise StudyError(str(self.path), problems)
+
+    def _note_budgets(self, model) -> None:
+        """Byte limits of the specs' budgets: the study's plots draw them."""
+        from compiler.expr import evaluate
+
+        self.byte_limits.update(evaluate(b.limit, model.params) for b in model.definition.budgets
+                                if b.metric == "bytes")
+
+    def _recipe_steps(self, t: Trial) -> list[str]:
+        from ..plan import load
+
+        _, steps, _ = load(t.recipe, t.set_strings(self.sets), self.epochs)
+        return [s.name for s in steps]
+
+    # --- the Optuna study ------------------------------------------------------------
+
+    def open(self) -> optuna.Study:
+        obj = self.cfg.search.objective if self.cfg.search else None
+        study = optuna.create_study(storage=storage_for(self.storage_url, self.out), study_name=self.cfg.name,
+                                    direction=obj.direction if obj else "maximize",
+                                    sampler=_sampler(self.cfg, self.space), pruner=_pruner(self.cfg),
+                                    load_if_exists=True)
+        known = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False)}
+        for t in self.fixed:
+            if t.name not in known:
+                study.enqueue_trial({"run": t.name}, user_attrs={"run": t.name}, skip_if_exists=True)
+        self.recover(study)
+        return study
+
+    def recover(self, study: optuna.Study) -> None:
+        """Trials whose worker is gone or was interrupted: failed, and enqueued again to resume."""
+        host = socket.gethostname()
+        now = time.time()
+        trials = study.get_trials(deepcopy=False)
+        resumed = resumed_numbers(trials)
+        for t in trials:
+            a = t.user_attrs
+            if t.state == optuna.trial.TrialState.RUNNING:
+                w_host, _, pid = str(a.get("worker", "")).rpartition(":")
+                gone_here = w_host == host and pid.isdigit() and not _alive(int(pid))
+                if not (gone_here or now - float(a.get("heartbeat", now)) > STALE_SECONDS):
+                    continue
+                study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+                study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+            elif not (t.state == optuna.trial.TrialState.FAIL and a.get("status") == "interrupted"):
+                continue
+            if t.number in resumed:
+                continue
+            if "run" in a:
+                study.enqueue_trial({"run": a["run"]}, user_attrs={"run": a["run"], "resumes": t.number})
+            elif t.params:
+                study.enqueue_trial(dict(t.params), user_attrs={"resumes": t.number})
+
+    # --- a worker ----------------------------------------------------------------------
+
+    def work(self, on_progress=None) -> None:
+        study = self.open()
+        names = [t.name for t in self.fixed]
+        by_name = {t.name: t for t in self.fixed}
+        while True:
+            waiting = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
+            if not waiting and self._searched(study) >= self.trials_wanted:
+                break
+            trial = study.ask()
+            if "run" in trial.user_attrs:
+                name = trial.suggest_categorical("run", names) if names else None
+                if name is None or name not in by_name:
+                    study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                    continue
+                self._run_fixed(study, trial, by_name[name])
+            elif self.template is None or self._searched(study, exclude=trial.number) >= self.trials_wanted:
+                trial.set_user_attr("status", "unused")  # another worker took the last one
+                study.tell(trial, state=optuna.trial.TrialState.FAIL)
+                continue
+            else:
+                self._run_search(study, trial)
+            if on_progress is not None:
+                on_progress(study)
+
+    def _searched(self, study, exclude: int | None = None) -> int:
+        """Search trials that count against `trials`: trained, training or repeated (not rejected ones)."""
+        return sum(1 for t in study.get_trials(deepcopy=False)
+                   if t.number != exclude and "run" not in t.user_attrs
+                   and t.user_attrs.get("status") in ("running", "done", "failed", "pruned", "repeat"))
+
+    def _run_fixed(self, study, trial, t: Trial) -> None:
+        trial.set_user_attr("run", t.name)
+        trial.set_user_attr("kind", "fixed")
+        trial.set_user_attr("spec", str(t.spec))
+        trial.set_user_attr("recipe", t.recipe)
+        trial.set_user_attr("model_params", t.params)
+        trial.set_user_attr("overrides", {k: v for k, v in t.sets.items()})
+        if t.name in self.rejected_fixed:
+            trial.set_user_attr("status", "rejected")
+            trial.set_user_attr("error", self.rejected_fixed[t.name])
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
+        if any(o.user_attrs.get("run") == t.name and o.state == optuna.trial.TrialState.COMPLETE
+               for o in study.get_trials(deepcopy=False)):
+            trial.set_user_attr("status", "duplicate")  # enqueued twice by racing workers: never run twice
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        self._execute(study, trial, t, {}, objective_step=None)
+
+    def _run_search(self, study, trial) -> None:
+        t = self.template
+        params = {}
+        for name, values in self.space.items():
+            if isinstance(values[0], bool) or len(values) < 2 or self.cfg.search.sampler == "grid":
+                params[name] = trial.suggest_categorical(name, values)
+            elif all(isinstance(v, int) for v in values):
+                step = values[1] - values[0]
+                params[name] = trial.suggest_int(name, values[0], values[-1], step=step)
+            else:
+                step = values[1] - values[0]
+                params[name] = trial.suggest_float(name, values[0], values[-1], step=step)
+        label = "-".join(f"{k}{v}" for k, v in params.items())
+        run = Trial(f"{t.name}-{label}", f"search trial {trial.number}", t.spec, t.recipe,
+                    {**t.params, **params}, dict(t.sets))
+        trial.set_user_attr("kind", "search")
+        trial.set_user_attr("name", run.name)
+        trial.set_user_attr("spec", str(t.spec))
+        trial.set_user_attr("recipe", t.recipe)
+        trial.set_user_attr("model_params", run.params)
+        trial.set_user_attr("overrides", dict(t.sets))
+        model = compiler.compile_spec(t.spec, param_strings=run.param_strings())
+        analysis = compiler.analyse(model)
+        if not analysis.ok:
+            failed = [b.name + f" fails: {b.value:,}" for b in analysis.budgets if not b.ok]
+            trial.set_user_attr("status", "rejected")
+            trial.set_user_attr("error", "; ".join(failed))
+            trial.set_user_attr("params_count", analysis.params)
+            trial.set_user_attr("macs", analysis.macs)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
+        for o in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
+            if o.user_attrs.get("name") == run.name:  # the sampler drew a configuration again
+                for k, v in o.user_attrs.items():
+                    if k not in ("worker", "heartbeat"):
+                        trial.set_user_attr(k, v)
+                trial.set_user_attr("status", "repeat")
+                study.tell(trial, o.value)
+                return
+        self._execute(study, trial, run, params, objective_step=self.cfg.search.objective.step)
+
+    def _execute(self, study, trial, t: Trial, params: dict, objective_step: str | None) -> None:
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        trial.set_user_attr("heartbeat", time.time())
+        trial.set_user_attr("status", "running")
+        trial.set_user_attr("name", t.name)
+        beat = _Heartbeat(study, trial)
+        epochs = [0]
+
+        def on_epoch(label, row):
+            epochs[0] += 1
+            if objective_step is None:
+                return
+            trial.report(float(row["val_accuracy"]), epochs[0])
+            if trial.should_prune():
+                raise StopTrial(f"stopped after {epochs[0]} epoch(s) by the pruner "
+                                f"(val accuracy {row['val_accuracy']:.4f})")
+
+        start = time.time()
+        beat.start()
+        try:
+            run_recipe(self.options(t, None, on_epoch))
+        except StopTrial as err:
+            beat.stop()
+            trial.set_user_attr("status", "pruned")
+            trial.set_user_attr("error", str(err))
+            trial.set_user_attr("seconds", time.time() - start)
+            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            return
+        except KeyboardInterrupt:
+            beat.stop()
+            trial.set_user_attr("status", "interrupted")  # the next start enqueues it again; it resumes
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
+        except Exception as err:  # a failed trial is a result; the study goes on
+            beat.stop()
+            trial.set_user_attr("status", "failed")
+            trial.set_user_attr("error", _first_lines(err) if isinstance(err, NcError)
+                                else f"internal error: {type(err).__name__}: {err}")
+            trial.set_user_attr("seconds", time.time() - start)
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            return
+        beat.stop()
+        record = trial_record(self.out / "trials" / t.name, objective_step)
+        for k, v in record.items():
+            trial.set_user_attr(k, v)
+        trial.set_user_attr("status", "done")
+        trial.set_user_attr("seconds", time.time() - start)
+        value = record.get("objective")
+        if value is None or not math.isfinite(value):
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:
+            study.tell(trial, value)
+
+
+def resumed_numbers(trials) -> set[int]:
+    """Trials that another trial took over (it resumes their run)."""
+    return {t.user_attrs["resumes"] for t in trials if "resumes" in t.user_attrs}
+
+
+def trial_record(run_dir: Path, objective_step: str | None) -> dict:
+    """The numbers a trial's run reports: its last step's model, and the objective step's accuracy."""
+    import json
+
+    report = json.loads((run_dir / "report.json").read_text())
+    steps = report["steps"]
+    last = steps[-1]
+    chosen = next((s for s in steps if s["name"] == objective_step), last) if objective_step else last
+    points = [p for s in steps if s["kind"] == "prune" for p in s.get("metrics", {}).get("points", [])]
+    record = {"params_count": last.get("params"), "macs": last.get("macs"), "file_bytes": last.get("file_bytes"),
+              "val_accuracy": last.get("val_accuracy"), "objective": chosen.get("val_accuracy"),
+              "objective_step": chosen["name"], "run_dir": str(run_dir)}
+    if points:
+        record["prune_points"] = [{k: p.get(k) for k in ("run", "iteration", "rate", "params", "val_accuracy")}
+                                  for p in points]
+    return record
+
+
+class _Heartbeat:
+    """Writes the time into the running trial now and then, so other workers know it is alive."""
+
+    def __init__(self, study, trial):
+        self.study, self.trial = study, trial
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(timeout=5)
+
+    def _beat(self):
+        while not self.done.wait(HEARTBEAT_SECONDS):
+            try:
+                self.study._storage.set_trial_user_attr(self.trial._trial_id, "heartbeat", time.time())
+            except Exception:  # the trial finished meanwhile
+                return
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _first_lines(err: BaseException, n: int = 3) -> str:
+    return " / ".join(line.strip() for line in str(err).splitlines()[:n] if line.strip())

@@ -1,0 +1,148 @@
+"""A study's outputs, from its storage alone (so any worker on any machine can write them):
+`results.csv`, `summary.md`, `pareto.png` and, for pruning studies, `pruning.png` (the report's
+Q3 figure). Each is written whole (temporary file, then rename)."""
+from __future__ import annotations
+
+import csv
+import io
+import json
+from pathlib import Path
+
+import optuna
+
+from ..weights import atomic_write
+
+COLUMNS = ["trial", "name", "status", "spec", "recipe", "model_params", "overrides", "params_count", "macs",
+           "file_bytes", "val_accuracy", "objective", "seconds", "error"]
+_STATE = {optuna.trial.TrialState.WAITING: "waiting", optuna.trial.TrialState.RUNNING: "running"}
+
+
+def rows(study: optuna.Study) -> list[dict]:
+    """One row per trial that stands for a run (not the bookkeeping of retries and races)."""
+    from .engine import resumed_numbers
+
+    out = []
+    trials = study.get_trials(deepcopy=False)
+    resumed = resumed_numbers(trials)
+    for t in trials:
+        a = t.user_attrs
+        status = _STATE.get(t.state) or a.get("status", t.state.name.lower())
+        if status in ("unused", "duplicate") or t.number in resumed:
+            continue
+        out.append({"trial": t.number, "name": a.get("name") or a.get("run") or f"trial-{t.number}",
+                    "status": status, "spec": a.get("spec", ""), "recipe": a.get("recipe", ""),
+                    "model_params": json.dumps(a.get("model_params", t.params if "run" not in t.params else {})),
+                    "overrides": json.dumps(a.get("overrides", {})), "params_count": a.get("params_count"),
+                    "macs": a.get("macs"), "file_bytes": a.get("file_bytes"), "val_accuracy": a.get("val_accuracy"),
+                    "objective": t.value if t.value is not None else a.get("objective"),
+                    "seconds": round(a["seconds"], 1) if isinstance(a.get("seconds"), float) else a.get("seconds"),
+                    "error": a.get("error", ""), "_points": a.get("prune_points")})
+    return out
+
+
+def progress(study: optuna.Study) -> str:
+    table = rows(study)
+    count = {s: sum(1 for r in table if r["status"] == s) for s in ("done", "running", "waiting", "failed",
+                                                                     "pruned", "rejected", "repeat")}
+    return "trials: " + ", ".join(f"{n} {s}" for s, n in count.items() if n)
+
+
+def write_all(study: optuna.Study, out: Path, budgets: list[int], title: str) -> list[Path]:
+    table = rows(study)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
+    w.writeheader()
+    for r in table:
+        w.writerow({k: ("" if r.get(k) is None else r[k]) for k in COLUMNS})
+    atomic_write(out / "results.csv", buf.getvalue().encode())
+    atomic_write(out / "summary.md", summary(table, title).encode())
+    written = [out / "results.csv", out / "summary.md", out / "pareto.png"]
+    pareto_plot(table, out / "pareto.png", budgets, title)
+    if any(r["_points"] for r in table):
+        pruning_plot(table, out / "pruning.png", title)
+        written.append(out / "pruning.png")
+    return written
+
+
+def summary(table: list[dict], title: str) -> str:
+    lines = [f"# {title}", "", "| trial | name | status | params | MACs | file bytes | val accuracy | seconds |",
+             "|---:|---|---|---:|---:|---:|---:|---:|"]
+
+    def num(v, fmt="{:,}"):
+        return fmt.format(v) if isinstance(v, (int, float)) else "-"
+
+    ranked = sorted(table, key=lambda r: (r["status"] != "done", -(r["val_accuracy"] or 0)))
+    for r in ranked:
+        lines.append(f"| {r['trial']} | {r['name']} | {r['status']} | {num(r['params_count'])} | {num(r['macs'])} "
+                     f"| {num(r['file_bytes'])} | {num(r['val_accuracy'], '{:.4f}')} | {num(r['seconds'])} |")
+    failed = [r for r in table if r["error"]]
+    if failed:
+        lines += ["", "Not finished:", ""] + [f"- {r['name']} ({r['status']}): {r['error']}" for r in failed]
+    return "\n".join(lines) + "\n"
+
+
+def _figure():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def pareto_plot(table: list[dict], path: Path, budgets: list[int], title: str) -> None:
+    plt = _figure()
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    done = [r for r in table if r["status"] in ("done", "repeat") and r["file_bytes"] and r["val_accuracy"] is not None]
+    for r in done:
+        ax.scatter(r["file_bytes"], r["val_accuracy"], color="tab:blue")
+        ax.annotate(r["name"], (r["file_bytes"], r["val_accuracy"]), fontsize=7, xytext=(3, 3),
+                    textcoords="offset points")
+    front, best = [], -1.0
+    for r in sorted(done, key=lambda r: (r["file_bytes"], -r["val_accuracy"])):
+        if r["val_accuracy"] > best:
+            front.append(r)
+            best = r["val_accuracy"]
+    if len(front) > 1:
+        ax.step([r["file_bytes"] for r in front], [r["val_accuracy"] for r in front], where="post",
+                color="tab:orange", label="Pareto front")
+    for limit in sorted(set(budgets)):
+        ax.axvline(limit, color="tab:red", linestyle="--", label=f"budget {limit:,} bytes")
+    ax.set_xlabel("model file bytes")
+    ax.set_ylabel("validation accuracy")
+    ax.set_title(f"{title}: accuracy against file size ({len(done)} finished trials)")
+    if len(front) > 1 or budgets:
+        ax.legend(fontsize=8)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())
+
+
+def pruning_plot(table: list[dict], path: Path, title: str) -> None:
+    """The report's Q3 figure: accuracy and parameters at every pruning iteration, one line per rate."""
+    plt = _figure()
+    fig, (acc_ax, par_ax) = plt.subplots(1, 2, figsize=(10, 4))
+    for r in table:
+        points = r["_points"] or []
+        by_run: dict = {}
+        for p in points:
+            by_run.setdefault((r["name"], p.get("run"), p.get("rate")), []).append(p)
+        for (name, _, rate), ps in by_run.items():
+            its = [p["iteration"] for p in ps]
+            label = f"{name}, rate {rate}"
+            acc_ax.plot(its, [p["val_accuracy"] for p in ps], marker="o", label=label)
+            par_ax.plot(its, [p["params"] for p in ps], marker="o", label=label)
+    acc_ax.set_xlabel("pruning iteration")
+    acc_ax.set_ylabel("validation accuracy")
+    par_ax.set_xlabel("pruning iteration")
+    par_ax.set_ylabel("parameters")
+    acc_ax.legend(fontsize=7)
+    fig.suptitle(f"{title}: pruning")
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=110)
+    plt.close(fig)
+    atomic_write(path, buf.getvalue())

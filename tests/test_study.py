@@ -1,0 +1,250 @@
+"""`nccompile study`: runs, grids and searches on Optuna storage; resume; two workers; bad input."""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import optuna
+import pytest
+
+import compiler
+from runtime.cli import main
+
+from .conftest import DATA, ROOT
+from .test_runtime import SMALL_TEACHER, needs_data
+
+TINY = """
+model tiny(classes: int = 10, width: int = 8 in [4, 8, 16, 48], depth: int = 1 in 1..2) {
+    input 3x8x8
+    budget params <= 5000
+    conv(width) bn relu
+    {conv(width) bn relu} x depth
+    gap flatten
+    head: linear(classes)
+}
+"""
+RECIPE = "name: r\ndata: {limit_per_class: 8}\nsteps:\n  - {name: train, kind: train, epochs: 1}\n"
+
+
+@pytest.fixture
+def files(tmp_path):
+    (tmp_path / "tiny.spec").write_text(TINY)
+    (tmp_path / "r.yaml").write_text(RECIPE)
+    return tmp_path
+
+
+def _study(tmp_path, text, name="s.yaml"):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def _results(out):
+    with open(out / "results.csv") as f:
+        return list(csv.DictReader(f))
+
+
+def test_runs_and_grid_write_results_summary_and_plot_and_a_rerun_trains_nothing(files, capsys):
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\n"
+                          "runs:\n  - {name: narrow, params: {width: 4}}\n"
+                          "grid:\n  params: {width: [8, 16]}\n  set: {steps.train.label_smoothing: [0.0, 0.1]}\n")
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = _results(out)
+    assert [r["name"] for r in rows] == ["narrow", "grid-width8-label_smoothing0p0", "grid-width8-label_smoothing0p1",
+                                         "grid-width16-label_smoothing0p0", "grid-width16-label_smoothing0p1"]
+    assert all(r["status"] == "done" for r in rows)
+    for r in rows:
+        m = compiler.compile_spec(files / "tiny.spec", param_strings={k: str(v) for k, v in
+                                                                     json.loads(r["model_params"]).items()})
+        assert int(r["params_count"]) == compiler.analyse(m).params
+        assert int(r["file_bytes"]) == compiler.predicted_bytes(m, "fp32")
+        assert 0 <= float(r["val_accuracy"]) <= 1
+    assert (out / "summary.md").read_text().count("| done |") == 5
+    assert (out / "pareto.png").read_bytes()[:4] == b"\x89PNG"
+    reports = {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/report.json")}
+    assert len(reports) == 5
+    capsys.readouterr()
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/report.json")} == reports  # nothing ran
+    assert [r["name"] for r in _results(out)] == [r["name"] for r in rows]
+
+
+def test_a_failing_trial_is_recorded_and_the_study_goes_on(files, capsys):
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n"
+                          "  - {name: explodes, set: {optimizer.lr: 1e30}}\n  - {name: fine}\n")
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0
+    rows = {r["name"]: r for r in _results(out)}
+    assert rows["explodes"]["status"] == "failed" and "became" in rows["explodes"]["error"]
+    assert rows["fine"]["status"] == "done"
+
+
+def test_search_rejects_configurations_over_budget_without_training(files, capsys):
+    study = _study(files, "name: s\nsearch:\n  spec: tiny.spec\n  recipe: r.yaml\n  trials: 3\n  sampler: grid\n"
+                          "  objective: {step: train}\n")
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = _results(out)
+    done = [r for r in rows if r["status"] in ("done", "repeat")]
+    rejected = [r for r in rows if r["status"] == "rejected"]
+    assert len(done) == 3
+    for r in rejected:
+        params = json.loads(r["model_params"])
+        m = compiler.compile_spec(files / "tiny.spec", param_strings={k: str(v) for k, v in params.items()})
+        assert not compiler.analyse(m).ok and "params <= 5,000 fails" in r["error"]
+        assert not (out / "trials" / r["name"]).exists()
+    for r in done:
+        assert int(r["params_count"]) <= 5000 and float(r["objective"]) == float(r["val_accuracy"])
+
+
+@pytest.mark.parametrize("text, fragment", [
+    ("name: s\nspec: tiny.spec\nruns:\n  - {name: a, recipe: r.yaml}\n  - {name: b, recipe: nope}\n",
+     "runs[1] (b):"),
+    ("name: s\nrecipe: r.yaml\nruns:\n  - {name: a, spec: missing.spec}\n", "runs[0] (a).spec: no such file"),
+    ("name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a, set: {steps.trian.epochs: 2}}\n",
+     "no step `trian`"),
+    ("name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a, params: {wdith: 4}}\n", "no parameter `wdith`"),
+    ("name: s\nspec: tiny.spec\nrecipe: r.yaml\ngrid: {params: {width: []}}\n", "grid.params.width: an empty list"),
+    ("name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, objective: {step: quantize}}\n",
+     "search.objective.step: no step `quantize`"),
+    ("name: s\nspec: tiny.spec\nrecipe: r.yaml\nrunz: []\n", "runz"),
+    ("name: s\nspec: tiny.spec\nrecipe: r.yaml\n", "nothing to run"),
+    ("name: ../up\nspec: tiny.spec\nrecipe: r.yaml\nruns: [{name: a}]\n", "used in file paths"),
+])
+def test_bad_studies_are_refused_with_the_place_before_any_trial_runs(files, capsys, text, fragment):
+    study = _study(files, text)
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert fragment in err, err
+    assert "Traceback" not in err
+    assert not (out / "trials").exists()
+
+
+def test_an_interrupted_trial_is_resumed_by_the_next_start(files, capsys):
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a}\n  - {name: b}\n")
+    out = files / "out"
+    from runtime.study.engine import storage_for
+
+    # a worker took `a` and died (its process is gone): the trial is left RUNNING
+    s = optuna.create_study(storage=storage_for(None, out), study_name="s", direction="maximize")
+    s.enqueue_trial({"run": "a"}, user_attrs={"run": "a"})
+    t = s.ask()
+    t.suggest_categorical("run", ["a", "b"])
+    t.set_user_attr("worker", f"{socket.gethostname()}:999999999")
+    t.set_user_attr("status", "running")
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = _results(out)
+    assert sorted(r["name"] for r in rows) == ["a", "b"] and all(r["status"] == "done" for r in rows)
+    states = [tr.state for tr in s.get_trials()]
+    assert states.count(optuna.trial.TrialState.FAIL) == 1  # the dead one, kept for the record
+
+
+def test_two_workers_run_each_trial_exactly_once(files):
+    names = [f"r{i}" for i in range(6)]
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n"
+                   + "".join(f"  - {{name: {n}, params: {{width: {4 + i}}}}}\n" for i, n in enumerate(names)))
+    out = files / "out"
+    env = dict(os.environ, CI="1")
+    done = subprocess.run([sys.executable, "-m", "runtime", "study", str(study), "--out", str(out), "--workers", "2",
+                           "--device", "cpu"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    rows = _results(out)
+    assert sorted(r["name"] for r in rows) == names and all(r["status"] == "done" for r in rows)
+    s = optuna.load_study(study_name="s", storage=_journal(out))
+    ran = [t for t in s.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+    assert sorted(t.user_attrs["run"] for t in ran) == names  # none lost, none twice
+    workers = {t.user_attrs["worker"] for t in ran}
+    assert len(workers) == 2, workers  # both workers took trials
+    for n in names:
+        log = json.loads((out / "trials" / n / "state.json").read_text())
+        assert log  # each run directory written by one ordinary run
+
+
+def _journal(out):
+    from runtime.study.engine import storage_for
+
+    return storage_for(None, out)
+
+
+def _as_postgres(cmd: list[str]) -> list[str]:
+    """PostgreSQL refuses to run as root: run its tools as the `postgres` user then."""
+    return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
+
+
+@pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
+                    reason="no PostgreSQL server here (initdb and pg_ctl not found)")
+def test_two_workers_share_a_postgresql_study(files):
+    pytest.importorskip("pg8000", reason="the pure-Python PostgreSQL driver pg8000 is not installed")
+    if os.geteuid() == 0 and shutil.which("runuser") is None:
+        pytest.skip("running as root without runuser: cannot start PostgreSQL as another user")
+    import pwd
+    import tempfile
+
+    home = tempfile.mkdtemp(prefix="nccompile-pg-")
+    if os.geteuid() == 0:
+        pw = pwd.getpwnam("postgres")
+        os.chown(home, pw.pw_uid, pw.pw_gid)
+    data, port = os.path.join(home, "data"), str(54000 + os.getpid() % 1000)
+    init = subprocess.run(_as_postgres(["initdb", "-D", data, "-U", "postgres", "--auth=trust"]),
+                          capture_output=True, text=True)
+    if init.returncode != 0:
+        shutil.rmtree(home, ignore_errors=True)
+        pytest.skip(f"initdb failed here: {init.stderr.strip()[-300:]}")
+    started = subprocess.run(_as_postgres(["pg_ctl", "-D", data, "-l", os.path.join(home, "log"), "-w", "-o",
+                                           f"-p {port} -k {home} -c listen_addresses=localhost", "start"]),
+                             capture_output=True, text=True)
+    try:
+        if started.returncode != 0:
+            pytest.skip(f"PostgreSQL did not start here: {started.stderr.strip()[-300:]}")
+        names = ["a", "b", "c", "d"]
+        study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n"
+                       + "".join(f"  - {{name: {n}}}\n" for n in names))
+        url = f"postgresql+pg8000://postgres@localhost:{port}/postgres"
+        done = subprocess.run([sys.executable, "-m", "runtime", "study", str(study), "--out", str(files / "out"),
+                               "--workers", "2", "--storage", url, "--device", "cpu"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env=dict(os.environ, CI="1"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert sorted(r["name"] for r in _results(files / "out")) == names
+        s = optuna.load_study(study_name="s", storage=url)
+        ran = [t.user_attrs["run"] for t in s.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
+        assert sorted(ran) == names
+    finally:
+        subprocess.run(_as_postgres(["pg_ctl", "-D", data, "-m", "immediate", "stop"]), capture_output=True)
+        shutil.rmtree(home, ignore_errors=True)
+
+
+@needs_data
+def test_q2_kd_acceptance(tmp_path, capsys, in_root):
+    """The issue's command, with a small teacher so that the suite stays quick."""
+    teacher = tmp_path / "teacher.spec"
+    teacher.write_text(SMALL_TEACHER)
+    out = tmp_path / "q2"
+    args = ["study", str(_q2_with_small_teacher(tmp_path, teacher)), "--data", str(DATA), "--epochs", "1",
+            "--set", "data.limit_per_class=20", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err
+    rows = _results(out)
+    assert sum(r["status"] == "done" for r in rows) >= 2
+    assert {"params_count", "file_bytes", "val_accuracy"} <= set(rows[0])
+    assert (out / "summary.md").exists() and (out / "pareto.png").exists()
+    before = {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/report.json")}
+    assert main(args) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/report.json")} == before
+
+
+def _q2_with_small_teacher(tmp_path, teacher):
+    text = (ROOT / "specs/studies/q2_kd.yaml").read_text().replace("spec: ../student.spec",
+                                                                     f"spec: {ROOT / 'specs/student.spec'}")
+    text = text.replace("set: {steps.teacher.epochs: 1}", f"set: {{steps.teacher.epochs: 1, models.teacher.spec: "
+                                                           f"{teacher}}}")
+    text = text.replace("set: {steps.teacher.epochs: 4}", f"set: {{steps.teacher.epochs: 4, models.teacher.spec: "
+                                                           f"{teacher}}}")
+    path = tmp_path / "q2_kd.yaml"
+    path.write_text(text)
+    return path
