@@ -11,14 +11,8 @@ import sys
 
 from compiler.errors import NcError, SpecError, UsageError
 
-EXIT_OK, EXIT_BUDGET, EXIT_INVALID, EXIT_INTERNAL = 0, 1, 2, 70
-
-
-class _Parser(argparse.ArgumentParser):
-    def error(self, message):  # argparse's own usage errors also exit 2, without a traceback
-        self.print_usage(sys.stderr)
-        print(f"nccompile: error: {message}", file=sys.stderr)
-        raise SystemExit(EXIT_INVALID)
+from .usage import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK
+from .usage import Parser as _Parser
 
 
 def _arg_parser() -> argparse.ArgumentParser:

@@ -12,9 +12,9 @@ from compiler.errors import UsageError
 
 
 def _parser():
-    from ..cli import _Parser
+    from ..usage import Parser
 
-    p = _Parser(prog="nccompile study", description="Run a study: every trial an ordinary nccompile run in "
+    p = Parser(prog="nccompile study", description="Run a study: every trial an ordinary nccompile run in "
                                                      "OUT/trials/NAME, results in OUT/results.csv, summary.md, "
                                                      "pareto.png. Running it again skips finished trials and "
                                                      "resumes interrupted ones.")
