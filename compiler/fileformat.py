@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
+from functools import lru_cache
 
 from .tree import Model, Node
 
@@ -226,6 +227,11 @@ def _dumps(value) -> str:
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"))
 
 
+@lru_cache(maxsize=65536)
+def _name_json(name: str) -> str:  # tensor names repeat across the configurations of a search
+    return _dumps(name)
+
+
 def header(stored: list[StoredTensor], metadata: dict[str, str]) -> bytes:
     parts = []
     if metadata:
@@ -233,8 +239,8 @@ def header(stored: list[StoredTensor], metadata: dict[str, str]) -> bytes:
     offset = 0
     for t in ordered(stored):
         end = offset + t.nbytes
-        parts.append(_dumps(t.name) + ':{"dtype":"%s","shape":%s,"data_offsets":[%d,%d]}'
-                     % (t.dtype, _dumps(list(t.shape)), offset, end))
+        parts.append(_name_json(t.name) + ':{"dtype":"%s","shape":[%s],"data_offsets":[%d,%d]}'
+                     % (t.dtype, ",".join(map(str, t.shape)), offset, end))  # ints: what serde_json writes
         offset = end
     raw = ("{" + ",".join(parts) + "}").encode("utf-8")
     return raw + b" " * (-len(raw) % 8)

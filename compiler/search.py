@@ -12,7 +12,6 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .analysis import budgets
 from .elaborate import elaborate, parse_param_strings, select_model
 from .errors import NcError, UsageError
 from .fileformat import SPEC, model_format, predicted_bytes
@@ -83,15 +82,7 @@ def search(path: str | Path, *, model: str | None = None, fixed: dict[str, str] 
             result.invalid_example = result.invalid_example or f"{config}: {str(err).splitlines()[0]}"
             continue
         m.source, m.syntax = text, syntax
-        checks = budgets(m)
-        wanted = list(dict.fromkeys([*formats, *(b.format for b in m.definition.budgets if b.metric == "bytes")]))
-        sizes = {}
-        for fmt in wanted:
-            if fmt == SPEC and m.definition.precision is None:
-                continue
-            sizes[fmt] = next((b.value for b in checks if b.metric == "bytes" and b.format == fmt), None) \
-                or predicted_bytes(m, model_format(m, fmt))
-        ok = all(b.ok for b in checks)
+        sizes, ok = _measure(m, formats)
         if not ok:
             result.rejected += 1
             continue
@@ -99,6 +90,21 @@ def search(path: str | Path, *, model: str | None = None, fixed: dict[str, str] 
                                            m.root.total_macs, sizes, ok, m))
     result.seconds = time.perf_counter() - t0
     return result
+
+
+def _measure(m: Model, formats) -> tuple[dict[str, int], bool]:
+    """The file bytes of `formats` and of the budgets' formats, and whether every budget holds
+    (analysis.budgets without its per-layer breakdown, which a search does not print)."""
+    from .expr import evaluate
+
+    sizes: dict[str, int] = {}
+    for fmt in list(formats) + [b.format for b in m.definition.budgets if b.metric == "bytes"]:
+        if fmt not in sizes and not (fmt == SPEC and m.definition.precision is None):
+            sizes[fmt] = predicted_bytes(m, model_format(m, fmt))
+    totals = {"params": m.root.params, "macs": m.root.total_macs}
+    ok = all((sizes[b.format] if b.metric == "bytes" else totals[b.metric]) <= evaluate(b.limit, m.params)
+             for b in m.definition.budgets)
+    return sizes, ok
 
 
 def pareto(candidates: list[Candidate], objective: str = "params", bytes_format: str = "int8") -> list[Candidate]:

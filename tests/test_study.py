@@ -248,3 +248,25 @@ def _q2_with_small_teacher(tmp_path, teacher):
     path = tmp_path / "q2_kd.yaml"
     path.write_text(text)
     return path
+
+
+def test_ctrl_c_leaves_the_storage_consistent_and_the_next_start_resumes(files, capsys, monkeypatch):
+    import runtime.study.engine as engine
+
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a}\n  - {name: b}\n")
+    out = files / "out"
+    real = engine.run_recipe
+
+    def interrupted(opts):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(engine, "run_recipe", interrupted)
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 130
+    s = optuna.load_study(study_name="s", storage=_journal(out))
+    states = {t.user_attrs.get("run"): (t.state, t.user_attrs.get("status")) for t in s.get_trials()}
+    assert states["a"] == (optuna.trial.TrialState.FAIL, "interrupted")
+    assert states["b"][0] == optuna.trial.TrialState.WAITING  # untouched, still queued
+    monkeypatch.setattr(engine, "run_recipe", real)
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0
+    rows = _results(out)
+    assert sorted(r["name"] for r in rows) == ["a", "b"] and all(r["status"] == "done" for r in rows)

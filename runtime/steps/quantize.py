@@ -158,7 +158,8 @@ class Quantize(StepKind):
             q_acc, q_loss = q.accuracy, q.loss
             metrics.update(fp32_val_accuracy=fp32_acc, val_accuracy=q_acc, val_loss=q_loss,
                            accuracy_drop=fp32_acc - q_acc)
-            ctx.log(f"{cfg.name}: {fmt.name} file {metrics['file_bytes']:,} bytes (fp32 {metrics['fp32_bytes']:,}); "
+            label = fmt.name + (f" (+ {len(fmt.overrides)} per-layer exceptions)" if fmt.overrides else "")
+            ctx.log(f"{cfg.name}: {label} file {metrics['file_bytes']:,} bytes (fp32 {metrics['fp32_bytes']:,}); "
                     f"val accuracy {q_acc:.4f} dequantized vs {fp32_acc:.4f} fp32")
             if cfg.integer_inference:  # PyTorch's int8 kernels are CPU-only: measured there, on CPU copies
                 metrics["integer"] = self._integer(cfg, ctx, written.build(model).eval(),
