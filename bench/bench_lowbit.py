@@ -81,8 +81,9 @@ def main() -> None:
                                           "steps": [step]}))
             q = launch(STUDENT, str(recipe), out / name, [])["q"]
             label = f"{rounding} rounding" + (f", auto for {budget:,}" if budget else "")
-            chosen = q["metrics"].get("auto", {}).get("mean_bits")
-            rows.append((label, fmt if chosen is None else f"mixed, mean {chosen:.1f} bits", q["file_bytes"],
+            auto = q["metrics"].get("auto", {})
+            chosen = auto.get("bits_per_value", auto.get("mean_bits"))
+            rows.append((label, fmt if chosen is None else f"auto mix, {chosen:.1f} bits per value", q["file_bytes"],
                          q["val_accuracy"]))
     qat_sets = common + [f"steps.distill.epochs={args.epochs}"]
     if "qat" not in args.skip:

@@ -1,6 +1,7 @@
 """`quantize`: write the model in a weight format; evaluate it dequantized (and in int8 kernels)."""
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from pydantic import Field
@@ -177,9 +178,10 @@ class Quantize(StepKind):
         spec_file = step_dir / "precision.spec"
         if ctx.is_main:
             atomic_write(spec_file, text.encode())
-        bits = {path: parse_format(f).bits for path, f in choice.items()}
+        sizes = {layer.path: sum(math.prod(s) for _, s in layer.tensors) for layer in bitalloc.layers(model)}
+        weighted = sum(parse_format(choice[p]).bits * n for p, n in sizes.items())
         metrics["auto"] = {"budget": budget, "choice": choice, "sensitivity": sens,
-                           "mean_bits": sum(bits.values()) / max(1, len(bits))}
+                           "bits_per_value": weighted / max(1, sum(sizes.values()))}  # codes only, ranges aside
         counts = {}
         for f in choice.values():
             counts[f] = counts.get(f, 0) + 1

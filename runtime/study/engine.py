@@ -53,13 +53,14 @@ def storage_for(url: str | None, out: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(out / "study.journal")))
 
 
-def _sampler(cfg: StudyConfig, space_values: dict):
+def _sampler(cfg: StudyConfig, space_values: dict, trials: int):
     s = cfg.search
     if s is None or s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed if s else 0)
     if s.sampler == "grid":
         return optuna.samplers.GridSampler({k: list(v) for k, v in space_values.items()}, seed=s.seed)
-    return optuna.samplers.TPESampler(seed=s.seed)
+    # a few random trials first, then TPE's model (Optuna's default waits 10: most studies here are shorter)
+    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, trials // 3))
 
 
 def _pruner(cfg: StudyConfig):
@@ -149,8 +150,8 @@ class Study:
         obj = self.cfg.search.objective if self.cfg.search else None
         study = optuna.create_study(storage=storage_for(self.storage_url, self.out), study_name=self.cfg.name,
                                     direction=obj.direction if obj else "maximize",
-                                    sampler=_sampler(self.cfg, self.space), pruner=_pruner(self.cfg),
-                                    load_if_exists=True)
+                                    sampler=_sampler(self.cfg, self.space, self.trials_wanted),
+                                    pruner=_pruner(self.cfg), load_if_exists=True)
         known = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False)}
         for t in self.fixed:
             if t.name not in known:
