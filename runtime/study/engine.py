@@ -66,7 +66,7 @@ def _sampler(cfg: StudyConfig, space_values: dict, trials: int):
 def _pruner(cfg: StudyConfig):
     p = cfg.search.pruner if cfg.search else "none"
     if p == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=1)
+        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
     if p == "halving":
         return optuna.pruners.SuccessiveHalvingPruner()
     return optuna.pruners.NopPruner()
@@ -257,12 +257,12 @@ class Study:
         trial.set_user_attr("overrides", dict(t.sets))
         model = compiler.compile_spec(t.spec, param_strings=run.param_strings())
         analysis = compiler.analyse(model)
+        trial.set_user_attr("params_count", analysis.params)  # known before training; the run reports them too
+        trial.set_user_attr("macs", analysis.macs)
         if not analysis.ok:
             failed = [b.name + f" fails: {b.value:,}" for b in analysis.budgets if not b.ok]
             trial.set_user_attr("status", "rejected")
             trial.set_user_attr("error", "; ".join(failed))
-            trial.set_user_attr("params_count", analysis.params)
-            trial.set_user_attr("macs", analysis.macs)
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             return
         for o in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):

@@ -57,9 +57,10 @@ def write_all(study: optuna.Study, out: Path, budgets: list[int], title: str) ->
     atomic_write(out / "results.csv", buf.getvalue().encode())
     atomic_write(out / "summary.md", summary(table, title).encode())
     written = [out / "results.csv", out / "summary.md", out / "pareto.png"]
-    pareto_plot(table, out / "pareto.png", budgets, title)
+    short = title.split(":")[0]  # the study's name: its description goes in summary.md
+    pareto_plot(table, out / "pareto.png", budgets, short)
     if any(r["_points"] for r in table):
-        pruning_plot(table, out / "pruning.png", title)
+        pruning_plot(table, out / "pruning.png", short)
         written.append(out / "pruning.png")
     return written
 
