@@ -189,8 +189,9 @@ def atomic_write(path: Path, data: bytes) -> None:
 
 def model_bytes(module: torch.nn.Module, model: Model, fmt: WeightFormat | str = "fp32",
                 ranges: dict[str, torch.Tensor] | None = None) -> bytes:
-    """The model file's bytes; with `fold_bn` the module is folded on a copy first."""
-    fmt = parse_format(fmt) if isinstance(fmt, str) else fmt
+    """The model file's bytes (`fmt` may be `spec`: the model's precision section); with `fold_bn` the
+    module is folded on a copy first."""
+    fmt = fileformat.model_format(model, fmt)
     if fmt.fold_bn:
         import copy
 

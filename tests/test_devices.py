@@ -40,7 +40,8 @@ def test_builtin_recipe_end_to_end(recipe, device, tmp_path, capsys, in_root):
         if step["kind"] == "quantize":  # the file written is the size the compiler predicted
             m = step["metrics"]
             assert m["file_bytes"] == m["predicted_bytes"] == (out / step["model_file"]).stat().st_size
-            assert "integer" in m and 0 <= m["integer"]["val_accuracy"] <= 1
+            if recipe == "kd_wq":  # the 8-bit recipe also runs PyTorch's integer kernels
+                assert "integer" in m and 0 <= m["integer"]["val_accuracy"] <= 1
         if step["kind"] == "evaluate":
             assert step["metrics"]["images"] == 60
     if device != "cpu":
