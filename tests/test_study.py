@@ -270,3 +270,18 @@ def test_ctrl_c_leaves_the_storage_consistent_and_the_next_start_resumes(files, 
     assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0
     rows = _results(out)
     assert sorted(r["name"] for r in rows) == ["a", "b"] and all(r["status"] == "done" for r in rows)
+
+
+def test_a_pruning_study_draws_the_report_q3_figure(files, capsys):
+    (files / "p.yaml").write_text(
+        "name: p\ndata: {limit_per_class: 8}\nsteps:\n  - {name: train, kind: train, epochs: 1}\n"
+        "  - {name: prune, kind: prune, importance: bn, rate: 0.9, iterations: 2,"
+        " finetune: {kind: train, epochs: 1}}\n")
+    study = _study(files, "name: q3\nspec: tiny.spec\nrecipe: p.yaml\ngrid:\n  params: {width: [16]}\n"
+                          "  set: {steps.prune.rate: [0.9, 0.5]}\n")
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = {r["name"]: r for r in _results(out)}
+    assert int(rows["grid-width16-rate0p5"]["params_count"]) < int(rows["grid-width16-rate0p9"]["params_count"])
+    assert (out / "pruning.png").read_bytes()[:4] == b"\x89PNG"
+    assert "trials: 2 done" in capsys.readouterr().out

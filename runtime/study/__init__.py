@@ -53,7 +53,7 @@ def main(argv: list[str]) -> int:
     handle = study.open()  # creates the study and enqueues the fixed trials, once, before any worker starts
 
     def report(s):
-        print(f"study {cfg.name}: {progress(s)}", flush=True)
+        print(f"study {cfg.name}: {progress(s, study.trials_wanted - study.searched(s))}", flush=True)
         write_all(s, out, sorted(study.byte_limits), title)
 
     if args.workers > 1 and not args.worker:

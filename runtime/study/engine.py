@@ -191,7 +191,7 @@ class Study:
         by_name = {t.name: t for t in self.fixed}
         while True:
             waiting = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
-            if not waiting and self._searched(study) >= self.trials_wanted:
+            if not waiting and self.searched(study) >= self.trials_wanted:
                 break
             trial = study.ask()
             if "run" in trial.user_attrs:
@@ -200,7 +200,7 @@ class Study:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     continue
                 self._run_fixed(study, trial, by_name[name])
-            elif self.template is None or self._searched(study, exclude=trial.number) >= self.trials_wanted:
+            elif self.template is None or self.searched(study, exclude=trial.number) >= self.trials_wanted:
                 trial.set_user_attr("status", "unused")  # another worker took the last one
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
@@ -209,7 +209,7 @@ class Study:
             if on_progress is not None:
                 on_progress(study)
 
-    def _searched(self, study, exclude: int | None = None) -> int:
+    def searched(self, study, exclude: int | None = None) -> int:
         """Search trials that count against `trials`: trained, training or repeated (not rejected ones)."""
         return sum(1 for t in study.get_trials(deepcopy=False)
                    if t.number != exclude and "run" not in t.user_attrs

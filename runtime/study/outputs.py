@@ -40,11 +40,13 @@ def rows(study: optuna.Study) -> list[dict]:
     return out
 
 
-def progress(study: optuna.Study) -> str:
+def progress(study: optuna.Study, search_left: int = 0) -> str:
+    """`trials: 3 done, 1 running, 2 waiting, ...`; waiting trials and search trials not yet drawn are left."""
     table = rows(study)
     count = {s: sum(1 for r in table if r["status"] == s) for s in ("done", "running", "waiting", "failed",
                                                                      "pruned", "rejected", "repeat")}
-    return "trials: " + ", ".join(f"{n} {s}" for s, n in count.items() if n)
+    text = "trials: " + ", ".join(f"{n} {s}" for s, n in count.items() if n)
+    return text + (f", {search_left} search trial(s) left to draw" if search_left > 0 else "")
 
 
 def write_all(study: optuna.Study, out: Path, budgets: list[int], title: str) -> list[Path]:
