@@ -251,7 +251,7 @@ def _q2_with_small_teacher(tmp_path, teacher):
 
 
 def test_ctrl_c_leaves_the_storage_consistent_and_the_next_start_resumes(files, capsys, monkeypatch):
-    import runtime.study.engine as engine
+    import runtime.study.trials as engine
 
     study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a}\n  - {name: b}\n")
     out = files / "out"

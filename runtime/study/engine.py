@@ -7,16 +7,13 @@ budget is rejected analytically (the trial is pruned, nothing trains). Each tria
 `trials/NAME/` of the study directory, so an interrupted trial resumes from its last epoch
 when it runs again. A trial that fails is recorded with its error and the study goes on.
 
-Workers write a heartbeat into their running trial. A new worker finds trials left RUNNING by
+Workers write a heartbeat into their running trial (runtime.study.trials). A new worker finds trials left RUNNING by
 a worker that is gone (its process ended on this machine, or no heartbeat for 5 minutes), or
 stopped by Ctrl-C, marks them failed and enqueues them again: they resume, not restart.
 """
 from __future__ import annotations
 
-import math
-import os
 import socket
-import threading
 import time
 from pathlib import Path
 
@@ -27,16 +24,11 @@ from compiler.errors import BudgetError, NcError
 from compiler.space import spaces
 
 from ..runner import Options, prepare
-from ..runner import run as run_recipe
 from .config import StudyConfig, StudyError, Trial, fixed_trials, search_trial
+from .trials import alive, execute, first_lines, resumed_numbers
 
 STALE_SECONDS = 300
-HEARTBEAT_SECONDS = 20
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-class StopTrial(Exception):
-    """Raised from the per-epoch hook when the pruner stops a poor trial."""
 
 
 def storage_for(url: str | None, out: Path):
@@ -106,7 +98,7 @@ class Study:
             except BudgetError as err:  # a run that breaks its budget is a result, not bad input
                 self.rejected_fixed[t.name] = str(err).splitlines()[-1]
             except NcError as err:
-                problems.append(f"{t.where}: {_first_lines(err)}")
+                problems.append(f"{t.where}: {first_lines(err)}")
         if self.template is not None:
             t = self.template
             try:
@@ -123,7 +115,7 @@ class Study:
             except BudgetError:
                 pass  # the defaults may break a budget; drawn configurations are checked one by one
             except NcError as err:
-                problems.append(f"search: {_first_lines(err)}")
+                problems.append(f"search: {first_lines(err)}")
             steps = self._recipe_steps(t) if not problems else []
             if steps and self.cfg.search.objective.step not in steps:
                 problems.append(f"search.objective.step: no step `{self.cfg.search.objective.step}` in "
@@ -148,7 +140,8 @@ class Study:
 
     def open(self) -> optuna.Study:
         obj = self.cfg.search.objective if self.cfg.search else None
-        study = optuna.create_study(storage=storage_for(self.storage_url, self.out), study_name=self.cfg.name,
+        self.storage = storage_for(self.storage_url, self.out)
+        study = optuna.create_study(storage=self.storage, study_name=self.cfg.name,
                                     direction=obj.direction if obj else "maximize",
                                     sampler=_sampler(self.cfg, self.space, self.trials_wanted),
                                     pruner=_pruner(self.cfg), load_if_exists=True)
@@ -169,11 +162,12 @@ class Study:
             a = t.user_attrs
             if t.state == optuna.trial.TrialState.RUNNING:
                 w_host, _, pid = str(a.get("worker", "")).rpartition(":")
-                gone_here = w_host == host and pid.isdigit() and not _alive(int(pid))
+                gone_here = w_host == host and pid.isdigit() and not alive(int(pid))
                 if not (gone_here or now - float(a.get("heartbeat", now)) > STALE_SECONDS):
                     continue
-                study._storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
-                study._storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
+                # another worker's trial: only the storage can change it (Optuna has no public handle)
+                self.storage.set_trial_user_attr(t._trial_id, "status", "interrupted")
+                self.storage.set_trial_state_values(t._trial_id, optuna.trial.TrialState.FAIL)
             elif not (t.state == optuna.trial.TrialState.FAIL and a.get("status") == "interrupted"):
                 continue
             if t.number in resumed:
@@ -276,114 +270,5 @@ class Study:
         self._execute(study, trial, run, params, objective_step=self.cfg.search.objective.step)
 
     def _execute(self, study, trial, t: Trial, params: dict, objective_step: str | None) -> None:
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        trial.set_user_attr("heartbeat", time.time())
-        trial.set_user_attr("status", "running")
-        trial.set_user_attr("name", t.name)
-        beat = _Heartbeat(study, trial)
-        epochs = [0]
-
-        def on_epoch(label, row):
-            epochs[0] += 1
-            if objective_step is None:
-                return
-            trial.report(float(row["val_accuracy"]), epochs[0])
-            if trial.should_prune():
-                raise StopTrial(f"stopped after {epochs[0]} epoch(s) by the pruner "
-                                f"(val accuracy {row['val_accuracy']:.4f})")
-
-        start = time.time()
-        beat.start()
-        try:
-            run_recipe(self.options(t, None, on_epoch))
-        except StopTrial as err:
-            beat.stop()
-            trial.set_user_attr("status", "pruned")
-            trial.set_user_attr("error", str(err))
-            trial.set_user_attr("seconds", time.time() - start)
-            study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            return
-        except KeyboardInterrupt:
-            beat.stop()
-            trial.set_user_attr("status", "interrupted")  # the next start enqueues it again; it resumes
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            raise
-        except Exception as err:  # a failed trial is a result; the study goes on
-            beat.stop()
-            trial.set_user_attr("status", "failed")
-            trial.set_user_attr("error", _first_lines(err) if isinstance(err, NcError)
-                                else f"internal error: {type(err).__name__}: {err}")
-            trial.set_user_attr("seconds", time.time() - start)
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-            return
-        beat.stop()
-        record = trial_record(self.out / "trials" / t.name, objective_step)
-        for k, v in record.items():
-            trial.set_user_attr(k, v)
-        trial.set_user_attr("status", "done")
-        trial.set_user_attr("seconds", time.time() - start)
-        value = record.get("objective")
-        if value is None or not math.isfinite(value):
-            study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        else:
-            study.tell(trial, value)
-
-
-def resumed_numbers(trials) -> set[int]:
-    """Trials that another trial took over (it resumes their run)."""
-    return {t.user_attrs["resumes"] for t in trials if "resumes" in t.user_attrs}
-
-
-def trial_record(run_dir: Path, objective_step: str | None) -> dict:
-    """The numbers a trial's run reports: its last step's model, and the objective step's accuracy."""
-    import json
-
-    report = json.loads((run_dir / "report.json").read_text())
-    steps = report["steps"]
-    last = steps[-1]
-    chosen = next((s for s in steps if s["name"] == objective_step), last) if objective_step else last
-    points = [p for s in steps if s["kind"] == "prune" for p in s.get("metrics", {}).get("points", [])]
-    record = {"params_count": last.get("params"), "macs": last.get("macs"), "file_bytes": last.get("file_bytes"),
-              "val_accuracy": last.get("val_accuracy"), "objective": chosen.get("val_accuracy"),
-              "objective_step": chosen["name"], "run_dir": str(run_dir)}
-    if points:
-        record["prune_points"] = [{k: p.get(k) for k in ("run", "iteration", "rate", "params", "val_accuracy")}
-                                  for p in points]
-    return record
-
-
-class _Heartbeat:
-    """Writes the time into the running trial now and then, so other workers know it is alive."""
-
-    def __init__(self, study, trial):
-        self.study, self.trial = study, trial
-        self.done = threading.Event()
-        self.thread = threading.Thread(target=self._beat, daemon=True)
-
-    def start(self):
-        self.thread.start()
-
-    def stop(self):
-        self.done.set()
-        self.thread.join(timeout=5)
-
-    def _beat(self):
-        while not self.done.wait(HEARTBEAT_SECONDS):
-            try:
-                self.study._storage.set_trial_user_attr(self.trial._trial_id, "heartbeat", time.time())
-            except Exception:  # the trial finished meanwhile
-                return
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-def _first_lines(err: BaseException, n: int = 3) -> str:
-    return " / ".join(line.strip() for line in str(err).splitlines()[:n] if line.strip())
+        execute(study, trial, self.storage, lambda hook: self.options(t, None, hook),
+                self.out / "trials" / t.name, t.name, objective_step)

@@ -11,6 +11,7 @@ from pathlib import Path
 import optuna
 
 from ..weights import atomic_write
+from .trials import resumed_numbers
 
 COLUMNS = ["trial", "name", "status", "spec", "recipe", "model_params", "overrides", "params_count", "macs",
            "file_bytes", "val_accuracy", "objective", "seconds", "error"]
@@ -19,8 +20,6 @@ _STATE = {optuna.trial.TrialState.WAITING: "waiting", optuna.trial.TrialState.RU
 
 def rows(study: optuna.Study) -> list[dict]:
     """One row per trial that stands for a run (not the bookkeeping of retries and races)."""
-    from .engine import resumed_numbers
-
     out = []
     trials = study.get_trials(deepcopy=False)
     resumed = resumed_numbers(trials)

@@ -1,0 +1,135 @@
+"""One trial of a study: its run, with heartbeats and early stopping, and the numbers it leaves in the storage."""
+from __future__ import annotations
+
+import json
+import math
+import os
+import socket
+import threading
+import time
+from pathlib import Path
+
+import optuna
+
+from compiler.errors import NcError
+
+from ..runner import run as run_recipe
+
+HEARTBEAT_SECONDS = 20
+
+
+class StopTrial(Exception):
+    """Raised from the per-epoch hook when the pruner stops a poor trial."""
+
+
+def execute(study, trial, storage, options, run_dir: Path, name: str, objective_step: str | None) -> None:
+    """Run the trial's recipe (`options(on_epoch)` gives its runner options) and tell the study how it went."""
+    trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+    trial.set_user_attr("heartbeat", time.time())
+    trial.set_user_attr("status", "running")
+    trial.set_user_attr("name", name)
+    beat = _Heartbeat(storage, trial)
+    epochs = [0]
+
+    def on_epoch(label, row):
+        epochs[0] += 1
+        if objective_step is None:
+            return
+        trial.report(float(row["val_accuracy"]), epochs[0])
+        if trial.should_prune():
+            raise StopTrial(f"stopped after {epochs[0]} epoch(s) by the pruner "
+                            f"(val accuracy {row['val_accuracy']:.4f})")
+
+    start = time.time()
+    beat.start()
+    try:
+        run_recipe(options(on_epoch))
+    except StopTrial as err:
+        beat.stop()
+        trial.set_user_attr("status", "pruned")
+        trial.set_user_attr("error", str(err))
+        trial.set_user_attr("seconds", time.time() - start)
+        study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+        return
+    except KeyboardInterrupt:
+        beat.stop()
+        trial.set_user_attr("status", "interrupted")  # the next start enqueues it again; it resumes
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        raise
+    except Exception as err:  # a failed trial is a result; the study goes on
+        beat.stop()
+        trial.set_user_attr("status", "failed")
+        trial.set_user_attr("error", first_lines(err) if isinstance(err, NcError)
+                            else f"internal error: {type(err).__name__}: {err}")
+        trial.set_user_attr("seconds", time.time() - start)
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        return
+    beat.stop()
+    record = trial_record(run_dir, objective_step)
+    for k, v in record.items():
+        trial.set_user_attr(k, v)
+    trial.set_user_attr("status", "done")
+    trial.set_user_attr("seconds", time.time() - start)
+    value = record.get("objective")
+    if value is None or not math.isfinite(value):
+        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+    else:
+        study.tell(trial, value)
+
+
+def resumed_numbers(trials) -> set[int]:
+    """Trials that another trial took over (it resumes their run)."""
+    return {t.user_attrs["resumes"] for t in trials if "resumes" in t.user_attrs}
+
+
+def trial_record(run_dir: Path, objective_step: str | None) -> dict:
+    """The numbers a trial's run reports: its last step's model, and the objective step's accuracy."""
+    report = json.loads((run_dir / "report.json").read_text())
+    steps = report["steps"]
+    last = steps[-1]
+    chosen = next((s for s in steps if s["name"] == objective_step), last) if objective_step else last
+    points = [p for s in steps if s["kind"] == "prune" for p in s.get("metrics", {}).get("points", [])]
+    record = {"params_count": last.get("params"), "macs": last.get("macs"), "file_bytes": last.get("file_bytes"),
+              "val_accuracy": last.get("val_accuracy"), "objective": chosen.get("val_accuracy"),
+              "objective_step": chosen["name"], "run_dir": str(run_dir)}
+    if points:
+        record["prune_points"] = [{k: p.get(k) for k in ("run", "iteration", "rate", "params", "val_accuracy")}
+                                  for p in points]
+    return record
+
+
+class _Heartbeat:
+    """Writes the time into the running trial now and then, so other workers know it is alive."""
+
+    def __init__(self, storage, trial):
+        self.storage, self.trial = storage, trial
+        self.done = threading.Event()
+        self.thread = threading.Thread(target=self._beat, daemon=True)
+
+    def start(self):
+        self.thread.start()
+
+    def stop(self):
+        self.done.set()
+        self.thread.join(timeout=5)
+
+    def _beat(self):
+        while not self.done.wait(HEARTBEAT_SECONDS):
+            try:
+                self.storage.set_trial_user_attr(self.trial._trial_id, "heartbeat", time.time())
+            except Exception:  # the trial finished meanwhile
+                return
+
+
+def alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def first_lines(err: BaseException, n: int = 3) -> str:
+    return " / ".join(line.strip() for line in str(err).splitlines()[:n] if line.strip())
