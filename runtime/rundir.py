@@ -34,7 +34,8 @@ def digest(*parts) -> str:
     return h.hexdigest()[:20]
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether a process of this machine still runs (locks and study workers left by a crash)."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
@@ -83,7 +84,7 @@ class RunDir:
                 holder = self.lock_path.read_text(errors="replace").split()
                 pid = int(holder[0]) if holder and holder[0].isdigit() else None
                 same_host = len(holder) > 1 and holder[1] == socket.gethostname()
-                if pid is not None and (not same_host or _alive(pid)):
+                if pid is not None and (not same_host or process_alive(pid)):
                     raise NcError(f"another nccompile run (pid {pid} on {holder[1] if len(holder) > 1 else '?'}) "
                                   f"is writing to {self.root}\n  hint: wait for it to finish, or choose another "
                                   f"--out; if no run is left, delete {self.lock_path}") from None

@@ -23,9 +23,10 @@ import compiler
 from compiler.errors import BudgetError, NcError
 from compiler.space import spaces
 
+from ..rundir import process_alive
 from ..runner import Options, prepare
 from .config import StudyConfig, StudyError, Trial, fixed_trials, search_trial
-from .trials import alive, execute, first_lines, resumed_numbers
+from .trials import execute, first_lines, resumed_numbers
 
 STALE_SECONDS = 300
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -162,7 +163,7 @@ class Study:
             a = t.user_attrs
             if t.state == optuna.trial.TrialState.RUNNING:
                 w_host, _, pid = str(a.get("worker", "")).rpartition(":")
-                gone_here = w_host == host and pid.isdigit() and not alive(int(pid))
+                gone_here = w_host == host and pid.isdigit() and not process_alive(int(pid))
                 if not (gone_here or now - float(a.get("heartbeat", now)) > STALE_SECONDS):
                     continue
                 # another worker's trial: only the storage can change it (Optuna has no public handle)

@@ -121,15 +121,5 @@ class _Heartbeat:
                 return
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
 def first_lines(err: BaseException, n: int = 3) -> str:
     return " / ".join(line.strip() for line in str(err).splitlines()[:n] if line.strip())
