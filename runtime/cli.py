@@ -17,7 +17,10 @@ from .usage import Parser as _Parser
 
 def _arg_parser() -> argparse.ArgumentParser:
     p = _Parser(prog="nccompile", description="Compile a model spec, summarize it and check its budgets "
-                                                "before any training.")
+                                                "before any training.",
+                epilog="other commands: `nccompile search SPEC` (a spec's search space against its budgets), "
+                       "`nccompile study STUDY.yaml` (runs compared on Optuna storage), `nccompile load FILE` "
+                       "(a model file rebuilt from itself); each takes --help")
     p.add_argument("spec", help="a .spec (DSL) or .yaml/.yml spec file")
     p.add_argument("--model", help="which model, when the file defines several")
     p.add_argument("--param", action="append", default=[], metavar="NAME=VALUE",
