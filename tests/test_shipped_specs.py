@@ -24,7 +24,25 @@ SEED_PARAMS = {
     # the student plus four squeeze-excitation gates: 2*C*r + r + C each, for
     # (C, r) = (32, 8), (64, 16), (128, 32), (256, 16): 552 + 2,128 + 8,352 + 8,464
     "student_se.spec": 256_779 + 19_496,
+    # the student at base 17: 17/16 of every width (11 classes)
+    "student_4bit.spec": 288_773,
+    # the student as a search space, at its defaults: the student with 10 classes
+    "student_space.spec": 256_522,
 }
+
+
+@pytest.mark.parametrize("path", sorted(p.name for p in SPECS.glob("*.spec")))
+def test_every_shipped_spec_is_listed_and_its_precision_file_is_predicted(path, tmp_path):
+    assert path in SEED_PARAMS, f"add {path} to SEED_PARAMS"
+    model = compiler.compile_spec(SPECS / path)
+    if model.definition.precision is None:
+        return
+    from runtime.weights import save_model
+
+    out = tmp_path / "m.safetensors"
+    assert save_model(compiler.build_module(model), model, out, "spec") == out.stat().st_size == \
+        compiler.predicted_bytes(model, "spec")
+    assert compiler.analyse(model).ok
 
 
 @pytest.mark.parametrize("name", sorted(SEED_PARAMS))
