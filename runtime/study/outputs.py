@@ -130,11 +130,12 @@ def pruning_plot(table: list[dict], path: Path, title: str) -> None:
     for r in table:
         points = r["_points"] or []
         by_run: dict = {}
-        for p in points:
-            by_run.setdefault((r["name"], p.get("run"), p.get("rate")), []).append(p)
-        for (name, _, rate), ps in by_run.items():
+        for p in points:  # iteration 0 (before pruning) has no rate: it starts every line of its run
+            by_run.setdefault((r["name"], p.get("run")), []).append(p)
+        for (name, _), ps in by_run.items():
             its = [p["iteration"] for p in ps]
-            label = f"{name}, rate {rate}"
+            rate = next((p["rate"] for p in ps if p.get("rate") is not None), None)
+            label = name if rate is None else f"{name}, keep rate {rate}"
             acc_ax.plot(its, [p["val_accuracy"] for p in ps], marker="o", label=label)
             par_ax.plot(its, [p["params"] for p in ps], marker="o", label=label)
     acc_ax.set_xlabel("pruning iteration")
