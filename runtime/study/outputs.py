@@ -10,6 +10,7 @@ from pathlib import Path
 
 import optuna
 
+from ..plots import study_pareto, study_pruning
 from ..weights import atomic_write
 from .trials import resumed_numbers
 
@@ -59,9 +60,9 @@ def write_all(study: optuna.Study, out: Path, budgets: list[int], title: str) ->
     atomic_write(out / "summary.md", summary(table, title).encode())
     written = [out / "results.csv", out / "summary.md", out / "pareto.png"]
     short = title.split(":")[0]  # the study's name: its description goes in summary.md
-    pareto_plot(table, out / "pareto.png", budgets, short)
+    study_pareto(table, out / "pareto.png", budgets, short)
     if any(r["_points"] for r in table):
-        pruning_plot(table, out / "pruning.png", short)
+        study_pruning(table, out / "pruning.png", short)
         written.append(out / "pruning.png")
     return written
 
@@ -81,71 +82,3 @@ def summary(table: list[dict], title: str) -> str:
     if failed:
         lines += ["", "Not finished:", ""] + [f"- {r['name']} ({r['status']}): {r['error']}" for r in failed]
     return "\n".join(lines) + "\n"
-
-
-def _figure():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
-def pareto_plot(table: list[dict], path: Path, budgets: list[int], title: str) -> None:
-    plt = _figure()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    done = [r for r in table if r["status"] in ("done", "repeat") and r["file_bytes"] and r["val_accuracy"] is not None]
-    for r in done:
-        ax.scatter(r["file_bytes"], r["val_accuracy"], color="tab:blue")
-        ax.annotate(r["name"], (r["file_bytes"], r["val_accuracy"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
-    front, best = [], -1.0
-    for r in sorted(done, key=lambda r: (r["file_bytes"], -r["val_accuracy"])):
-        if r["val_accuracy"] > best:
-            front.append(r)
-            best = r["val_accuracy"]
-    if len(front) > 1:
-        ax.step([r["file_bytes"] for r in front], [r["val_accuracy"] for r in front], where="post",
-                color="tab:orange", label="Pareto front")
-    for limit in sorted(set(budgets)):
-        ax.axvline(limit, color="tab:red", linestyle="--", label=f"budget {limit:,} bytes")
-    ax.set_xlabel("model file bytes")
-    ax.set_ylabel("validation accuracy")
-    ax.set_title(f"{title}: accuracy against file size ({len(done)} finished trials)")
-    if len(front) > 1 or budgets:
-        ax.legend(fontsize=8)
-    ax.grid(alpha=0.3)
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
-
-
-def pruning_plot(table: list[dict], path: Path, title: str) -> None:
-    """The report's Q3 figure: accuracy and parameters at every pruning iteration, one line per rate."""
-    plt = _figure()
-    fig, (acc_ax, par_ax) = plt.subplots(1, 2, figsize=(10, 4))
-    for r in table:
-        points = r["_points"] or []
-        by_run: dict = {}
-        for p in points:  # iteration 0 (before pruning) has no rate: it starts every line of its run
-            by_run.setdefault((r["name"], p.get("run")), []).append(p)
-        for (name, _), ps in by_run.items():
-            its = [p["iteration"] for p in ps]
-            rate = next((p["rate"] for p in ps if p.get("rate") is not None), None)
-            label = name if rate is None else f"{name}, keep rate {rate}"
-            acc_ax.plot(its, [p["val_accuracy"] for p in ps], marker="o", label=label)
-            par_ax.plot(its, [p["params"] for p in ps], marker="o", label=label)
-    acc_ax.set_xlabel("pruning iteration")
-    acc_ax.set_ylabel("validation accuracy")
-    par_ax.set_xlabel("pruning iteration")
-    par_ax.set_ylabel("parameters")
-    acc_ax.legend(fontsize=7)
-    fig.suptitle(f"{title}: pruning")
-    fig.tight_layout()
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    atomic_write(path, buf.getvalue())
