@@ -20,6 +20,8 @@ import torch.nn.functional as F
 
 from compiler.fileformat import WeightFormat, range_rows
 
+from .weights import grid_codes, grid_values
+
 _SHRINK = [1.0 - 0.025 * i for i in range(21)]  # range ends tried: 100% .. 50% of (min, max) about the centre
 
 
@@ -31,12 +33,8 @@ class _Captured(Exception):
 
 
 def _grid(w: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    """Nearest grid value, with runtime.weights' arithmetic (so the file's codes reproduce it)."""
-    levels = 2 ** bits - 1
-    span = hi - lo
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    codes = torch.where(span > 0, torch.round((w - lo) / safe * levels).clamp(0, levels), torch.zeros_like(w))
-    return lo + codes / levels * span
+    """Nearest grid value, with the files' arithmetic (so the written codes reproduce it)."""
+    return grid_values(grid_codes(w, lo, hi, bits, clip=True), lo, hi, bits)
 
 
 def mse_range(rows: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -21,6 +21,8 @@ from torch.nn.utils import parametrize
 from compiler.fileformat import WeightFormat, range_rows, weight_tensors
 from compiler.tree import Model
 
+from .weights import grid_codes, grid_values
+
 SCALES = ("learned", "minmax")
 
 
@@ -56,8 +58,8 @@ def effective_range(flat: torch.Tensor, lo: torch.Tensor | None, hi: torch.Tenso
 
 
 class FakeQuant(torch.nn.Module):
-    """One stored tensor on its `bits`-bit grid of `rows` ranges (the same arithmetic as
-    runtime.weights.quantize / dequantize, so the codes agree bit for bit)."""
+    """One stored tensor on its `bits`-bit grid of `rows` ranges (runtime.weights' grid arithmetic,
+    so the codes agree with the file's bit for bit)."""
 
     def __init__(self, tensor: torch.Tensor, bits: int, rows: int, learned: bool, buffer: bool):
         super().__init__()
@@ -77,11 +79,8 @@ class FakeQuant(torch.nn.Module):
         if self.buffer and self.training:  # BatchNorm updates its statistics in place: hand over the tensor
             return x
         flat, lo, hi = self.clipped(x)
-        levels = 2 ** self.bits - 1
-        span = hi - lo
-        safe = torch.where(span > 0, span, torch.ones_like(span))
-        codes = torch.where(span > 0, _RoundSTE.apply((flat - lo) / safe * levels), torch.zeros_like(flat))
-        return (lo + codes / levels * span).reshape(x.shape)
+        codes = grid_codes(flat, lo, hi, self.bits, round_fn=_RoundSTE.apply)
+        return grid_values(codes, lo, hi, self.bits).reshape(x.shape)
 
 
 class FakeCast(torch.nn.Module):

@@ -40,6 +40,23 @@ def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
 
 # --- quantization ----------------------------------------------------------------
 
+def grid_codes(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, round_fn=torch.round,
+               clip: bool = False) -> torch.Tensor:
+    """Codes of `flat` [rows, n] on the `bits`-bit grid from `lo` to `hi` of each row (0 where a row's
+    range is empty), as floats. The one rounding arithmetic of the files, of quantization-aware
+    training (`round_fn` with a straight-through gradient) and of calibrated rounding: they agree
+    bit for bit."""
+    levels = 2 ** bits - 1
+    span = hi - lo
+    safe = torch.where(span > 0, span, torch.ones_like(span))
+    codes = torch.where(span > 0, round_fn((flat - lo) / safe * levels), torch.zeros_like(flat))
+    return codes.clamp(0, levels) if clip else codes
+
+
+def grid_values(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
+    return lo + codes / (2 ** bits - 1) * (hi - lo)
+
+
 def quantize(t: torch.Tensor, bits: int, rows: int,
              given: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Codes round((w - min) / (max - min) * (2^bits - 1)) per row; returns (uint8 codes, [rows, 2] ranges).
@@ -49,20 +66,13 @@ def quantize(t: torch.Tensor, bits: int, rows: int,
         lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     else:
         lo, hi = given[:, :1].float(), given[:, 1:].float()
-    levels = 2 ** bits - 1
-    span = hi - lo
-    safe = torch.where(span > 0, span, torch.ones_like(span))
-    codes = torch.where(span > 0, torch.round((flat - lo) / safe * levels), torch.zeros_like(flat))
-    if given is not None:
-        codes = codes.clamp(0, levels)
+    codes = grid_codes(flat, lo, hi, bits, clip=given is not None)
     return codes.to(torch.uint8).reshape(t.shape), torch.cat([lo, hi], 1)
 
 
 def dequantize(codes: torch.Tensor, ranges: torch.Tensor, bits: int) -> torch.Tensor:
-    rows = ranges.shape[0]
-    flat = codes.float().reshape(rows, -1)
-    lo, hi = ranges[:, :1], ranges[:, 1:]
-    return (lo + flat / (2 ** bits - 1) * (hi - lo)).reshape(codes.shape)
+    flat = codes.float().reshape(ranges.shape[0], -1)
+    return grid_values(flat, ranges[:, :1], ranges[:, 1:], bits).reshape(codes.shape)
 
 
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
