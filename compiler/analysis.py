@@ -103,9 +103,10 @@ def _top(root: Node, metric: str, fmt: WeightFormat | None, n: int = 3) -> list[
     return sorted(values, key=lambda item: -item[2])[:n]
 
 
-def budgets(model: Model, measured_bytes: dict[str, int] | None = None) -> list[BudgetResult]:
+def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: bool = True) -> list[BudgetResult]:
     """Every budget of the spec against its value: predicted from the spec, or for file sizes the
-    `measured_bytes` of written files (format name -> bytes) where given. The one budget evaluator."""
+    `measured_bytes` of written files (format name -> bytes) where given. The one budget evaluator.
+    `top=False` leaves out the largest contributors (a search checks thousands of configurations)."""
     root = model.root
     totals = {"params": root.params, "macs": root.total_macs}
     out = []
@@ -118,7 +119,7 @@ def budgets(model: Model, measured_bytes: dict[str, int] | None = None) -> list[
         else:
             value = totals[b.metric]
         out.append(BudgetResult(f"{b.title} <= {limit:,}", b.metric, b.format, limit, value, value <= limit,
-                                _top(root, b.metric, fmt)))
+                                _top(root, b.metric, fmt) if top else []))
     return out
 
 

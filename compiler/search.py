@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from .analysis import budgets
 from .elaborate import elaborate, parse_param_strings, select_model
 from .errors import NcError, UsageError
 from .fileformat import SPEC, model_format, predicted_bytes
@@ -93,18 +94,13 @@ def search(path: str | Path, *, model: str | None = None, fixed: dict[str, str] 
 
 
 def _measure(m: Model, formats) -> tuple[dict[str, int], bool]:
-    """The file bytes of `formats` and of the budgets' formats, and whether every budget holds
-    (analysis.budgets without its per-layer breakdown, which a search does not print)."""
-    from .expr import evaluate
-
-    sizes: dict[str, int] = {}
-    for fmt in list(formats) + [b.format for b in m.definition.budgets if b.metric == "bytes"]:
+    """The file bytes of `formats` and of the budgets' formats, and whether every budget holds."""
+    checks = budgets(m, top=False)
+    sizes = {b.format: b.value for b in checks if b.metric == "bytes"}
+    for fmt in formats:
         if fmt not in sizes and not (fmt == SPEC and m.definition.precision is None):
             sizes[fmt] = predicted_bytes(m, model_format(m, fmt))
-    totals = {"params": m.root.params, "macs": m.root.total_macs}
-    ok = all((sizes[b.format] if b.metric == "bytes" else totals[b.metric]) <= evaluate(b.limit, m.params)
-             for b in m.definition.budgets)
-    return sizes, ok
+    return sizes, all(b.ok for b in checks)
 
 
 def pareto(candidates: list[Candidate], objective: str = "params", bytes_format: str = "int8") -> list[Candidate]:
