@@ -176,21 +176,18 @@ def search(argv: list[str]) -> int:
 
 
 def _emit_specs(candidates, folder: str) -> None:
-    """Each candidate as a concrete spec file, written whole (temporary file, then rename)."""
-    import tempfile
+    """Each candidate as a concrete spec file, written whole."""
     from pathlib import Path
 
     from compiler.emit import emit
 
+    from .files import atomic_write
+
     out = Path(folder)
-    out.mkdir(parents=True, exist_ok=True)
     for k, c in enumerate(candidates, 1):
         label = "-".join(f"{n}{v}" for n, v in c.params.items())
         text = emit(c.model, comment=f"nccompile search: {c.params}")
-        fd, tmp = tempfile.mkstemp(dir=out, suffix=".tmp")
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, out / f"{c.model.name}-{k:03d}-{label}.spec")
+        atomic_write(out / f"{c.model.name}-{k:03d}-{label}.spec", text.encode())
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import lzma
 import os
-import tempfile
 from pathlib import Path
 
 import torch
@@ -21,6 +20,8 @@ from compiler import fileformat
 from compiler.errors import NcError
 from compiler.fileformat import WeightFormat, file_metadata, fold_pairs, layout, parse_format, weight_tensors
 from compiler.tree import Model
+
+from .files import atomic_write
 
 
 class WeightsError(NcError):
@@ -181,21 +182,6 @@ def fold_batchnorm(module: torch.nn.Module, model: Model) -> torch.nn.Module:
 
 
 # --- files ---------------------------------------------------------------------------
-
-def atomic_write(path: Path, data: bytes) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
 
 def model_bytes(module: torch.nn.Module, model: Model, fmt: WeightFormat | str = "fp32",
                 ranges: dict[str, torch.Tensor] | None = None) -> bytes:
