@@ -12,7 +12,7 @@ from dataclasses import dataclass, replace
 
 from . import ir
 from .emit import emit
-from .fileformat import code_shape, numel, parse_format, predicted_bytes, range_rows, weight_tensors
+from .fileformat import layout, parse_format, predicted_bytes, weight_tensors
 from .tree import Model
 
 # Formats `auto` chooses from unless told otherwise: 2..8 bits per tensor and per channel, and fp16.
@@ -35,14 +35,8 @@ def layers(model: Model) -> list[Layer]:
 
 def layer_bytes(layer: Layer, fmt: str) -> int:
     """The data bytes of a layer's tensors in format `fmt`: codes or floats, plus 8 bytes per range."""
-    f = parse_format(fmt)
-    total = 0
-    for _, shape in layer.tensors:
-        if not f.quantized:
-            total += numel(shape) * (4 if f.dtype == "F32" else 2)
-        else:
-            total += numel(code_shape(shape, f.bits)) + 8 * range_rows(shape, f)
-    return total
+    lay = layout(list(layer.tensors), fmt)
+    return sum(e.stored.nbytes + (8 * (e.rows[1] - e.rows[0]) if e.rows else 0) for e in lay.entries)
 
 
 def options(layer: Layer, candidates=AUTO_CANDIDATES) -> list[str]:
