@@ -85,10 +85,10 @@ class Study:
 
     # --- before any trial runs ---------------------------------------------------------
 
-    def options(self, trial: Trial, params: dict | None = None, on_epoch=None) -> Options:
-        strings = {**trial.param_strings(), **{k: str(v) for k, v in (params or {}).items()}}
+    def options(self, trial: Trial, on_epoch=None) -> Options:
         return Options(str(trial.spec), trial.recipe, self.data, str(self.out / "trials" / trial.name),
-                       trial.set_strings(self.sets), self.epochs, self.device, params=strings, on_epoch=on_epoch)
+                       trial.set_strings(self.sets), self.epochs, self.device, params=trial.param_strings(),
+                       on_epoch=on_epoch)
 
     def validate(self) -> None:
         """Every trial's spec, recipe and overrides, as the runner checks them; all problems at once."""
@@ -227,7 +227,7 @@ class Study:
             trial.set_user_attr("status", "duplicate")  # enqueued twice by racing workers: never run twice
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
             return
-        self._execute(study, trial, t, {}, objective_step=None)
+        self._execute(study, trial, t, objective_step=None)
 
     def _run_search(self, study, trial) -> None:
         t = self.template
@@ -268,8 +268,8 @@ class Study:
                 trial.set_user_attr("status", "repeat")
                 study.tell(trial, o.value)
                 return
-        self._execute(study, trial, run, params, objective_step=self.cfg.search.objective.step)
+        self._execute(study, trial, run, objective_step=self.cfg.search.objective.step)
 
-    def _execute(self, study, trial, t: Trial, params: dict, objective_step: str | None) -> None:
-        execute(study, trial, self.storage, lambda hook: self.options(t, None, hook),
+    def _execute(self, study, trial, t: Trial, objective_step: str | None) -> None:
+        execute(study, trial, self.storage, lambda hook: self.options(t, hook),
                 self.out / "trials" / t.name, t.name, objective_step)
