@@ -28,7 +28,7 @@ def _rounded(t: torch.Tensor, fmt: str) -> torch.Tensor:
     if not f.quantized:
         return t.to({"F16": torch.float16, "BF16": torch.bfloat16}.get(f.dtype, t.dtype)).to(t.dtype)
     codes, ranges = quantize(t, f.bits, range_rows(tuple(t.shape), f))
-    return dequantize(codes.to(t.device), ranges.to(t.device), f.bits).reshape(t.shape).to(t.dtype)
+    return dequantize(codes, ranges, f.bits).to(t.dtype)
 
 
 @torch.no_grad()
@@ -45,8 +45,8 @@ def sensitivity(module: torch.nn.Module, model: Model, batches: list[torch.Tenso
         for fmt in bitalloc.options(layer, candidates):
             for name, t in originals.items():
                 state[name].copy_(_rounded(t, fmt))
-            kl = sum(F.kl_div(F.log_softmax(module(x).float(), 1), ref, log_target=True, reduction="sum").item()
-                     for x, ref in zip(batches, reference))
+            kl = torch.stack([F.kl_div(F.log_softmax(module(x).float(), 1), ref, log_target=True, reduction="sum")
+                              for x, ref in zip(batches, reference)]).sum().item()  # one host sync per choice
             out[layer.path][fmt] = max(0.0, kl / sum(len(x) for x in batches))
         for name, t in originals.items():
             state[name].copy_(t)
