@@ -120,8 +120,8 @@ def gptq_layer(weight: torch.Tensor, h: torch.Tensor, fmt: WeightFormat, damp: f
     try:
         u = torch.linalg.cholesky(torch.cholesky_inverse(torch.linalg.cholesky(h)), upper=True)
     except RuntimeError:  # numerically singular even after damping: round to nearest
-        return _grid(weight.detach().float().reshape(rows, -1), lo, hi, fmt.bits).reshape(weight.shape), \
-            torch.cat([lo, hi], 1)
+        nearest = _grid(weight.detach().float().reshape(rows, -1), lo, hi, fmt.bits)
+        return nearest.reshape(weight.shape).to(weight.dtype), torch.cat([lo, hi], 1)
     q = torch.empty_like(w)
     for j in range(d):
         col = w[:, :, j]
