@@ -113,3 +113,15 @@ def test_a_wheel_runs_a_builtin_recipe_from_another_directory(tmp_path):
                           cwd=elsewhere, capture_output=True, text=True, env={"PYTHONPATH": str(target), "PATH": ""})
     assert proc.returncode == 0, proc.stderr
     assert f"model teacher: {target / 'runtime' / '_specs' / 'teacher.spec'}" in proc.stdout
+    # Every package of the tree comes from the wheel, not from an editable install's finder, which
+    # would quietly supply a package the wheel left out.
+    packages = sorted(".".join(p.parent.relative_to(ROOT).parts) for top in ("compiler", "runtime")
+                      for p in (ROOT / top).rglob("__init__.py"))
+    where = subprocess.run([sys.executable, "-c", f"import importlib\nfor n in {packages!r}: "
+                            "print(importlib.import_module(n).__file__)"],
+                           cwd=elsewhere, capture_output=True, text=True, env={"PYTHONPATH": str(target), "PATH": ""})
+    assert where.returncode == 0, where.stderr
+    outside = [f for f in where.stdout.split() if not f.startswith(str(target))]
+    assert not outside, f"packages missing from the wheel: {outside}"
+    assert (target / "runtime" / "_specs" / "studies" / "q2_kd.yaml").is_file()
+    assert (target / "runtime" / "_specs" / "zoo" / "resnet50.spec").is_file()
