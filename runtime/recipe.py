@@ -96,7 +96,8 @@ class DataConfig(Strict):
 
 class SpeedConfig(Strict):
     """How fast, not what: none of these change what is trained, only how it runs.
-    `auto` picks per device (see runtime.speed): bf16 autocast and channels_last on CUDA, fp32 on the CPU."""
+    `auto` picks per device (see runtime.speed): bf16 autocast on CUDA and fp32 on the CPU; channels_last on
+    CUDA and on CPUs with oneDNN."""
 
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
     channels_last: Literal["auto"] | bool = "auto"
