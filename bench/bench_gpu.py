@@ -15,7 +15,13 @@ Throughput = training images / training time of one epoch (CUDA-synchronized; va
 counted), the median over epochs 2..E, so one-time costs (decoding, cuDNN autotuning, torch.compile)
 are left out on every side. Accuracy = validation accuracy after the last epoch.
 
-Run (GPU):  python bench/bench_gpu.py [--data DIR] [--input 3x128x128] [--epochs 3] [--batch 64 256]
+The tuned loop and nccompile run --repeats times each, alternating (tuned first, then nccompile
+first, ...), because one GPU's throughput drifts between runs by more than the gap being measured;
+the table gives medians and the range of the per-repeat ratios. --idle S makes the plain loops
+wait S seconds after each epoch, as nccompile does while it validates and writes its checkpoint:
+if the GPU is slower after idling, the tuned loop shows it too.
+
+Run (GPU):  python bench/bench_gpu.py [--data DIR] [--input 3x128x128] [--epochs 3] [--batch 64 256] [--repeats 3]
 Smoke test: python bench/bench_gpu.py --device cpu --input 3x32x32 --per-class 20 --epochs 2 --batch 32
 """
 from __future__ import annotations
@@ -93,8 +99,10 @@ def accuracy(module, images, labels, device, tuned: bool) -> float:
     return correct / len(images)
 
 
-def plain_loop(kind: str, module, teacher, data, device, batch: int, epochs: int) -> tuple[float, float]:
-    """(median img/s over epochs 2..E, final val accuracy) of the naive or tuned loop."""
+def plain_loop(kind: str, module, teacher, data, device, batch: int, epochs: int,
+               idle: float = 0.0) -> tuple[float, float]:
+    """(median img/s over epochs 2..E, final val accuracy) of the naive or tuned loop; `idle` seconds of
+    waiting after each epoch (outside the timed part)."""
     tuned = kind == "tuned"
     module = module.to(device).train()  # build_module returns eval mode
     if teacher is not None:
@@ -136,6 +144,7 @@ def plain_loop(kind: str, module, teacher, data, device, batch: int, epochs: int
                 loss.item()
         sync(device)
         rates.append(len(images) / (time.perf_counter() - t0))
+        time.sleep(idle)
     return statistics.median(rates[1:] or rates), accuracy(module, data.val.images, data.val.labels, device, tuned)
 
 
@@ -148,7 +157,7 @@ def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_
                                     compile=args.compile, teacher=ROOT / "specs/teacher.spec",
                                     teacher_ckpt=teacher_ckpt, kind=kind,
                                     model="student", epochs=args.epochs, extra=extra))
-    out = tmp / f"run-{kind}-{model_name}-{batch}"
+    out = Path(tempfile.mkdtemp(prefix=f"run-{kind}-{model_name}-{batch}-", dir=tmp))  # a fresh run each repeat
     run(Options(str(ROOT / "specs" / spec), str(recipe), data=str(args.data), out=str(out), device=args.device,
                 input=shape))
     from safetensors import safe_open
@@ -170,6 +179,9 @@ def main() -> None:
     p.add_argument("--steps", nargs="+", default=["train", "distill"])
     p.add_argument("--augment", choices=["none", "flipcrop"], default="none")
     p.add_argument("--compile", default="off", help="nccompile's speed.compile (off, default, reduce-overhead)")
+    p.add_argument("--repeats", type=int, default=3, help="tuned and nccompile measurements each, alternating")
+    p.add_argument("--idle", type=float, default=0.0,
+                   help="seconds the plain loops wait after each epoch (as nccompile validates and checkpoints)")
     p.add_argument("--device", default="cuda")
     p.add_argument("--json", type=Path, help="also write the rows as JSON")
     p.add_argument("--profile", action="store_true",
@@ -182,7 +194,8 @@ def main() -> None:
     data = load(list_source(cfg), cfg, shape, 0)
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{name}; torch {torch.__version__}; {len(data.train)} train / {len(data.val)} val images at "
-          f"{args.input}; {args.epochs} epochs per measurement; augmentation {args.augment}", flush=True)
+          f"{args.input}; {args.epochs} epochs per measurement, {args.repeats} repeats; augmentation "
+          f"{args.augment}; plain loops idle {args.idle:g} s after each epoch", flush=True)
     rows = []
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
@@ -199,8 +212,9 @@ def main() -> None:
                     continue  # the teacher is not distilled from itself
                 spec = "student.spec" if model_name == "student" else "teacher.spec"
                 for batch in args.batch:
-                    result = {}
-                    for loop in ("naive", "tuned"):
+                    result = {"naive": [], "tuned": [], "nccompile": []}
+
+                    def plain(loop):
                         torch.manual_seed(0)
                         _, module = build(spec, shape)
                         t = None
@@ -208,24 +222,35 @@ def main() -> None:
                             _, t = build("teacher.spec", shape)
                             t.load_state_dict(teacher.state_dict())
                         with profiled(args.profile and loop == "tuned", f"{step} {model_name} {batch} tuned", device):
-                            result[loop] = plain_loop(loop, module, t, data, device, batch, args.epochs)
-                    with profiled(args.profile, f"{step} {model_name} {batch} nccompile", device):
-                        result["nccompile"] = nccompile_step(step, model_name, shape, args, batch, teacher_ckpt,
-                                                             tmp)
-                    tuned = result["tuned"][0]
-                    for loop, (rate, acc) in result.items():
-                        rows.append({"step": step, "model": model_name, "batch": batch, "loop": loop,
-                                     "images_per_second": rate, "vs_tuned": rate / tuned, "val_accuracy": acc})
-                        print(f"{step:8s} {model_name:8s} batch {batch:4d} {loop:10s} {rate:10.0f} img/s "
-                              f"{rate / tuned:6.2f}x tuned   val acc {acc:.4f}", flush=True)
+                            return plain_loop(loop, module, t, data, device, batch, args.epochs, args.idle)
+
+                    def ours():
+                        with profiled(args.profile, f"{step} {model_name} {batch} nccompile", device):
+                            return nccompile_step(step, model_name, shape, args, batch, teacher_ckpt, tmp)
+
+                    result["naive"].append(plain("naive"))
+                    for r in range(args.repeats):
+                        pair = [("tuned", lambda: plain("tuned")), ("nccompile", ours)]
+                        for loop, measure in pair if r % 2 == 0 else pair[::-1]:
+                            result[loop].append(measure())
+                            rate, acc = result[loop][-1]
+                            print(f"{step:8s} {model_name:8s} batch {batch:4d} {loop:10s} {rate:10.0f} img/s "
+                                  f"val acc {acc:.4f}  (repeat {r + 1})", flush=True)
+                    ratios = [c[0] / t[0] for c, t in zip(result["nccompile"], result["tuned"])]
+                    rows.append({"step": step, "model": model_name, "batch": batch,
+                                 **{f"{loop}_images_per_second": statistics.median(m[0] for m in runs)
+                                    for loop, runs in result.items()},
+                                 **{f"{loop}_val_accuracy": runs[-1][1] for loop, runs in result.items()},
+                                 "vs_tuned": statistics.median(ratios), "vs_tuned_range": [min(ratios), max(ratios)],
+                                 "runs": {loop: [m[0] for m in runs] for loop, runs in result.items()}})
     print("\n| step | model | batch | naive img/s | tuned img/s | nccompile img/s | vs naive | vs tuned "
-          "| val acc (naive / tuned / nccompile) |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
-    for i in range(0, len(rows), 3):
-        n, t, c = rows[i:i + 3]
-        print(f"| {c['step']} | {c['model']} | {c['batch']} | {n['images_per_second']:,.0f} | "
-              f"{t['images_per_second']:,.0f} | {c['images_per_second']:,.0f} | "
-              f"{c['images_per_second'] / n['images_per_second']:.2f}x | {c['vs_tuned']:.2f}x | "
-              f"{n['val_accuracy']:.3f} / {t['val_accuracy']:.3f} / {c['val_accuracy']:.3f} |")
+          "(range) | val acc (naive / tuned / nccompile) |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
+    for r in rows:
+        n, t, c = (r[f"{k}_images_per_second"] for k in ("naive", "tuned", "nccompile"))
+        lo, hi = r["vs_tuned_range"]
+        print(f"| {r['step']} | {r['model']} | {r['batch']} | {n:,.0f} | {t:,.0f} | {c:,.0f} | {c / n:.2f}x | "
+              f"{r['vs_tuned']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['naive_val_accuracy']:.3f} / "
+              f"{r['tuned_val_accuracy']:.3f} / {r['nccompile_val_accuracy']:.3f} |")
     if args.json:
         args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=2))
 
