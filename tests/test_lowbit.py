@@ -20,6 +20,9 @@ from runtime.weights import ModelFile, save_model, state_tensors
 from .conftest import DATA, SPECS
 from .test_runtime import SMALL_TEACHER, needs_data
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(),
+                                                                reason="no CUDA device here"))]
+
 
 def _student():
     return compiler.compile_spec(SPECS / "student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
@@ -195,11 +198,12 @@ def test_bad_low_bit_settings_are_refused_before_any_training(tmp_path, capsys, 
 
 
 @needs_data
-def test_kd_qat_writes_a_predicted_file_under_150k_that_predicts_what_training_saw(tmp_path, capsys, in_root):
+@pytest.mark.parametrize("device", DEVICES)
+def test_kd_qat_writes_a_predicted_file_under_150k_that_predicts_what_training_saw(tmp_path, capsys, in_root, device):
     teacher = tmp_path / "teacher.spec"
     teacher.write_text(SMALL_TEACHER)
     out = tmp_path / "run"
-    code = main(["specs/student.spec", "--recipe", "kd_qat", "--data", str(DATA), "--epochs", "2",
+    code = main(["specs/student.spec", "--recipe", "kd_qat", "--data", str(DATA), "--epochs", "2", "--device", device,
                  "--set", "data.limit_per_class=20", "--set", f"models.teacher.spec={teacher}",
                  "--set", "steps.export.onnx=false", "--out", str(out)])
     assert code == 0, capsys.readouterr().err
@@ -226,7 +230,8 @@ def test_kd_qat_writes_a_predicted_file_under_150k_that_predicts_what_training_s
         assert torch.equal(baked.eval()(x).argmax(1), written(x).argmax(1))
 
 
-def test_auto_and_calibrated_quantize_steps_run_and_write_the_chosen_spec(tmp_path, capsys, in_root):
+@pytest.mark.parametrize("device", DEVICES)
+def test_auto_and_calibrated_quantize_steps_run_and_write_the_chosen_spec(tmp_path, capsys, in_root, device):
     recipe = tmp_path / "a.yaml"
     recipe.write_text("name: a\ninput: 3x32x32\ndata: {limit_per_class: 10}\nsteps:\n"
                       "  - {name: t, kind: train, epochs: 1}\n"
@@ -234,7 +239,7 @@ def test_auto_and_calibrated_quantize_steps_run_and_write_the_chosen_spec(tmp_pa
                       " calibration_images: 64, candidates: [int2, int3-channel, int4, int6, fp16]}\n"
                       "  - {name: e, kind: evaluate}\n")
     out = tmp_path / "run"
-    assert main(["specs/student.spec", "--recipe", str(recipe), "--device", "cpu", "--out", str(out)]) == 0, \
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--device", device, "--out", str(out)]) == 0, \
         capsys.readouterr().err
     steps = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
     q = steps["q"]
