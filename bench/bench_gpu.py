@@ -168,6 +168,41 @@ def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_
     return statistics.median(rates[1:] or rates), history[-1]["val_accuracy"]
 
 
+def compare(step: str, model_name: str, batch: int, args, shape, data, device, teacher, teacher_ckpt: Path,
+            tmp: Path) -> dict:
+    """One row: the naive loop once, then the tuned loop and nccompile `args.repeats` times each, alternating."""
+    spec = "student.spec" if model_name == "student" else "teacher.spec"
+
+    def plain(loop):
+        torch.manual_seed(0)
+        _, module = build(spec, shape)
+        t = None
+        if step == "distill":
+            _, t = build("teacher.spec", shape)
+            t.load_state_dict(teacher.state_dict())
+        with profiled(args.profile and loop == "tuned", f"{step} {model_name} {batch} tuned", device):
+            return plain_loop(loop, module, t, data, device, batch, args.epochs, args.idle)
+
+    def ours():
+        with profiled(args.profile, f"{step} {model_name} {batch} nccompile", device):
+            return nccompile_step(step, model_name, shape, args, batch, teacher_ckpt, tmp)
+
+    result = {"naive": [plain("naive")], "tuned": [], "nccompile": []}
+    for r in range(args.repeats):
+        pair = [("tuned", lambda: plain("tuned")), ("nccompile", ours)]
+        for loop, measure in pair if r % 2 == 0 else pair[::-1]:
+            result[loop].append(measure())
+            rate, acc = result[loop][-1]
+            print(f"{step:8s} {model_name:8s} batch {batch:4d} {loop:10s} {rate:10.0f} img/s "
+                  f"val acc {acc:.4f}  (repeat {r + 1})", flush=True)
+    ratios = [c[0] / t[0] for c, t in zip(result["nccompile"], result["tuned"])]
+    return {"step": step, "model": model_name, "batch": batch,
+            **{f"{loop}_images_per_second": statistics.median(m[0] for m in runs) for loop, runs in result.items()},
+            **{f"{loop}_val_accuracy": runs[-1][1] for loop, runs in result.items()},
+            "vs_tuned": statistics.median(ratios), "vs_tuned_range": [min(ratios), max(ratios)],
+            "runs": {loop: [m[0] for m in runs] for loop, runs in result.items()}}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--data", type=Path, default=ROOT.parent / "shared" / "data" / "cifar10-mini")
@@ -210,39 +245,9 @@ def main() -> None:
             for model_name in args.models:
                 if step == "distill" and model_name == "teacher":
                     continue  # the teacher is not distilled from itself
-                spec = "student.spec" if model_name == "student" else "teacher.spec"
                 for batch in args.batch:
-                    result = {"naive": [], "tuned": [], "nccompile": []}
-
-                    def plain(loop):
-                        torch.manual_seed(0)
-                        _, module = build(spec, shape)
-                        t = None
-                        if step == "distill":
-                            _, t = build("teacher.spec", shape)
-                            t.load_state_dict(teacher.state_dict())
-                        with profiled(args.profile and loop == "tuned", f"{step} {model_name} {batch} tuned", device):
-                            return plain_loop(loop, module, t, data, device, batch, args.epochs, args.idle)
-
-                    def ours():
-                        with profiled(args.profile, f"{step} {model_name} {batch} nccompile", device):
-                            return nccompile_step(step, model_name, shape, args, batch, teacher_ckpt, tmp)
-
-                    result["naive"].append(plain("naive"))
-                    for r in range(args.repeats):
-                        pair = [("tuned", lambda: plain("tuned")), ("nccompile", ours)]
-                        for loop, measure in pair if r % 2 == 0 else pair[::-1]:
-                            result[loop].append(measure())
-                            rate, acc = result[loop][-1]
-                            print(f"{step:8s} {model_name:8s} batch {batch:4d} {loop:10s} {rate:10.0f} img/s "
-                                  f"val acc {acc:.4f}  (repeat {r + 1})", flush=True)
-                    ratios = [c[0] / t[0] for c, t in zip(result["nccompile"], result["tuned"])]
-                    rows.append({"step": step, "model": model_name, "batch": batch,
-                                 **{f"{loop}_images_per_second": statistics.median(m[0] for m in runs)
-                                    for loop, runs in result.items()},
-                                 **{f"{loop}_val_accuracy": runs[-1][1] for loop, runs in result.items()},
-                                 "vs_tuned": statistics.median(ratios), "vs_tuned_range": [min(ratios), max(ratios)],
-                                 "runs": {loop: [m[0] for m in runs] for loop, runs in result.items()}})
+                    rows.append(compare(step, model_name, batch, args, shape, data, device, teacher, teacher_ckpt,
+                                        tmp))
     print("\n| step | model | batch | naive img/s | tuned img/s | nccompile img/s | vs naive | vs tuned "
           "(range) | val acc (naive / tuned / nccompile) |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:

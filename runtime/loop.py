@@ -1,30 +1,26 @@
-"""The training loop shared by `train`, `distill` and fine-tuning: epochs, best checkpoint, resume.
+"""The training loop shared by `train`, `distill` and fine-tuning: epochs, best weights, resume.
 
 Batches are index tensors into the decoded uint8 images, gathered where the model runs
 and augmented there as whole batches (runtime.transforms). Losses and correct counts
-accumulate on the device: one host sync per epoch. After every epoch rank 0 writes
-`last.safetensors` (model + optimizer state + progress in its metadata) atomically, so an
-interrupted step continues from its last finished epoch.
+accumulate on the device: one host sync per epoch. After every epoch rank 0 writes a
+checkpoint (runtime.checkpoints), so an interrupted step continues from its last finished epoch.
 """
 from __future__ import annotations
 
-import json
 import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as st_save
 
 from compiler.errors import NcError
 
 from . import distributed
 from .batches import Placed, epoch_order
+from .checkpoints import CheckpointWriter, resume
 from .transforms import Pipeline
-from .weights import atomic_write, state_tensors, unwrap
+from .weights import state_tensors, unwrap
 
 if TYPE_CHECKING:  # typing only: the context calls into this module's callers, not the reverse
     from .context import RunContext
@@ -61,87 +57,6 @@ def make_schedule(ctx: RunContext, optimizer, epochs: int):
         return 1.0
 
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
-
-
-# --- checkpoints ---------------------------------------------------------------------
-
-def _optimizer_tensors(optimizer) -> tuple[dict[str, torch.Tensor], str]:
-    sd = optimizer.state_dict()
-    tensors, scalars = {}, {}
-    for pid, st in sd["state"].items():
-        for k, v in st.items():
-            if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{k}"] = v.detach().cpu().contiguous()
-            else:
-                scalars[f"{pid}.{k}"] = v
-    return tensors, json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
-
-
-def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: str) -> None:
-    info = json.loads(meta)
-    state: dict = {}
-    for key, v in tensors.items():
-        if key.startswith("opt."):
-            _, pid, name = key.split(".", 2)
-            state.setdefault(int(pid), {})[name] = v
-    for key, v in info["scalars"].items():
-        pid, name = key.split(".", 1)
-        state.setdefault(int(pid), {})[name] = v
-    optimizer.load_state_dict({"state": state, "param_groups": info["param_groups"]})
-
-
-@dataclass
-class Progress:
-    start: int = 0                 # first epoch still to run
-    best_acc: float = -1.0
-    best_epoch: int = -1
-    history: list = field(default_factory=list)
-    best_state: dict | None = None
-
-
-def resume(ctx: RunContext, module, optimizer, schedule, step_dir: Path, key: str, label: str,
-           epochs: int) -> Progress:
-    """Progress from `last.safetensors` when it belongs to this very step (same key). Everything is
-    read and parsed before anything is applied, so a damaged checkpoint leaves a fresh start."""
-    last_path, best_path = step_dir / "last.safetensors", step_dir / "best.safetensors"
-    if not last_path.exists() or not best_path.exists():
-        return Progress()
-    from safetensors import safe_open
-
-    try:
-        with safe_open(str(last_path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("key") != key:
-            return Progress()
-        tensors = load_file(last_path)
-        p = json.loads(meta["progress"])
-        progress = Progress(p["epoch"] + 1, p["best_acc"], p["best_epoch"], p["history"], load_file(best_path))
-        optimizer_meta, schedule_state = meta["optimizer"], json.loads(meta["schedule"])
-    except Exception as err:  # a damaged checkpoint costs its epochs, never the run
-        ctx.log(f"{label}: cannot resume from {last_path} ({type(err).__name__}: {str(err)[:200]}); "
-                "starting this step over")
-        return Progress()
-    unwrap(module).load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")}, strict=False)
-    _restore_optimizer(optimizer, tensors, optimizer_meta)
-    schedule.load_state_dict(schedule_state)
-    ctx.log(f"{label}: resuming after epoch {progress.start} of {epochs}")
-    return progress
-
-
-def checkpoint(ctx: RunContext, module, optimizer, schedule, step_dir: Path, key: str, epoch: int,
-               progress: Progress) -> None:
-    if not ctx.is_main:
-        return
-    opt_tensors, opt_meta = _optimizer_tensors(optimizer)
-    model_tensors = {f"model.{k}": v.contiguous() for k, v in state_tensors(unwrap(module)).items()}
-    meta = {"epoch": epoch, "best_acc": progress.best_acc, "best_epoch": progress.best_epoch,
-            "history": progress.history}
-    if progress.best_epoch == epoch + 1:
-        atomic_write(step_dir / "best.safetensors",
-                     st_save({k: v.contiguous() for k, v in progress.best_state.items()}))
-    atomic_write(step_dir / "last.safetensors", st_save({**model_tensors, **opt_tensors}, metadata={
-        "key": key, "optimizer": opt_meta, "schedule": json.dumps(schedule.state_dict()),
-        "progress": json.dumps(meta)}))
 
 
 # --- epochs ------------------------------------------------------------------------
@@ -216,35 +131,15 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
         net = torch.nn.parallel.DistributedDataParallel(module)
     net = speed.compiled(net)
     scaler = speed.scaler()
-    for epoch in range(progress.start, epochs):
-        t0 = time.perf_counter()
-        loss_sum, correct, seen = train_epoch(ctx, net, optimizer, scaler, loss_fn, placed, pipeline, epoch,
-                                              f"{label} {epoch + 1}/{epochs}", epoch_hook)
-        train_seconds = time.perf_counter() - t0
-        if not math.isfinite(loss_sum) or not _all_finite(module):
-            what = "training loss" if not math.isfinite(loss_sum) else "weights' values"
-            value = loss_sum / max(1, seen) if not math.isfinite(loss_sum) else "NaN or infinite"
-            raise TrainingError(
-                f"{label}: the {what} became {value} in epoch {epoch + 1} of {epochs}; "
-                f"nothing of this epoch was saved\n  hint: the learning rate "
-                f"({optimizer.param_groups[0]['lr']:g}) is probably too high; lower it, e.g. "
-                f"--set optimizer.lr=0.001")
-        schedule.step()
-        val = ctx.evaluate(module, "val")
-        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
-               "train_accuracy": correct / max(1, seen), "val_loss": val.loss, "val_accuracy": val.accuracy,
-               "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-               "images_per_second": seen / train_seconds}
-        progress.history.append(row)
-        if val.accuracy > progress.best_acc:
-            progress.best_acc, progress.best_epoch = val.accuracy, epoch + 1
-            progress.best_state = {k: v.clone() for k, v in state_tensors(unwrap(module)).items()}
-        checkpoint(ctx, module, optimizer, schedule, step_dir, key, epoch, progress)
-        # Logged after the checkpoint is on disk: a run killed after this line resumes after this epoch.
-        ctx.log(f"{label} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
-                f"| val loss {val.loss:.4f} acc {val.accuracy:.4f} | {row['images_per_second']:.0f} img/s")
-        if ctx.on_epoch is not None:
-            ctx.on_epoch(label, row)
+    writer = CheckpointWriter(ctx, step_dir, key, background=speed.background_checkpoints)
+    try:
+        for epoch in range(progress.start, epochs):
+            _run_epoch(ctx, net, module, optimizer, schedule, scaler, loss_fn, placed, pipeline, epoch, epochs,
+                       label, epoch_hook, progress, writer)
+    except BaseException:
+        writer.finish(raise_error=False)  # the last good checkpoint lands; the first error is the one raised
+        raise
+    writer.finish()
     if progress.best_state is not None:
         unwrap(module).load_state_dict(progress.best_state, strict=False)
     if ctx.is_main:
@@ -255,3 +150,37 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
     return {"val_accuracy": progress.best_acc, "best_epoch": progress.best_epoch, "epochs": epochs,
             "history": progress.history,
             "images_per_second": sum(h["images_per_second"] for h in ran) / len(ran) if ran else None}
+
+
+def _run_epoch(ctx: RunContext, net, module, optimizer, schedule, scaler, loss_fn: LossFn, placed: Placed,
+               pipeline: Pipeline, epoch: int, epochs: int, label: str, epoch_hook: EpochHook | None,
+               progress, writer: CheckpointWriter) -> None:
+    """Train one epoch, validate, keep the best weights, checkpoint; the epoch's line is printed once
+    its checkpoint is on disk, so a run killed after that line resumes after this epoch."""
+    t0 = time.perf_counter()
+    loss_sum, correct, seen = train_epoch(ctx, net, optimizer, scaler, loss_fn, placed, pipeline, epoch,
+                                          f"{label} {epoch + 1}/{epochs}", epoch_hook)
+    train_seconds = time.perf_counter() - t0
+    if not math.isfinite(loss_sum) or not _all_finite(module):
+        what = "training loss" if not math.isfinite(loss_sum) else "weights' values"
+        value = loss_sum / max(1, seen) if not math.isfinite(loss_sum) else "NaN or infinite"
+        raise TrainingError(
+            f"{label}: the {what} became {value} in epoch {epoch + 1} of {epochs}; "
+            f"nothing of this epoch was saved\n  hint: the learning rate "
+            f"({optimizer.param_groups[0]['lr']:g}) is probably too high; lower it, e.g. "
+            f"--set optimizer.lr=0.001")
+    schedule.step()
+    val = ctx.evaluate(module, "val")
+    row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
+           "train_accuracy": correct / max(1, seen), "val_loss": val.loss, "val_accuracy": val.accuracy,
+           "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+           "images_per_second": seen / train_seconds}
+    progress.history.append(row)
+    if val.accuracy > progress.best_acc:
+        progress.best_acc, progress.best_epoch = val.accuracy, epoch + 1
+        progress.best_state = {k: v.clone() for k, v in state_tensors(unwrap(module)).items()}
+    line = (f"{label} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
+            f"| val loss {val.loss:.4f} acc {val.accuracy:.4f} | {row['images_per_second']:.0f} img/s")
+    writer.save(module, optimizer, schedule, epoch, progress, then=lambda: ctx.log(line))
+    if ctx.on_epoch is not None:
+        ctx.on_epoch(label, row)

@@ -103,6 +103,7 @@ class SpeedConfig(Strict):
     channels_last: Literal["auto"] | bool = "auto"
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # reduce-overhead = CUDA graphs
     data_on_device: Literal["auto"] | bool = "auto"  # auto: when the uint8 images fit in half the free memory
+    background_checkpoints: Literal["auto"] | bool = "auto"  # auto: on CUDA (the GPU trains while the file is written)
 
     @field_validator("compile", mode="before")
     @classmethod

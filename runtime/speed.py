@@ -24,6 +24,7 @@ class Speed:
     channels_last: bool
     compile: str                 # off | default | reduce-overhead | max-autotune
     data_on_device: bool | None  # None: when it fits
+    background_checkpoints: bool = False  # write each epoch's checkpoint while the next epoch trains
 
     @property
     def dtype(self) -> torch.dtype:
@@ -55,7 +56,8 @@ class Speed:
     def describe(self) -> str:
         return (f"{self.device.type}: {self.precision}"
                 + (", channels_last" if self.channels_last else "")
-                + (f", torch.compile ({self.compile})" if self.compile != "off" else ""))
+                + (f", torch.compile ({self.compile})" if self.compile != "off" else "")
+                + (", checkpoints written in the background" if self.background_checkpoints else ""))
 
 
 def resolve(cfg: SpeedConfig, device: torch.device) -> Speed:
@@ -68,7 +70,9 @@ def resolve(cfg: SpeedConfig, device: torch.device) -> Speed:
     else:
         channels_last = bool(cfg.channels_last)
     on_device = None if cfg.data_on_device == "auto" else bool(cfg.data_on_device)
-    return Speed(device, precision, channels_last, cfg.compile, on_device)
+    # On the CPU the writer would take cores from training; on CUDA the host is otherwise waiting.
+    background = cuda if cfg.background_checkpoints == "auto" else bool(cfg.background_checkpoints)
+    return Speed(device, precision, channels_last, cfg.compile, on_device, background)
 
 
 def plain(device: str | torch.device = "cpu") -> Speed:

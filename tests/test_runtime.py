@@ -81,14 +81,17 @@ def test_scratch_recipe_end_to_end(tmp_path, capsys, in_root):
 
 
 @needs_data
-def test_kd_recipe_end_to_end_and_resume_after_kill(tmp_path, in_root):
-    """kd: teacher trained first, then distilled student; a run killed mid-distillation resumes."""
+@pytest.mark.parametrize("background", [False, True], ids=["inline checkpoints", "background checkpoints"])
+def test_kd_recipe_end_to_end_and_resume_after_kill(tmp_path, in_root, background):
+    """kd: teacher trained first, then distilled student; a run killed mid-distillation resumes after
+    the last epoch whose line was printed, also when checkpoints are written on a thread (CUDA's way)."""
     teacher = tmp_path / "teacher.spec"
     teacher.write_text(SMALL_TEACHER)
     out = tmp_path / "run"
     cmd = [sys.executable, "-u", "-m", "runtime", "specs/student.spec", "--recipe", "kd", "--data", str(DATA),
            "--set", "data.limit_per_class=100", "--set", f"models.teacher.spec={teacher}",
-           "--set", "steps.teacher.epochs=2", "--set", "steps.distill.epochs=3", "--out", str(out)]
+           "--set", "steps.teacher.epochs=2", "--set", "steps.distill.epochs=3", "--out", str(out),
+           "--set", f"speed.background_checkpoints={str(background).lower()}"]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     seen = []
     for line in proc.stdout:
