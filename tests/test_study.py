@@ -75,6 +75,24 @@ def test_runs_and_grid_write_results_summary_and_plot_and_a_rerun_trains_nothing
     assert [r["name"] for r in _results(out)] == [r["name"] for r in rows]
 
 
+def test_a_study_directory_refuses_other_settings_instead_of_mixing_results(files, capsys):
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: one}\n")
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu", "--epochs", "1"]) == 0
+    reports = {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/report.json")}
+    capsys.readouterr()
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu", "--epochs", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--epochs 1" in err and "--epochs 2" in err and "another --out" in err and "Traceback" not in err
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu", "--epochs", "1",
+                 "--set", "optimizer.lr=0.01"]) == 2
+    assert "--set optimizer.lr=0.01" in capsys.readouterr().err
+    # the same settings resume (nothing left to do); another directory takes the new settings
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu", "--epochs", "1"]) == 0
+    assert {p: p.stat().st_mtime_ns for p in (out / "trials").glob("*/report.json")} == reports
+    assert main(["study", str(study), "--out", str(files / "other"), "--device", "cpu", "--epochs", "2"]) == 0
+
+
 def test_a_failing_trial_is_recorded_and_the_study_goes_on(files, capsys):
     study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n"
                           "  - {name: explodes, set: {optimizer.lr: 1e30}}\n  - {name: fine}\n")

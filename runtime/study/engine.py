@@ -146,12 +146,35 @@ class Study:
                                     direction=obj.direction if obj else "maximize",
                                     sampler=_sampler(self.cfg, self.space, self.trials_wanted),
                                     pruner=_pruner(self.cfg), load_if_exists=True)
+        self._check_settings(study)
         known = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False)}
         for t in self.fixed:
             if t.name not in known:
                 study.enqueue_trial({"run": t.name}, user_attrs={"run": t.name}, skip_if_exists=True)
         self.recover(study)
         return study
+
+    def settings(self) -> dict:
+        """What every trial's results depend on besides the study file: a study continues only under these."""
+        return {"data": self.data, "epochs": self.epochs, "set": list(self.sets)}
+
+    def _check_settings(self, study: optuna.Study) -> None:
+        """A finished trial is never run again, so a study started with other --epochs, --set or --data
+        would mix results of two settings silently; it is refused instead."""
+        before, now = study.user_attrs.get("settings"), self.settings()
+        if before is None:
+            study.set_user_attr("settings", now)
+            return
+        if before != now:
+            def show(s):
+                return " ".join([f"--data {s['data']}" if s["data"] else "(the study's data)",
+                                 f"--epochs {s['epochs']}" if s["epochs"] is not None else "(the recipes' epochs)",
+                                 *(f"--set {x}" for x in s["set"])])
+
+            raise StudyError(str(self.path), [
+                f"{self.out} holds trials run with {show(before)}, but this run asks for {show(now)}\n"
+                "  hint: give another --out to run the study under these settings, or repeat the "
+                "earlier settings to resume it"])
 
     def recover(self, study: optuna.Study) -> None:
         """Trials whose worker is gone or was interrupted: failed, and enqueued again to resume."""
