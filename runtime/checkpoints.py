@@ -19,7 +19,7 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from .weights import atomic_write, state_tensors, unwrap
+from .weights import atomic_write, host_tensor, state_tensors, unwrap
 
 if TYPE_CHECKING:  # typing only: the context calls into this module's callers, not the reverse
     from .context import RunContext
@@ -35,21 +35,17 @@ class Progress:
 
 
 def _optimizer_tensors(optimizer, copy: bool) -> tuple[dict[str, torch.Tensor], str]:
+    """AdamW's moments and the like in host memory (copies of their own when `copy`: training goes on
+    changing the originals), and the rest as JSON."""
     sd = optimizer.state_dict()
     tensors, scalars = {}, {}
     for pid, st in sd["state"].items():
         for k, v in st.items():
             if torch.is_tensor(v):
-                tensors[f"opt.{pid}.{k}"] = _host_copy(v, copy)
+                tensors[f"opt.{pid}.{k}"] = host_tensor(v, copy)
             else:
                 scalars[f"{pid}.{k}"] = v
     return tensors, json.dumps({"param_groups": sd["param_groups"], "scalars": scalars})
-
-
-def _host_copy(t: torch.Tensor, copy: bool) -> torch.Tensor:
-    """`t` in host memory; a copy of its own when `copy` (training goes on changing the original)."""
-    t = t.detach()
-    return t.to("cpu", copy=copy).contiguous()
 
 
 def _restore_optimizer(optimizer, tensors: dict[str, torch.Tensor], meta: str) -> None:
@@ -113,8 +109,8 @@ class CheckpointWriter:
             then()
             return
         opt_tensors, opt_meta = _optimizer_tensors(optimizer, copy=self.background)
-        tensors = {**{f"model.{k}": _host_copy(v, self.background) for k, v in state_tensors(unwrap(module)).items()},
-                   **opt_tensors}
+        model = state_tensors(unwrap(module), copy=self.background)
+        tensors = {**{f"model.{k}": v for k, v in model.items()}, **opt_tensors}
         meta = {"key": self.key, "optimizer": opt_meta, "schedule": json.dumps(schedule.state_dict()),
                 "progress": json.dumps({"epoch": epoch, "best_acc": progress.best_acc,
                                         "best_epoch": progress.best_epoch, "history": progress.history})}

@@ -178,7 +178,7 @@ def _run_epoch(ctx: RunContext, net, module, optimizer, schedule, scaler, loss_f
     progress.history.append(row)
     if val.accuracy > progress.best_acc:
         progress.best_acc, progress.best_epoch = val.accuracy, epoch + 1
-        progress.best_state = {k: v.clone() for k, v in state_tensors(unwrap(module)).items()}
+        progress.best_state = state_tensors(unwrap(module), copy=True)
     line = (f"{label} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
             f"| val loss {val.loss:.4f} acc {val.accuracy:.4f} | {row['images_per_second']:.0f} img/s")
     writer.save(module, optimizer, schedule, epoch, progress, then=lambda: ctx.log(line))

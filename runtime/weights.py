@@ -33,10 +33,15 @@ def unwrap(module: torch.nn.Module) -> torch.nn.Module:
     return getattr(module, "module", getattr(module, "_orig_mod", module))
 
 
-def state_tensors(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """The tensors a model file stores: the state dict minus BatchNorm's step counters."""
-    return {k: v.detach().cpu().contiguous() for k, v in module.state_dict().items()
-            if not k.endswith("num_batches_tracked")}
+def host_tensor(t: torch.Tensor, copy: bool = False) -> torch.Tensor:
+    """`t` contiguous in host memory. `copy`: memory of its own also when `t` is already there (one copy
+    at most: from a GPU, or from channels_last, the move is the copy)."""
+    return t.detach().to("cpu", memory_format=torch.contiguous_format, copy=copy)
+
+
+def state_tensors(module: torch.nn.Module, copy: bool = False) -> dict[str, torch.Tensor]:
+    """The tensors a model file stores, in host memory: the state dict minus BatchNorm's step counters."""
+    return {k: host_tensor(v, copy) for k, v in module.state_dict().items() if not k.endswith("num_batches_tracked")}
 
 
 # --- quantization ----------------------------------------------------------------
