@@ -114,11 +114,11 @@ class CheckpointWriter:
         meta = {"key": self.key, "optimizer": opt_meta, "schedule": json.dumps(schedule.state_dict()),
                 "progress": json.dumps({"epoch": epoch, "best_acc": progress.best_acc,
                                         "best_epoch": progress.best_epoch, "history": progress.history})}
-        best = progress.best_state if progress.best_epoch == epoch + 1 else None  # a copy already
+        best = progress.best_state if progress.best_epoch == epoch + 1 else None  # host copies already
 
         def write():
             if best is not None:
-                atomic_write(self.step_dir / "best.safetensors", st_save({k: v.contiguous() for k, v in best.items()}))
+                atomic_write(self.step_dir / "best.safetensors", st_save(best))
             atomic_write(self.step_dir / "last.safetensors", st_save(tensors, metadata=meta))
             then()
 
