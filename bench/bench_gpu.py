@@ -54,7 +54,7 @@ data: {{batch_size: {batch}, eval_batch_size: 512, limit_per_class: {per_class}}
 transforms: {{train: {train_tf}, eval: []}}
 optimizer: {{name: adamw, lr: 0.003, weight_decay: 0.0005}}
 schedule: {{name: constant}}
-speed: {{compile: {compile}}}
+speed: {{compile: {compile}, background_checkpoints: {background}}}
 models: {{teacher: {{spec: {teacher}, checkpoint: {teacher_ckpt}}}}}
 steps:
   - {{name: step, kind: {kind}, model: {model}, epochs: {epochs}{extra}}}
@@ -154,7 +154,8 @@ def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_
     extra = ", teacher: teacher" if kind == "distill" else ""
     train_tf = "[{flip: 0.5}, {crop: {padding: 4}}]" if args.augment == "flipcrop" else "[]"
     recipe.write_text(RECIPE.format(batch=batch, per_class=args.per_class or "null", train_tf=train_tf,
-                                    compile=args.compile, teacher=ROOT / "specs/teacher.spec",
+                                    compile=args.compile, background=str(args.checkpoints == 'background').lower(),
+                                    teacher=ROOT / "specs/teacher.spec",
                                     teacher_ckpt=teacher_ckpt, kind=kind,
                                     model="student", epochs=args.epochs, extra=extra))
     out = Path(tempfile.mkdtemp(prefix=f"run-{kind}-{model_name}-{batch}-", dir=tmp))  # a fresh run each repeat
@@ -214,6 +215,8 @@ def main() -> None:
     p.add_argument("--steps", nargs="+", default=["train", "distill"])
     p.add_argument("--augment", choices=["none", "flipcrop"], default="none")
     p.add_argument("--compile", default="off", help="nccompile's speed.compile (off, default, reduce-overhead)")
+    p.add_argument("--checkpoints", choices=["background", "inline"], default="background",
+                   help="how nccompile writes its epoch checkpoints (background: the CUDA default)")
     p.add_argument("--repeats", type=int, default=3, help="tuned and nccompile measurements each, alternating")
     p.add_argument("--idle", type=float, default=0.0,
                    help="seconds the plain loops wait after each epoch (as nccompile validates and checkpoints)")
