@@ -54,7 +54,7 @@ data: {{batch_size: {batch}, eval_batch_size: 512, limit_per_class: {per_class}}
 transforms: {{train: {train_tf}, eval: []}}
 optimizer: {{name: adamw, lr: 0.003, weight_decay: 0.0005}}
 schedule: {{name: constant}}
-speed: {{compile: {compile}, background_checkpoints: {background}}}
+speed: {{compile: {compile}, background_checkpoints: {background}, cudnn_benchmark: {autotune}}}
 models: {{teacher: {{spec: {teacher}, checkpoint: {teacher_ckpt}}}}}
 steps:
   - {{name: step, kind: {kind}, model: {model}, epochs: {epochs}{extra}}}
@@ -155,6 +155,7 @@ def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_
     train_tf = "[{flip: 0.5}, {crop: {padding: 4}}]" if args.augment == "flipcrop" else "[]"
     recipe.write_text(RECIPE.format(batch=batch, per_class=args.per_class or "null", train_tf=train_tf,
                                     compile=args.compile, background=str(args.checkpoints == 'background').lower(),
+                                    autotune=str(args.cudnn_benchmark == 'on').lower(),
                                     teacher=ROOT / "specs/teacher.spec",
                                     teacher_ckpt=teacher_ckpt, kind=kind,
                                     model="student", epochs=args.epochs, extra=extra))
@@ -217,6 +218,8 @@ def main() -> None:
     p.add_argument("--compile", default="off", help="nccompile's speed.compile (off, default, reduce-overhead)")
     p.add_argument("--checkpoints", choices=["background", "inline"], default="background",
                    help="how nccompile writes its epoch checkpoints (background: the CUDA default)")
+    p.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
+                   help="nccompile's speed.cudnn_benchmark (on: the CUDA default; the plain loops never set it)")
     p.add_argument("--repeats", type=int, default=3, help="tuned and nccompile measurements each, alternating")
     p.add_argument("--idle", type=float, default=0.0,
                    help="seconds the plain loops wait after each epoch (as nccompile validates and checkpoints)")

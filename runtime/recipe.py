@@ -104,6 +104,7 @@ class SpeedConfig(Strict):
     compile: Literal["off", "default", "reduce-overhead", "max-autotune"] = "off"  # reduce-overhead = CUDA graphs
     data_on_device: Literal["auto"] | bool = "auto"  # auto: when the uint8 images fit in half the free memory
     background_checkpoints: Literal["auto"] | bool = "auto"  # auto: on CUDA (the GPU trains while the file is written)
+    cudnn_benchmark: Literal["auto"] | bool = "auto"  # auto: on CUDA (cuDNN times its kernels per input shape)
 
     @field_validator("compile", mode="before")
     @classmethod

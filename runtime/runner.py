@@ -236,7 +236,8 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
             print(f"run directory: {out}")
         ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world,
                          pipelines=pipelines, speed=speed, on_epoch=opts.on_epoch)
-        return _execute(opts, ctx, plan, out)
+        with speed.backends():
+            return _execute(opts, ctx, plan, out)
     finally:
         if rank == 0:
             run_dir.unlock()

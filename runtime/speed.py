@@ -1,9 +1,10 @@
 """The recipe's `speed` section resolved for a device: precision, memory format, compilation.
 
 Defaults follow what a tuned PyTorch loop does on each device: on CUDA, bf16 autocast,
-channels_last and the decoded images kept on the GPU; on the CPU, fp32 (bf16 autocast is slower
-than fp32 on CPUs without native bf16) and channels_last where oneDNN runs the convolutions
-(1.2-1.9x faster training of the shipped specs on an x86 CPU; BENCHMARKS.md).
+channels_last, cuDNN's autotuner (the usual choice when input sizes are fixed, as here) and the
+decoded images kept on the GPU; on the CPU, fp32 (bf16 autocast is slower than fp32 on CPUs
+without native bf16) and channels_last where oneDNN runs the convolutions (1.03-1.74x faster
+training of the shipped specs on an x86 CPU; BENCHMARKS.md).
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ class Speed:
     compile: str                 # off | default | reduce-overhead | max-autotune
     data_on_device: bool | None  # None: when it fits
     background_checkpoints: bool = False  # write each epoch's checkpoint while the next epoch trains
+    cudnn_benchmark: bool = False         # cuDNN's autotuner: the input size is fixed, so it times each shape once
 
     @property
     def dtype(self) -> torch.dtype:
@@ -48,6 +50,17 @@ class Speed:
             module.to(memory_format=torch.channels_last)
         return module
 
+    @contextlib.contextmanager
+    def backends(self):
+        """Process-wide switches for the length of a run, restored after it (a library must not leave
+        them set for its caller)."""
+        before = torch.backends.cudnn.benchmark
+        torch.backends.cudnn.benchmark = before or self.cudnn_benchmark
+        try:
+            yield
+        finally:
+            torch.backends.cudnn.benchmark = before
+
     def compiled(self, module: torch.nn.Module):
         if self.compile == "off":
             return module
@@ -57,7 +70,8 @@ class Speed:
         return (f"{self.device.type}: {self.precision}"
                 + (", channels_last" if self.channels_last else "")
                 + (f", torch.compile ({self.compile})" if self.compile != "off" else "")
-                + (", checkpoints written in the background" if self.background_checkpoints else ""))
+                + (", checkpoints written in the background" if self.background_checkpoints else "")
+                + (", cuDNN autotuning" if self.cudnn_benchmark else ""))
 
 
 def resolve(cfg: SpeedConfig, device: torch.device) -> Speed:
@@ -72,7 +86,8 @@ def resolve(cfg: SpeedConfig, device: torch.device) -> Speed:
     on_device = None if cfg.data_on_device == "auto" else bool(cfg.data_on_device)
     # On the CPU the writer would take cores from training; on CUDA the host is otherwise waiting.
     background = cuda if cfg.background_checkpoints == "auto" else bool(cfg.background_checkpoints)
-    return Speed(device, precision, channels_last, cfg.compile, on_device, background)
+    autotune = cuda if cfg.cudnn_benchmark == "auto" else bool(cfg.cudnn_benchmark)
+    return Speed(device, precision, channels_last, cfg.compile, on_device, background, autotune)
 
 
 def plain(device: str | torch.device = "cpu") -> Speed:

@@ -127,10 +127,34 @@ def test_speed_defaults_per_device():
     cpu = resolve(SpeedConfig(), torch.device("cpu"))
     # channels_last wherever oneDNN runs the CPU's convolutions (x86 builds): faster there (BENCHMARKS.md)
     assert (cpu.precision, cpu.channels_last, cpu.compile) == ("fp32", torch.backends.mkldnn.is_available(), "off")
+    assert not cpu.background_checkpoints and not cpu.cudnn_benchmark
     cuda = resolve(SpeedConfig(), torch.device("cuda"))
     assert cuda.channels_last and cuda.precision in ("bf16", "fp16")
+    assert cuda.background_checkpoints and cuda.cudnn_benchmark
     forced = resolve(SpeedConfig(precision="bf16", channels_last=True), torch.device("cpu"))
     assert forced.dtype == torch.bfloat16 and forced.channels_last
+
+
+def test_cudnn_autotuning_is_on_for_the_run_only(tmp_path, capsys, in_root):
+    """A process-wide switch: set while the steps run, restored after, also after a failure."""
+    from compiler.errors import NcError
+    from runtime.runner import Options, run
+
+    seen = []
+    before = torch.backends.cudnn.benchmark
+
+    def options(lr):
+        return Options("specs/student.spec", "scratch", out=str(tmp_path / lr), device="cpu", epochs=1,
+                       sets=("data.limit_per_class=10", "speed.cudnn_benchmark=true", f"optimizer.lr={lr}"),
+                       on_epoch=lambda label, row: seen.append(torch.backends.cudnn.benchmark))
+
+    assert run(options("0.003")) == 0
+    assert torch.backends.cudnn.benchmark == before
+    with pytest.raises(NcError, match="became"):  # the loss stops being a number
+        run(options("1e30"))
+    assert torch.backends.cudnn.benchmark == before
+    assert seen == [True]
+    assert "cuDNN autotuning" in capsys.readouterr().out
 
 
 def test_bf16_channels_last_training_on_cpu(tmp_path, capsys, in_root):
