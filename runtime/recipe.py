@@ -229,9 +229,35 @@ def _loc(loc: tuple, raw: dict) -> str:
     return ".".join(out)
 
 
+# pydantic names the member of a union that failed as a last location part: `literal['auto']`, `bool`, ...
+_UNION_MEMBER = re.compile(r"^(bool|int|float|str|none|literal\[.*\]|[a-z-]+\[.*\]|function-[a-z-]+\[.*\])$")
+
+
+def _merge_union_members(errors: list[dict]) -> list[dict]:
+    """One error per value that matched no member of its union: `speed.channels_last` expects 'auto' or a
+    boolean, said once, rather than one error per member at made-up locations."""
+    groups: dict[tuple, list[dict]] = {}
+    for e in errors:
+        loc = tuple(e["loc"])
+        if loc and isinstance(loc[-1], str) and _UNION_MEMBER.match(loc[-1]):
+            groups.setdefault(loc[:-1], []).append(e)
+    merged, done = [], set()
+    for e in errors:
+        loc = tuple(e["loc"])
+        group = groups.get(loc[:-1]) if loc else None
+        if group is None or len(group) < 2 or e not in group:
+            merged.append(e)
+        elif loc[:-1] not in done:
+            done.add(loc[:-1])
+            msgs = [g["msg"] for g in group]
+            text = msgs[0] + "".join(" or " + m.removeprefix("Input should be ") for m in msgs[1:])
+            merged.append({**group[0], "loc": loc[:-1], "msg": text, "type": "union"})
+    return merged
+
+
 def problems_of(err: ValidationError, raw: dict, model_cls, prefix: tuple = ()) -> list[str]:
     problems = []
-    for e in err.errors():
+    for e in _merge_union_members(err.errors()):
         loc = prefix + tuple(e["loc"])
         where = _loc(loc, raw)
         if e["type"] == "extra_forbidden":

@@ -175,6 +175,10 @@ def _tiny_folder(root: Path, classes=("a", "b"), per_class=3) -> Path:
     (["--set", "steps.train.epochs=many"], "`steps[0] (train).epochs`: Input should be a valid integer"),
     (["--set", "data.batch_size=0"], "`data.batch_size`: Input should be greater than or equal to 1"),
     (["--set", "steps.trian.epochs=2"], "no step `trian`"),
+    # a value that fits no member of a union: one message at the field, not one per member
+    (["--set", "speed.channels_last=sometimes"],
+     "`speed.channels_last`: Input should be 'auto' or a valid boolean, unable to interpret input (got 'sometimes')"),
+    (["--set", "steps.train.lr=fast"], "`steps[0] (train).lr`: Input should be a valid number"),
     (["--data", "/nonexistent/images"], "data folder /nonexistent/images does not exist"),
 ])
 def test_bad_recipe_or_data_is_one_clear_error(args, fragment, capsys, in_root):
