@@ -131,7 +131,9 @@ def test_search_rejects_configurations_over_budget_without_training(files, capsy
     ("name: s\nspec: tiny.spec\nrecipe: r.yaml\ngrid: {params: {width: []}}\n", "grid.params.width: an empty list"),
     ("name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, objective: {step: quantize}}\n",
      "search.objective.step: no step `quantize`"),
-    ("name: s\nspec: tiny.spec\nrecipe: r.yaml\nrunz: []\n", "runz"),
+    ("name: s\nspec: tiny.spec\nrecipe: r.yaml\nrunz: []\n", "unknown key `runz`; did you mean `runs`?"),
+    ("name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, sampler: tpee, objective: {step: train}}\n",
+     "`search.sampler`: Input should be 'tpe', 'random' or 'grid' (got 'tpee')"),
     ("name: s\nspec: tiny.spec\nrecipe: r.yaml\n", "nothing to run"),
     ("name: ../up\nspec: tiny.spec\nrecipe: r.yaml\nruns: [{name: a}]\n", "used in file paths"),
 ])

@@ -37,7 +37,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from compiler.errors import NcError
 from compiler.limits import NoAliasLoader
 
-from ..recipe import plain_name
+from ..recipe import plain_name, problems_of
 
 Value = Any
 
@@ -162,9 +162,7 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
     try:
         cfg = StudyConfig.model_validate(raw)
     except ValidationError as err:
-        raise StudyError(str(path), [f"{'.'.join(map(str, e['loc'])) or 'study'}: {e['msg']}"
-                                     + (f" (got {e['input']!r})" if e["type"] != "missing" else "")
-                                     for e in err.errors()]) from None
+        raise StudyError(str(path), problems_of(err, raw, StudyConfig)) from None
     if not (cfg.runs or cfg.grid or cfg.search):
         raise StudyError(str(path), ["nothing to run: give `runs`, `grid` or `search`"])
     return cfg, path
