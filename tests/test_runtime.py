@@ -271,13 +271,15 @@ def test_budget_checked_at_training_input(tmp_path, capsys, in_root):
 # --- distributed --------------------------------------------------------------------
 
 @needs_data
-def test_torchrun_two_cpu_processes(tmp_path, in_root):
+@pytest.mark.parametrize("background", [False, True], ids=["inline checkpoints", "background checkpoints"])
+def test_torchrun_two_cpu_processes(tmp_path, in_root, background):
     out = tmp_path / "run"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-                           "--master_port", "29517", "-m", "runtime", "specs/student.spec", "--recipe", "scratch",
-                           "--data", str(DATA), "--set", "data.limit_per_class=20", "--epochs", "2",
-                           "--device", "cpu", "--out", str(out)],
+                           "--master_port", str(29517 + background), "-m", "runtime", "specs/student.spec",
+                           "--recipe", "scratch", "--data", str(DATA), "--set", "data.limit_per_class=20",
+                           "--epochs", "2", "--device", "cpu", "--out", str(out),
+                           "--set", f"speed.background_checkpoints={str(background).lower()}"],
                           cwd=ROOT, capture_output=True, text=True, env=env, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     report = json.loads((out / "report.json").read_text())
