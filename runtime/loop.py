@@ -95,9 +95,10 @@ def train_epoch(ctx: RunContext, net, optimizer, scaler, loss_fn: LossFn, placed
         else:
             loss.backward()
             optimizer.step()
-        loss_sum += loss.detach().float() * len(idx)
-        correct += (logits.detach().argmax(1) == y).sum()
-        seen += len(idx)
+        n = idx.shape[0]
+        loss_sum.add_(loss.detach(), alpha=n)  # one kernel per metric update: small batches wait on launches
+        correct.add_((logits.argmax(1) == y).sum())
+        seen += n
         if bar is not None:
             bar.update(1)
     if bar is not None:

@@ -1,6 +1,6 @@
 """The training step's fast path, counted in dispatched operators (each one a kernel launch on a GPU,
 where small models at batch 64 are bound by launches): nccompile's step costs the plain tuned loop's
-operators plus a handful for metrics, and random augmentation costs the same at any batch size
+operators plus 6 for its metrics, and random augmentation costs the same at any batch size
 (no Python loop over samples). Counted on the CPU, so CI checks what the GPU bench measures."""
 from __future__ import annotations
 
@@ -99,8 +99,9 @@ def test_training_step_costs_the_tuned_loops_operators_plus_its_metrics():
     ours, ours_epoch = _per_batch(lambda n, b: _nccompile_epoch(n, b, []), 8)
     tuned, tuned_epoch = _per_batch(_tuned_epoch, 8)
     assert tuned > 300  # the model's forward, backward and optimizer: the bulk of a step
-    # loss and correct-count accumulation on the device (6 ops) and the gather/normalize pass (2 for 2)
-    assert ours - tuned <= 8, (ours, tuned)
+    # loss and correct-count accumulation on the device (6 ops); the gather/normalize pass costs what
+    # the tuned loop's gather, scaling and layout change cost
+    assert ours - tuned <= 6, (ours, tuned)
     assert ours_epoch - tuned_epoch <= 12, (ours_epoch, tuned_epoch)  # order, generator, one stacked sync
 
 
