@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
@@ -18,7 +19,7 @@ from compiler.errors import NcError
 
 from . import distributed
 from .batches import Placed, epoch_order
-from .checkpoints import CheckpointWriter, resume
+from .checkpoints import CheckpointWriter, Progress, resume
 from .transforms import Pipeline
 from .weights import state_tensors, unwrap
 
@@ -121,7 +122,6 @@ def _all_finite(module: torch.nn.Module) -> bool:
 def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, epochs: int, lr: float | None,
         loss_fn: LossFn, label: str, epoch_hook: EpochHook | None = None) -> dict:
     """Train `module` for `epochs`; keeps the best weights by validation accuracy (loaded at the end)."""
-    placed, pipeline = ctx.placed("train"), ctx.pipeline("train")
     speed = ctx.speed
     speed.prepare(module)
     optimizer = make_optimizer(ctx, module, lr)
@@ -130,17 +130,15 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
     net = module
     if distributed.active():
         net = torch.nn.parallel.DistributedDataParallel(module)
-    net = speed.compiled(net)
-    scaler = speed.scaler()
-    writer = CheckpointWriter(ctx, step_dir, key, background=speed.background_checkpoints)
+    run = _Fit(ctx, module, speed.compiled(net), optimizer, schedule, speed.scaler(), loss_fn, epochs, label,
+               epoch_hook, progress, CheckpointWriter(ctx, step_dir, key, background=speed.background_checkpoints))
     try:
         for epoch in range(progress.start, epochs):
-            _run_epoch(ctx, net, module, optimizer, schedule, scaler, loss_fn, placed, pipeline, epoch, epochs,
-                       label, epoch_hook, progress, writer)
+            run.epoch(epoch)
     except BaseException:
-        writer.finish(raise_error=False)  # the last good checkpoint lands; the first error is the one raised
+        run.writer.finish(raise_error=False)  # the last good checkpoint lands; the first error is the one raised
         raise
-    writer.finish()
+    run.writer.finish()
     if progress.best_state is not None:
         unwrap(module).load_state_dict(progress.best_state, strict=False)
     if ctx.is_main:
@@ -153,35 +151,53 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
             "images_per_second": sum(h["images_per_second"] for h in ran) / len(ran) if ran else None}
 
 
-def _run_epoch(ctx: RunContext, net, module, optimizer, schedule, scaler, loss_fn: LossFn, placed: Placed,
-               pipeline: Pipeline, epoch: int, epochs: int, label: str, epoch_hook: EpochHook | None,
-               progress, writer: CheckpointWriter) -> None:
-    """Train one epoch, validate, keep the best weights, checkpoint; the epoch's line is printed once
-    its checkpoint is on disk, so a run killed after that line resumes after this epoch."""
-    t0 = time.perf_counter()
-    loss_sum, correct, seen = train_epoch(ctx, net, optimizer, scaler, loss_fn, placed, pipeline, epoch,
-                                          f"{label} {epoch + 1}/{epochs}", epoch_hook)
-    train_seconds = time.perf_counter() - t0
-    if not math.isfinite(loss_sum) or not _all_finite(module):
-        what = "training loss" if not math.isfinite(loss_sum) else "weights' values"
-        value = loss_sum / max(1, seen) if not math.isfinite(loss_sum) else "NaN or infinite"
-        raise TrainingError(
-            f"{label}: the {what} became {value} in epoch {epoch + 1} of {epochs}; "
-            f"nothing of this epoch was saved\n  hint: the learning rate "
-            f"({optimizer.param_groups[0]['lr']:g}) is probably too high; lower it, e.g. "
-            f"--set optimizer.lr=0.001")
-    schedule.step()
-    val = ctx.evaluate(module, "val")
-    row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
-           "train_accuracy": correct / max(1, seen), "val_loss": val.loss, "val_accuracy": val.accuracy,
-           "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
-           "images_per_second": seen / train_seconds}
-    progress.history.append(row)
-    if val.accuracy > progress.best_acc:
-        progress.best_acc, progress.best_epoch = val.accuracy, epoch + 1
-        progress.best_state = state_tensors(unwrap(module), copy=True)
-    line = (f"{label} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f} "
-            f"| val loss {val.loss:.4f} acc {val.accuracy:.4f} | {row['images_per_second']:.0f} img/s")
-    writer.save(module, optimizer, schedule, epoch, progress, then=lambda: ctx.log(line))
-    if ctx.on_epoch is not None:
-        ctx.on_epoch(label, row)
+@dataclass
+class _Fit:
+    """What every epoch of one `fit` shares."""
+
+    ctx: RunContext
+    module: torch.nn.Module          # the model itself (weights, checks, checkpoints)
+    net: torch.nn.Module             # what trains: the module, or its DDP / compiled wrapper
+    optimizer: torch.optim.Optimizer
+    schedule: object
+    scaler: object
+    loss_fn: LossFn
+    epochs: int
+    label: str
+    epoch_hook: EpochHook | None
+    progress: Progress
+    writer: CheckpointWriter
+
+    def epoch(self, epoch: int) -> None:
+        """Train one epoch, validate, keep the best weights, checkpoint; the epoch's line is printed once
+        its checkpoint is on disk, so a run killed after that line resumes after this epoch."""
+        ctx, progress, label, epochs = self.ctx, self.progress, self.label, self.epochs
+        t0 = time.perf_counter()
+        loss_sum, correct, seen = train_epoch(ctx, self.net, self.optimizer, self.scaler, self.loss_fn,
+                                              ctx.placed("train"), ctx.pipeline("train"), epoch,
+                                              f"{label} {epoch + 1}/{epochs}", self.epoch_hook)
+        train_seconds = time.perf_counter() - t0
+        if not math.isfinite(loss_sum) or not _all_finite(self.module):
+            what = "training loss" if not math.isfinite(loss_sum) else "weights' values"
+            value = loss_sum / max(1, seen) if not math.isfinite(loss_sum) else "NaN or infinite"
+            raise TrainingError(
+                f"{label}: the {what} became {value} in epoch {epoch + 1} of {epochs}; "
+                f"nothing of this epoch was saved\n  hint: the learning rate "
+                f"({self.optimizer.param_groups[0]['lr']:g}) is probably too high; lower it, e.g. "
+                f"--set optimizer.lr=0.001")
+        self.schedule.step()
+        val = ctx.evaluate(self.module, "val")
+        row = {"epoch": epoch + 1, "train_loss": loss_sum / max(1, seen),
+               "train_accuracy": correct / max(1, seen), "val_loss": val.loss, "val_accuracy": val.accuracy,
+               "lr": self.optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0,
+               "images_per_second": seen / train_seconds}
+        progress.history.append(row)
+        if val.accuracy > progress.best_acc:
+            progress.best_acc, progress.best_epoch = val.accuracy, epoch + 1
+            progress.best_state = state_tensors(unwrap(self.module), copy=True)
+        line = (f"{label} epoch {epoch + 1}/{epochs}: loss {row['train_loss']:.4f} "
+                f"acc {row['train_accuracy']:.4f} | val loss {val.loss:.4f} acc {val.accuracy:.4f} "
+                f"| {row['images_per_second']:.0f} img/s")
+        self.writer.save(self.module, self.optimizer, self.schedule, epoch, progress, then=lambda: ctx.log(line))
+        if ctx.on_epoch is not None:
+            ctx.on_epoch(label, row)
