@@ -108,7 +108,6 @@ def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: boo
     `measured_bytes` of written files (format name -> bytes) where given. The one budget evaluator.
     `top=False` leaves out the largest contributors (a search checks thousands of configurations)."""
     root = model.root
-    totals = {"params": root.params, "macs": root.total_macs}
     out = []
     for b in model.definition.budgets:
         limit = evaluate(b.limit, model.params)
@@ -116,8 +115,8 @@ def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: boo
         if b.metric == "bytes":
             value = (measured_bytes or {}).get(format_key(b.format))
             value = predicted_bytes(model, b.format) if value is None else value
-        else:
-            value = totals[b.metric]
+        else:  # walked only for the budgets that need it
+            value = root.params if b.metric == "params" else root.total_macs
         out.append(BudgetResult(f"{b.title} <= {limit:,}", b.metric, b.format, limit, value, value <= limit,
                                 _top(root, b.metric, fmt) if top else []))
     return out

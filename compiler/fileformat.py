@@ -103,6 +103,8 @@ class WeightFormat:
 
     def of(self, name: str) -> WeightFormat:
         """The format tensor `name` is stored in (`keep` first, then the first matching override)."""
+        if not self.keep and not self.overrides:
+            return self
         from fnmatch import fnmatchcase
 
         if any(fnmatchcase(name, p) for p in self.keep):
@@ -228,14 +230,15 @@ def _dumps(value) -> str:
 
 
 @lru_cache(maxsize=65536)
-def _name_json(name: str) -> str:  # tensor names repeat across the configurations of a search
+def _name_json(name: str) -> str:  # tensor names and the spec's text repeat across a search's configurations
     return _dumps(name)
 
 
 def header(stored: list[StoredTensor], metadata: dict[str, str]) -> bytes:
     parts = []
-    if metadata:
-        parts.append('"__metadata__":' + _dumps(metadata))
+    if metadata:  # = _dumps(metadata), with each string escaped once per search rather than per configuration
+        parts.append('"__metadata__":{' + ",".join(f"{_name_json(k)}:{_name_json(v)}" for k, v in metadata.items())
+                     + "}")
     offset = 0
     for t in ordered(stored):
         end = offset + t.nbytes
