@@ -155,8 +155,11 @@ class Study:
         return study
 
     def settings(self) -> dict:
-        """What every trial's results depend on besides the study file: a study continues only under these."""
-        return {"data": self.data, "epochs": self.epochs, "set": list(self.sets)}
+        """What every trial's results depend on besides the study file: a study continues only under these.
+        The data folder counts only with the study's own journal: machines sharing a database may keep
+        the same images under different paths."""
+        data = self.data if self.storage_url is None else None
+        return {"data": data, "epochs": self.epochs, "set": list(self.sets)}
 
     def _check_settings(self, study: optuna.Study) -> None:
         """A finished trial is never run again, so a study started with other --epochs, --set or --data
