@@ -13,7 +13,7 @@ rm -rf .whl && mkdir -p .whl
 plat=(--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64)
 python3 -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp "${plat[@]}" \
   -d .whl pydantic==2.13.4 pydantic-core==2.46.4 annotated-types typing-inspection typing-extensions lark \
-  optuna==5.0.0 alembic sqlalchemy==2.1.9 colorlog Mako MarkupSafe  # optuna: `nccompile study` on the GPU
+  optuna==5.0.0 alembic sqlalchemy==2.1.9 colorlog Mako MarkupSafe packaging  # optuna: `nccompile study`
 src=../shared/data/cifar10-mini
 rm -rf .gpudata && mkdir -p .gpudata/cifar10-mini
 for split in train val; do
