@@ -22,9 +22,9 @@ from typing import Callable, Iterator
 
 import torch
 
+from .files import atomic_write
 from .recipe import DataConfig
 from .rundir import digest
-from .weights import atomic_write
 
 FORMAT = "nccompile-decoded-v1"
 

@@ -19,7 +19,8 @@ import torch
 from safetensors.torch import load_file
 from safetensors.torch import save as st_save
 
-from .weights import atomic_write, host_tensor, state_tensors, unwrap
+from .files import atomic_write
+from .weights import host_tensor, state_tensors, unwrap
 
 if TYPE_CHECKING:  # typing only: the context calls into this module's callers, not the reverse
     from .context import RunContext

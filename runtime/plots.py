@@ -4,7 +4,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from .weights import atomic_write
+from .files import atomic_write
 
 
 def _figure():

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from compiler.errors import NcError
 
-from .weights import atomic_write
+from .files import atomic_write
 
 
 def write_json(path: Path, data) -> None:

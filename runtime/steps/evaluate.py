@@ -5,8 +5,8 @@ import csv
 import io
 from typing import Literal
 
+from ..files import atomic_write
 from ..rundir import write_json
-from ..weights import atomic_write
 from .base import StepConfig, StepKind, StepResult, register
 
 

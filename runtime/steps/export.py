@@ -9,7 +9,8 @@ import warnings
 import torch
 from pydantic import Field
 
-from ..weights import ModelFile, atomic_write
+from ..files import atomic_write
+from ..weights import ModelFile
 from .base import StepConfig, StepKind, StepResult, register
 
 

@@ -12,7 +12,8 @@ from compiler.analysis import analyse, predicted_bytes
 from compiler.emit import emit
 from compiler.lowrank import candidates, factor_params, factorize
 
-from ..weights import atomic_write, load_into, state_tensors
+from ..files import atomic_write
+from ..weights import load_into, state_tensors
 from .base import StepConfig, StepKind, StepResult, register
 from .finetune import Finetune, finetune, finetune_needs, set_finetune_epochs
 

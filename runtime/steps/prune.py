@@ -12,10 +12,10 @@ from pydantic import Field, model_validator
 from compiler.analysis import analyse, predicted_bytes
 from compiler.channels import analyse_channels
 
+from ..files import atomic_write
 from ..int8 import latency_ms
 from ..prune import choose, importance, prune_model, shrink_to
 from ..rundir import digest
-from ..weights import atomic_write
 from .base import StepConfig, StepKind, StepResult, register
 from .finetune import Finetune, finetune, finetune_loss, finetune_needs, set_finetune_epochs
 

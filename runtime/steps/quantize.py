@@ -14,7 +14,8 @@ from compiler.expr import evaluate
 from compiler.fileformat import FORMAT_HELP, SPEC, is_format, parse_format
 
 from .. import autobits, distributed
-from ..weights import ModelFile, atomic_write, compress_file, save_model
+from ..files import atomic_write
+from ..weights import ModelFile, compress_file, save_model
 from .base import StepConfig, StepKind, StepResult, register
 from .formats import resolve_format, unmatched_patterns
 

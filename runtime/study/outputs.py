@@ -10,8 +10,8 @@ from pathlib import Path
 
 import optuna
 
+from ..files import atomic_write
 from ..plots import study_pareto, study_pruning
-from ..weights import atomic_write
 from .trials import resumed_numbers
 
 COLUMNS = ["trial", "name", "status", "spec", "recipe", "model_params", "overrides", "params_count", "macs",
