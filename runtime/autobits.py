@@ -20,13 +20,13 @@ from compiler.errors import BudgetError
 from compiler.fileformat import parse_format, predicted_bytes, range_rows
 from compiler.tree import Model
 
-from .weights import dequantize, quantize
+from .weights import TORCH_DTYPES, dequantize, quantize
 
 
 def _rounded(t: torch.Tensor, fmt: str) -> torch.Tensor:
     f = parse_format(fmt)
     if not f.quantized:
-        return t.to({"F16": torch.float16, "BF16": torch.bfloat16}.get(f.dtype, t.dtype)).to(t.dtype)
+        return t.to(TORCH_DTYPES[f.dtype]).to(t.dtype)
     codes, ranges = quantize(t, f.bits, range_rows(tuple(t.shape), f))
     return dequantize(codes, ranges, f.bits).to(t.dtype)
 

@@ -21,7 +21,7 @@ from torch.nn.utils import parametrize
 from compiler.fileformat import WeightFormat, range_rows, weight_tensors
 from compiler.tree import Model
 
-from .weights import grid_codes, grid_values
+from .weights import TORCH_DTYPES, grid_codes, grid_values
 
 SCALES = ("learned", "minmax")
 
@@ -94,7 +94,7 @@ class FakeCast(torch.nn.Module):
         return _CastSTE.apply(x, self.dtype)
 
 
-_CASTS = {"F16": torch.float16, "BF16": torch.bfloat16}
+_CASTS = {k: v for k, v in TORCH_DTYPES.items() if k in ("F16", "BF16")}  # float formats that round
 
 
 def attach(module: torch.nn.Module, model: Model, fmt: WeightFormat, scales: str = "learned") -> int:

@@ -96,8 +96,8 @@ def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
     return (stream.reshape(numel, bits) << torch.arange(bits)).sum(1).to(torch.uint8)
 
 
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
-_DTYPE_NAMES = {v: k for k, v in _TORCH_DTYPES.items()}
+TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
+_DTYPE_NAMES = {v: k for k, v in TORCH_DTYPES.items()}
 
 
 def encode(tensors: dict[str, torch.Tensor], fmt: WeightFormat | str,
@@ -110,7 +110,7 @@ def encode(tensors: dict[str, torch.Tensor], fmt: WeightFormat | str,
     for e in lay.entries:
         t = tensors[e.name]
         if e.rows is None:
-            out[e.name] = t.to(_TORCH_DTYPES[e.stored.dtype]).contiguous()
+            out[e.name] = t.to(TORCH_DTYPES[e.stored.dtype]).contiguous()
             continue
         codes, r = quantize(t, e.bits, e.rows[1] - e.rows[0], ranges_given.get(e.name))
         out[e.name] = (codes if e.bits == 8 else pack_bits(codes, e.bits)).contiguous()
