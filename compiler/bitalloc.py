@@ -8,6 +8,7 @@ predicts exactly like any other spec's.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass, replace
 
 from . import ir
@@ -57,9 +58,7 @@ def with_precision(model: Model, choice: dict[str, str], comment: str = "") -> t
     frequent format as the default, the others as rules; and that text compiled."""
     from . import compile_source
 
-    counts: dict[str, int] = {}
-    for fmt in choice.values():
-        counts[fmt] = counts.get(fmt, 0) + 1
+    counts = Counter(choice.values())
     default = max(sorted(counts), key=lambda f: counts[f]) if counts else "fp32"
     rules = [ir.PrecisionRule(pattern=path, format=fmt) for path, fmt in choice.items() if fmt != default]
     definition = model.definition.model_copy(update={"precision": ir.Precision(default=default, rules=rules)})

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+from collections import Counter
 from typing import Literal
 
 from pydantic import Field
@@ -183,11 +184,8 @@ class Quantize(StepKind):
         weighted = sum(parse_format(choice[p]).bits * n for p, n in sizes.items())
         metrics["auto"] = {"budget": budget, "choice": choice, "sensitivity": sens,
                            "bits_per_value": weighted / max(1, sum(sizes.values()))}  # codes only, ranges aside
-        counts = {}
-        for f in choice.values():
-            counts[f] = counts.get(f, 0) + 1
         ctx.log(f"{cfg.name}: formats chosen for {budget:,} bytes: "
-                + ", ".join(f"{n} x {f}" for f, n in sorted(counts.items(), key=lambda kv: -kv[1])))
+                + ", ".join(f"{n} x {f}" for f, n in Counter(choice.values()).most_common()))
         return chosen, spec_file
 
     def _calibrated(self, cfg, ctx, module, model, fmt, metrics):
