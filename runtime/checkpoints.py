@@ -16,10 +16,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Callable
 
 import torch
-from safetensors.torch import load_file
-from safetensors.torch import save as st_save
+from safetensors.torch import load_file, save_file
 
-from .files import atomic_write
+from .files import atomic_path
 from .weights import host_tensor, state_tensors, unwrap
 
 if TYPE_CHECKING:  # typing only: the context calls into this module's callers, not the reverse
@@ -119,8 +118,8 @@ class CheckpointWriter:
 
         def write():
             if best is not None:
-                atomic_write(self.step_dir / "best.safetensors", st_save(best))
-            atomic_write(self.step_dir / "last.safetensors", st_save(tensors, metadata=meta))
+                _save(self.step_dir / "best.safetensors", best)
+            _save(self.step_dir / "last.safetensors", tensors, meta)
             then()
 
         if not self.background:
@@ -143,3 +142,10 @@ class CheckpointWriter:
         err, self._error = self._error, None
         if err is not None and raise_error:
             raise err
+
+
+def _save(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    # save_file writes from the tensors' own memory with the GIL released (safetensors >= 0.8); a
+    # bytes copy first would hold the GIL long enough to starve the training thread of a background write
+    with atomic_path(path) as tmp:
+        save_file(tensors, str(tmp), metadata=metadata)

@@ -71,7 +71,8 @@ def quantize(t: torch.Tensor, bits: int, rows: int,
     if given is None:
         lo, hi = flat.amin(1, keepdim=True), flat.amax(1, keepdim=True)
     else:
-        lo, hi = given[:, :1].float(), given[:, 1:].float()
+        given = given.to(flat.device, torch.float32)  # calibrated ranges come from where the model ran
+        lo, hi = given[:, :1], given[:, 1:]
     codes = grid_codes(flat, lo, hi, bits, clip=given is not None)
     return codes.to(torch.uint8).reshape(t.shape), torch.cat([lo, hi], 1)
 
@@ -84,16 +85,16 @@ def dequantize(codes: torch.Tensor, ranges: torch.Tensor, bits: int) -> torch.Te
 def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
     """Pack `bits`-bit codes (uint8) into bytes, least significant bit first."""
     flat = codes.reshape(-1).to(torch.int64)
-    planes = (flat.unsqueeze(1) >> torch.arange(bits)) & 1           # [n, bits]
+    planes = (flat.unsqueeze(1) >> torch.arange(bits, device=flat.device)) & 1           # [n, bits]
     stream = planes.reshape(-1)
     pad = (-len(stream)) % 8
     stream = torch.cat([stream, stream.new_zeros(pad)]).reshape(-1, 8)
-    return (stream << torch.arange(8)).sum(1).to(torch.uint8)
+    return (stream << torch.arange(8, device=stream.device)).sum(1).to(torch.uint8)
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8)) & 1).reshape(-1)[: numel * bits]
-    return (stream.reshape(numel, bits) << torch.arange(bits)).sum(1).to(torch.uint8)
+    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1).reshape(-1)[: numel * bits]
+    return (stream.reshape(numel, bits) << torch.arange(bits, device=stream.device)).sum(1).to(torch.uint8)
 
 
 TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "U8": torch.uint8}
