@@ -67,7 +67,7 @@ def main() -> None:
                 if background:
                     spin_start = time.perf_counter()
                     spun = _spin(0.05)
-                    while writer._thread is not None and writer._thread.is_alive():
+                    while writer.writing:
                         spun += _spin(0.05)
                     kept.append(spun / (time.perf_counter() - spin_start) / alone)
                 writer.finish()

@@ -128,6 +128,11 @@ class CheckpointWriter:
         self._thread = threading.Thread(target=self._run, args=(write,), name="nccompile-checkpoint")
         self._thread.start()
 
+    @property
+    def writing(self) -> bool:
+        """Whether a background write is still in flight."""
+        return self._thread is not None and self._thread.is_alive()
+
     def _run(self, write) -> None:
         try:
             write()

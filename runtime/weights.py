@@ -93,7 +93,8 @@ def pack_bits(codes: torch.Tensor, bits: int) -> torch.Tensor:
 
 
 def unpack_bits(packed: torch.Tensor, bits: int, numel: int) -> torch.Tensor:
-    stream = ((packed.to(torch.int64).unsqueeze(1) >> torch.arange(8, device=packed.device)) & 1).reshape(-1)[: numel * bits]
+    shifts = torch.arange(8, device=packed.device)
+    stream = ((packed.to(torch.int64).unsqueeze(1) >> shifts) & 1).reshape(-1)[: numel * bits]
     return (stream.reshape(numel, bits) << torch.arange(bits, device=stream.device)).sum(1).to(torch.uint8)
 
 
