@@ -82,3 +82,29 @@ def test_a_failed_background_write_raises_at_the_next_wait(tmp_path):
     with pytest.raises(OSError):
         writer.finish()
     writer.finish(raise_error=False)
+
+
+@pytest.mark.parametrize("background", [False, True])
+def test_a_write_that_fails_midway_keeps_the_last_good_file_and_leaves_no_fragment(tmp_path, monkeypatch,
+                                                                                      background):
+    import runtime.checkpoints as checkpoints
+
+    module, optimizer, schedule, progress = _training_state()
+    writer = CheckpointWriter(SimpleNamespace(is_main=True), tmp_path, "key", background)
+    writer.save(module, optimizer, schedule, 0, progress, then=lambda: None)
+    writer.finish()
+    good = (tmp_path / "last.safetensors").read_bytes()
+
+    def half_then_fail(tensors, filename, metadata=None):
+        with open(filename, "wb") as f:
+            f.write(b"\x00" * 100)
+        raise OSError("disk full")
+
+    monkeypatch.setattr(checkpoints, "save_file", half_then_fail)
+    printed = []
+    with pytest.raises(OSError, match="disk full"):
+        writer.save(module, optimizer, schedule, 1, progress, then=lambda: printed.append(1))
+        writer.finish()
+    assert printed == []
+    assert (tmp_path / "last.safetensors").read_bytes() == good
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "last.safetensors"]
