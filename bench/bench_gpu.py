@@ -254,6 +254,8 @@ def main() -> None:
                 for batch in args.batch:
                     rows.append(compare(step, model_name, batch, args, shape, data, device, teacher, teacher_ckpt,
                                         tmp))
+                    if args.json:  # after every row: a run cut short by a time limit keeps what it measured
+                        args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=2))
     print("\n| step | model | batch | naive img/s | tuned img/s | nccompile img/s | vs naive | vs tuned "
           "(range) | val acc (naive / tuned / nccompile) |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
     for r in rows:
@@ -262,8 +264,6 @@ def main() -> None:
         print(f"| {r['step']} | {r['model']} | {r['batch']} | {n:,.0f} | {t:,.0f} | {c:,.0f} | {c / n:.2f}x | "
               f"{r['vs_tuned']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['naive_val_accuracy']:.3f} / "
               f"{r['tuned_val_accuracy']:.3f} / {r['nccompile_val_accuracy']:.3f} |")
-    if args.json:
-        args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=2))
 
 
 if __name__ == "__main__":
