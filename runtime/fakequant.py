@@ -21,6 +21,7 @@ from torch.nn.utils import parametrize
 from compiler.fileformat import WeightFormat, range_rows, weight_tensors
 from compiler.tree import Model
 
+from .fusedquant import FusedRounding
 from .weights import TORCH_DTYPES, grid_codes, grid_values
 
 SCALES = ("learned", "minmax")
@@ -64,6 +65,7 @@ class FakeQuant(torch.nn.Module):
     def __init__(self, tensor: torch.Tensor, bits: int, rows: int, learned: bool, buffer: bool):
         super().__init__()
         self.bits, self.rows, self.buffer = bits, rows, buffer
+        self.fused: FusedRounding | None = None  # the model's one-pass rounding, where attached with it
         self.lo = self.hi = None
         if learned:
             flat = tensor.detach().float().reshape(rows, -1)
@@ -78,6 +80,8 @@ class FakeQuant(torch.nn.Module):
     def forward(self, x):
         if self.buffer and self.training:  # BatchNorm updates its statistics in place: hand over the tensor
             return x
+        if self.fused is not None and (value := self.fused.value(self)) is not None:
+            return value
         flat, lo, hi = self.clipped(x)
         codes = grid_codes(flat, lo, hi, self.bits, round_fn=_RoundSTE.apply)
         return grid_values(codes, lo, hi, self.bits).reshape(x.shape)
@@ -97,11 +101,14 @@ class FakeCast(torch.nn.Module):
 _CASTS = {k: v for k, v in TORCH_DTYPES.items() if k in ("F16", "BF16")}  # float formats that round
 
 
-def attach(module: torch.nn.Module, model: Model, fmt: WeightFormat, scales: str = "learned") -> int:
-    """Parametrize every tensor the file of format `fmt` stores; returns how many were."""
+def attach(module: torch.nn.Module, model: Model, fmt: WeightFormat, scales: str = "learned",
+           fused: bool = True) -> int:
+    """Parametrize every tensor the file of format `fmt` stores; returns how many were. `fused`: the
+    integer grids are computed together, once per forward pass (runtime.fusedquant); leave it off
+    where torch.compile fuses the per-tensor arithmetic itself."""
     if fmt.fold_bn:
         raise ValueError("quantization-aware training does not fold BatchNorm; use a format without fold_bn")
-    count = 0
+    count, members = 0, []
     for name, shape in weight_tensors(model):
         owner_path, _, attr = name.rpartition(".")
         owner = module.get_submodule(owner_path) if owner_path else module
@@ -115,7 +122,13 @@ def attach(module: torch.nn.Module, model: Model, fmt: WeightFormat, scales: str
         else:
             continue
         parametrize.register_parametrization(owner, attr, p.to(tensor.device))
+        if isinstance(p, FakeQuant):
+            members.append((owner, attr, p))
         count += 1
+    if fused and members:
+        rounding = FusedRounding(module, members, _RoundSTE.apply)
+        for _, _, p in members:
+            p.fused = rounding
     return count
 
 
@@ -129,6 +142,9 @@ def bake(module: torch.nn.Module) -> None:
         for attr in list(owner.parametrizations.keys()):
             plist = owner.parametrizations[attr]
             p = plist[0]
+            if isinstance(p, FakeQuant) and p.fused is not None:
+                p.fused.remove()  # its hooks go with the parametrizations
+                p.fused = None
             if isinstance(p, FakeQuant) and p.lo is not None:
                 original = plist.original
                 flat, _, _ = p.clipped(original.float())

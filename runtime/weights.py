@@ -46,21 +46,23 @@ def state_tensors(module: torch.nn.Module, copy: bool = False) -> dict[str, torc
 
 # --- quantization ----------------------------------------------------------------
 
-def grid_codes(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int, round_fn=torch.round,
-               clip: bool = False) -> torch.Tensor:
+def grid_codes(flat: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int | None, round_fn=torch.round,
+               clip: bool = False, levels: torch.Tensor | None = None) -> torch.Tensor:
     """Codes of `flat` [rows, n] on the `bits`-bit grid from `lo` to `hi` of each row (0 where a row's
     range is empty), as floats. The one rounding arithmetic of the files, of quantization-aware
     training (`round_fn` with a straight-through gradient) and of calibrated rounding: they agree
-    bit for bit."""
-    levels = 2 ** bits - 1
+    bit for bit. `levels` (2^bits - 1 per element, exact in float) replaces `bits` where tensors of
+    several bit widths are rounded in one pass."""
+    levels = 2 ** bits - 1 if levels is None else levels
     span = hi - lo
     safe = torch.where(span > 0, span, torch.ones_like(span))
     codes = torch.where(span > 0, round_fn((flat - lo) / safe * levels), torch.zeros_like(flat))
     return codes.clamp(0, levels) if clip else codes
 
 
-def grid_values(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int) -> torch.Tensor:
-    return lo + codes / (2 ** bits - 1) * (hi - lo)
+def grid_values(codes: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor, bits: int | None,
+                levels: torch.Tensor | None = None) -> torch.Tensor:
+    return lo + codes / (2 ** bits - 1 if levels is None else levels) * (hi - lo)
 
 
 def quantize(t: torch.Tensor, bits: int, rows: int,

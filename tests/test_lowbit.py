@@ -63,6 +63,92 @@ def test_the_written_file_predicts_exactly_what_the_quantization_aware_model_did
     assert torch.equal(trained, written)
 
 
+_OVERRIDES = [("fc.*", "int8"), ("features.1.*", "fp16"), ("features.4.pw.*", "int2")]
+
+
+def _qat_student(fmt, scales, fused, channels_last, state=None):
+    model = _student()
+    module = compiler.build_module(model, seed=0)
+    if channels_last:
+        module = module.to(memory_format=torch.channels_last)
+    fakequant.attach(module, model, parse_format(fmt, overrides=_OVERRIDES), scales, fused=fused)
+    if state is not None:
+        module.load_state_dict(state)
+    return module
+
+
+def _one_step(module, eval_mode: bool):
+    """(output, gradients, every parametrized tensor as the layers read it during the forward pass)."""
+    from torch.nn.utils import parametrize
+
+    gen = torch.Generator().manual_seed(3)
+    x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    module.train(not eval_mode)
+    seen, hooks = {}, []
+    for name, owner in module.named_modules():
+        if parametrize.is_parametrized(owner):
+            def read(m, args, name=name):
+                seen.update({f"{name}.{a}": getattr(m, a).detach().clone() for a in m.parametrizations})
+            hooks.append(owner.register_forward_pre_hook(read))
+    out = module(x)
+    for h in hooks:
+        h.remove()
+    torch.nn.functional.cross_entropy(out, y).backward()
+    return out.detach(), {n: p.grad for n, p in module.named_parameters() if p.grad is not None}, seen
+
+
+@pytest.mark.parametrize("fmt, scales", [("int4", "learned"), ("int3-channel", "learned"), ("int2", "minmax")])
+@pytest.mark.parametrize("channels_last", [False, True])
+@pytest.mark.parametrize("trained", [False, True])
+def test_rounding_all_tensors_in_one_pass_gives_the_per_tensor_values_and_gradients(fmt, scales, channels_last,
+                                                                                     trained):
+    state = None
+    if trained:  # range ends moved off the weights' own min and max, some weights clipped
+        warm = _qat_student(fmt, scales, False, channels_last)
+        _train_a_little(warm, steps=4)
+        state = warm.state_dict()
+    for eval_mode in (False, True):  # eval: BatchNorm's statistics rounded too
+        alone = _qat_student(fmt, scales, False, channels_last, state)
+        fused = _qat_student(fmt, scales, True, channels_last, state)
+        out_alone, grads_alone, seen_alone = _one_step(alone, eval_mode)
+        out_fused, grads_fused, seen_fused = _one_step(fused, eval_mode)
+        assert seen_alone.keys() == seen_fused.keys() and len(seen_alone) >= 48
+        for name, value in seen_alone.items():  # the same rounded values, bit for bit
+            assert torch.equal(value, seen_fused[name]), name
+        if channels_last:  # the layers now get channels_last weights: other kernels, other float sums
+            torch.testing.assert_close(out_fused, out_alone, rtol=1e-5, atol=1e-6)
+        else:
+            assert torch.equal(out_alone, out_fused)
+        assert grads_alone.keys() == grads_fused.keys()
+        # the same gradients, up to the order of their sums; with channels_last weights the convolutions'
+        # own kernels differ too (the per-tensor path moved to channels_last alone differs as much)
+        rtol, atol = (1e-2, 2e-3) if channels_last else (1e-4, 1e-5)
+        for name, g in grads_alone.items():
+            torch.testing.assert_close(grads_fused[name], g, rtol=rtol, atol=atol, msg=name)
+
+
+def test_rounding_in_one_pass_costs_a_fixed_number_of_kernels_and_leaves_with_bake():
+    from .test_fast_path import Dispatched
+
+    views = ("view", "slice", "detach", "permute", "split", "alias", "_unsafe_view", "as_strided", "expand", "t.")
+    counts = {}
+    for fused in (False, True):
+        module = _qat_student("int4", "learned", fused, False)
+        with Dispatched() as d:
+            _one_step(module, eval_mode=False)
+        counts[fused] = sum(n for op, n in d.ops.items() if not any(f"aten.{v}" in op for v in views))
+    plain = compiler.build_module(_student(), seed=0)
+    with Dispatched() as d:
+        _one_step(plain, eval_mode=False)
+    base = sum(n for op, n in d.ops.items() if not any(f"aten.{v}" in op for v in views))
+    tensors = 48  # parameters rounded in training (BatchNorm's statistics only in eval)
+    assert counts[False] - base > 50 * tensors  # dozens of small kernels per tensor
+    assert counts[True] - base < 300  # tens for all of them together (plus concatenation)
+    module = _qat_student("int4", "learned", True, False)
+    fakequant.bake(module)
+    assert not module._forward_pre_hooks and not module._forward_hooks
+
+
 def test_learned_ranges_train_and_clip():
     model = _student()
     module = compiler.build_module(model, seed=0)

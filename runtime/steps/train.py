@@ -58,7 +58,7 @@ def _train(cfg, ctx, key, loss_fn_factory) -> StepResult:
     qat, hook, extra = cfg.quantize_aware, None, {}
     if qat is not None:
         fmt = qat.weight_format(_where(cfg), slot.model)
-        count = fakequant.attach(module, slot.model, fmt, qat.scales)
+        count = fakequant.attach(module, slot.model, fmt, qat.scales, fused=ctx.speed.compile == "off")
         first_frozen = max(1, cfg.epochs - qat.freeze_bn_epochs)  # BN statistics need one epoch first
 
         def hook(epoch, net):

@@ -1,0 +1,97 @@
+"""Quantization-aware training's cost per step: every stored tensor rounded on its own
+(runtime.fakequant, the per-tensor path) against all of them in one pass (runtime.fusedquant),
+and plain training beside them. Prints operators dispatched per step (each one a kernel launch
+on a GPU, where small models are bound by launches) and img/s, median of --repeats timed runs.
+
+Run: python bench/bench_qat.py [--device cpu|cuda] [--input 3x32x32] [--batch 64] [--format int4]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+import compiler  # noqa: E402
+from compiler.fileformat import parse_format  # noqa: E402
+from runtime import fakequant  # noqa: E402
+
+
+class _Count(TorchDispatchMode):
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--input", default="3x32x32")
+    p.add_argument("--batch", type=int, default=64)
+    p.add_argument("--format", default="int4")
+    p.add_argument("--steps", type=int, default=20)
+    p.add_argument("--repeats", type=int, default=5)
+    args = p.parse_args()
+    device = torch.device(args.device)
+    shape = compiler.parse_shape(args.input)
+    model = compiler.compile_spec(ROOT / "specs/student.spec", params={"classes": 10}, input_shape=shape)
+    cuda = device.type == "cuda"
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(args.batch, *shape, generator=gen).to(device)
+    y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
+    if cuda:
+        x = x.contiguous(memory_format=torch.channels_last)
+    name = torch.cuda.get_device_name(device) if cuda else "CPU"
+    print(f"{name}; torch {torch.__version__}; student at {args.input}, batch {args.batch}, {args.format}"
+          f"{', bf16 autocast, channels_last, fused AdamW' if cuda else ', fp32'}")
+    print("| training | operators per step | img/s (median) | vs plain |\n|---|---:|---:|---:|")
+    plain_rate = None
+    for label, fused in (("plain (no rounding)", None), ("QAT, per tensor", False), ("QAT, one pass", True)):
+        torch.manual_seed(0)
+        module = compiler.build_module(model, seed=0).to(device).train()
+        if cuda:
+            module = module.to(memory_format=torch.channels_last)
+        if fused is not None:
+            fakequant.attach(module, model, parse_format(args.format), "learned", fused=fused)
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-3, **({"fused": True} if cuda else {}))
+
+        def step(module=module, opt=opt):
+            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
+                loss = torch.nn.functional.cross_entropy(module(x), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+
+        for _ in range(3):
+            step()
+        with _Count() as counted:
+            step()
+        rates = []
+        for _ in range(args.repeats):
+            if cuda:
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            for _ in range(args.steps):
+                step()
+            if cuda:
+                torch.cuda.synchronize()
+            rates.append(args.steps * args.batch / (time.perf_counter() - t0))
+        rate = statistics.median(rates)
+        plain_rate = plain_rate or rate
+        print(f"| {label} | {sum(counted.ops.values()):,} | {rate:,.0f} | {rate / plain_rate:.2f}x |", flush=True)
+
+
+if __name__ == "__main__":
+    main()
