@@ -3,6 +3,9 @@
 and plain training beside them. Prints operators dispatched per step (each one a kernel launch
 on a GPU, where small models are bound by launches) and img/s, median of --repeats timed runs.
 
+AdamW runs fused (one kernel for all parameters), as nccompile's steps do on the CPU and CUDA;
+`--optimizers loop foreach fused` compares its implementations too.
+
 Run: python bench/bench_qat.py [--device cpu|cuda] [--input 3x32x32] [--batch 64] [--format int4]
 """
 from __future__ import annotations
@@ -24,6 +27,8 @@ import compiler  # noqa: E402
 from compiler.fileformat import parse_format  # noqa: E402
 from runtime import fakequant  # noqa: E402
 
+IMPLEMENTATIONS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
+
 
 class _Count(TorchDispatchMode):
     def __init__(self):
@@ -43,6 +48,8 @@ def main() -> None:
     p.add_argument("--format", default="int4")
     p.add_argument("--steps", type=int, default=20)
     p.add_argument("--repeats", type=int, default=5)
+    p.add_argument("--optimizers", nargs="+", choices=["loop", "foreach", "fused"], default=["fused"],
+                   help="AdamW implementations to run each configuration with")
     args = p.parse_args()
     device = torch.device(args.device)
     shape = compiler.parse_shape(args.input)
@@ -51,21 +58,23 @@ def main() -> None:
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(args.batch, *shape, generator=gen).to(device)
     y = torch.randint(0, 10, (args.batch,), generator=gen).to(device)
-    if cuda:
-        x = x.contiguous(memory_format=torch.channels_last)
+    x = x.contiguous(memory_format=torch.channels_last)  # nccompile's default on CUDA and x86 CPUs
     name = torch.cuda.get_device_name(device) if cuda else "CPU"
     print(f"{name}; torch {torch.__version__}; student at {args.input}, batch {args.batch}, {args.format}"
-          f"{', bf16 autocast, channels_last, fused AdamW' if cuda else ', fp32'}")
-    print("| training | operators per step | img/s (median) | vs plain |\n|---|---:|---:|---:|")
+          f"{', bf16 autocast' if cuda else ', fp32'}, channels_last")
+    print("| training | AdamW | operators per step | img/s (median) | vs plain, fused AdamW |\n"
+          "|---|---|---:|---:|---:|")
     plain_rate = None
-    for label, fused in (("plain (no rounding)", None), ("QAT, per tensor", False), ("QAT, one pass", True)):
+    runs = [(label, fused, impl) for label, fused in (("plain (no rounding)", None), ("QAT, per tensor", False),
+                                                      ("QAT, one pass", True))
+            for impl in sorted(args.optimizers, key=lambda i: i != "fused")]
+    for label, fused, impl in runs:
         torch.manual_seed(0)
         module = compiler.build_module(model, seed=0).to(device).train()
-        if cuda:
-            module = module.to(memory_format=torch.channels_last)
+        module = module.to(memory_format=torch.channels_last)
         if fused is not None:
             fakequant.attach(module, model, parse_format(args.format), "learned", fused=fused)
-        opt = torch.optim.AdamW(module.parameters(), lr=1e-3, **({"fused": True} if cuda else {}))
+        opt = torch.optim.AdamW(module.parameters(), lr=1e-3, **IMPLEMENTATIONS[impl])
 
         def step(module=module, opt=opt):
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=cuda):
@@ -90,7 +99,8 @@ def main() -> None:
             rates.append(args.steps * args.batch / (time.perf_counter() - t0))
         rate = statistics.median(rates)
         plain_rate = plain_rate or rate
-        print(f"| {label} | {sum(counted.ops.values()):,} | {rate:,.0f} | {rate / plain_rate:.2f}x |", flush=True)
+        print(f"| {label} | {impl} | {sum(counted.ops.values()):,} | {rate:,.0f} | {rate / plain_rate:.2f}x |",
+              flush=True)
 
 
 if __name__ == "__main__":

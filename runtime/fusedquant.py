@@ -34,6 +34,29 @@ class _RowsToElements(torch.autograd.Function):
         return torch.segment_reduce(grad, "sum", lengths=lengths, unsafe=True), None, None
 
 
+class _RowMinMax(torch.autograd.Function):
+    """Each row's (min, max); the gradient of each is split evenly among the elements equal to it,
+    as amin's and amax's are (segment_reduce's own gradient gives each tied element all of it)."""
+
+    @staticmethod
+    def forward(ctx, v, row_of, lengths):
+        low = torch.segment_reduce(v, "min", lengths=lengths, unsafe=True)  # unsafe: no host sync to check
+        high = torch.segment_reduce(v, "max", lengths=lengths, unsafe=True)
+        ctx.save_for_backward(v, low, high, row_of, lengths)
+        return low, high
+
+    @staticmethod
+    def backward(ctx, grad_low, grad_high):
+        v, low, high, row_of, lengths = ctx.saved_tensors
+        grad = None
+        for g, extreme in ((grad_low, low), (grad_high, high)):
+            ties = (v == extreme.index_select(0, row_of)).to(v.dtype)
+            count = torch.segment_reduce(ties, "sum", lengths=lengths, unsafe=True)
+            share = (g / count).index_select(0, row_of) * ties
+            grad = share if grad is None else grad + share
+        return grad, None, None
+
+
 def _memory_order(t: torch.Tensor) -> tuple[torch.Tensor, tuple[int, ...] | None]:
     """`t` flattened without a copy where its layout allows (channels_last weights keep dim 0
     outermost, so each output channel's row stays whole), and the permutation that undoes it."""
@@ -121,10 +144,7 @@ class FusedRounding:
         lo = torch.cat([fq.lo.reshape(-1) if fq.lo is not None else f for (_, fq), f in zip(active, free_lo)])
         hi = torch.cat([fq.hi.reshape(-1) if fq.hi is not None else f for (_, fq), f in zip(active, free_hi)])
         # runtime.fakequant.effective_range, for every row at once
-        # scatter_reduce, not segment_reduce: its min/max gradient splits ties evenly, as amin's does
-        # (segment_reduce's does not); the start values are never ties, which its gradient would count
-        wmin = v.new_full((len(lengths),), torch.inf).scatter_reduce(0, row_of, v, "amin", include_self=False)
-        wmax = v.new_full((len(lengths),), -torch.inf).scatter_reduce(0, row_of, v, "amax", include_self=False)
+        wmin, wmax = _RowMinMax.apply(v, row_of, lengths)
         lo_e = torch.maximum(lo, wmin)
         hi_e = torch.maximum(torch.minimum(hi, wmax), lo_e)
         lo_el = _RowsToElements.apply(lo_e, row_of, lengths)
