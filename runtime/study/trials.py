@@ -28,7 +28,6 @@ def execute(study, trial, storage, options, run_dir: Path, name: str, objective_
     trial.set_user_attr("heartbeat", time.time())
     trial.set_user_attr("status", "running")
     trial.set_user_attr("name", name)
-    beat = _Heartbeat(storage, trial)
     epochs = [0]
 
     def on_epoch(label, row):
@@ -41,30 +40,26 @@ def execute(study, trial, storage, options, run_dir: Path, name: str, objective_
                             f"(val accuracy {row['val_accuracy']:.4f})")
 
     start = time.time()
-    beat.start()
     try:
-        run_recipe(options(on_epoch))
+        with _Heartbeat(storage, trial):
+            run_recipe(options(on_epoch))
     except StopTrial as err:
-        beat.stop()
         trial.set_user_attr("status", "pruned")
         trial.set_user_attr("error", str(err))
         trial.set_user_attr("seconds", time.time() - start)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return
     except KeyboardInterrupt:
-        beat.stop()
         trial.set_user_attr("status", "interrupted")  # the next start enqueues it again; it resumes
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     except Exception as err:  # a failed trial is a result; the study goes on
-        beat.stop()
         trial.set_user_attr("status", "failed")
         trial.set_user_attr("error", first_lines(err) if isinstance(err, NcError)
                             else f"internal error: {type(err).__name__}: {err}")
         trial.set_user_attr("seconds", time.time() - start)
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         return
-    beat.stop()
     record = trial_record(run_dir, objective_step)
     for k, v in record.items():
         trial.set_user_attr(k, v)
@@ -106,10 +101,11 @@ class _Heartbeat:
         self.done = threading.Event()
         self.thread = threading.Thread(target=self._beat, daemon=True)
 
-    def start(self):
+    def __enter__(self):
         self.thread.start()
+        return self
 
-    def stop(self):
+    def __exit__(self, *exc):
         self.done.set()
         self.thread.join(timeout=5)
 
