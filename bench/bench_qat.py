@@ -14,11 +14,9 @@ import argparse
 import statistics
 import sys
 import time
-from collections import Counter
 from pathlib import Path
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
@@ -26,18 +24,9 @@ sys.path.insert(0, str(ROOT))
 import compiler  # noqa: E402
 from compiler.fileformat import parse_format  # noqa: E402
 from runtime import fakequant  # noqa: E402
+from tests.measure import Dispatched  # noqa: E402
 
 IMPLEMENTATIONS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
-
-
-class _Count(TorchDispatchMode):
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
 
 
 def main() -> None:
@@ -85,7 +74,7 @@ def main() -> None:
 
         for _ in range(3):
             step()
-        with _Count() as counted:
+        with Dispatched() as counted:
             step()
         rates = []
         for _ in range(args.repeats):

@@ -1,7 +1,11 @@
-"""Measuring a built module the plain PyTorch way, to cross-check the analysis."""
+"""Measuring a built module the plain PyTorch way, to cross-check the analysis; counting the
+operators a step dispatches (tests and bench/bench_qat.py)."""
 from __future__ import annotations
 
+from collections import Counter
+
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import FlopCounterMode
 
 
@@ -38,3 +42,19 @@ def trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return module.eval()
+
+
+class Dispatched(TorchDispatchMode):
+    """Counts every operator that reaches a kernel."""
+
+    def __init__(self):
+        super().__init__()
+        self.ops: Counter = Counter()
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops[str(func)] += 1
+        return func(*args, **(kwargs or {}))
+
+    @property
+    def total(self) -> int:
+        return sum(self.ops.values())

@@ -4,13 +4,11 @@ operators plus 6 for its metrics, and random augmentation costs the same at any 
 (no Python loop over samples). Counted on the CPU, so CI checks what the GPU bench measures."""
 from __future__ import annotations
 
-from collections import Counter
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.nn.functional as F
-from torch.utils._python_dispatch import TorchDispatchMode
 
 import compiler
 from runtime.batches import Placed
@@ -19,25 +17,11 @@ from runtime.loop import train_epoch
 from runtime.speed import Speed
 from runtime.transforms import Pipeline
 
+from .measure import Dispatched
+
 SIZE = 16
 AUGMENT = [{"flip": 0.5}, {"crop": {"padding": 2}}, {"resized_crop": {}}, {"rotation": 10},
            {"color_jitter": {"brightness": 0.2, "contrast": 0.2, "saturation": 0.2, "hue": 0.05}}]
-
-
-class Dispatched(TorchDispatchMode):
-    """Counts every operator that reaches a kernel."""
-
-    def __init__(self):
-        super().__init__()
-        self.ops: Counter = Counter()
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        self.ops[str(func)] += 1
-        return func(*args, **(kwargs or {}))
-
-    @property
-    def total(self) -> int:
-        return sum(self.ops.values())
 
 
 def _module():

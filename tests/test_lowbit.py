@@ -128,7 +128,7 @@ def test_rounding_all_tensors_in_one_pass_gives_the_per_tensor_values_and_gradie
 
 
 def test_rounding_in_one_pass_costs_a_fixed_number_of_kernels_and_leaves_with_bake():
-    from .test_fast_path import Dispatched
+    from .measure import Dispatched
 
     views = ("view", "slice", "detach", "permute", "split", "alias", "_unsafe_view", "as_strided", "expand", "t.")
     counts = {}
