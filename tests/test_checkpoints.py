@@ -95,12 +95,13 @@ def test_a_write_that_fails_midway_keeps_the_last_good_file_and_leaves_no_fragme
     writer.finish()
     good = (tmp_path / "last.safetensors").read_bytes()
 
-    def half_then_fail(tensors, filename, metadata=None):
-        with open(filename, "wb") as f:
-            f.write(b"\x00" * 100)
-        raise OSError("disk full")
+    def half_then_fail(tensors, metadata=None):
+        def write_to(path):
+            path.write_bytes(b"\x00" * 100)
+            raise OSError("disk full")
+        return write_to
 
-    monkeypatch.setattr(checkpoints, "save_file", half_then_fail)
+    monkeypatch.setattr(checkpoints, "_prepared", half_then_fail)
     printed = []
     with pytest.raises(OSError, match="disk full"):
         writer.save(module, optimizer, schedule, 1, progress, then=lambda: printed.append(1))
@@ -108,3 +109,19 @@ def test_a_write_that_fails_midway_keeps_the_last_good_file_and_leaves_no_fragme
     assert printed == []
     assert (tmp_path / "last.safetensors").read_bytes() == good
     assert sorted(p.name for p in tmp_path.iterdir()) == ["best.safetensors", "last.safetensors"]
+
+
+@pytest.mark.parametrize("metadata", [None, {"progress": "{}"}])
+def test_the_prepared_writer_writes_what_save_file_writes(tmp_path, metadata):
+    from safetensors.torch import save_file
+
+    from runtime.checkpoints import _prepared
+
+    module, optimizer, _, _ = _training_state()
+    tensors = {k: v.detach().clone() for k, v in module.state_dict().items()}
+    write_to = _prepared(tensors, metadata)  # flattened here, written later (on the writer thread)
+    tensors.clear()  # the writer keeps what it needs alive
+    write_to(tmp_path / "prepared.safetensors")
+    save_file({k: v.detach().clone() for k, v in module.state_dict().items()}, str(tmp_path / "plain.safetensors"),
+              metadata=metadata)
+    assert (tmp_path / "prepared.safetensors").read_bytes() == (tmp_path / "plain.safetensors").read_bytes()
