@@ -156,13 +156,14 @@ def _prepared(tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None 
     (training) thread: safetensors' flattening of ~300 tensors, which a background thread would do
     while re-taking the GIL from the training loop hundreds of times. What is left, serialize_file,
     runs with the GIL released. Where safetensors lacks the two functions, save_file does it all."""
+    keep_alive: list = []  # the arrays behind the pointers, alive until the file is written
     try:
         from safetensors import serialize_file
-        from safetensors.torch import _flatten_as_ptr  # safetensors >= 0.8
-    except ImportError:
+        from safetensors.torch import _flatten_as_ptr  # private, safetensors 0.8 (tests compare with save_file)
+
+        flat = _flatten_as_ptr(tensors, keep_alive)
+    except (ImportError, TypeError, AttributeError):  # another safetensors: its public function
         return lambda path: save_file(tensors, str(path), metadata=metadata)
-    keep_alive: list = []  # the arrays behind the pointers, alive until the file is written
-    flat = _flatten_as_ptr(tensors, keep_alive)
 
     def write_to(path: Path) -> None:
         serialize_file(flat, str(path), metadata=metadata)
