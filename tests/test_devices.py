@@ -183,12 +183,16 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, in_root):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 @pytest.mark.parametrize("transforms", [[], [{"flip": 0.5}, {"crop": {"padding": 4}}, {"resized_crop": {}},
                                             {"rotation": 10}, {"color_jitter": {"brightness": 0.2, "hue": 0.05}}]])
-def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms):
+@pytest.mark.parametrize("qat", [False, True], ids=["plain", "quantization-aware"])
+def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms, qat):
     """PyTorch's sync debug mode counts synchronizing calls: 12 batches make no more than 2 batches do
-    (a few per epoch: its metrics and one-time setup), never one per batch."""
+    (a few per epoch: its metrics and one-time setup), never one per batch; also with every tensor
+    rounded in one pass (runtime.fusedquant)."""
     import warnings
     from types import SimpleNamespace
 
+    from compiler.fileformat import parse_format
+    from runtime import fakequant
     from runtime.loop import train_epoch
     from runtime.recipe import SpeedConfig
     from runtime.speed import resolve
@@ -197,7 +201,10 @@ def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms):
     device = torch.device("cuda")
     speed = resolve(SpeedConfig(), device)
     model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
-    module = speed.prepare(compiler.build_module(model).to(device))
+    module = compiler.build_module(model).to(device)
+    if qat:
+        fakequant.attach(module, model, parse_format("int4"), "learned")
+    module = speed.prepare(module)
     optimizer = torch.optim.AdamW(module.parameters(), fused=True)
     pipeline = Pipeline(transforms, "t", 3, (32, 32), expect=(32, 32))
     counts = []
