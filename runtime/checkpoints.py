@@ -109,12 +109,12 @@ class CheckpointWriter:
             then()
             return
         opt_tensors, opt_meta = _optimizer_tensors(optimizer, copy=self.background)
-        model = state_tensors(unwrap(module), copy=self.background)
+        best = progress.best_state if progress.best_epoch == epoch + 1 else None  # host copies already
+        model = best if best is not None else state_tensors(unwrap(module), copy=self.background)  # one copy
         tensors = {**{f"model.{k}": v for k, v in model.items()}, **opt_tensors}
         meta = {"key": self.key, "optimizer": opt_meta, "schedule": json.dumps(schedule.state_dict()),
                 "progress": json.dumps({"epoch": epoch, "best_acc": progress.best_acc,
                                         "best_epoch": progress.best_epoch, "history": progress.history})}
-        best = progress.best_state if progress.best_epoch == epoch + 1 else None  # host copies already
         files = ([(self.step_dir / "best.safetensors", _prepared(best))] if best is not None else []) \
             + [(self.step_dir / "last.safetensors", _prepared(tensors, meta))]
 
