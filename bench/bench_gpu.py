@@ -54,7 +54,7 @@ data: {{batch_size: {batch}, eval_batch_size: 512, limit_per_class: {per_class}}
 transforms: {{train: {train_tf}, eval: []}}
 optimizer: {{name: adamw, lr: 0.003, weight_decay: 0.0005}}
 schedule: {{name: constant}}
-speed: {{compile: {compile}, background_checkpoints: {background}, cudnn_benchmark: {autotune}}}
+speed: {{compile: {compile}, background_checkpoints: {background}, cudnn_benchmark: {autotune}, cuda_graphs: {graphs}}}
 models: {{teacher: {{spec: {teacher}, checkpoint: {teacher_ckpt}}}}}
 steps:
   - {{name: step, kind: {kind}, model: {model}, epochs: {epochs}{extra}}}
@@ -148,7 +148,8 @@ def plain_loop(kind: str, module, teacher, data, device, batch: int, epochs: int
     return statistics.median(rates[1:] or rates), accuracy(module, data.val.images, data.val.labels, device, tuned)
 
 
-def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_ckpt: Path, tmp: Path):
+def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_ckpt: Path, tmp: Path,
+                   graphs: str = "on"):
     recipe = tmp / f"{kind}-{model_name}-{batch}.yaml"
     spec = "student.spec" if model_name == "student" else "teacher.spec"
     extra = ", teacher: teacher" if kind == "distill" else ""
@@ -156,6 +157,7 @@ def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_
     recipe.write_text(RECIPE.format(batch=batch, per_class=args.per_class or "null", train_tf=train_tf,
                                     compile=args.compile, background=str(args.checkpoints == 'background').lower(),
                                     autotune=str(args.cudnn_benchmark == 'on').lower(),
+                                    graphs=str(graphs == "on").lower(),
                                     teacher=ROOT / "specs/teacher.spec",
                                     teacher_ckpt=teacher_ckpt, kind=kind,
                                     model="student", epochs=args.epochs, extra=extra))
@@ -185,23 +187,28 @@ def compare(step: str, model_name: str, batch: int, args, shape, data, device, t
         with profiled(args.profile and loop == "tuned", f"{step} {model_name} {batch} tuned", device):
             return plain_loop(loop, module, t, data, device, batch, args.epochs, args.idle)
 
-    def ours():
-        with profiled(args.profile, f"{step} {model_name} {batch} nccompile", device):
-            return nccompile_step(step, model_name, shape, args, batch, teacher_ckpt, tmp)
+    def ours(graphs):
+        with profiled(args.profile, f"{step} {model_name} {batch} nccompile (CUDA graphs {graphs})", device):
+            return nccompile_step(step, model_name, shape, args, batch, teacher_ckpt, tmp, graphs)
 
-    result = {"naive": [plain("naive")], "tuned": [], "nccompile": []}
+    variants = [("nccompile" if g == args.cuda_graphs[0] else f"nccompile-graphs-{g}", g) for g in args.cuda_graphs]
+    result = {"naive": [plain("naive")], "tuned": [], **{name: [] for name, _ in variants}}
     for r in range(args.repeats):
-        pair = [("tuned", lambda: plain("tuned")), ("nccompile", ours)]
-        for loop, measure in pair if r % 2 == 0 else pair[::-1]:
+        turn = [("tuned", lambda: plain("tuned"))] + [(name, lambda g=g: ours(g)) for name, g in variants]
+        for loop, measure in turn if r % 2 == 0 else turn[::-1]:
             result[loop].append(measure())
             rate, acc = result[loop][-1]
             print(f"{step:8s} {model_name:8s} batch {batch:4d} {loop:10s} {rate:10.0f} img/s "
                   f"val acc {acc:.4f}  (repeat {r + 1})", flush=True)
-    ratios = [c[0] / t[0] for c, t in zip(result["nccompile"], result["tuned"])]
+    def ratios(name):
+        return [c[0] / t[0] for c, t in zip(result[name], result["tuned"])]
+
     return {"step": step, "model": model_name, "batch": batch,
             **{f"{loop}_images_per_second": statistics.median(m[0] for m in runs) for loop, runs in result.items()},
             **{f"{loop}_val_accuracy": runs[-1][1] for loop, runs in result.items()},
-            "vs_tuned": statistics.median(ratios), "vs_tuned_range": [min(ratios), max(ratios)],
+            **{f"{name}_vs_tuned".replace("nccompile_", ""): statistics.median(ratios(name)) for name, _ in variants},
+            **{f"{name}_vs_tuned_range".replace("nccompile_", ""): [min(ratios(name)), max(ratios(name))]
+               for name, _ in variants},
             "runs": {loop: [m[0] for m in runs] for loop, runs in result.items()}}
 
 
@@ -220,6 +227,8 @@ def main() -> None:
                    help="how nccompile writes its epoch checkpoints (background: the CUDA default)")
     p.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
                    help="nccompile's speed.cudnn_benchmark (on: the CUDA default; the plain loops never set it)")
+    p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"],
+                   help="nccompile's speed.cuda_graphs (on: the CUDA default); `on off` measures both, alternating")
     p.add_argument("--repeats", type=int, default=3, help="tuned and nccompile measurements each, alternating")
     p.add_argument("--idle", type=float, default=0.0,
                    help="seconds the plain loops wait after each epoch (as nccompile validates and checkpoints)")
@@ -256,15 +265,19 @@ def main() -> None:
                                         tmp))
                     if args.json:  # after every row: a run cut short by a time limit keeps what it measured
                         args.json.write_text(json.dumps({"device": name, "rows": rows}, indent=2))
-    print("\n| step | model | batch | naive img/s | tuned img/s | nccompile img/s | vs naive | vs tuned "
-          "(range) | val acc (naive / tuned / nccompile) |\n|---|---|---:|---:|---:|---:|---:|---:|---|")
+    others = [f"nccompile-graphs-{g}" for g in args.cuda_graphs[1:]]
+    print("\n| step | model | batch | naive img/s | tuned img/s | nccompile img/s | vs naive | vs tuned (range) | "
+          + "".join(f"{o} vs tuned (range) | " for o in others)
+          + "val acc (naive / tuned / nccompile) |\n|---|---|---:|---:|---:|---:|---:|---:|"
+          + "---:|" * len(others) + "---|")
     for r in rows:
         n, t, c = (r[f"{k}_images_per_second"] for k in ("naive", "tuned", "nccompile"))
         lo, hi = r["vs_tuned_range"]
+        extra = "".join(f"{r[o + '_vs_tuned']:.2f}x ({r[o + '_vs_tuned_range'][0]:.2f}-"
+                        f"{r[o + '_vs_tuned_range'][1]:.2f}) | " for o in others)
         print(f"| {r['step']} | {r['model']} | {r['batch']} | {n:,.0f} | {t:,.0f} | {c:,.0f} | {c / n:.2f}x | "
-              f"{r['vs_tuned']:.2f}x ({lo:.2f}-{hi:.2f}) | {r['naive_val_accuracy']:.3f} / "
+              f"{r['vs_tuned']:.2f}x ({lo:.2f}-{hi:.2f}) | {extra}{r['naive_val_accuracy']:.3f} / "
               f"{r['tuned_val_accuracy']:.3f} / {r['nccompile_val_accuracy']:.3f} |")
-
 
 if __name__ == "__main__":
     main()

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # What issue 8 still asks of a GPU, in one device call (prepare with bench/gpu_prepare.sh first):
 #   run(command="bash bench/gpu_run.sh", carry=[".whl", ".gpudata"], timeout_s=590)
-# Writes to $OUT: nvidia-smi.txt, pytest.log (every CUDA test: recipes, transforms, syncs, low-bit),
-# bench_gpu.log/.json (train and distill vs the tuned loop: 5 epochs, 4 alternating repeats, because
+# Writes to $OUT: nvidia-smi.txt, pytest.log (every CUDA test: recipes, transforms, syncs, low-bit,
+# whole-step CUDA graphs against eager steps), bench_gpu.log/.json (train and distill vs the tuned
+# loop, nccompile with CUDA graphs (the default) and without: 4 epochs, 3 alternating repeats, because
 # the tuned loop alone moved by up to 1.4x between repeats in earlier calls), profile.log (the student
 # at batch 64, launch-bound: torch.profiler's top operators of the tuned loop and of nccompile),
 # qat.log (quantization-aware training: per-tensor rounding against one pass, bench/bench_qat.py).
@@ -16,11 +17,11 @@ python3 -c "import torch, safetensors; print(torch.__version__, torch.cuda.get_d
   | tee -a "$OUT/nvidia-smi.txt"
 stamp pytest
 timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests/test_transforms.py \
-  tests/test_lowbit.py tests/test_checkpoints.py -k "cuda or auto or syncs or placed or checkpoint or write" 2>&1 \
+  tests/test_lowbit.py tests/test_checkpoints.py tests/test_trainstep.py -k "cuda or auto or syncs or placed or checkpoint or write" 2>&1 \
   | tee "$OUT/pytest.log" | tail -5
 stamp bench
-timeout 340 python3 bench/bench_gpu.py --data $data --input 3x128x128 --epochs 5 --steps train distill --repeats 4 \
-  --json "$OUT/bench_gpu.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_gpu.log" | tail -8
+timeout 340 python3 bench/bench_gpu.py --data $data --input 3x128x128 --epochs 4 --steps train distill --repeats 3 \
+  --cuda-graphs on off --json "$OUT/bench_gpu.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_gpu.log" | tail -8
 stamp qat
 timeout 60 python3 bench/bench_qat.py --device cuda 2>&1 | grep -v -i warn | tee "$OUT/qat.log" | tail -5
 timeout 40 python3 bench/bench_qat.py --device cuda --batch 256 2>&1 | grep -v -i warn | tee -a "$OUT/qat.log" | tail -4

@@ -20,6 +20,7 @@ from compiler.errors import NcError
 from . import distributed
 from .batches import Placed, epoch_order
 from .checkpoints import CheckpointWriter, Progress, resume
+from .trainstep import TrainStep
 from .transforms import Pipeline
 from .weights import state_tensors, unwrap
 
@@ -63,49 +64,34 @@ def make_schedule(ctx: RunContext, optimizer, epochs: int):
 
 # --- epochs ------------------------------------------------------------------------
 
-def train_epoch(ctx: RunContext, net, optimizer, scaler, loss_fn: LossFn, placed: Placed, pipeline: Pipeline,
-                epoch: int, bar_label: str, epoch_hook: EpochHook | None = None) -> tuple[float, float, int]:
+def train_epoch(ctx: RunContext, step: TrainStep, placed: Placed, pipeline: Pipeline, epoch: int, bar_label: str,
+                epoch_hook: EpochHook | None = None) -> tuple[float, float, int]:
     """One epoch over this rank's batches; returns (summed loss, correct, images) after one sync."""
     speed = ctx.speed
     order = epoch_order(len(placed), ctx.recipe.data.batch_size, seed=ctx.recipe.seed, epoch=epoch, rank=ctx.rank,
                         world=ctx.world, device=placed.images.device, drop_single=True)
     gen = torch.Generator(device=speed.device).manual_seed(ctx.recipe.seed * 1_000_003 + epoch)
-    loss_sum = torch.zeros((), dtype=torch.float32, device=speed.device)
-    correct = torch.zeros((), dtype=torch.int64, device=speed.device)
+    step.start_epoch()
     seen = 0
     bar = None
     if ctx.interactive:
         from tqdm import tqdm
 
         bar = tqdm(total=len(order), desc=bar_label, leave=False, unit="batch", mininterval=0.5)
-    net.train()
+    step.net.train()
     if epoch_hook is not None:
-        epoch_hook(epoch, unwrap(net))
+        epoch_hook(epoch, unwrap(step.net))
     for idx in order:
         x = pipeline(placed.images_at(idx).to(speed.device, non_blocking=True), gen,
                      channels_last=speed.channels_last)
         idx = idx.to(speed.device, non_blocking=True)
-        y = placed.labels[idx]
-        with speed.autocast():
-            logits = net(x)
-            loss = loss_fn(logits, y, idx, x)
-        optimizer.zero_grad(set_to_none=True)
-        if scaler is not None:
-            scaler.scale(loss).backward()
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            loss.backward()
-            optimizer.step()
-        n = idx.shape[0]
-        loss_sum.add_(loss.detach(), alpha=n)  # one kernel per metric update: small batches wait on launches
-        correct.add_((logits.argmax(1) == y).sum())
-        seen += n
+        step(x, placed.labels[idx], idx)
+        seen += idx.shape[0]
         if bar is not None:
             bar.update(1)
     if bar is not None:
         bar.close()
-    stats = torch.stack([loss_sum.double(), correct.double(),
+    stats = torch.stack([step.loss_sum.double(), step.correct.double(),
                          torch.tensor(float(seen), dtype=torch.float64, device=speed.device)])
     if distributed.active():
         torch.distributed.all_reduce(stats)
@@ -120,6 +106,10 @@ def _all_finite(module: torch.nn.Module) -> bool:
     return not params or bool(torch.stack([p.isfinite().all() for p in params]).all())
 
 
+def _hooked(module: torch.nn.Module) -> bool:
+    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
+
+
 def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, epochs: int, lr: float | None,
         loss_fn: LossFn, label: str, epoch_hook: EpochHook | None = None) -> dict:
     """Train `module` for `epochs`; keeps the best weights by validation accuracy (loaded at the end)."""
@@ -131,14 +121,21 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
     net = module
     if distributed.active():
         net = torch.nn.parallel.DistributedDataParallel(module)
-    run = _Fit(ctx, module, speed.compiled(net), optimizer, schedule, speed.scaler(), loss_fn, epochs, label,
-               epoch_hook, progress, CheckpointWriter(ctx, step_dir, key, background=speed.background_checkpoints))
+    scaler = speed.scaler()
+    # A replayed graph skips Python: per-call decisions in hooks, DDP's buckets, loss scaling's checks.
+    graphs = speed.cuda_graphs and not distributed.active() and scaler is None and epoch_hook is None \
+        and not _hooked(module)
+    step = TrainStep(speed, speed.compiled(net), optimizer, scaler, loss_fn, graphs=graphs, log=ctx.log, label=label)
+    run = _Fit(ctx, module, step, optimizer, schedule, epochs, label, epoch_hook, progress,
+               CheckpointWriter(ctx, step_dir, key, background=speed.background_checkpoints))
     try:
         for epoch in range(progress.start, epochs):
             run.epoch(epoch)
     except BaseException:
         run.writer.finish(raise_error=False)  # the last good checkpoint lands; the first error is the one raised
         raise
+    finally:
+        step.close()
     run.writer.finish()
     if progress.best_state is not None:
         unwrap(module).load_state_dict(progress.best_state, strict=False)
@@ -158,11 +155,9 @@ class _Fit:
 
     ctx: RunContext
     module: torch.nn.Module          # the model itself (weights, checks, checkpoints)
-    net: torch.nn.Module             # what trains: the module, or its DDP / compiled wrapper
+    step: TrainStep                  # trains the module, or its DDP / compiled wrapper
     optimizer: torch.optim.Optimizer
     schedule: object
-    scaler: object
-    loss_fn: LossFn
     epochs: int
     label: str
     epoch_hook: EpochHook | None
@@ -174,8 +169,7 @@ class _Fit:
         its checkpoint is on disk, so a run killed after that line resumes after this epoch."""
         ctx, progress, label, epochs = self.ctx, self.progress, self.label, self.epochs
         t0 = time.perf_counter()
-        loss_sum, correct, seen = train_epoch(ctx, self.net, self.optimizer, self.scaler, self.loss_fn,
-                                              ctx.placed("train"), ctx.pipeline("train"), epoch,
+        loss_sum, correct, seen = train_epoch(ctx, self.step, ctx.placed("train"), ctx.pipeline("train"), epoch,
                                               f"{label} {epoch + 1}/{epochs}", self.epoch_hook)
         train_seconds = time.perf_counter() - t0
         if not math.isfinite(loss_sum) or not _all_finite(self.module):

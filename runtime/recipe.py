@@ -105,6 +105,7 @@ class SpeedConfig(Strict):
     data_on_device: Literal["auto"] | bool = "auto"  # auto: when the uint8 images fit in half the free memory
     background_checkpoints: Literal["auto"] | bool = "auto"  # auto: on CUDA (the GPU trains while the file is written)
     cudnn_benchmark: Literal["auto"] | bool = "auto"  # auto: on CUDA (cuDNN times its kernels per input shape)
+    cuda_graphs: Literal["auto"] | bool = "auto"  # auto: on CUDA unless `compile` is on (it makes its own graphs)
 
     @field_validator("compile", mode="before")
     @classmethod

@@ -1,8 +1,9 @@
 """The recipe's `speed` section resolved for a device: precision, memory format, compilation.
 
 Defaults follow what a tuned PyTorch loop does on each device: on CUDA, bf16 autocast,
-channels_last, cuDNN's autotuner (the usual choice when input sizes are fixed, as here) and the
-decoded images kept on the GPU; on the CPU, fp32 (bf16 autocast is slower than fp32 on CPUs
+channels_last, cuDNN's autotuner (the usual choice when input sizes are fixed, as here), the
+decoded images kept on the GPU, and training steps replayed as CUDA graphs (launch-bound at
+small batches otherwise); on the CPU, fp32 (bf16 autocast is slower than fp32 on CPUs
 without native bf16) and channels_last where oneDNN runs the convolutions (1.03-1.74x faster
 training of the shipped specs on an x86 CPU; BENCHMARKS.md).
 """
@@ -27,6 +28,7 @@ class Speed:
     data_on_device: bool | None  # None: when it fits
     background_checkpoints: bool = False  # write each epoch's checkpoint while the next epoch trains
     cudnn_benchmark: bool = False         # cuDNN's autotuner: the input size is fixed, so it times each shape once
+    cuda_graphs: bool = False             # replay whole training steps (runtime.trainstep)
 
     @property
     def dtype(self) -> torch.dtype:
@@ -71,7 +73,8 @@ class Speed:
                 + (", channels_last" if self.channels_last else "")
                 + (f", torch.compile ({self.compile})" if self.compile != "off" else "")
                 + (", checkpoints written in the background" if self.background_checkpoints else "")
-                + (", cuDNN autotuning" if self.cudnn_benchmark else ""))
+                + (", cuDNN autotuning" if self.cudnn_benchmark else "")
+                + (", training steps replayed as CUDA graphs" if self.cuda_graphs else ""))
 
 
 def resolve(cfg: SpeedConfig, device: torch.device) -> Speed:
@@ -87,7 +90,9 @@ def resolve(cfg: SpeedConfig, device: torch.device) -> Speed:
     # On the CPU the writer would take cores from training; on CUDA the host is otherwise waiting.
     background = cuda if cfg.background_checkpoints == "auto" else bool(cfg.background_checkpoints)
     autotune = cuda if cfg.cudnn_benchmark == "auto" else bool(cfg.cudnn_benchmark)
-    return Speed(device, precision, channels_last, cfg.compile, on_device, background, autotune)
+    # torch.compile's reduce-overhead makes graphs of its own; the CPU has none
+    graphs = cuda and cfg.compile == "off" and cfg.cuda_graphs in ("auto", True)
+    return Speed(device, precision, channels_last, cfg.compile, on_device, background, autotune, graphs)
 
 
 def plain(device: str | torch.device = "cpu") -> Speed:

@@ -183,11 +183,11 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, in_root):
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 @pytest.mark.parametrize("transforms", [[], [{"flip": 0.5}, {"crop": {"padding": 4}}, {"resized_crop": {}},
                                             {"rotation": 10}, {"color_jitter": {"brightness": 0.2, "hue": 0.05}}]])
-@pytest.mark.parametrize("qat", [False, True], ids=["plain", "quantization-aware"])
-def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms, qat):
+@pytest.mark.parametrize("mode", ["eager", "graphs", "quantization-aware"])
+def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms, mode):
     """PyTorch's sync debug mode counts synchronizing calls: 12 batches make no more than 2 batches do
     (a few per epoch: its metrics and one-time setup), never one per batch; also with every tensor
-    rounded in one pass (runtime.fusedquant)."""
+    rounded in one pass (runtime.fusedquant), and with steps replayed as CUDA graphs."""
     import warnings
     from types import SimpleNamespace
 
@@ -196,13 +196,14 @@ def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms, 
     from runtime.loop import train_epoch
     from runtime.recipe import SpeedConfig
     from runtime.speed import resolve
+    from runtime.trainstep import TrainStep
     from runtime.transforms import Pipeline
 
     device = torch.device("cuda")
     speed = resolve(SpeedConfig(), device)
     model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
     module = compiler.build_module(model).to(device)
-    if qat:
+    if mode == "quantization-aware":
         fakequant.attach(module, model, parse_format("int4"), "learned")
     module = speed.prepare(module)
     optimizer = torch.optim.AdamW(module.parameters(), fused=True)
@@ -214,13 +215,14 @@ def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms, 
         ctx = SimpleNamespace(speed=speed, rank=0, world=1, interactive=False,
                               recipe=SimpleNamespace(seed=0, data=SimpleNamespace(batch_size=64)))
         loss = lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y)  # noqa: E731
-        train_epoch(ctx, module, optimizer, None, loss, placed, pipeline, 0, "warm-up")
+        step = TrainStep(speed, module, optimizer, None, loss, graphs=mode == "graphs")
+        train_epoch(ctx, step, placed, pipeline, 0, "warm-up")
         torch.cuda.synchronize()
         with warnings.catch_warnings(record=True) as seen:
             warnings.simplefilter("always")
             torch.cuda.set_sync_debug_mode("warn")
             try:
-                train_epoch(ctx, module, optimizer, None, loss, placed, pipeline, 1, "counted")
+                train_epoch(ctx, step, placed, pipeline, 1, "counted")
             finally:
                 torch.cuda.set_sync_debug_mode("default")
         counts.append(sum("synchroniz" in str(w.message) for w in seen))

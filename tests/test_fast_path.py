@@ -15,6 +15,7 @@ from runtime.batches import Placed
 from runtime.data import Split
 from runtime.loop import train_epoch
 from runtime.speed import Speed
+from runtime.trainstep import TrainStep
 from runtime.transforms import Pipeline
 
 from .measure import Dispatched
@@ -42,10 +43,11 @@ def _nccompile_epoch(n: int, batch: int, transforms: list) -> Dispatched:
                           recipe=SimpleNamespace(seed=0, data=SimpleNamespace(batch_size=batch)))
     loss = lambda logits, y, idx, x: F.cross_entropy(logits, y)  # noqa: E731
     placed = Placed(split, speed.device)
-    train_epoch(ctx, module, optimizer, None, loss, placed, pipeline, 0, "warm-up")  # optimizer state made
+    step = TrainStep(speed, module, optimizer, None, loss)
+    train_epoch(ctx, step, placed, pipeline, 0, "warm-up")  # optimizer state made
     counter = Dispatched()
     with counter:
-        train_epoch(ctx, module, optimizer, None, loss, placed, pipeline, 1, "counted")
+        train_epoch(ctx, step, placed, pipeline, 1, "counted")
     return counter
 
 

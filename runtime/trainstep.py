@@ -1,0 +1,157 @@
+"""One optimization step of the training loop: run eagerly, or replayed as a whole-step CUDA graph.
+
+A small CNN at batch 64 on a GPU is bound by kernel launches, not arithmetic: an eager step
+launches some 700 kernels from Python. With `speed.cuda_graphs` (on CUDA by default) the whole
+step (forward, loss, backward, optimizer, metric updates) is captured once per batch size, after
+a few eager warm-up steps, and replayed with one launch; each batch is first copied into the
+graph's own input tensors (PyTorch's "whole-network capture"). A graph keeps what Python decided
+when it was captured, so a learning rate changed by the schedule means a new capture. A step that
+cannot be captured (a loss that reads a value on the host, say) trains eagerly and says why, once.
+"""
+from __future__ import annotations
+
+import contextlib
+from collections import Counter
+from typing import Callable
+
+import torch
+
+WARMUP_STEPS = 2  # eager steps per batch size before its capture: optimizer state, cuDNN's autotuning
+
+
+class CudaGraph:
+    """One call of `fn` captured as a CUDA graph; `replay` runs its kernels again."""
+
+    def __init__(self, fn: Callable[[], None]):
+        self.graph = torch.cuda.CUDAGraph()
+        # thread_local: the checkpoint writer's thread may call into CUDA while this one captures
+        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+            fn()
+
+    def replay(self) -> None:
+        self.graph.replay()
+
+    @staticmethod
+    @contextlib.contextmanager
+    def warmup():
+        """Steps before a capture run on a side stream, as PyTorch's whole-network capture asks."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            yield
+        torch.cuda.current_stream().wait_stream(side)
+
+
+class _Graphed:
+    """A captured step with the inputs it reads and the tensors it writes that nothing else holds."""
+
+    def __init__(self, graph, inputs: tuple[torch.Tensor, ...], lrs: list[float], keep: list):
+        self.graph, self.inputs, self.lrs, self.keep = graph, inputs, lrs, keep
+
+    def replay(self, *batch: torch.Tensor) -> None:
+        for fixed, t in zip(self.inputs, batch):
+            fixed.copy_(t)
+        self.graph.replay()
+
+
+@contextlib.contextmanager
+def _capturable(optimizer):
+    """PyTorch's optimizers refuse capture unless `capturable`; the fused kernels behave the same either
+    way, and the flag stays off outside the capture (eager steps with it on warn, checkpoints keep it)."""
+    groups = [g for g in optimizer.param_groups if "capturable" in g]
+    before = [g["capturable"] for g in groups]
+    for g in groups:
+        g["capturable"] = True
+    try:
+        yield
+    finally:
+        for g, b in zip(groups, before):
+            g["capturable"] = b
+
+
+class TrainStep:
+    """The training step of one `fit`, with the epoch's loss sum and correct count on the device.
+
+    `graphs`: capture and replay (the caller decides when that is safe: CUDA, no DDP, no compile,
+    no loss scaling, no hooks). `graph_type` is CudaGraph; tests give a stand-in on the CPU.
+    """
+
+    def __init__(self, speed, net: torch.nn.Module, optimizer, scaler, loss_fn, *, graphs: bool = False,
+                 graph_type=CudaGraph, log: Callable[[str], None] | None = None, label: str = ""):
+        self.speed, self.net, self.optimizer, self.scaler, self.loss_fn = speed, net, optimizer, scaler, loss_fn
+        self.loss_sum = torch.zeros((), dtype=torch.float32, device=speed.device)
+        self.correct = torch.zeros((), dtype=torch.int64, device=speed.device)
+        self.graphs = graphs
+        self._graph_type = graph_type
+        self._captured: dict[int, _Graphed] = {}
+        self._eager_steps: Counter[int] = Counter()
+        self._log, self._label = log or (lambda message: None), label
+
+    def start_epoch(self) -> None:
+        self.loss_sum.zero_()
+        self.correct.zero_()
+
+    def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
+        if not self.graphs:
+            self.run(x, y, idx)
+            return
+        n = idx.shape[0]
+        graphed = self._captured.get(n)
+        if graphed is not None and graphed.lrs != self._lrs():
+            del self._captured[n]  # the schedule moved the learning rate this graph holds
+            graphed = None
+        if graphed is None:
+            if self._eager_steps[n] < WARMUP_STEPS:
+                self._eager_steps[n] += 1
+                with self._graph_type.warmup():
+                    self.run(x, y, idx)
+                return
+            graphed = self._capture(x, y, idx)
+            if graphed is None:  # not capturable: this batch trained eagerly, and so will the rest
+                return
+        graphed.replay(x, y, idx)
+
+    def run(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
+        """The step itself, eagerly (also what a graph captures)."""
+        with self.speed.autocast():
+            logits = self.net(x)
+            loss = self.loss_fn(logits, y, idx, x)
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.scaler is not None:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.optimizer.step()
+        self.loss_sum.add_(loss.detach(), alpha=idx.shape[0])  # one kernel per metric update
+        self.correct.add_((logits.argmax(1) == y).sum())
+
+    def close(self) -> None:
+        """Free the graphs and the memory they hold (the next step trains another model)."""
+        self._captured.clear()
+        if self.graphs:
+            self.optimizer.zero_grad(set_to_none=True)
+
+    def _lrs(self) -> list[float]:
+        return [float(g["lr"]) for g in self.optimizer.param_groups]
+
+    def _capture(self, x, y, idx) -> _Graphed | None:
+        inputs = (x.clone(), y.clone(), idx.clone())  # clone keeps channels_last
+        self.optimizer.zero_grad(set_to_none=True)  # gradients of the graph's own, made in the capture
+        try:
+            with _capturable(self.optimizer):
+                graph = self._graph_type(lambda: self.run(*inputs))
+        except Exception as err:  # noqa: BLE001 - any failure to capture means: train eagerly
+            self.graphs = False
+            self._captured.clear()
+            self.optimizer.zero_grad(set_to_none=True)
+            reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
+            self._log(f"{self._label}: training without CUDA graphs, the step could not be captured "
+                      f"({type(err).__name__}: {reason})")
+            self.run(x, y, idx)
+            return None
+        keep = [p.grad for p in self.net.parameters()]  # the graph writes them; they must outlive it
+        graphed = _Graphed(graph, inputs, self._lrs(), keep)
+        self._captured[idx.shape[0]] = graphed
+        return graphed

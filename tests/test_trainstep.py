@@ -1,0 +1,190 @@
+"""Training steps replayed as CUDA graphs (runtime.trainstep).
+
+On the CPU a stand-in takes the graph's place: its capture runs nothing and its replay calls the
+step again on the graph's own input tensors. Like a real graph it fails loudly when replayed under
+a learning rate or train mode other than its capture's (a real graph would silently keep the old
+ones). So the CPU checks what the step does around the graph: warm-up, the copies into the graph's
+inputs, one graph per batch size, a new capture when the schedule moves the learning rate, the
+metrics, and training on eagerly when a capture fails. The CUDA tests run the real graphs."""
+from __future__ import annotations
+
+import contextlib
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import compiler
+from runtime.batches import Placed
+from runtime.data import Split
+from runtime.loop import train_epoch
+from runtime.speed import Speed
+from runtime.trainstep import WARMUP_STEPS, TrainStep
+from runtime.transforms import Pipeline
+
+SIZE = 16
+
+
+class ReplayedCall:
+    """CudaGraph's stand-in: `replay` calls the captured function again."""
+
+    captures: list = []
+
+    def __init__(self, fn):
+        optimizer = self.optimizer
+        assert all(g["capturable"] for g in optimizer.param_groups)  # PyTorch refuses capture otherwise
+        self.fn, self.lrs = fn, [g["lr"] for g in optimizer.param_groups]
+        self.modules = list(self.net.modules())
+        self.training = [m.training for m in self.modules]
+        self.captures.append(self)
+
+    def replay(self):
+        assert [g["lr"] for g in self.optimizer.param_groups] == self.lrs, "replayed with a new learning rate"
+        assert [m.training for m in self.modules] == self.training, "replayed in another mode"
+        assert not any(g["capturable"] for g in self.optimizer.param_groups)
+        self.fn()
+
+    warmup = staticmethod(contextlib.nullcontext)
+
+
+class FailingCapture(ReplayedCall):
+    def __init__(self, fn):
+        raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
+
+
+def _train(graphs: bool, graph_type=ReplayedCall, epochs: int = 4, n: int = 70, batch: int = 16, log=None):
+    """(parameters, per-epoch (loss, correct, seen)) of training the student with AdamW, a learning
+    rate that changes every other epoch, and a last batch smaller than the others."""
+    model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, SIZE, SIZE))
+    torch.manual_seed(0)
+    module = compiler.build_module(model).train()
+    speed = Speed(torch.device("cpu"), "fp32", False, "off", None)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3, fused=True)
+    graph_type.optimizer, graph_type.net = optimizer, module
+    gen = torch.Generator().manual_seed(1)
+    split = Split(torch.randint(0, 256, (n, 3, SIZE, SIZE), dtype=torch.uint8, generator=gen),
+                  torch.arange(n) % 10, [])
+    ctx = SimpleNamespace(speed=speed, rank=0, world=1, interactive=False,
+                          recipe=SimpleNamespace(seed=0, data=SimpleNamespace(batch_size=batch)))
+    pipeline = Pipeline([{"flip": 0.5}], "t", 3, (SIZE, SIZE), expect=(SIZE, SIZE))
+    placed = Placed(split, speed.device)
+
+    def loss(logits, y, idx, x):
+        return F.cross_entropy(logits, y, label_smoothing=0.1)
+
+    step = TrainStep(speed, module, optimizer, None, loss, graphs=graphs, graph_type=graph_type, log=log,
+                     label="t")
+    history = []
+    for epoch in range(epochs):
+        history.append(train_epoch(ctx, step, placed, pipeline, epoch, "t"))
+        for g in optimizer.param_groups:
+            g["lr"] *= 0.5 if epoch % 2 == 0 else 1.0
+    step.close()
+    return [p.detach().clone() for p in module.parameters()], history
+
+
+def test_replayed_steps_train_exactly_as_eager_steps():
+    ReplayedCall.captures = []
+    eager_params, eager_history = _train(graphs=False)
+    assert ReplayedCall.captures == []
+    params, history = _train(graphs=True)
+    assert history == eager_history
+    for a, b in zip(params, eager_params):
+        assert torch.equal(a, b)
+    # 70 images in batches of 16: four full ones and a last one of 6. Epochs 2 and 4 start with a new
+    # learning rate. The full size is captured in epochs 1, 2 and 4 (after 2 warm-up steps in epoch 1),
+    # the last batch in epochs 3 and 4 (warmed up in epochs 1 and 2).
+    assert WARMUP_STEPS == 2
+    assert len(ReplayedCall.captures) == 3 + 2
+
+
+def test_a_step_that_cannot_be_captured_trains_on_eagerly_and_says_why():
+    eager_params, eager_history = _train(graphs=False)
+    said = []
+    params, history = _train(graphs=True, graph_type=FailingCapture, log=said.append)
+    assert history == eager_history
+    assert all(torch.equal(a, b) for a, b in zip(params, eager_params))
+    assert len(said) == 1, said  # once, not per batch
+    assert "t: training without CUDA graphs" in said[0] and "RuntimeError: operation not permitted" in said[0]
+    assert "more detail" not in said[0]
+
+
+def test_cuda_graphs_are_a_cuda_default_unless_compiled():
+    from runtime.recipe import SpeedConfig
+    from runtime.speed import resolve
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve(SpeedConfig(), cuda).cuda_graphs
+    assert "CUDA graphs" in resolve(SpeedConfig(), cuda).describe()
+    assert not resolve(SpeedConfig(), cpu).cuda_graphs
+    assert not resolve(SpeedConfig(cuda_graphs=True), cpu).cuda_graphs  # the CPU has none
+    assert not resolve(SpeedConfig(compile="reduce-overhead"), cuda).cuda_graphs  # compile makes its own
+    assert not resolve(SpeedConfig(cuda_graphs=False), cuda).cuda_graphs
+
+
+# --- on a GPU ------------------------------------------------------------------------
+
+cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
+
+
+def _cuda_train(graphs: bool, loss=None, log=None, epochs: int = 3):
+    """The student at 32x32 for `epochs` on CUDA (fp32, deterministic cuDNN: graphs replay the same
+    kernels), with a learning rate halved after each epoch and a smaller last batch."""
+    device = torch.device("cuda")
+    model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
+    torch.manual_seed(0)
+    module = compiler.build_module(model).to(device).train().to(memory_format=torch.channels_last)
+    speed = Speed(device, "fp32", True, "off", None, cuda_graphs=graphs)
+    optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3, fused=True)
+    gen = torch.Generator().manual_seed(1)
+    n = 200
+    split = Split(torch.randint(0, 256, (n, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(n) % 10, [])
+    ctx = SimpleNamespace(speed=speed, rank=0, world=1, interactive=False,
+                          recipe=SimpleNamespace(seed=0, data=SimpleNamespace(batch_size=64)))
+    pipeline = Pipeline([{"flip": 0.5}, {"crop": {"padding": 4}}], "t", 3, (32, 32), expect=(32, 32))
+    placed = Placed(split, device)
+    loss = loss or (lambda logits, y, idx, x: F.cross_entropy(logits, y))
+    step = TrainStep(speed, module, optimizer, None, loss, graphs=graphs, log=log, label="t")
+    history = []
+    for epoch in range(epochs):
+        history.append(train_epoch(ctx, step, placed, pipeline, epoch, "t"))
+        for g in optimizer.param_groups:
+            g["lr"] *= 0.5
+    captured = len(step._captured)
+    step.close()
+    return [p.detach().float().cpu() for p in module.parameters()], history, captured
+
+
+@cuda_only
+def test_cuda_graph_training_matches_eager_training():
+    before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
+    torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
+    try:
+        eager, eager_history, _ = _cuda_train(graphs=False)
+        graphed, history, captured = _cuda_train(graphs=True)
+    finally:
+        torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
+    assert captured == 2  # the full batch and the last one (200 = 3 x 64 + 8)
+    for (loss, correct, seen), (eager_loss, eager_correct, eager_seen) in zip(history, eager_history):
+        assert seen == eager_seen
+        assert loss == pytest.approx(eager_loss, rel=1e-3)
+        assert abs(correct - eager_correct) <= 2
+    for a, b in zip(graphed, eager):
+        torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
+
+
+@cuda_only
+def test_a_cuda_step_that_reads_the_host_trains_eagerly():
+    """`.item()` cannot be captured: the step says so once and trains on, and CUDA keeps working."""
+    said = []
+
+    def loss(logits, y, idx, x):
+        value = F.cross_entropy(logits, y)
+        value.item()
+        return value
+
+    params, history, captured = _cuda_train(graphs=True, loss=loss, log=said.append, epochs=2)
+    assert captured == 0 and len(said) == 1 and "without CUDA graphs" in said[0]
+    assert all(torch.isfinite(p).all() for p in params) and history[-1][2] == 200
+    assert torch.ones(3, device="cuda").sum().item() == 3
