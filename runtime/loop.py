@@ -71,7 +71,6 @@ def train_epoch(ctx: RunContext, step: TrainStep, placed: Placed, pipeline: Pipe
     order = epoch_order(len(placed), ctx.recipe.data.batch_size, seed=ctx.recipe.seed, epoch=epoch, rank=ctx.rank,
                         world=ctx.world, device=placed.images.device, drop_single=True)
     gen = torch.Generator(device=speed.device).manual_seed(ctx.recipe.seed * 1_000_003 + epoch)
-    step.start_epoch()
     seen = 0
     bar = None
     if ctx.interactive:
@@ -81,6 +80,7 @@ def train_epoch(ctx: RunContext, step: TrainStep, placed: Placed, pipeline: Pipe
     step.net.train()
     if epoch_hook is not None:
         epoch_hook(epoch, unwrap(step.net))
+    step.start_epoch()
     for idx in order:
         x = pipeline(placed.images_at(idx).to(speed.device, non_blocking=True), gen,
                      channels_last=speed.channels_last)
@@ -106,10 +106,6 @@ def _all_finite(module: torch.nn.Module) -> bool:
     return not params or bool(torch.stack([p.isfinite().all() for p in params]).all())
 
 
-def _hooked(module: torch.nn.Module) -> bool:
-    return any(m._forward_hooks or m._forward_pre_hooks for m in module.modules())
-
-
 def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, epochs: int, lr: float | None,
         loss_fn: LossFn, label: str, epoch_hook: EpochHook | None = None) -> dict:
     """Train `module` for `epochs`; keeps the best weights by validation accuracy (loaded at the end)."""
@@ -122,9 +118,8 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
     if distributed.active():
         net = torch.nn.parallel.DistributedDataParallel(module)
     scaler = speed.scaler()
-    # A replayed graph skips Python: per-call decisions in hooks, DDP's buckets, loss scaling's checks.
-    graphs = speed.cuda_graphs and not distributed.active() and scaler is None and epoch_hook is None \
-        and not _hooked(module)
+    # A replayed graph skips Python: DDP's buckets and loss scaling's checks would not run.
+    graphs = speed.cuda_graphs and not distributed.active() and scaler is None
     step = TrainStep(speed, speed.compiled(net), optimizer, scaler, loss_fn, graphs=graphs, log=ctx.log, label=label)
     run = _Fit(ctx, module, step, optimizer, schedule, epochs, label, epoch_hook, progress,
                CheckpointWriter(ctx, step_dir, key, background=speed.background_checkpoints))

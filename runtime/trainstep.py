@@ -5,8 +5,10 @@ launches some 700 kernels from Python. With `speed.cuda_graphs` (on CUDA by defa
 step (forward, loss, backward, optimizer, metric updates) is captured once per batch size, after
 a few eager warm-up steps, and replayed with one launch; each batch is first copied into the
 graph's own input tensors (PyTorch's "whole-network capture"). A graph keeps what Python decided
-when it was captured, so a learning rate changed by the schedule means a new capture. A step that
-cannot be captured (a loss that reads a value on the host, say) trains eagerly and says why, once.
+when it was captured: the learning rate (a schedule that changes it means a new capture) and every
+module's train/eval mode (frozen BatchNorm in quantization-aware training: new warm-up steps, then a
+new capture, as hooks may build new constants). Both change only between epochs. A step that cannot
+be captured (a loss that reads a value on the host, say) trains eagerly and says why, once.
 """
 from __future__ import annotations
 
@@ -43,7 +45,8 @@ class CudaGraph:
 
 
 class _Graphed:
-    """A captured step with the inputs it reads and the tensors it writes that nothing else holds."""
+    """A captured step with the inputs it reads, the tensors it writes that nothing else holds, and the
+    learning rates it was captured with."""
 
     def __init__(self, graph, inputs: tuple[torch.Tensor, ...], lrs: list[float], keep: list):
         self.graph, self.inputs, self.lrs, self.keep = graph, inputs, lrs, keep
@@ -73,7 +76,8 @@ class TrainStep:
     """The training step of one `fit`, with the epoch's loss sum and correct count on the device.
 
     `graphs`: capture and replay (the caller decides when that is safe: CUDA, no DDP, no compile,
-    no loss scaling, no hooks). `graph_type` is CudaGraph; tests give a stand-in on the CPU.
+    no loss scaling). `graph_type` is CudaGraph; tests give a stand-in on the CPU. Call
+    `start_epoch` once the epoch's modes and learning rates are set.
     """
 
     def __init__(self, speed, net: torch.nn.Module, optimizer, scaler, loss_fn, *, graphs: bool = False,
@@ -86,10 +90,19 @@ class TrainStep:
         self._captured: dict[int, _Graphed] = {}
         self._eager_steps: Counter[int] = Counter()
         self._log, self._label = log or (lambda message: None), label
+        self._lrs: list[float] = []
+        self._modes: tuple = ()
 
     def start_epoch(self) -> None:
         self.loss_sum.zero_()
         self.correct.zero_()
+        if self.graphs:
+            self._lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+            modes = tuple(m.training for m in self.net.modules())
+            if modes != self._modes:  # e.g. BatchNorm frozen: new warm-up steps, new captures
+                self._captured.clear()
+                self._eager_steps.clear()
+            self._modes = modes
 
     def __call__(self, x: torch.Tensor, y: torch.Tensor, idx: torch.Tensor) -> None:
         if not self.graphs:
@@ -97,7 +110,7 @@ class TrainStep:
             return
         n = idx.shape[0]
         graphed = self._captured.get(n)
-        if graphed is not None and graphed.lrs != self._lrs():
+        if graphed is not None and graphed.lrs != self._lrs:
             del self._captured[n]  # the schedule moved the learning rate this graph holds
             graphed = None
         if graphed is None:
@@ -133,9 +146,6 @@ class TrainStep:
         if self.graphs:
             self.optimizer.zero_grad(set_to_none=True)
 
-    def _lrs(self) -> list[float]:
-        return [float(g["lr"]) for g in self.optimizer.param_groups]
-
     def _capture(self, x, y, idx) -> _Graphed | None:
         inputs = (x.clone(), y.clone(), idx.clone())  # clone keeps channels_last
         self.optimizer.zero_grad(set_to_none=True)  # gradients of the graph's own, made in the capture
@@ -152,6 +162,6 @@ class TrainStep:
             self.run(x, y, idx)
             return None
         keep = [p.grad for p in self.net.parameters()]  # the graph writes them; they must outlive it
-        graphed = _Graphed(graph, inputs, self._lrs(), keep)
+        graphed = _Graphed(graph, inputs, self._lrs, keep)
         self._captured[idx.shape[0]] = graphed
         return graphed

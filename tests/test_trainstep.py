@@ -53,7 +53,18 @@ class FailingCapture(ReplayedCall):
         raise RuntimeError("operation not permitted when stream is capturing\nmore detail")
 
 
-def _train(graphs: bool, graph_type=ReplayedCall, epochs: int = 4, n: int = 70, batch: int = 16, log=None):
+def _freeze_batchnorm_from(first: int):
+    def hook(epoch, net):
+        if epoch >= first:
+            for m in net.modules():
+                if isinstance(m, torch.nn.BatchNorm2d):
+                    m.eval()
+
+    return hook
+
+
+def _train(graphs: bool, graph_type=ReplayedCall, epochs: int = 4, n: int = 70, batch: int = 16, log=None,
+           epoch_hook=None):
     """(parameters, per-epoch (loss, correct, seen)) of training the student with AdamW, a learning
     rate that changes every other epoch, and a last batch smaller than the others."""
     model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, SIZE, SIZE))
@@ -77,7 +88,7 @@ def _train(graphs: bool, graph_type=ReplayedCall, epochs: int = 4, n: int = 70, 
                      label="t")
     history = []
     for epoch in range(epochs):
-        history.append(train_epoch(ctx, step, placed, pipeline, epoch, "t"))
+        history.append(train_epoch(ctx, step, placed, pipeline, epoch, "t", epoch_hook))
         for g in optimizer.param_groups:
             g["lr"] *= 0.5 if epoch % 2 == 0 else 1.0
     step.close()
@@ -97,6 +108,19 @@ def test_replayed_steps_train_exactly_as_eager_steps():
     # the last batch in epochs 3 and 4 (warmed up in epochs 1 and 2).
     assert WARMUP_STEPS == 2
     assert len(ReplayedCall.captures) == 3 + 2
+
+
+def test_modes_changed_between_epochs_mean_new_warm_up_steps_and_captures():
+    """Quantization-aware training freezes BatchNorm for its last epochs: a graph captured in train
+    mode must not be replayed (the stand-in fails if it is), and hooks may need eager steps first."""
+    eager_params, eager_history = _train(graphs=False, epoch_hook=_freeze_batchnorm_from(1), epochs=3)
+    ReplayedCall.captures = []
+    params, history = _train(graphs=True, epoch_hook=_freeze_batchnorm_from(1), epochs=3)
+    assert history == eager_history
+    assert all(torch.equal(a, b) for a, b in zip(params, eager_params))
+    # full size: captured in epoch 1; epoch 2 (frozen, new learning rate) warms up again and captures;
+    # epoch 3 (same modes, same learning rate) replays. The last batch: 2 warm-ups from epoch 2 on.
+    assert len(ReplayedCall.captures) == 2, len(ReplayedCall.captures)
 
 
 def test_a_step_that_cannot_be_captured_trains_on_eagerly_and_says_why():
@@ -128,13 +152,21 @@ def test_cuda_graphs_are_a_cuda_default_unless_compiled():
 cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device here")
 
 
-def _cuda_train(graphs: bool, loss=None, log=None, epochs: int = 3):
+def _cuda_train(graphs: bool, loss=None, log=None, epochs: int = 3, qat: bool = False):
     """The student at 32x32 for `epochs` on CUDA (fp32, deterministic cuDNN: graphs replay the same
-    kernels), with a learning rate halved after each epoch and a smaller last batch."""
+    kernels), with a learning rate halved after each epoch and a smaller last batch; `qat`: every
+    tensor rounded to int4 (one pass per forward, runtime.fusedquant), BatchNorm frozen in the last epoch."""
+    from compiler.fileformat import parse_format
+    from runtime import fakequant
+
     device = torch.device("cuda")
     model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
     torch.manual_seed(0)
-    module = compiler.build_module(model).to(device).train().to(memory_format=torch.channels_last)
+    module = compiler.build_module(model).to(device)
+    if qat:
+        fakequant.attach(module, model, parse_format("int4"), "learned")
+    module = module.train().to(memory_format=torch.channels_last)
+    hook = _freeze_batchnorm_from(epochs - 1) if qat else None
     speed = Speed(device, "fp32", True, "off", None, cuda_graphs=graphs)
     optimizer = torch.optim.AdamW(module.parameters(), lr=2e-3, fused=True)
     gen = torch.Generator().manual_seed(1)
@@ -148,7 +180,7 @@ def _cuda_train(graphs: bool, loss=None, log=None, epochs: int = 3):
     step = TrainStep(speed, module, optimizer, None, loss, graphs=graphs, log=log, label="t")
     history = []
     for epoch in range(epochs):
-        history.append(train_epoch(ctx, step, placed, pipeline, epoch, "t"))
+        history.append(train_epoch(ctx, step, placed, pipeline, epoch, "t", hook))
         for g in optimizer.param_groups:
             g["lr"] *= 0.5
     captured = len(step._captured)
@@ -157,15 +189,18 @@ def _cuda_train(graphs: bool, loss=None, log=None, epochs: int = 3):
 
 
 @cuda_only
-def test_cuda_graph_training_matches_eager_training():
+@pytest.mark.parametrize("qat", [False, True], ids=["plain", "quantization-aware"])
+def test_cuda_graph_training_matches_eager_training(qat):
     before = torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark
     torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = True, False
     try:
-        eager, eager_history, _ = _cuda_train(graphs=False)
-        graphed, history, captured = _cuda_train(graphs=True)
+        eager, eager_history, _ = _cuda_train(graphs=False, qat=qat)
+        graphed, history, captured = _cuda_train(graphs=True, qat=qat)
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
-    assert captured == 2  # the full batch and the last one (200 = 3 x 64 + 8)
+    # 200 = 3 x 64 + 8: the full batch, captured every epoch (new learning rate); the last one after
+    # its 2 warm-up epochs, unless BatchNorm froze in the last epoch (warm-up again)
+    assert captured == (1 if qat else 2)
     for (loss, correct, seen), (eager_loss, eager_correct, eager_seen) in zip(history, eager_history):
         assert seen == eager_seen
         assert loss == pytest.approx(eager_loss, rel=1e-3)
