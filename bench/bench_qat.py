@@ -4,13 +4,16 @@ and plain training beside them. Prints operators dispatched per step (each one a
 on a GPU, where small models are bound by launches) and img/s, median of --repeats timed runs.
 
 AdamW runs fused (one kernel for all parameters), as nccompile's steps do on the CPU and CUDA;
-`--optimizers loop foreach fused` compares its implementations too.
+`--optimizers loop foreach fused` compares its implementations too. On CUDA, plain training and
+the one-pass rounding also run as nccompile's steps replayed as CUDA graphs (runtime.trainstep,
+its default there): one launch per step.
 
 Run: python bench/bench_qat.py [--device cpu|cuda] [--input 3x32x32] [--batch 64] [--format int4]
 """
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import sys
 import time
@@ -24,6 +27,8 @@ sys.path.insert(0, str(ROOT))
 import compiler  # noqa: E402
 from compiler.fileformat import parse_format  # noqa: E402
 from runtime import fakequant  # noqa: E402
+from runtime.speed import Speed  # noqa: E402
+from runtime.trainstep import TrainStep  # noqa: E402
 from tests.measure import Dispatched  # noqa: E402
 
 IMPLEMENTATIONS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}
@@ -54,10 +59,12 @@ def main() -> None:
     print("| training | AdamW | operators per step | img/s (median) | vs plain, fused AdamW |\n"
           "|---|---|---:|---:|---:|")
     plain_rate = None
-    runs = [(label, fused, impl) for label, fused in (("plain (no rounding)", None), ("QAT, per tensor", False),
-                                                      ("QAT, one pass", True))
+    runs = [(label, fused, impl, False) for label, fused in (("plain (no rounding)", None),
+                                                             ("QAT, per tensor", False), ("QAT, one pass", True))
             for impl in sorted(args.optimizers, key=lambda i: i != "fused")]
-    for label, fused, impl in runs:
+    if cuda:
+        runs += [("plain, CUDA graph", None, "fused", True), ("QAT, one pass, CUDA graph", True, "fused", True)]
+    for label, fused, impl, graphed in runs:
         torch.manual_seed(0)
         module = compiler.build_module(model, seed=0).to(device).train()
         module = module.to(memory_format=torch.channels_last)
@@ -71,6 +78,13 @@ def main() -> None:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
+
+        if graphed:  # nccompile's step: captured after its warm-up steps, then one replay per call
+            speed = Speed(device, "bf16", True, "off", None, cuda_graphs=True)
+            train_step = TrainStep(speed, module, opt, None,
+                                   lambda logits, y, idx, x: torch.nn.functional.cross_entropy(logits, y), graphs=True)
+            train_step.start_epoch()
+            step = functools.partial(train_step, x, y, torch.arange(args.batch, device=device))
 
         for _ in range(3):
             step()
