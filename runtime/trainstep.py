@@ -26,7 +26,7 @@ class CudaGraph:
 
     def __init__(self, fn: Callable[[], None]):
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: the checkpoint writer's thread may call into CUDA while this one captures
+        # thread_local: only this thread's calls can spoil the capture, not the checkpoint writer's
         with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
             fn()
 
