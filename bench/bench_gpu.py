@@ -5,7 +5,8 @@ specs/teacher.spec), same optimizer (AdamW, lr 3e-3, wd 5e-4), same batch size:
 
   naive  fp32, batches copied from host memory, `loss.item()` after every step
   tuned  uint8 images on the GPU, bf16 autocast, channels_last, fused AdamW, no per-step sync
-  nccompile  the `train` / `distill` step with the recipe's default speed settings
+  nccompile  the `train` / `distill` step with the recipe's default speed settings (on CUDA: steps
+             replayed as CUDA graphs; `--cuda-graphs on off` also measures eager steps)
 
 For distillation the plain loops run the teacher on every batch without gradients, in the
 loop's precision; nccompile computes the teacher's logits once when there is no random
