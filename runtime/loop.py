@@ -1,8 +1,9 @@
 """The training loop shared by `train`, `distill` and fine-tuning: epochs, best weights, resume.
 
 Batches are index tensors into the decoded uint8 images, gathered where the model runs
-and augmented there as whole batches (runtime.transforms). Losses and correct counts
-accumulate on the device: one host sync per epoch. After every epoch rank 0 writes a
+and augmented there as whole batches (runtime.transforms). Each step runs eagerly or as a
+replayed CUDA graph (runtime.trainstep); losses and correct counts accumulate on the device:
+one host sync per epoch. After every epoch rank 0 writes a
 checkpoint (runtime.checkpoints), so an interrupted step continues from its last finished epoch.
 """
 from __future__ import annotations
