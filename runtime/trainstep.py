@@ -13,6 +13,7 @@ be captured (a loss that reads a value on the host, say) trains eagerly and says
 from __future__ import annotations
 
 import contextlib
+import warnings
 from collections import Counter
 from typing import Callable
 
@@ -26,22 +27,49 @@ class CudaGraph:
 
     def __init__(self, fn: Callable[[], None]):
         self.graph = torch.cuda.CUDAGraph()
-        # thread_local: only this thread's calls can spoil the capture, not the checkpoint writer's
-        with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
-            fn()
+        outer, raised = torch.cuda.current_stream(), []
+
+        def body():
+            try:
+                fn()
+            except BaseException as err:  # the cause, before capture_end's own "invalidated" error
+                raised.append(err)
+                raise
+
+        try:
+            # thread_local: only this thread's calls can spoil the capture, not the checkpoint writer's
+            with torch.cuda.graph(self.graph, capture_error_mode="thread_local"):
+                body()
+        except BaseException as err:
+            torch.cuda.set_stream(outer)  # a failed capture_end leaves the capture stream current
+            raise (raised[0] if raised else err) from None
 
     def replay(self) -> None:
         self.graph.replay()
 
     @staticmethod
     @contextlib.contextmanager
-    def warmup():
-        """Steps before a capture run on a side stream, as PyTorch's whole-network capture asks."""
-        side = torch.cuda.Stream()
+    def warmup(check: bool = False):
+        """Steps before a capture run on a side stream, as PyTorch's whole-network capture asks.
+        `check`: list the step's host syncs (what a capture cannot hold) rather than fail a capture."""
+        side, found = torch.cuda.Stream(), []
         side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            yield
-        torch.cuda.current_stream().wait_stream(side)
+        before = torch.cuda.get_sync_debug_mode()
+        with warnings.catch_warnings(record=True) if check else contextlib.nullcontext([]) as seen:
+            if check:
+                warnings.simplefilter("always")
+                torch.cuda.set_sync_debug_mode("warn")
+            try:
+                with torch.cuda.stream(side):
+                    yield found
+            finally:
+                torch.cuda.set_sync_debug_mode(before)
+                torch.cuda.current_stream().wait_stream(side)
+        for w in seen:
+            if "synchroniz" in str(w.message):
+                found.append(str(w.message).strip().splitlines()[0])
+            else:  # not ours to swallow
+                warnings.warn_explicit(w.message, w.category, w.filename, w.lineno)
 
 
 class _Graphed:
@@ -116,8 +144,10 @@ class TrainStep:
         if graphed is None:
             if self._eager_steps[n] < WARMUP_STEPS:
                 self._eager_steps[n] += 1
-                with self._graph_type.warmup():
+                with self._graph_type.warmup(check=self._eager_steps[n] == WARMUP_STEPS) as syncs:
                     self.run(x, y, idx)
+                if syncs:  # the first steps may sync (autotuning, constants), not the last one before capture
+                    self._eager_from_now(f"the step waits on the host ({syncs[0][:120]})")
                 return
             graphed = self._capture(x, y, idx)
             if graphed is None:  # not capturable: this batch trained eagerly, and so will the rest
@@ -146,6 +176,12 @@ class TrainStep:
         if self.graphs:
             self.optimizer.zero_grad(set_to_none=True)
 
+    def _eager_from_now(self, why: str) -> None:
+        self.graphs = False
+        self._captured.clear()
+        self.optimizer.zero_grad(set_to_none=True)
+        self._log(f"{self._label}: training without CUDA graphs, {why}")
+
     def _capture(self, x, y, idx) -> _Graphed | None:
         inputs = (x.clone(), y.clone(), idx.clone())  # clone keeps channels_last
         self.optimizer.zero_grad(set_to_none=True)  # gradients of the graph's own, made in the capture
@@ -153,12 +189,8 @@ class TrainStep:
             with _capturable(self.optimizer):
                 graph = self._graph_type(lambda: self.run(*inputs))
         except Exception as err:  # noqa: BLE001 - any failure to capture means: train eagerly
-            self.graphs = False
-            self._captured.clear()
-            self.optimizer.zero_grad(set_to_none=True)
             reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
-            self._log(f"{self._label}: training without CUDA graphs, the step could not be captured "
-                      f"({type(err).__name__}: {reason})")
+            self._eager_from_now(f"the step could not be captured ({type(err).__name__}: {reason})")
             self.run(x, y, idx)
             return None
         keep = [p.grad for p in self.net.parameters()]  # the graph writes them; they must outlive it

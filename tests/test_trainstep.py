@@ -45,7 +45,9 @@ class ReplayedCall:
         assert not any(g["capturable"] for g in self.optimizer.param_groups)
         self.fn()
 
-    warmup = staticmethod(contextlib.nullcontext)
+    @staticmethod
+    def warmup(check=False):
+        return contextlib.nullcontext([])  # no host syncs found
 
 
 class FailingCapture(ReplayedCall):
@@ -211,7 +213,8 @@ def test_cuda_graph_training_matches_eager_training(qat):
 
 @cuda_only
 def test_a_cuda_step_that_reads_the_host_trains_eagerly():
-    """`.item()` cannot be captured: the step says so once and trains on, and CUDA keeps working."""
+    """`.item()` cannot be captured: the last warm-up step finds the sync, so no capture is tried; the
+    step says so once and trains on."""
     said = []
 
     def loss(logits, y, idx, x):
@@ -220,6 +223,6 @@ def test_a_cuda_step_that_reads_the_host_trains_eagerly():
         return value
 
     params, history, captured = _cuda_train(graphs=True, loss=loss, log=said.append, epochs=2)
-    assert captured == 0 and len(said) == 1 and "without CUDA graphs" in said[0]
+    assert captured == 0 and len(said) == 1 and "without CUDA graphs, the step waits on the host" in said[0]
     assert all(torch.isfinite(p).all() for p in params) and history[-1][2] == 200
     assert torch.ones(3, device="cuda").sum().item() == 3
