@@ -54,7 +54,7 @@ seed: 0
 data: {{batch_size: {batch}, eval_batch_size: 512, limit_per_class: {per_class}}}
 transforms: {{train: {train_tf}, eval: []}}
 optimizer: {{name: adamw, lr: 0.003, weight_decay: 0.0005}}
-schedule: {{name: constant}}
+schedule: {{name: {schedule}}}
 speed: {{compile: {compile}, background_checkpoints: {background}, cudnn_benchmark: {autotune}, cuda_graphs: {graphs}}}
 models: {{teacher: {{spec: {teacher}, checkpoint: {teacher_ckpt}}}}}
 steps:
@@ -155,7 +155,8 @@ def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_
     spec = "student.spec" if model_name == "student" else "teacher.spec"
     extra = ", teacher: teacher" if kind == "distill" else ""
     train_tf = "[{flip: 0.5}, {crop: {padding: 4}}]" if args.augment == "flipcrop" else "[]"
-    recipe.write_text(RECIPE.format(batch=batch, per_class=args.per_class or "null", train_tf=train_tf,
+    recipe.write_text(RECIPE.format(batch=batch, schedule=args.schedule, per_class=args.per_class or "null",
+                                    train_tf=train_tf,
                                     compile=args.compile, background=str(args.checkpoints == 'background').lower(),
                                     autotune=str(args.cudnn_benchmark == 'on').lower(),
                                     graphs=str(graphs == "on").lower(),
@@ -163,8 +164,10 @@ def nccompile_step(kind: str, model_name: str, shape, args, batch: int, teacher_
                                     teacher_ckpt=teacher_ckpt, kind=kind,
                                     model="student", epochs=args.epochs, extra=extra))
     out = Path(tempfile.mkdtemp(prefix=f"run-{kind}-{model_name}-{batch}-", dir=tmp))  # a fresh run each repeat
-    run(Options(str(ROOT / "specs" / spec), str(recipe), data=str(args.data), out=str(out), device=args.device,
-                input=shape))
+    code = run(Options(str(ROOT / "specs" / spec), str(recipe), data=str(args.data), out=str(out),
+                       device=args.device, input=shape))
+    if code != 0:
+        raise RuntimeError(f"the run exited with {code} (its messages are above)")
     from safetensors import safe_open
 
     with safe_open(str(out / "steps/step/last.safetensors"), framework="pt") as f:
@@ -197,7 +200,11 @@ def compare(step: str, model_name: str, batch: int, args, shape, data, device, t
     for r in range(args.repeats):
         turn = [("tuned", lambda: plain("tuned"))] + [(name, lambda g=g: ours(g)) for name, g in variants]
         for loop, measure in turn if r % 2 == 0 else turn[::-1]:
-            result[loop].append(measure())
+            try:
+                result[loop].append(measure())
+            except Exception as err:  # noqa: BLE001 - one failing configuration must not cost the others
+                print(f"{step} {model_name} batch {batch} {loop}: FAILED {type(err).__name__}: {err}", flush=True)
+                result[loop].append((float("nan"), float("nan")))
             rate, acc = result[loop][-1]
             print(f"{step:8s} {model_name:8s} batch {batch:4d} {loop:10s} {rate:10.0f} img/s "
                   f"val acc {acc:.4f}  (repeat {r + 1})", flush=True)
@@ -228,6 +235,9 @@ def main() -> None:
                    help="how nccompile writes its epoch checkpoints (background: the CUDA default)")
     p.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
                    help="nccompile's speed.cudnn_benchmark (on: the CUDA default; the plain loops never set it)")
+    p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
+                   help="nccompile's learning-rate schedule (cosine: a new learning rate, so a new capture, "
+                        "every epoch; the plain loops keep theirs constant)")
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"],
                    help="nccompile's speed.cuda_graphs (on: the CUDA default); `on off` measures both, alternating")
     p.add_argument("--repeats", type=int, default=3, help="tuned and nccompile measurements each, alternating")

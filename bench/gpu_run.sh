@@ -4,8 +4,8 @@
 # Writes to $OUT: nvidia-smi.txt, pytest.log (every CUDA test: recipes, transforms, syncs, low-bit,
 # whole-step CUDA graphs against eager steps), bench_gpu.log/.json (train and distill vs the tuned
 # loop, nccompile with CUDA graphs (the default) and without: 4 epochs, 3 alternating repeats, because
-# the tuned loop alone moved by up to 1.4x between repeats in earlier calls), profile.log (the student
-# at batch 64, launch-bound: torch.profiler's top operators of the tuned loop and of nccompile),
+# the tuned loop alone moved by up to 1.4x between repeats in earlier calls), cosine.log (the
+# student at batch 64 with a cosine schedule: a new capture every epoch, graphs against eager),
 # qat.log (quantization-aware training: per-tensor rounding against one pass, bench/bench_qat.py).
 # Parts run in order of importance, each under its own timeout, so a late one cannot hide an early one.
 # (The previous version, with the --idle and --cudnn-benchmark diagnostics, is in git history; its
@@ -22,10 +22,11 @@ timeout 150 python3 -m pytest -q -p no:cacheprovider tests/test_devices.py tests
 stamp bench
 timeout 340 python3 bench/bench_gpu.py --data $data --input 3x128x128 --epochs 4 --steps train distill --repeats 3 \
   --cuda-graphs on off --json "$OUT/bench_gpu.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_gpu.log" | tail -8
+stamp cosine
+# a learning rate that changes every epoch means a capture every epoch: what does it cost?
+timeout 45 python3 bench/bench_gpu.py --data $data --input 3x128x128 --epochs 4 --steps train --models student \
+  --batch 64 --repeats 1 --schedule cosine --cuda-graphs on off 2>&1 | grep -v -i warn | tee "$OUT/cosine.log" | tail -3
 stamp qat
 timeout 60 python3 bench/bench_qat.py --device cuda 2>&1 | grep -v -i warn | tee "$OUT/qat.log" | tail -5
 timeout 40 python3 bench/bench_qat.py --device cuda --batch 256 2>&1 | grep -v -i warn | tee -a "$OUT/qat.log" | tail -4
-stamp profile
-timeout 40 python3 bench/bench_gpu.py --data $data --input 3x128x128 --epochs 2 --steps train --models student \
-  --batch 64 --repeats 1 --profile 2>&1 | grep -v -i warn > "$OUT/profile.log"; tail -3 "$OUT/profile.log"
 stamp done
