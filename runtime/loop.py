@@ -119,8 +119,7 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
     if distributed.active():
         net = torch.nn.parallel.DistributedDataParallel(module)
     scaler = speed.scaler()
-    # A replayed graph skips Python: DDP's buckets and loss scaling's checks would not run.
-    graphs = speed.cuda_graphs and not distributed.active() and scaler is None
+    graphs = speed.cuda_graphs and not distributed.active() and scaler is None  # as resolved; checked again
     step = TrainStep(speed, speed.compiled(net), optimizer, scaler, loss_fn, graphs=graphs, log=ctx.log, label=label)
     run = _Fit(ctx, module, step, optimizer, schedule, epochs, label, epoch_hook, progress,
                CheckpointWriter(ctx, step_dir, key, background=speed.background_checkpoints))

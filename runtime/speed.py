@@ -77,7 +77,7 @@ class Speed:
                 + (", training steps replayed as CUDA graphs" if self.cuda_graphs else ""))
 
 
-def resolve(cfg: SpeedConfig, device: torch.device) -> Speed:
+def resolve(cfg: SpeedConfig, device: torch.device, world: int = 1) -> Speed:
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -90,8 +90,9 @@ def resolve(cfg: SpeedConfig, device: torch.device) -> Speed:
     # On the CPU the writer would take cores from training; on CUDA the host is otherwise waiting.
     background = cuda if cfg.background_checkpoints == "auto" else bool(cfg.background_checkpoints)
     autotune = cuda if cfg.cudnn_benchmark == "auto" else bool(cfg.cudnn_benchmark)
-    # torch.compile's reduce-overhead makes graphs of its own; the CPU has none
-    graphs = cuda and cfg.compile == "off" and cfg.cuda_graphs in ("auto", True)
+    # torch.compile's reduce-overhead makes graphs of its own; a replay would skip DDP's gradient buckets
+    # and fp16 loss scaling's checks; the CPU has none
+    graphs = cuda and cfg.compile == "off" and precision != "fp16" and world == 1 and cfg.cuda_graphs in ("auto", True)
     return Speed(device, precision, channels_last, cfg.compile, on_device, background, autotune, graphs)
 
 

@@ -136,9 +136,11 @@ def test_a_step_that_cannot_be_captured_trains_on_eagerly_and_says_why():
     assert "more detail" not in said[0]
 
 
-def test_cuda_graphs_are_a_cuda_default_unless_compiled():
+def test_cuda_graphs_are_a_cuda_default_unless_compiled(monkeypatch):
     from runtime.recipe import SpeedConfig
     from runtime.speed import resolve
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a GPU of this decade
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
     assert resolve(SpeedConfig(), cuda).cuda_graphs
@@ -147,6 +149,8 @@ def test_cuda_graphs_are_a_cuda_default_unless_compiled():
     assert not resolve(SpeedConfig(cuda_graphs=True), cpu).cuda_graphs  # the CPU has none
     assert not resolve(SpeedConfig(compile="reduce-overhead"), cuda).cuda_graphs  # compile makes its own
     assert not resolve(SpeedConfig(cuda_graphs=False), cuda).cuda_graphs
+    assert not resolve(SpeedConfig(precision="fp16"), cuda).cuda_graphs  # loss scaling checks on the host
+    assert not resolve(SpeedConfig(), cuda, world=2).cuda_graphs  # DDP's gradient buckets
 
 
 # --- on a GPU ------------------------------------------------------------------------
