@@ -46,6 +46,8 @@ def test_builtin_recipe_end_to_end(recipe, device, tmp_path, capsys, in_root):
             assert step["metrics"]["images"] == 60
     if device != "cpu":
         assert "training images in GPU memory; cuda: bf16, channels_last" in printed.out
+        assert "training steps replayed as CUDA graphs" in printed.out
+        assert "without CUDA graphs" not in printed.out  # no built-in step waits on the host
 
 
 def test_batch_order_is_distributed_samplers():
