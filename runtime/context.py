@@ -81,7 +81,7 @@ class RunContext:
 
     def __post_init__(self):
         if self.speed is None:
-            self.speed = resolve(self.recipe.speed, self.device, self.world)
+            self.speed = resolve(self.recipe.speed, self.device, ddp=distributed.active())
 
     @property
     def is_main(self) -> bool:

@@ -214,7 +214,7 @@ def run(opts: Options) -> int:
 def _run(opts: Options, rank: int, world: int, device) -> int:
     recipe, recipe_path, listing, slots, plan, pipelines = prepare(opts)
     student = slots["student"].model
-    speed = resolve_speed(recipe.speed, device)
+    speed = resolve_speed(recipe.speed, device, ddp=distributed.active())
     timeline = _timeline(recipe, listing, slots, plan, student.input_shape, pipelines, speed)
     if opts.dry_run:
         if rank == 0:

@@ -77,7 +77,7 @@ class Speed:
                 + (", training steps replayed as CUDA graphs" if self.cuda_graphs else ""))
 
 
-def resolve(cfg: SpeedConfig, device: torch.device, world: int = 1) -> Speed:
+def resolve(cfg: SpeedConfig, device: torch.device, ddp: bool = False) -> Speed:
     cuda = device.type == "cuda"
     precision = cfg.precision if cfg.precision != "auto" else ("bf16" if cuda else "fp32")
     if precision == "bf16" and cuda and not torch.cuda.is_bf16_supported():
@@ -92,7 +92,7 @@ def resolve(cfg: SpeedConfig, device: torch.device, world: int = 1) -> Speed:
     autotune = cuda if cfg.cudnn_benchmark == "auto" else bool(cfg.cudnn_benchmark)
     # torch.compile's reduce-overhead makes graphs of its own; a replay would skip DDP's gradient buckets
     # and fp16 loss scaling's checks; the CPU has none
-    graphs = cuda and cfg.compile == "off" and precision != "fp16" and world == 1 and cfg.cuda_graphs in ("auto", True)
+    graphs = cuda and cfg.compile == "off" and precision != "fp16" and not ddp and cfg.cuda_graphs in ("auto", True)
     return Speed(device, precision, channels_last, cfg.compile, on_device, background, autotune, graphs)
 
 

@@ -104,17 +104,17 @@ class TrainStep:
     """The training step of one `fit`, with the epoch's loss sum and correct count on the device.
 
     `graphs`: capture and replay (the caller decides when that is safe: CUDA, no DDP, no compile,
-    no loss scaling). `graph_type` is CudaGraph; tests give a stand-in on the CPU. Call
+    no loss scaling). `graph_type` is CudaGraph unless given (tests give a stand-in on the CPU). Call
     `start_epoch` once the epoch's modes and learning rates are set.
     """
 
     def __init__(self, speed, net: torch.nn.Module, optimizer, scaler, loss_fn, *, graphs: bool = False,
-                 graph_type=CudaGraph, log: Callable[[str], None] | None = None, label: str = ""):
+                 graph_type=None, log: Callable[[str], None] | None = None, label: str = ""):
         self.speed, self.net, self.optimizer, self.scaler, self.loss_fn = speed, net, optimizer, scaler, loss_fn
         self.loss_sum = torch.zeros((), dtype=torch.float32, device=speed.device)
         self.correct = torch.zeros((), dtype=torch.int64, device=speed.device)
         self.graphs = graphs
-        self._graph_type = graph_type
+        self._graph_type = graph_type or CudaGraph
         self._captured: dict[int, _Graphed] = {}
         self._eager_steps: Counter[int] = Counter()
         self._log, self._label = log or (lambda message: None), label

@@ -150,7 +150,63 @@ def test_cuda_graphs_are_a_cuda_default_unless_compiled(monkeypatch):
     assert not resolve(SpeedConfig(compile="reduce-overhead"), cuda).cuda_graphs  # compile makes its own
     assert not resolve(SpeedConfig(cuda_graphs=False), cuda).cuda_graphs
     assert not resolve(SpeedConfig(precision="fp16"), cuda).cuda_graphs  # loss scaling checks on the host
-    assert not resolve(SpeedConfig(), cuda, world=2).cuda_graphs  # DDP's gradient buckets
+    assert not resolve(SpeedConfig(), cuda, ddp=True).cuda_graphs  # DDP's gradient buckets
+
+
+class RecordedStep:
+    """A stand-in without access to the optimizer: replay calls the step again (for whole runs)."""
+
+    captures = 0
+
+    def __init__(self, fn):
+        self.fn = fn
+        type(self).captures += 1
+
+    def replay(self):
+        self.fn()
+
+    @staticmethod
+    def warmup(check=False):
+        return contextlib.nullcontext([])
+
+
+def test_a_whole_run_with_replayed_steps_matches_eager_steps(tmp_path, capsys, in_root, monkeypatch):
+    """The loop around the step: cosine schedule, validation, checkpoints, best weights, a random
+    crop; the built-in digits, so the CPU suite always runs it."""
+    import dataclasses
+    import json
+
+    import runtime.runner
+    import runtime.trainstep
+    from runtime.cli import main
+
+    def run(name):
+        out = tmp_path / name
+        args = ["specs/student.spec", "--recipe", "scratch", "--epochs", "3", "--set", "data.batch_size=48",
+                "--out", str(out)]
+        assert main(args) == 0, capsys.readouterr()
+        from safetensors import safe_open
+        from safetensors.torch import load_file
+
+        with safe_open(str(out / "steps/train/last.safetensors"), framework="pt") as f:
+            history = json.loads(f.metadata()["progress"])["history"]
+        return history, load_file(out / "steps/train/model.safetensors")
+
+    eager = run("eager")
+    real_resolve = runtime.runner.resolve_speed
+    monkeypatch.setattr(runtime.runner, "resolve_speed",
+                        lambda *a, **k: dataclasses.replace(real_resolve(*a, **k), cuda_graphs=True))
+    monkeypatch.setattr(runtime.trainstep, "CudaGraph", RecordedStep)
+    RecordedStep.captures = 0
+    graphed = run("graphed")
+    assert RecordedStep.captures >= 3  # one per epoch at least: the cosine schedule moves the rate each time
+
+    def same(rows):
+        return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in rows]
+
+    assert same(graphed[0]) == same(eager[0])
+    assert graphed[1].keys() == eager[1].keys()
+    assert all(torch.equal(graphed[1][k], eager[1][k]) for k in eager[1])  # the model file's tensors
 
 
 # --- on a GPU ------------------------------------------------------------------------
