@@ -211,12 +211,14 @@ def compare(step: str, model_name: str, batch: int, args, shape, data, device, t
     def ratios(name):
         return [c[0] / t[0] for c, t in zip(result[name], result["tuned"])]
 
+    def key(name):  # the default variant's ratio is `vs_tuned`, another's `<name>_vs_tuned`
+        return "vs_tuned" if name == "nccompile" else f"{name}_vs_tuned"
+
     return {"step": step, "model": model_name, "batch": batch,
             **{f"{loop}_images_per_second": statistics.median(m[0] for m in runs) for loop, runs in result.items()},
             **{f"{loop}_val_accuracy": runs[-1][1] for loop, runs in result.items()},
-            **{f"{name}_vs_tuned".replace("nccompile_", ""): statistics.median(ratios(name)) for name, _ in variants},
-            **{f"{name}_vs_tuned_range".replace("nccompile_", ""): [min(ratios(name)), max(ratios(name))]
-               for name, _ in variants},
+            **{key(name): statistics.median(ratios(name)) for name, _ in variants},
+            **{key(name) + "_range": [min(ratios(name)), max(ratios(name))] for name, _ in variants},
             "runs": {loop: [m[0] for m in runs] for loop, runs in result.items()}}
 
 

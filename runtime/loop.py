@@ -118,9 +118,8 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
     net = module
     if distributed.active():
         net = torch.nn.parallel.DistributedDataParallel(module)
-    scaler = speed.scaler()
-    graphs = speed.cuda_graphs and not distributed.active() and scaler is None  # as resolved; checked again
-    step = TrainStep(speed, speed.compiled(net), optimizer, scaler, loss_fn, graphs=graphs, log=ctx.log, label=label)
+    step = TrainStep(speed, speed.compiled(net), optimizer, speed.scaler(), loss_fn, graphs=speed.cuda_graphs,
+                     log=ctx.log, label=label)
     run = _Fit(ctx, module, step, optimizer, schedule, epochs, label, epoch_hook, progress,
                CheckpointWriter(ctx, step_dir, key, background=speed.background_checkpoints))
     try:

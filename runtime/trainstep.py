@@ -103,7 +103,7 @@ def _capturable(optimizer):
 class TrainStep:
     """The training step of one `fit`, with the epoch's loss sum and correct count on the device.
 
-    `graphs`: capture and replay (the caller decides when that is safe: CUDA, no DDP, no compile,
+    `graphs`: capture and replay (runtime.speed decides when that is safe: CUDA, no DDP, no compile,
     no loss scaling). `graph_type` is CudaGraph unless given (tests give a stand-in on the CPU). Call
     `start_epoch` once the epoch's modes and learning rates are set.
     """
@@ -178,8 +178,7 @@ class TrainStep:
 
     def _eager_from_now(self, why: str) -> None:
         self.graphs = False
-        self._captured.clear()
-        self.optimizer.zero_grad(set_to_none=True)
+        self._captured.clear()  # its gradients go at the next step's zero_grad
         self._log(f"{self._label}: training without CUDA graphs, {why}")
 
     def _capture(self, x, y, idx) -> _Graphed | None:

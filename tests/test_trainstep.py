@@ -26,28 +26,42 @@ from runtime.transforms import Pipeline
 SIZE = 16
 
 
-class ReplayedCall:
-    """CudaGraph's stand-in: `replay` calls the captured function again."""
+class RecordedStep:
+    """CudaGraph's stand-in: capture runs nothing, `replay` calls the captured function again."""
+
+    captures: list = []
+
+    def __init__(self, fn):
+        self.fn = fn
+        self.captures.append(self)
+
+    def replay(self):
+        self.fn()
+
+    @staticmethod
+    def warmup(check=False):
+        return contextlib.nullcontext([])  # no host syncs found
+
+
+class ReplayedCall(RecordedStep):
+    """The stand-in that also knows the optimizer and the model: it fails where a real graph would
+    silently replay under another learning rate or mode."""
 
     captures: list = []
 
     def __init__(self, fn):
         optimizer = self.optimizer
         assert all(g["capturable"] for g in optimizer.param_groups)  # PyTorch refuses capture otherwise
-        self.fn, self.lrs = fn, [g["lr"] for g in optimizer.param_groups]
+        self.lrs = [g["lr"] for g in optimizer.param_groups]
         self.modules = list(self.net.modules())
         self.training = [m.training for m in self.modules]
-        self.captures.append(self)
+        super().__init__(fn)
 
     def replay(self):
         assert [g["lr"] for g in self.optimizer.param_groups] == self.lrs, "replayed with a new learning rate"
         assert [m.training for m in self.modules] == self.training, "replayed in another mode"
         assert not any(g["capturable"] for g in self.optimizer.param_groups)
-        self.fn()
-
-    @staticmethod
-    def warmup(check=False):
-        return contextlib.nullcontext([])  # no host syncs found
+        super().replay()
 
 
 class FailingCapture(ReplayedCall):
@@ -153,23 +167,6 @@ def test_cuda_graphs_are_a_cuda_default_unless_compiled(monkeypatch):
     assert not resolve(SpeedConfig(), cuda, ddp=True).cuda_graphs  # DDP's gradient buckets
 
 
-class RecordedStep:
-    """A stand-in without access to the optimizer: replay calls the step again (for whole runs)."""
-
-    captures = 0
-
-    def __init__(self, fn):
-        self.fn = fn
-        type(self).captures += 1
-
-    def replay(self):
-        self.fn()
-
-    @staticmethod
-    def warmup(check=False):
-        return contextlib.nullcontext([])
-
-
 def test_a_whole_run_with_replayed_steps_matches_eager_steps(tmp_path, capsys, in_root, monkeypatch):
     """The loop around the step: cosine schedule, validation, checkpoints, best weights, a random
     crop; the built-in digits, so the CPU suite always runs it."""
@@ -197,9 +194,9 @@ def test_a_whole_run_with_replayed_steps_matches_eager_steps(tmp_path, capsys, i
     monkeypatch.setattr(runtime.runner, "resolve_speed",
                         lambda *a, **k: dataclasses.replace(real_resolve(*a, **k), cuda_graphs=True))
     monkeypatch.setattr(runtime.trainstep, "CudaGraph", RecordedStep)
-    RecordedStep.captures = 0
+    RecordedStep.captures = []
     graphed = run("graphed")
-    assert RecordedStep.captures >= 3  # one per epoch at least: the cosine schedule moves the rate each time
+    assert len(RecordedStep.captures) >= 3  # one per epoch at least: the cosine schedule moves the rate each time
 
     def same(rows):
         return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in rows]
