@@ -238,8 +238,8 @@ def main() -> None:
     p.add_argument("--cudnn-benchmark", choices=["on", "off"], default="on",
                    help="nccompile's speed.cudnn_benchmark (on: the CUDA default; the plain loops never set it)")
     p.add_argument("--schedule", choices=["constant", "cosine"], default="constant",
-                   help="nccompile's learning-rate schedule (cosine: a new learning rate, so a new capture, "
-                        "every epoch; the plain loops keep theirs constant)")
+                   help="nccompile's learning-rate schedule (cosine: a new learning rate every epoch, "
+                        "refilled into the graphs; the plain loops keep theirs constant)")
     p.add_argument("--cuda-graphs", nargs="+", choices=["on", "off"], default=["on"],
                    help="nccompile's speed.cuda_graphs (on: the CUDA default); `on off` measures both, alternating")
     p.add_argument("--repeats", type=int, default=3, help="tuned and nccompile measurements each, alternating")

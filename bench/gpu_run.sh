@@ -5,7 +5,7 @@
 # whole-step CUDA graphs against eager steps), bench_gpu.log/.json (train and distill vs the tuned
 # loop, nccompile with CUDA graphs (the default) and without: 4 epochs, 3 alternating repeats, because
 # the tuned loop alone moved by up to 1.4x between repeats in earlier calls), cosine.log (the
-# student at batch 64 with a cosine schedule: a new capture every epoch, graphs against eager),
+# student at batch 64 with a cosine schedule: a new learning rate every epoch, graphs against eager),
 # qat.log (quantization-aware training: per-tensor rounding against one pass, bench/bench_qat.py).
 # Parts run in order of importance, each under its own timeout, so a late one cannot hide an early one.
 # (The previous version, with the --idle and --cudnn-benchmark diagnostics, is in git history; its
@@ -23,7 +23,7 @@ stamp bench
 timeout 340 python3 bench/bench_gpu.py --data $data --input 3x128x128 --epochs 4 --steps train distill --repeats 3 \
   --cuda-graphs on off --json "$OUT/bench_gpu.json" 2>&1 | grep -v -i warn | tee "$OUT/bench_gpu.log" | tail -8
 stamp cosine
-# a learning rate that changes every epoch means a capture every epoch: what does it cost?
+# a learning rate that changes every epoch: refilled into the graphs' tensors, should cost nothing
 timeout 45 python3 bench/bench_gpu.py --data $data --input 3x128x128 --epochs 4 --steps train --models student \
   --batch 64 --repeats 1 --schedule cosine --cuda-graphs on off 2>&1 | grep -v -i warn | tee "$OUT/cosine.log" | tail -3
 stamp qat

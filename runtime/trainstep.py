@@ -4,11 +4,12 @@ A small CNN at batch 64 on a GPU is bound by kernel launches, not arithmetic: an
 launches some 700 kernels from Python. With `speed.cuda_graphs` (on CUDA by default) the whole
 step (forward, loss, backward, optimizer, metric updates) is captured once per batch size, after
 a few eager warm-up steps, and replayed with one launch; each batch is first copied into the
-graph's own input tensors (PyTorch's "whole-network capture"). A graph keeps what Python decided
-when it was captured: the learning rate (a schedule that changes it means a new capture) and every
-module's train/eval mode (frozen BatchNorm in quantization-aware training: new warm-up steps, then a
-new capture, as hooks may build new constants). Both change only between epochs. A step that cannot
-be captured (a loss that reads a value on the host, say) trains eagerly and says why, once.
+graph's own input tensors (PyTorch's "whole-network capture"). The optimizer reads its learning
+rates from device tensors in the graph, refilled when the schedule moves them, so a new rate needs
+no new capture. What else Python decided at capture stays: every module's train/eval mode (frozen
+BatchNorm in quantization-aware training means new warm-up steps, then a new capture, as hooks may
+build new constants); modes change only between epochs. A step that cannot be captured (a loss that
+reads a value on the host, say) trains eagerly and says why, once.
 """
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ from typing import Callable
 import torch
 
 WARMUP_STEPS = 2  # eager steps per batch size before its capture: optimizer state, cuDNN's autotuning
+# a learning rate as the fused optimizer kernels read it from a tensor: float on CUDA, double on the CPU
+LR_DTYPES = {"cuda": torch.float32, "cpu": torch.float64}
 
 
 class CudaGraph:
@@ -73,11 +76,10 @@ class CudaGraph:
 
 
 class _Graphed:
-    """A captured step with the inputs it reads, the tensors it writes that nothing else holds, and the
-    learning rates it was captured with."""
+    """A captured step with the inputs it reads and the tensors it writes that nothing else holds."""
 
-    def __init__(self, graph, inputs: tuple[torch.Tensor, ...], lrs: list[float], keep: list):
-        self.graph, self.inputs, self.lrs, self.keep = graph, inputs, lrs, keep
+    def __init__(self, graph, inputs: tuple[torch.Tensor, ...], keep: list):
+        self.graph, self.inputs, self.keep = graph, inputs, keep
 
     def replay(self, *batch: torch.Tensor) -> None:
         for fixed, t in zip(self.inputs, batch):
@@ -86,18 +88,23 @@ class _Graphed:
 
 
 @contextlib.contextmanager
-def _capturable(optimizer):
-    """PyTorch's optimizers refuse capture unless `capturable`; the fused kernels behave the same either
-    way, and the flag stays off outside the capture (eager steps with it on warn, checkpoints keep it)."""
-    groups = [g for g in optimizer.param_groups if "capturable" in g]
-    before = [g["capturable"] for g in groups]
-    for g in groups:
-        g["capturable"] = True
+def _capturable(optimizer, lrs: list[torch.Tensor]):
+    """The optimizer as a graph captures it: `capturable` (PyTorch's optimizers refuse capture without
+    it; the fused kernels behave the same either way) and the learning rates read from `lrs`. Both
+    are restored after: eager steps with the flag on warn, and checkpoints keep plain numbers."""
+    groups = optimizer.param_groups
+    before = [(g["lr"], g.get("capturable")) for g in groups]
+    for g, lr in zip(groups, lrs):
+        g["lr"] = lr
+        if "capturable" in g:
+            g["capturable"] = True
     try:
         yield
     finally:
-        for g, b in zip(groups, before):
-            g["capturable"] = b
+        for g, (lr, flag) in zip(groups, before):
+            g["lr"] = lr
+            if flag is not None:
+                g["capturable"] = flag
 
 
 class TrainStep:
@@ -118,14 +125,17 @@ class TrainStep:
         self._captured: dict[int, _Graphed] = {}
         self._eager_steps: Counter[int] = Counter()
         self._log, self._label = log or (lambda message: None), label
-        self._lrs: list[float] = []
+        # what every graph reads its learning rates from; filled, never replaced, as the schedule moves
+        lr_dtype = LR_DTYPES.get(speed.device.type, torch.float32)
+        self._lrs = [torch.zeros((), dtype=lr_dtype, device=speed.device) for _ in optimizer.param_groups]
         self._modes: tuple = ()
 
     def start_epoch(self) -> None:
         self.loss_sum.zero_()
         self.correct.zero_()
         if self.graphs:
-            self._lrs = [float(g["lr"]) for g in self.optimizer.param_groups]
+            for t, g in zip(self._lrs, self.optimizer.param_groups):
+                t.fill_(float(g["lr"]))  # a kernel, no host sync
             modes = tuple(m.training for m in self.net.modules())
             if modes != self._modes:  # e.g. BatchNorm frozen: new warm-up steps, new captures
                 self._captured.clear()
@@ -138,9 +148,6 @@ class TrainStep:
             return
         n = idx.shape[0]
         graphed = self._captured.get(n)
-        if graphed is not None and graphed.lrs != self._lrs:
-            del self._captured[n]  # the schedule moved the learning rate this graph holds
-            graphed = None
         if graphed is None:
             if self._eager_steps[n] < WARMUP_STEPS:
                 self._eager_steps[n] += 1
@@ -170,6 +177,11 @@ class TrainStep:
         self.loss_sum.add_(loss.detach(), alpha=idx.shape[0])  # one kernel per metric update
         self.correct.add_((logits.argmax(1) == y).sum())
 
+    def _captured_run(self, inputs) -> None:
+        """The step as a graph holds it (what a graph captures, or a stand-in replays)."""
+        with _capturable(self.optimizer, self._lrs):
+            self.run(*inputs)
+
     def close(self) -> None:
         """Free the graphs and the memory they hold (the next step trains another model)."""
         self._captured.clear()
@@ -185,14 +197,13 @@ class TrainStep:
         inputs = (x.clone(), y.clone(), idx.clone())  # clone keeps channels_last
         self.optimizer.zero_grad(set_to_none=True)  # gradients of the graph's own, made in the capture
         try:
-            with _capturable(self.optimizer):
-                graph = self._graph_type(lambda: self.run(*inputs))
+            graph = self._graph_type(lambda: self._captured_run(inputs))
         except Exception as err:  # noqa: BLE001 - any failure to capture means: train eagerly
             reason = str(err).strip().splitlines()[0][:160] if str(err).strip() else ""
             self._eager_from_now(f"the step could not be captured ({type(err).__name__}: {reason})")
             self.run(x, y, idx)
             return None
         keep = [p.grad for p in self.net.parameters()]  # the graph writes them; they must outlive it
-        graphed = _Graphed(graph, inputs, self._lrs, keep)
+        graphed = _Graphed(graph, inputs, keep)
         self._captured[idx.shape[0]] = graphed
         return graphed

@@ -1,11 +1,12 @@
 """Training steps replayed as CUDA graphs (runtime.trainstep).
 
 On the CPU a stand-in takes the graph's place: its capture runs nothing and its replay calls the
-step again on the graph's own input tensors. Like a real graph it fails loudly when replayed under
-a learning rate or train mode other than its capture's (a real graph would silently keep the old
-ones). So the CPU checks what the step does around the graph: warm-up, the copies into the graph's
-inputs, one graph per batch size, a new capture when the schedule moves the learning rate, the
-metrics, and training on eagerly when a capture fails. The CUDA tests run the real graphs."""
+step again on the graph's own input tensors. Like a real graph it fails loudly when replayed in a
+train mode other than its capture's, or with learning rates read from other tensors than its
+capture's (a real graph would silently keep the old ones). So the CPU checks what the step does
+around the graph: warm-up, the copies into the graph's inputs, one graph per batch size, learning
+rates that follow the schedule without a new capture, the metrics, and training on eagerly when a
+capture fails. The CUDA tests run the real graphs."""
 from __future__ import annotations
 
 import contextlib
@@ -45,23 +46,36 @@ class RecordedStep:
 
 class ReplayedCall(RecordedStep):
     """The stand-in that also knows the optimizer and the model: it fails where a real graph would
-    silently replay under another learning rate or mode."""
+    silently replay in another mode, or read learning rates from tensors other than its capture's."""
 
     captures: list = []
 
     def __init__(self, fn):
-        optimizer = self.optimizer
-        assert all(g["capturable"] for g in optimizer.param_groups)  # PyTorch refuses capture otherwise
-        self.lrs = [g["lr"] for g in optimizer.param_groups]
         self.modules = list(self.net.modules())
         self.training = [m.training for m in self.modules]
+        self.lrs = None  # the tensors the optimizer read its learning rates from, at the first replay
         super().__init__(fn)
 
     def replay(self):
-        assert [g["lr"] for g in self.optimizer.param_groups] == self.lrs, "replayed with a new learning rate"
         assert [m.training for m in self.modules] == self.training, "replayed in another mode"
-        assert not any(g["capturable"] for g in self.optimizer.param_groups)
-        super().replay()
+        optimizer, seen = self.optimizer, []
+        assert not any(g["capturable"] for g in optimizer.param_groups)  # on only while a graph holds the step
+        assert all(isinstance(g["lr"], float) for g in optimizer.param_groups)  # the schedule's numbers
+
+        def step(*args, **kwargs):
+            groups = optimizer.param_groups
+            assert all(g["capturable"] for g in groups)  # PyTorch refuses capture otherwise
+            seen.extend(g["lr"] for g in groups)
+            return type(optimizer).step(optimizer, *args, **kwargs)
+
+        optimizer.step = step
+        try:
+            super().replay()
+        finally:
+            del optimizer.step
+        assert all(isinstance(t, torch.Tensor) for t in seen), "a graph holds numbers it was captured with"
+        self.lrs = self.lrs or seen
+        assert all(a is b for a, b in zip(seen, self.lrs, strict=True)), "a graph reads its capture's tensors"
 
 
 class FailingCapture(ReplayedCall):
@@ -120,10 +134,10 @@ def test_replayed_steps_train_exactly_as_eager_steps():
     for a, b in zip(params, eager_params):
         assert torch.equal(a, b)
     # 70 images in batches of 16: four full ones and a last one of 6. Epochs 2 and 4 start with a new
-    # learning rate. The full size is captured in epochs 1, 2 and 4 (after 2 warm-up steps in epoch 1),
-    # the last batch in epochs 3 and 4 (warmed up in epochs 1 and 2).
+    # learning rate, which needs no new capture. The full size is captured in epoch 1 (after 2 warm-up
+    # steps), the last batch in epoch 3 (warmed up in epochs 1 and 2).
     assert WARMUP_STEPS == 2
-    assert len(ReplayedCall.captures) == 3 + 2
+    assert len(ReplayedCall.captures) == 2
 
 
 def test_modes_changed_between_epochs_mean_new_warm_up_steps_and_captures():
@@ -134,8 +148,8 @@ def test_modes_changed_between_epochs_mean_new_warm_up_steps_and_captures():
     params, history = _train(graphs=True, epoch_hook=_freeze_batchnorm_from(1), epochs=3)
     assert history == eager_history
     assert all(torch.equal(a, b) for a, b in zip(params, eager_params))
-    # full size: captured in epoch 1; epoch 2 (frozen, new learning rate) warms up again and captures;
-    # epoch 3 (same modes, same learning rate) replays. The last batch: 2 warm-ups from epoch 2 on.
+    # full size: captured in epoch 1; epoch 2 (frozen) warms up again and captures; epoch 3 (same
+    # modes, another learning rate) replays. The last batch: 2 warm-ups from epoch 2 on.
     assert len(ReplayedCall.captures) == 2, len(ReplayedCall.captures)
 
 
@@ -196,7 +210,8 @@ def test_a_whole_run_with_replayed_steps_matches_eager_steps(tmp_path, capsys, i
     monkeypatch.setattr(runtime.trainstep, "CudaGraph", RecordedStep)
     RecordedStep.captures = []
     graphed = run("graphed")
-    assert len(RecordedStep.captures) >= 3  # one per epoch at least: the cosine schedule moves the rate each time
+    # one per batch size (full, and the last one): the cosine schedule's new rates need no new capture
+    assert len(RecordedStep.captures) == 2
 
     def same(rows):
         return [{k: v for k, v in r.items() if k not in ("seconds", "images_per_second")} for r in rows]
@@ -257,7 +272,7 @@ def test_cuda_graph_training_matches_eager_training(qat):
         graphed, history, captured = _cuda_train(graphs=True, qat=qat)
     finally:
         torch.backends.cudnn.deterministic, torch.backends.cudnn.benchmark = before
-    # 200 = 3 x 64 + 8: the full batch, captured every epoch (new learning rate); the last one after
+    # 200 = 3 x 64 + 8: the full batch, captured once (new learning rates are refilled); the last one after
     # its 2 warm-up epochs, unless BatchNorm froze in the last epoch (warm-up again)
     assert captured == (1 if qat else 2)
     for (loss, correct, seen), (eager_loss, eager_correct, eager_seen) in zip(history, eager_history):
