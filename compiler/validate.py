@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 
 from . import ir
-from .errors import Diagnostics, did_you_mean
+from .errors import Diagnostics, Span, did_you_mean
 from .expr import FUNCTIONS, LIMIT, ExprError, evaluate, free_names
 from .fileformat import FORMAT_HELP, SUMMARY_FORMATS, is_format
 from .ops import LAYERS, REQUIRED
@@ -56,7 +56,7 @@ class _Validator:
                   for b in self.spec.blocks]
         models = []
         if not self.spec.models:
-            self.diags.error("no model in this file", None, expected="`model NAME { ... }`")
+            self.diags.error("no model in this file", Span(self.spec.path, 1, 1), expected="`model NAME { ... }`")
         names: set[str] = set()
         for m in self.spec.models:
             if not _LABEL.fullmatch(m.name):

@@ -44,12 +44,13 @@ def load(name_or_path: str, overrides: list[str] = (), epochs: int | None = None
             kind = REGISTRY.get(step.get("kind")) if isinstance(step, dict) else None
             if kind is not None:
                 kind.set_epochs(step, epochs)
-    recipe, problems = validate_recipe(raw)
-    steps, names = [], set()
-    raw_steps = raw.get("steps")
-    if raw_steps is not None and not isinstance(raw_steps, list):
+    raw_steps, problems = raw.get("steps"), []
+    if raw_steps is not None and not isinstance(raw_steps, list):  # said once, here, not again by pydantic
         problems.append(f"`steps` must be a list of steps, got {type(raw_steps).__name__}")
-        raw_steps = []
+        raw, raw_steps = {**raw, "steps": []}, None
+    recipe, shared_problems = validate_recipe(raw)  # a missing `steps` is one of these
+    problems += shared_problems
+    steps, names = [], set()
     for i, step in enumerate(raw_steps or []):
         label = f"steps[{i}]"
         if not isinstance(step, dict):
@@ -70,7 +71,7 @@ def load(name_or_path: str, overrides: list[str] = (), epochs: int | None = None
             problems.append(f"`{label}.name`: step name `{cfg.name}` is used twice")
         names.add(cfg.name)
         steps.append(cfg)
-    if not raw_steps:
+    if raw_steps == []:
         problems.append("`steps`: a recipe needs at least one step")
     if problems:
         raise RecipeError(str(path), problems)

@@ -32,6 +32,8 @@ def run(args, capsys) -> tuple[int, str]:
     (lambda d: _write(d / "neg.yaml", "model:\n  name: n\n  input: [-1, 100, 100]\n  layers: [relu]\n"),
      "every size must be at least 1"),
     (lambda d: _write(d / "ctl.yaml", "model: \x07\n"), "invalid YAML"),
+    (lambda d: _write(d / "e.spec", ""), "e.spec:1:1: error: no model in this file"),
+    (lambda d: _write(d / "c.spec", "# a comment\n"), "c.spec:1:1: error: no model in this file"),
 ])
 def test_bad_spec_files(make, fragment, tmp_path, capsys):
     code, printed = run([make(tmp_path)], capsys)
@@ -50,6 +52,16 @@ def test_bad_recipe_files(make, fragment, tmp_path, capsys, in_root):
     code, printed = run(["specs/student.spec", "--recipe", make(tmp_path), "--dry-run"], capsys)
     assert code == 2 and fragment in printed, printed
     assert "internal error" not in printed
+
+
+@pytest.mark.parametrize("text, message", [
+    ("name: r\nsteps: 5\n", "`steps` must be a list of steps, got int"),
+    ("name: r\n", "`steps` is required"),
+    ("name: r\nsteps: []\n", "`steps`: a recipe needs at least one step"),
+])
+def test_a_recipe_without_a_list_of_steps_is_one_error(text, message, tmp_path, capsys, in_root):
+    code, printed = run(["specs/student.spec", "--recipe", _write(tmp_path / "r.yaml", text), "--dry-run"], capsys)
+    assert code == 2 and printed.strip().endswith(message) and printed.count("error:") == 2, printed  # nccompile: + one
 
 
 def test_limits_are_configurable(tmp_path, capsys, monkeypatch):
