@@ -159,11 +159,9 @@ def pipeline_for(recipe: Recipe, which: str, input_shape: tuple, listing: Listin
     for data that is not mirror-symmetric, such as digits: a mirrored 3 is no 3."""
     size = tuple(input_shape[1:])
     specs = getattr(recipe.transforms, which)
-    dropped = []
-    if not listing.mirror_symmetric:
-        dropped = [t for t in specs if isinstance(t, dict) and set(t) <= {"flip"}]
-        specs = [t for t in specs if t not in dropped]
-    pipeline = Pipeline(specs, f"transforms.{which}", input_shape[0], size, expect=size)
+    leave_out = frozenset() if listing.mirror_symmetric else frozenset({"flip"})
+    pipeline = Pipeline(specs, f"transforms.{which}", input_shape[0], size, expect=size, leave_out=leave_out)
+    dropped = [t for t in specs if isinstance(t, dict) and set(t) & leave_out]
     if dropped:
         pipeline.note = f"flip left out: {listing.description} is not mirror-symmetric"
     return pipeline

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from compiler.errors import NcError, did_you_mean
+from compiler.errors import did_you_mean
 
 from .recipe import Recipe, RecipeError, problems_of, read_recipe, validate_recipe
 from .steps import REGISTRY, StepConfig, StepKind
@@ -104,5 +104,5 @@ def make_plan(recipe: Recipe, path: Path, steps: list[StepConfig], models: dict,
             available |= set(kind.produces(cfg))
         planned.append(PlannedStep(cfg, kind, skip))
     if problems:
-        raise NcError("\n".join(f"{path}: error: {p}" for p in problems))
+        raise RecipeError(str(path), problems)
     return Plan(recipe, path, tuple(planned))

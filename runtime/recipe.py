@@ -58,7 +58,9 @@ class RecipeError(NcError):
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    """Every configuration section (recipes, steps, studies): unknown keys and non-finite numbers refused."""
+
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
 
 class OptimizerConfig(Strict):
@@ -181,7 +183,7 @@ def _parse_scalar(text: str):
 
 
 def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
-    """`--set a.b.c=value`: steps are addressed by name (`steps.distill.epochs=3`)."""
+    """`--set a.b.c=value`: steps are addressed by name (`steps.distill.epochs=3`), list items by index."""
     problems = []
     for item in overrides:
         key, sep, value = item.partition("=")
@@ -191,15 +193,19 @@ def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
         parts = key.split(".")
         node = raw
         for i, part in enumerate(parts[:-1]):
-            if isinstance(node, list):  # steps: by name or index
+            if isinstance(node, list):  # steps: by name or index; other lists: by index
                 match = [s for s in node if isinstance(s, dict) and s.get("name") == part]
                 if not match and part.isdigit() and int(part) < len(node):
                     match = [node[int(part)]]
-                if not match:
+                if not match and parts[:i] == ["steps"]:
                     names = [s.get("name") for s in node if isinstance(s, dict)]
                     hint = did_you_mean(part, names)
                     problems.append(f"--set {key}: no step `{part}` (steps: {', '.join(map(str, names))})"
                                     + (f"; {hint}" if hint else ""))
+                    break
+                if not match:
+                    problems.append(f"--set {key}: `{'.'.join(parts[:i])}` has no item `{part}` (it has "
+                                    f"{len(node)}, addressed by index from 0)")
                     break
                 node = match[0]
             else:
@@ -250,7 +256,7 @@ def _merge_union_members(errors: list[dict]) -> list[dict]:
             merged.append(e)
         elif loc[:-1] not in done:
             done.add(loc[:-1])
-            msgs = [g["msg"] for g in group]
+            msgs = list(dict.fromkeys(g["msg"] for g in group))  # int's and float's "a finite number": once
             text = msgs[0] + "".join(" or " + m.removeprefix("Input should be ") for m in msgs[1:])
             merged.append({**group[0], "loc": loc[:-1], "msg": text, "type": "union"})
     return merged

@@ -23,10 +23,11 @@ from compiler.fileformat import weight_tensors
 from compiler.report import table
 
 from . import distributed
-from .context import ModelSlot, RunContext
+from .context import ModelSlot, RunContext, pipeline_for
 from .data import list_source
 from .plan import Plan, make_plan
 from .plan import load as load_plan
+from .recipe import RecipeError
 from .rundir import RunDir, digest, write_json, write_text
 from .speed import resolve as resolve_speed
 from .weights import ModelFile
@@ -148,11 +149,19 @@ def prepare(opts: Options):
             slot.weights, slot.producer = ckpt, "checkpoint"
             slot.producer_key = digest("checkpoint", str(ckpt), ckpt.stat().st_size, ckpt.stat().st_mtime_ns)
         slots[name] = slot
-    plan = make_plan(recipe, recipe_path, steps, slots, listing)
-    # building the transforms for the training input validates them, sizes included
-    from .context import pipeline_for
-
-    pipelines = {w: pipeline_for(recipe, w, input_shape, listing) for w in ("train", "eval")}
+    # the plan's problems and the transforms' (built for the training input, sizes included), all at once
+    pipelines, problems = {}, []
+    try:
+        plan = make_plan(recipe, recipe_path, steps, slots, listing)
+    except RecipeError as err:
+        problems += err.problems
+    for which in ("train", "eval"):
+        try:
+            pipelines[which] = pipeline_for(recipe, which, input_shape, listing)
+        except RecipeError as err:
+            problems += err.problems
+    if problems:
+        raise RecipeError(str(recipe_path), problems)
     return recipe, recipe_path, listing, slots, plan, pipelines
 
 

@@ -382,10 +382,12 @@ class Pipeline:
     """uint8 batch [N, C, H, W] on any device -> float batch on the same device.
 
     `size` is the (H, W) of the images it receives; `expect` is the model's input size, which
-    the output must equal (checked here, before any work).
+    the output must equal (checked here, before any work). Transforms named in `leave_out` are
+    checked but not applied (errors keep the recipe's own indices).
     """
 
-    def __init__(self, specs: list, where: str, channels: int, size: Size, expect: Size | None = None):
+    def __init__(self, specs: list, where: str, channels: int, size: Size, expect: Size | None = None,
+                 leave_out: frozenset[str] = frozenset()):
         self.where, self.in_size = where, tuple(size)
         self.ops: list[tuple[str, object]] = []
         self.norm: Normalize | None = None
@@ -410,6 +412,8 @@ class Pipeline:
                 op = TRANSFORMS[name](arg, current)
             except (TypeError, ValueError, KeyError) as err:
                 problems.append(f"`{where}[{i}]` ({name}): {err}")
+                continue
+            if name in leave_out:
                 continue
             self.ops.append((name, op))
             current = op.out_size(current)

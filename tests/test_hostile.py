@@ -265,6 +265,18 @@ def test_food11_labels_must_be_class_indices(tmp_path):
         list_source(DataConfig(path=str(tmp_path)))
 
 
+def test_transform_errors_keep_the_recipe_index_and_come_with_the_plan_errors(tmp_path, capsys, in_root):
+    """The built-in digits are not mirror-symmetric, so kd_wq's flip (item 0) is left out: the crop is
+    still item 1. Problems in both pipelines and in the steps are said at once."""
+    code, printed = run(["specs/student.spec", "--recipe", "kd_wq", "--set", "transforms.train.1.crop.size=1000",
+                         "--set", "transforms.eval=[{bogus: 1}]", "--set", "steps.distill.teacher=nobody",
+                         "--dry-run"], capsys)
+    assert code == 2, printed
+    assert "kd_wq.yaml: error: `transforms.train[1]` (crop): a 1000x1000 crop does not fit" in printed
+    assert "kd_wq.yaml: error: `transforms.eval[0]`: unknown transform `bogus`" in printed
+    assert "kd_wq.yaml: error: step `distill` needs model `nobody`" in printed and "3 errors" in printed
+
+
 @pytest.mark.parametrize("override, fragment", [
     ("data.val_fraction=0.999", "leaves no training images"),
     ("data.name=__loader__", "torchvision has no dataset `__loader__`"),
@@ -359,6 +371,15 @@ def test_deeply_nested_yaml_is_a_clean_error(tmp_path, capsys):
     (["--recipe", "kd_wq", "--set", "steps.export.opset=1", "--dry-run"], "opset"),
     (["--recipe", "kd", "--set", "models.teacher.torchvision_weights=IMAGENET9K", "--dry-run"],
      "no weights `IMAGENET9K`"),
+    (["--recipe", "kd_wq", "--set", "optimizer.lr=.inf", "--dry-run"], "`optimizer.lr`: Input should be a finite"),
+    (["--recipe", "kd_wq", "--set", "steps.distill.temperature=nan", "--dry-run"],
+     "`steps[1] (distill).temperature`: Input should be a finite number"),
+    (["--recipe", "kd_wq", "--set", "models.teacher.params.classes=.nan", "--dry-run"],
+     "`models.teacher.params.classes`: Input should be a valid boolean or a finite number (got nan)"),
+    (["--recipe", "prune", "--set", "steps.prune.finetune.lr=.inf", "--dry-run"],
+     "finetune.lr`: Input should be a finite"),
+    (["--recipe", "kd_wq", "--set", "transforms.eval.0.flip=1", "--dry-run"],
+     "`transforms.eval` has no item `0` (it has 0, addressed by index from 0)"),
 ])
 def test_bad_command_lines(args, fragment, capsys, in_root):
     code, printed = run(["specs/student.spec", *args], capsys)
@@ -508,10 +529,12 @@ def test_integers_of_thousands_of_digits(where, make, fragment, tmp_path, capsys
 
 @pytest.mark.skipif(not DATA.is_dir(), reason="real images not found")
 def test_weights_poisoned_by_one_step_are_never_saved(tmp_path, capsys, in_root):
-    """One batch at an infinite learning rate: its loss was finite, the weights after it are not."""
+    """One batch at a learning rate and weight decay that overflow float32 (an infinite one is refused
+    up front): its loss was finite, the weights after it are not."""
     out = tmp_path / "run"
     code, printed = run(["specs/student.spec", "--recipe", "scratch", "--epochs", "1", "--device", "cpu",
-                         "--data", str(DATA), "--set", "data.limit_per_class=5", "--set", "optimizer.lr=.inf",
+                         "--data", str(DATA), "--set", "data.limit_per_class=5", "--set", "optimizer.lr=1e38",
+                         "--set", "optimizer.weight_decay=1e10",
                          "--out", str(out)], capsys)
     assert code == 2 and "the weights' values became NaN or infinite in epoch 1" in printed, printed[-2000:]
     assert not list(out.glob("steps/train/*.safetensors"))

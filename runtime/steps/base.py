@@ -15,16 +15,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, ClassVar
 
-from pydantic import BaseModel, ConfigDict, field_validator
+from pydantic import field_validator
 
-from ..recipe import plain_name
+from ..recipe import Strict, plain_name
 
 if TYPE_CHECKING:
     from ..context import RunContext
 
 
-class StepConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+class StepConfig(Strict):
     name: str               # also its folder: steps/<name>/
     kind: str
     model: str = "student"  # which model the step works on

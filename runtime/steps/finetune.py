@@ -7,16 +7,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from ..loop import fit
 from ..losses import KD_ALPHA, KD_TEMPERATURE, kd_loss
+from ..recipe import Strict
 
 
-class Finetune(BaseModel):
+class Finetune(Strict):
     """Fine-tuning after an architecture change: cross-entropy (`train`) or from a teacher (`distill`)."""
 
-    model_config = ConfigDict(extra="forbid")
     kind: Literal["train", "distill"] = "train"
     epochs: int = Field(1, ge=0)
     lr: float | None = Field(None, gt=0)

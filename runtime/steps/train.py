@@ -5,7 +5,7 @@ from typing import Literal
 
 import torch
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
 from compiler.errors import NcError
 from compiler.fileformat import SPEC
@@ -13,15 +13,15 @@ from compiler.fileformat import SPEC
 from .. import fakequant
 from ..loop import fit
 from ..losses import KD_ALPHA, KD_TEMPERATURE
+from ..recipe import Strict
 from .base import StepConfig, StepKind, StepResult, register
 from .finetune import teacher_loss
 from .formats import resolve_format, unmatched_patterns
 
 
-class QuantizeAware(BaseModel):
+class QuantizeAware(Strict):
     """Train with every stored tensor rounded as the file of `format` will hold it (runtime.fakequant)."""
 
-    model_config = ConfigDict(extra="forbid")
     format: str = SPEC                       # a weight format, or `spec`: the spec's precision section
     fallback: str | None = None              # the format for `spec` when the spec has no precision section
     formats: dict[str, str] = {}             # tensor-name pattern -> format, as in `quantize`

@@ -32,12 +32,12 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator
 
 from compiler.errors import NcError
 from compiler.limits import NoAliasLoader
 
-from ..recipe import plain_name, problems_of
+from ..recipe import Strict, plain_name, problems_of
 
 Value = Any
 
@@ -51,11 +51,7 @@ class StudyError(NcError):
                                         else problems[0]))
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-
-class RunConfig(_Strict):
+class RunConfig(Strict):
     name: str
     spec: str | None = None
     recipe: str | None = None
@@ -68,7 +64,7 @@ class RunConfig(_Strict):
         return plain_name(v, "a run's name")
 
 
-class GridConfig(_Strict):
+class GridConfig(Strict):
     name: str = "grid"
     spec: str | None = None
     recipe: str | None = None
@@ -81,13 +77,13 @@ class GridConfig(_Strict):
         return plain_name(v, "the grid's name")
 
 
-class Objective(_Strict):
+class Objective(Strict):
     step: str                                  # a step of the recipe, by name
     metric: Literal["val_accuracy"] = "val_accuracy"
     direction: Literal["maximize", "minimize"] = "maximize"
 
 
-class SearchConfig(_Strict):
+class SearchConfig(Strict):
     name: str = "search"
     spec: str | None = None
     recipe: str | None = None
@@ -100,7 +96,7 @@ class SearchConfig(_Strict):
     set: dict[str, Value] = {}
 
 
-class StudyConfig(_Strict):
+class StudyConfig(Strict):
     name: str
     description: str = ""
     spec: str | None = None
