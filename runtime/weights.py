@@ -221,7 +221,8 @@ def compress_file(path: Path) -> Path:
 
 def _read_bytes(path: Path) -> bytes:
     if not path.is_file():
-        raise WeightsError(f"{path}: no such weights file")
+        what = "a folder" if path.is_dir() else "not a regular file" if path.exists() else "no such file"
+        raise WeightsError(f"{path}: {what}; expected a weights file (.safetensors)")
     data = path.read_bytes()
     if path.suffix == ".xz":
         try:

@@ -2,6 +2,8 @@
 for every weight format and option; files rebuild their model alone; bad files are refused."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -137,8 +139,10 @@ def test_truncated_and_tampered_files_are_clear_errors(tmp_path):
             load_model(bad)
         assert str(bad) in str(info.value) or "int9" in str(info.value) or "bose" in str(info.value), what
         assert not isinstance(info.value, (RuntimeError, KeyError)), what
-    with pytest.raises(WeightsError, match="no such weights file"):
-        load_model(tmp_path / "absent.safetensors")
+    for path, what in [(tmp_path / "absent.safetensors", "no such file"), (tmp_path, "a folder"),
+                       (Path("/dev/null"), "not a regular file")]:
+        with pytest.raises(WeightsError, match=f"{what}; expected a weights file"):
+            load_model(path)
 
 
 def test_header_formula_tracks_metadata_and_names():
