@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -201,6 +202,15 @@ def _list_source(cfg: DataConfig) -> Listing:
 
 # --- decoding ------------------------------------------------------------------
 
+def _decoder_message(err: Exception) -> str:
+    """The decoder's reason without the C++ source location torchvision puts before it
+    (`decode_png, /__w/vision/.../decode_png.cpp:66, Content is not png!`)."""
+    first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+    parts = [p.strip() for p in first.split(", ")]
+    kept = [p for p in parts if not re.search(r"\.(cpp|cu|h|hpp):\d+$", p)]
+    return ", ".join(kept) if len(kept) < len(parts) else first
+
+
 def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, skipped: list[str], chunk: int = 512):
     """Decode files in chunks of `chunk`: yields (uint8 [k, C, H, W], labels, ids); JPEGs go through
     torchvision's batched decoder, other formats and bad files one by one."""
@@ -229,7 +239,7 @@ def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, sk
             return img if img.dtype == torch.uint8 else F.to_dtype(img, torch.uint8, scale=True)
         except (RuntimeError, ValueError, OSError) as err:
             if on_bad == "error":
-                raise DataError(f"{path}: cannot decode image ({str(err).splitlines()[0]})\n"
+                raise DataError(f"{path}: cannot decode image ({_decoder_message(err)})\n"
                                 "  hint: fix or remove the file, or set data.on_bad_image: skip "
                                 "(--set data.on_bad_image=skip) to skip and count such files") from None
             skipped.append(str(path))

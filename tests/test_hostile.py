@@ -241,6 +241,19 @@ def test_empty_image_files_follow_on_bad_image(tmp_path):
     assert len(data.train) == 2 and len(data.skipped) == 2
 
 
+def test_a_broken_image_is_named_with_the_decoder_reason_not_its_source_file(tmp_path, capsys, in_root):
+    from PIL import Image
+
+    root = _image_folder(tmp_path / "d", {"a": {"0.png": Image.new("RGB", (8, 8))},
+                                          "b": {"0.png": Image.new("RGB", (8, 8))}})
+    for split in ("train", "val"):
+        (root / split / "a" / "bad.png").write_bytes(b"\x89PNG not really")
+    code, printed = run(["specs/student.spec", "--recipe", "scratch", "--epochs", "1", "--data", str(root),
+                         "--out", str(tmp_path / "run")], capsys)
+    assert code == 2 and "bad.png: cannot decode image (" in printed, printed
+    assert ".cpp" not in printed
+
+
 def test_a_single_class_is_refused_unless_allowed(tmp_path):
     from PIL import Image
 
