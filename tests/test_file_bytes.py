@@ -145,6 +145,33 @@ def test_truncated_and_tampered_files_are_clear_errors(tmp_path):
             load_model(path)
 
 
+def test_the_same_model_always_makes_the_same_bytes(monkeypatch):
+    """safetensors orders the metadata differently from save to save; the written file does not."""
+    import json
+
+    from runtime import weights
+
+    model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
+    module = compiler.build_module(model)
+    files = {weights.model_bytes(module, model, "int8") for _ in range(5)}
+    assert len(files) == 1
+    data = files.pop()
+    assert len(data) == compiler.predicted_bytes(model, "int8")
+    n = int.from_bytes(data[:8], "little")
+    keys = list(json.loads(data[8:8 + n])["__metadata__"])
+    assert keys == sorted(keys) and len(keys) > 1
+    # against safetensors' own bytes: the same header content and length, the same tensor bytes
+    monkeypatch.setattr(weights, "stable_header", lambda d: d)
+    raw = weights.model_bytes(module, model, "int8")
+    assert len(raw) == len(data) and raw[:8] == data[:8] and raw[8 + n:] == data[8 + n:]
+    assert json.loads(raw[8:8 + n]) == json.loads(data[8:8 + n])
+    monkeypatch.undo()
+    # a header this serializer would not write back unchanged (a space after a colon) is left alone
+    odd = data[8:8 + n].decode().replace('":', '": ', 1)[:n].encode()
+    other = data[:8] + odd + data[8 + n:]
+    assert weights.stable_header(other) == other
+
+
 def test_header_formula_tracks_metadata_and_names():
     """The formula is the real safetensors layout, also for odd names and non-ASCII metadata."""
     from safetensors.torch import save
