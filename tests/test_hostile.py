@@ -54,6 +54,14 @@ def test_bad_recipe_files(make, fragment, tmp_path, capsys, in_root):
     assert "internal error" not in printed
 
 
+@pytest.mark.parametrize("text, kind", [("- a\n- b\n", "list"), ("5\n", "scalar")])
+def test_a_yaml_spec_that_is_no_mapping_is_one_error(text, kind, tmp_path, capsys):
+    code, printed = run([_write(tmp_path / "s.yaml", text)], capsys)
+    assert code == 2 and printed.startswith(f"{tmp_path / 's.yaml'}:1:1: error: a spec file must be a mapping, "
+                                            f"got a {kind}"), printed
+    assert printed.count("error:") == 1, printed  # not also "no model in this file"
+
+
 @pytest.mark.parametrize("text, message", [
     ("name: r\nsteps: 5\n", "`steps` must be a list of steps, got int"),
     ("name: r\n", "`steps` is required"),

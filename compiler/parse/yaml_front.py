@@ -316,6 +316,10 @@ def parse_yaml(text: str, path: str) -> tuple[ir.SpecFile, list]:
         raise SpecError([Diagnostic("empty spec file", Span(path, 1, 1),
                                     expected="`model:` with `layers:`")], sources)
     diags = Diagnostics(sources)
+    if not isinstance(root, yaml.MappingNode):  # nothing else to check: no model can follow
+        raise SpecError([Diagnostic(f"a spec file must be a mapping, got a {_kind(root)}",
+                                    _YamlConverter(path, diags).span(root), expected="`model:` with `layers:`")],
+                        sources)
     try:
         spec = _YamlConverter(path, diags).spec(root)
     except RecursionError:
