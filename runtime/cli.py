@@ -132,12 +132,13 @@ def search(argv: list[str]) -> int:
     p.add_argument("--emit", metavar="DIR", help="write each listed configuration as a concrete spec file")
     args = p.parse_args(argv)
     from compiler import parse_shape
-    from compiler.fileformat import SPEC, is_format
+    from compiler.fileformat import FORMAT_HELP, SPEC, is_format
 
     if args.samples is not None and args.samples < 1:
         raise UsageError(f"--samples must be at least 1, got {args.samples}")
     if args.bytes != SPEC and not is_format(args.bytes):
-        raise UsageError(f"--bytes: unknown format `{args.bytes}`")
+        raise UsageError(f"--bytes: unknown format `{args.bytes}`\n  expected: {SPEC} (the spec's precision) or "
+                         f"{FORMAT_HELP}")
     shape = parse_shape(args.input) if args.input is not None else None
     result = run_search(args.spec, model=args.model, fixed=_params(args.param), input_shape=shape,
                         samples=args.samples, seed=args.seed, formats=(args.bytes,))

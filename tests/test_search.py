@@ -142,7 +142,7 @@ def test_search_table_emit_and_fixed_parameters(tmp_path, capsys):
 
 @pytest.mark.parametrize("args, fragment", [
     (["--samples", "0"], "--samples must be at least 1"),
-    (["--bytes", "int9"], "unknown format `int9`"),
+    (["--bytes", "int9"], "unknown format `int9`\n  expected: spec (the spec's precision) or fp32, fp16"),
     (["--param", "base=8", "--param", "blocks=2", "--param", "kernel=3"], "declares no search space"),
 ])
 def test_search_usage_errors(tmp_path, capsys, args, fragment):
