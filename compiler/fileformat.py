@@ -249,6 +249,24 @@ def header(stored: list[StoredTensor], metadata: dict[str, str]) -> bytes:
     return raw + b" " * (-len(raw) % 8)
 
 
+def stable_header(data: bytes) -> bytes:
+    """A written file's bytes with its `__metadata__` keys sorted. safetensors writes them from a Rust
+    HashMap, in an order that changes from save to save; sorted, the same model always makes the same
+    bytes. Only the order moves, so the length (and every predicted size) stays; a header that
+    `_dumps` would not write back unchanged is left as it is."""
+    n = int.from_bytes(data[:8], "little")
+    try:
+        text = data[8:8 + n].decode("utf-8")
+        parsed = json.loads(text)
+    except ValueError:  # not a header we can read: as written
+        return data
+    compact = text.rstrip(" ")  # the header's padding to an 8-byte boundary
+    if _dumps(parsed) != compact or not isinstance(parsed.get("__metadata__"), dict):
+        return data
+    parsed["__metadata__"] = dict(sorted(parsed["__metadata__"].items()))
+    return data[:8] + _dumps(parsed).encode("utf-8") + data[8 + len(compact.encode("utf-8")):]
+
+
 def file_bytes(stored: list[StoredTensor], metadata: dict[str, str]) -> int:
     return 8 + len(header(stored, metadata)) + sum(t.nbytes for t in stored)
 

@@ -18,7 +18,15 @@ from safetensors.torch import save as st_save
 
 from compiler import fileformat
 from compiler.errors import NcError
-from compiler.fileformat import WeightFormat, file_metadata, fold_pairs, layout, parse_format, weight_tensors
+from compiler.fileformat import (
+    WeightFormat,
+    file_metadata,
+    fold_pairs,
+    layout,
+    parse_format,
+    stable_header,
+    weight_tensors,
+)
 from compiler.tree import Model
 
 from .files import atomic_write
@@ -202,28 +210,6 @@ def model_bytes(module: torch.nn.Module, model: Model, fmt: WeightFormat | str =
 
         module = fold_batchnorm(copy.deepcopy(module).eval(), model)
     return stable_header(st_save(encode(state_tensors(module), fmt, ranges), metadata=file_metadata(model, fmt)))
-
-
-def stable_header(data: bytes) -> bytes:
-    """`data` with its `__metadata__` keys sorted. safetensors writes them from a Rust HashMap, in an
-    order that changes from save to save; sorted, the same model always makes the same bytes. Only the
-    order moves, so the length (and every predicted size) stays; a header this serializer would not
-    write back unchanged is left as it is."""
-    n = int.from_bytes(data[:8], "little")
-    try:
-        text = data[8:8 + n].decode("utf-8")
-        header = json.loads(text)
-    except ValueError:  # not a header we can read: as written
-        return data
-    compact = text.rstrip(" ")  # safetensors pads the header with spaces to an 8-byte boundary
-
-    def dumps(obj) -> str:
-        return json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
-
-    if dumps(header) != compact or not isinstance(header.get("__metadata__"), dict):
-        return data
-    header["__metadata__"] = dict(sorted(header["__metadata__"].items()))
-    return data[:8] + dumps(header).encode("utf-8") + data[8 + len(compact.encode("utf-8")):]
 
 
 def save_model(module: torch.nn.Module, model: Model, path: str | Path, fmt: WeightFormat | str = "fp32",
