@@ -11,9 +11,11 @@ from dataclasses import dataclass, field
 
 
 class NcError(Exception):
-    """Base of every user-facing error. `exit_code` is what the CLI returns."""
+    """Base of every user-facing error. `exit_code` is what the CLI returns; `located` errors start
+    each line with their own `place: error:` (the CLI prefixes the others with `nccompile: error:`)."""
 
     exit_code = 2
+    located = False
 
 
 class BudgetError(NcError):
@@ -76,10 +78,27 @@ def shorten(text: str, limit: int) -> str:
         f"{text[-limit // 2:]}"
 
 
+class FileProblems(NcError):
+    """Every problem found in one file (a recipe, a study), each naming its field: `file: error: ...`."""
+
+    located = True
+
+    def __init__(self, source: str, problems: list[str]):
+        self.source, self.problems = source, problems
+        super().__init__(str(self))
+
+    def __str__(self) -> str:
+        lines = [f"{self.source}: error: {p}" for p in self.problems]
+        if len(self.problems) > 1:
+            lines.append(f"{len(self.problems)} errors")
+        return "\n".join(lines)
+
+
 @dataclass
 class SpecError(NcError):
     """One or more problems in a spec file, each with its position."""
 
+    located = True
     diagnostics: list[Diagnostic]
     sources: dict[str, str] = field(default_factory=dict)
 

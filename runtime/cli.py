@@ -9,7 +9,7 @@ import math
 import os
 import sys
 
-from compiler.errors import NcError, SpecError, UsageError
+from compiler.errors import NcError, UsageError
 
 from .usage import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK
 from .usage import Parser as _Parser
@@ -204,8 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             return study_main(argv[1:])
         return run(argv)
     except NcError as err:
-        # Spec errors carry their own `file:line:col: error:` prefix.
-        print(str(err) if isinstance(err, SpecError) else f"nccompile: error: {err}", file=sys.stderr)
+        print(str(err) if err.located else f"nccompile: error: {err}", file=sys.stderr)
         return err.exit_code
     except KeyboardInterrupt:
         print("nccompile: interrupted", file=sys.stderr)

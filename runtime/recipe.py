@@ -15,7 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from compiler.errors import NcError, did_you_mean, shorten
+from compiler.errors import FileProblems, NcError, did_you_mean, shorten
 from compiler.limits import NoAliasLoader, read_text
 
 
@@ -43,18 +43,8 @@ def plain_name(value: str, what: str) -> str:
     return value
 
 
-class RecipeError(NcError):
+class RecipeError(FileProblems):
     """Problems in a recipe (or its overrides), each naming its field."""
-
-    def __init__(self, source: str, problems: list[str]):
-        self.source, self.problems = source, problems
-        super().__init__(str(self))
-
-    def __str__(self) -> str:
-        lines = [f"{self.source}: error: {p}" for p in self.problems]
-        if len(self.problems) > 1:
-            lines.append(f"{len(self.problems)} errors")
-        return "\n".join(lines)
 
 
 class Strict(BaseModel):

@@ -69,7 +69,23 @@ def test_a_yaml_spec_that_is_no_mapping_is_one_error(text, kind, tmp_path, capsy
 ])
 def test_a_recipe_without_a_list_of_steps_is_one_error(text, message, tmp_path, capsys, in_root):
     code, printed = run(["specs/student.spec", "--recipe", _write(tmp_path / "r.yaml", text), "--dry-run"], capsys)
-    assert code == 2 and printed.strip().endswith(message) and printed.count("error:") == 2, printed  # nccompile: + one
+    assert code == 2 and printed.strip() == f"{tmp_path / 'r.yaml'}: error: {message}", printed
+
+
+def test_recipe_and_study_problems_print_one_line_each_at_their_file(tmp_path, capsys, in_root):
+    """Like a spec's: `file: error: ...` per problem and a count, never under a second `nccompile: error:`."""
+    recipe = _write(tmp_path / "r.yaml", "name: r\nsteps:\n  - kind: train\n    epochs: -1\n    bogus: 1\n")
+    code, printed = run(["specs/student.spec", "--recipe", recipe, "--dry-run"], capsys)
+    lines = printed.strip().splitlines()
+    assert code == 2 and lines[-1] == "3 errors" and "nccompile: error" not in printed, printed
+    assert all(line.startswith(f"{recipe}: error: ") for line in lines[:-1]), printed
+    study = _write(tmp_path / "s.yaml", "name: s\nruns: 3\nbogus: 1\n")
+    code, printed = run(["study", study], capsys)
+    lines = printed.strip().splitlines()
+    assert code == 2 and lines[-1] == "2 errors" and "nccompile: error" not in printed, printed
+    assert all(line.startswith(f"{study}: error: ") for line in lines[:-1]), printed
+    code, printed = run(["study", _write(tmp_path / "y.yaml", "runs: [\n")], capsys)
+    assert code == 2 and printed.startswith(f"{tmp_path / 'y.yaml'}:2:1: error: invalid YAML: "), printed
 
 
 def test_limits_are_configurable(tmp_path, capsys, monkeypatch):

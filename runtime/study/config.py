@@ -34,7 +34,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import Field, ValidationError, field_validator
 
-from compiler.errors import NcError
+from compiler.errors import FileProblems, NcError
 from compiler.limits import NoAliasLoader
 
 from ..recipe import Strict, plain_name, problems_of
@@ -42,13 +42,8 @@ from ..recipe import Strict, plain_name, problems_of
 Value = Any
 
 
-class StudyError(NcError):
+class StudyError(FileProblems):
     """A study file that cannot run: every problem with its place."""
-
-    def __init__(self, path: str, problems: list[str]):
-        self.problems = problems
-        super().__init__(f"{path}: " + ("\n  ".join(["invalid study:", *problems]) if len(problems) > 1
-                                        else problems[0]))
 
 
 class RunConfig(Strict):
@@ -152,7 +147,7 @@ def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise NcError(f"{path}{where}: not valid YAML ({getattr(err, 'problem', err)})") from None
+        raise StudyError(f"{path}{where}", [f"invalid YAML: {getattr(err, 'problem', None) or err}"]) from None
     if not isinstance(raw, dict):
         raise StudyError(str(path), ["a study is a mapping with `name` and `runs`, `grid` or `search`"])
     try:
