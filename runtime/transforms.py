@@ -19,6 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from compiler.errors import did_you_mean
+from compiler.limits import limit
 
 from .recipe import RecipeError
 
@@ -57,6 +58,25 @@ def _args(arg, allowed: dict, name: str) -> dict:
         raise ValueError(f"unknown argument `{unknown[0]}`" + (f"; {hint}" if hint else "")
                          + f" (known: {', '.join(allowed)})")
     return {**allowed, **arg}
+
+
+def _number_as_text_hint(arg) -> str:
+    """YAML 1.1 reads `1e9` (no dot, no exponent sign) as text: say so where a transform refused it."""
+    values = arg.values() if isinstance(arg, dict) else arg if isinstance(arg, (list, tuple)) else [arg]
+    for v in values:
+        if isinstance(v, (list, tuple)):
+            v = next((x for x in v if isinstance(x, str)), None)
+        if isinstance(v, str):
+            try:
+                number = float(v)
+            except ValueError:
+                continue
+            if math.isfinite(number):
+                mantissa, _, exponent = repr(number).partition("e")  # YAML needs a dot, and a sign on the exponent
+                mantissa += "" if "." in mantissa else ".0"
+                text = mantissa + (f"e{'' if exponent[0] in '+-' else '+'}{exponent}" if exponent else "")
+                return f"\n  hint: YAML reads `{v}` as text; write the number as {text}"
+    return ""
 
 
 def _uniform(n: int, lo: float, hi: float, like: torch.Tensor, gen) -> torch.Tensor:
@@ -117,13 +137,17 @@ class Crop:
         a["padding"] = pad
         if a["padding_mode"] not in ("constant", "reflect", "edge"):
             raise ValueError(f"padding_mode must be constant, reflect or edge, got {a['padding_mode']!r}")
-        self.padding, self.mode, self.fill = a["padding"], a["padding_mode"], a["fill"]
+        fill = a["fill"]
+        if isinstance(fill, bool) or not isinstance(fill, int) or not 0 <= fill <= 255:
+            raise ValueError(f"fill must be a pixel value, an integer in [0, 255], got {fill!r}")
+        self.padding, self.mode, self.fill = a["padding"], a["padding_mode"], fill
         h, w = size
         ch, cw = self.out_size(size)
         if ch > h + 2 * self.padding or cw > w + 2 * self.padding:
             raise ValueError(f"a {ch}x{cw} crop does not fit in {h}x{w} images padded by {self.padding}")
-        if self.mode == "reflect" and self.padding >= min(h, w):
-            raise ValueError(f"reflect padding of {self.padding} needs images larger than {h}x{w}")
+        if self.padding >= min(h, w):  # a crop could miss the image entirely (and the padded batch grows as padding²)
+            raise ValueError(f"padding of {self.padding} needs images larger than {h}x{w}\n"
+                             "  hint: a fraction such as 0.125 pads by that share of the image's side")
 
     def out_size(self, size: Size) -> Size:
         return self.size or size
@@ -144,8 +168,8 @@ class Crop:
         p = self.padding
         if p:
             mode = {"edge": "replicate"}.get(self.mode, self.mode)
-            x = F.pad(x, (p, p, p, p), mode=mode, value=self.fill) if mode == "constant" else F.pad(x, (p,) * 4,
-                                                                                                  mode=mode)
+            fill = self.fill if not x.is_floating_point() else self.fill / 255  # after a float transform: [0, 1]
+            x = F.pad(x, (p,) * 4, mode=mode, value=fill) if mode == "constant" else F.pad(x, (p,) * 4, mode=mode)
         n, c = x.shape[:2]
         rows = (top.view(-1, 1) + torch.arange(ch, device=x.device)).view(n, 1, ch, 1)
         cols = (left.view(-1, 1) + torch.arange(cw, device=x.device)).view(n, 1, 1, cw)
@@ -179,6 +203,8 @@ class Rotation:
                 raise ValueError(f"degrees must be non-negative, got {arg!r}")
             arg = [-arg, arg]
         self.degrees = _range(arg, "degrees")
+        if not -360 <= self.degrees[0] <= self.degrees[1] <= 360:  # angles drawn in float32: huge ones are inf
+            raise ValueError(f"degrees must lie within [-360, 360], got {arg!r}")
 
     def out_size(self, size: Size) -> Size:
         return size
@@ -410,8 +436,12 @@ class Pipeline:
                     self.norm = _normalize(arg, channels)
                     continue
                 op = TRANSFORMS[name](arg, current)
+                made = op.out_size(current)
+                if made[0] * made[1] > limit("image_pixels"):  # as large as the largest image read, no larger
+                    raise ValueError(f"makes {made[0]}x{made[1]} images, over the limit of "
+                                     f"{limit('image_pixels'):,} pixels (NCCOMPILE_LIMIT_IMAGE_PIXELS)")
             except (TypeError, ValueError, KeyError) as err:
-                problems.append(f"`{where}[{i}]` ({name}): {err}")
+                problems.append(f"`{where}[{i}]` ({name}): {err}" + _number_as_text_hint(arg))
                 continue
             if name in leave_out:
                 continue

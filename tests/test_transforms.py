@@ -132,8 +132,24 @@ def test_size_mismatch_names_the_transform_and_both_sizes():
     ({"color_jitter": {"hue": 0.9}}, "hue"),
     ({"resized_crop": {"scale": [0.5, 2]}}, "scale"),
     ({"blur": 3}, "unknown transform"),
+    ({"crop": {"padding": 4, "fill": 300}}, "fill must be a pixel value"),
+    ({"crop": {"padding": 4, "fill": "abc"}}, "fill must be a pixel value"),
+    ({"crop": {"padding": 32}}, "padding of 32 needs images larger than 32x32"),
+    ({"rotation": 1e300}, "within [-360, 360]"),
+    ({"resize": 10_000}, "over the limit of 67,108,864 pixels"),
+    ({"rotation": "1e9"}, "hint: YAML reads `1e9` as text; write the number as 1000000000.0"),
 ])
 def test_bad_transform_arguments(spec, fragment):
     with pytest.raises(RecipeError) as err:
         Pipeline([spec], "transforms.train", 3, (32, 32))
     assert fragment in str(err.value)
+
+
+def test_crop_fill_is_a_pixel_value_before_and_after_a_float_transform():
+    """`fill: 255` pads with white whether the crop sees uint8 pixels or [0, 1] floats (after a rotation)."""
+    x = torch.zeros(4, 3, 8, 8, dtype=torch.uint8)
+    white = {"crop": {"padding": 2, "fill": 255}}
+    for specs in ([white], [{"rotation": 0}, white]):
+        pipe = Pipeline(specs, "transforms.train", 3, (8, 8))
+        out = pipe(x, torch.Generator().manual_seed(0))
+        assert out.min() == 0 and out.max() == 1.0, specs  # black images, white padding, scaled to [0, 1]
