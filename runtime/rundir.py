@@ -45,6 +45,28 @@ def process_alive(pid: int) -> bool:
     return True
 
 
+RUN_FILES = frozenset({"spec.spec", "spec.yaml", "spec.yml", "recipe.yaml", "state.json", "report.json",
+                       "report.md", "steps", ".nccompile.lock"})
+# a run takes its lock, then writes state.json, before anything else: a folder with neither holds no run
+RUN_RECORDS = frozenset({".nccompile.lock", "state.json"})
+
+
+def check_own_folder(out: Path, own: frozenset[str], records: frozenset[str], what: str) -> None:
+    """`out` is new, empty, or an earlier `what`'s folder: one of its `records` and only names from `own`.
+    Anything else could be overwritten (a user's own recipe.yaml or report.md) or mixed up with it."""
+    try:
+        names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    except OSError as err:
+        raise NcError(f"cannot read the folder {out}: {err.strerror}") from None
+    # temporary files of atomic writes (runtime.files) that a killed run left behind are its own too
+    names = [n for n in names if not (n.startswith(".") and n.endswith(".tmp"))]
+    foreign = [n for n in names if n not in own] if records.intersection(names) else names
+    if foreign:
+        shown = ", ".join(foreign[:5]) + (f" and {len(foreign) - 5} more" if len(foreign) > 5 else "")
+        raise NcError(f"--out {out} holds files that no {what} wrote ({shown}); nothing was written\n"
+                      f"  hint: give a new or empty folder, or the folder of an earlier {what} to resume it")
+
+
 class RunDir:
     def __init__(self, root: Path, writer: bool = True):
         self.root = Path(root)
@@ -97,6 +119,11 @@ class RunDir:
 
     def unlock(self) -> None:
         self.lock_path.unlink(missing_ok=True)
+
+    def begin(self) -> None:
+        """Record the run before anything else is written, so its folder is known as a run's."""
+        if self.writer and not self.state_path.exists():
+            write_json(self.state_path, self.state)
 
     def finished(self, name: str, key: str) -> dict | None:
         entry = self.state["steps"].get(name)

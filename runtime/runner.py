@@ -28,7 +28,7 @@ from .data import list_source
 from .plan import Plan, make_plan
 from .plan import load as load_plan
 from .recipe import RecipeError
-from .rundir import RunDir, digest, write_json, write_text
+from .rundir import RUN_FILES, RUN_RECORDS, RunDir, check_own_folder, digest, write_json, write_text
 from .speed import resolve as resolve_speed
 from .weights import ModelFile
 
@@ -235,6 +235,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
     if rank == 0:
         _make_run_dir(out)
         run_dir.lock()
+        run_dir.begin()
     try:
         if rank == 0:
             write_text(out / f"spec{Path(opts.spec).suffix}", student.source)
@@ -255,6 +256,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
 def _make_run_dir(out: Path) -> None:
     if out.exists() and not out.is_dir():
         raise NcError(f"--out {out} is a file, not a folder\n  hint: choose a folder for the run")
+    check_own_folder(out, RUN_FILES, RUN_RECORDS, "nccompile run")
     try:
         out.mkdir(parents=True, exist_ok=True)
     except OSError as err:

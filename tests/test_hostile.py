@@ -466,7 +466,7 @@ def test_a_damaged_checkpoint_restarts_its_step(tmp_path, capsys, in_root):
             "--set", "data.limit_per_class=5", "--out", str(out)]
     assert main(args) == 0
     capsys.readouterr()
-    (out / "state.json").unlink()  # forget that the step finished, keep its checkpoints
+    (out / "state.json").write_text('{"steps": {}}')  # as killed in its step: no step finished, checkpoints kept
     (out / "steps/train/last.safetensors").write_bytes(b"\x08\x00\x00\x00\x00\x00\x00\x00{broken}")
     code, printed = run(args, capsys)
     assert code == 0 and "cannot resume from" in printed and "starting this step over" in printed, printed
@@ -588,3 +588,30 @@ def test_a_reader_that_goes_away_is_no_internal_error(in_root):
     proc.stdout.close()
     err = proc.stderr.read().decode()
     assert proc.wait(timeout=60) in (0, 141) and "internal error" not in err and "Traceback" not in err, err
+
+
+def test_out_must_be_new_empty_or_a_run_of_its_own(tmp_path, capsys, in_root):
+    """A folder with a user's own files (a recipe.yaml a run would overwrite) is refused, untouched."""
+    mine = tmp_path / "mine"
+    mine.mkdir()
+    (mine / "recipe.yaml").write_text("my own recipe\n")
+    (mine / "notes.txt").write_text("notes\n")
+    args = ["specs/student.spec", "--recipe", "kd_wq", "--epochs", "1", "--set", "data.limit_per_class=5"]
+    code, printed = run([*args, "--out", str(mine)], capsys)
+    assert code == 2 and f"--out {mine} holds files that no nccompile run wrote (notes.txt, recipe.yaml)" in printed
+    assert sorted(p.name for p in mine.iterdir()) == ["notes.txt", "recipe.yaml"]
+    assert (mine / "recipe.yaml").read_text() == "my own recipe\n"
+    code, printed = run(["study", "specs/studies/q4_quantization.yaml", "--out", str(mine)], capsys)
+    assert code == 2 and "holds files that no nccompile study wrote (notes.txt, recipe.yaml)" in printed, printed
+    (mine / "notes.txt").unlink()  # names a run writes, but no record of one: still the user's
+    code, printed = run([*args, "--out", str(mine)], capsys)
+    assert code == 2 and "holds files that no nccompile run wrote (recipe.yaml)" in printed, printed
+    assert sorted(p.name for p in mine.iterdir()) == ["recipe.yaml"]
+    assert (mine / "recipe.yaml").read_text() == "my own recipe\n"
+    # a run's own folder, with a temporary file a killed write left, resumes
+    run_dir = tmp_path / "run"
+    one_step = [*args, "--set", "steps=[{name: t, kind: train, model: student}]", "--out", str(run_dir)]
+    assert run(one_step, capsys)[0] == 0
+    (run_dir / ".report.json.x1.tmp").write_text("")
+    code, printed = run(one_step, capsys)
+    assert code == 0 and "already done" in printed, printed

@@ -41,12 +41,14 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--trials must be 0 or more, got {args.trials}")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
+    from ..rundir import check_own_folder
     from .config import load_study
     from .engine import Study
-    from .outputs import progress, write_all
+    from .outputs import STUDY_FILES, STUDY_RECORDS, progress, write_all
 
     cfg, path = load_study(args.study)
     out = Path(args.out) if args.out else Path("runs") / f"study-{cfg.name}"
+    check_own_folder(out, STUDY_FILES, STUDY_RECORDS, "nccompile study")
     study = Study(cfg, path, out, data=args.data, epochs=args.epochs, sets=tuple(args.sets), device=args.device,
                   storage=args.storage, trials=args.trials)  # every trial validated: nothing has run yet
     title = f"study {cfg.name}" + (f": {cfg.description}" if cfg.description else "")
