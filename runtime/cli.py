@@ -58,13 +58,15 @@ def run(argv: list[str]) -> int:
 
     args = _arg_parser().parse_args(argv)
     shape = parse_shape(args.input) if args.input is not None else None
+    if args.epochs is not None and args.epochs < 1:
+        raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
     if args.recipe:
         from .runner import Options
         from .runner import run as run_recipe
 
         return run_recipe(Options(args.spec, args.recipe, args.data, args.out, tuple(args.sets), args.epochs,
                                   args.device, args.dry_run, _params(args.param), shape, args.model))
-    if args.data or args.out or args.sets or args.epochs or args.dry_run:
+    if args.data or args.out or args.sets or args.epochs is not None or args.dry_run:
         raise UsageError("--data, --out, --set, --epochs and --dry-run need --recipe")
     model = compile_spec(args.spec, model=args.model, param_strings=_params(args.param), input_shape=shape)
     analysis = analyse(model)

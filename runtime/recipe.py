@@ -47,6 +47,9 @@ class RecipeError(FileProblems):
     """Problems in a recipe (or its overrides), each naming its field."""
 
 
+SEED_END = 2 ** 32  # seeds as NumPy's and Optuna's samplers take them; torch's stay in range
+
+
 class Strict(BaseModel):
     """Every configuration section (recipes, steps, studies): unknown keys and non-finite numbers refused."""
 
@@ -125,7 +128,7 @@ class ModelRef(Strict):
 class Recipe(Strict):
     name: str
     description: str = ""
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_END)
     input: str | None = None            # CxHxW for training; default: the spec's
     data: DataConfig = DataConfig()
     transforms: TransformsConfig = TransformsConfig()

@@ -417,6 +417,10 @@ def test_deeply_nested_yaml_is_a_clean_error(tmp_path, capsys):
      "finetune.lr`: Input should be a finite"),
     (["--recipe", "kd_wq", "--set", "transforms.eval.0.flip=1", "--dry-run"],
      "`transforms.eval` has no item `0` (it has 0, addressed by index from 0)"),
+    (["--recipe", "kd_wq", "--epochs", "0", "--dry-run"], "--epochs must be at least 1, got 0"),
+    (["--recipe", "kd_wq", "--set", "seed=100000000000000000000", "--dry-run"],
+     "`seed`: Input should be less than 4294967296"),
+    (["--recipe", "kd_wq", "--set", "seed=-1", "--dry-run"], "`seed`: Input should be greater than or equal to 0"),
 ])
 def test_bad_command_lines(args, fragment, capsys, in_root):
     code, printed = run(["specs/student.spec", *args], capsys)

@@ -37,7 +37,7 @@ from pydantic import Field, ValidationError, field_validator
 from compiler.errors import FileProblems, NcError
 from compiler.limits import NoAliasLoader
 
-from ..recipe import Strict, plain_name, problems_of
+from ..recipe import SEED_END, Strict, plain_name, problems_of
 
 Value = Any
 
@@ -86,7 +86,7 @@ class SearchConfig(Strict):
     sampler: Literal["tpe", "random", "grid"] = "tpe"
     pruner: Literal["none", "median", "halving"] = "none"
     objective: Objective
-    seed: int = 0
+    seed: int = Field(0, ge=0, lt=SEED_END)
     params: dict[str, Value] = {}              # fixed values of some parameters
     set: dict[str, Value] = {}
 
