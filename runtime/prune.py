@@ -84,7 +84,8 @@ def choose(scores: dict[int, torch.Tensor], rate: float, scope: str, min_channel
     normed = {space: s / s.mean().clamp(min=1e-12) for space, s in scores.items()}
     if costs:
         mean_log = sum(math.log(costs[sp]) for sp in normed) / len(normed)
-        normed = {sp: v / math.exp(cost_power * (math.log(costs[sp]) - mean_log)) for sp, v in normed.items()}
+        # in logs, where the order is the same: cost**cost_power overflows for a large power
+        normed = {sp: v.log() - cost_power * (math.log(costs[sp]) - mean_log) for sp, v in normed.items()}
     allv = torch.cat(list(normed.values()))
     total = max(1, round(rate * len(allv)))
     threshold = torch.topk(allv, total).values.min()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 
 import pytest
 import torch
@@ -137,6 +138,13 @@ def test_activation_cost_prunes_high_resolution_layers_harder():
     aware = choose(scores, 0.6, "global", costs=costs, min_rate=0.25)
     assert len(aware[first]) < len(plain[first])
     assert all(len(aware[s]) >= 0.25 * spaces.size[s] for s in scores)
+    # a huge power ranks by cost alone (it overflowed as cost**power): every layer costlier than the
+    # (geometric) mean is cut to its minimum, and the cheaper ones keep more
+    by_cost = choose(scores, 0.6, "global", costs=costs, min_rate=0.25, cost_power=1e300)
+    mean_log = sum(math.log(c) for c in costs.values()) / len(costs)
+    dear = [s for s in scores if math.log(costs[s]) > mean_log]
+    assert dear and all(len(by_cost[s]) == math.ceil(0.25 * spaces.size[s]) for s in dear)
+    assert sum(len(by_cost[s]) for s in scores if s not in dear) > sum(len(aware[s]) for s in scores if s not in dear)
 
 
 def test_cost_needs_global_scope(capsys, in_root, tmp_path):
