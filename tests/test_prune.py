@@ -182,3 +182,23 @@ def test_epochs_reaches_fine_tuning_in_the_dry_run(capsys, in_root):
     assert main(["specs/student.spec", "--recipe", "prune", "--epochs", "3", "--set", "steps.prune.finetune=null",
                  "--dry-run"]) == 0
     assert "after each" not in capsys.readouterr().out  # fine-tuning that is off stays off
+
+
+def test_iterations_stop_when_nothing_is_left_to_prune(tmp_path, capsys, in_root):
+    """Past the point where every layer is at its minimum an iteration would prune nothing and only
+    fine-tune again: the step stops there and says so."""
+    from runtime.cli import main
+
+    out = tmp_path / "run"
+    code = main(["specs/student.spec", "--recipe", "prune", "--epochs", "1", "--device", "cpu",
+                 "--set", "data.limit_per_class=5", "--set", "steps.prune.rate=0.3",
+                 "--set", "steps.prune.iterations=50", "--set", "steps.prune.latency=false",
+                 "--set", "steps.prune.finetune=null", "--out", str(out)])
+    printed = capsys.readouterr().out
+    assert code == 0, printed
+    rows = list(csv.DictReader((out / "steps/prune/pruning_curve.csv").open()))
+    done = len(rows) - 1  # row 0 is the model before pruning
+    assert 1 < done < 50 and f"stopping after {done} of 50 iteration(s)" in printed, printed
+    assert int(rows[-1]["params"]) < int(rows[-2]["params"])  # the last iteration run still pruned something
+    spaces = analyse_channels(compiler.compile_spec(out / "steps/prune/pruned.spec").root)
+    assert all(spaces.size[s] == 1 for s in spaces.prunable())  # rate 0.3 drove every layer to min_channels

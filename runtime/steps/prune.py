@@ -125,6 +125,10 @@ class Prune(StepKind):
                 step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels, cfg.round_to,
                                       **options)
             kept = choose(scores, step_rate, cfg.scope, cfg.min_channels, cfg.round_to, **options)
+            if all(len(kept[s]) == spaces.size[s] for s in kept):  # more iterations would only fine-tune again
+                ctx.log(f"{cfg.name} [{label}] iteration {it}: nothing left to prune (every layer at its minimum "
+                        f"or the target reached); stopping after {it - 1} of {cfg.iterations} iteration(s)")
+                break
             model, module, text = prune_model(model, module, kept, spaces,
                                               comment=f"pruned by nccompile step {cfg.name} ({label}), "
                                                       f"iteration {it}, keep rate {step_rate:.4f}")
