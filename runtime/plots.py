@@ -41,14 +41,24 @@ def training_curves(history: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
+NAMED_CLASSES = 60  # up to this many classes every row and column is named; past it, every k-th by index
+MAX_INCHES = 20      # the figure grows with the classes up to this (2,000 pixels), not without end
+
+
 def confusion_matrix(matrix, classes: list[str], path: Path, title: str) -> None:
     plt = _figure()
     n = len(classes)
-    fig, ax = plt.subplots(figsize=(max(5, 0.6 * n + 2), max(4, 0.6 * n + 1)))
+    fig, ax = plt.subplots(figsize=(min(MAX_INCHES, max(5, 0.6 * n + 2)), min(MAX_INCHES, max(4, 0.6 * n + 1))))
     matrix = matrix.numpy() if hasattr(matrix, "numpy") else matrix
-    im = ax.imshow(matrix, cmap="Blues")
-    ax.set(xticks=range(n), yticks=range(n), xticklabels=classes, yticklabels=classes,
-           xlabel="predicted", ylabel="true", title=title)
+    im = ax.imshow(matrix, cmap="Blues", interpolation="nearest")
+    if n <= NAMED_CLASSES:
+        ticks, labels = range(n), classes
+    else:
+        ticks = range(0, n, -(-n // 20))
+        labels = [str(i) for i in ticks]
+    ax.set(xticks=ticks, yticks=ticks, xticklabels=labels, yticklabels=labels,
+           xlabel="predicted" if n <= NAMED_CLASSES else "predicted (class index)",
+           ylabel="true" if n <= NAMED_CLASSES else "true (class index)", title=title)
     plt.setp(ax.get_xticklabels(), rotation=45, ha="right")
     if n <= 20:
         top = matrix.max() if matrix.size else 0

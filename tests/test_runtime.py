@@ -406,3 +406,19 @@ def test_csv_cells_that_would_be_formulas_are_escaped():
 
     assert [csv_cell(t) for t in ("=HYPERLINK(1)", "+1", "-2", "@x", "plain", "a=b")] == [
         "'=HYPERLINK(1)", "'+1", "'-2", "'@x", "plain", "a=b"]
+
+
+@pytest.mark.parametrize("n", [10, 1000])
+def test_confusion_plot_stays_bounded_for_many_classes(n, tmp_path):
+    """It grew 60 pixels per class (1,000 classes: a 60,000-pixel square image that took minutes);
+    now it stops at 2,000 pixels, naming every class up to 60 and indexing them past that."""
+    from PIL import Image
+
+    from runtime.plots import NAMED_CLASSES, confusion_matrix
+
+    path = tmp_path / "c.png"
+    names = [f"class-{i}" for i in range(n)]
+    confusion_matrix(torch.eye(n, dtype=torch.int64) * 3, names, path, "t")
+    width, height = Image.open(path).size
+    assert 300 < width <= 2000 and 300 < height <= 2000
+    assert (n <= NAMED_CLASSES) == (width < 1000)  # 10 classes: a small figure
