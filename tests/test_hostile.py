@@ -623,3 +623,14 @@ def test_out_must_be_new_empty_or_a_run_of_its_own(tmp_path, capsys, in_root):
     (run_dir / ".report.json.x1.tmp").write_text("")
     code, printed = run(one_step, capsys)
     assert code == 0 and "already done" in printed, printed
+
+
+def test_calibration_batches_stop_at_the_training_set(tmp_path, capsys, in_root):
+    """A huge `calibration_batches` looped over every batch index it allowed (a hang); only the
+    batches the training set has are made."""
+    recipe = _write(tmp_path / "q.yaml", "name: q\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"
+                    "  - {name: q, kind: quantize, format: int8, integer_inference: true, evaluate: false,\n"
+                    "     calibration_batches: 1000000000000}\n")
+    code, printed = run(["specs/student.spec", "--recipe", recipe, "--device", "cpu", "--input", "3x16x16",
+                         "--set", "data.limit_per_class=5", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0 and "q: int8 kernels" in printed, printed[-2000:]

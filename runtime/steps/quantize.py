@@ -230,8 +230,8 @@ class Quantize(StepKind):
 
         eval_tf = ctx.pipeline("eval")
         bs = ctx.recipe.data.batch_size
-        calibration = [eval_tf(data.train.images[i * bs:(i + 1) * bs]) for i in range(cfg.calibration_batches)
-                       if i * bs < len(data.train)]
+        batches = min(cfg.calibration_batches, -(-len(data.train) // bs))  # no more than the training set has
+        calibration = [eval_tf(data.train.images[i * bs:(i + 1) * bs]) for i in range(batches)]
         qmodel, float_ops = integer_model(dequantized, calibration)
         acc = score_split(qmodel, data.val, eval_tf, len(data.classes),
                           batch_size=ctx.recipe.data.eval_batch_size).accuracy
