@@ -273,6 +273,8 @@ def problems_of(err: ValidationError, raw: dict, model_cls, prefix: tuple = ()) 
                             + (f" (expected one of: {', '.join(known)})" if known else ""))
         elif e["type"] == "missing":
             problems.append(f"`{where}` is required")
+        elif isinstance(e.get("input"), dict):  # a check of the whole section: its message says what is wrong
+            problems.append(f"`{where}`: {e['msg'].removeprefix('Value error, ')}")
         else:
             problems.append(f"`{where}`: {e['msg']} (got {shorten(repr(e.get('input')), 200)})")
     return problems
