@@ -187,10 +187,17 @@ def _emit_specs(candidates, folder: str) -> None:
     from .files import atomic_write
 
     out = Path(folder)
-    for k, c in enumerate(candidates, 1):
-        label = "-".join(f"{n}{v}" for n, v in c.params.items())
-        text = emit(c.model, comment=f"nccompile search: {c.params}")
-        atomic_write(out / f"{c.model.name}-{k:03d}-{label}.spec", text.encode())
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--emit {out} is a file, not a folder\n  hint: give a folder for the spec files")
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        for k, c in enumerate(candidates, 1):
+            label = "-".join(f"{n}{v}" for n, v in c.params.items())
+            text = emit(c.model, comment=f"nccompile search: {c.params}")
+            atomic_write(out / f"{c.model.name}-{k:03d}-{label}.spec", text.encode())
+    except OSError as err:
+        raise UsageError(f"--emit {out}: cannot write the spec files there ({err.strerror})\n"
+                         "  hint: give a folder you can write") from None
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -144,10 +144,12 @@ def test_search_table_emit_and_fixed_parameters(tmp_path, capsys):
     (["--samples", "0"], "--samples must be at least 1"),
     (["--bytes", "int9"], "unknown format `int9`\n  expected: spec (the spec's precision) or fp32, fp16"),
     (["--param", "base=8", "--param", "blocks=2", "--param", "kernel=3"], "declares no search space"),
+    (["--emit", "{spec}"], "is a file, not a folder"),  # were internal errors
+    (["--emit", "/proc/no/such"], "cannot write the spec files there (No such file or directory)"),
 ])
 def test_search_usage_errors(tmp_path, capsys, args, fragment):
     spec = _write(tmp_path, SPACE)
-    assert main(["search", str(spec), *args]) == 2
+    assert main(["search", str(spec), *[a.format(spec=spec) for a in args]]) == 2
     assert fragment in capsys.readouterr().err
 
 
