@@ -152,9 +152,12 @@ def list_folder(root: Path, cfg: DataConfig) -> Listing:
         if missing:
             raise DataError(f"{root / 'training'}: no images for class(es) {missing}")
         return Listing("folder-food11", [str(i) for i in range(n)], files, _fingerprint(files), f"food-11 {root}")
+    split = root.resolve().name in ("train", "val", "training", "validation", "testing")
     raise DataError(
         f"{root}: unknown data layout; expected train/<class>/ and val/<class>/ (ImageFolder) "
-        f"or training/<label>_<index>.jpg and validation/ (food-11)")
+        f"or training/<label>_<index>.jpg and validation/ (food-11)"
+        + (f"\n  hint: this is one split of a data set; give the folder above it, {root.resolve().parent}"
+           if split else ""))
 
 
 def _digits_file() -> Path:

@@ -302,6 +302,15 @@ def test_food11_labels_must_be_class_indices(tmp_path):
         list_source(DataConfig(path=str(tmp_path)))
 
 
+def test_one_split_given_as_the_data_points_to_the_folder_above(tmp_path):
+    from runtime.data import DataError, list_source
+    from runtime.recipe import DataConfig
+
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    with pytest.raises(DataError, match=f"one split of a data set; give the folder above it, {tmp_path.resolve()}"):
+        list_source(DataConfig(path=str(tmp_path / "train")))
+
+
 def test_transform_errors_keep_the_recipe_index_and_come_with_the_plan_errors(tmp_path, capsys, in_root):
     """The built-in digits are not mirror-symmetric, so kd_wq's flip (item 0) is left out: the crop is
     still item 1. Problems in both pipelines and in the steps are said at once."""
