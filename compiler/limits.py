@@ -9,6 +9,7 @@ Each limit has a default and an environment variable that changes it (a positive
     input elements      2^26        NCCOMPILE_LIMIT_INPUT_ELEMENTS  (C x H x W of a forward pass)
     model file          4 GiB       NCCOMPILE_LIMIT_MODEL_BYTES  (as its header declares; xz stops there)
     image pixels        2^26        NCCOMPILE_LIMIT_IMAGE_PIXELS (width x height, read from the header)
+    study grid points   10,000      NCCOMPILE_LIMIT_STUDY_TRIALS (each is a training run, checked first)
 
 YAML (specs and recipes) is read without aliases (`&a` / `*a`): expanding them is how a
 1 KB file becomes gigabytes, and nothing nccompile reads needs them.
@@ -28,7 +29,7 @@ from .errors import UsageError
 
 DEFAULTS = {"spec_bytes": 256 * 1024, "recipe_bytes": 256 * 1024, "repeat": 10_000, "layers": 100_000,
             "input_elements": 2 ** 26, "model_bytes": 4 * 1024 ** 3,
-            "image_pixels": 2 ** 26}
+            "image_pixels": 2 ** 26, "study_trials": 10_000}
 
 
 def limit(name: str) -> int:

@@ -136,6 +136,8 @@ def test_search_rejects_configurations_over_budget_without_training(files, capsy
      "`search.sampler`: Input should be 'tpe', 'random' or 'grid' (got 'tpee')"),
     ("name: s\nspec: tiny.spec\nrecipe: r.yaml\n", "nothing to run"),
     ("name: ../up\nspec: tiny.spec\nrecipe: r.yaml\nruns: [{name: a}]\n", "used in file paths"),
+    ("name: s\nspec: tiny.spec\nrecipe: r.yaml\ngrid: {set: {seed: %s, optimizer.lr: %s}}\n"
+     % (list(range(101)), [0.001 * i for i in range(1, 101)]), "101 x 100 = 10,100 points, over the limit of 10,000"),
     ("name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, seed: -1, objective: {step: train}}\n",
      "`search.seed`: Input should be greater than or equal to 0 (got -1)"),
 ])

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -35,7 +36,7 @@ import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from compiler.errors import FileProblems, NcError
-from compiler.limits import NoAliasLoader
+from compiler.limits import NoAliasLoader, limit
 
 from ..recipe import SEED_END, Strict, plain_name, problems_of
 
@@ -190,7 +191,12 @@ def fixed_trials(cfg: StudyConfig, base: Path, problems: list[str]) -> list[Tria
         for kind, key, values in axes:
             if not values:
                 problems.append(f"grid.{kind}.{key}: an empty list of values")
-        if spec and recipe and all(v for _, _, v in axes):
+        points = math.prod(len(v) for _, _, v in axes)
+        if points > limit("study_trials"):
+            problems.append(f"grid: {' x '.join(str(len(v)) for _, _, v in axes)} = {points:,} points, over the limit "
+                            f"of {limit('study_trials'):,} runs\n  hint: fewer values per axis, or a `search` "
+                            "that draws a number of trials (NCCOMPILE_LIMIT_STUDY_TRIALS raises the limit)")
+        elif spec and recipe and all(v for _, _, v in axes):
             for combo in itertools.product(*[v for _, _, v in axes]):
                 params = {k: v for (kind, k, _), v in zip(axes, combo) if kind == "params"}
                 sets = {k: v for (kind, k, _), v in zip(axes, combo) if kind == "set"}
