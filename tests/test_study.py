@@ -309,3 +309,11 @@ def test_a_pruning_study_draws_the_report_q3_figure(files, capsys):
     assert int(rows["grid-width16-rate0p5"]["params_count"]) < int(rows["grid-width16-rate0p9"]["params_count"])
     assert (out / "pruning.png").read_bytes()[:4] == b"\x89PNG"
     assert "trials: 2 done" in capsys.readouterr().out
+
+
+def test_trials_is_refused_for_a_study_without_a_search(files, capsys):
+    """`--trials 0` on a grid ran the whole grid: the flag counts only a search's draws."""
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns: [{name: a}]\n")
+    assert main(["study", str(study), "--trials", "0", "--out", str(files / "out")]) == 2
+    assert "--trials counts a search's trials" in capsys.readouterr().err
+    assert not (files / "out").exists()

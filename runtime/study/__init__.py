@@ -47,6 +47,9 @@ def main(argv: list[str]) -> int:
     from .outputs import STUDY_FILES, STUDY_RECORDS, progress, write_all
 
     cfg, path = load_study(args.study)
+    if args.trials is not None and cfg.search is None:
+        raise UsageError(f"--trials counts a search's trials, and {path} has no `search` (its runs and grid "
+                         "points all run)")
     out = Path(args.out) if args.out else Path("runs") / f"study-{cfg.name}"
     check_own_folder(out, STUDY_FILES, STUDY_RECORDS, "nccompile study")
     study = Study(cfg, path, out, data=args.data, epochs=args.epochs, sets=tuple(args.sets), device=args.device,
