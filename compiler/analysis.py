@@ -117,7 +117,9 @@ def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: boo
             value = predicted_bytes(model, b.format) if value is None else value
         else:  # walked only for the budgets that need it
             value = root.params if b.metric == "params" else root.total_macs
-        out.append(BudgetResult(f"{b.title} <= {limit:,}", b.metric, b.format, limit, value, value <= limit,
+        whole = isinstance(limit, float) and limit.is_integer() and abs(limit) < 1e18  # `1e6` reads as 1,000,000
+        shown = f"{limit:,.0f}" if whole else f"{limit:,}"
+        out.append(BudgetResult(f"{b.title} <= {shown}", b.metric, b.format, limit, value, value <= limit,
                                 _top(root, b.metric, fmt) if top else []))
     return out
 

@@ -192,3 +192,12 @@ def test_analysis_never_imports_torch():
     assert proc.returncode == 0
     imported = {line.rsplit("|", 1)[-1].strip() for line in proc.stderr.splitlines() if "|" in line}
     assert "torch" not in imported and "lark" in imported
+
+
+def test_a_budget_written_as_a_whole_float_reads_as_an_integer(tmp_path, capsys):
+    from runtime.cli import main
+
+    spec = tmp_path / "m.spec"
+    spec.write_text("model m {\n  input 3x8x8\n  budget params <= 1e6\n  conv(8) gap flatten linear(10)\n}\n")
+    assert main([str(spec)]) == 0
+    assert "ok    params <= 1,000,000: 314 (" in capsys.readouterr().out
