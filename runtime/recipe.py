@@ -175,6 +175,13 @@ def _parse_scalar(text: str):
         return text
 
 
+def yaml_float(number: float) -> str:
+    """`number` as YAML 1.1 reads a float: with a dot, and a sign on any exponent (`1e9` is text to it)."""
+    mantissa, _, exponent = repr(float(number)).partition("e")
+    mantissa += "" if "." in mantissa else ".0"
+    return mantissa + (f"e{'' if exponent[0] in '+-' else '+'}{exponent}" if exponent else "")
+
+
 def apply_overrides(raw: dict, overrides: list[str], source: str) -> dict:
     """`--set a.b.c=value`: steps are addressed by name (`steps.distill.epochs=3`), list items by index."""
     problems = []

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from compiler.errors import did_you_mean
 from compiler.limits import limit
 
-from .recipe import RecipeError
+from .recipe import RecipeError, yaml_float
 
 Size = tuple[int, int]
 
@@ -72,10 +72,7 @@ def _number_as_text_hint(arg) -> str:
             except ValueError:
                 continue
             if math.isfinite(number):
-                mantissa, _, exponent = repr(number).partition("e")  # YAML needs a dot, and a sign on the exponent
-                mantissa += "" if "." in mantissa else ".0"
-                text = mantissa + (f"e{'' if exponent[0] in '+-' else '+'}{exponent}" if exponent else "")
-                return f"\n  hint: YAML reads `{v}` as text; write the number as {text}"
+                return f"\n  hint: YAML reads `{v}` as text; write the number as {yaml_float(number)}"
     return ""
 
 

@@ -17,7 +17,7 @@ import pytest
 from pydantic import BaseModel
 
 from runtime.cli import main
-from runtime.recipe import Recipe
+from runtime.recipe import Recipe, yaml_float
 from runtime.steps.base import REGISTRY
 
 WORK = {"epochs", "iterations", "freeze_bn_epochs", "warmup_epochs"}  # huge = a long run, not a bug
@@ -107,11 +107,7 @@ CASES = _cases(Recipe, "", "train") + [
 def _yaml(v) -> str:
     if isinstance(v, bool):
         return str(v).lower()
-    if isinstance(v, float):
-        mantissa, _, exponent = repr(v).partition("e")  # YAML 1.1 floats need a dot and a signed exponent
-        mantissa += "" if "." in mantissa else ".0"
-        return mantissa + (f"e{'' if exponent[0] in '+-' else '+'}{exponent}" if exponent else "")
-    return str(v)
+    return yaml_float(v) if isinstance(v, float) else str(v)
 
 
 def test_the_cases_cover_every_step_kind_that_runs_here():
