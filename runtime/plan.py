@@ -33,6 +33,7 @@ class Plan:
     recipe: Recipe
     path: Path
     steps: tuple[PlannedStep, ...]
+    budget_failures: tuple[str, ...] = ()  # budgets the steps' files will break, predicted before any work
 
 
 def load(name_or_path: str, overrides: list[str] = (), epochs: int | None = None
@@ -84,7 +85,7 @@ def make_plan(recipe: Recipe, path: Path, steps: list[StepConfig], models: dict,
     # weights exist from the start: a checkpoint, or pretrained torchvision weights
     available = {n for n, s in models.items() if s.weights is not None or s.torchvision_weights
                  or s.torchvision_state}
-    planned = []
+    planned, over_budget, reshaped = [], [], set()
     for cfg in steps:
         kind = REGISTRY[cfg.kind]
         if cfg.model not in models:
@@ -99,10 +100,15 @@ def make_plan(recipe: Recipe, path: Path, steps: list[StepConfig], models: dict,
             elif need not in available:
                 problems.append(f"step `{cfg.name}` needs `{need}` weights, which no earlier step produces"
                                 f"\n  hint: add a train step for `{need}` before it, or give models.{need}.checkpoint")
-        problems += kind.check(cfg, models, listing)
+        found = kind.check(cfg, models, listing)
+        problems += found
         if skip is None:
+            if not found and cfg.model not in reshaped:
+                over_budget += kind.predicted_budget_failures(cfg, models[cfg.model].model)
+            if kind.reshapes(cfg):
+                reshaped.add(cfg.model)
             available |= set(kind.produces(cfg))
         planned.append(PlannedStep(cfg, kind, skip))
     if problems:
         raise RecipeError(str(path), problems)
-    return Plan(recipe, path, tuple(planned))
+    return Plan(recipe, path, tuple(planned), tuple(over_budget))

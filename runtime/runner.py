@@ -162,6 +162,8 @@ def prepare(opts: Options):
             problems += err.problems
     if problems:
         raise RecipeError(str(recipe_path), problems)
+    if plan.budget_failures:
+        raise BudgetError("\nnccompile: error: ".join(f"{f}; nothing was run" for f in plan.budget_failures))
     return recipe, recipe_path, listing, slots, plan, pipelines
 
 

@@ -90,6 +90,22 @@ def test_quantize_step_rejects_unknown_format(capsys, in_root, tmp_path):
     assert "unknown format `int9`" in capsys.readouterr().err
 
 
+def test_a_file_that_will_break_a_budget_stops_the_run_before_any_work(capsys, in_root, tmp_path):
+    """Keeping every tensor as fp32 makes the 8-bit file 4x larger than student.spec's bytes(int8)
+    budget allows: said before training, not after it. After a prune step the spec is another one,
+    and only the written file can tell."""
+    out = tmp_path / "run"
+    code = main(["specs/student.spec", "--recipe", "kd_wq", "--set", 'steps.quantize.keep=["*"]', "--out", str(out)])
+    err = capsys.readouterr().err
+    assert code == 1 and "quantize step `quantize`: bytes(int8) <= 300,000 fails: " in err, err
+    assert err.strip().endswith("(predicted file); nothing was run") and not out.exists()
+    pruned = tmp_path / "p.yaml"
+    pruned.write_text("name: p\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"
+                      "  - {name: p, kind: prune, rate: 0.3, finetune: null}\n"
+                      "  - {name: q, kind: quantize, format: int8, keep: ['*']}\n")
+    assert main(["specs/student.spec", "--recipe", str(pruned), "--dry-run"]) == 0, capsys.readouterr().err
+
+
 def test_quantize_step_writes_mixed_precision_of_the_predicted_size(tmp_path, capsys, in_root):
     recipe = tmp_path / "q.yaml"
     recipe.write_text("name: q\ndata: {limit_per_class: 5}\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"

@@ -317,3 +317,19 @@ def test_trials_is_refused_for_a_study_without_a_search(files, capsys):
     assert main(["study", str(study), "--trials", "0", "--out", str(files / "out")]) == 2
     assert "--trials counts a search's trials" in capsys.readouterr().err
     assert not (files / "out").exists()
+
+
+def test_a_run_whose_file_will_break_a_budget_is_a_rejected_result(files, capsys):
+    """Known before any work (the quantized file's size is exact): the study lists it as rejected,
+    with the budget that fails, and runs the others."""
+    (files / "q.yaml").write_text("name: q\nsteps:\n  - {name: train, kind: train, epochs: 1}\n"
+                                  "  - {name: q, kind: quantize, format: int8}\n")
+    # int8: 2,610 bytes; every tensor kept as fp32: about twice that
+    (files / "b.spec").write_text(TINY.replace("budget params <= 5000", "budget bytes(int8) <= 4_000"))
+    study = _study(files, "name: s\nrecipe: q.yaml\nruns:\n  - {name: small, spec: tiny.spec}\n"
+                          "  - {name: capped, spec: b.spec, set: {'steps.q.keep': ['*']}}\n")
+    assert main(["study", str(study), "--out", str(files / "out"), "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = {r["name"]: r for r in _results(files / "out")}
+    assert rows["capped"]["status"] == "rejected", rows
+    assert "bytes(int8) <= 4,000 fails" in rows["capped"]["error"] and "(predicted file)" in rows["capped"]["error"]
+    assert rows["small"]["status"] == "done"

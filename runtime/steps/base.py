@@ -62,6 +62,15 @@ class StepKind:
         """Why this step need not run with these models (e.g. a checkpoint is given), or None."""
         return None
 
+    def reshapes(self, cfg) -> bool:
+        """Whether the step writes a new spec for its model (later steps see another architecture)."""
+        return False
+
+    def predicted_budget_failures(self, cfg, model) -> list[str]:
+        """The spec's budgets that the files this step writes will break, predicted from `model` (its
+        spec as the recipe starts) before any work; the runner asks only while no step reshaped it."""
+        return []
+
     def set_epochs(self, raw: dict, epochs: int) -> None:
         """`--epochs N` on this step's raw config: every training setting it has."""
         if self.trains:

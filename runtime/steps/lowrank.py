@@ -84,6 +84,9 @@ class Lowrank(StepKind):
     def produces(self, cfg):
         return [cfg.model]
 
+    def reshapes(self, cfg):
+        return True
+
     def set_epochs(self, raw, epochs):
         set_finetune_epochs(self.config, raw, epochs)
 

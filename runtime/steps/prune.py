@@ -62,6 +62,9 @@ class Prune(StepKind):
     def produces(self, cfg):
         return [cfg.model]
 
+    def reshapes(self, cfg):
+        return True
+
     def set_epochs(self, raw, epochs):
         set_finetune_epochs(self.config, raw, epochs)
 

@@ -207,20 +207,41 @@ class Quantize(StepKind):
         metrics["calibrated_layers"] = len(ranges)
         return ranges
 
+    def reshapes(self, cfg) -> bool:
+        return cfg.format == AUTO  # writes the spec with the chosen formats
+
+    def predicted_budget_failures(self, cfg, model) -> list[str]:
+        """The file is written at exactly its predicted size (checked when written), so a format, `keep`
+        or `formats` that breaks a bytes budget is known before any training."""
+        if cfg.format == AUTO or cfg.budget_on_compressed:  # auto fits the budget; a compressed size is measured
+            return []
+        fmt = cfg.weight_format(model)
+        failed = [b for b in self._file_budgets(cfg, model, fmt, predicted_bytes(model, fmt)) if not b.ok]
+        return [self._failure(cfg, failed, "predicted file")] if failed else []
+
+    @staticmethod
+    def _file_budgets(cfg, model, fmt, value: int) -> list:
+        """The spec's bytes budgets that this step's file answers, at `value` bytes."""
+        key = SPEC if cfg.format in (SPEC, AUTO) and model.definition.precision is not None else fmt.name
+        return [b for b in budgets(model, {key: value}) if b.metric == "bytes" and format_key(b.format) == key]
+
+    @staticmethod
+    def _failure(cfg, failed, measured_on: str) -> str:
+        return f"quantize step `{cfg.name}`: " + "; ".join(
+            f"{b.name} fails: {b.value:,} bytes ({measured_on})" for b in failed)
+
     def _check_budgets(self, cfg, model, fmt, metrics) -> None:
         """The spec's bytes budgets for this format, on the file as written (predicted before the run)
         or, if the user opts in, on the compressed copy as measured."""
         on_compressed = cfg.budget_on_compressed and "compressed_bytes" in metrics
         value = metrics["compressed_bytes"] if on_compressed else metrics["file_bytes"]
         measured_on = "compressed file" if on_compressed else "file"
-        key = SPEC if cfg.format in (SPEC, AUTO) and model.definition.precision is not None else fmt.name
-        results = [b for b in budgets(model, {key: value}) if b.metric == "bytes" and format_key(b.format) == key]
+        results = self._file_budgets(cfg, model, fmt, value)
         metrics["budgets"] = [{"name": b.name, "value": b.value, "ok": b.ok, "measured_on": measured_on}
                               for b in results]
         failed = [b for b in results if not b.ok]
         if failed:
-            raise BudgetError(f"quantize step `{cfg.name}`: " + "; ".join(
-                f"{b.name} fails: {b.value:,} bytes ({measured_on})" for b in failed))
+            raise BudgetError(self._failure(cfg, failed, measured_on))
 
     def _integer(self, cfg, ctx, dequantized, fp32, data) -> dict:
         import torch
