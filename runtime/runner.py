@@ -122,6 +122,11 @@ def prepare(opts: Options):
     classes = listing.classes
     shape = opts.input or (compiler.parse_shape(recipe.input) if recipe.input else None)
     student = _compile(opts.spec, classes, shape, "the spec", model=opts.model, strings=opts.params)
+    declared = student.definition.input
+    if opts.input is None and recipe.input and declared and declared[0] != shape[0]:
+        # a recipe sets the training size for any spec; the channels are the model's, as its spec says
+        shape = (declared[0], *shape[1:])
+        student = _compile(opts.spec, classes, shape, "the spec", model=opts.model, strings=opts.params)
     input_shape = student.input_shape
     analysis = analyse(student)
     if not analysis.ok:
@@ -177,10 +182,17 @@ def _budgets(model) -> list[str]:
         + (f" ({100 * b.value / b.limit:.1f}% of the limit)" if b.limit else "") for b in a.budgets]
 
 
+def _declared_note(model, input_shape) -> str:
+    declared = model.definition.input
+    if not declared or tuple(declared) == tuple(input_shape):
+        return ""
+    return f" (the spec declares {'x'.join(map(str, declared))}; the recipe's `input` or --input sets this one)"
+
+
 def _timeline(recipe, listing, slots, plan, input_shape, pipelines, speed) -> str:
     lines = [f"recipe {recipe.name}: {recipe.description}".rstrip(": "),
              f"data: {listing.description} ({len(listing.classes)} classes), training input "
-             f"{'x'.join(map(str, input_shape))}",
+             f"{'x'.join(map(str, input_shape))}" + _declared_note(slots["student"].model, input_shape),
              *_budgets(slots["student"].model),
              f"transforms.train: {pipelines['train'].describe()}",
              f"transforms.eval: {pipelines['eval'].describe()}",

@@ -268,6 +268,21 @@ def test_budget_checked_at_training_input(tmp_path, capsys, in_root):
     assert code == 1 and "exceeds its budget(s) at the training input 3x32x32" in err
 
 
+def test_a_recipe_sets_the_training_size_not_the_models_channels(tmp_path, capsys, in_root):
+    """Every built-in recipe trains at 3x32x32; a grayscale model stays grayscale (it was built for 3
+    channels without a word), and the header says what the spec declares."""
+    spec = tmp_path / "gray.spec"
+    spec.write_text("model gray(classes: int = 10) { input 1x16x16 conv(8) gap flatten linear(classes) }")
+    code, out, _ = run_cli([str(spec), "--recipe", "scratch", "--epochs", "1", "--set", "data.limit_per_class=5",
+                            "--out", str(tmp_path / "run")], capsys)
+    assert code == 0 and "training input 1x32x32 (the spec declares 1x16x16;" in out, out
+    from runtime.weights import ModelFile
+
+    assert ModelFile(tmp_path / "run/steps/train/model.safetensors").model().input_shape == (1, 32, 32)
+    code, out, _ = run_cli([str(spec), "--recipe", "scratch", "--input", "3x8x8", "--dry-run"], capsys)
+    assert code == 0 and "training input 3x8x8 (the spec declares 1x16x16;" in out  # --input says it all
+
+
 # --- distributed --------------------------------------------------------------------
 
 @needs_data
