@@ -26,7 +26,7 @@ from .files import atomic_write
 from .recipe import DataConfig
 from .rundir import digest
 
-FORMAT = "nccompile-decoded-v1"
+FORMAT = "nccompile-decoded-v2"  # v2: 2 and 4 channels are gray+alpha and RGBA (v1: gray copies)
 
 
 def _say(message: str) -> None:

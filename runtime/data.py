@@ -29,6 +29,10 @@ PILLOW_ONLY = (".bmp", ".tif", ".tiff")  # torchvision's decoders do not read th
 MAX_LABEL = 100_000                      # food-11 style labels are class indices, not arbitrary numbers
 
 
+# what a model's input channels mean for images, as Pillow names the modes; other counts take no images
+IMAGE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+
+
 def _pillow_decode(raw: bytes, channels: int) -> torch.Tensor:
     import io
 
@@ -36,7 +40,7 @@ def _pillow_decode(raw: bytes, channels: int) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
     with Image.open(io.BytesIO(raw)) as img:  # Pillow refuses decompression bombs
-        return F.pil_to_tensor(img.convert("RGB" if channels == 3 else "L"))
+        return F.pil_to_tensor(img.convert(IMAGE_MODES[channels]))
 
 
 class DataError(NcError):
@@ -220,7 +224,8 @@ def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, sk
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     from torchvision.transforms.v2 import functional as F
 
-    mode = ImageReadMode.RGB if channels == 3 else ImageReadMode.GRAY
+    mode = {1: ImageReadMode.GRAY, 2: ImageReadMode.GRAY_ALPHA, 3: ImageReadMode.RGB,
+            4: ImageReadMode.RGB_ALPHA}[channels]
 
     def read(path: Path) -> bytes:
         try:
@@ -312,11 +317,13 @@ def _to_shape(images: torch.Tensor, channels: int, size: tuple[int, int]) -> tor
     """uint8 [N, c, h, w] -> [N, channels, H, W], resizing the whole batch at once."""
     from torchvision.transforms.v2 import functional as F
 
-    if images.shape[1] != channels:
-        if images.shape[1] == 1:
-            images = images.expand(-1, channels, -1, -1).contiguous()
-        elif channels == 1:
-            images = F.rgb_to_grayscale(images)
+    have = images.shape[1]
+    if have != channels:  # gray <-> RGB as torchvision converts; an alpha channel is added opaque, or dropped
+        color = images[:, :min(have, 3) - (have == 2)]  # gray or RGB, without alpha
+        if (channels >= 3) != (color.shape[1] == 3):
+            color = color.expand(-1, 3, -1, -1) if channels >= 3 else F.rgb_to_grayscale(color)
+        alpha = images[:, -1:] if have in (2, 4) else torch.full_like(images[:, :1], 255)
+        images = torch.cat([color, alpha], 1) if channels in (2, 4) else color.contiguous()
     if tuple(images.shape[2:]) != size:
         images = F.resize(images, list(size), antialias=True)
     return images

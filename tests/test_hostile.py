@@ -643,3 +643,36 @@ def test_calibration_batches_stop_at_the_training_set(tmp_path, capsys, in_root)
     code, printed = run(["specs/student.spec", "--recipe", recipe, "--device", "cpu", "--input", "3x16x16",
                          "--set", "data.limit_per_class=5", "--out", str(tmp_path / "run")], capsys)
     assert code == 0 and "q: int8 kernels" in printed, printed[-2000:]
+
+
+def test_image_channels_follow_the_model_gray_rgb_and_alpha(tmp_path, capsys, in_root):
+    """A 4-channel model trained on four copies of the gray image (colour dropped without a word);
+    now 2 and 4 channels are gray + alpha and RGBA, from files and in conversions, and other
+    channel counts are refused before any work."""
+    import numpy as np
+    from PIL import Image
+    from torchvision.transforms.v2 import functional as F
+
+    from runtime.data import _to_shape, list_source, load
+    from runtime.recipe import DataConfig
+
+    rng = np.random.default_rng(0)
+    pixels = {}
+    for split in ("train", "val"):
+        for cls in ("a", "b"):
+            (tmp_path / split / cls).mkdir(parents=True)
+            rgba = rng.integers(0, 256, (6, 6, 4), dtype=np.uint8)
+            Image.fromarray(rgba, "RGBA").save(tmp_path / split / cls / "0.png")
+            pixels[(split, cls)] = torch.from_numpy(rgba).permute(2, 0, 1)
+    cfg = DataConfig(path=str(tmp_path), cache=False)
+    data = load(list_source(cfg), cfg, (4, 6, 6), 0)
+    assert sorted(map(tuple, data.train.images.tolist())) == sorted(
+        tuple(pixels[("train", c)].tolist()) for c in ("a", "b"))  # colour and alpha as in the files
+    gray = torch.randint(0, 256, (2, 1, 5, 5), dtype=torch.uint8)
+    rgb = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
+    opaque = torch.full_like(gray, 255)
+    assert torch.equal(_to_shape(gray, 4, (5, 5)), torch.cat([gray.expand(-1, 3, -1, -1), opaque], 1))
+    assert torch.equal(_to_shape(torch.cat([rgb, gray], 1), 2, (5, 5)), torch.cat([F.rgb_to_grayscale(rgb), gray], 1))
+    assert torch.equal(_to_shape(torch.cat([rgb, gray], 1), 3, (5, 5)), rgb)
+    code, printed = run(["specs/student.spec", "--recipe", "scratch", "--input", "5x32x32", "--dry-run"], capsys)
+    assert code == 2 and "the model's input has 5 channels, and images have 1 (gray)" in printed, printed
