@@ -200,6 +200,14 @@ def _emit_specs(candidates, folder: str) -> None:
                          "  hint: give a folder you can write") from None
 
 
+def _out_of_memory(err: BaseException) -> bool:
+    """The machine's limit, not a bug: MemoryError, torch's OutOfMemoryError, a failed CPU allocation
+    (told by name and message: the CLI does not import torch for it)."""
+    text = str(err)
+    return (isinstance(err, MemoryError) or type(err).__name__ == "OutOfMemoryError"
+            or "can't allocate memory" in text or "CUDA out of memory" in text)
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -225,6 +233,11 @@ def main(argv: list[str] | None = None) -> int:
     except Exception as err:  # a bug in nccompile, not bad input
         if os.environ.get("NCCOMPILE_DEBUG"):
             raise
+        if _out_of_memory(err):
+            print(f"nccompile: error: out of memory ({str(err).strip().splitlines()[0][:200]})\n  hint: a smaller "
+                  "--input, data.batch_size or data.eval_batch_size; finished steps and epochs are kept",
+                  file=sys.stderr)
+            return 2
         print(f"nccompile: internal error: {type(err).__name__}: {err}\n"
               "  hint: this is a bug in nccompile; rerun with NCCOMPILE_DEBUG=1 for the traceback and report it",
               file=sys.stderr)

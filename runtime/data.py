@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import importlib.util
+import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -340,6 +342,31 @@ def _split(n: int, labels: torch.Tensor, fraction: float, seed: int):
         val.append(idx[:k])
         train.append(idx[k:])
     return torch.cat(train).sort().values, torch.cat(val).sort().values
+
+
+DIGITS = 1797  # images in scikit-learn's digits, all decoded (and a split copied) before any limit
+
+
+def check_memory(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int]) -> None:
+    """Images held in memory (digits, image folders without the cache) must fit this machine's memory:
+    found before any work rather than as an allocation failure. The cache maps a file, and a
+    torchvision data set's size is known only once it is read."""
+    if listing.source == "digits":
+        count = 2 * DIGITS
+    elif listing.source.startswith("folder") and not cfg.cache:
+        count = sum(len(items) for items in listing.files.values())
+    else:
+        return
+    need = count * math.prod(input_shape)
+    try:
+        have = os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not every system says
+        return
+    if need > have:
+        raise DataError(f"{listing.description} at {'x'.join(map(str, input_shape))} takes {need / 1e9:,.1f} GB "
+                        f"decoded, more than this machine's {have / 1e9:,.1f} GB of memory\n  hint: a smaller "
+                        "--input" + ("" if listing.source == "digits" else
+                                     ", data.limit_per_class, or data.cache: true (it trains from disk pages)"))
 
 
 def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], seed: int) -> Data:

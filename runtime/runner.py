@@ -24,7 +24,7 @@ from compiler.report import table
 
 from . import distributed
 from .context import ModelSlot, RunContext, pipeline_for
-from .data import IMAGE_MODES, list_source
+from .data import IMAGE_MODES, check_memory, list_source
 from .plan import Plan, make_plan
 from .plan import load as load_plan
 from .recipe import RecipeError
@@ -127,6 +127,7 @@ def prepare(opts: Options):
         # a recipe sets the training size for any spec; the channels are the model's, as its spec says
         shape = (declared[0], *shape[1:])
         student = _compile(opts.spec, classes, shape, "the spec", model=opts.model, strings=opts.params)
+    check_memory(listing, recipe.data, student.input_shape)
     if student.input_shape[0] not in IMAGE_MODES:
         raise NcError(f"the model's input has {student.input_shape[0]} channels, and images have 1 (gray), 2 (gray "
                       "and alpha), 3 (RGB) or 4 (RGB and alpha)\n  hint: give the spec, or --input, one of those")

@@ -676,3 +676,23 @@ def test_image_channels_follow_the_model_gray_rgb_and_alpha(tmp_path, capsys, in
     assert torch.equal(_to_shape(torch.cat([rgb, gray], 1), 3, (5, 5)), rgb)
     code, printed = run(["specs/student.spec", "--recipe", "scratch", "--input", "5x32x32", "--dry-run"], capsys)
     assert code == 2 and "the model's input has 5 channels, and images have 1 (gray)" in printed, printed
+
+
+def test_images_that_cannot_fit_in_memory_are_refused_before_any_work(tmp_path, capsys, in_root, monkeypatch):
+    """Digits at 3x4000x4000 were an internal error (a 86 GB allocation) once the first step decoded
+    them; an allocation that fails later is the machine's limit, said as such, not a bug report."""
+    from runtime.data import DataError, check_memory, list_source
+    from runtime.recipe import DataConfig
+
+    cfg = DataConfig()
+    with pytest.raises(DataError, match=r"scikit-learn digits .* at 3x20000x20000 takes 4,312.8 GB decoded, more than"):
+        check_memory(list_source(cfg), cfg, (3, 20_000, 20_000))
+    check_memory(list_source(cfg), cfg, (3, 32, 32))  # 11 MB: fine
+
+    def no_memory(*args, **kwargs):
+        raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
+                           "tried to allocate 86256000000 bytes")
+
+    monkeypatch.setattr("runtime.runner.prepare", no_memory)
+    code, printed = run(["specs/student.spec", "--recipe", "scratch", "--dry-run"], capsys)
+    assert code == 2 and printed.startswith("nccompile: error: out of memory (") and "internal error" not in printed
