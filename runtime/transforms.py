@@ -434,7 +434,7 @@ class Pipeline:
                     continue
                 op = TRANSFORMS[name](arg, current)
                 made = op.out_size(current)
-                if made[0] * made[1] > limit("image_pixels"):  # as large as the largest image read, no larger
+                if made != current and made[0] * made[1] > limit("image_pixels"):  # as large as an image read
                     raise ValueError(f"makes {made[0]}x{made[1]} images, over the limit of "
                                      f"{limit('image_pixels'):,} pixels (NCCOMPILE_LIMIT_IMAGE_PIXELS)")
             except (TypeError, ValueError, KeyError) as err:

@@ -427,6 +427,8 @@ def test_deeply_nested_yaml_is_a_clean_error(tmp_path, capsys):
     (["--recipe", "kd_wq", "--set", "transforms.eval.0.flip=1", "--dry-run"],
      "`transforms.eval` has no item `0` (it has 0, addressed by index from 0)"),
     (["--recipe", "kd_wq", "--epochs", "0", "--dry-run"], "--epochs must be at least 1, got 0"),
+    (["--recipe", "scratch", "--input", "3x100000x100000", "--dry-run"],
+     "the training input 3x100000x100000 is over the limit of 67,108,864 pixels"),
     (["--recipe", "kd_wq", "--set", "steps.distill.temperature=1.0e+300", "--dry-run"],
      "`steps[1] (distill).temperature`: Input should be less than or equal to 1000"),
     (["--recipe", "prune", "--set", "steps.prune.finetune.kind=distill", "--set",
