@@ -333,3 +333,16 @@ def test_a_run_whose_file_will_break_a_budget_is_a_rejected_result(files, capsys
     assert rows["capped"]["status"] == "rejected", rows
     assert "bytes(int8) <= 4,000 fails" in rows["capped"]["error"] and "(predicted file)" in rows["capped"]["error"]
     assert rows["small"]["status"] == "done"
+
+
+def test_a_grid_search_asked_for_more_trials_than_points_runs_each_point_once(files, capsys):
+    """Optuna's grid stops its study once every point is drawn, which works only inside `optimize`:
+    a grid search of all its points was an internal error at its last trial."""
+    study = _study(files, "name: s\nsearch:\n  spec: tiny.spec\n  recipe: r.yaml\n  trials: 20\n  sampler: grid\n"
+                          "  objective: {step: train}\n")
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    assert "search: the grid has 8 point(s): 8 trial(s), not 20" in capsys.readouterr().out
+    rows = _results(out)
+    points = {r["model_params"] for r in rows if r["status"] in ("done", "rejected")}
+    assert len(points) == 8 and len(rows) == 8, rows  # width 4 values x depth 2 values, each once

@@ -13,6 +13,7 @@ stopped by Ctrl-C, marks them failed and enqueues them again: they resume, not r
 """
 from __future__ import annotations
 
+import math
 import socket
 import time
 from pathlib import Path
@@ -46,12 +47,21 @@ def storage_for(url: str | None, out: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(out / "study.journal")))
 
 
+class _Grid(optuna.samplers.GridSampler):
+    """Optuna's grid, without its `study.stop()` once every point is drawn: that works only inside
+    `study.optimize`, and this engine asks and tells (it stops at the trials it wants, the grid's size
+    at most: see Study.validate)."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def _sampler(cfg: StudyConfig, space_values: dict, trials: int):
     s = cfg.search
     if s is None or s.sampler == "random":
         return optuna.samplers.RandomSampler(seed=s.seed if s else 0)
     if s.sampler == "grid":
-        return optuna.samplers.GridSampler({k: list(v) for k, v in space_values.items()}, seed=s.seed)
+        return _Grid({k: list(v) for k, v in space_values.items()}, seed=s.seed)
     # a few random trials first, then TPE's model (Optuna's default waits 10: most studies here are shorter)
     return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, trials // 3))
 
@@ -109,6 +119,10 @@ class Study:
                     problems.append(f"search.spec: {t.spec} declares no search space "
                                     "(e.g. `base: int = 16 in 8..64 step 8`)")
                 self.space = {s.name: [s[i] for i in range(len(s))] for s in found}
+                points = math.prod(len(v) for v in self.space.values())
+                if self.cfg.search.sampler == "grid" and self.trials_wanted > points:
+                    print(f"search: the grid has {points:,} point(s): {points:,} trial(s), not {self.trials_wanted:,}")
+                    self.trials_wanted = points
                 self._note_budgets(model)
                 if any(len(v) > 100_000 for v in self.space.values()):
                     problems.append("search.spec: a parameter space of more than 100,000 values")
@@ -212,7 +226,7 @@ class Study:
         by_name = {t.name: t for t in self.fixed}
         while True:
             waiting = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
-            if not waiting and self.searched(study) >= self.trials_wanted:
+            if not waiting and (self.searched(study) >= self.trials_wanted or self._grid_drawn(study)):
                 break
             trial = study.ask()
             if "run" in trial.user_attrs:
@@ -221,7 +235,8 @@ class Study:
                     study.tell(trial, state=optuna.trial.TrialState.FAIL)
                     continue
                 self._run_fixed(study, trial, by_name[name])
-            elif self.template is None or self.searched(study, exclude=trial.number) >= self.trials_wanted:
+            elif (self.template is None or self.searched(study, exclude=trial.number) >= self.trials_wanted
+                  or self._grid_drawn(study, exclude=trial.number)):
                 trial.set_user_attr("status", "unused")  # another worker took the last one
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
@@ -235,6 +250,15 @@ class Study:
         return sum(1 for t in study.get_trials(deepcopy=False)
                    if t.number != exclude and "run" not in t.user_attrs
                    and t.user_attrs.get("status") in ("running", "done", "failed", "pruned", "repeat"))
+
+    def _grid_drawn(self, study, exclude: int | None = None) -> bool:
+        """A grid search has drawn every point (rejected ones too): more draws would only repeat them."""
+        if self.cfg.search is None or self.cfg.search.sampler != "grid":
+            return False
+        drawn = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)
+                 if t.number != exclude and "run" not in t.user_attrs and t.params
+                 and t.user_attrs.get("status") != "unused"}
+        return len(drawn) >= math.prod(len(v) for v in self.space.values())
 
     def _run_fixed(self, study, trial, t: Trial) -> None:
         trial.set_user_attr("run", t.name)
