@@ -29,10 +29,12 @@ from .recipe import DataConfig
 IMAGE_EXTENSIONS = (".jpg", ".jpeg", ".png", ".bmp", ".webp", ".gif", ".tif", ".tiff")
 PILLOW_ONLY = (".bmp", ".tif", ".tiff")  # torchvision's decoders do not read these; Pillow does
 MAX_LABEL = 100_000                      # food-11 style labels are class indices, not arbitrary numbers
+DIGITS = 1797                            # scikit-learn's digits, all decoded (and a split copied) before any limit
 
 
-# what a model's input channels mean for images, as Pillow names the modes; other counts take no images
-IMAGE_MODES = {1: "L", 2: "LA", 3: "RGB", 4: "RGBA"}
+# what a model's input channels mean for images: (Pillow's mode, torchvision's ImageReadMode); other
+# channel counts take no images
+IMAGE_MODES = {1: ("L", "GRAY"), 2: ("LA", "GRAY_ALPHA"), 3: ("RGB", "RGB"), 4: ("RGBA", "RGB_ALPHA")}
 
 
 def _pillow_decode(raw: bytes, channels: int) -> torch.Tensor:
@@ -42,7 +44,7 @@ def _pillow_decode(raw: bytes, channels: int) -> torch.Tensor:
     from torchvision.transforms.v2 import functional as F
 
     with Image.open(io.BytesIO(raw)) as img:  # Pillow refuses decompression bombs
-        return F.pil_to_tensor(img.convert(IMAGE_MODES[channels]))
+        return F.pil_to_tensor(img.convert(IMAGE_MODES[channels][0]))
 
 
 class DataError(NcError):
@@ -192,8 +194,8 @@ def _list_source(cfg: DataConfig) -> Listing:
             raise DataError("data.source is `folder` but no path is given (use --data PATH)")
         return list_folder(Path(cfg.path), cfg)
     if source == "digits":
-        return Listing("digits", [str(i) for i in range(10)], {}, "digits-sklearn-1797",
-                       "scikit-learn digits (1,797 8x8 images)", mirror_symmetric=False)
+        return Listing("digits", [str(i) for i in range(10)], {}, f"digits-sklearn-{DIGITS}",
+                       f"scikit-learn digits ({DIGITS:,} 8x8 images)", mirror_symmetric=False)
     if source == "torchvision":
         import torchvision
 
@@ -226,8 +228,7 @@ def _decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, sk
     from torchvision.io import ImageReadMode, decode_image, decode_jpeg
     from torchvision.transforms.v2 import functional as F
 
-    mode = {1: ImageReadMode.GRAY, 2: ImageReadMode.GRAY_ALPHA, 3: ImageReadMode.RGB,
-            4: ImageReadMode.RGB_ALPHA}[channels]
+    mode = ImageReadMode[IMAGE_MODES[channels][1]]
 
     def read(path: Path) -> bytes:
         try:
@@ -321,7 +322,7 @@ def _to_shape(images: torch.Tensor, channels: int, size: tuple[int, int]) -> tor
 
     have = images.shape[1]
     if have != channels:  # gray <-> RGB as torchvision converts; an alpha channel is added opaque, or dropped
-        color = images[:, :min(have, 3) - (have == 2)]  # gray or RGB, without alpha
+        color = images[:, :3] if have >= 3 else images[:, :1]  # gray or RGB, without alpha
         if (channels >= 3) != (color.shape[1] == 3):
             color = color.expand(-1, 3, -1, -1) if channels >= 3 else F.rgb_to_grayscale(color)
         alpha = images[:, -1:] if have in (2, 4) else torch.full_like(images[:, :1], 255)
@@ -344,13 +345,23 @@ def _split(n: int, labels: torch.Tensor, fraction: float, seed: int):
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
-DIGITS = 1797  # images in scikit-learn's digits, all decoded (and a split copied) before any limit
+def check_decodable(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int]) -> None:
+    """The images can be decoded for this training input, found before any work: a size within the
+    image pixel limit, the machine's memory for images held in memory (digits, image folders without
+    the cache), and channels that images have."""
+    c, h, w = input_shape
+    if h * w > limit("image_pixels"):  # every image is decoded to this size
+        raise DataError(f"the training input {c}x{h}x{w} is over the limit of {limit('image_pixels'):,} pixels an "
+                        "image may have\n  hint: a smaller --input (or NCCOMPILE_LIMIT_IMAGE_PIXELS)")
+    check_memory(listing, cfg, input_shape)
+    if c not in IMAGE_MODES:
+        raise DataError(f"the model's input has {c} channels, and images have 1 (gray), 2 (gray and alpha), "
+                        "3 (RGB) or 4 (RGB and alpha)\n  hint: give the spec, or --input, one of those")
 
 
 def check_memory(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int]) -> None:
-    """Images held in memory (digits, image folders without the cache) must fit this machine's memory:
-    found before any work rather than as an allocation failure. The cache maps a file, and a
-    torchvision data set's size is known only once it is read."""
+    """Images held in memory must fit this machine's memory. The cache maps a file (larger than memory
+    is fine), and a torchvision data set's size is known only once it is read."""
     if listing.source == "digits":
         count = 2 * DIGITS
     elif listing.source.startswith("folder") and not cfg.cache:

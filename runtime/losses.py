@@ -1,15 +1,18 @@
 """Losses."""
 from __future__ import annotations
 
+from typing import Annotated
+
 import torch
 import torch.nn.functional as F
+from pydantic import Field
 
 # The course report's knowledge-distillation settings: every default in nccompile comes from here.
 KD_TEMPERATURE = 20.0
 KD_ALPHA = 0.5
 # temperatures float32 can carry: far below, logits / T overflow; far above, the soft loss (of order
 # 1 / T^2 before the T^2 factor) drowns in rounding, and T^2 overflows a Python float past 1e154
-KD_TEMPERATURE_MIN, KD_TEMPERATURE_MAX = 0.01, 1000.0
+Temperature = Annotated[float, Field(ge=0.01, le=1000.0)]
 
 
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: torch.Tensor,

@@ -20,12 +20,11 @@ import compiler
 from compiler.analysis import analyse
 from compiler.errors import BudgetError, NcError, did_you_mean
 from compiler.fileformat import weight_tensors
-from compiler.limits import limit
 from compiler.report import table
 
 from . import distributed
 from .context import ModelSlot, RunContext, pipeline_for
-from .data import IMAGE_MODES, check_memory, list_source
+from .data import check_decodable, list_source
 from .plan import Plan, make_plan
 from .plan import load as load_plan
 from .recipe import RecipeError
@@ -128,14 +127,7 @@ def prepare(opts: Options):
         # a recipe sets the training size for any spec; the channels are the model's, as its spec says
         shape = (declared[0], *shape[1:])
         student = _compile(opts.spec, classes, shape, "the spec", model=opts.model, strings=opts.params)
-    c, h, w = student.input_shape
-    if h * w > limit("image_pixels"):  # every image is decoded to this size
-        raise NcError(f"the training input {c}x{h}x{w} is over the limit of {limit('image_pixels'):,} pixels an image "
-                      "may have\n  hint: a smaller --input (or NCCOMPILE_LIMIT_IMAGE_PIXELS)")
-    check_memory(listing, recipe.data, student.input_shape)
-    if student.input_shape[0] not in IMAGE_MODES:
-        raise NcError(f"the model's input has {student.input_shape[0]} channels, and images have 1 (gray), 2 (gray "
-                      "and alpha), 3 (RGB) or 4 (RGB and alpha)\n  hint: give the spec, or --input, one of those")
+    check_decodable(listing, recipe.data, student.input_shape)
     input_shape = student.input_shape
     analysis = analyse(student)
     if not analysis.ok:

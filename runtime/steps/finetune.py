@@ -10,7 +10,7 @@ import torch
 from pydantic import Field
 
 from ..loop import fit
-from ..losses import KD_ALPHA, KD_TEMPERATURE, KD_TEMPERATURE_MAX, KD_TEMPERATURE_MIN, kd_loss
+from ..losses import KD_ALPHA, KD_TEMPERATURE, Temperature, kd_loss
 from ..recipe import Strict
 
 
@@ -21,7 +21,7 @@ class Finetune(Strict):
     epochs: int = Field(1, ge=0)
     lr: float | None = Field(None, gt=0)
     teacher: str = "teacher"
-    temperature: float = Field(KD_TEMPERATURE, ge=KD_TEMPERATURE_MIN, le=KD_TEMPERATURE_MAX)
+    temperature: Temperature = KD_TEMPERATURE
     alpha: float = Field(KD_ALPHA, ge=0, le=1)
 
 

@@ -12,7 +12,7 @@ from compiler.fileformat import SPEC
 
 from .. import fakequant
 from ..loop import fit
-from ..losses import KD_ALPHA, KD_TEMPERATURE, KD_TEMPERATURE_MAX, KD_TEMPERATURE_MIN
+from ..losses import KD_ALPHA, KD_TEMPERATURE, Temperature
 from ..recipe import Strict
 from .base import StepConfig, StepKind, StepResult, register
 from .finetune import teacher_loss
@@ -44,7 +44,7 @@ class TrainConfig(StepConfig):
 class DistillConfig(TrainConfig):
     kind: str = "distill"
     teacher: str = "teacher"
-    temperature: float = Field(KD_TEMPERATURE, ge=KD_TEMPERATURE_MIN, le=KD_TEMPERATURE_MAX)
+    temperature: Temperature = KD_TEMPERATURE
     alpha: float = Field(KD_ALPHA, ge=0, le=1)
     teacher_cache: Literal["auto", "always", "never"] = "auto"
 

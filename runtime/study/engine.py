@@ -91,6 +91,7 @@ class Study:
         self.rejected_fixed: dict[str, str] = {}
         self.byte_limits: set[int] = set()
         self.space: dict = {}
+        self.points = 0  # configurations in the search space
         self.validate()
 
     # --- before any trial runs ---------------------------------------------------------
@@ -119,10 +120,11 @@ class Study:
                     problems.append(f"search.spec: {t.spec} declares no search space "
                                     "(e.g. `base: int = 16 in 8..64 step 8`)")
                 self.space = {s.name: [s[i] for i in range(len(s))] for s in found}
-                points = math.prod(len(v) for v in self.space.values())
-                if self.cfg.search.sampler == "grid" and self.trials_wanted > points:
-                    print(f"search: the grid has {points:,} point(s): {points:,} trial(s), not {self.trials_wanted:,}")
-                    self.trials_wanted = points
+                self.points = math.prod(len(v) for v in self.space.values())
+                if self.cfg.search.sampler == "grid" and self.trials_wanted > self.points:
+                    print(f"search: the grid has {self.points:,} point(s): {self.points:,} trial(s), "
+                          f"not {self.trials_wanted:,}")
+                    self.trials_wanted = self.points
                 self._note_budgets(model)
                 if any(len(v) > 100_000 for v in self.space.values()):
                     problems.append("search.spec: a parameter space of more than 100,000 values")
@@ -258,7 +260,7 @@ class Study:
         drawn = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)
                  if t.number != exclude and "run" not in t.user_attrs and t.params
                  and t.user_attrs.get("status") != "unused"}
-        return len(drawn) >= math.prod(len(v) for v in self.space.values())
+        return len(drawn) >= self.points
 
     def _run_fixed(self, study, trial, t: Trial) -> None:
         trial.set_user_attr("run", t.name)
