@@ -345,6 +345,14 @@ def _split(n: int, labels: torch.Tensor, fraction: float, seed: int):
     return torch.cat(train).sort().values, torch.cat(val).sort().values
 
 
+def _first_per_class(idx: torch.Tensor, labels: torch.Tensor, per_class: int | None) -> torch.Tensor:
+    """The first `per_class` of `idx` in each class, in order (data.limit_per_class, as `_limit` for files)."""
+    if per_class is None:
+        return idx
+    kept = [idx[labels[idx] == c][:per_class] for c in labels[idx].unique().tolist()]
+    return torch.cat(kept).sort().values if kept else idx
+
+
 def check_decodable(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int]) -> None:
     """The images can be decoded for this training input, found before any work: a size within the
     image pixel limit, the machine's memory for images held in memory (digits, image folders without
@@ -412,8 +420,7 @@ def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], s
         if len(tr) == 0:
             raise DataError(f"data.val_fraction={cfg.val_fraction} leaves no training images\n"
                             "  hint: use a smaller fraction, such as 0.2")
-        if cfg.limit_per_class:
-            tr = torch.cat([tr[labels[tr] == c][:cfg.limit_per_class] for c in range(10)]).sort().values
+        tr, va = _first_per_class(tr, labels, cfg.limit_per_class), _first_per_class(va, labels, cfg.limit_per_class)
         ids = [str(i) for i in range(len(labels))]
         return Data(listing.classes, Split(images[tr], labels[tr], [ids[i] for i in tr]),
                     Split(images[va], labels[va], [ids[i] for i in va]), description=listing.description)
@@ -445,8 +452,12 @@ def _load_torchvision(listing: Listing, cfg: DataConfig, channels: int, size, se
 
     def split(train: bool):
         ds = _torchvision_split(cfg, train)
-        images = [F.pil_to_tensor(img) if not isinstance(img, torch.Tensor) else img for img, _ in ds]
-        labels = torch.tensor([int(y) for _, y in ds])
+        targets = getattr(ds, "targets", None)  # most datasets hold their labels: no decoding to read them
+        all_labels = torch.tensor([int(y) for y in targets] if targets is not None else [int(y) for _, y in ds])
+        keep = _first_per_class(torch.arange(len(all_labels)), all_labels, cfg.limit_per_class).tolist()
+        labels = all_labels[keep]
+        images = [ds[i][0] for i in keep]
+        images = [F.pil_to_tensor(img) if not isinstance(img, torch.Tensor) else img for img in images]
         images = torch.stack([_to_shape(i.unsqueeze(0), channels, size)[0] for i in images])
         classes = list(getattr(ds, "classes", [])) or [str(i) for i in range(int(labels.max()) + 1)]
         return images, labels, classes

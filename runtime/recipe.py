@@ -80,7 +80,7 @@ class DataConfig(Strict):
     root: str | None = None            # torchvision dataset root
     download: bool = False             # torchvision only; never in tests
     val_fraction: float = Field(0.2, gt=0, lt=1)  # for sources without a validation split
-    limit_per_class: int | None = Field(None, ge=1)  # a small subset, for quick runs and tests
+    limit_per_class: int | None = Field(None, ge=1)  # the first N of each class in every split: quick runs, tests
     on_bad_image: Literal["error", "skip"] = "error"
     allow_single_class: bool = False   # one class trains to accuracy 1.0 and means nothing: refused unless set
     batch_size: int = Field(64, ge=1)

@@ -340,8 +340,8 @@ def _idx(path: Path, magic: int, dims: tuple, data: torch.Tensor) -> None:
     path.write_bytes(struct.pack(">" + "i" * (1 + len(dims)), magic, *dims) + data.numpy().tobytes())
 
 
-def test_torchvision_dataset_by_name(tmp_path, capsys, in_root):
-    """A torchvision dataset by name (MNIST files laid out locally: nothing is downloaded)."""
+def _mnist_files(tmp_path: Path) -> None:
+    """MNIST's files laid out locally (nothing is downloaded): 60 train / 20 test, labels 0, 1, 2."""
     raw = tmp_path / "MNIST" / "raw"
     raw.mkdir(parents=True)
     g = torch.Generator().manual_seed(0)
@@ -351,6 +351,11 @@ def test_torchvision_dataset_by_name(tmp_path, capsys, in_root):
         images[:, 4:24, 4:24] += (labels * 60).reshape(-1, 1, 1).to(torch.uint8)  # learnable brightness
         _idx(raw / f"{prefix}-images-idx3-ubyte", 2051, (n, 28, 28), images)
         _idx(raw / f"{prefix}-labels-idx1-ubyte", 2049, (n,), labels)
+
+
+def test_torchvision_dataset_by_name(tmp_path, capsys, in_root):
+    """A torchvision dataset by name (MNIST files laid out locally: nothing is downloaded)."""
+    _mnist_files(tmp_path)
     recipe = tmp_path / "m.yaml"
     recipe.write_text(f"""
 name: mnist
@@ -369,6 +374,28 @@ steps:
     recipe.write_text(recipe.read_text().replace(str(tmp_path), str(missing)))
     assert main([str(spec), "--recipe", str(recipe), "--dry-run"]) == 2
     assert "set data.download: true to download it" in capsys.readouterr().err
+
+
+def test_limit_per_class_limits_every_split_of_every_source(tmp_path):
+    """`data.limit_per_class` takes the first N of each class in the training and the validation split
+    alike, whatever the source (digits once limited only its training split, torchvision not at all)."""
+    from runtime.data import list_source, load
+    from runtime.recipe import DataConfig
+
+    _mnist_files(tmp_path)
+    sources = {"digits": DataConfig(limit_per_class=5),
+               "torchvision": DataConfig(source="torchvision", name="MNIST", root=str(tmp_path), limit_per_class=4),
+               "folder": DataConfig(path=str(DATA), limit_per_class=3, cache=False)}
+    for source, cfg in sources.items():
+        data = load(list_source(cfg), cfg, (1, 8, 8), seed=0)
+        for name, split in (("train", data.train), ("val", data.val)):
+            counts = torch.bincount(split.labels).tolist()
+            assert set(counts) - {0} == {cfg.limit_per_class}, (source, name, counts)
+        unlimited = cfg.model_copy(update={"limit_per_class": None})
+        full = load(list_source(unlimited), unlimited, (1, 8, 8), seed=0)
+        assert len(full.val.labels) > len(data.val.labels), source
+        first = [i for i, y in enumerate(full.train.labels.tolist()) if y == 0][:cfg.limit_per_class]
+        assert torch.equal(data.train.images[data.train.labels == 0], full.train.images[first]), source
 
 
 # --- confinement: nothing is written outside the run directory ---------------------------------
