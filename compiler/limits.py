@@ -10,8 +10,9 @@ Each limit has a default and an environment variable that changes it (a positive
     model file          4 GiB       NCCOMPILE_LIMIT_MODEL_BYTES  (as its header declares; xz stops there)
     image pixels        2^26        NCCOMPILE_LIMIT_IMAGE_PIXELS (width x height, read from the header)
     study grid points   10,000      NCCOMPILE_LIMIT_STUDY_TRIALS (each is a training run, checked first)
+    study file size     256 KiB     NCCOMPILE_LIMIT_STUDY_BYTES
 
-YAML (specs and recipes) is read without aliases (`&a` / `*a`): expanding them is how a
+YAML (specs, recipes, studies) is read without aliases (`&a` / `*a`): expanding them is how a
 1 KB file becomes gigabytes, and nothing nccompile reads needs them.
 
 Files are read only when they are regular files (not a folder, device or pipe) and never
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import yaml
 
-from .errors import UsageError
+from .errors import FileProblems, UsageError
 
-DEFAULTS = {"spec_bytes": 256 * 1024, "recipe_bytes": 256 * 1024, "repeat": 10_000, "layers": 100_000,
-            "input_elements": 2 ** 26, "model_bytes": 4 * 1024 ** 3,
+DEFAULTS = {"spec_bytes": 256 * 1024, "recipe_bytes": 256 * 1024, "study_bytes": 256 * 1024, "repeat": 10_000,
+            "layers": 100_000, "input_elements": 2 ** 26, "model_bytes": 4 * 1024 ** 3,
             "image_pixels": 2 ** 26, "study_trials": 10_000}
 
 
@@ -87,3 +88,17 @@ class NoAliasLoader(yaml.SafeLoader):
 
 
 NoAliasLoader.add_constructor("tag:yaml.org,2002:int", NoAliasLoader.construct_yaml_int)
+
+
+def read_yaml(path: str | Path, what: str, limit_name: str, error: type[FileProblems]):
+    """The data of a YAML file (a recipe, a study) read as `read_text` reads it, without aliases; a
+    syntax error or a too-deep nesting is `error` at `path:line:col`."""
+    source = str(path)
+    try:
+        return yaml.load(read_text(path, what, limit_name), Loader=NoAliasLoader)
+    except RecursionError:
+        raise error(source, ["the YAML nests too deeply"]) from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise error(where, [f"invalid YAML: {getattr(err, 'problem', None) or err}"]) from None

@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compiler.errors import FileProblems, NcError, did_you_mean, shorten
-from compiler.limits import NoAliasLoader, read_text
+from compiler.limits import NoAliasLoader, read_yaml
 
 
 def _builtin_recipes() -> Path:
@@ -291,14 +291,7 @@ def read_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[dict, Pat
     """The recipe's YAML as a mapping, with `--set` overrides applied; not validated yet."""
     path = find_recipe(name_or_path)
     source = str(path)
-    try:
-        raw = yaml.load(read_text(path, "recipe file", "recipe_bytes"), Loader=NoAliasLoader)
-    except RecursionError:
-        raise RecipeError(source, ["the YAML nests too deeply"]) from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
-        raise RecipeError(where, [f"invalid YAML: {getattr(err, 'problem', None) or err}"]) from None
+    raw = read_yaml(path, "recipe file", "recipe_bytes", RecipeError)
     if not isinstance(raw, dict):
         raise RecipeError(source, ["a recipe must be a mapping with `name` and `steps`"])
     return apply_overrides(raw, list(overrides), source), path

@@ -47,9 +47,27 @@ def test_bad_spec_files(make, fragment, tmp_path, capsys):
     (lambda d: _write_bytes(d / "bin.yaml", bytes(range(256)) * 4), "not UTF-8 text"),
     (lambda d: _write(d / "bomb.yaml", ALIAS_BOMB), "aliases (*name) are not allowed"),
     (lambda d: _write(d / "steps.yaml", "name: r\nsteps: 5\n"), "`steps` must be a list"),
+    (lambda d: _write(d / "deep.yaml", "a: " + "[" * 5000 + "]" * 5000), "the YAML nests too deeply"),
 ])
 def test_bad_recipe_files(make, fragment, tmp_path, capsys, in_root):
     code, printed = run(["specs/student.spec", "--recipe", make(tmp_path), "--dry-run"], capsys)
+    assert code == 2 and fragment in printed, printed
+    assert "internal error" not in printed
+
+
+@pytest.mark.parametrize("make, fragment", [
+    (lambda d: "/dev/zero", "not a regular file; expected a study file"),
+    (lambda d: _mkdir(d / "s.yaml"), "a folder; expected a study file"),
+    (lambda d: _write_bytes(d / "bin.yaml", bytes(range(256)) * 4), "not UTF-8 text"),
+    (lambda d: _write(d / "bomb.yaml", ALIAS_BOMB), "aliases (*name) are not allowed"),
+    (lambda d: _write(d / "deep.yaml", "[" * 5000 + "]" * 5000), "the YAML nests too deeply"),
+    (lambda d: _write(d / "big.yaml", "# " + "x" * 300_000 + "\nname: s\n"), "larger than the 262,144-byte limit"),
+    (lambda d: str(d / "none.yaml"), "no such study file"),
+])
+def test_bad_study_files(make, fragment, tmp_path, capsys):
+    """A study file is read as a recipe is: a regular file, of bounded size, UTF-8, without aliases
+    (it was read whole, and deep nesting or bad bytes were internal errors)."""
+    code, printed = run(["study", make(tmp_path)], capsys)
     assert code == 2 and fragment in printed, printed
     assert "internal error" not in printed
 
@@ -427,6 +445,7 @@ def test_deeply_nested_yaml_is_a_clean_error(tmp_path, capsys):
     (["--recipe", "kd_wq", "--set", "transforms.eval.0.flip=1", "--dry-run"],
      "`transforms.eval` has no item `0` (it has 0, addressed by index from 0)"),
     (["--recipe", "kd_wq", "--epochs", "0", "--dry-run"], "--epochs must be at least 1, got 0"),
+    (["--depth", "-1"], "--depth must be at least 0, got -1"),
     (["--recipe", "scratch", "--input", "3x100000x100000", "--dry-run"],
      "the training input 3x100000x100000 is over the limit of 67,108,864 pixels"),
     (["--recipe", "kd_wq", "--set", "steps.distill.temperature=1.0e+300", "--dry-run"],

@@ -32,11 +32,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-import yaml
 from pydantic import Field, ValidationError, field_validator
 
 from compiler.errors import FileProblems, NcError
-from compiler.limits import NoAliasLoader, limit
+from compiler.limits import limit, read_yaml
 
 from ..recipe import SEED_END, Strict, plain_name, problems_of
 
@@ -141,14 +140,9 @@ def _label(v) -> str:
 
 def load_study(path: str | Path) -> tuple[StudyConfig, Path]:
     path = Path(path)
-    if not path.is_file():
+    if not path.exists():
         raise NcError(f"{path}: no such study file\n  hint: see specs/studies/ for examples")
-    try:
-        raw = yaml.load(path.read_text(), Loader=NoAliasLoader)
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f":{mark.line + 1}:{mark.column + 1}" if mark else ""
-        raise StudyError(f"{path}{where}", [f"invalid YAML: {getattr(err, 'problem', None) or err}"]) from None
+    raw = read_yaml(path, "study file", "study_bytes", StudyError)
     if not isinstance(raw, dict):
         raise StudyError(str(path), ["a study is a mapping with `name` and `runs`, `grid` or `search`"])
     try:
