@@ -19,9 +19,14 @@ class NcError(Exception):
 
 
 class BudgetError(NcError):
-    """A budget of the spec does not hold (predicted before any work, or measured on a written file)."""
+    """A budget of the spec does not hold (predicted before any work, or measured on a written file).
+    `failures`: one short line per broken budget (what a study records for a rejected run)."""
 
     exit_code = 1
+
+    def __init__(self, message: str, failures: tuple[str, ...] | list[str] = ()):
+        super().__init__(message)
+        self.failures = tuple(failures)
 
 
 class UsageError(NcError):

@@ -132,7 +132,8 @@ def prepare(opts: Options):
     analysis = analyse(student)
     if not analysis.ok:
         raise BudgetError(table(analysis, max_depth=1) + "\nnccompile: error: the spec exceeds its budget(s) at the "
-                          f"training input {'x'.join(map(str, input_shape))}; nothing was run")
+                          f"training input {'x'.join(map(str, input_shape))}; nothing was run",
+                          [f"{b.name} fails: {b.value:,}" for b in analysis.budgets if not b.ok])
     slots = {"student": ModelSlot("student", student)}
     for name, ref in recipe.models.items():
         spec_path = _resolve(ref.spec, recipe_path)
@@ -169,7 +170,8 @@ def prepare(opts: Options):
     if problems:
         raise RecipeError(str(recipe_path), problems)
     if plan.budget_failures:
-        raise BudgetError("\nnccompile: error: ".join(f"{f}; nothing was run" for f in plan.budget_failures))
+        raise BudgetError("\nnccompile: error: ".join(f"{f}; nothing was run" for f in plan.budget_failures),
+                          plan.budget_failures)
     return recipe, recipe_path, listing, slots, plan, pipelines
 
 

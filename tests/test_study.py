@@ -121,6 +121,39 @@ def test_search_rejects_configurations_over_budget_without_training(files, capsy
         assert int(r["params_count"]) <= 5000 and float(r["objective"]) == float(r["val_accuracy"])
 
 
+def test_dry_run_shows_every_run_and_the_search_space_and_writes_nothing(files, capsys):
+    """`--dry-run`: the runs with their verdict on the budgets, the search's space and how many of its
+    configurations meet the budgets (counted here from each configuration's own analysis)."""
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\n"
+                          "runs:\n  - {name: narrow, params: {width: 4}}\n  - {name: wide, params: {width: 48}}\n"
+                          "search:\n  spec: tiny.spec\n  recipe: r.yaml\n  trials: 3\n  objective: {step: train}\n")
+    before = sorted(p.name for p in files.iterdir())
+    assert main(["study", str(study), "--out", str(files / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    lines = out.splitlines()
+    narrow = next(i for i, line in enumerate(lines) if line.strip().startswith("narrow "))
+    wide = next(i for i, line in enumerate(lines) if line.strip().startswith("wide "))
+    assert "rejected" not in lines[narrow + 1] and "width=4" in lines[narrow], out
+    assert "rejected before training: params <= 5,000 fails: " in lines[wide + 1], out  # which budget, not a banner
+    assert "  width: [4, 8, 16, 48]" in lines and "  depth: [1, 2]" in lines, out
+    meet = sum(compiler.analyse(compiler.compile_spec(files / "tiny.spec", param_strings={
+        "width": str(w), "depth": str(d)})).ok for w in (4, 8, 16, 48) for d in (1, 2))
+    assert 0 < meet < 8 and f"  8 configuration(s); {meet} meet every budget, {8 - meet} break one" in out, out
+    assert "search: 3 trial(s)" in out and "nothing was trained or written" in out, out
+    assert sorted(p.name for p in files.iterdir()) == before  # no study folder, no journal
+
+
+def test_dry_run_estimates_the_budgets_of_a_large_space_from_a_sample(files, capsys, monkeypatch):
+    import runtime.study.preview as preview
+
+    monkeypatch.setattr(preview, "EXHAUSTIVE", 4)
+    monkeypatch.setattr(preview, "SAMPLE", 5)
+    study = _study(files, "name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, objective: {step: train}}\n")
+    assert main(["study", str(study), "--out", str(files / "out"), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    assert "  8 configuration(s); about " in out and " of 5 drawn)" in out, out
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("name: s\nspec: tiny.spec\nruns:\n  - {name: a, recipe: r.yaml}\n  - {name: b, recipe: nope}\n",
      "runs[1] (b):"),
@@ -141,10 +174,11 @@ def test_search_rejects_configurations_over_budget_without_training(files, capsy
     ("name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, seed: -1, objective: {step: train}}\n",
      "`search.seed`: Input should be greater than or equal to 0 (got -1)"),
 ])
-def test_bad_studies_are_refused_with_the_place_before_any_trial_runs(files, capsys, text, fragment):
+@pytest.mark.parametrize("dry_run", [[], ["--dry-run"]])
+def test_bad_studies_are_refused_with_the_place_before_any_trial_runs(files, capsys, text, fragment, dry_run):
     study = _study(files, text)
     out = files / "out"
-    assert main(["study", str(study), "--out", str(out)]) == 2
+    assert main(["study", str(study), "--out", str(out), *dry_run]) == 2
     err = capsys.readouterr().err
     assert fragment in err, err
     assert "Traceback" not in err

@@ -29,6 +29,9 @@ def _parser():
     p.add_argument("--storage", metavar="URL", help="shared database (postgresql://..., mysql+pymysql://...); "
                                                      "default: a journal file in the study directory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--dry-run", action="store_true", help="check every trial and show what would run: each run "
+                                                           "with its budgets, a search's space; trains and "
+                                                           "writes nothing")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)  # set for spawned workers
     return p
 
@@ -54,6 +57,11 @@ def main(argv: list[str]) -> int:
     check_own_folder(out, STUDY_FILES, STUDY_RECORDS, "nccompile study")
     study = Study(cfg, path, out, data=args.data, epochs=args.epochs, sets=tuple(args.sets), device=args.device,
                   storage=args.storage, trials=args.trials)  # every trial validated: nothing has run yet
+    if args.dry_run:
+        from .preview import preview
+
+        print("\n".join(preview(study)))
+        return 0
     title = f"study {cfg.name}" + (f": {cfg.description}" if cfg.description else "")
     handle = study.open()  # creates the study and enqueues the fixed trials, once, before any worker starts
 

@@ -108,7 +108,7 @@ class Study:
             try:
                 self._note_budgets(prepare(self.options(t))[3]["student"].model)
             except BudgetError as err:  # a run that breaks its budget is a result, not bad input
-                self.rejected_fixed[t.name] = str(err).splitlines()[-1]
+                self.rejected_fixed[t.name] = "; ".join(err.failures) or str(err).splitlines()[-1]
             except NcError as err:
                 problems.append(f"{t.where}: {first_lines(err)}")
         if self.template is not None:
