@@ -111,15 +111,19 @@ def _resolve(path: str, recipe_path: Path) -> Path:
     return candidate.resolve() if candidate.exists() else p
 
 
-def prepare(opts: Options):
-    """All validation; returns (context pieces, plan) without doing any work."""
+def recipe_and_data(opts: Options):
+    """The recipe with its overrides and its steps, and the listing of the data it trains on."""
     recipe, steps, recipe_path = load_plan(opts.recipe, opts.sets, opts.epochs)
     if opts.data:
         recipe.data.path = opts.data
         if recipe.data.source == "auto":
             recipe.data.source = "folder"
-    listing = list_source(recipe.data)
-    classes = listing.classes
+    return recipe, steps, recipe_path, list_source(recipe.data)
+
+
+def student_for(opts: Options, recipe, classes: list[str]):
+    """The spec as the run builds it: a declared `classes` is the data's count, and the input is
+    --input, else the recipe's size with the spec's channels, else the spec's own."""
     shape = opts.input or (compiler.parse_shape(recipe.input) if recipe.input else None)
     student = _compile(opts.spec, classes, shape, "the spec", model=opts.model, strings=opts.params)
     declared = student.definition.input
@@ -127,6 +131,14 @@ def prepare(opts: Options):
         # a recipe sets the training size for any spec; the channels are the model's, as its spec says
         shape = (declared[0], *shape[1:])
         student = _compile(opts.spec, classes, shape, "the spec", model=opts.model, strings=opts.params)
+    return student
+
+
+def prepare(opts: Options):
+    """All validation; returns (context pieces, plan) without doing any work."""
+    recipe, steps, recipe_path, listing = recipe_and_data(opts)
+    classes = listing.classes
+    student = student_for(opts, recipe, classes)
     check_decodable(listing, recipe.data, student.input_shape)
     input_shape = student.input_shape
     analysis = analyse(student)

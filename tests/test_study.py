@@ -154,6 +154,33 @@ def test_dry_run_estimates_the_budgets_of_a_large_space_from_a_sample(files, cap
     assert "  8 configuration(s); about " in out and " of 5 drawn)" in out, out
 
 
+def test_a_search_checks_budgets_at_the_training_input_as_its_runs_do(files, capsys):
+    """A MACs budget depends on the input: a spec declared at 32x32 and trained at 8x8 is judged at 8x8,
+    as every run judges its spec (the search once used the spec's own input, rejecting good configurations)."""
+    big = files / "big.spec"
+    big.write_text(TINY.replace("input 3x8x8", "input 3x32x32")
+                   .replace("budget params <= 5000", "budget params <= 5000\n    budget macs <= 1_000_000"))
+    (files / "r8.yaml").write_text(RECIPE.replace("name: r\n", "name: r\ninput: 3x8x8\n"))
+
+    def analysed(shape):
+        return {(w, d): compiler.analyse(compiler.compile_spec(big, param_strings={"width": str(w), "depth": str(d)},
+                                                               input_shape=shape))
+                for w in (4, 8, 16, 48) for d in (1, 2)}
+
+    at8, at32 = analysed((3, 8, 8)), analysed((3, 32, 32))
+    meet = sum(a.ok for a in at8.values())
+    assert meet > sum(a.ok for a in at32.values())  # the input decides here
+    study = _study(files, "name: s\nsearch: {spec: big.spec, recipe: r8.yaml, trials: 2, sampler: grid, "
+                          "objective: {step: train}}\n")
+    assert main(["study", str(study), "--out", str(files / "out"), "--dry-run"]) == 0
+    assert f"8 configuration(s); {meet} meet every budget" in capsys.readouterr().out
+    assert main(["study", str(study), "--out", str(files / "out"), "--device", "cpu"]) == 0, capsys.readouterr().err
+    for r in _results(files / "out"):
+        a = at8[tuple(json.loads(r["model_params"])[k] for k in ("width", "depth"))]
+        assert (r["status"] == "rejected") == (not a.ok), r
+        assert int(r["macs"]) == a.macs, r
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("name: s\nspec: tiny.spec\nruns:\n  - {name: a, recipe: r.yaml}\n  - {name: b, recipe: nope}\n",
      "runs[1] (b):"),

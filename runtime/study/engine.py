@@ -25,7 +25,7 @@ from compiler.errors import BudgetError, NcError
 from compiler.space import spaces
 
 from ..rundir import process_alive
-from ..runner import Options, prepare
+from ..runner import Options, prepare, recipe_and_data, student_for
 from .config import StudyConfig, StudyError, Trial, fixed_trials, search_trial
 from .trials import execute, first_lines, resumed_numbers
 
@@ -92,6 +92,8 @@ class Study:
         self.byte_limits: set[int] = set()
         self.space: dict = {}
         self.points = 0  # configurations in the search space
+        self.search_input: tuple | None = None  # what a search's configurations are analysed at, as their runs
+        self.search_fixed: dict[str, str] = {}  # build them: the training input, the data's class count
         self.validate()
 
     # --- before any trial runs ---------------------------------------------------------
@@ -114,7 +116,13 @@ class Study:
         if self.template is not None:
             t = self.template
             try:
-                model = compiler.compile_spec(t.spec, param_strings=t.param_strings())
+                # as its runs build it: the data's class count and the training input (a MACs budget depends on it)
+                opts = self.options(t)
+                recipe, _, _, listing = recipe_and_data(opts)
+                model = student_for(opts, recipe, listing.classes)
+                self.search_input = model.input_shape
+                if any(p.name == "classes" for p in model.definition.params):
+                    self.search_fixed = {"classes": str(len(listing.classes))}
                 found = [s for s in spaces(model.definition, model.params) if s.name not in t.params]
                 if not found:
                     problems.append(f"search.spec: {t.spec} declares no search space "
@@ -128,7 +136,7 @@ class Study:
                 self._note_budgets(model)
                 if any(len(v) > 100_000 for v in self.space.values()):
                     problems.append("search.spec: a parameter space of more than 100,000 values")
-                prepare(self.options(t))
+                prepare(opts)
             except BudgetError:
                 pass  # the defaults may break a budget; drawn configurations are checked one by one
             except NcError as err:
@@ -302,7 +310,8 @@ class Study:
         trial.set_user_attr("recipe", t.recipe)
         trial.set_user_attr("model_params", run.params)
         trial.set_user_attr("overrides", dict(t.sets))
-        model = compiler.compile_spec(t.spec, param_strings=run.param_strings())
+        model = compiler.compile_spec(t.spec, param_strings={**self.search_fixed, **run.param_strings()},
+                                      input_shape=self.search_input)
         analysis = compiler.analyse(model)
         trial.set_user_attr("params_count", analysis.params)  # known before training; the run reports them too
         trial.set_user_attr("macs", analysis.macs)

@@ -37,8 +37,8 @@ def _search_budgets(study: Study) -> str:
     t = study.template
     sampled = study.points > EXHAUSTIVE
     try:
-        result = search(t.spec, fixed=t.param_strings(), samples=SAMPLE if sampled else None,
-                        seed=study.cfg.search.seed, max_exhaustive=EXHAUSTIVE)
+        result = search(t.spec, fixed={**study.search_fixed, **t.param_strings()}, input_shape=study.search_input,
+                        samples=SAMPLE if sampled else None, seed=study.cfg.search.seed, max_exhaustive=EXHAUSTIVE)
     except NcError as err:
         return f"budgets not counted: {str(err).splitlines()[0]}"
     ok, evaluated = len(result.candidates), result.evaluated
