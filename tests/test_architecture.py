@@ -125,3 +125,12 @@ def test_a_wheel_runs_a_builtin_recipe_from_another_directory(tmp_path):
     assert not outside, f"packages missing from the wheel: {outside}"
     assert (target / "runtime" / "_specs" / "studies" / "q2_kd.yaml").is_file()
     assert (target / "runtime" / "_specs" / "zoo" / "resnet50.spec").is_file()
+
+
+def test_every_package_ships_in_the_wheel():
+    """A package missing from pyproject's list installs nowhere but in an editable checkout."""
+    import tomllib
+
+    listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
+    found = {_module_name(p.parent / "__init__.py") for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py")}
+    assert found <= listed, sorted(found - listed)

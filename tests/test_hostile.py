@@ -674,7 +674,7 @@ def test_image_channels_follow_the_model_gray_rgb_and_alpha(tmp_path, capsys, in
     from PIL import Image
     from torchvision.transforms.v2 import functional as F
 
-    from runtime.data import _to_shape, list_source, load
+    from runtime.data import list_source, load, to_shape
     from runtime.recipe import DataConfig
 
     rng = np.random.default_rng(0)
@@ -692,9 +692,9 @@ def test_image_channels_follow_the_model_gray_rgb_and_alpha(tmp_path, capsys, in
     gray = torch.randint(0, 256, (2, 1, 5, 5), dtype=torch.uint8)
     rgb = torch.randint(0, 256, (2, 3, 5, 5), dtype=torch.uint8)
     opaque = torch.full_like(gray, 255)
-    assert torch.equal(_to_shape(gray, 4, (5, 5)), torch.cat([gray.expand(-1, 3, -1, -1), opaque], 1))
-    assert torch.equal(_to_shape(torch.cat([rgb, gray], 1), 2, (5, 5)), torch.cat([F.rgb_to_grayscale(rgb), gray], 1))
-    assert torch.equal(_to_shape(torch.cat([rgb, gray], 1), 3, (5, 5)), rgb)
+    assert torch.equal(to_shape(gray, 4, (5, 5)), torch.cat([gray.expand(-1, 3, -1, -1), opaque], 1))
+    assert torch.equal(to_shape(torch.cat([rgb, gray], 1), 2, (5, 5)), torch.cat([F.rgb_to_grayscale(rgb), gray], 1))
+    assert torch.equal(to_shape(torch.cat([rgb, gray], 1), 3, (5, 5)), rgb)
     code, printed = run(["specs/student.spec", "--recipe", "scratch", "--input", "5x32x32", "--dry-run"], capsys)
     assert code == 2 and "the model's input has 5 channels, and images have 1 (gray)" in printed, printed
 
