@@ -181,6 +181,52 @@ def test_a_search_checks_budgets_at_the_training_input_as_its_runs_do(files, cap
         assert int(r["macs"]) == a.macs, r
 
 
+def _budget(files, limit: int):
+    (files / "tight.spec").write_text(TINY.replace("budget params <= 5000", f"budget params <= {limit}"))
+    return "name: s\nsearch: {spec: tight.spec, recipe: r.yaml, trials: 3, sampler: tpe, objective: {step: train}}\n"
+
+
+def test_a_search_whose_space_meets_no_budget_is_refused_before_any_trial(files, capsys):
+    """Every draw would be rejected: the search drew for ever (found by hand: 500 rejections a minute)."""
+    study = _study(files, _budget(files, 10))
+    assert main(["study", str(study), "--out", str(files / "out")]) == 2
+    err = capsys.readouterr().err
+    assert "none of the 8 configuration(s)" in err and "meets its budgets at the training input 3x8x8" in err, err
+    assert not (files / "out").exists()
+
+
+def test_a_search_with_fewer_fitting_configurations_than_trials_trains_each_once(files, capsys):
+    study = _study(files, _budget(files, 500))  # width 4 at depth 1 and 2: 326 and 482 parameters
+    assert main(["study", str(study), "--out", str(files / "out"), "--device", "cpu"]) == 0
+    assert "search: 2 configuration(s) meet the budgets: 2 trial(s), not 3" in capsys.readouterr().out
+    rows = _results(files / "out")
+    trained = [json.loads(r["model_params"]) for r in rows if r["status"] in ("done", "repeat")]
+    assert len(trained) == 2 and all(p["width"] == 4 for p in trained), rows  # a repeated draw counts as one
+    assert {r["status"] for r in rows} <= {"done", "repeat", "rejected"}, rows
+
+
+def test_a_search_draws_only_the_values_its_space_declares(files, capsys):
+    """`width in [4, 8, 16, 48]` is four choices: TPE once drew it as the range 4..48 step 4 and trained
+    width 28, which the space does not hold."""
+    study = _study(files, "name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, trials: 3, sampler: tpe, "
+                          "objective: {step: train}}\n")
+    assert main(["study", str(study), "--out", str(files / "out"), "--device", "cpu"]) == 0
+    drawn = [json.loads(r["model_params"]) for r in _results(files / "out")]
+    assert len(drawn) >= 3 and all(p["width"] in (4, 8, 16, 48) and p["depth"] in (1, 2) for p in drawn), drawn
+
+
+def test_a_search_stops_after_many_draws_in_a_row_over_budget(files, capsys, monkeypatch):
+    """A space too large to count at the start, where almost nothing fits, ends instead of drawing on."""
+    import runtime.study.engine as engine
+
+    monkeypatch.setattr(engine, "COUNTED_SPACE", 0)
+    monkeypatch.setattr(engine, "REJECTED_IN_A_ROW", 3)
+    study = _study(files, _budget(files, 10))
+    assert main(["study", str(study), "--out", str(files / "out")]) == 0
+    assert "the last 3 configurations drawn all break a budget" in capsys.readouterr().out
+    assert [r["status"] for r in _results(files / "out")] == ["rejected"] * 3
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("name: s\nspec: tiny.spec\nruns:\n  - {name: a, recipe: r.yaml}\n  - {name: b, recipe: nope}\n",
      "runs[1] (b):"),

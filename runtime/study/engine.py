@@ -30,6 +30,8 @@ from .config import StudyConfig, StudyError, Trial, fixed_trials, search_trial
 from .trials import execute, first_lines, resumed_numbers
 
 STALE_SECONDS = 300
+COUNTED_SPACE = 5_000       # spaces up to this size are checked point by point at the start (about 1 ms a point)
+REJECTED_IN_A_ROW = 1_000   # a search that draws this many configurations in a row over budget stops drawing
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -45,6 +47,17 @@ def storage_for(url: str | None, out: Path):
 
     out.mkdir(parents=True, exist_ok=True)
     return optuna.storages.JournalStorage(JournalFileBackend(str(out / "study.journal")))
+
+
+def _even_step(values: list):
+    """The step of a range of numbers (`8..64 step 8`), which the samplers treat as ordered; None for
+    other values (`[4, 8, 16, 48]`, booleans, text), which are choices: a range over them would draw
+    values the space does not hold."""
+    if len(values) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
+        return None
+    step = values[1] - values[0]
+    even = all(math.isclose(b - a, step, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(values, values[1:]))
+    return step if even and step > 0 else None
 
 
 class _Grid(optuna.samplers.GridSampler):
@@ -94,6 +107,8 @@ class Study:
         self.points = 0  # configurations in the search space
         self.search_input: tuple | None = None  # what a search's configurations are analysed at, as their runs
         self.search_fixed: dict[str, str] = {}  # build them: the training input, the data's class count
+        self.feasible: int | None = None  # configurations that meet every budget (None: too many to count)
+        self._rejected_in_a_row = 0
         self.validate()
 
     # --- before any trial runs ---------------------------------------------------------
@@ -136,6 +151,7 @@ class Study:
                 self._note_budgets(model)
                 if any(len(v) > 100_000 for v in self.space.values()):
                     problems.append("search.spec: a parameter space of more than 100,000 values")
+                self._count_feasible(problems)
                 prepare(opts)
             except BudgetError:
                 pass  # the defaults may break a budget; drawn configurations are checked one by one
@@ -147,6 +163,26 @@ class Study:
                                 f"{t.recipe} (steps: {', '.join(steps)})")
         if problems:
             raise StudyError(str(self.path), problems)
+
+    def _count_feasible(self, problems: list[str]) -> None:
+        """How many of a small space's configurations meet the budgets: none is an error (every draw
+        would be rejected, for ever), fewer than `trials` caps them."""
+        if self.points > COUNTED_SPACE or not self.space:
+            return
+        from compiler.search import search
+
+        t = self.template
+        self.feasible = len(search(t.spec, fixed={**self.search_fixed, **t.param_strings()},
+                                   input_shape=self.search_input).candidates)
+        if self.feasible == 0:
+            shape = "x".join(map(str, self.search_input)) if self.search_input else "its declared input"
+            problems.append(f"search.spec: none of the {self.points:,} configuration(s) of {t.spec} meets its "
+                            f"budgets at the training input {shape}\n  hint: `nccompile search SPEC --all` lists "
+                            "configurations against the budgets; loosen a budget or widen the space")
+        elif self.feasible < self.trials_wanted:
+            print(f"search: {self.feasible:,} configuration(s) meet the budgets: {self.feasible:,} trial(s), "
+                  f"not {self.trials_wanted:,}")
+            self.trials_wanted = self.feasible
 
     def _note_budgets(self, model) -> None:
         """Byte limits of the specs' budgets: the study's plots draw them."""
@@ -236,7 +272,11 @@ class Study:
         by_name = {t.name: t for t in self.fixed}
         while True:
             waiting = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
-            if not waiting and (self.searched(study) >= self.trials_wanted or self._grid_drawn(study)):
+            if not waiting and (self.searched(study) >= self.trials_wanted or self._space_drawn(study)):
+                break
+            if not waiting and self._rejected_in_a_row >= REJECTED_IN_A_ROW:
+                print(f"search: the last {REJECTED_IN_A_ROW:,} configurations drawn all break a budget; "
+                      "the search stops drawing (loosen a budget or narrow the space to the ones that fit)")
                 break
             trial = study.ask()
             if "run" in trial.user_attrs:
@@ -246,7 +286,7 @@ class Study:
                     continue
                 self._run_fixed(study, trial, by_name[name])
             elif (self.template is None or self.searched(study, exclude=trial.number) >= self.trials_wanted
-                  or self._grid_drawn(study, exclude=trial.number)):
+                  or self._space_drawn(study, exclude=trial.number)):
                 trial.set_user_attr("status", "unused")  # another worker took the last one
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 continue
@@ -261,9 +301,9 @@ class Study:
                    if t.number != exclude and "run" not in t.user_attrs
                    and t.user_attrs.get("status") in ("running", "done", "failed", "pruned", "repeat"))
 
-    def _grid_drawn(self, study, exclude: int | None = None) -> bool:
-        """A grid search has drawn every point (rejected ones too): more draws would only repeat them."""
-        if self.cfg.search is None or self.cfg.search.sampler != "grid":
+    def _space_drawn(self, study, exclude: int | None = None) -> bool:
+        """The search has drawn every point (rejected ones too): more draws would only repeat them."""
+        if self.cfg.search is None:
             return False
         drawn = {tuple(sorted(t.params.items())) for t in study.get_trials(deepcopy=False)
                  if t.number != exclude and "run" not in t.user_attrs and t.params
@@ -293,13 +333,12 @@ class Study:
         t = self.template
         params = {}
         for name, values in self.space.items():
-            if isinstance(values[0], bool) or len(values) < 2 or self.cfg.search.sampler == "grid":
+            step = _even_step(values)
+            if step is None or self.cfg.search.sampler == "grid":  # a list of choices: only those
                 params[name] = trial.suggest_categorical(name, values)
             elif all(isinstance(v, int) for v in values):
-                step = values[1] - values[0]
                 params[name] = trial.suggest_int(name, values[0], values[-1], step=step)
             else:
-                step = values[1] - values[0]
                 params[name] = trial.suggest_float(name, values[0], values[-1], step=step)
         label = "-".join(f"{k}{v}" for k, v in params.items())
         run = Trial(f"{t.name}-{label}", f"search trial {trial.number}", t.spec, t.recipe,
@@ -320,7 +359,9 @@ class Study:
             trial.set_user_attr("status", "rejected")
             trial.set_user_attr("error", "; ".join(failed))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
+            self._rejected_in_a_row += 1
             return
+        self._rejected_in_a_row = 0
         for o in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if o.user_attrs.get("name") == run.name:  # the sampler drew a configuration again
                 for k, v in o.user_attrs.items():
