@@ -20,7 +20,7 @@ def _values(values: list) -> str:
         steps = {round(b - a, 12) for a, b in zip(values, values[1:])}
         if len(steps) == 1:
             return f"{values[0]}..{values[-1]} step {steps.pop():g} ({len(values)} values)"
-    return "[" + ", ".join(str(v) for v in values) + "]"
+    return "[" + ", ".join(str(v).lower() if isinstance(v, bool) else str(v) for v in values) + "]"  # as specs write
 
 
 def _shown(path: Path) -> str:
