@@ -67,6 +67,10 @@ def check_own_folder(out: Path, own: frozenset[str], records: frozenset[str], wh
                       f"  hint: give a new or empty folder, or the folder of an earlier {what} to resume it")
 
 
+class RunDirBusy(NcError):
+    """Another live run holds the run directory's lock."""
+
+
 class RunDir:
     def __init__(self, root: Path, writer: bool = True):
         self.root = Path(root)
@@ -107,7 +111,7 @@ class RunDir:
                 pid = int(holder[0]) if holder and holder[0].isdigit() else None
                 same_host = len(holder) > 1 and holder[1] == socket.gethostname()
                 if pid is not None and (not same_host or process_alive(pid)):
-                    raise NcError(f"another nccompile run (pid {pid} on {holder[1] if len(holder) > 1 else '?'}) "
+                    raise RunDirBusy(f"another nccompile run (pid {pid} on {holder[1] if len(holder) > 1 else '?'}) "
                                   f"is writing to {self.root}\n  hint: wait for it to finish, or choose another "
                                   f"--out; if no run is left, delete {self.lock_path}") from None
                 self.lock_path.unlink(missing_ok=True)  # left by a run that died

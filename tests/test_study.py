@@ -227,6 +227,36 @@ def test_a_search_stops_after_many_draws_in_a_row_over_budget(files, capsys, mon
     assert [r["status"] for r in _results(files / "out")] == ["rejected"] * 3
 
 
+def test_workers_seed_their_samplers_apart(monkeypatch):
+    """Identically seeded workers draw the same configurations: one runs each, the other waits it out."""
+    from runtime.study.engine import worker_seed
+
+    monkeypatch.delenv("NCCOMPILE_WORKER_INDEX", raising=False)
+    assert worker_seed(7, shared_storage=False) == 7  # one local worker: the study's own seed
+    monkeypatch.setenv("NCCOMPILE_WORKER_INDEX", "1")
+    assert worker_seed(7, shared_storage=False) == 8
+    shared = worker_seed(7, shared_storage=True)  # machines sharing a database: apart by host name too
+    assert shared != 8 and 0 <= shared < 2 ** 32
+
+
+def test_a_configuration_another_worker_runs_is_a_duplicate_and_a_held_run_a_failure(files, capsys):
+    """A drawn configuration whose folder another live run holds is the other worker's (status
+    `duplicate`, not a row; it once failed the trial); a fixed run's held folder is a failure to report."""
+    out = files / "out"
+    fitting = [f"search-width{w}-depth{d}" for w in (4, 8, 16) for d in (1, 2) if (w, d) != (16, 2)]
+    for name in [*fitting[1:], "mine"]:  # every fitting configuration but one, and a fixed run
+        (out / "trials" / name).mkdir(parents=True)
+        (out / "trials" / name / ".nccompile.lock").write_text(f"{os.getpid()} {socket.gethostname()}")
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns: [{name: mine}]\n"
+                          "search: {spec: tiny.spec, recipe: r.yaml, trials: 1, sampler: random, "
+                          "objective: {step: train}}\n")
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    rows = {r["name"]: r for r in _results(out)}
+    assert rows["mine"]["status"] == "failed" and "another nccompile run" in rows["mine"]["error"], rows
+    assert rows[fitting[0]]["status"] == "done", rows
+    assert not any(name in rows for name in fitting[1:]), rows  # drawn, found running elsewhere: no row
+
+
 @pytest.mark.parametrize("text, fragment", [
     ("name: s\nspec: tiny.spec\nruns:\n  - {name: a, recipe: r.yaml}\n  - {name: b, recipe: nope}\n",
      "runs[1] (b):"),

@@ -93,7 +93,8 @@ def _spawn(argv: list[str], workers: int) -> None:
         rest = argv[:i] + argv[i + 2:]
     env = dict(os.environ, NCCOMPILE_THREADS=str(max(1, (os.cpu_count() or 1) // workers)))
     cmd = [sys.executable, "-m", "runtime", "study", *rest, "--worker"]
-    procs = [subprocess.Popen(cmd, env=env) for _ in range(workers)]
+    # each worker seeds its sampler apart, or identically seeded workers draw the same configurations
+    procs = [subprocess.Popen(cmd, env=dict(env, NCCOMPILE_WORKER_INDEX=str(k))) for k in range(workers)]
     try:
         codes = [p.wait() for p in procs]
     except KeyboardInterrupt:

@@ -14,8 +14,10 @@ stopped by Ctrl-C, marks them failed and enqueues them again: they resume, not r
 from __future__ import annotations
 
 import math
+import os
 import socket
 import time
+import zlib
 from pathlib import Path
 
 import optuna
@@ -24,6 +26,7 @@ import compiler
 from compiler.errors import BudgetError, NcError
 from compiler.space import spaces
 
+from ..recipe import SEED_END
 from ..rundir import process_alive
 from ..runner import Options, prepare, recipe_and_data, student_for
 from .config import StudyConfig, StudyError, Trial, fixed_trials, search_trial
@@ -69,14 +72,25 @@ class _Grid(optuna.samplers.GridSampler):
         pass
 
 
-def _sampler(cfg: StudyConfig, space_values: dict, trials: int):
+def worker_seed(seed: int, shared_storage: bool) -> int:
+    """The sampler's seed in this worker: the study's for the first local worker, apart for the others
+    (spawned with an index) and for each machine sharing a database; identically seeded workers draw
+    the same configurations, each then run twice."""
+    offset = int(os.environ.get("NCCOMPILE_WORKER_INDEX", "0") or 0)
+    if shared_storage:
+        offset += zlib.crc32(socket.gethostname().encode())
+    return (seed + offset) % SEED_END
+
+
+def _sampler(cfg: StudyConfig, space_values: dict, trials: int, shared_storage: bool):
     s = cfg.search
+    seed = worker_seed(s.seed if s else 0, shared_storage)
     if s is None or s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=s.seed if s else 0)
+        return optuna.samplers.RandomSampler(seed=seed)
     if s.sampler == "grid":
-        return _Grid({k: list(v) for k, v in space_values.items()}, seed=s.seed)
+        return _Grid({k: list(v) for k, v in space_values.items()}, seed=seed)
     # a few random trials first, then TPE's model (Optuna's default waits 10: most studies here are shorter)
-    return optuna.samplers.TPESampler(seed=s.seed, n_startup_trials=max(2, trials // 3))
+    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, trials // 3))
 
 
 def _pruner(cfg: StudyConfig):
@@ -204,7 +218,8 @@ class Study:
         self.storage = storage_for(self.storage_url, self.out)
         study = optuna.create_study(storage=self.storage, study_name=self.cfg.name,
                                     direction=obj.direction if obj else "maximize",
-                                    sampler=_sampler(self.cfg, self.space, self.trials_wanted),
+                                    sampler=_sampler(self.cfg, self.space, self.trials_wanted,
+                                                     shared_storage=self.storage_url is not None),
                                     pruner=_pruner(self.cfg), load_if_exists=True)
         self._check_settings(study)
         known = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False)}
@@ -370,8 +385,8 @@ class Study:
                 trial.set_user_attr("status", "repeat")
                 study.tell(trial, o.value)
                 return
-        self._execute(study, trial, run, objective_step=self.cfg.search.objective.step)
+        self._execute(study, trial, run, objective_step=self.cfg.search.objective.step, drawn=True)
 
-    def _execute(self, study, trial, t: Trial, objective_step: str | None) -> None:
+    def _execute(self, study, trial, t: Trial, objective_step: str | None, drawn: bool = False) -> None:
         execute(study, trial, self.storage, lambda hook: self.options(t, hook),
-                self.out / "trials" / t.name, t.name, objective_step)
+                self.out / "trials" / t.name, t.name, objective_step, drawn)

@@ -13,6 +13,7 @@ import optuna
 
 from compiler.errors import NcError
 
+from ..rundir import RunDirBusy
 from ..runner import run as run_recipe
 
 HEARTBEAT_SECONDS = 20
@@ -22,8 +23,10 @@ class StopTrial(Exception):
     """Raised from the per-epoch hook when the pruner stops a poor trial."""
 
 
-def execute(study, trial, storage, options, run_dir: Path, name: str, objective_step: str | None) -> None:
-    """Run the trial's recipe (`options(on_epoch)` gives its runner options) and tell the study how it went."""
+def execute(study, trial, storage, options, run_dir: Path, name: str, objective_step: str | None,
+            drawn: bool = False) -> None:
+    """Run the trial's recipe (`options(on_epoch)` gives its runner options) and tell the study how it went.
+    `drawn`: a sampler's draw, which another worker may have drawn at the same moment and be running."""
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("heartbeat", time.time())
     trial.set_user_attr("status", "running")
@@ -43,6 +46,13 @@ def execute(study, trial, storage, options, run_dir: Path, name: str, objective_
     try:
         with _Heartbeat(storage, trial):
             run_recipe(options(on_epoch))
+    except RunDirBusy as err:
+        if drawn:  # another worker drew the same configuration at the same moment: its run is the result
+            trial.set_user_attr("status", "duplicate")
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        else:  # a run of the user's own holds a fixed trial's folder
+            _failed(study, trial, err, start)
+        return
     except StopTrial as err:
         trial.set_user_attr("status", "pruned")
         trial.set_user_attr("error", str(err))
@@ -54,11 +64,7 @@ def execute(study, trial, storage, options, run_dir: Path, name: str, objective_
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
         raise
     except Exception as err:  # a failed trial is a result; the study goes on
-        trial.set_user_attr("status", "failed")
-        trial.set_user_attr("error", first_lines(err) if isinstance(err, NcError)
-                            else f"internal error: {type(err).__name__}: {err}")
-        trial.set_user_attr("seconds", time.time() - start)
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
+        _failed(study, trial, err, start)
         return
     record = trial_record(run_dir, objective_step)
     for k, v in record.items():
@@ -70,6 +76,14 @@ def execute(study, trial, storage, options, run_dir: Path, name: str, objective_
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     else:
         study.tell(trial, value)
+
+
+def _failed(study, trial, err: Exception, start: float) -> None:
+    trial.set_user_attr("status", "failed")
+    trial.set_user_attr("error", first_lines(err) if isinstance(err, NcError)
+                        else f"internal error: {type(err).__name__}: {err}")
+    trial.set_user_attr("seconds", time.time() - start)
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
 def resumed_numbers(trials) -> set[int]:
