@@ -227,6 +227,25 @@ def test_a_search_stops_after_many_draws_in_a_row_over_budget(files, capsys, mon
     assert [r["status"] for r in _results(files / "out")] == ["rejected"] * 3
 
 
+def test_the_pruner_sees_only_the_epochs_that_train_the_measured_model(files, capsys):
+    """A teacher trained in every trial says nothing of the configuration drawn: its epochs once went
+    to the pruner as the objective's, and could stop trials on the teacher's noise."""
+    (files / "teach.spec").write_text("model teach(classes: int = 10) { input 3x8x8 conv(4) bn relu gap flatten "
+                                      "linear(classes) }\n")
+    (files / "kd.yaml").write_text(
+        "name: kd\ndata: {limit_per_class: 8}\nmodels:\n  teacher: {spec: teach.spec}\nsteps:\n"
+        "  - {name: teacher, kind: train, model: teacher, epochs: 3}\n"
+        "  - {name: distill, kind: distill, teacher: teacher, epochs: 2}\n")
+    study = _study(files, "name: s\nsearch: {spec: tiny.spec, recipe: kd.yaml, trials: 2, sampler: random, "
+                          "pruner: median, objective: {step: distill}}\n")
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    trained = [t for t in optuna.load_study(study_name="s", storage=_journal(out)).get_trials()
+               if t.user_attrs.get("status") == "done"]
+    assert len(trained) == 2 and all(sorted(t.intermediate_values) == [1, 2] for t in trained), \
+        [t.intermediate_values for t in trained]  # the distillation's 2 epochs, not the teacher's 3 before them
+
+
 def test_workers_seed_their_samplers_apart(monkeypatch):
     """Identically seeded workers draw the same configurations: one runs each, the other waits it out."""
     from runtime.study.engine import worker_seed

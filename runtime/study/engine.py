@@ -123,6 +123,9 @@ class Study:
         self.search_fixed: dict[str, str] = {}  # build them: the training input, the data's class count
         self.feasible: int | None = None  # configurations that meet every budget (None: too many to count)
         self._rejected_in_a_row = 0
+        # steps whose epochs a search reports to its pruner: those training the objective step's model (a
+        # teacher's epochs say nothing of the configuration drawn, and would stop trials on its noise)
+        self.watched_steps: frozenset[str] = frozenset()
         self.validate()
 
     # --- before any trial runs ---------------------------------------------------------
@@ -172,9 +175,12 @@ class Study:
             except NcError as err:
                 problems.append(f"search: {first_lines(err)}")
             steps = self._recipe_steps(t) if not problems else []
-            if steps and self.cfg.search.objective.step not in steps:
+            objective = next((s for s in steps if s.name == self.cfg.search.objective.step), None)
+            if steps and objective is None:
                 problems.append(f"search.objective.step: no step `{self.cfg.search.objective.step}` in "
-                                f"{t.recipe} (steps: {', '.join(steps)})")
+                                f"{t.recipe} (steps: {', '.join(s.name for s in steps)})")
+            elif objective is not None:  # the pruner watches the epochs that train the measured model
+                self.watched_steps = frozenset(s.name for s in steps if s.model == objective.model)
         if problems:
             raise StudyError(str(self.path), problems)
 
@@ -205,11 +211,11 @@ class Study:
         self.byte_limits.update(evaluate(b.limit, model.params) for b in model.definition.budgets
                                 if b.metric == "bytes")
 
-    def _recipe_steps(self, t: Trial) -> list[str]:
+    def _recipe_steps(self, t: Trial) -> list:
         from ..plan import load
 
         _, steps, _ = load(t.recipe, t.set_strings(self.sets), self.epochs)
-        return [s.name for s in steps]
+        return steps
 
     # --- the Optuna study ------------------------------------------------------------
 
@@ -385,8 +391,10 @@ class Study:
                 trial.set_user_attr("status", "repeat")
                 study.tell(trial, o.value)
                 return
-        self._execute(study, trial, run, objective_step=self.cfg.search.objective.step, drawn=True)
+        self._execute(study, trial, run, objective_step=self.cfg.search.objective.step, drawn=True,
+                      watched=self.watched_steps)
 
-    def _execute(self, study, trial, t: Trial, objective_step: str | None, drawn: bool = False) -> None:
+    def _execute(self, study, trial, t: Trial, objective_step: str | None, drawn: bool = False,
+                 watched: frozenset[str] = frozenset()) -> None:
         execute(study, trial, self.storage, lambda hook: self.options(t, hook),
-                self.out / "trials" / t.name, t.name, objective_step, drawn)
+                self.out / "trials" / t.name, t.name, objective_step, drawn, watched)

@@ -24,9 +24,10 @@ class StopTrial(Exception):
 
 
 def execute(study, trial, storage, options, run_dir: Path, name: str, objective_step: str | None,
-            drawn: bool = False) -> None:
+            drawn: bool = False, watched: frozenset[str] = frozenset()) -> None:
     """Run the trial's recipe (`options(on_epoch)` gives its runner options) and tell the study how it went.
-    `drawn`: a sampler's draw, which another worker may have drawn at the same moment and be running."""
+    `drawn`: a sampler's draw, which another worker may have drawn at the same moment and be running.
+    `watched`: the steps whose epochs the pruner sees (each epoch's label starts with its step's name)."""
     trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
     trial.set_user_attr("heartbeat", time.time())
     trial.set_user_attr("status", "running")
@@ -34,9 +35,9 @@ def execute(study, trial, storage, options, run_dir: Path, name: str, objective_
     epochs = [0]
 
     def on_epoch(label, row):
-        epochs[0] += 1
-        if objective_step is None:
+        if objective_step is None or label.split(" ", 1)[0] not in watched:
             return
+        epochs[0] += 1
         trial.report(float(row["val_accuracy"]), epochs[0])
         if trial.should_prune():
             raise StopTrial(f"stopped after {epochs[0]} epoch(s) by the pruner "
