@@ -22,7 +22,7 @@ from compiler.errors import BudgetError, NcError, did_you_mean
 from compiler.fileformat import weight_tensors
 from compiler.report import table
 
-from . import distributed
+from . import distributed, stepcache
 from .context import ModelSlot, RunContext, pipeline_for
 from .data import check_decodable, list_source
 from .plan import Plan, make_plan
@@ -47,6 +47,7 @@ class Options:
     input: tuple | None = None
     model: str | None = None
     on_epoch: object = None        # callable(step label, epoch row) after each training epoch (studies)
+    step_cache: Path | None = None  # finished steps shared with other runs by key (a study's; runtime.stepcache)
 
 
 def _device(name: str) -> torch.device:
@@ -298,21 +299,27 @@ def _execute(opts: Options, ctx: RunContext, plan: Plan, out: Path) -> int:
     """Run the planned steps in order (skipping those finished earlier), writing the report after each."""
     recipe, listing, run_dir, rank = ctx.recipe, ctx.listing, ctx.run, ctx.rank
     shared = recipe.model_dump(exclude={"steps", "name", "description"})
+    sharing = opts.step_cache is not None and ctx.world == 1 and rank == 0
     entries = []
     accuracy: dict[str, float] = {}
     for step in plan.steps:
         cfg, kind, skip = step.config, step.kind, step.skip
         slot = ctx.models[cfg.model]
         start = time.perf_counter()
-        inputs = {n: ctx.models[n].producer_key for n in [cfg.model, *kind.needs(cfg)]}
-        key = digest(shared, cfg.model_dump(), inputs,
-                     listing.fingerprint, {n: (s.model.source, s.model.params) for n, s in ctx.models.items()})
+        read = [cfg.model, *kind.needs(cfg)]  # the models the step reads: another model's spec changes nothing
+        key = digest(shared, cfg.model_dump(), {n: ctx.models[n].producer_key for n in read}, listing.fingerprint,
+                     ctx.input_shape, {n: (ctx.models[n].model.source, ctx.models[n].model.params) for n in read})
         entry = {"name": cfg.name, "kind": cfg.kind, "model": cfg.model, "key": key}
         if skip:
             entry.update(status=f"skipped ({skip})", result={})
         elif (done := run_dir.finished(cfg.name, key)) is not None:
             entry.update(status="done earlier", result=done["result"])
             ctx.log(f"== {cfg.name}: already done in {out} (same inputs), skipped")
+        elif sharing and (reused := stepcache.lookup(opts.step_cache, key, run_dir.step_dir(cfg.name))) is not None:
+            reused["seconds"] = time.perf_counter() - start  # what this run spent on it
+            run_dir.mark_finished(cfg.name, key, reused)
+            entry.update(status="reused", result=reused)
+            ctx.log(f"== {cfg.name}: reused from {opts.step_cache} (another run of the study, same inputs)")
         else:
             ctx.log(f"== {cfg.name} [{cfg.kind}]: {kind.describe(cfg)}")
             result = kind.run(cfg, ctx, key)
@@ -322,6 +329,8 @@ def _execute(opts: Options, ctx: RunContext, plan: Plan, out: Path) -> int:
                       "files": result.files, "seconds": time.perf_counter() - start}
             run_dir.mark_finished(cfg.name, key, stored)
             entry.update(status="ran", result=stored)
+            if sharing:
+                stepcache.publish(opts.step_cache, key, run_dir.step_dir(cfg.name), stored)
         result = entry.pop("result")
         if result.get("spec_file"):  # the step changed the architecture: the model is now that spec
             slot.model = compiler.compile_spec(out / result["spec_file"], params=slot.model.params,

@@ -230,12 +230,9 @@ def test_a_search_stops_after_many_draws_in_a_row_over_budget(files, capsys, mon
 def test_the_pruner_sees_only_the_epochs_that_train_the_measured_model(files, capsys):
     """A teacher trained in every trial says nothing of the configuration drawn: its epochs once went
     to the pruner as the objective's, and could stop trials on the teacher's noise."""
-    (files / "teach.spec").write_text("model teach(classes: int = 10) { input 3x8x8 conv(4) bn relu gap flatten "
-                                      "linear(classes) }\n")
-    (files / "kd.yaml").write_text(
-        "name: kd\ndata: {limit_per_class: 8}\nmodels:\n  teacher: {spec: teach.spec}\nsteps:\n"
-        "  - {name: teacher, kind: train, model: teacher, epochs: 3}\n"
-        "  - {name: distill, kind: distill, teacher: teacher, epochs: 2}\n")
+    _kd_files(files)
+    (files / "kd.yaml").write_text((files / "kd.yaml").read_text().replace("epochs: 2}", "epochs: 3}")
+                                   .replace("epochs: 1}", "epochs: 2}"))
     study = _study(files, "name: s\nsearch: {spec: tiny.spec, recipe: kd.yaml, trials: 2, sampler: random, "
                           "pruner: median, objective: {step: distill}}\n")
     out = files / "out"
@@ -244,6 +241,37 @@ def test_the_pruner_sees_only_the_epochs_that_train_the_measured_model(files, ca
                if t.user_attrs.get("status") == "done"]
     assert len(trained) == 2 and all(sorted(t.intermediate_values) == [1, 2] for t in trained), \
         [t.intermediate_values for t in trained]  # the distillation's 2 epochs, not the teacher's 3 before them
+
+
+def _kd_files(files):
+    (files / "teach.spec").write_text("model teach(classes: int = 10) { input 3x8x8 conv(4) bn relu gap flatten "
+                                      "linear(classes) }\n")
+    (files / "kd.yaml").write_text(
+        "name: kd\ndata: {limit_per_class: 8}\nmodels:\n  teacher: {spec: teach.spec}\nsteps:\n"
+        "  - {name: teacher, kind: train, model: teacher, epochs: 2}\n"
+        "  - {name: distill, kind: distill, teacher: teacher, epochs: 1}\n")
+
+
+@pytest.mark.parametrize("share", [True, False])
+def test_runs_of_a_study_share_the_steps_they_have_in_common(files, capsys, share):
+    """Every run here trains the same teacher: with `share_steps` (the default) it trains once and
+    the other runs link its files; the students, all different, each distil their own."""
+    _kd_files(files)
+    study = _study(files, f"name: s\nspec: tiny.spec\nrecipe: kd.yaml\nshare_steps: {str(share).lower()}\n"
+                          "runs:\n  - {name: a}\n  - {name: b, set: {steps.distill.temperature: 8}}\n"
+                          "  - {name: c, params: {width: 4}}\n")
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    steps = {n: {e["name"]: e for e in json.loads((out / "trials" / n / "report.json").read_text())["steps"]}
+             for n in "abc"}
+    teacher = sorted(steps[n]["teacher"]["status"] for n in "abc")
+    assert teacher == (["ran", "reused", "reused"] if share else ["ran"] * 3), steps
+    assert all(steps[n]["distill"]["status"] == "ran" for n in "abc")
+    files_of = [(out / "trials" / n / steps[n]["teacher"]["model_file"]) for n in "abc"]
+    if share:  # the same weights, linked rather than copied
+        assert len({f.read_bytes() for f in files_of}) == 1 and len({f.stat().st_ino for f in files_of}) == 1
+    rows = {r["name"]: r for r in _results(out)}
+    assert all(rows[n]["status"] == "done" and float(rows[n]["val_accuracy"]) >= 0 for n in "abc"), rows
 
 
 def test_workers_seed_their_samplers_apart(monkeypatch):

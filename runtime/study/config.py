@@ -5,6 +5,7 @@ name: q2_kd
 spec: ../student.spec            # defaults for every run; paths resolve against the study file
 recipe: kd
 set: {data.batch_size: 64}       # recipe overrides for every run (as --set)
+share_steps: true                # a step with the same inputs as another run's runs once (runtime.stepcache)
 runs:                            # explicit runs
   - {name: scratch, recipe: scratch}
   - {name: kd}
@@ -101,6 +102,7 @@ class StudyConfig(Strict):
     runs: list[RunConfig] = []
     grid: GridConfig | None = None
     search: SearchConfig | None = None
+    share_steps: bool = True  # a step with the same inputs as another run's (a teacher) runs once
 
     @field_validator("name")
     @classmethod

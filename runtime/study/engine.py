@@ -133,7 +133,7 @@ class Study:
     def options(self, trial: Trial, on_epoch=None) -> Options:
         return Options(str(trial.spec), trial.recipe, self.data, str(self.out / "trials" / trial.name),
                        trial.set_strings(self.sets), self.epochs, self.device, params=trial.param_strings(),
-                       on_epoch=on_epoch)
+                       on_epoch=on_epoch, step_cache=self.out / "shared" if self.cfg.share_steps else None)
 
     def validate(self) -> None:
         """Every trial's spec, recipe and overrides, as the runner checks them; all problems at once."""

@@ -19,7 +19,7 @@ COLUMNS = ["trial", "name", "status", "spec", "recipe", "model_params", "overrid
 # what a study folder holds: these outputs, the journal storage and its lock, the trials' run folders;
 # any of the records shows that a study wrote it (with a database for storage there is no journal)
 STUDY_FILES = frozenset({"results.csv", "summary.md", "pareto.png", "pruning.png", "study.journal",
-                         "study.journal.lock", "trials"})
+                         "study.journal.lock", "trials", "shared"})
 STUDY_RECORDS = frozenset({"study.journal", "results.csv", "trials"})
 _STATE = {optuna.trial.TrialState.WAITING: "waiting", optuna.trial.TrialState.RUNNING: "running"}
 
