@@ -64,7 +64,7 @@ def search(path: str | Path, *, model: str | None = None, fixed: dict[str, str] 
     defaults = {}
     plain = elaborate(spec, model=model, params=base, input_shape=input_shape, sources=sources)
     defaults.update(plain.params)
-    space_list = [s for s in spaces(definition, defaults) if s.name not in base]
+    space_list = spaces(definition, defaults, fixed=base)
     if not space_list:
         raise UsageError(f"model `{definition.name}` declares no search space (e.g. `base: int = 16 in 8..64 step 8`)"
                          + (" beyond the parameters fixed with --param" if base else ""))

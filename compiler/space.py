@@ -97,8 +97,11 @@ def space_of(p: ir.ParamDecl, default) -> Space:
     return space
 
 
-def spaces(definition: ir.ModelDef, defaults: dict) -> list[Space]:
-    return [space_of(p, defaults.get(p.name)) for p in definition.params if p.space is not None]
+def spaces(definition: ir.ModelDef, defaults: dict, fixed=()) -> list[Space]:
+    """The spaces of the parameters left to search: `fixed` ones (--param, a study's `params`) take
+    any value their type allows, in their space or not."""
+    return [space_of(p, defaults.get(p.name)) for p in definition.params if p.space is not None
+            and p.name not in fixed]
 
 
 def size(spaces_: list[Space]) -> int:

@@ -140,6 +140,16 @@ def test_search_table_emit_and_fixed_parameters(tmp_path, capsys):
         assert m.params["kernel"] == 5 and compiler.analyse(m).ok
 
 
+def test_a_fixed_parameter_may_take_a_value_outside_its_space(tmp_path, capsys):
+    """--param fixes a parameter to any value of its type (it was an internal error outside the space)."""
+    spec = _write(tmp_path, SPACE)
+    assert main(["search", str(spec), "--param", "base=12", "--all", "--json"]) == 0, capsys.readouterr().err
+    found = json.loads(capsys.readouterr().out)["candidates"]
+    assert found and all("base" not in c["params"] for c in found)
+    m = compiler.compile_spec(spec, param_strings={"base": "12", **{k: str(v) for k, v in found[0]["params"].items()}})
+    assert m.root.params == found[0]["params_count"]
+
+
 @pytest.mark.parametrize("args, fragment", [
     (["--samples", "0"], "--samples must be at least 1"),
     (["--bytes", "int9"], "unknown format `int9`\n  expected: spec (the spec's precision) or fp32, fp16"),

@@ -143,6 +143,14 @@ def test_dry_run_shows_every_run_and_the_search_space_and_writes_nothing(files, 
     assert sorted(p.name for p in files.iterdir()) == before  # no study folder, no journal
 
 
+def test_a_search_may_fix_a_parameter_outside_its_space(files, capsys):
+    study = _study(files, "name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, params: {width: 6}, "
+                          "objective: {step: train}}\n")
+    assert main(["study", str(study), "--out", str(files / "out"), "--dry-run"]) == 0, capsys.readouterr().err
+    out = capsys.readouterr().out
+    assert "  depth: [1, 2]" in out and "width" not in out.split("search:")[1].split("outputs:")[0], out
+
+
 def test_dry_run_estimates_the_budgets_of_a_large_space_from_a_sample(files, capsys, monkeypatch):
     import runtime.study.preview as preview
 

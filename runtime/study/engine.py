@@ -155,7 +155,7 @@ class Study:
                 self.search_input = model.input_shape
                 if any(p.name == "classes" for p in model.definition.params):
                     self.search_fixed = {"classes": str(len(listing.classes))}
-                found = [s for s in spaces(model.definition, model.params) if s.name not in t.params]
+                found = spaces(model.definition, model.params, fixed=t.params)
                 if not found:
                     problems.append(f"search.spec: {t.spec} declares no search space "
                                     "(e.g. `base: int = 16 in 8..64 step 8`)")

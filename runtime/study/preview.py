@@ -43,7 +43,7 @@ def _search_budgets(study: Study) -> str:
         return f"budgets not counted: {str(err).splitlines()[0]}"
     ok, evaluated = len(result.candidates), result.evaluated
     if sampled:
-        return (f"about {ok / evaluated:.0%} meet every budget ({ok:,} of {evaluated:,} drawn); "
+        return (f"about {ok / evaluated:.1%} meet every budget ({ok:,} of {evaluated:,} drawn); "
                 "the rest are rejected without training")
     text = f"{ok:,} meet every budget, {result.rejected:,} break one (rejected without training)"
     return text + (f", {result.invalid:,} do not build" if result.invalid else "")
