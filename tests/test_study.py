@@ -208,8 +208,8 @@ def test_a_search_with_fewer_fitting_configurations_than_trials_trains_each_once
     assert main(["study", str(study), "--out", str(files / "out"), "--device", "cpu"]) == 0
     assert "search: 2 configuration(s) meet the budgets: 2 trial(s), not 3" in capsys.readouterr().out
     rows = _results(files / "out")
-    trained = [json.loads(r["model_params"]) for r in rows if r["status"] in ("done", "repeat")]
-    assert len(trained) == 2 and all(p["width"] == 4 for p in trained), rows  # a repeated draw counts as one
+    trained = sorted(json.loads(r["model_params"])["depth"] for r in rows if r["status"] == "done")
+    assert trained == [1, 2], rows  # each fitting configuration: a configuration drawn again is not a trial
     assert {r["status"] for r in rows} <= {"done", "repeat", "rejected"}, rows
 
 
@@ -228,11 +228,13 @@ def test_a_search_stops_after_many_draws_in_a_row_over_budget(files, capsys, mon
     import runtime.study.engine as engine
 
     monkeypatch.setattr(engine, "COUNTED_SPACE", 0)
-    monkeypatch.setattr(engine, "REJECTED_IN_A_ROW", 3)
+    monkeypatch.setattr(engine, "FRUITLESS_IN_A_ROW", 3)
     study = _study(files, _budget(files, 10))
     assert main(["study", str(study), "--out", str(files / "out")]) == 0
-    assert "the last 3 configurations drawn all break a budget" in capsys.readouterr().out
+    assert "the last 3 configurations drawn all broke a budget or were drawn before" in capsys.readouterr().out
     assert [r["status"] for r in _results(files / "out")] == ["rejected"] * 3
+    notes = (files / "out" / "summary.md").read_text().split("Stopped, failed or rejected:")[1].split()
+    assert notes.count("-") == len({r["name"] for r in _results(files / "out")})  # a configuration once
 
 
 def test_the_pruner_sees_only_the_epochs_that_train_the_measured_model(files, capsys):

@@ -34,7 +34,7 @@ from .trials import execute, first_lines, resumed_numbers
 
 STALE_SECONDS = 300
 COUNTED_SPACE = 5_000       # spaces up to this size are checked point by point at the start (about 1 ms a point)
-REJECTED_IN_A_ROW = 1_000   # a search that draws this many configurations in a row over budget stops drawing
+FRUITLESS_IN_A_ROW = 1_000  # a search whose last this many draws were over budget or drawn before stops drawing
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
@@ -122,7 +122,7 @@ class Study:
         self.search_input: tuple | None = None  # what a search's configurations are analysed at, as their runs
         self.search_fixed: dict[str, str] = {}  # build them: the training input, the data's class count
         self.feasible: int | None = None  # configurations that meet every budget (None: too many to count)
-        self._rejected_in_a_row = 0
+        self._fruitless_in_a_row = 0
         # steps whose epochs a search reports to its pruner: those training the objective step's model (a
         # teacher's epochs say nothing of the configuration drawn, and would stop trials on its noise)
         self.watched_steps: frozenset[str] = frozenset()
@@ -295,9 +295,10 @@ class Study:
             waiting = [t for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.WAITING,))]
             if not waiting and (self.searched(study) >= self.trials_wanted or self._space_drawn(study)):
                 break
-            if not waiting and self._rejected_in_a_row >= REJECTED_IN_A_ROW:
-                print(f"search: the last {REJECTED_IN_A_ROW:,} configurations drawn all break a budget; "
-                      "the search stops drawing (loosen a budget or narrow the space to the ones that fit)")
+            if not waiting and self._fruitless_in_a_row >= FRUITLESS_IN_A_ROW:
+                print(f"search: the last {FRUITLESS_IN_A_ROW:,} configurations drawn all broke a budget or were "
+                      "drawn before; the search stops drawing (loosen a budget, or narrow the space to the ones "
+                      "that fit)")
                 break
             trial = study.ask()
             if "run" in trial.user_attrs:
@@ -317,10 +318,11 @@ class Study:
                 on_progress(study)
 
     def searched(self, study, exclude: int | None = None) -> int:
-        """Search trials that count against `trials`: trained, training or repeated (not rejected ones)."""
+        """Search trials that count against `trials`: configurations trained or training (not rejected ones,
+        nor ones drawn again)."""
         return sum(1 for t in study.get_trials(deepcopy=False)
                    if t.number != exclude and "run" not in t.user_attrs
-                   and t.user_attrs.get("status") in ("running", "done", "failed", "pruned", "repeat"))
+                   and t.user_attrs.get("status") in ("running", "done", "failed", "pruned"))
 
     def _space_drawn(self, study, exclude: int | None = None) -> bool:
         """The search has drawn every point (rejected ones too): more draws would only repeat them."""
@@ -380,9 +382,8 @@ class Study:
             trial.set_user_attr("status", "rejected")
             trial.set_user_attr("error", "; ".join(failed))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
-            self._rejected_in_a_row += 1
+            self._fruitless_in_a_row += 1
             return
-        self._rejected_in_a_row = 0
         for o in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.COMPLETE,)):
             if o.user_attrs.get("name") == run.name:  # the sampler drew a configuration again
                 for k, v in o.user_attrs.items():
@@ -390,7 +391,9 @@ class Study:
                         trial.set_user_attr(k, v)
                 trial.set_user_attr("status", "repeat")
                 study.tell(trial, o.value)
+                self._fruitless_in_a_row += 1
                 return
+        self._fruitless_in_a_row = 0
         self._execute(study, trial, run, objective_step=self.cfg.search.objective.step, drawn=True,
                       watched=self.watched_steps)
 

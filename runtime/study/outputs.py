@@ -83,7 +83,8 @@ def summary(table: list[dict], title: str) -> str:
     for r in ranked:
         lines.append(f"| {r['trial']} | {r['name']} | {r['status']} | {num(r['params_count'])} | {num(r['macs'])} "
                      f"| {num(r['file_bytes'])} | {num(r['val_accuracy'], '{:.4f}')} | {num(r['seconds'])} |")
-    failed = [r for r in table if r["error"]]
-    if failed:
-        lines += ["", "Not finished:", ""] + [f"- {r['name']} ({r['status']}): {r['error']}" for r in failed]
+    # why a run has no result: each configuration once, however often the sampler drew it
+    notes = list(dict.fromkeys(f"- {r['name']} ({r['status']}): {r['error']}" for r in table if r["error"]))
+    if notes:
+        lines += ["", "Stopped, failed or rejected:", ""] + notes
     return "\n".join(lines) + "\n"
