@@ -329,6 +329,9 @@ def test_a_configuration_another_worker_runs_is_a_duplicate_and_a_held_run_a_fai
      "`search.sampler`: Input should be 'tpe', 'random' or 'grid' (got 'tpee')"),
     ("name: s\nspec: tiny.spec\nrecipe: r.yaml\n", "nothing to run"),
     ("name: ../up\nspec: tiny.spec\nrecipe: r.yaml\nruns: [{name: a}]\n", "used in file paths"),
+    # its trials' folders are `trials/NAME-...`: `../../x` put them outside the study directory
+    ("name: s\nsearch: {name: ../../x, spec: tiny.spec, recipe: r.yaml, objective: {step: train}}\n",
+     "the search's name '../../x' is used in file paths"),
     ("name: s\nspec: tiny.spec\nrecipe: r.yaml\ngrid: {set: {seed: %s, optimizer.lr: %s}}\n"
      % (list(range(101)), [0.001 * i for i in range(1, 101)]), "101 x 100 = 10,100 points, over the limit of 10,000"),
     ("name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, seed: -1, objective: {step: train}}\n",

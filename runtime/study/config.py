@@ -91,6 +91,11 @@ class SearchConfig(Strict):
     params: dict[str, Value] = {}              # fixed values of some parameters
     set: dict[str, Value] = {}
 
+    @field_validator("name")
+    @classmethod
+    def _plain(cls, v):
+        return plain_name(v, "the search's name")  # its trials' folders are named after it
+
 
 class StudyConfig(Strict):
     name: str

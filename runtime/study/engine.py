@@ -131,7 +131,11 @@ class Study:
     # --- before any trial runs ---------------------------------------------------------
 
     def options(self, trial: Trial, on_epoch=None) -> Options:
-        return Options(str(trial.spec), trial.recipe, self.data, str(self.out / "trials" / trial.name),
+        trials = self.out / "trials"
+        if not (trials / trial.name).resolve().is_relative_to(trials.resolve()):  # names are checked; this too
+            raise StudyError(str(self.path), [f"{trial.where}: the run folder {trials / trial.name} lies outside "
+                                              f"{trials}"])
+        return Options(str(trial.spec), trial.recipe, self.data, str(trials / trial.name),
                        trial.set_strings(self.sets), self.epochs, self.device, params=trial.param_strings(),
                        on_epoch=on_epoch, step_cache=self.out / "shared" if self.cfg.share_steps else None)
 
