@@ -340,6 +340,28 @@ def _idx(path: Path, magic: int, dims: tuple, data: torch.Tensor) -> None:
     path.write_bytes(struct.pack(">" + "i" * (1 + len(dims)), magic, *dims) + data.numpy().tobytes())
 
 
+@pytest.mark.parametrize("recipe, unknown_from", [("kd_wq", None), ("prune", "evaluate")])
+def test_planned_step_keys_are_the_keys_the_run_records(recipe, unknown_from, tmp_path, in_root):
+    """What `study --dry-run` says is shared rests on these: known before any work, up to the steps
+    after one that reshapes the model (its new spec exists only once it has run)."""
+    from runtime.runner import Options, planned_keys, prepare
+
+    teacher = tmp_path / "teacher.spec"
+    teacher.write_text(SMALL_TEACHER)
+    opts = Options("specs/student.spec", recipe, sets=("data.limit_per_class=5", f"models.teacher.spec={teacher}",
+                                                       "steps.quantize.integer_inference=false")
+                   if recipe == "kd_wq" else ("data.limit_per_class=5",), epochs=1, device="cpu",
+                   out=str(tmp_path / "run"))
+    got, _, listing, slots, plan, _ = prepare(opts)
+    planned = planned_keys(got, plan, slots, listing, slots["student"].model.input_shape)
+    assert main([opts.spec, "--recipe", recipe, *[a for s in opts.sets for a in ("--set", s)], "--epochs", "1",
+                 "--device", "cpu", "--out", opts.out]) == 0
+    ran = json.loads((tmp_path / "run" / "state.json").read_text())["steps"]
+    names = [s.config.name for s in plan.steps]
+    cut = names.index(unknown_from) if unknown_from else len(names)
+    assert planned[:cut] == [ran[n]["key"] for n in names[:cut]] and all(k is None for k in planned[cut:])
+
+
 def _mnist_files(tmp_path: Path) -> None:
     """MNIST's files laid out locally (nothing is downloaded): 60 train / 20 test, labels 0, 1, 2."""
     raw = tmp_path / "MNIST" / "raw"

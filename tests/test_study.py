@@ -271,6 +271,9 @@ def test_runs_of_a_study_share_the_steps_they_have_in_common(files, capsys, shar
                           "runs:\n  - {name: a}\n  - {name: b, set: {steps.distill.temperature: 8}}\n"
                           "  - {name: c, params: {width: 4}}\n")
     out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--dry-run"]) == 0
+    preview = capsys.readouterr().out
+    assert ("  teacher: a, b, c\n" in preview) == share and "distill:" not in preview, preview
     assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
     steps = {n: {e["name"]: e for e in json.loads((out / "trials" / n / "report.json").read_text())["steps"]}
              for n in "abc"}

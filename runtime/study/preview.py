@@ -3,10 +3,12 @@ training and without writing anything (no storage is opened): each run with its 
 budgets, and a search's space with how many of its configurations meet them (from the spec alone)."""
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 from compiler.errors import NcError
 
+from .config import Trial
 from .engine import Study
 
 EXHAUSTIVE = 20_000  # configurations counted one by one (about 1 ms each); past that, a seeded sample
@@ -49,6 +51,41 @@ def _search_budgets(study: Study) -> str:
     return text + (f", {result.invalid:,} do not build" if result.invalid else "")
 
 
+def _keys(study: Study, trial: Trial) -> dict[str, str]:
+    """step name -> its key, for the steps whose key is known before any work."""
+    from ..runner import planned_keys, prepare
+
+    try:
+        recipe, _, listing, slots, plan, _ = prepare(study.options(trial))
+    except NcError:  # a run over budget is rejected, not run: it shares nothing
+        return {}
+    keys = planned_keys(recipe, plan, slots, listing, slots["student"].model.input_shape)
+    return {step.config.name: key for step, key in zip(plan.steps, keys) if key is not None}
+
+
+def _sharing(study: Study) -> list[str]:
+    """The steps that will run once for several runs (the rest link them: runtime.stepcache)."""
+    if not study.cfg.share_steps:
+        return ["steps: every run trains its own (share_steps: false)"]
+    users: dict[tuple[str, str], list[str]] = {}  # (key, step) -> the runs that have it
+    for t in study.fixed:
+        for step, key in _keys(study, t).items():
+            users.setdefault((key, step), []).append(t.name)
+    if study.template is not None and study.space:
+        t = study.template
+        other = {n: v[-1] if v[0] == t.params.get(n) else v[0] for n, v in study.space.items()}
+        at_defaults, elsewhere = _keys(study, t), _keys(study, replace(t, params={**t.params, **other}))
+        for step, key in at_defaults.items():
+            if elsewhere.get(step) == key:  # the same whatever the draw: every search trial has it
+                users.setdefault((key, step), []).append("every search trial")
+    shared = [(step, runs) for (_, step), runs in users.items()
+              if len(runs) > 1 or runs == ["every search trial"]]
+    if not shared:
+        return ["steps: no step is the same in two runs (each trains its own)"]
+    return ["steps run once and shared (the other runs link them):"] + [
+        f"  {step}: {', '.join(runs)}" for step, runs in shared]
+
+
 def preview(study: Study) -> list[str]:
     cfg = study.cfg
     lines = [f"study {cfg.name}" + (f": {cfg.description}" if cfg.description else "")]
@@ -73,6 +110,7 @@ def preview(study: Study) -> list[str]:
         for name, values in study.space.items():
             lines.append(f"  {name}: {_values(values)}")
         lines.append(f"  {study.points:,} configuration(s); {_search_budgets(study)}")
+    lines += _sharing(study)
     state = " (exists: finished trials are kept, the rest resume)" if study.out.exists() else ""
     lines.append(f"outputs: {study.out}{state}")
     lines.append("nothing was trained or written (--dry-run)")
