@@ -10,6 +10,7 @@ The field list is read from the configs, so a new setting is covered without edi
 """
 from __future__ import annotations
 
+import contextlib
 import signal
 import typing
 
@@ -123,6 +124,20 @@ def _alarm(signum, frame):
     raise _Alarm()
 
 
+@contextlib.contextmanager
+def alarm(seconds: int, what: str):
+    """Fail the test when the block still runs after `seconds` (a hang, not a slow case)."""
+    previous = signal.signal(signal.SIGALRM, _alarm)
+    signal.alarm(seconds)
+    try:
+        yield
+    except _Alarm:
+        pytest.fail(f"{what}: still running after {seconds} s")
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
+
+
 @pytest.fixture(scope="module")
 def folder(tmp_path_factory):
     root = tmp_path_factory.mktemp("extremes")
@@ -135,16 +150,9 @@ def test_a_setting_at_its_extreme_is_refused_or_runs(kind, key, value, folder, c
     recipe = folder / f"{tmp_path.name}.yaml"  # next to tiny.spec, which the recipe names
     recipe.write_text(HEAD + STEP[kind])
     out = tmp_path / "run"
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(SECONDS)
-    try:
-        sets = [a for c in CONTEXT.get(key, []) for a in ("--set", c)] + ["--set", f"{key}={_yaml(value)}"]
+    sets = [a for c in CONTEXT.get(key, []) for a in ("--set", c)] + ["--set", f"{key}={_yaml(value)}"]
+    with alarm(SECONDS, f"{key}={value!r}"):
         code = main([str(folder / "tiny.spec"), "--recipe", str(recipe), "--device", "cpu", "--out", str(out), *sets])
-    except _Alarm:
-        pytest.fail(f"{key}={value!r}: still running after {SECONDS} s")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     printed = capsys.readouterr()
     assert code in (0, 1, 2), (code, printed.err[-2000:])
     assert "internal error" not in printed.err, printed.err[-2000:]

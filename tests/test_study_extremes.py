@@ -8,15 +8,13 @@ end was found this way (every draw over budget).
 """
 from __future__ import annotations
 
-import signal
-
 import pytest
 import yaml
 
 from runtime.cli import main
 from runtime.study.config import StudyConfig
 
-from .test_settings_extremes import _Alarm, _alarm, _cases
+from .test_settings_extremes import _cases, alarm
 
 SECONDS = 120  # per case: a hang, not a slow study
 SPACE = ("model tiny(classes: int = 10, width: int = 8 in [4, 8, 48], depth: int = 1 in 1..2) {\n"
@@ -49,15 +47,8 @@ def test_a_study_setting_at_its_extreme_is_refused_or_runs(kind, key, value, tmp
     (tmp_path / "tiny.spec").write_text(SPACE)
     (tmp_path / "r.yaml").write_text(RECIPE)
     (tmp_path / "s.yaml").write_text(yaml.safe_dump(_with(key, value)))
-    previous = signal.signal(signal.SIGALRM, _alarm)
-    signal.alarm(SECONDS)
-    try:
+    with alarm(SECONDS, f"{key}={value!r}"):
         code = main(["study", str(tmp_path / "s.yaml"), "--out", str(tmp_path / "out"), "--device", "cpu"])
-    except _Alarm:
-        pytest.fail(f"{key}={value!r}: still running after {SECONDS} s")
-    finally:
-        signal.alarm(0)
-        signal.signal(signal.SIGALRM, previous)
     printed = capsys.readouterr()
     assert code in (0, 2), (code, printed.err[-2000:])
     assert "internal error" not in printed.err + printed.out, (printed.err + printed.out)[-2000:]
