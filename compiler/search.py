@@ -72,6 +72,9 @@ def search(path: str | Path, *, model: str | None = None, fixed: dict[str, str] 
     if samples is None and total > max_exhaustive:
         raise UsageError(f"the space of `{definition.name}` has {total:,} configurations, more than "
                          f"{max_exhaustive:,} to enumerate\n  hint: draw some with --samples N")
+    if samples is not None and min(samples, total) > max_exhaustive:  # about 1,200 a second: past this, hours
+        raise UsageError(f"--samples {samples:,}: more than {max_exhaustive:,} configurations to analyse\n"
+                         f"  hint: draw at most {max_exhaustive:,}")
     syntax = "yaml" if Path(path).suffix in (".yaml", ".yml") else "dsl"
     result = SearchResult(definition.name, total, 0, [], 0, 0)
     for config in configurations(space_list, samples, seed):

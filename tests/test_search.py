@@ -163,6 +163,15 @@ def test_search_usage_errors(tmp_path, capsys, args, fragment):
     assert fragment in capsys.readouterr().err
 
 
+def test_more_samples_than_can_be_analysed_are_refused_at_once(tmp_path, capsys):
+    """At about 1,200 configurations a second, 100 million draws ran for a day without a word."""
+    spec = _write(tmp_path, SPACE.replace("in 8..40 step 8", "in 8..800000 step 8"))  # 800,000 configurations
+    assert main(["search", str(spec), "--samples", "100000001"]) == 2
+    assert "--samples 100,000,001: more than 100,000 configurations to analyse" in capsys.readouterr().err
+    assert main(["search", str(spec), "--samples", "3", "--all"]) in (0, 1)  # a few draws run (1: none fits)
+    assert "3 of 800,000 configurations analysed" in capsys.readouterr().out
+
+
 def test_search_does_not_import_torch(tmp_path):
     spec = _write(tmp_path, SPACE)
     code = ("import sys; from runtime.cli import main; rc = main(['search', %r]); "
