@@ -345,22 +345,27 @@ def _execute(opts: Options, ctx: RunContext, plan: Plan, out: Path) -> int:
         elif (done := run_dir.finished(cfg.name, key)) is not None:
             entry.update(status="done earlier", result=done["result"])
             ctx.log(f"== {cfg.name}: already done in {out} (same inputs), skipped")
-        elif sharing and (reused := stepcache.lookup(opts.step_cache, key, run_dir.step_dir(cfg.name))) is not None:
+        elif sharing and (reused := stepcache.obtain(opts.step_cache, key, run_dir.step_dir(cfg.name),
+                                                     ctx.log)) is not None:
             reused["seconds"] = time.perf_counter() - start  # what this run spent on it
             run_dir.mark_finished(cfg.name, key, reused)
             entry.update(status="reused", result=reused)
             ctx.log(f"== {cfg.name}: reused from {opts.step_cache} (another run of the study, same inputs)")
         else:
-            ctx.log(f"== {cfg.name} [{cfg.kind}]: {kind.describe(cfg)}")
-            result = kind.run(cfg, ctx, key)
-            stored = {"model_file": str(result.model_file.relative_to(out)) if result.model_file else None,
-                      "spec_file": str(result.spec_file.relative_to(out)) if result.spec_file else None,
-                      "metrics": {k: v for k, v in result.metrics.items() if k != "history"},
-                      "files": result.files, "seconds": time.perf_counter() - start}
-            run_dir.mark_finished(cfg.name, key, stored)
-            entry.update(status="ran", result=stored)
-            if sharing:
-                stepcache.publish(opts.step_cache, key, run_dir.step_dir(cfg.name), stored)
+            try:
+                ctx.log(f"== {cfg.name} [{cfg.kind}]: {kind.describe(cfg)}")
+                result = kind.run(cfg, ctx, key)
+                stored = {"model_file": str(result.model_file.relative_to(out)) if result.model_file else None,
+                          "spec_file": str(result.spec_file.relative_to(out)) if result.spec_file else None,
+                          "metrics": {k: v for k, v in result.metrics.items() if k != "history"},
+                          "files": result.files, "seconds": time.perf_counter() - start}
+                run_dir.mark_finished(cfg.name, key, stored)
+                entry.update(status="ran", result=stored)
+                if sharing:
+                    stepcache.publish(opts.step_cache, key, run_dir.step_dir(cfg.name), stored)
+            finally:
+                if sharing:
+                    stepcache.release(opts.step_cache, key)
         result = entry.pop("result")
         if result.get("spec_file"):  # the step changed the architecture: the model is now that spec
             slot.model = compiler.compile_spec(out / result["spec_file"], params=slot.model.params,

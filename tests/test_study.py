@@ -155,11 +155,11 @@ def test_dry_run_estimates_the_budgets_of_a_large_space_from_a_sample(files, cap
     import runtime.study.preview as preview
 
     monkeypatch.setattr(preview, "EXHAUSTIVE", 4)
-    monkeypatch.setattr(preview, "SAMPLE", 5)
+    monkeypatch.setattr(preview, "SAMPLE", 3)
     study = _study(files, "name: s\nsearch: {spec: tiny.spec, recipe: r.yaml, objective: {step: train}}\n")
     assert main(["study", str(study), "--out", str(files / "out"), "--dry-run"]) == 0
     out = capsys.readouterr().out
-    assert "  8 configuration(s); about " in out and " of 5 drawn)" in out, out
+    assert "  8 configuration(s); about " in out and " of 3 drawn)" in out, out
 
 
 def test_a_search_checks_budgets_at_the_training_input_as_its_runs_do(files, capsys):
