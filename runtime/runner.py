@@ -7,7 +7,6 @@ plan; only rank 0 writes files.
 """
 from __future__ import annotations
 
-import copy
 import os
 import time
 from dataclasses import dataclass
@@ -31,6 +30,7 @@ from .plan import load as load_plan
 from .recipe import RecipeError
 from .rundir import RUN_FILES, RUN_RECORDS, RunDir, check_own_folder, digest, write_json, write_text
 from .speed import resolve as resolve_speed
+from .stepkeys import shared_settings, step_key
 from .weights import ModelFile
 
 
@@ -294,37 +294,6 @@ def _make_run_dir(out: Path) -> None:
         raise NcError(f"cannot create the run directory {out}: {err.strerror}") from None
     if not os.access(out, os.W_OK):
         raise NcError(f"cannot write to the run directory {out}\n  hint: choose a folder you can write")
-
-
-def step_key(shared: dict, step, models: dict, fingerprint: str, input_shape) -> str:
-    """What a step's result depends on, digested: the recipe's shared settings, the step's config, the
-    data, the training input, and the models it reads (spec, parameters, what produced their weights;
-    another model's spec changes nothing). A step finished under the same key is not run again."""
-    read = [step.config.model, *step.kind.needs(step.config)]
-    return digest(shared, step.config.model_dump(), {n: models[n].producer_key for n in read}, fingerprint,
-                  input_shape, {n: (models[n].model.source, models[n].model.params) for n in read})
-
-
-def shared_settings(recipe) -> dict:
-    return recipe.model_dump(exclude={"steps", "name", "description"})
-
-
-def planned_keys(recipe, plan: Plan, slots: dict, listing, input_shape) -> list[str | None]:
-    """Each step's key as the run will compute it, known before any work except after a step that
-    reshapes a model the step reads (the new spec exists once that step has run): None there."""
-    shared, models = shared_settings(recipe), {n: copy.copy(s) for n, s in slots.items()}
-    unknown, keys = set(), []
-    for step in plan.steps:
-        cfg, kind = step.config, step.kind
-        if step.skip or unknown & {cfg.model, *kind.needs(cfg)}:
-            keys.append(None)
-            continue
-        keys.append(step_key(shared, step, models, listing.fingerprint, input_shape))
-        for name in kind.produces(cfg):
-            models[name].producer_key = keys[-1]
-        if kind.reshapes(cfg):
-            unknown.add(cfg.model)
-    return keys
 
 
 def _execute(opts: Options, ctx: RunContext, plan: Plan, out: Path) -> int:

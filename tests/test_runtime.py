@@ -344,7 +344,8 @@ def _idx(path: Path, magic: int, dims: tuple, data: torch.Tensor) -> None:
 def test_planned_step_keys_are_the_keys_the_run_records(recipe, unknown_from, tmp_path, in_root):
     """What `study --dry-run` says is shared rests on these: known before any work, up to the steps
     after one that reshapes the model (its new spec exists only once it has run)."""
-    from runtime.runner import Options, planned_keys, prepare
+    from runtime.runner import Options, prepare
+    from runtime.stepkeys import planned_keys
 
     teacher = tmp_path / "teacher.spec"
     teacher.write_text(SMALL_TEACHER)

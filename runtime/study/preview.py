@@ -53,7 +53,8 @@ def _search_budgets(study: Study) -> str:
 
 def _keys(study: Study, trial: Trial) -> dict[str, str]:
     """step name -> its key, for the steps whose key is known before any work."""
-    from ..runner import planned_keys, prepare
+    from ..runner import prepare
+    from ..stepkeys import planned_keys
 
     try:
         recipe, _, listing, slots, plan, _ = prepare(study.options(trial))
