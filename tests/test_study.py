@@ -151,6 +151,14 @@ def test_a_search_may_fix_a_parameter_outside_its_space(files, capsys):
     assert "  depth: [1, 2]" in out and "width" not in out.split("search:")[1].split("outputs:")[0], out
 
 
+def test_one_problem_of_many_runs_is_one_line(files, capsys):
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\ngrid: {set: {seed: [0, 1, 2, 3, 4, 5]}}\n")
+    assert main(["study", str(study), "--set", "optimizer.lr=-1", "--dry-run"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "grid point grid-seed0, grid point grid-seed1 and 4 more runs: " in err[0], err
+    assert "`optimizer.lr`: Input should be greater than 0" in err[0], err
+
+
 def test_dry_run_estimates_the_budgets_of_a_large_space_from_a_sample(files, capsys, monkeypatch):
     import runtime.study.preview as preview
 

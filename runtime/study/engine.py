@@ -82,6 +82,11 @@ def worker_seed(seed: int, shared_storage: bool) -> int:
     return (seed + offset) % SEED_END
 
 
+def _places(wheres: list[str]) -> str:
+    """Where one problem stands: a grid of 100 points with one bad setting is one line, not 100."""
+    return ", ".join(wheres) if len(wheres) <= 3 else f"{', '.join(wheres[:2])} and {len(wheres) - 2} more runs"
+
+
 def _sampler(cfg: StudyConfig, space_values: dict, trials: int, shared_storage: bool):
     s = cfg.search
     seed = worker_seed(s.seed if s else 0, shared_storage)
@@ -141,14 +146,15 @@ class Study:
 
     def validate(self) -> None:
         """Every trial's spec, recipe and overrides, as the runner checks them; all problems at once."""
-        problems = []
+        problems, by_message = [], {}
         for t in self.fixed:
             try:
                 self._note_budgets(prepare(self.options(t))[3]["student"].model)
             except BudgetError as err:  # a run that breaks its budget is a result, not bad input
                 self.rejected_fixed[t.name] = "; ".join(err.failures) or str(err).splitlines()[-1]
             except NcError as err:
-                problems.append(f"{t.where}: {first_lines(err)}")
+                by_message.setdefault(first_lines(err), []).append(t.where)
+        problems += [f"{_places(wheres)}: {message}" for message, wheres in by_message.items()]
         if self.template is not None:
             t = self.template
             try:
