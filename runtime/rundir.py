@@ -54,6 +54,8 @@ RUN_RECORDS = frozenset({".nccompile.lock", "state.json"})
 def check_own_folder(out: Path, own: frozenset[str], records: frozenset[str], what: str) -> None:
     """`out` is new, empty, or an earlier `what`'s folder: one of its `records` and only names from `own`.
     Anything else could be overwritten (a user's own recipe.yaml or report.md) or mixed up with it."""
+    if out.exists() and not out.is_dir():
+        raise NcError(f"--out {out} is a file, not a folder\n  hint: choose a folder for the {what}")
     try:
         names = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
     except OSError as err:

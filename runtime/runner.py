@@ -285,8 +285,6 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
 
 
 def _make_run_dir(out: Path) -> None:
-    if out.exists() and not out.is_dir():
-        raise NcError(f"--out {out} is a file, not a folder\n  hint: choose a folder for the run")
     check_own_folder(out, RUN_FILES, RUN_RECORDS, "nccompile run")
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -655,6 +655,20 @@ def test_out_must_be_new_empty_or_a_run_of_its_own(tmp_path, capsys, in_root):
     assert code == 0 and "already done" in printed, printed
 
 
+@pytest.mark.parametrize("command", [["specs/student.spec", "--recipe", "kd_wq", "--epochs", "1"],
+                                     ["study", "specs/studies/q4_quantization.yaml"]])
+def test_out_that_is_a_file_or_empty_is_a_usage_error(command, tmp_path, capsys, in_root):
+    """A study's --out /dev/null was an internal error (FileExistsError); an empty --out ran a whole
+    study into the default folder."""
+    target = tmp_path / "file"
+    target.write_text("keep me")
+    for out, fragment in ((str(target), "is a file, not a folder"), ("/dev/null", "is a file, not a folder"),
+                          ("", "--out is empty")):
+        code, printed = run([*command, "--out", out], capsys)
+        assert code == 2 and fragment in printed and "internal error" not in printed, printed
+    assert target.read_text() == "keep me"
+
+
 def test_calibration_batches_stop_at_the_training_set(tmp_path, capsys, in_root):
     """A huge `calibration_batches` looped over every batch index it allowed (a hang); only the
     batches the training set has are made."""
