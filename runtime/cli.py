@@ -60,8 +60,6 @@ def run(argv: list[str]) -> int:
     shape = parse_shape(args.input) if args.input is not None else None
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.out == "":  # not the default folder: an empty value is a mistake (an unset variable, say)
-        raise UsageError("--out is empty\n  hint: give a folder, or leave --out out for runs/<spec>-<recipe>-<time>")
     if args.depth is not None and args.depth < 0:  # 0: the totals without layer rows
         raise UsageError(f"--depth must be at least 0, got {args.depth}")
     if args.recipe:

@@ -430,7 +430,11 @@ def test_deeply_nested_yaml_is_a_clean_error(tmp_path, capsys):
 
 
 @pytest.mark.parametrize("args, fragment", [
-    (["--input", ""], "invalid input shape"),
+    (["--input", ""], "--input is empty (an unset variable?)"),
+    # empty values once meant the default: `--data ""` trained on digits, `--recipe ""` trained nothing
+    (["--recipe", ""], "--recipe is empty"),
+    (["--recipe", "kd", "--data", "", "--dry-run"], "--data is empty"),
+    (["--recipe", "kd", "--set", "", "--dry-run"], "--set is empty"),
     (["--recipe", "scratch", "--set", "steps.train=5", "--dry-run"], "is a list; address a field"),
     (["--recipe", "kd_wq", "--set", "steps.export.opset=1", "--dry-run"], "opset"),
     (["--recipe", "kd", "--set", "models.teacher.torchvision_weights=IMAGENET9K", "--dry-run"],
@@ -663,7 +667,7 @@ def test_out_that_is_a_file_or_empty_is_a_usage_error(command, tmp_path, capsys,
     target = tmp_path / "file"
     target.write_text("keep me")
     for out, fragment in ((str(target), "is a file, not a folder"), ("/dev/null", "is a file, not a folder"),
-                          ("", "--out is empty")):
+                          ("", "--out is empty (an unset variable?)")):
         code, printed = run([*command, "--out", out], capsys)
         assert code == 2 and fragment in printed and "internal error" not in printed, printed
     assert target.read_text() == "keep me"

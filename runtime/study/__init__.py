@@ -44,8 +44,6 @@ def main(argv: list[str]) -> int:
         raise UsageError(f"--trials must be 0 or more, got {args.trials}")
     if args.epochs is not None and args.epochs < 1:
         raise UsageError(f"--epochs must be at least 1, got {args.epochs}")
-    if args.out == "":  # not the default folder: an empty value is a mistake (an unset variable, say)
-        raise UsageError("--out is empty\n  hint: give a folder, or leave --out out for runs/study-NAME")
     from ..rundir import check_own_folder
     from .config import load_study
     from .engine import Study
