@@ -422,8 +422,10 @@ def select_model(spec: ir.SpecFile, model: str | None) -> ir.ModelDef:
         return spec.models[0]
     found = [m for m in spec.models if m.name == model]
     if not found:
-        hint = did_you_mean(model, [m.name for m in spec.models]) or ""
-        raise UsageError(f"{spec.path} has no model `{model}` {hint}".rstrip())
+        names = [m.name for m in spec.models]
+        hint = did_you_mean(model, names) or ""
+        raise UsageError(f"{spec.path} has no model `{model}` (it defines {', '.join(names)})"
+                         + (f"; {hint}" if hint else ""))
     return found[0]
 
 

@@ -433,6 +433,7 @@ def test_deeply_nested_yaml_is_a_clean_error(tmp_path, capsys):
     (["--input", ""], "--input is empty (an unset variable?)"),
     # empty values once meant the default: `--data ""` trained on digits, `--recipe ""` trained nothing
     (["--recipe", ""], "--recipe is empty"),
+    (["--model", "studnet"], "has no model `studnet` (it defines student); did you mean `student`?"),
     (["--recipe", "kd", "--data", "", "--dry-run"], "--data is empty"),
     (["--recipe", "kd", "--set", "", "--dry-run"], "--set is empty"),
     (["--recipe", "scratch", "--set", "steps.train=5", "--dry-run"], "is a list; address a field"),
