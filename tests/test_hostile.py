@@ -685,6 +685,26 @@ def test_calibration_batches_stop_at_the_training_set(tmp_path, capsys, in_root)
     assert code == 0 and "q: int8 kernels" in printed, printed[-2000:]
 
 
+@pytest.mark.parametrize("data", [[], ["--data", str(DATA), "--set", "data.cache=false"]])
+def test_a_one_pixel_input_trains(data, tmp_path, capsys, in_root):
+    """`--input 3x1x1` was an internal error: PyTorch's uint8 antialiased resize fails an assert at 1x1."""
+    import torch
+
+    from runtime.data.decode import resize
+
+    spec = _write(tmp_path / "p.spec", "model p(classes: int = 10) { input 3x8x8 conv(4) bn relu gap flatten "
+                                      "linear(classes) }\n")
+    code, printed = run([spec, "--recipe", "scratch", "--epochs", "1", "--input", "3x1x1", *data,
+                         "--set", "data.limit_per_class=3", "--out", str(tmp_path / "run")], capsys)
+    assert code == 0 and "train epoch 1/1" in printed, printed[-2000:]
+    from torchvision.transforms.v2 import functional as F
+
+    images = torch.randint(0, 256, (5, 3, 8, 8), dtype=torch.uint8)
+    one = resize(images, (1, 1))
+    per_channel = torch.cat([F.resize(images[:, c:c + 1], [1, 1], antialias=True) for c in range(3)], 1)
+    assert one.dtype == torch.uint8 and (one.int() - per_channel.int()).abs().max() <= 1  # the kernel works per channel
+
+
 def test_image_channels_follow_the_model_gray_rgb_and_alpha(tmp_path, capsys, in_root):
     """A 4-channel model trained on four copies of the gray image (colour dropped without a word);
     now 2 and 4 channels are gray + alpha and RGBA, from files and in conversions, and other

@@ -112,12 +112,22 @@ def decoded_chunks(items, size: tuple[int, int], channels: int, on_bad: str, ski
             if img is None:
                 continue
             if tuple(img.shape[1:]) != size:
-                img = F.resize(img, list(size), antialias=True)
+                img = resize(img, size)
             images.append(img)
             labels.append(label)
             ids.append(path.stem)
         if images:
             yield torch.stack(images), labels, ids
+
+
+def resize(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """uint8 images resized with antialiasing. To 1x1 through float: PyTorch's uint8 antialiasing
+    kernel fails an internal assert there (torch 2.11-2.14, CPU; `--input 3x1x1` was an internal error)."""
+    from torchvision.transforms.v2 import functional as F
+
+    if tuple(size) != (1, 1) or images.dtype != torch.uint8:
+        return F.resize(images, list(size), antialias=True)
+    return F.resize(images.float(), [1, 1], antialias=True).round_().clamp_(0, 255).to(torch.uint8)
 
 
 def to_shape(images: torch.Tensor, channels: int, size: tuple[int, int]) -> torch.Tensor:
@@ -132,5 +142,5 @@ def to_shape(images: torch.Tensor, channels: int, size: tuple[int, int]) -> torc
         alpha = images[:, -1:] if have in (2, 4) else torch.full_like(images[:, :1], 255)
         images = torch.cat([color, alpha], 1) if channels in (2, 4) else color.contiguous()
     if tuple(images.shape[2:]) != size:
-        images = F.resize(images, list(size), antialias=True)
+        images = resize(images, size)
     return images
