@@ -297,7 +297,7 @@ def test_runs_of_a_study_share_the_steps_they_have_in_common(files, capsys, shar
 
 def test_workers_seed_their_samplers_apart(monkeypatch):
     """Identically seeded workers draw the same configurations: one runs each, the other waits it out."""
-    from runtime.study.engine import worker_seed
+    from runtime.study.samplers import worker_seed
 
     monkeypatch.delenv("NCCOMPILE_WORKER_INDEX", raising=False)
     assert worker_seed(7, shared_storage=False) == 7  # one local worker: the study's own seed

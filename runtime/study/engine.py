@@ -14,10 +14,8 @@ stopped by Ctrl-C, marks them failed and enqueues them again: they resume, not r
 from __future__ import annotations
 
 import math
-import os
 import socket
 import time
-import zlib
 from pathlib import Path
 
 import optuna
@@ -26,10 +24,10 @@ import compiler
 from compiler.errors import BudgetError, NcError
 from compiler.space import spaces
 
-from ..recipe import SEED_END
 from ..rundir import process_alive
 from ..runner import Options, prepare, recipe_and_data, student_for
 from .config import StudyConfig, StudyError, Trial, fixed_trials, search_trial
+from .samplers import even_step, pruner_for, sampler_for
 from .trials import execute, first_lines, resumed_numbers
 
 STALE_SECONDS = 300
@@ -52,59 +50,9 @@ def storage_for(url: str | None, out: Path):
     return optuna.storages.JournalStorage(JournalFileBackend(str(out / "study.journal")))
 
 
-def _even_step(values: list):
-    """The step of a range of numbers (`8..64 step 8`), which the samplers treat as ordered; None for
-    other values (`[4, 8, 16, 48]`, booleans, text), which are choices: a range over them would draw
-    values the space does not hold."""
-    if len(values) < 2 or not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in values):
-        return None
-    step = values[1] - values[0]
-    even = all(math.isclose(b - a, step, rel_tol=1e-9, abs_tol=1e-12) for a, b in zip(values, values[1:]))
-    return step if even and step > 0 else None
-
-
-class _Grid(optuna.samplers.GridSampler):
-    """Optuna's grid, without its `study.stop()` once every point is drawn: that works only inside
-    `study.optimize`, and this engine asks and tells (it stops at the trials it wants, the grid's size
-    at most: see Study.validate)."""
-
-    def after_trial(self, study, trial, state, values) -> None:
-        pass
-
-
-def worker_seed(seed: int, shared_storage: bool) -> int:
-    """The sampler's seed in this worker: the study's for the first local worker, apart for the others
-    (spawned with an index) and for each machine sharing a database; identically seeded workers draw
-    the same configurations, each then run twice."""
-    offset = int(os.environ.get("NCCOMPILE_WORKER_INDEX", "0") or 0)
-    if shared_storage:
-        offset += zlib.crc32(socket.gethostname().encode())
-    return (seed + offset) % SEED_END
-
-
 def _places(wheres: list[str]) -> str:
     """Where one problem stands: a grid of 100 points with one bad setting is one line, not 100."""
     return ", ".join(wheres) if len(wheres) <= 3 else f"{', '.join(wheres[:2])} and {len(wheres) - 2} more runs"
-
-
-def _sampler(cfg: StudyConfig, space_values: dict, trials: int, shared_storage: bool):
-    s = cfg.search
-    seed = worker_seed(s.seed if s else 0, shared_storage)
-    if s is None or s.sampler == "random":
-        return optuna.samplers.RandomSampler(seed=seed)
-    if s.sampler == "grid":
-        return _Grid({k: list(v) for k, v in space_values.items()}, seed=seed)
-    # a few random trials first, then TPE's model (Optuna's default waits 10: most studies here are shorter)
-    return optuna.samplers.TPESampler(seed=seed, n_startup_trials=max(2, trials // 3))
-
-
-def _pruner(cfg: StudyConfig):
-    p = cfg.search.pruner if cfg.search else "none"
-    if p == "median":
-        return optuna.pruners.MedianPruner(n_startup_trials=2, n_warmup_steps=2)
-    if p == "halving":
-        return optuna.pruners.SuccessiveHalvingPruner()
-    return optuna.pruners.NopPruner()
 
 
 class Study:
@@ -234,9 +182,9 @@ class Study:
         self.storage = storage_for(self.storage_url, self.out)
         study = optuna.create_study(storage=self.storage, study_name=self.cfg.name,
                                     direction=obj.direction if obj else "maximize",
-                                    sampler=_sampler(self.cfg, self.space, self.trials_wanted,
-                                                     shared_storage=self.storage_url is not None),
-                                    pruner=_pruner(self.cfg), load_if_exists=True)
+                                    sampler=sampler_for(self.cfg, self.space, self.trials_wanted,
+                                                        shared_storage=self.storage_url is not None),
+                                    pruner=pruner_for(self.cfg), load_if_exists=True)
         self._check_settings(study)
         known = {t.user_attrs.get("run") for t in study.get_trials(deepcopy=False)}
         for t in self.fixed:
@@ -366,7 +314,7 @@ class Study:
         t = self.template
         params = {}
         for name, values in self.space.items():
-            step = _even_step(values)
+            step = even_step(values)
             if step is None or self.cfg.search.sampler == "grid":  # a list of choices: only those
                 params[name] = trial.suggest_categorical(name, values)
             elif all(isinstance(v, int) for v in values):
