@@ -239,7 +239,9 @@ def test_a_search_stops_after_many_draws_in_a_row_over_budget(files, capsys, mon
     monkeypatch.setattr(engine, "FRUITLESS_IN_A_ROW", 3)
     study = _study(files, _budget(files, 10))
     assert main(["study", str(study), "--out", str(files / "out")]) == 0
-    assert "the last 3 configurations drawn all broke a budget or were drawn before" in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert "the last 3 configurations drawn all broke a budget or were drawn before" in out
+    assert out.count("study s: trials:") == 1, out  # the end only: rejected draws add no progress line or plot
     assert [r["status"] for r in _results(files / "out")] == ["rejected"] * 3
     notes = (files / "out" / "summary.md").read_text().split("Stopped, failed or rejected:")[1].split()
     assert notes.count("-") == len({r["name"] for r in _results(files / "out")})  # a configuration once

@@ -272,6 +272,8 @@ class Study:
                 continue
             else:
                 self._run_search(study, trial)
+                if self._fruitless_in_a_row:  # rejected or drawn before: nothing new to report (or to plot)
+                    continue
             if on_progress is not None:
                 on_progress(study)
 
