@@ -243,8 +243,9 @@ def test_a_search_stops_after_many_draws_in_a_row_over_budget(files, capsys, mon
     assert "the last 3 configurations drawn all broke a budget or were drawn before" in out
     assert out.count("study s: trials:") == 1, out  # the end only: rejected draws add no progress line or plot
     assert [r["status"] for r in _results(files / "out")] == ["rejected"] * 3
-    notes = (files / "out" / "summary.md").read_text().split("Stopped, failed or rejected:")[1].split()
-    assert notes.count("-") == len({r["name"] for r in _results(files / "out")})  # a configuration once
+    table, notes = (files / "out" / "summary.md").read_text().split("Stopped, failed or rejected:")
+    names = {r["name"] for r in _results(files / "out")}
+    assert notes.split().count("-") == len(names) == table.count("| rejected |")  # a configuration once
 
 
 def test_the_pruner_sees_only_the_epochs_that_train_the_measured_model(files, capsys):

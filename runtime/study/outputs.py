@@ -80,7 +80,11 @@ def summary(table: list[dict], title: str) -> str:
         return fmt.format(v) if isinstance(v, (int, float)) else "-"
 
     ranked = sorted(table, key=lambda r: (r["status"] != "done", -(r["val_accuracy"] or 0)))
+    shown = set()
     for r in ranked:
+        if r["status"] == "rejected" and r["name"] in shown:  # drawn again: results.csv lists every draw
+            continue
+        shown.add(r["name"])
         lines.append(f"| {r['trial']} | {r['name']} | {r['status']} | {num(r['params_count'])} | {num(r['macs'])} "
                      f"| {num(r['file_bytes'])} | {num(r['val_accuracy'], '{:.4f}')} | {num(r['seconds'])} |")
     # why a run has no result: each configuration once, however often the sampler drew it
