@@ -544,6 +544,8 @@ def test_a_run_whose_file_will_break_a_budget_is_a_rejected_result(files, capsys
     assert rows["capped"]["status"] == "rejected", rows
     assert "bytes(int8) <= 4,000 fails" in rows["capped"]["error"] and "(predicted file)" in rows["capped"]["error"]
     assert rows["small"]["status"] == "done"
+    capped = compiler.analyse(compiler.compile_spec(files / "b.spec"))  # its size is known, as a search's is
+    assert (int(rows["capped"]["params_count"]), int(rows["capped"]["macs"])) == (capped.params, capped.macs)
 
 
 def test_a_grid_search_asked_for_more_trials_than_points_runs_each_point_once(files, capsys):

@@ -69,6 +69,7 @@ class Study:
         if problems:
             raise StudyError(str(path), problems)
         self.rejected_fixed: dict[str, str] = {}
+        self.rejected_sizes: dict[str, tuple[int, int]] = {}  # (params, MACs) of a rejected run, as a search's
         self.byte_limits: set[int] = set()
         self.space: dict = {}
         self.points = 0  # configurations in the search space
@@ -100,6 +101,10 @@ class Study:
                 self._note_budgets(prepare(self.options(t))[3]["student"].model)
             except BudgetError as err:  # a run that breaks its budget is a result, not bad input
                 self.rejected_fixed[t.name] = "; ".join(err.failures) or str(err).splitlines()[-1]
+                opts = self.options(t)
+                recipe, _, _, listing = recipe_and_data(opts)
+                a = compiler.analyse(student_for(opts, recipe, listing.classes))
+                self.rejected_sizes[t.name] = (a.params, a.macs)
             except NcError as err:
                 by_message.setdefault(first_lines(err), []).append(t.where)
         problems += [f"{_places(wheres)}: {message}" for message, wheres in by_message.items()]
@@ -303,6 +308,8 @@ class Study:
         if t.name in self.rejected_fixed:
             trial.set_user_attr("status", "rejected")
             trial.set_user_attr("error", self.rejected_fixed[t.name])
+            trial.set_user_attr("params_count", self.rejected_sizes[t.name][0])  # known before training
+            trial.set_user_attr("macs", self.rejected_sizes[t.name][1])
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)
             return
         if any(o.user_attrs.get("run") == t.name and o.state == optuna.trial.TrialState.COMPLETE
