@@ -75,7 +75,8 @@ class Study:
         self.points = 0  # configurations in the search space
         self.search_input: tuple | None = None  # what a search's configurations are analysed at, as their runs
         self.search_fixed: dict[str, str] = {}  # build them: the training input, the data's class count
-        self.feasible: int | None = None  # configurations that meet every budget (None: too many to count)
+        self.counted = None  # compiler.search's result over the whole space (None: too many to count)
+        self.prepared: dict[str, tuple] = {}  # runner.prepare's result for each fixed run that will train
         self._fruitless_in_a_row = 0
         # steps whose epochs a search reports to its pruner: those training the objective step's model (a
         # teacher's epochs say nothing of the configuration drawn, and would stop trials on its noise)
@@ -98,7 +99,8 @@ class Study:
         problems, by_message = [], {}
         for t in self.fixed:
             try:
-                self._note_budgets(prepare(self.options(t))[3]["student"].model)
+                self.prepared[t.name] = prepare(self.options(t))
+                self._note_budgets(self.prepared[t.name][3]["student"].model)
             except BudgetError as err:  # a run that breaks its budget is a result, not bad input
                 self.rejected_fixed[t.name] = "; ".join(err.failures) or str(err).splitlines()[-1]
                 opts = self.options(t)
@@ -155,17 +157,17 @@ class Study:
         from compiler.search import search
 
         t = self.template
-        self.feasible = len(search(t.spec, fixed={**self.search_fixed, **t.param_strings()},
-                                   input_shape=self.search_input).candidates)
-        if self.feasible == 0:
+        self.counted = search(t.spec, fixed={**self.search_fixed, **t.param_strings()}, input_shape=self.search_input)
+        feasible = len(self.counted.candidates)
+        if feasible == 0:
             shape = "x".join(map(str, self.search_input)) if self.search_input else "its declared input"
             problems.append(f"search.spec: none of the {self.points:,} configuration(s) of {t.spec} meets its "
                             f"budgets at the training input {shape}\n  hint: `nccompile search SPEC --all` lists "
                             "configurations against the budgets; loosen a budget or widen the space")
-        elif self.feasible < self.trials_wanted:
-            print(f"search: {self.feasible:,} configuration(s) meet the budgets: {self.feasible:,} trial(s), "
+        elif feasible < self.trials_wanted:
+            print(f"search: {feasible:,} configuration(s) meet the budgets: {feasible:,} trial(s), "
                   f"not {self.trials_wanted:,}")
-            self.trials_wanted = self.feasible
+            self.trials_wanted = feasible
 
     def _note_budgets(self, model) -> None:
         """Byte limits of the specs' budgets: the study's plots draw them."""

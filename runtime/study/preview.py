@@ -38,9 +38,10 @@ def _search_budgets(study: Study) -> str:
 
     t = study.template
     sampled = study.points > EXHAUSTIVE
-    try:
-        result = search(t.spec, fixed={**study.search_fixed, **t.param_strings()}, input_shape=study.search_input,
-                        samples=SAMPLE if sampled else None, seed=study.cfg.search.seed, max_exhaustive=EXHAUSTIVE)
+    try:  # the study counted small spaces already, as it checked them
+        result = study.counted if study.counted is not None and not sampled else search(
+            t.spec, fixed={**study.search_fixed, **t.param_strings()}, input_shape=study.search_input,
+            samples=SAMPLE if sampled else None, seed=study.cfg.search.seed, max_exhaustive=EXHAUSTIVE)
     except NcError as err:
         return f"budgets not counted: {str(err).splitlines()[0]}"
     ok, evaluated = len(result.candidates), result.evaluated
@@ -51,15 +52,17 @@ def _search_budgets(study: Study) -> str:
     return text + (f", {result.invalid:,} do not build" if result.invalid else "")
 
 
-def _keys(study: Study, trial: Trial) -> dict[str, str]:
-    """step name -> its key, for the steps whose key is known before any work."""
+def _keys(study: Study, trial: Trial, prepared: tuple | None = None) -> dict[str, str]:
+    """step name -> its key, for the steps whose key is known before any work (`prepared`: the
+    runner's preparation of the trial, if the study made it already)."""
     from ..runner import prepare
     from ..stepkeys import planned_keys
 
     try:
-        recipe, _, listing, slots, plan, _ = prepare(study.options(trial))
+        prepared = prepared or prepare(study.options(trial))
     except NcError:  # a run over budget is rejected, not run: it shares nothing
         return {}
+    recipe, _, listing, slots, plan, _ = prepared
     keys = planned_keys(recipe, plan, slots, listing, slots["student"].model.input_shape)
     return {step.config.name: key for step, key in zip(plan.steps, keys) if key is not None}
 
@@ -70,7 +73,7 @@ def _sharing(study: Study) -> list[str]:
         return ["steps: every run trains its own (share_steps: false)"]
     users: dict[tuple[str, str], list[str]] = {}  # (key, step) -> the runs that have it
     for t in study.fixed:
-        for step, key in _keys(study, t).items():
+        for step, key in _keys(study, t, study.prepared.get(t.name)).items():
             users.setdefault((key, step), []).append(t.name)
     if study.template is not None and study.space:
         t = study.template
