@@ -12,7 +12,7 @@ from compiler.limits import limit
 
 from ..recipe import DataConfig
 from .decode import IMAGE_MODES, decoded_chunks, to_shape
-from .sources import DIGITS, DataError, Listing, digits_file, torchvision_split
+from .sources import DIGITS, DataError, Listing, digits_file, first_per_class, torchvision_split
 
 
 @dataclass
@@ -62,11 +62,11 @@ def _split(n: int, labels: torch.Tensor, fraction: float, seed: int):
 
 
 def _first_per_class(idx: torch.Tensor, labels: torch.Tensor, per_class: int | None) -> torch.Tensor:
-    """The first `per_class` of `idx` in each class, in order (data.limit_per_class, as `_limit` for files)."""
+    """The indices `idx` limited as image files are (sources.first_per_class)."""
     if per_class is None:
         return idx
-    kept = [idx[labels[idx] == c][:per_class] for c in labels[idx].unique().tolist()]
-    return torch.cat(kept).sort().values if kept else idx
+    kept = first_per_class(list(zip(idx.tolist(), labels[idx].tolist())), per_class)
+    return torch.tensor([i for i, _ in kept], dtype=idx.dtype)
 
 
 def check_decodable(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int]) -> None:

@@ -51,15 +51,16 @@ def _fingerprint(files: dict[str, list[tuple[Path, int | None]]]) -> str:
     return h.hexdigest()[:16]
 
 
-def _limit(items: list[tuple[Path, int | None]], per_class: int | None):
+def first_per_class(items: list[tuple], per_class: int | None) -> list[tuple]:
+    """The first `per_class` (item, label) pairs of each label, in order (data.limit_per_class)."""
     if per_class is None:
         return items
     seen: dict = {}
     out = []
-    for path, label in items:
+    for item, label in items:
         if seen.get(label, 0) < per_class:
             seen[label] = seen.get(label, 0) + 1
-            out.append((path, label))
+            out.append((item, label))
     return out
 
 
@@ -87,7 +88,7 @@ def list_folder(root: Path, cfg: DataConfig) -> Listing:
             extra = sorted(p.name for p in folder.iterdir() if p.is_dir() and p.name not in classes)
             if extra:
                 raise DataError(f"{folder} has classes that train/ lacks: {', '.join(extra)}")
-            files[split] = _limit(items, cfg.limit_per_class)
+            files[split] = first_per_class(items, cfg.limit_per_class)
         return Listing("folder-imagefolder", classes, files, _fingerprint(files), f"ImageFolder {root}")
     if (root / "training").is_dir():
         files = {}
@@ -107,7 +108,7 @@ def list_folder(root: Path, cfg: DataConfig) -> Listing:
                 labels.add(int(head))
             if not items:
                 raise DataError(f"{folder} has no images")
-            files[split] = _limit(items, cfg.limit_per_class)
+            files[split] = first_per_class(items, cfg.limit_per_class)
         if (root / "testing").is_dir():
             files["test"] = [(p, None) for p in _images_in(root / "testing")]
         n = max(labels) + 1
