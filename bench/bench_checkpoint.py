@@ -25,7 +25,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
-from runtime.checkpoints import CheckpointWriter, Progress  # noqa: E402
+from runtime.train.checkpoints import CheckpointWriter, Progress  # noqa: E402
 
 
 def _spin(seconds: float) -> int:

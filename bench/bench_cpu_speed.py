@@ -1,5 +1,5 @@
 """Training throughput on the CPU per precision and memory format: the evidence for `speed`'s CPU
-defaults (runtime/speed.py). A plain loop (uint8 images in memory, AdamW, cross-entropy) trains each
+defaults (runtime/train/speed.py). A plain loop (uint8 images in memory, AdamW, cross-entropy) trains each
 shipped spec in fp32 or bf16 autocast, with contiguous or channels_last tensors; img/s is the median
 of epochs 2..E, so one-time costs (oneDNN's kernel choice) are left out.
 

@@ -44,9 +44,9 @@ sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
 from runtime.data import list_source, load  # noqa: E402
-from runtime.losses import kd_loss  # noqa: E402
 from runtime.recipe import DataConfig  # noqa: E402
-from runtime.runner import Options, run  # noqa: E402
+from runtime.run.runner import Options, run  # noqa: E402
+from runtime.train.losses import kd_loss  # noqa: E402
 
 RECIPE = """
 name: bench_gpu

@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
-from runtime.runner import Options, run  # noqa: E402
+from runtime.run.runner import Options, run  # noqa: E402
 
 SIZE, BATCH, EPOCHS, PER_CLASS = 16, 4, 4, 60
 RECIPE = f"""

@@ -25,7 +25,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from runtime.runner import Options, run  # noqa: E402
+from runtime.run.runner import Options, run  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
 STUDENT = str(ROOT / "specs/student.spec")
@@ -44,7 +44,7 @@ def steps_of(out: Path) -> dict:
 
 def launch(spec: str, recipe: str, out: Path, sets: list[str], params: dict | None = None) -> dict:
     if not (out / "report.json").exists():
-        run(Options(spec, recipe, str(DATA), str(out), sets=tuple(sets), params=params))
+        run(Options(spec, recipe, data=str(DATA), out=str(out), sets=tuple(sets), params=params))
     return steps_of(out)
 
 

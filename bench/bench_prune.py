@@ -24,10 +24,10 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
-from compiler.channels import analyse_channels  # noqa: E402
-from runtime.int8 import latency_ms  # noqa: E402
-from runtime.prune import choose, importance, prune_model, shrink_to  # noqa: E402
-from runtime.runner import Options, run  # noqa: E402
+from compiler.rewrite.channels import analyse_channels  # noqa: E402
+from runtime.quant.int8 import latency_ms  # noqa: E402
+from runtime.rewrite.prune import choose, importance, prune_model, shrink_to  # noqa: E402
+from runtime.run.runner import Options, run  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
 
@@ -95,7 +95,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         (tmp / "prune.yaml").write_text(PRUNE.format(per_class=args.per_class, epochs=args.epochs))
-        run(Options(str(ROOT / "specs/student.spec"), str(tmp / "prune.yaml"), str(DATA), str(tmp / "prune")))
+        run(Options(str(ROOT / "specs/student.spec"), str(tmp / "prune.yaml"), data=str(DATA), out=str(tmp / "prune")))
         prune_rows = list(csv.DictReader((tmp / "prune/steps/sweep/pruning_curve.csv").open()))
         lat = latency_table(tmp / "prune/steps/train/model.safetensors")
         lowrank_rows = []
@@ -104,7 +104,7 @@ def main() -> None:
             recipe = tmp / f"lowrank{tag}.yaml"
             recipe.write_text(LOWRANK.format(per_class=args.per_class, epochs=args.resnet_epochs, energy=energy,
                                              tag=tag))
-            run(Options(str(ROOT / "specs/resnet18.spec"), str(recipe), str(DATA), str(tmp / "lowrank")))
+            run(Options(str(ROOT / "specs/resnet18.spec"), str(recipe), data=str(DATA), out=str(tmp / "lowrank")))
             steps = {s["name"]: s for s in json.loads((tmp / "lowrank/report.json").read_text())["steps"]}
             if not lowrank_rows:
                 t = steps["train"]

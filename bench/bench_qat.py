@@ -1,11 +1,11 @@
 """Quantization-aware training's cost per step: every stored tensor rounded on its own
-(runtime.fakequant, the per-tensor path) against all of them in one pass (runtime.fusedquant),
+(runtime.quant.fakequant, the per-tensor path) against all of them in one pass (runtime.quant.fusedquant),
 and plain training beside them. Prints operators dispatched per step (each one a kernel launch
 on a GPU, where small models are bound by launches) and img/s, median of --repeats timed runs.
 
 AdamW runs fused (one kernel for all parameters), as nccompile's steps do on the CPU and CUDA;
 `--optimizers loop foreach fused` compares its implementations too. On CUDA, plain training and
-the one-pass rounding also run as nccompile's steps replayed as CUDA graphs (runtime.trainstep,
+the one-pass rounding also run as nccompile's steps replayed as CUDA graphs (runtime.train.trainstep,
 its default there): one launch per step.
 
 Run: python bench/bench_qat.py [--device cpu|cuda] [--input 3x32x32] [--batch 64] [--format int4]
@@ -26,9 +26,9 @@ sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
 from compiler.fileformat import parse_format  # noqa: E402
-from runtime import fakequant  # noqa: E402
-from runtime.speed import Speed  # noqa: E402
-from runtime.trainstep import TrainStep  # noqa: E402
+from runtime.quant import fakequant  # noqa: E402
+from runtime.train.speed import Speed  # noqa: E402
+from runtime.train.trainstep import TrainStep  # noqa: E402
 from tests.measure import Dispatched  # noqa: E402
 
 IMPLEMENTATIONS = {"loop": {"foreach": False}, "foreach": {"foreach": True}, "fused": {"fused": True}}

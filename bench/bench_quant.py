@@ -21,10 +21,10 @@ sys.path.insert(0, str(ROOT))
 import compiler  # noqa: E402
 from compiler.fileformat import parse_format  # noqa: E402
 from runtime.data import list_source, load  # noqa: E402
-from runtime.evaluation import score_split  # noqa: E402
+from runtime.data.transforms import Pipeline  # noqa: E402
 from runtime.recipe import DataConfig  # noqa: E402
-from runtime.runner import Options, run  # noqa: E402
-from runtime.transforms import Pipeline  # noqa: E402
+from runtime.run.runner import Options, run  # noqa: E402
+from runtime.train.evaluation import score_split  # noqa: E402
 from runtime.weights import ModelFile, save_model  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
@@ -42,7 +42,7 @@ def main() -> None:
     args = p.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "run"
-        run(Options(str(ROOT / "specs/student.spec"), "kd_wq", str(DATA), str(out),
+        run(Options(str(ROOT / "specs/student.spec"), "kd_wq", data=str(DATA), out=str(out),
                     sets=(f"data.limit_per_class={args.per_class}", f"steps.teacher.epochs={args.teacher_epochs}",
                           f"steps.distill.epochs={args.epochs}", "steps.export.onnx=false")))
         report = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}

@@ -30,8 +30,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
-from runtime.losses import kd_loss  # noqa: E402
-from runtime.runner import Options, run  # noqa: E402
+from runtime.run.runner import Options, run  # noqa: E402
+from runtime.train.losses import kd_loss  # noqa: E402
 from runtime.weights import ModelFile, load_into  # noqa: E402
 
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
@@ -108,7 +108,7 @@ def main() -> None:
         recipe.write_text(RECIPE.format(per_class=args.per_class, epochs=args.epochs,
                                         teacher_epochs=args.teacher_epochs, teacher=ROOT / "specs/teacher.spec"))
         out = Path(tmp) / "run"
-        run(Options(str(ROOT / "specs/student.spec"), str(recipe), str(DATA), str(out)))
+        run(Options(str(ROOT / "specs/student.spec"), str(recipe), data=str(DATA), out=str(out)))
         report = {s["name"]: s for s in json.loads((out / "report.json").read_text())["steps"]}
         n_train = 10 * args.per_class
         ours = {name: (args.epochs * n_train / report[name]["seconds"], report[name]["val_accuracy"])

@@ -28,8 +28,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
-from compiler.channels import analyse_channels  # noqa: E402
-from runtime.prune import choose, importance, prune_model, shrink_to  # noqa: E402
+from compiler.rewrite.channels import analyse_channels  # noqa: E402
+from runtime.rewrite.prune import choose, importance, prune_model, shrink_to  # noqa: E402
 from runtime.torchvision_state import torchvision_module  # noqa: E402
 
 ZOO = sorted(p.stem for p in (ROOT / "specs" / "zoo").glob("*.spec"))

@@ -46,7 +46,8 @@ def _finish(spec, text, pending, syntax, model, params, input_shape, param_strin
     sources = {spec.path: text}
     spec = validate(spec, sources, pending)
     if param_strings or if_declared:
-        from .elaborate import parse_param_strings, select_model
+        from .elaborate import select_model
+        from .params import parse_param_strings
 
         definition = select_model(spec, model)
         params = {**(params or {}), **parse_param_strings(definition, param_strings or {})}

@@ -12,6 +12,7 @@ from collections import OrderedDict
 import torch
 from torch import nn
 
+from .ops import OPS
 from .tree import Model, Node
 
 ACTIVATIONS = {  # the nn class of each activation of compiler.ops.activation
@@ -136,17 +137,16 @@ BUILDERS = {
 }
 
 
-# Activations torch can run in place (as torchvision builds them), and the ops whose output an
-# activation may overwrite: a new tensor that their backward pass does not keep.
+# Activations torch can run in place (as torchvision builds them); an op record says `fresh` when an
+# activation may overwrite its output: a new tensor that its backward pass does not keep.
 IN_PLACE = ("relu", "relu6", "hardswish", "silu")
-_FRESH = {"conv", "linear", "bn", "layernorm", "groupnorm", "maxpool", "avgpool", "gap", "adaptive_avgpool",
-          "layerscale", "residual", "join"}
+_FRESH_CONTAINERS = {"residual", "join"}  # a sum, product or concatenation: a new tensor
 
 
 def _fresh(node: Node) -> bool:
     if node.op == "seq":
         return bool(node.children) and _fresh(node.children[-1])
-    return node.op in _FRESH
+    return node.op in _FRESH_CONTAINERS or (node.op in OPS and OPS[node.op].fresh)
 
 
 def _sequence(node: Node) -> nn.Sequential:

@@ -11,10 +11,11 @@ import math
 
 from . import ir
 from .errors import Diagnostics, Span, UsageError, did_you_mean
-from .expr import LIMIT, ExprError, coerce, divisible, evaluate, free_names
+from .expr import ExprError, coerce, divisible, evaluate, free_names
 from .limits import limit
-from .ops import LAYERS, REQUIRED, LayerError, fmt_shape, macs, tensors
-from .tree import Model, Node
+from .ops import LAYERS, REQUIRED, LayerError, fmt_shape
+from .params import resolve_params
+from .tree import Model, Node, layer_node, op_node
 from .validate import IN_CHANNELS
 
 
@@ -149,10 +150,8 @@ class _Elaborator:
             op, attrs, out_shape = kind.resolve(shape, values)
         except LayerError as err:
             span = next((a.span for a in call.args if a.name == err.arg), None) if err.arg else None
-            self.fail(str(err), span or call.span, hint=err.hint, expected=err.expected)
-        return Node(name, path, call.name, op, shape, out_shape, attrs=attrs, span=call.span,
-                    tensors=tensors(op, attrs), macs=macs(op, attrs, out_shape),
-                    symbols=self.provenance(call, env))
+            self.fail(str(err), span or call.span, hint=err.hint)
+        return op_node(name, path, call.name, op, shape, out_shape, attrs, call.span, self.provenance(call, env))
 
     def block_call(self, call: ir.Call, shape, env, name, path) -> Node:
         block = self.blocks[call.name]
@@ -259,14 +258,9 @@ class _Elaborator:
             self.fail(f"residual: cannot project {fmt_shape(shape)} onto {fmt_shape(out_shape)} "
                       "with a strided 1x1 conv",
                       span, hint="write the shortcut explicitly with `shortcut { ... }`")
-        stride = strides[0]
-        conv_attrs = {"in": shape[0], "out": out_shape[0], "kernel": 1, "stride": stride, "padding": 0, "groups": 1,
-                      "dilation": 1, "bias": False}
-        conv = Node("0", f"{path}.0", "conv", "conv", shape, out_shape, attrs=conv_attrs, span=span,
-                    tensors=tensors("conv", conv_attrs), macs=macs("conv", conv_attrs, out_shape))
-        bn_attrs = {"channels": out_shape[0], "eps": 1e-5, "momentum": 0.1, "affine": True, "dims": 3}
-        bn = Node("1", f"{path}.1", "bn", "bn", out_shape, out_shape, attrs=bn_attrs, span=span,
-                  tensors=tensors("bn", bn_attrs))
+        conv = layer_node("0", f"{path}.0", "conv", shape, span, out=out_shape[0], kernel=1, stride=strides[0],
+                          padding=0, bias=False)
+        bn = layer_node("1", f"{path}.1", "bn", conv.out_shape, span)
         return Node("shortcut", path, "projection", "seq", shape, out_shape, children=[conv, bn], span=span)
 
     def torchvision(self, t: ir.TorchvisionRef, shape, env, name, path) -> Node:
@@ -327,80 +321,6 @@ class _Elaborator:
                                  expected=f"a layer path such as `{paths[-1] if paths else 'fc'}` or a pattern "
                                           "such as `features.*`",
                                  hint=did_you_mean(r.pattern, paths))
-
-
-_EXAMPLE = {"int": "10", "float": "0.5", "bool": "true"}
-
-
-def _typed(value, type_: str):
-    """`value` as a parameter of type `type_` (expr.coerce's rules), finite and below 2^63, or ValueError."""
-    try:
-        value = coerce(value, type_)
-    except TypeError:
-        raise ValueError(value) from None
-    if isinstance(value, float) and not math.isfinite(value):
-        raise ValueError(value)
-    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= LIMIT:
-        raise ValueError(value)
-    return value
-
-
-def resolve_params(model: ir.ModelDef, overrides: dict[str, object], diags: Diagnostics) -> dict:
-    """Parameter values: defaults, then typed overrides (int, float, bool)."""
-    declared = {p.name: p for p in model.params}
-    values: dict[str, object] = {}
-    for name in overrides:
-        if name not in declared:
-            diags.error(f"model `{model.name}` has no parameter `{name}` (from --param)", model.span,
-                        expected=", ".join(declared) or "no parameters", hint=did_you_mean(name, declared))
-    for p in model.params:
-        if p.name in overrides:
-            given = overrides[p.name]
-            try:
-                values[p.name] = _typed(given, p.type)
-            except ValueError:
-                diags.error(f"parameter `{p.name}` of model `{model.name}` expects {p.type}, got `{given}` "
-                            f"(from --param)", p.span, hint=f"e.g. --param {p.name}={_EXAMPLE[p.type]}")
-            continue
-        if p.default is None:
-            diags.error(f"parameter `{p.name}` has no default", p.span, hint=f"pass --param {p.name}=...")
-            continue
-        try:
-            value = evaluate(p.default, {})
-        except ExprError as err:
-            diags.error(str(err), p.default.span or p.span)
-            continue
-        try:
-            values[p.name] = coerce(value, p.type)
-        except TypeError as err:
-            diags.error(f"default of parameter `{p.name}` {err}", p.default.span or p.span)
-    return values
-
-
-def parse_param_strings(model: ir.ModelDef, strings: dict[str, str]) -> dict[str, object]:
-    """`--param NAME=VALUE` strings -> typed values by the declared types (the command line's job).
-    Unknown names and unparsable values are passed on as they are, for resolve_params to report."""
-    declared = {p.name: p.type for p in model.params}
-    out: dict[str, object] = {}
-    for name, raw in strings.items():
-        type_ = declared.get(name)
-        try:
-            out[name] = parse_override(raw, type_) if type_ else raw
-        except ValueError:
-            out[name] = raw
-    return out
-
-
-def parse_override(raw: str, type_: str):
-    if type_ == "int":
-        return int(raw)
-    if type_ == "float":
-        return float(raw)
-    if raw.lower() in ("true", "1", "yes"):
-        return True
-    if raw.lower() in ("false", "0", "no"):
-        return False
-    raise ValueError(raw)
 
 
 def parse_shape(text: str) -> tuple[int, ...]:

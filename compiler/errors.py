@@ -125,9 +125,6 @@ class Diagnostics:
               hint: str | None = None) -> None:
         self.items.append(Diagnostic(message, span, expected, hint))
 
-    def __bool__(self) -> bool:
-        return bool(self.items)
-
     def raise_if_any(self) -> None:
         if self.items:
             # In file order, as a reader fixes them; errors without a position last. A block called

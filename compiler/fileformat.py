@@ -44,6 +44,7 @@ import json
 from dataclasses import dataclass
 from functools import lru_cache
 
+from .ops import OPS
 from .tree import Model, Node
 
 FILE_VERSION = "1"
@@ -137,6 +138,13 @@ def parse_format(name: str, *, keep=(), keep_dtype: str = "F32", fold_bn: bool =
         canonical = base if scheme == "tensor" else f"{base}-channel"
         return WeightFormat(canonical, scheme, int(base[3:]), tuple(keep), keep_dtype, fold_bn, overrides=overrides)
     raise ValueError(f"unknown weight format {name!r}; known: {FORMAT_HELP}")
+
+
+def every_format() -> list[str]:
+    """Every plain format name parse_format accepts, canonical: a new format added there is listed here
+    and so tested for exact bytes and read back (tests/test_file_bytes.py)."""
+    ints = [f"int{b}" for b in range(2, 9)] + [f"int{b}-channel" for b in range(2, 9)]
+    return [*FLOAT_FORMATS, *ints]
 
 
 def is_format(name: str) -> bool:
@@ -296,13 +304,15 @@ def as_format(fmt: str | WeightFormat) -> WeightFormat:
 
 
 def fold_pairs(root: Node) -> list[tuple[Node, Node]]:
-    """(conv, bn) pairs where a 2-D BatchNorm directly follows a conv in the same sequence."""
+    """(layer, bn) pairs where a 2-D BatchNorm directly follows a layer whose record `folds_bn` (a conv)
+    in the same sequence."""
     pairs = []
     for node in root.walk():
         if node.op != "seq":
             continue
         for a, b in zip(node.children, node.children[1:]):
-            if a.op == "conv" and b.op == "bn" and b.attrs["dims"] == 3 and b.attrs["channels"] == a.attrs["out"]:
+            if (a.op in OPS and OPS[a.op].folds_bn and b.op == "bn" and b.attrs["dims"] == 3
+                    and b.attrs["channels"] == a.attrs["out"]):
                 pairs.append((a, b))
     return pairs
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from .analysis import budgets
-from .elaborate import elaborate, parse_param_strings, select_model
+from .elaborate import elaborate, select_model
 from .errors import NcError, UsageError
 from .fileformat import SPEC, model_format, predicted_bytes
+from .params import parse_param_strings
 from .parse import parse_file
 from .space import configurations, size, spaces
 from .tree import Model

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Iterator
 
 from . import ir
-from .expr import ExprError, evaluate
+from .expr import LIMIT, ExprError, evaluate
 
 
 class SpaceError(ValueError):
@@ -90,7 +90,11 @@ def space_of(p: ir.ParamDecl, default) -> Space:
             raise SpaceError(f"{where}: the step must be above 0, got {step}", (s.step or s).span)
         if start > stop:
             raise SpaceError(f"{where}: the range {start}..{stop} is empty (its start is above its stop)", s.span)
-        count = int(math.floor((stop - start) / step + 1e-9)) + 1
+        steps = (stop - start) / step
+        if not math.isfinite(steps) or steps >= LIMIT:  # 0..1e308 step 1e-308: infinitely many
+            raise SpaceError(f"{where}: the range {start}..{stop} step {step} holds more than 2^63 values",
+                             (s.step or s).span)
+        count = int(math.floor(steps + 1e-9)) + 1
         space = Space(p.name, p.type, default, start=start, step=step, count=count)
     if default is not None and default not in space:
         raise SpaceError(f"parameter `{p.name}`: its default {default!r} is not in its space", s.span)

@@ -5,7 +5,7 @@ from dataclasses import dataclass, field
 
 from . import ir
 from .errors import Span
-from .ops import Tensor
+from .ops import Tensor, macs, resolve_layer, tensors
 
 
 @dataclass
@@ -50,6 +50,19 @@ class Node:
     @property
     def total_macs(self) -> int:
         return sum(n.macs for n in self.walk())
+
+
+def op_node(name: str, path: str, layer: str, op: str, in_shape: tuple, out_shape: tuple, attrs: dict,
+            span: Span | None = None, symbols: dict | None = None) -> Node:
+    """A leaf whose tensors and MACs come from its op's record."""
+    return Node(name, path, layer, op, in_shape, out_shape, attrs=attrs, span=span, tensors=tensors(op, attrs),
+                macs=macs(op, attrs, out_shape), symbols=symbols or {})
+
+
+def layer_node(name: str, path: str, layer: str, in_shape: tuple, span: Span | None = None, **args) -> Node:
+    """A leaf the compiler writes itself: layer `layer` with `args`, resolved through its record."""
+    op, attrs, out_shape = resolve_layer(layer, in_shape, **args)
+    return op_node(name, path, layer, op, in_shape, out_shape, attrs, span)
 
 
 @dataclass

@@ -74,6 +74,12 @@ class _Validator:
                     if not is_format(fmt):
                         self.diags.error(f"unknown weight format `{fmt}` in `precision`", where.span,
                                          expected=FORMAT_HELP, hint=did_you_mean(fmt, self.formats))
+                seen = set()
+                for r in m.precision.rules:  # one layer, two formats: one of them would be dropped silently
+                    if r.pattern in seen:
+                        self.diags.error(f"`precision` names `{r.pattern}` twice", r.span,
+                                         hint="keep one format for it")
+                    seen.add(r.pattern)
             for b in m.budgets:
                 self.budget(b, scope, has_precision=m.precision is not None)
             for e in (m.width_mult, m.round_to):

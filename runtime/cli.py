@@ -63,11 +63,12 @@ def run(argv: list[str]) -> int:
     if args.depth is not None and args.depth < 0:  # 0: the totals without layer rows
         raise UsageError(f"--depth must be at least 0, got {args.depth}")
     if args.recipe:
-        from .runner import Options
-        from .runner import run as run_recipe
+        from .run.runner import Options
+        from .run.runner import run as run_recipe
 
-        return run_recipe(Options(args.spec, args.recipe, args.data, args.out, tuple(args.sets), args.epochs,
-                                  args.device, args.dry_run, _params(args.param), shape, args.model))
+        return run_recipe(Options(args.spec, args.recipe, data=args.data, out=args.out, sets=tuple(args.sets),
+                                  epochs=args.epochs, device=args.device, dry_run=args.dry_run,
+                                  params=_params(args.param), input=shape, model=args.model))
     if args.data or args.out or args.sets or args.epochs is not None or args.dry_run:
         raise UsageError("--data, --out, --set, --epochs and --dry-run need --recipe")
     model = compile_spec(args.spec, model=args.model, param_strings=_params(args.param), input_shape=shape)

@@ -3,17 +3,17 @@
 A recipe has shared settings (data, input size, seed, batch size, optimizer,
 learning-rate schedule, transforms, extra models such as a teacher) and an ordered
 list of named, typed steps. This module reads and validates the shared settings;
-`runtime.plan` validates the steps against the step kinds (`runtime.steps`), so new
+`runtime.run.plan` validates the steps against the step kinds (`runtime.steps`), so new
 kinds plug in without touching either.
 """
 from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compiler.errors import FileProblems, NcError, did_you_mean, shorten
 from compiler.limits import NoAliasLoader, read_yaml
@@ -41,6 +41,11 @@ def plain_name(value: str, what: str) -> str:
         raise ValueError(f"{what} {value!r} is used in file paths: use letters, digits, `_`, `.` and `-` only "
                          "(not `.` or `..`)")
     return value
+
+
+def plain(what: str) -> AfterValidator:
+    """A string field that becomes part of a file path: `Annotated[str, plain("the step's name")]`."""
+    return AfterValidator(lambda value: plain_name(value, what))
 
 
 class RecipeError(FileProblems):
@@ -85,13 +90,13 @@ class DataConfig(Strict):
     allow_single_class: bool = False   # one class trains to accuracy 1.0 and means nothing: refused unless set
     batch_size: int = Field(64, ge=1)
     eval_batch_size: int = Field(256, ge=1)
-    cache: bool = True                 # keep decoded folder images in a memory-mapped file (see runtime.cache)
+    cache: bool = True                 # keep decoded folder images in a memory-mapped file (see runtime.data.cache)
     cache_dir: str | None = None       # default: $NCCOMPILE_CACHE_DIR, else ~/.cache/nccompile
 
 
 class SpeedConfig(Strict):
     """How fast, not what: none of these change what is trained, only how it runs.
-    `auto` picks per device (see runtime.speed): bf16 autocast on CUDA and fp32 on the CPU; channels_last on
+    `auto` picks per device (see runtime.train.speed): bf16 autocast on CUDA and fp32 on the CPU; channels_last on
     CUDA and on CPUs with oneDNN."""
 
     precision: Literal["auto", "bf16", "fp16", "fp32"] = "auto"
@@ -126,7 +131,7 @@ class ModelRef(Strict):
 
 
 class Recipe(Strict):
-    name: str
+    name: Annotated[str, plain("the recipe name")]
     description: str = ""
     seed: int = Field(0, ge=0, lt=SEED_END)
     input: str | None = None            # CxHxW for training; default: the spec's
@@ -135,19 +140,12 @@ class Recipe(Strict):
     optimizer: OptimizerConfig = OptimizerConfig()
     schedule: ScheduleConfig = ScheduleConfig()
     speed: SpeedConfig = SpeedConfig()
-    models: dict[str, ModelRef] = {}
+    models: dict[Annotated[str, plain("the model name")], ModelRef] = {}
     steps: list[Any]
-
-    @field_validator("name")
-    @classmethod
-    def _plain_name(cls, v):
-        return plain_name(v, "the recipe name")
 
     @field_validator("models")
     @classmethod
     def _no_student(cls, v):
-        for key in v:
-            plain_name(key, "the model name")
         if "student" in v:
             raise ValueError("`student` is the spec given on the command line; name other models differently")
         return v
@@ -298,7 +296,7 @@ def read_recipe(name_or_path: str, overrides: list[str] = ()) -> tuple[dict, Pat
 
 
 def validate_recipe(raw: dict) -> tuple[Recipe | None, list[str]]:
-    """The shared settings, validated (steps are validated by runtime.plan against the step kinds)."""
+    """The shared settings, validated (steps are validated by runtime.run.plan against the step kinds)."""
     try:
         return Recipe.model_validate(raw), []
     except ValidationError as err:

@@ -8,6 +8,8 @@ from __future__ import annotations
 import ast
 from pathlib import Path
 
+import pytest
+
 from .conftest import ROOT
 
 PACKAGES = ("compiler", "runtime")
@@ -93,10 +95,11 @@ def test_no_import_cycles():
 
 def test_the_checker_sees_relative_and_nested_imports():
     graph = _graph()
-    assert "runtime.runner" in graph["runtime.cli"]          # nested `from .runner import ...`
+    assert "runtime.run.runner" in graph["runtime.cli"]      # nested `from .run.runner import ...`
     assert "compiler.tree" in graph["compiler.elaborate"]    # relative `from .tree import ...`
 
 
+@pytest.mark.slow
 def test_a_wheel_runs_a_builtin_recipe_from_another_directory(tmp_path):
     """Recipes are package data: a non-editable install finds `kd` and the teacher spec it names."""
     import subprocess
@@ -134,3 +137,78 @@ def test_every_package_ships_in_the_wheel():
     listed = set(tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"])
     found = {_module_name(p.parent / "__init__.py") for pkg in PACKAGES for p in (ROOT / pkg).rglob("__init__.py")}
     assert found <= listed, sorted(found - listed)
+
+
+# runtime/'s wings and loose modules, bottom up, and what each may import of the others. A new
+# top-level module or package of runtime/ must take its place here.
+GROUND = {"files", "recipe", "rundir", "usage", "plots"}
+MAY_IMPORT = {
+    "files": set(), "recipe": set(), "usage": set(), "rundir": {"files"}, "plots": {"files"},
+    "quant": set(),                                   # grid codes, folding, fake/fused quantization, int8
+    "weights": {"files", "quant"},                    # the model file
+    "torchvision_state": {"weights"},
+    "data": GROUND,                                   # sources -> decode -> load, transforms, cache, batches
+    "rewrite": {"weights"},                           # module surgery behind one rebuild()
+    "train": GROUND | {"data", "weights", "torchvision_state"},
+    "steps": GROUND | {"data", "train", "quant", "rewrite", "weights"},
+    "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state"},
+    "study": GROUND | {"run"},
+    "cli": GROUND | {"run", "study", "weights"},
+    "__main__": {"cli"},
+}
+
+
+def _wing(module: str) -> str | None:
+    parts = module.split(".")
+    return parts[1] if parts[0] == "runtime" and len(parts) > 1 else None
+
+
+def _wing_graph() -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for m, targets in _graph().items():
+        if (w := _wing(m)) is None:
+            continue
+        out.setdefault(w, set()).update(t for t in map(_wing, targets) if t is not None and t != w)
+    return out
+
+
+def test_every_wing_of_runtime_imports_only_what_its_layer_allows():
+    graph = _wing_graph()
+    unplaced = sorted(set(graph) - set(MAY_IMPORT))
+    assert not unplaced, f"place these in tests/test_architecture.py's MAY_IMPORT: {unplaced}"
+    bad = sorted(f"runtime.{w} imports runtime.{t}" for w, ts in graph.items() for t in ts if t not in MAY_IMPORT[w])
+    assert not bad, "\n".join(bad)
+
+
+def test_runtime_stays_shallow_and_acyclic_between_wings():
+    """The longest import chain between wings and loose modules, and the modules left loose."""
+    graph = _wing_graph()
+    depth: dict[str, int] = {}
+
+    def longest(w, seen=()):
+        assert w not in seen, f"import cycle between wings: {' -> '.join((*seen, w))}"
+        if w not in depth:
+            depth[w] = max((1 + longest(t, (*seen, w)) for t in graph.get(w, ())), default=0)
+        return depth[w]
+
+    assert max(longest(w) for w in graph) <= 9
+    loose = [p.stem for p in (ROOT / "runtime").glob("*.py") if p.stem not in ("__init__", "__main__")]
+    assert len(loose) <= 12, sorted(loose)
+
+
+def test_every_step_module_registers_through_the_package_and_no_kind_inherits_another():
+    """CONTRIBUTING's recipe for a step kind: one module in runtime/steps/ and its name in the package's
+    import line. Kinds declare what they do (`reshaping`, `finetunes`); none subclasses another kind."""
+    from runtime.steps import REGISTRY, StepKind
+
+    declared = set()
+    for path in (ROOT / "runtime" / "steps").glob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            registered = any(getattr(d, "id", None) == "register" for d in getattr(node, "decorator_list", ()))
+            if isinstance(node, ast.ClassDef) and registered:
+                kind = next(s.value.value for s in node.body if isinstance(s, ast.Assign)
+                            and getattr(s.targets[0], "id", None) == "kind")
+                declared.add(kind)
+    assert declared == set(REGISTRY), f"registered in a module the package does not import: {declared - set(REGISTRY)}"
+    for kind in REGISTRY.values():
+        assert type(kind).__bases__ == (StepKind,), f"{type(kind).__name__} inherits {type(kind).__bases__}"

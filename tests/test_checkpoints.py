@@ -1,4 +1,4 @@
-"""Epoch checkpoints written inline or on a background thread (runtime.checkpoints)."""
+"""Epoch checkpoints written inline or on a background thread (runtime.train.checkpoints)."""
 from __future__ import annotations
 
 from types import SimpleNamespace
@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from runtime.checkpoints import CheckpointWriter, Progress
+from runtime.train.checkpoints import CheckpointWriter, Progress
 
 
 def _training_state():
@@ -87,7 +87,7 @@ def test_a_failed_background_write_raises_at_the_next_wait(tmp_path):
 @pytest.mark.parametrize("background", [False, True])
 def test_a_write_that_fails_midway_keeps_the_last_good_file_and_leaves_no_fragment(tmp_path, monkeypatch,
                                                                                       background):
-    import runtime.checkpoints as checkpoints
+    import runtime.train.checkpoints as checkpoints
 
     module, optimizer, schedule, progress = _training_state()
     writer = CheckpointWriter(SimpleNamespace(is_main=True), tmp_path, "key", background)
@@ -115,7 +115,7 @@ def test_a_write_that_fails_midway_keeps_the_last_good_file_and_leaves_no_fragme
 def test_the_prepared_writer_writes_what_save_file_writes(tmp_path, metadata):
     from safetensors.torch import save_file
 
-    from runtime.checkpoints import _prepared
+    from runtime.train.checkpoints import _prepared
 
     module, optimizer, _, _ = _training_state()
     tensors = {k: v.detach().clone() for k, v in module.state_dict().items()}

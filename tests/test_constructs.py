@@ -8,12 +8,12 @@ import pytest
 import torch
 
 import compiler
-from compiler.channels import analyse_channels
 from compiler.emit import emit
 from compiler.errors import SpecError
 from compiler.ir import without_spans
+from compiler.rewrite.channels import analyse_channels
 from compiler.validate import validate
-from runtime.prune import choose, importance, prune_model
+from runtime.rewrite.prune import choose, importance, prune_model
 from runtime.weights import model_bytes
 
 from .measure import measure, trained_like
@@ -251,7 +251,8 @@ def test_yaml_construct_errors(layers, fragment):
 
 
 def test_lowrank_factorizes_convs_inside_branches():
-    from runtime.steps.lowrank import LowrankConfig, factorize_module
+    from runtime.rewrite.lowrank import factorize_module
+    from runtime.steps.lowrank import LowrankConfig
 
     model = _compile(EVERY_CONSTRUCT)
     module = _trained_like(model)
@@ -295,11 +296,12 @@ def test_in_place_activations_change_nothing_but_memory():
     assert all(torch.equal(a, b) for a, b in zip(outs[0][1], outs[1][1]))
 
 
+@pytest.mark.slow
 def test_int8_kernels_and_onnx_export_run_through_every_construct(tmp_path):
     """torch.fx traces the joins (the int8 kernels) and the ONNX exporter takes them (shuffle too)."""
     import onnx
 
-    from runtime.int8 import integer_model
+    from runtime.quant.int8 import integer_model
     from runtime.steps.export import Export
 
     model = _compile(EVERY_CONSTRUCT)

@@ -10,9 +10,9 @@ import torch
 from torch.utils.data import BatchSampler, DistributedSampler
 
 import compiler
-from runtime.batches import Placed, epoch_order
 from runtime.cli import main
 from runtime.data import Split
+from runtime.data.batches import Placed, epoch_order
 from runtime.recipe import BUILTIN_RECIPES
 
 from .conftest import DATA
@@ -23,6 +23,7 @@ DEVICES = ["cpu", pytest.param("cuda", marks=_CUDA), pytest.param("auto", marks=
 RECIPES = sorted(p.stem for p in BUILTIN_RECIPES.glob("*.yaml"))
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("recipe", RECIPES)
@@ -76,6 +77,7 @@ def test_placed_split_gathers_the_same_images_on_every_path():
             assert torch.equal(gpu.range(10, 20).cpu(), images[10:20])
 
 
+@pytest.mark.slow
 @needs_data
 def test_second_run_reads_the_decoded_cache(tmp_path, capsys, in_root):
     args = ["specs/student.spec", "--recipe", "scratch", "--data", str(DATA), "--epochs", "1", "--device", "cpu",
@@ -124,7 +126,7 @@ def test_no_shipped_recipe_names_a_pixel_size():
 
 def test_speed_defaults_per_device():
     from runtime.recipe import SpeedConfig
-    from runtime.speed import resolve
+    from runtime.train.speed import resolve
 
     cpu = resolve(SpeedConfig(), torch.device("cpu"))
     # channels_last wherever oneDNN runs the CPU's convolutions (x86 builds): faster there (BENCHMARKS.md)
@@ -140,7 +142,7 @@ def test_speed_defaults_per_device():
 def test_cudnn_autotuning_is_on_for_the_run_only(tmp_path, capsys, in_root):
     """A process-wide switch: set while the steps run, restored after, also after a failure."""
     from compiler.errors import NcError
-    from runtime.runner import Options, run
+    from runtime.run.runner import Options, run
 
     seen = []
     before = torch.backends.cudnn.benchmark
@@ -159,6 +161,7 @@ def test_cudnn_autotuning_is_on_for_the_run_only(tmp_path, capsys, in_root):
     assert "cuDNN autotuning" in capsys.readouterr().out
 
 
+@pytest.mark.slow
 def test_bf16_channels_last_training_on_cpu(tmp_path, capsys, in_root):
     """The CUDA defaults (bf16 autocast, channels_last), exercised on the CPU: the same code path."""
     out = tmp_path / "run"
@@ -189,17 +192,17 @@ def test_non_finite_loss_stops_with_a_clear_error(tmp_path, capsys, in_root):
 def test_training_epoch_syncs_with_the_host_a_fixed_number_of_times(transforms, mode):
     """PyTorch's sync debug mode counts synchronizing calls: 12 batches make no more than 2 batches do
     (a few per epoch: its metrics and one-time setup), never one per batch; also with every tensor
-    rounded in one pass (runtime.fusedquant), and with steps replayed as CUDA graphs."""
+    rounded in one pass (runtime.quant.fusedquant), and with steps replayed as CUDA graphs."""
     import warnings
     from types import SimpleNamespace
 
     from compiler.fileformat import parse_format
-    from runtime import fakequant
-    from runtime.loop import train_epoch
+    from runtime.data.transforms import Pipeline
+    from runtime.quant import fakequant
     from runtime.recipe import SpeedConfig
-    from runtime.speed import resolve
-    from runtime.trainstep import TrainStep
-    from runtime.transforms import Pipeline
+    from runtime.train.loop import train_epoch
+    from runtime.train.speed import resolve
+    from runtime.train.trainstep import TrainStep
 
     device = torch.device("cuda")
     speed = resolve(SpeedConfig(), device)

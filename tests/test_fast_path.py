@@ -11,12 +11,12 @@ import torch
 import torch.nn.functional as F
 
 import compiler
-from runtime.batches import Placed
 from runtime.data import Split
-from runtime.loop import train_epoch
-from runtime.speed import Speed
-from runtime.trainstep import TrainStep
-from runtime.transforms import Pipeline
+from runtime.data.batches import Placed
+from runtime.data.transforms import Pipeline
+from runtime.train.loop import train_epoch
+from runtime.train.speed import Speed
+from runtime.train.trainstep import TrainStep
 
 from .measure import Dispatched
 
@@ -91,6 +91,7 @@ def test_training_step_costs_the_tuned_loops_operators_plus_its_metrics():
     assert ours_epoch - tuned_epoch <= 12, (ours_epoch, tuned_epoch)  # order, generator, one stacked sync
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("transforms", [AUGMENT[:2], AUGMENT], ids=["flip+crop", "all random transforms"])
 def test_random_augmentation_costs_the_same_operators_at_any_batch_size(transforms):
     small, _ = _per_batch(lambda n, b: _nccompile_epoch(n, b, transforms), 4)

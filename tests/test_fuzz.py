@@ -25,10 +25,18 @@ MEMORY_MB = int(os.environ.get("NCCOMPILE_FUZZ_MEMORY_MB", "2048"))
 EXAMPLES = int(os.environ.get("NCCOMPILE_FUZZ_EXAMPLES", "60"))
 SETTINGS = settings(max_examples=EXAMPLES, deadline=None, derandomize=True, database=None,
                     suppress_health_check=list(HealthCheck))
-SEEDS = [SPECS / "student.spec", SPECS / "resnet18.spec", SPECS / "origin.spec", SPECS / "student.yaml"]
+FUZZ_SEEDS = Path(__file__).parent / "fuzz_seeds"
+SEEDS = [SPECS / "student.spec", SPECS / "resnet18.spec", SPECS / "origin.spec", SPECS / "student.yaml",
+         SPECS / "student_4bit.spec", SPECS / "student_space.spec", FUZZ_SEEDS / "ranges.spec",
+         FUZZ_SEEDS / "torchvision.yaml"]
+# Each class of hostile input found by hand has tokens here that make it: an operator chain, a float range
+# whose step count overflows, a second `input` line, a layer named twice in `precision`, a mapping where
+# a name belongs.
 TOKENS = ["{", "}", "(", ")", "[", "]", ",", ":", "x", "*", "/", "-", "0", "1", "-1", "1e309", "999999999999",
           "9" * 5000, "true", "conv", "linear", "bn", "relu", "residual", "project", "gap", "flatten", "input",
-          "budget", "model", "block", "int", "float", "in", "x 1000000", "\n", "#", "'", '"', "&a", "*a", "nan", "\x00"]
+          "budget", "model", "block", "int", "float", "in", "x 1000000", "\n", "#", "'", '"', "&a", "*a", "nan", "\x00",
+          "+1" * 150, "1e308", "1e-308", " step 1e-308", "\n  input 3x16x16\n", ', "features.10.3.pw": int2',
+          "{name: resnet18, bogus: 1}"]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -99,6 +107,7 @@ def test_mutated_specs(seed, edits, tmp_path_factory, capsys):
 RECIPES = sorted((SPECS / "recipes").glob("*.yaml"))
 
 
+@pytest.mark.slow
 @SETTINGS
 @given(seed=st.sampled_from(RECIPES), edits=EDITS)
 def test_mutated_recipes_in_a_dry_run(seed, edits, tmp_path_factory, capsys, monkeypatch):

@@ -503,6 +503,7 @@ def test_load_survives_a_renamed_metadata_key(tmp_path, capsys):
     assert code in (0, 2) and "internal error" not in printed, printed
 
 
+@pytest.mark.slow
 def test_a_damaged_checkpoint_restarts_its_step(tmp_path, capsys, in_root):
     out = tmp_path / "run"
     args = ["specs/student.spec", "--recipe", "scratch", "--epochs", "1", "--device", "cpu",
@@ -633,6 +634,7 @@ def test_a_reader_that_goes_away_is_no_internal_error(in_root):
     assert proc.wait(timeout=60) in (0, 141) and "internal error" not in err and "Traceback" not in err, err
 
 
+@pytest.mark.slow
 def test_out_must_be_new_empty_or_a_run_of_its_own(tmp_path, capsys, in_root):
     """A folder with a user's own files (a recipe.yaml a run would overwrite) is refused, untouched."""
     mine = tmp_path / "mine"
@@ -674,6 +676,7 @@ def test_out_that_is_a_file_or_empty_is_a_usage_error(command, tmp_path, capsys,
     assert target.read_text() == "keep me"
 
 
+@pytest.mark.slow
 def test_calibration_batches_stop_at_the_training_set(tmp_path, capsys, in_root):
     """A huge `calibration_batches` looped over every batch index it allowed (a hang); only the
     batches the training set has are made."""
@@ -685,6 +688,7 @@ def test_calibration_batches_stop_at_the_training_set(tmp_path, capsys, in_root)
     assert code == 0 and "q: int8 kernels" in printed, printed[-2000:]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("data", [[], ["--data", str(DATA), "--set", "data.cache=false"]])
 def test_a_one_pixel_input_trains(data, tmp_path, capsys, in_root):
     """`--input 3x1x1` was an internal error: PyTorch's uint8 antialiased resize fails an assert at 1x1."""
@@ -753,6 +757,64 @@ def test_images_that_cannot_fit_in_memory_are_refused_before_any_work(tmp_path, 
         raise RuntimeError("[enforce fail at alloc_cpu.cpp:127] DefaultCPUAllocator: can't allocate memory: you "
                            "tried to allocate 86256000000 bytes")
 
-    monkeypatch.setattr("runtime.runner.prepare", no_memory)
+    monkeypatch.setattr("runtime.run.runner.prepare", no_memory)
     code, printed = run(["specs/student.spec", "--recipe", "scratch", "--dry-run"], capsys)
     assert code == 2 and printed.startswith("nccompile: error: out of memory (") and "internal error" not in printed
+
+
+CHAIN = "+".join(["1"] * 20_000)
+
+
+@pytest.mark.parametrize("name, text, place, fragment", [
+    # a long flat chain of operators nests as deep as it is long: it was a RecursionError
+    ("chain.spec", f"model m {{\n  input 3x8x8\n  conv({CHAIN}) gap flatten linear(2)\n}}\n", ":3:8:",
+     "an expression nests more than 100 operators"),
+    ("chain.yaml", f'model:\n  name: m\n  input: 3x8x8\n  layers:\n    - conv: "{CHAIN}"\n    - gap\n', ":5:13:",
+     "an expression nests more than 100 operators"),
+    # a float range whose step count overflows: it was an OverflowError in compiler/space.py
+    ("range.spec", "model m(w: float = 0.5 in 0.0..1e308 step 1e-308) {\n  input 3x8x8\n  conv(8) gap\n}\n",
+     ":1:43:", "holds more than 2^63 values"),
+    ("range.spec", "model m(w: float = 0.5 in -1e308..1e308 step 1.0) {\n  input 3x8x8\n  conv(8) gap\n}\n",
+     ":1:", "holds more than 2^63 values"),
+    # a mapping under `torchvision:`: it was a pydantic dump of parser internals
+    ("tv.yaml", "model:\n  name: m\n  input: 3x32x32\n  layers:\n    - torchvision: {name: resnet18, bogus: 1}\n",
+     ":5:20:", "`torchvision` takes a model name, got a mapping"),
+    # the last one silently won
+    ("two.spec", "model m {\n  input 3x8x8\n  input 3x16x16\n  conv(8) gap\n}\n", ":3:3:",
+     "a model has one `input` line"),
+    ("two.spec", "model m {\n  input 3x8x8\n  width_mult 0.5\n  width_mult 2.0\n  conv(8) gap\n}\n", ":4:3:",
+     "a model has one `width` line"),
+    ("prec.spec", 'model m {\n  input 3x8x8\n  conv(8) gap flatten\n  fc: linear(2)\n'
+                  '  precision int8 { "fc": fp16, "fc": int4 }\n}\n', ":5:32:", "`precision` names `fc` twice"),
+])
+@pytest.mark.parametrize("command", [[], ["search"]])
+def test_hostile_specs_are_errors_at_their_place(name, text, place, fragment, command, tmp_path, capsys):
+    path = _write(tmp_path / name, text)
+    code, printed = run([*command, path], capsys)
+    assert code == 2 and f"{name}{place}" in printed and fragment in printed, printed[-2000:]
+    assert "internal error" not in printed
+
+
+def test_fifty_operators_in_a_row_still_compile(tmp_path, capsys):
+    code, printed = run([_write(tmp_path / "ok.spec", "model m {\n  input 3x8x8\n  conv(" + "+".join(["1"] * 50)
+                                + ") gap flatten linear(2)\n}\n")], capsys)
+    assert code == 0 and "Params:" in printed, printed
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("delay", [0.15, 0.3, 0.6, 1.0])
+def test_ctrl_c_at_any_moment_of_the_start_is_an_interrupt(delay, in_root):
+    """SIGINT while the compiler, pydantic and torch still import: `interrupted` and 130, never a traceback.
+    (Before about 60 ms the signal lands in Python's own start-up, before any nccompile code.)"""
+    import signal
+    import subprocess
+    import sys
+
+    proc = subprocess.Popen([sys.executable, "-m", "runtime", "specs/student.spec", "--recipe", "kd", "--dry-run"],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    if proc.returncode == 0:  # finished before the signal: nothing to check
+        return
+    assert proc.returncode == 130 and "nccompile: interrupted" in err and "Traceback" not in err, err

@@ -1,5 +1,5 @@
-"""Below 8 bits: quantization-aware training (runtime.fakequant), calibrated rounding
-(runtime.calibrated), bits chosen for a budget (runtime.autobits, compiler.bitalloc) and the
+"""Below 8 bits: quantization-aware training (runtime.quant.fakequant), calibrated rounding
+(runtime.quant.calibrated), bits chosen for a budget (runtime.quant.autobits, compiler.rewrite.bitalloc) and the
 kd_qat recipe."""
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import pytest
 import torch
 
 import compiler
-from compiler import bitalloc
 from compiler.fileformat import parse_format
-from runtime import autobits, calibrated, fakequant
+from compiler.rewrite import bitalloc
 from runtime.cli import main
+from runtime.quant import autobits, calibrated, fakequant
 from runtime.weights import ModelFile, save_model, state_tensors
 
 from .conftest import DATA, SPECS
@@ -77,12 +77,16 @@ def _qat_student(fmt, scales, fused, channels_last, state=None):
     return module
 
 
-def _one_step(module, eval_mode: bool):
-    """(output, gradients, every parametrized tensor as the layers read it during the forward pass)."""
+def _one_step(module, eval_mode: bool, channels_last: bool = False):
+    """(output, gradients, every parametrized tensor as the layers read it during the forward pass).
+    `channels_last`: the batch too, as the training loop gives it, so both rounding paths run the network
+    in one memory format (the per-tensor path hands the layers contiguous copies of the weights)."""
     from torch.nn.utils import parametrize
 
     gen = torch.Generator().manual_seed(3)
     x, y = torch.randn(8, 3, 32, 32, generator=gen), torch.randint(0, 10, (8,), generator=gen)
+    if channels_last:
+        x = x.to(memory_format=torch.channels_last)
     module.train(not eval_mode)
     seen, hooks = {}, []
     for name, owner in module.named_modules():
@@ -97,6 +101,7 @@ def _one_step(module, eval_mode: bool):
     return out.detach(), {n: p.grad for n, p in module.named_parameters() if p.grad is not None}, seen
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt, scales", [("int4", "learned"), ("int3-channel", "learned"), ("int2", "minmax")])
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("trained", [False, True])
@@ -110,23 +115,21 @@ def test_rounding_all_tensors_in_one_pass_gives_the_per_tensor_values_and_gradie
     for eval_mode in (False, True):  # eval: BatchNorm's statistics rounded too
         alone = _qat_student(fmt, scales, False, channels_last, state)
         fused = _qat_student(fmt, scales, True, channels_last, state)
-        out_alone, grads_alone, seen_alone = _one_step(alone, eval_mode)
-        out_fused, grads_fused, seen_fused = _one_step(fused, eval_mode)
+        out_alone, grads_alone, seen_alone = _one_step(alone, eval_mode, channels_last)
+        out_fused, grads_fused, seen_fused = _one_step(fused, eval_mode, channels_last)
         assert seen_alone.keys() == seen_fused.keys() and len(seen_alone) >= 48
         for name, value in seen_alone.items():  # the same rounded values, bit for bit
             assert torch.equal(value, seen_fused[name]), name
-        if channels_last:  # the layers now get channels_last weights: other kernels, other float sums
-            torch.testing.assert_close(out_fused, out_alone, rtol=1e-5, atol=1e-6)
-        else:
-            assert torch.equal(out_alone, out_fused)
+        assert torch.equal(out_alone, out_fused)
         assert grads_alone.keys() == grads_fused.keys()
-        # the same gradients, up to the order of their sums; with channels_last weights the convolutions'
-        # own kernels differ too (the per-tensor path moved to channels_last alone differs as much)
-        rtol, atol = (1e-2, 2e-3) if channels_last else (1e-4, 1e-5)
+        # the same gradients, up to the order of their sums (channels_last: also of the segment sums, which
+        # run over each row in memory order); measured 4e-5 at most on a 2-core AMD EPYC, torch 2.14.1
+        rtol, atol = (1e-3, 1e-4) if channels_last else (1e-4, 1e-5)
         for name, g in grads_alone.items():
-            torch.testing.assert_close(grads_fused[name], g, rtol=rtol, atol=atol, msg=name)
+            torch.testing.assert_close(grads_fused[name], g, rtol=rtol, atol=atol, msg=lambda m, n=name: f"{n}: {m}")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("zoo", ["mobilenet_v3_small", "regnet_x_400mf"])
 def test_rounding_in_one_pass_matches_per_tensor_on_other_families(zoo):
     """Grouped convolutions, squeeze-excitation, dropout; in float64, where the order of sums cannot
@@ -211,7 +214,7 @@ def test_calibrated_rounding_beats_nearest_on_the_layer_output_and_is_written_ex
         want = layer(x)
     f = parse_format(fmt)
     rows = 16 if f.scheme == "channel" else 1
-    from runtime.weights import dequantize, quantize
+    from runtime.quant.codes import dequantize, quantize
 
     codes, r = quantize(layer.weight, f.bits, rows)
     nearest = dequantize(codes, r, f.bits).reshape(layer.weight.shape)
@@ -304,6 +307,7 @@ def test_bad_low_bit_settings_are_refused_before_any_training(tmp_path, capsys, 
     assert "Traceback" not in err
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("device", DEVICES)
 def test_kd_qat_writes_a_predicted_file_under_150k_that_predicts_what_training_saw(tmp_path, capsys, in_root, device):
@@ -328,8 +332,8 @@ def test_kd_qat_writes_a_predicted_file_under_150k_that_predicts_what_training_s
     fakequant.attach(baked, student, parse_format("int4"), "minmax")
     written = ModelFile(out / q["model_file"]).build(student)
     from runtime.data import list_source, load
+    from runtime.data.transforms import Pipeline
     from runtime.recipe import DataConfig
-    from runtime.transforms import Pipeline
 
     cfg = DataConfig(path=str(DATA), limit_per_class=20)
     x = Pipeline([], "eval", 3, (32, 32))(load(list_source(cfg), cfg, (3, 32, 32), 0).val.images)
@@ -337,6 +341,7 @@ def test_kd_qat_writes_a_predicted_file_under_150k_that_predicts_what_training_s
         assert torch.equal(baked.eval()(x).argmax(1), written(x).argmax(1))
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("device", DEVICES)
 def test_auto_and_calibrated_quantize_steps_run_and_write_the_chosen_spec(tmp_path, capsys, in_root, device):
     recipe = tmp_path / "a.yaml"

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 import compiler
-from runtime.steps.lowrank import LowrankConfig, factorize_module
+from runtime.rewrite.lowrank import factorize_module
+from runtime.steps.lowrank import LowrankConfig
 
 from .conftest import DATA, SPECS
 from .measure import measure
@@ -31,6 +32,7 @@ def test_full_rank_factorization_is_exact(name):
         assert (new_module.eval()(x) - module(x)).abs().max().item() < 1e-4
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("cfg", [dict(rank_by="ratio", ratio=0.25), dict(rank_by="energy", energy=0.5)])
 def test_factorized_resnet_is_smaller_and_matches_its_spec(cfg):
     model, module = _model("resnet18.spec")
@@ -44,6 +46,7 @@ def test_factorized_resnet_is_smaller_and_matches_its_spec(cfg):
     assert ranks and all(f"{path}.0.weight" in names and f"{path}.1.weight" in names for path in ranks)
 
 
+@pytest.mark.slow
 @needs_data
 def test_lowrank_step_in_a_recipe(tmp_path, capsys, in_root):
     from runtime.cli import main

@@ -86,6 +86,7 @@ def test_a_budget_no_assignment_meets_fails_before_training():
     assert not a.ok and a.budgets[0].value > 50_000
 
 
+@pytest.mark.slow
 def test_quantize_step_writes_the_spec_precision(tmp_path, capsys, in_root):
     spec = tmp_path / "mixed.spec"
     spec.write_text(MIXED)
@@ -105,9 +106,10 @@ def test_quantize_step_writes_the_spec_precision(tmp_path, capsys, in_root):
 
 
 def test_pruned_and_factorized_specs_keep_the_precision():
-    from compiler.channels import analyse_channels
-    from runtime.prune import choose, importance, prune_model
-    from runtime.steps.lowrank import LowrankConfig, factorize_module
+    from compiler.rewrite.channels import analyse_channels
+    from runtime.rewrite.lowrank import factorize_module
+    from runtime.rewrite.prune import choose, importance, prune_model
+    from runtime.steps.lowrank import LowrankConfig
 
     model = compiler.compile_source(MIXED, "mixed.spec", params={"classes": 10}, input_shape=(3, 32, 32))
     module = compiler.build_module(model).eval()

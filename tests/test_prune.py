@@ -9,9 +9,9 @@ import pytest
 import torch
 
 import compiler
-from compiler.channels import analyse_channels
 from compiler.emit import emit
-from runtime.prune import choose, importance, prune_model
+from compiler.rewrite.channels import analyse_channels
+from runtime.rewrite.prune import choose, importance, prune_model
 from runtime.weights import model_bytes
 
 from .conftest import DATA, SPECS
@@ -85,6 +85,7 @@ def test_residual_branches_share_channels():
     assert spaces.find(by_path["layer2.0.0.shortcut.0"].out) == spaces.find(by_path["layer2.0.0.body.3"].out)
 
 
+@pytest.mark.slow
 @needs_data
 def test_tiny_prune_sweep_writes_csv_and_curve(tmp_path, capsys, in_root):
     from runtime.cli import main
@@ -114,7 +115,7 @@ def test_tiny_prune_sweep_writes_csv_and_curve(tmp_path, capsys, in_root):
 
 
 def test_round_to_multiple_and_target_macs():
-    from runtime.prune import shrink_to
+    from runtime.rewrite.prune import shrink_to
 
     model, module = _trained_like("student.spec")
     spaces = analyse_channels(model.root)

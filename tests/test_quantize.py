@@ -8,13 +8,14 @@ import torch
 
 import compiler
 from runtime.cli import main
-from runtime.int8 import integer_model
+from runtime.quant.int8 import integer_model
 from runtime.weights import ModelFile, save_model
 
 from .conftest import DATA, SPECS
 from .test_runtime import SMALL_TEACHER, needs_data
 
 
+@pytest.mark.slow
 @needs_data
 def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
     teacher = tmp_path / "teacher.spec"
@@ -52,9 +53,9 @@ def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
     fp32_file = out / "steps/distill/model.safetensors"
     module = ModelFile(fp32_file).build(student10)
     from runtime.data import list_source, load
-    from runtime.evaluation import score_split
+    from runtime.data.transforms import Pipeline
     from runtime.recipe import DataConfig
-    from runtime.transforms import Pipeline
+    from runtime.train.evaluation import score_split
 
     cfg = DataConfig(path=str(DATA), limit_per_class=100)
     data = load(list_source(cfg), cfg, (3, 32, 32), 0)
@@ -106,6 +107,7 @@ def test_a_file_that_will_break_a_budget_stops_the_run_before_any_work(capsys, i
     assert main(["specs/student.spec", "--recipe", str(pruned), "--dry-run"]) == 0, capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_quantize_step_writes_mixed_precision_of_the_predicted_size(tmp_path, capsys, in_root):
     recipe = tmp_path / "q.yaml"
     recipe.write_text("name: q\ndata: {limit_per_class: 5}\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"

@@ -14,7 +14,7 @@ import torch
 
 import compiler
 from runtime.cli import main
-from runtime.losses import kd_loss
+from runtime.train.losses import kd_loss
 
 from .conftest import DATA, ROOT
 
@@ -53,6 +53,7 @@ def test_kd_loss_equals_the_seed_formula_by_hand():
 
 # --- end to end on real images -------------------------------------------------------
 
+@pytest.mark.slow
 @needs_data
 def test_scratch_recipe_end_to_end(tmp_path, capsys, in_root):
     out = tmp_path / "run"
@@ -80,6 +81,7 @@ def test_scratch_recipe_end_to_end(tmp_path, capsys, in_root):
     assert code == 0 and stdout.count("already done") == 2
 
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("background", [False, True], ids=["inline checkpoints", "background checkpoints"])
 def test_kd_recipe_end_to_end_and_resume_after_kill(tmp_path, in_root, background):
@@ -285,6 +287,7 @@ def test_a_recipe_sets_the_training_size_not_the_models_channels(tmp_path, capsy
 
 # --- distributed --------------------------------------------------------------------
 
+@pytest.mark.slow
 @needs_data
 @pytest.mark.parametrize("background", [False, True], ids=["inline checkpoints", "background checkpoints"])
 def test_torchrun_two_cpu_processes(tmp_path, in_root, background):
@@ -305,9 +308,9 @@ def test_torchrun_two_cpu_processes(tmp_path, in_root, background):
     # validation is shared out over the two ranks and summed: every image once, the same accuracy
     # as one process evaluating the saved model alone
     from runtime.data import list_source, load
-    from runtime.evaluation import score_split
+    from runtime.data.transforms import Pipeline
     from runtime.recipe import DataConfig
-    from runtime.transforms import Pipeline
+    from runtime.train.evaluation import score_split
     from runtime.weights import ModelFile
 
     metrics = report["steps"][1]["metrics"]
@@ -322,8 +325,8 @@ def test_torchrun_two_cpu_processes(tmp_path, in_root, background):
 
 
 def test_transform_pipeline():
+    from runtime.data.transforms import Pipeline
     from runtime.recipe import RecipeError
-    from runtime.transforms import Pipeline
 
     batch = torch.full((4, 3, 8, 8), 255, dtype=torch.uint8)
     out = Pipeline([{"normalize": {"mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}}], "eval", 3, (8, 8))(batch)
@@ -340,12 +343,13 @@ def _idx(path: Path, magic: int, dims: tuple, data: torch.Tensor) -> None:
     path.write_bytes(struct.pack(">" + "i" * (1 + len(dims)), magic, *dims) + data.numpy().tobytes())
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("recipe, unknown_from", [("kd_wq", None), ("prune", "evaluate")])
 def test_planned_step_keys_are_the_keys_the_run_records(recipe, unknown_from, tmp_path, in_root):
     """What `study --dry-run` says is shared rests on these: known before any work, up to the steps
     after one that reshapes the model (its new spec exists only once it has run)."""
-    from runtime.runner import Options, prepare
-    from runtime.stepkeys import planned_keys
+    from runtime.run.runner import Options, prepare
+    from runtime.run.stepkeys import planned_keys
 
     teacher = tmp_path / "teacher.spec"
     teacher.write_text(SMALL_TEACHER)
@@ -399,6 +403,7 @@ steps:
     assert "set data.download: true to download it" in capsys.readouterr().err
 
 
+@pytest.mark.slow
 def test_limit_per_class_limits_every_split_of_every_source(tmp_path):
     """`data.limit_per_class` takes the first N of each class in the training and the validation split
     alike, whatever the source (digits once limited only its training split, torchvision not at all)."""
@@ -487,3 +492,20 @@ def test_confusion_plot_stays_bounded_for_many_classes(n, tmp_path):
     width, height = Image.open(path).size
     assert 300 < width <= 2000 and 300 < height <= 2000
     assert (n <= NAMED_CLASSES) == (width < 1000)  # 10 classes: a small figure
+
+
+@pytest.mark.slow
+def test_an_evaluate_step_names_its_metrics_after_the_split_it_scores(tmp_path, capsys, in_root):
+    """`split: train` was reported as `val_accuracy`: a training score read as validation accuracy."""
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"
+                      "  - {name: on_train, kind: evaluate, split: train}\n  - {name: on_val, kind: evaluate}\n")
+    out = tmp_path / "run"
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--input", "3x16x16", "--device", "cpu",
+                 "--set", "data.limit_per_class=5", "--out", str(out)]) == 0, capsys.readouterr()
+    steps = {s["name"]: s["metrics"] for s in json.loads((out / "report.json").read_text())["steps"]}
+    on_train, on_val = steps["on_train"], steps["on_val"]
+    assert on_train["split"] == "train" and "val_accuracy" not in on_train and 0 <= on_train["train_accuracy"] <= 1
+    assert on_val["split"] == "val" and "train_accuracy" not in on_val and 0 <= on_val["val_accuracy"] <= 1
+    written = json.loads((out / "steps" / "on_train" / "metrics.json").read_text())
+    assert written["train_accuracy"] == on_train["train_accuracy"]

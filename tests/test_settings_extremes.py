@@ -21,6 +21,8 @@ from runtime.cli import main
 from runtime.recipe import Recipe, yaml_float
 from runtime.steps.base import REGISTRY
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m "not slow"` skips them
+
 WORK = {"epochs", "iterations", "freeze_bn_epochs", "warmup_epochs"}  # huge = a long run, not a bug
 SKIP = {"seed",  # covered in test_hostile
         "speed.compile",  # torch.compile takes minutes on the CPU; covered in test_devices

@@ -1,4 +1,4 @@
-"""runtime.stepcache: finished steps published whole under their key and linked into other runs."""
+"""runtime.run.stepcache: finished steps published whole under their key and linked into other runs."""
 from __future__ import annotations
 
 import os
@@ -7,7 +7,7 @@ import subprocess
 import threading
 import time
 
-from runtime import stepcache
+from runtime.run import stepcache
 
 
 def _step(root, name="teacher", weights=b"weights"):

@@ -18,6 +18,8 @@ from runtime.cli import main
 from .conftest import DATA, ROOT
 from .test_runtime import SMALL_TEACHER, needs_data
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m "not slow"` skips them
+
 TINY = """
 model tiny(classes: int = 10, width: int = 8 in [4, 8, 16, 48], depth: int = 1 in 1..2) {
     input 3x8x8

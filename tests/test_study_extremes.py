@@ -16,6 +16,8 @@ from runtime.study.config import StudyConfig
 
 from .test_settings_extremes import _cases, alarm
 
+pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m "not slow"` skips them
+
 SECONDS = 120  # per case: a hang, not a slow study
 SPACE = ("model tiny(classes: int = 10, width: int = 8 in [4, 8, 48], depth: int = 1 in 1..2) {\n"
          "  input 3x8x8\n  budget params <= 5000\n"

@@ -1,4 +1,4 @@
-"""Training steps replayed as CUDA graphs (runtime.trainstep).
+"""Training steps replayed as CUDA graphs (runtime.train.trainstep).
 
 On the CPU a stand-in takes the graph's place: its capture runs nothing and its replay calls the
 step again on the graph's own input tensors. Like a real graph it fails loudly when replayed in a
@@ -17,12 +17,12 @@ import torch
 import torch.nn.functional as F
 
 import compiler
-from runtime.batches import Placed
 from runtime.data import Split
-from runtime.loop import train_epoch
-from runtime.speed import Speed
-from runtime.trainstep import WARMUP_STEPS, TrainStep
-from runtime.transforms import Pipeline
+from runtime.data.batches import Placed
+from runtime.data.transforms import Pipeline
+from runtime.train.loop import train_epoch
+from runtime.train.speed import Speed
+from runtime.train.trainstep import WARMUP_STEPS, TrainStep
 
 SIZE = 16
 
@@ -166,7 +166,7 @@ def test_a_step_that_cannot_be_captured_trains_on_eagerly_and_says_why():
 
 def test_cuda_graphs_are_a_cuda_default_unless_compiled(monkeypatch):
     from runtime.recipe import SpeedConfig
-    from runtime.speed import resolve
+    from runtime.train.speed import resolve
 
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda *a, **k: True)  # a GPU of this decade
 
@@ -181,14 +181,15 @@ def test_cuda_graphs_are_a_cuda_default_unless_compiled(monkeypatch):
     assert not resolve(SpeedConfig(), cuda, ddp=True).cuda_graphs  # DDP's gradient buckets
 
 
+@pytest.mark.slow
 def test_a_whole_run_with_replayed_steps_matches_eager_steps(tmp_path, capsys, in_root, monkeypatch):
     """The loop around the step: cosine schedule, validation, checkpoints, best weights, a random
     crop; the built-in digits, so the CPU suite always runs it."""
     import dataclasses
     import json
 
-    import runtime.runner
-    import runtime.trainstep
+    import runtime.run.runner
+    import runtime.train.trainstep
     from runtime.cli import main
 
     def run(name):
@@ -204,10 +205,10 @@ def test_a_whole_run_with_replayed_steps_matches_eager_steps(tmp_path, capsys, i
         return history, load_file(out / "steps/train/model.safetensors")
 
     eager = run("eager")
-    real_resolve = runtime.runner.resolve_speed
-    monkeypatch.setattr(runtime.runner, "resolve_speed",
+    real_resolve = runtime.run.runner.resolve_speed
+    monkeypatch.setattr(runtime.run.runner, "resolve_speed",
                         lambda *a, **k: dataclasses.replace(real_resolve(*a, **k), cuda_graphs=True))
-    monkeypatch.setattr(runtime.trainstep, "CudaGraph", RecordedStep)
+    monkeypatch.setattr(runtime.train.trainstep, "CudaGraph", RecordedStep)
     RecordedStep.captures = []
     graphed = run("graphed")
     # one per batch size (full, and the last one): the cosine schedule's new rates need no new capture
@@ -229,9 +230,9 @@ cuda_only = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA de
 def _cuda_train(graphs: bool, loss=None, log=None, epochs: int = 3, qat: bool = False):
     """The student at 32x32 for `epochs` on CUDA (fp32, deterministic cuDNN: graphs replay the same
     kernels), with a learning rate halved after each epoch and a smaller last batch; `qat`: every
-    tensor rounded to int4 (one pass per forward, runtime.fusedquant), BatchNorm frozen in the last epoch."""
+    tensor rounded to int4 (one pass per forward, runtime.quant.fusedquant), BatchNorm frozen in the last epoch."""
     from compiler.fileformat import parse_format
-    from runtime import fakequant
+    from runtime.quant import fakequant
 
     device = torch.device("cuda")
     model = compiler.compile_spec("specs/student.spec", params={"classes": 10}, input_shape=(3, 32, 32))
@@ -251,7 +252,7 @@ def _cuda_train(graphs: bool, loss=None, log=None, epochs: int = 3, qat: bool = 
     pipeline = Pipeline([{"flip": 0.5}, {"crop": {"padding": 4}}], "t", 3, (32, 32), expect=(32, 32))
     placed = Placed(split, device)
     loss = loss or (lambda logits, y, idx, x: F.cross_entropy(logits, y))
-    from runtime.trainstep import CudaGraph
+    from runtime.train.trainstep import CudaGraph
 
     class Counted(CudaGraph):
         made = 0

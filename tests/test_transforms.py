@@ -5,8 +5,8 @@ import pytest
 import torch
 from torchvision.transforms.v2 import functional as TF
 
+from runtime.data.transforms import ColorJitter, Crop, Flip, Pipeline, ResizedCrop, Rotation
 from runtime.recipe import RecipeError
-from runtime.transforms import ColorJitter, Crop, Flip, Pipeline, ResizedCrop, Rotation
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 

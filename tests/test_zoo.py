@@ -9,14 +9,16 @@ import pytest
 import torch
 
 import compiler
-from compiler.channels import analyse_channels
+from compiler.rewrite.channels import analyse_channels
 from runtime.cli import main
-from runtime.prune import choose, importance, prune_model
+from runtime.rewrite.prune import choose, importance, prune_model
 from runtime.torchvision_state import load_torchvision_state, torchvision_module
 from runtime.weights import model_bytes
 
 from .conftest import SPECS
 from .measure import measure, trained_like
+
+pytestmark = pytest.mark.slow  # end-to-end runs: `pytest -m "not slow"` skips them
 
 ZOO = sorted(p.stem for p in (SPECS / "zoo").glob("*.spec"))
 SMALL = (3, 64, 64)  # compression and weight tests run at a small input: the counts do not need 224
@@ -100,7 +102,8 @@ def test_every_weight_format_is_predicted_exactly(name):
 
 @pytest.mark.parametrize("name", ZOO)
 def test_lowrank_applies(name):
-    from runtime.steps.lowrank import LowrankConfig, factorize_module
+    from runtime.rewrite.lowrank import factorize_module
+    from runtime.steps.lowrank import LowrankConfig
 
     model = compiler.compile_spec(SPECS / "zoo" / f"{name}.spec", input_shape=SMALL, params={"classes": 10})
     module = compiler.build_module(model).eval()

@@ -3,7 +3,7 @@
 `LAYERS` maps a layer name of the language to its `LayerKind` (arguments, shape rule); `OPS`
 maps the op it resolves to onto its `OpRecord` (tensors, MACs, DSL, pruning role). The torch
 side keys its tables by the same names: builders by op in compiler/build.py, weight slicers
-by pruning role in runtime/prune.py. An op without a record is an error, never a silent default.
+by pruning role in runtime/rewrite/prune.py. An op without a record is an error, never a silent default.
 """
 from __future__ import annotations
 
@@ -34,6 +34,19 @@ def record(op: str) -> OpRecord:
     return OPS[op]
 
 
+def resolve_layer(name: str, shape: tuple, **args) -> tuple[str, dict, tuple]:
+    """(op, attrs, out_shape) of layer `name` written with `args` (the rest at their defaults), checked
+    and resolved by its record: for the layers the compiler writes itself (shortcuts, low-rank factors)."""
+    kind = LAYERS[name]
+    values = {a.name: args.pop(a.name, a.default) for a in kind.args}
+    missing = [n for n, v in values.items() if v is REQUIRED]
+    if args or missing:
+        raise TypeError(f"{name}: unknown arguments {sorted(args)}, missing {missing}")
+    kind.check(values)
+    values.pop("scale", None)
+    return kind.resolve(shape, values)
+
+
 def tensors(op: str, attrs: dict) -> list[Tensor]:
     """The state-dict entries a leaf op owns, in torch's registration order."""
     return record(op).tensors(attrs)
@@ -47,4 +60,4 @@ def macs(op: str, attrs: dict, out_shape: tuple) -> int:
 
 
 __all__ = ["BLOCKS", "LAYERS", "OPS", "PASSES", "PRODUCES", "REQUIRED", "ROLES", "WEIGHTED", "ArgSpec", "LayerError",
-           "LayerKind", "OpRecord", "Tensor", "fmt_shape", "macs", "record", "tensors"]
+           "LayerKind", "OpRecord", "Tensor", "fmt_shape", "macs", "record", "resolve_layer", "tensors"]

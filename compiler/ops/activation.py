@@ -21,7 +21,7 @@ def _emit(node, arg) -> str:
     return f"leaky_relu({number(a['slope'])})" if a["fn"] == "leaky_relu" else a["fn"]
 
 
-LAYER_KINDS = [LayerKind(n, "act", (), _resolve(n), f"{n} activation") for n in NAMES] + [
-    LayerKind("leaky_relu", "act", (ArgSpec("slope", "float", 0.01),), _resolve("leaky_relu"), "leaky ReLU"),
+LAYER_KINDS = [LayerKind(n, "act", (), _resolve(n)) for n in NAMES] + [
+    LayerKind("leaky_relu", "act", (ArgSpec("slope", "float", 0.01),), _resolve("leaky_relu")),
 ]
 OPS = [OpRecord("act", _emit, role(PASSES))]

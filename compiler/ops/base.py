@@ -2,12 +2,12 @@
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 REQUIRED = object()
 
-# How an op's channels take part in structured pruning (compiler.channels):
+# How an op's channels take part in structured pruning (compiler.rewrite.channels):
 PRODUCES = "produces"    # makes a new channel space (its outputs can be pruned): conv, linear
 WEIGHTED = "weighted"    # carries per-channel weights through its input space: bn, depthwise conv
 PASSES = "passes"        # passes channels through untouched: activations, pools, flatten, ...
@@ -18,10 +18,9 @@ ROLES = (PRODUCES, WEIGHTED, PASSES, BLOCKS)
 class LayerError(Exception):
     """A layer cannot take this input or these arguments (turned into a diagnostic)."""
 
-    def __init__(self, message: str, *, arg: str | None = None, hint: str | None = None,
-                 expected: str | None = None):
+    def __init__(self, message: str, *, arg: str | None = None, hint: str | None = None):
         super().__init__(message)
-        self.arg, self.hint, self.expected = arg, hint, expected
+        self.arg, self.hint = arg, hint
 
 
 @dataclass(frozen=True)
@@ -53,10 +52,19 @@ def _no_macs(attrs: dict, out_shape: tuple) -> int:
     return 0
 
 
+def _no_scale(attrs: dict) -> str | None:
+    return None
+
+
+# What a factorizable op splits into at a rank: two layers of the language with their arguments.
+Factor = Callable[[dict, int], tuple[tuple[str, dict], tuple[str, dict]]]
+
+
 @dataclass(frozen=True)
 class OpRecord:
     """Everything torch-free about one op (what a layer resolves to): its state-dict tensors, its
-    multiply-accumulates, how a node of it is written back as DSL, and its pruning role."""
+    multiply-accumulates, how a node of it is written back as DSL, its pruning role, and the traits
+    that building, BatchNorm folding, low-rank factorization and pruning importance read."""
 
     name: str
     emit: Callable                                    # (node, arg) -> DSL text; arg(name) -> symbol or number
@@ -65,6 +73,12 @@ class OpRecord:
     macs: Callable[[dict, tuple], int] = _no_macs    # per sample; torch.utils.flop_counter's convention
     rechannel: Callable | None = None                 # (attrs, in_channels, out_channels): pruning's new counts
     out_shape: Callable | None = None                 # (attrs, in_shape, old_out) -> shape; default: channels first
+    fresh: bool = False           # returns a new tensor its backward does not keep: a later activation runs in place
+    folds_bn: bool = False        # a BatchNorm right after it folds into its [out, ...] weight and a bias
+    factor: Factor | None = None  # (attrs, rank) -> the two layers it factorizes into (low-rank)
+    factorizable: Callable[[dict], bool] = lambda attrs: True  # with `factor`: whether these attrs can
+    channel_scale: Callable[[dict], str | None] = _no_scale    # a per-channel scale tensor that ranks
+    # channels for pruning (BatchNorm's gamma, network slimming), or None
 
     def reshaped(self, attrs: dict, in_shape: tuple, old_out: tuple) -> tuple:
         """The output shape after the input's channels (or `out`) changed."""
@@ -81,14 +95,9 @@ class LayerKind:
     op: str
     args: tuple[ArgSpec, ...]
     resolve: Callable[[tuple, dict], tuple[str, dict, tuple]]  # -> (op, attrs, out_shape)
-    doc: str
     scalable: bool = False  # follows the model-wide width multiplier (its `out`)
     # checks of the arguments alone (no input shape): they run even downstream of another error
     check: Callable[[dict], None] = lambda args: None
-    arg_names: tuple = field(init=False)
-
-    def __post_init__(self):
-        object.__setattr__(self, "arg_names", tuple(a.name for a in self.args))
 
 
 def role(value: str) -> Callable[[dict], str]:

@@ -91,14 +91,17 @@ _B = ArgSpec
 _TAIL = (_B("stride", "int", 1), _B("padding", "int", None), _B("dilation", "int", 1), _B("bias", "bool", True))
 
 LAYER_KINDS = [
+    # 2-D convolution; padding defaults to (kernel-1)//2
     LayerKind("conv", "conv", (_B("out", "int"), _B("kernel", "int", 3), *_TAIL[:3], _B("groups", "int", 1), _TAIL[3],
                                _B("scale", "bool", True), _B("in", "int", None)),
-              _resolve("conv"), "2-D convolution; padding defaults to (kernel-1)//2", scalable=True, check=_check),
+              _resolve("conv"), scalable=True, check=_check),
+    # depthwise convolution (groups = input channels)
     LayerKind("dwconv", "conv", (_B("kernel", "int", 3), *_TAIL, _B("multiplier", "int", 1)),
-              _resolve("dwconv"), "depthwise convolution (groups = input channels)", check=_check),
+              _resolve("dwconv"), check=_check),
+    # pointwise (1x1) convolution
     LayerKind("pwconv", "conv", (_B("out", "int"), _B("bias", "bool", True), _B("scale", "bool", True),
                                  _B("in", "int", None)),
-              _resolve("pwconv"), "pointwise (1x1) convolution", scalable=True, check=_check),
+              _resolve("pwconv"), scalable=True, check=_check),
 ]
 def _rechannel(a: dict, in_channels: int, out_channels: int) -> None:
     depthwise = a["groups"] == a["in"] == a["out"]
@@ -107,4 +110,12 @@ def _rechannel(a: dict, in_channels: int, out_channels: int) -> None:
         a["groups"] = in_channels
 
 
-OPS = [OpRecord("conv", _emit, _role, _tensors, _macs, _rechannel)]
+def _factor(a: dict, rank: int):
+    """A k x k conv to `rank` outputs without bias, then a 1x1 conv to `out` with the original bias."""
+    first = {"out": rank, "kernel": a["kernel"], "stride": a["stride"], "padding": a["padding"],
+             "dilation": a["dilation"], "bias": False}
+    return ("conv", first), ("pwconv", {"out": a["out"], "bias": a["bias"]})
+
+
+OPS = [OpRecord("conv", _emit, _role, _tensors, _macs, _rechannel, fresh=True, folds_bn=True, factor=_factor,
+                factorizable=lambda a: a["groups"] == 1 and a["kernel"] > 1)]

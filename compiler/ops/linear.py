@@ -24,12 +24,18 @@ def _emit(node, arg) -> str:
 
 _B = ArgSpec
 LAYER_KINDS = [
+    # fully connected layer
     LayerKind("linear", "linear", (_B("out", "int"), _B("bias", "bool", True), _B("scale", "bool", True),
-                                   _B("in", "int", None)), _resolve, "fully connected layer", scalable=True,
+                                   _B("in", "int", None)), _resolve, scalable=True,
               check=lambda a: positive(a, "out")),
 ]
 def _rechannel(a: dict, in_features: int, out_features: int) -> None:
     a["in"], a["out"] = in_features, out_features
 
 
-OPS = [OpRecord("linear", _emit, role(PRODUCES), _tensors, lambda a, out: a["in"] * a["out"], _rechannel)]
+def _factor(a: dict, rank: int):
+    return ("linear", {"out": rank, "bias": False}), ("linear", {"out": a["out"], "bias": a["bias"]})
+
+
+OPS = [OpRecord("linear", _emit, role(PRODUCES), _tensors, lambda a, out: a["in"] * a["out"], _rechannel, fresh=True,
+                factor=_factor)]

@@ -80,24 +80,27 @@ def _affine(a: dict) -> list[Tensor]:
 
 _B = ArgSpec
 LAYER_KINDS = [
+    # batch normalisation (2-D for images, 1-D for flat inputs)
     LayerKind("bn", "bn", (_B("eps", "float", 1e-5), _B("momentum", "float", 0.1), _B("affine", "bool", True)),
-              _resolve, "batch normalisation (2-D for images, 1-D for flat inputs)", check=_check),
-    LayerKind("layernorm", "layernorm", (_B("eps", "float", 1e-6),), _layernorm,
-              "layer normalisation over the channels at each position (ConvNeXt's LayerNorm2d)", check=_eps),
+              _resolve, check=_check),
+    # layer normalisation over the channels at each position (ConvNeXt's LayerNorm2d)
+    LayerKind("layernorm", "layernorm", (_B("eps", "float", 1e-6),), _layernorm, check=_eps),
     LayerKind("groupnorm", "groupnorm", (_B("groups", "int"), _B("eps", "float", 1e-5)), _groupnorm,
-              "group normalisation", check=_groupnorm_check),
-    LayerKind("layerscale", "layerscale", (_B("init", "float", 1e-6),), _layerscale,
-              "a learned per-channel factor, initialised to `init` (ConvNeXt's layer scale)"),
+              check=_groupnorm_check),
+    # a learned per-channel factor, initialised to `init` (ConvNeXt's layer scale)
+    LayerKind("layerscale", "layerscale", (_B("init", "float", 1e-6),), _layerscale),
 ]
 def _rechannel(a: dict, in_channels: int, out_channels: int) -> None:
     a["channels"] = in_channels
 
 
-OPS = [OpRecord("bn", _emit, role(WEIGHTED), _tensors, rechannel=_rechannel),
+OPS = [OpRecord("bn", _emit, role(WEIGHTED), _tensors, rechannel=_rechannel, fresh=True,
+                channel_scale=lambda a: "weight" if a["affine"] else None),  # gamma: network slimming
        OpRecord("layernorm", lambda node, arg: f"layernorm(eps={number(node.attrs['eps'])})", role(WEIGHTED),
-                _affine, rechannel=_rechannel),
+                _affine, rechannel=_rechannel, fresh=True),
        # pruning would have to keep every group's channel count equal: its channels stay tied
        OpRecord("groupnorm", lambda node, arg: f"groupnorm({node.attrs['groups']}, eps={number(node.attrs['eps'])})",
-                role(BLOCKS), _affine),
+                role(BLOCKS), _affine, fresh=True),
        OpRecord("layerscale", lambda node, arg: f"layerscale({number(node.attrs['init'])})", role(WEIGHTED),
-                lambda a: [Tensor("scale", (a["channels"],) + (1, 1) * (a["dims"] == 3))], rechannel=_rechannel)]
+                lambda a: [Tensor("scale", (a["channels"],) + (1, 1) * (a["dims"] == 3))], rechannel=_rechannel,
+                fresh=True)]

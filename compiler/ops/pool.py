@@ -60,16 +60,20 @@ def _adaptive_emit(node, arg) -> str:
 
 
 LAYER_KINDS = [
-    LayerKind("maxpool", "maxpool", _WINDOW, _resolve("maxpool"), "max pooling; stride defaults to the kernel",
+    # max pooling; stride defaults to the kernel
+    LayerKind("maxpool", "maxpool", _WINDOW, _resolve("maxpool"),
               check=_check),
-    LayerKind("avgpool", "avgpool", _WINDOW, _resolve("avgpool"), "average pooling; stride defaults to the kernel",
+    # average pooling; stride defaults to the kernel
+    LayerKind("avgpool", "avgpool", _WINDOW, _resolve("avgpool"),
               check=_check),
-    LayerKind("gap", "gap", (), _gap, "global average pooling to Cx1x1"),
+    # global average pooling to Cx1x1
+    LayerKind("gap", "gap", (), _gap),
+    # average pooling to size x size (or size x width) whatever the input
     LayerKind("adaptive_avgpool", "adaptive_avgpool", (ArgSpec("size", "int"), ArgSpec("width", "int", None)),
-              _adaptive, "average pooling to size x size (or size x width) whatever the input",
+              _adaptive,
               check=lambda a: positive(a, "size", "width")),
 ]
-OPS = [OpRecord("maxpool", _emit, role(PASSES)), OpRecord("avgpool", _emit, role(PASSES)),
-       OpRecord("gap", lambda node, arg: "gap", role(PASSES)),
+OPS = [OpRecord("maxpool", _emit, role(PASSES), fresh=True), OpRecord("avgpool", _emit, role(PASSES), fresh=True),
+       OpRecord("gap", lambda node, arg: "gap", role(PASSES), fresh=True),
        OpRecord("adaptive_avgpool", _adaptive_emit, role(PASSES),
-                out_shape=lambda a, in_shape, old: (in_shape[0], *a["size"]))]
+                out_shape=lambda a, in_shape, old: (in_shape[0], *a["size"]), fresh=True)]

@@ -47,14 +47,14 @@ def _tv_part(node, arg) -> str:
 
 
 LAYER_KINDS = [
-    LayerKind("flatten", "flatten", (), _flatten, "flatten to one dimension"),
-    LayerKind("dropout", "dropout", (ArgSpec("p", "float", 0.5),), _dropout, "dropout", check=_dropout_check),
-    LayerKind("droppath", "droppath", (ArgSpec("p", "float"),), _droppath,
-              "stochastic depth: drops the whole input of a sample with probability p in training "
-              "(identity at inference); put it at the end of a residual body", check=_dropout_check),
-    LayerKind("shuffle", "shuffle", (ArgSpec("groups", "int"),), _shuffle, "channel shuffle (ShuffleNet)",
+    LayerKind("flatten", "flatten", (), _flatten),
+    LayerKind("dropout", "dropout", (ArgSpec("p", "float", 0.5),), _dropout, check=_dropout_check),
+    # stochastic depth: drops a sample's whole input with probability p in training (identity at
+    # inference); put it at the end of a residual body
+    LayerKind("droppath", "droppath", (ArgSpec("p", "float"),), _droppath, check=_dropout_check),
+    LayerKind("shuffle", "shuffle", (ArgSpec("groups", "int"),), _shuffle,
               check=lambda a: positive(a, "groups")),
-    LayerKind("identity", "identity", (), _identity, "no-op"),
+    LayerKind("identity", "identity", (), _identity),
 ]
 # A torchvision model is opaque to pruning: its channels are tied (state-dict tensors come from
 # compiler.torchvision_ref, which builds it on the meta device).

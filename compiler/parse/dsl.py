@@ -196,6 +196,11 @@ class _Converter:
         name, params, *items = tree.children
         fields: dict = {"budgets": [], "body": []}
         for item in items:
+            once = {"input_stmt": "input", "width_stmt": "width_mult", "precision_stmt": "precision"}.get(item.data)
+            if once in fields:  # a second one would silently replace the first
+                what = {"input": "`input` line", "width_mult": "`width` line", "precision": "`precision` section"}
+                raise SpecError([Diagnostic(f"a model has one {what[once]}", self.span(item),
+                                            hint="keep one of them")])
             if item.data == "input_stmt":
                 fields["input"] = [parse_number(v) for v in str(item.children[0]).split("x")]
             elif item.data == "budget_stmt":
@@ -205,8 +210,6 @@ class _Converter:
                     limit=self.expr(limit), span=self.span(metric)))
             elif item.data == "precision_stmt":
                 default, *rules = item.children
-                if "precision" in fields:
-                    raise SpecError([Diagnostic("a model has one `precision` section", self.span(item))])
                 fields["precision"] = ir.Precision(
                     default=str(default), span=self.span(default),
                     rules=[ir.PrecisionRule(pattern=str(r.children[0])[1:-1], format=str(r.children[1]),
@@ -236,7 +239,8 @@ def parse_number(text: str) -> int | float:
     return int(text) * scale
 
 
-MAX_NESTING = 100  # brackets, or unary minus signs in a row; deeper specs reach Python's recursion limit
+MAX_NESTING = 100  # brackets, unary minus signs in a row, or operators in one expression; deeper ones
+# reach Python's recursion limit
 
 
 def _check_nesting(text: str, path: str) -> None:
@@ -264,13 +268,42 @@ def _check_nesting(text: str, path: str) -> None:
                             {path: text})
 
 
+_OPERATORS = {"add", "sub", "mul", "div", "floordiv", "mod", "neg", "func"}
+
+
+def _check_operators(tree: Tree, path: str, text: str, at: Span | None = None) -> None:
+    """Refuse expressions nested deeper than MAX_NESTING operators, with a position (`at`: a YAML
+    value's). A flat `1+1+...+1` nests as deep as it is long, and converting it would recurse; the
+    walk here keeps its own stack."""
+    stack = [(tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if not isinstance(node, Tree):
+            continue
+        if node.data in _OPERATORS:
+            depth += 1
+            if depth > MAX_NESTING:
+                meta = node.meta
+                span = at or Span(path, meta.line, meta.column)
+                raise SpecError([Diagnostic(f"an expression nests more than {MAX_NESTING} operators", span,
+                                            expected=f"at most {MAX_NESTING} operators inside one another",
+                                            hint="compute the value once, e.g. as a model parameter")],
+                                {path: text})
+        stack.extend((child, depth) for child in node.children)
+
+
 def parse_dsl(text: str, path: str) -> ir.SpecFile:
     _check_nesting(text, path)
     try:
         tree = parser().parse(text, start="start")
     except UnexpectedInput as err:
         raise syntax_error(err, path, text) from None
-    return _Converter(path).spec(tree)
+    _check_operators(tree, path, text)
+    try:
+        return _Converter(path).spec(tree)
+    except SpecError as err:  # the converter knows positions, not the text to quote
+        err.sources = err.sources or {path: text}
+        raise
 
 
 def parse_expression(text: str, span: Span | None) -> ir.Expr:
@@ -284,6 +317,7 @@ def parse_expression(text: str, span: Span | None) -> ir.Expr:
         col += max((getattr(err, "column", 1) or 1) - 1, 0)
         raise SpecError([Diagnostic(f"invalid expression `{text}`", Span(path, line, col),
                                     expected="an expression such as `2*base` or `int(64*mult)`")]) from None
+    _check_operators(tree, path, text, span)
     conv = _Converter(path)
     expr = conv.expr(tree.children[0])
     # Positions inside a YAML string are relative to that string: use the value's span.

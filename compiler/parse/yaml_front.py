@@ -192,7 +192,15 @@ class _YamlConverter:
             term = ir.Join(mode="mul", branches=[[], self.elements(value)], gate=True, span=kspan)
         elif key == "torchvision":
             args = self.args(others["args"]) if "args" in others else []
-            term = ir.TorchvisionRef(name=value.value, args=args, span=self.span(value))
+            if isinstance(value, yaml.ScalarNode):
+                name = value.value
+            else:  # `torchvision: {name: resnet18, ...}`: the arguments go beside it, under `args`
+                name = "?"
+                self.diags.error(f"`torchvision` takes a model name, got a {_kind(value)}", self.span(value),
+                                 expected="a torchvision model name, e.g. `torchvision: resnet18`",
+                                 hint="give its keyword arguments beside it: "
+                                      "`{torchvision: resnet18, args: {num_classes: classes}}`")
+            term = ir.TorchvisionRef(name=name, args=args, span=self.span(value))
         else:
             term = ir.Call(name=key, args=self.args(value), span=kspan)
         allowed = {"residual": ("project", "shortcut"), "torchvision": ("args",)}.get(

@@ -1,5 +1,5 @@
 """Loading a listed source: every image decoded once, at the training size, into uint8 tensors
-(in memory, or memory-mapped from the cache: runtime.cache), split into train / val (/ test)."""
+(in memory, or memory-mapped from the cache: runtime.data.cache), split into train / val (/ test)."""
 from __future__ import annotations
 
 import math
@@ -108,7 +108,7 @@ def load(listing: Listing, cfg: DataConfig, input_shape: tuple[int, int, int], s
     channels, size = input_shape[0], tuple(input_shape[1:])
     skipped: list[str] = []
     if listing.source.startswith("folder"):
-        from ..cache import cache_folder, cached_split
+        from .cache import cache_folder, cached_split
 
         folder = cache_folder(cfg) if cfg.cache else None
         splits = {}

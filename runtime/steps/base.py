@@ -13,25 +13,19 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, ClassVar
+from typing import TYPE_CHECKING, Annotated, ClassVar
 
-from pydantic import field_validator
-
-from ..recipe import Strict, plain_name
+from ..recipe import Strict, plain
+from .finetune import finetune_needs, set_finetune_epochs
 
 if TYPE_CHECKING:
-    from ..context import RunContext
+    from ..train.context import RunContext
 
 
 class StepConfig(Strict):
-    name: str               # also its folder: steps/<name>/
+    name: Annotated[str, plain("the step's name")]                # also its folder: steps/<name>/
     kind: str
-    model: str = "student"  # which model the step works on
-
-    @field_validator("name", "model")
-    @classmethod
-    def _plain(cls, v, info):
-        return plain_name(v, f"the step's {info.field_name}")
+    model: Annotated[str, plain("the step's model")] = "student"  # which model the step works on
 
 
 @dataclass
@@ -43,16 +37,20 @@ class StepResult:
 
 
 class StepKind:
+    """A step kind declares what it does to its model; it never inherits another kind's code."""
+
     kind: ClassVar[str]
     config: ClassVar[type[StepConfig]]
-    trains: ClassVar[bool] = False  # has epochs (the --epochs override applies)
+    trains: ClassVar[bool] = False     # has epochs (the --epochs override applies)
+    reshaping: ClassVar[bool] = False  # writes a new spec for its model (prune, lowrank)
+    finetunes: ClassVar[bool] = False  # learns again after its change, as its `finetune` section says
 
     def needs(self, cfg) -> list[str]:
         """Model artifacts that must exist before this step runs."""
-        return []
+        return finetune_needs(cfg) if self.finetunes else []
 
     def produces(self, cfg) -> list[str]:
-        return []
+        return [cfg.model] if self.reshaping else []
 
     def check(self, cfg, models: dict, listing) -> list[str]:
         """Problems with this step's config that only show with the run's models and data (before any work)."""
@@ -64,7 +62,7 @@ class StepKind:
 
     def reshapes(self, cfg) -> bool:
         """Whether the step writes a new spec for its model (later steps see another architecture)."""
-        return False
+        return self.reshaping
 
     def predicted_budget_failures(self, cfg, model) -> list[str]:
         """The spec's budgets that the files this step writes will break, predicted from `model` (its
@@ -73,7 +71,9 @@ class StepKind:
 
     def set_epochs(self, raw: dict, epochs: int) -> None:
         """`--epochs N` on this step's raw config: every training setting it has."""
-        if self.trains:
+        if self.finetunes:
+            set_finetune_epochs(self.config, raw, epochs)
+        elif self.trains:
             raw["epochs"] = epochs
 
     def describe(self, cfg) -> str:

@@ -46,8 +46,9 @@ class Evaluate(StepKind):
         totals = matrix.sum(1).clamp(min=1)
         per_class = {c: (matrix[i, i] / totals[i]).item() for i, c in enumerate(data.classes)}
         step_dir = ctx.run.step_dir(cfg.name)
-        metrics = {"val_accuracy": acc, "val_loss": loss, "per_class_accuracy": per_class,
-                   "confusion_matrix": matrix.tolist(), "images": scores.images}
+        # named after the split scored: a train-split score is never read as validation accuracy
+        metrics = {f"{cfg.split}_accuracy": acc, f"{cfg.split}_loss": loss, "split": cfg.split,
+                   "per_class_accuracy": per_class, "confusion_matrix": matrix.tolist(), "images": scores.images}
         if ctx.is_main:
             write_json(step_dir / "metrics.json", metrics)
             confusion_matrix(matrix, data.classes, step_dir / "confusion.png",

@@ -9,9 +9,9 @@ from typing import Literal
 import torch
 from pydantic import Field
 
-from ..loop import fit
-from ..losses import KD_ALPHA, KD_TEMPERATURE, Temperature, kd_loss
 from ..recipe import Strict
+from ..train.loop import fit
+from ..train.losses import KD_ALPHA, KD_TEMPERATURE, Temperature, kd_loss
 
 
 class Finetune(Strict):

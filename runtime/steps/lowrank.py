@@ -1,21 +1,16 @@
 """`lowrank`: truncated-SVD factorization of linear layers and k x k convolutions."""
 from __future__ import annotations
 
-from fnmatch import fnmatchcase
 from typing import Literal
 
-import torch
 from pydantic import Field
 
-import compiler
 from compiler.analysis import analyse, predicted_bytes
-from compiler.emit import emit
-from compiler.lowrank import candidates, factor_params, factorize
 
 from ..files import atomic_write
-from ..weights import load_into, state_tensors
+from ..rewrite.lowrank import factorize_module
 from .base import StepConfig, StepKind, StepResult, register
-from .finetune import Finetune, finetune, finetune_needs, set_finetune_epochs
+from .finetune import Finetune, finetune
 
 
 class LowrankConfig(StepConfig):
@@ -29,66 +24,13 @@ class LowrankConfig(StepConfig):
     finetune: Finetune | None = None
 
 
-def factorize_module(model, module, cfg) -> tuple[object, torch.nn.Module, str, dict]:
-    """(new model, its module with the factorized weights, spec text, chosen ranks)."""
-    named = dict(module.named_modules())
-    ranks, factors = {}, {}
-    for node in candidates(model.root):
-        if not any(fnmatchcase(node.path, p) for p in cfg.layers) or any(fnmatchcase(node.path, p) for p in cfg.skip):
-            continue
-        w = named[node.path].weight.detach().cpu().float()
-        matrix = w.reshape(w.shape[0], -1)
-        u, s, vh = torch.linalg.svd(matrix, full_matrices=False)
-        full = len(s)
-        if cfg.rank_by == "ratio":
-            rank = max(1, round(cfg.ratio * full))
-        else:
-            share = torch.cumsum(s ** 2, 0) / (s ** 2).sum().clamp(min=1e-30)
-            rank = int((share < cfg.energy).sum().item()) + 1
-        if cfg.only_if_smaller and factor_params(node, rank) >= node.params:
-            continue  # factorizing would not make it smaller
-        root_s = s[:rank].sqrt()
-        factors[node.path] = ((root_s.unsqueeze(1) * vh[:rank]), (u[:, :rank] * root_s), w.shape)
-        ranks[node.path] = rank
-    new_root = factorize(model.root, ranks)
-    text = emit(model, new_root, comment=f"low-rank factorized by nccompile ({cfg.rank_by})")
-    new_model = compiler.compile_source(text, f"{model.name}-lowrank.spec", params=model.params,
-                                        input_shape=model.input_shape)
-    new_module = compiler.build_module(new_model)
-    state = {}
-    for name, t in state_tensors(module).items():
-        owner, _, leaf = name.rpartition(".")
-        if owner in factors:
-            first, second, shape = factors[owner]
-            if leaf == "weight":
-                state[f"{owner}.0.weight"] = first.reshape(first.shape[0], *shape[1:]).contiguous()
-                second = second if len(shape) == 2 else second.reshape(*second.shape, 1, 1)
-                state[f"{owner}.1.weight"] = second.contiguous()
-            else:
-                state[f"{owner}.1.{leaf}"] = t
-        else:
-            state[name] = t
-    load_into(new_module, state, "factorized weights")
-    return new_model, new_module, text, ranks
-
-
 @register
 class Lowrank(StepKind):
     kind = "lowrank"
     config = LowrankConfig
     trains = True
-
-    def needs(self, cfg):
-        return finetune_needs(cfg)
-
-    def produces(self, cfg):
-        return [cfg.model]
-
-    def reshapes(self, cfg):
-        return True
-
-    def set_epochs(self, raw, epochs):
-        set_finetune_epochs(self.config, raw, epochs)
+    reshaping = True
+    finetunes = True
 
     def describe(self, cfg):
         how = f"energy {cfg.energy:g}" if cfg.rank_by == "energy" else f"ratio {cfg.ratio:g}"

@@ -10,14 +10,14 @@ import torch
 from pydantic import Field, model_validator
 
 from compiler.analysis import analyse, predicted_bytes
-from compiler.channels import analyse_channels
+from compiler.rewrite.channels import analyse_channels
 
 from ..files import atomic_write
-from ..int8 import latency_ms
-from ..prune import choose, importance, prune_model, shrink_to
+from ..quant.int8 import latency_ms
+from ..rewrite.prune import choose, importance, prune_model, shrink_to
 from ..rundir import digest
 from .base import StepConfig, StepKind, StepResult, register
-from .finetune import Finetune, finetune, finetune_loss, finetune_needs, set_finetune_epochs
+from .finetune import Finetune, finetune, finetune_loss
 
 
 class PruneConfig(StepConfig):
@@ -55,18 +55,8 @@ class Prune(StepKind):
     kind = "prune"
     config = PruneConfig
     trains = True
-
-    def needs(self, cfg):
-        return finetune_needs(cfg)
-
-    def produces(self, cfg):
-        return [cfg.model]
-
-    def reshapes(self, cfg):
-        return True
-
-    def set_epochs(self, raw, epochs):
-        set_finetune_epochs(self.config, raw, epochs)
+    reshaping = True
+    finetunes = True
 
     def check(self, cfg, models, listing) -> list[str]:
         """A round_to no prunable layer can honour would silently prune nothing."""

@@ -7,15 +7,16 @@ from typing import Literal
 
 from pydantic import Field
 
-from compiler import bitalloc
 from compiler.analysis import budgets, format_key, predicted_bytes
-from compiler.bitalloc import AUTO_CANDIDATES
 from compiler.errors import BudgetError, NcError
 from compiler.expr import evaluate
 from compiler.fileformat import FORMAT_HELP, SPEC, is_format, parse_format
+from compiler.rewrite import bitalloc
+from compiler.rewrite.bitalloc import AUTO_CANDIDATES
 
-from .. import autobits, distributed
 from ..files import atomic_write
+from ..quant import autobits
+from ..train import distributed
 from ..weights import ModelFile, compress_file, save_model
 from .base import StepConfig, StepKind, StepResult, register
 from .formats import resolve_format, unmatched_patterns
@@ -25,7 +26,7 @@ class QuantizeConfig(StepConfig):
     kind: str = "quantize"
     format: str = "int8"                     # fp16, int8 (the course's), int8-channel, intN, intN-channel;
                                              # spec: the spec's `precision` section;
-                                             # auto: each layer's format chosen for max_bytes (runtime.autobits)
+                                             # auto: each layer's format chosen for max_bytes (runtime.quant.autobits)
     max_bytes: int | None = Field(None, ge=1)  # auto: the file's byte budget (default: the spec's bytes(spec))
     candidates: list[str] = list(AUTO_CANDIDATES)  # auto: the formats a layer may get
     rounding: Literal["nearest", "calibrated"] = "nearest"  # calibrated: GPTQ on calibration images
@@ -192,8 +193,9 @@ class Quantize(StepKind):
         """GPTQ rounding in place; the round-to-nearest accuracy beside it, for comparison."""
         import copy
 
-        from ..calibrated import calibrate
-        from ..weights import decode, encode, state_tensors
+        from ..quant.calibrated import calibrate
+        from ..quant.codes import decode, encode
+        from ..weights import state_tensors
 
         if cfg.evaluate:
             nearest = copy.deepcopy(module)
@@ -246,8 +248,8 @@ class Quantize(StepKind):
     def _integer(self, cfg, ctx, dequantized, fp32, data) -> dict:
         import torch
 
-        from ..evaluation import score_split
-        from ..int8 import integer_model, latency_ms
+        from ..quant.int8 import integer_model, latency_ms
+        from ..train.evaluation import score_split
 
         eval_tf = ctx.pipeline("eval")
         bs = ctx.recipe.data.batch_size

@@ -10,17 +10,17 @@ from pydantic import Field
 from compiler.errors import NcError
 from compiler.fileformat import SPEC
 
-from .. import fakequant
-from ..loop import fit
-from ..losses import KD_ALPHA, KD_TEMPERATURE, Temperature
+from ..quant import fakequant
 from ..recipe import Strict
+from ..train.loop import fit
+from ..train.losses import KD_ALPHA, KD_TEMPERATURE, Temperature
 from .base import StepConfig, StepKind, StepResult, register
 from .finetune import teacher_loss
 from .formats import resolve_format, unmatched_patterns
 
 
 class QuantizeAware(Strict):
-    """Train with every stored tensor rounded as the file of `format` will hold it (runtime.fakequant)."""
+    """Train with every stored tensor rounded as the file of `format` will hold it (runtime.quant.fakequant)."""
 
     format: str = SPEC                       # a weight format, or `spec`: the spec's precision section
     fallback: str | None = None              # the format for `spec` when the spec has no precision section

@@ -5,7 +5,7 @@ name: q2_kd
 spec: ../student.spec            # defaults for every run; paths resolve against the study file
 recipe: kd
 set: {data.batch_size: 64}       # recipe overrides for every run (as --set)
-share_steps: true                # a step with the same inputs as another run's runs once (runtime.stepcache)
+share_steps: true                # a step with the same inputs as another run's runs once (runtime.run.stepcache)
 runs:                            # explicit runs
   - {name: scratch, recipe: scratch}
   - {name: kd}
@@ -31,14 +31,14 @@ import json
 import math
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError
 
 from compiler.errors import FileProblems, NcError
 from compiler.limits import limit, read_yaml
 
-from ..recipe import SEED_END, Strict, plain_name, problems_of
+from ..recipe import SEED_END, Strict, plain, problems_of
 
 Value = Any
 
@@ -48,29 +48,21 @@ class StudyError(FileProblems):
 
 
 class RunConfig(Strict):
-    name: str
+    name: Annotated[str, plain("a run's name")]
     spec: str | None = None
     recipe: str | None = None
     params: dict[str, Value] = {}
     set: dict[str, Value] = {}
 
-    @field_validator("name")
-    @classmethod
-    def _plain(cls, v):
-        return plain_name(v, "a run's name")
 
 
 class GridConfig(Strict):
-    name: str = "grid"
+    name: Annotated[str, plain("the grid's name")] = "grid"
     spec: str | None = None
     recipe: str | None = None
     params: dict[str, list[Value]] = {}
     set: dict[str, list[Value]] = {}
 
-    @field_validator("name")
-    @classmethod
-    def _plain(cls, v):
-        return plain_name(v, "the grid's name")
 
 
 class Objective(Strict):
@@ -80,7 +72,7 @@ class Objective(Strict):
 
 
 class SearchConfig(Strict):
-    name: str = "search"
+    name: Annotated[str, plain("the search's name")] = "search"  # names its trials' folders
     spec: str | None = None
     recipe: str | None = None
     trials: int = Field(8, ge=1)
@@ -91,14 +83,10 @@ class SearchConfig(Strict):
     params: dict[str, Value] = {}              # fixed values of some parameters
     set: dict[str, Value] = {}
 
-    @field_validator("name")
-    @classmethod
-    def _plain(cls, v):
-        return plain_name(v, "the search's name")  # its trials' folders are named after it
 
 
 class StudyConfig(Strict):
-    name: str
+    name: Annotated[str, plain("the study's name")]
     description: str = ""
     spec: str | None = None
     recipe: str | None = None
@@ -109,10 +97,6 @@ class StudyConfig(Strict):
     search: SearchConfig | None = None
     share_steps: bool = True  # a step with the same inputs as another run's (a teacher) runs once
 
-    @field_validator("name")
-    @classmethod
-    def _plain(cls, v):
-        return plain_name(v, "the study's name")
 
 
 @dataclass

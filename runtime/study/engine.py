@@ -24,8 +24,8 @@ import compiler
 from compiler.errors import BudgetError, NcError
 from compiler.space import spaces
 
+from ..run.runner import Options, prepare, recipe_and_data, student_for
 from ..rundir import process_alive
-from ..runner import Options, prepare, recipe_and_data, student_for
 from .config import StudyConfig, StudyError, Trial, fixed_trials, search_trial
 from .samplers import even_step, pruner_for, sampler_for
 from .trials import execute, first_lines, resumed_numbers
@@ -90,8 +90,9 @@ class Study:
         if not (trials / trial.name).resolve().is_relative_to(trials.resolve()):  # names are checked; this too
             raise StudyError(str(self.path), [f"{trial.where}: the run folder {trials / trial.name} lies outside "
                                               f"{trials}"])
-        return Options(str(trial.spec), trial.recipe, self.data, str(trials / trial.name),
-                       trial.set_strings(self.sets), self.epochs, self.device, params=trial.param_strings(),
+        return Options(str(trial.spec), trial.recipe, data=self.data, out=str(trials / trial.name),
+                       sets=trial.set_strings(self.sets), epochs=self.epochs, device=self.device,
+                       params=trial.param_strings(),
                        on_epoch=on_epoch, step_cache=self.out / "shared" if self.cfg.share_steps else None)
 
     def validate(self) -> None:
@@ -177,7 +178,7 @@ class Study:
                                 if b.metric == "bytes")
 
     def _recipe_steps(self, t: Trial) -> list:
-        from ..plan import load
+        from ..run.plan import load
 
         _, steps, _ = load(t.recipe, t.set_strings(self.sets), self.epochs)
         return steps

@@ -55,8 +55,8 @@ def _search_budgets(study: Study) -> str:
 def _keys(study: Study, trial: Trial, prepared: tuple | None = None) -> dict[str, str]:
     """step name -> its key, for the steps whose key is known before any work (`prepared`: the
     runner's preparation of the trial, if the study made it already)."""
-    from ..runner import prepare
-    from ..stepkeys import planned_keys
+    from ..run.runner import prepare
+    from ..run.stepkeys import planned_keys
 
     try:
         prepared = prepared or prepare(study.options(trial))
@@ -68,7 +68,7 @@ def _keys(study: Study, trial: Trial, prepared: tuple | None = None) -> dict[str
 
 
 def _sharing(study: Study) -> list[str]:
-    """The steps that will run once for several runs (the rest link them: runtime.stepcache)."""
+    """The steps that will run once for several runs (the rest link them: runtime.run.stepcache)."""
     if not study.cfg.share_steps:
         return ["steps: every run trains its own (share_steps: false)"]
     users: dict[tuple[str, str], list[str]] = {}  # (key, step) -> the runs that have it

@@ -13,8 +13,8 @@ import optuna
 
 from compiler.errors import NcError
 
+from ..run.runner import run as run_recipe
 from ..rundir import RunDirBusy
-from ..runner import run as run_recipe
 
 HEARTBEAT_SECONDS = 20
 
@@ -98,7 +98,8 @@ def trial_record(run_dir: Path, objective_step: str | None) -> dict:
     steps = report["steps"]
     last = steps[-1]
     chosen = next((s for s in steps if s["name"] == objective_step), last) if objective_step else last
-    points = [p for s in steps if s["kind"] == "prune" for p in s.get("metrics", {}).get("points", [])]
+    # the trade-off curve of any step that reports one (today prune): read from its metrics, not its kind
+    points = [p for s in steps for p in s.get("metrics", {}).get("points", [])]
     record = {"params_count": last.get("params"), "macs": last.get("macs"), "file_bytes": last.get("file_bytes"),
               "val_accuracy": last.get("val_accuracy"), "objective": chosen.get("val_accuracy"),
               "objective_step": chosen["name"], "run_dir": str(run_dir)}

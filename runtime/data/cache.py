@@ -22,9 +22,9 @@ from typing import Callable, Iterator
 
 import torch
 
-from .files import atomic_write
-from .recipe import DataConfig
-from .rundir import digest
+from ..files import atomic_write
+from ..recipe import DataConfig
+from ..rundir import digest
 
 FORMAT = "nccompile-decoded-v2"  # v2: 2 and 4 channels are gray+alpha and RGBA (v1: gray copies)
 

@@ -12,15 +12,15 @@ import compiler
 from compiler.analysis import predicted_bytes
 from compiler.tree import Model
 
+from ..data import Data, Listing, load
+from ..data.batches import Placed
+from ..data.transforms import Pipeline
+from ..recipe import Recipe
+from ..rundir import RunDir
+from ..weights import ModelFile, save_model, unwrap
 from . import distributed
-from .batches import Placed
-from .data import Data, Listing, load
 from .evaluation import logits_of, score
-from .recipe import Recipe
-from .rundir import RunDir
 from .speed import Speed, resolve
-from .transforms import Pipeline
-from .weights import ModelFile, save_model, unwrap
 
 
 @dataclass
@@ -42,7 +42,7 @@ class ModelSlot:
         if self.torchvision_weights:
             load_torchvision_weights(module, self.model, self.torchvision_weights)
         if self.torchvision_state:
-            from .torchvision_state import load_torchvision_state
+            from ..torchvision_state import load_torchvision_state
 
             load_torchvision_state(module, self.model, self.torchvision_state)
         return module.to(device)

@@ -8,7 +8,7 @@ the range ends are parameters trained with LSQ's gradient (the rounding error), 
 weights outside them are clipped. BatchNorm's running statistics are rounded only where they
 are used (eval mode), so training still updates them.
 
-During a forward pass all integer grids are computed together (runtime.fusedquant): the same
+During a forward pass all integer grids are computed together (runtime.quant.fusedquant): the same
 arithmetic on one vector, instead of ~120 small kernels per tensor.
 
 `bake` ends it: each tensor is clipped to its effective range and the parametrizations go.
@@ -24,8 +24,8 @@ from torch.nn.utils import parametrize
 from compiler.fileformat import WeightFormat, range_rows, weight_tensors
 from compiler.tree import Model
 
+from .codes import TORCH_DTYPES, grid_codes, grid_values
 from .fusedquant import FusedRounding
-from .weights import TORCH_DTYPES, grid_codes, grid_values
 
 SCALES = ("learned", "minmax")
 
@@ -107,7 +107,7 @@ _CASTS = {k: v for k, v in TORCH_DTYPES.items() if k in ("F16", "BF16")}  # floa
 def attach(module: torch.nn.Module, model: Model, fmt: WeightFormat, scales: str = "learned",
            fused: bool = True) -> int:
     """Parametrize every tensor the file of format `fmt` stores; returns how many were. `fused`: the
-    integer grids are computed together, once per forward pass (runtime.fusedquant); leave it off
+    integer grids are computed together, once per forward pass (runtime.quant.fusedquant); leave it off
     where torch.compile fuses the per-tensor arithmetic itself."""
     if fmt.fold_bn:
         raise ValueError("quantization-aware training does not fold BatchNorm; use a format without fold_bn")

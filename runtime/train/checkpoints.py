@@ -18,8 +18,8 @@ from typing import TYPE_CHECKING, Callable
 import torch
 from safetensors.torch import load_file, save_file
 
-from .files import atomic_path
-from .weights import host_tensor, state_tensors, unwrap
+from ..files import atomic_path
+from ..weights import host_tensor, state_tensors, unwrap
 
 if TYPE_CHECKING:  # typing only: the context calls into this module's callers, not the reverse
     from .context import RunContext

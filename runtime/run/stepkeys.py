@@ -1,12 +1,12 @@
 """A step's key: a digest of everything its result depends on. A run skips a step it finished under
 the same key (resume), and a study's runs share a step published under the same key
-(runtime.stepcache); `study --dry-run` plans the keys before any work to say what will be shared."""
+(runtime.run.stepcache); `study --dry-run` plans the keys before any work to say what will be shared."""
 from __future__ import annotations
 
 import copy
 
+from ..rundir import digest
 from .plan import Plan
-from .rundir import digest
 
 
 def step_key(shared: dict, step, models: dict, fingerprint: str, input_shape) -> str:

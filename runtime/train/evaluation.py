@@ -10,10 +10,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from ..data.batches import Placed
+from ..data.transforms import Pipeline
 from . import distributed
-from .batches import Placed
 from .speed import Speed, plain
-from .transforms import Pipeline
 
 
 @dataclass

@@ -110,7 +110,7 @@ def _capturable(optimizer, lrs: list[torch.Tensor]):
 class TrainStep:
     """The training step of one `fit`, with the epoch's loss sum and correct count on the device.
 
-    `graphs`: capture and replay (runtime.speed decides when that is safe: CUDA, no DDP, no compile,
+    `graphs`: capture and replay (runtime.train.speed decides when that is safe: CUDA, no DDP, no compile,
     no loss scaling). `graph_type` is CudaGraph unless given (tests give a stand-in on the CPU). Call
     `start_epoch` once the epoch's modes and learning rates are set.
     """

@@ -1,6 +1,6 @@
 """Finished steps shared between the runs of a study, by their key.
 
-A step's key (runtime.runner) digests everything its result depends on: the recipe's shared
+A step's key (runtime.run.runner) digests everything its result depends on: the recipe's shared
 settings, the step's config, the data, the training input and the models it reads. Runs of a
 study often share steps: every trial of a design search trains the same teacher, and the runs of
 a format comparison distil the same student before quantizing it each its own way. The first run
@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 from typing import Callable
 
-from .rundir import process_alive
+from ..rundir import process_alive
 
 RESULT = "result.json"
 POLL_SECONDS = 2.0

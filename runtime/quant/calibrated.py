@@ -20,7 +20,7 @@ import torch.nn.functional as F
 
 from compiler.fileformat import WeightFormat, range_rows
 
-from .weights import grid_codes, grid_values
+from .codes import grid_codes, grid_values
 
 _SHRINK = [1.0 - 0.025 * i for i in range(21)]  # range ends tried: 100% .. 50% of (min, max) about the centre
 

@@ -13,8 +13,8 @@ from pydantic import ValidationError
 
 from compiler.errors import did_you_mean
 
-from .recipe import Recipe, RecipeError, problems_of, read_recipe, validate_recipe
-from .steps import REGISTRY, StepConfig, StepKind
+from ..recipe import Recipe, RecipeError, problems_of, read_recipe, validate_recipe
+from ..steps import REGISTRY, StepConfig, StepKind
 
 
 @dataclass(frozen=True)

@@ -1,7 +1,7 @@
 """Per-layer weight formats as choices: what each costs in bytes, and the spec that states them.
 
 The `quantize` step's `format: auto` measures how much each layer's accuracy suffers in each
-format (runtime.autobits) and picks one per layer within a byte budget. This module is the
+format (runtime.quant.autobits) and picks one per layer within a byte budget. This module is the
 torch-free half: the layers of a model file, the exact bytes a layer's tensors take in a
 format, and the model rewritten with a `precision` section, whose file size the analysis then
 predicts exactly like any other spec's.
@@ -9,12 +9,12 @@ predicts exactly like any other spec's.
 from __future__ import annotations
 
 from collections import Counter
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
-from . import ir
-from .emit import emit
-from .fileformat import layout, parse_format, predicted_bytes, weight_tensors
-from .tree import Model
+from .. import ir
+from ..fileformat import layout, parse_format, predicted_bytes, weight_tensors
+from ..tree import Model
+from .respec import respec
 
 # Formats `auto` chooses from unless told otherwise: 2..8 bits per tensor and per channel, and fp16.
 AUTO_CANDIDATES = tuple(f"int{b}" for b in range(2, 9)) + tuple(f"int{b}-channel" for b in range(2, 9)) + ("fp16",)
@@ -56,15 +56,11 @@ def options(layer: Layer, candidates=AUTO_CANDIDATES) -> list[str]:
 def with_precision(model: Model, choice: dict[str, str], comment: str = "") -> tuple[str, Model]:
     """DSL text of `model` whose `precision` section states `choice` (layer path -> format): the most
     frequent format as the default, the others as rules; and that text compiled."""
-    from . import compile_source
-
     counts = Counter(choice.values())
     default = max(sorted(counts), key=lambda f: counts[f]) if counts else "fp32"
     rules = [ir.PrecisionRule(pattern=path, format=fmt) for path, fmt in choice.items() if fmt != default]
     definition = model.definition.model_copy(update={"precision": ir.Precision(default=default, rules=rules)})
-    text = emit(replace(model, definition=definition), comment=comment)
-    return text, compile_source(text, f"{model.name} (precision chosen)", params=dict(model.params),
-                                input_shape=tuple(model.input_shape))
+    return respec(model, definition=definition, comment=comment, label=f"{model.name} (precision chosen)")
 
 
 def smallest(model: Model, candidates=AUTO_CANDIDATES) -> tuple[dict[str, str], int]:

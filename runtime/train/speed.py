@@ -14,7 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
-from .recipe import SpeedConfig
+from ..recipe import SpeedConfig
 
 _DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
@@ -28,7 +28,7 @@ class Speed:
     data_on_device: bool | None  # None: when it fits
     background_checkpoints: bool = False  # write each epoch's checkpoint while the next epoch trains
     cudnn_benchmark: bool = False         # cuDNN's autotuner: the input size is fixed, so it times each shape once
-    cuda_graphs: bool = False             # replay whole training steps (runtime.trainstep)
+    cuda_graphs: bool = False             # replay whole training steps (runtime.train.trainstep)
 
     @property
     def dtype(self) -> torch.dtype:

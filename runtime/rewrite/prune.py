@@ -11,13 +11,12 @@ import math
 
 import torch
 
-import compiler
-from compiler.channels import Spaces, analyse_channels, rewrite
-from compiler.emit import emit
-from compiler.ops import PRODUCES, WEIGHTED
+from compiler.ops import PRODUCES, WEIGHTED, record
+from compiler.rewrite.channels import Spaces, analyse_channels, rewrite
 from compiler.tree import Model
 
-from .weights import load_into, state_tensors
+from ..weights import state_tensors
+from .rebuild import rebuild
 
 
 def importance(module: torch.nn.Module, spaces: Spaces, method: str, seed: int = 0) -> dict[int, torch.Tensor]:
@@ -37,10 +36,10 @@ def importance(module: torch.nn.Module, spaces: Spaces, method: str, seed: int =
         if method == "random":
             scores[space] = torch.rand(size, generator=g)
             continue
-        bns = [u for u in members if u.node.op == "bn" and named[u.node.path].affine]
-        if method == "bn" and bns:
-            for u in bns:  # a BatchNorm after a concatenation holds this space's channels at an offset
-                gamma = named[u.node.path].weight.detach().abs().cpu()
+        scaled = [(u, name) for u in members if (name := record(u.node.op).channel_scale(u.node.attrs))]
+        if method == "bn" and scaled:
+            for u, name in scaled:  # a BatchNorm after a concatenation holds this space's channels at an offset
+                gamma = named[u.node.path].get_parameter(name).detach().abs().cpu()
                 for at in spaces.offsets(u.outs, space):
                     score += gamma[at:at + size]
         else:
@@ -121,12 +120,7 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
     """The pruned spec text, its model and module with the kept weights copied in (exactly)."""
     spaces = spaces or analyse_channels(model.root)
     counts = {s: len(idx) for s, idx in kept.items()}
-    new_root = rewrite(model.root, spaces, counts)
-    text = emit(model, new_root, comment=comment)
-    new_model = compiler.compile_source(text, f"{model.name}-pruned.spec", params=model.params,
-                                        input_shape=model.input_shape)
     old = state_tensors(module)
-    new_module = compiler.build_module(new_model)
     new_state = {}
 
     def index(segments):
@@ -146,8 +140,8 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
             new_state[name] = tensor.contiguous()
             continue
         new_state[name] = SLICERS[u.role](tensor, leaf, index(u.outs), index(u.ins), u.factor).contiguous()
-    load_into(new_module, new_state, "pruned weights")
-    return new_model, new_module.train(module.training), text
+    return rebuild(model, rewrite(model.root, spaces, counts), new_state, comment=comment,
+                   label=f"{model.name}-pruned.spec", training=module.training)
 
 
 def shrink_to(model: Model, module: torch.nn.Module, scores, scope: str, metric: str, target: int,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from .data import Split
+from . import Split
 
 
 class Placed:

@@ -1,6 +1,6 @@
 """Quantization-aware training's rounding of every tensor in one pass per forward.
 
-Rounded one tensor at a time (runtime.fakequant.FakeQuant), a model's 64 stored tensors cost
+Rounded one tensor at a time (runtime.quant.fakequant.FakeQuant), a model's 64 stored tensors cost
 about 120 small operators each per training step, 11x the step's own: on a GPU each is a kernel
 launch, so quantization-aware training is bound by launches. Here all of them are laid end to
 end in one vector, rows of per-channel (or per-tensor) ranges in order, and go through the very
@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import torch
 
-from .weights import grid_codes, grid_values
+from .codes import grid_codes, grid_values
 
 
 class _RowsToElements(torch.autograd.Function):
@@ -143,7 +143,7 @@ class FusedRounding:
         v = torch.cat(flats)
         lo = torch.cat([fq.lo.reshape(-1) if fq.lo is not None else f for (_, fq), f in zip(active, free_lo)])
         hi = torch.cat([fq.hi.reshape(-1) if fq.hi is not None else f for (_, fq), f in zip(active, free_hi)])
-        # runtime.fakequant.effective_range, for every row at once
+        # runtime.quant.fakequant.effective_range, for every row at once
         wmin, wmax = _RowMinMax.apply(v, row_of, lengths)
         lo_e = torch.maximum(lo, wmin)
         hi_e = torch.maximum(torch.minimum(hi, wmax), lo_e)

@@ -21,8 +21,8 @@ import copy
 import math
 from dataclasses import dataclass, field
 
-from .ops import BLOCKS, PRODUCES, WEIGHTED, macs, record, tensors
-from .tree import Node
+from ..ops import BLOCKS, PRODUCES, WEIGHTED, macs, record, tensors
+from ..tree import Node
 
 
 @dataclass

@@ -1,10 +1,10 @@
 """The training loop shared by `train`, `distill` and fine-tuning: epochs, best weights, resume.
 
 Batches are index tensors into the decoded uint8 images, gathered where the model runs
-and augmented there as whole batches (runtime.transforms). Each step runs eagerly or as a
-replayed CUDA graph (runtime.trainstep); losses and correct counts accumulate on the device:
+and augmented there as whole batches (runtime.data.transforms). Each step runs eagerly or as a
+replayed CUDA graph (runtime.train.trainstep); losses and correct counts accumulate on the device:
 one host sync per epoch. After every epoch rank 0 writes a
-checkpoint (runtime.checkpoints), so an interrupted step continues from its last finished epoch.
+checkpoint (runtime.train.checkpoints), so an interrupted step continues from its last finished epoch.
 """
 from __future__ import annotations
 
@@ -18,12 +18,12 @@ import torch
 
 from compiler.errors import NcError
 
+from ..data.batches import Placed, epoch_order
+from ..data.transforms import Pipeline
+from ..weights import state_tensors, unwrap
 from . import distributed
-from .batches import Placed, epoch_order
 from .checkpoints import CheckpointWriter, Progress, resume
 from .trainstep import TrainStep
-from .transforms import Pipeline
-from .weights import state_tensors, unwrap
 
 if TYPE_CHECKING:  # typing only: the context calls into this module's callers, not the reverse
     from .context import RunContext
@@ -134,7 +134,7 @@ def fit(ctx: RunContext, *, module: torch.nn.Module, step_dir: Path, key: str, e
     if progress.best_state is not None:
         unwrap(module).load_state_dict(progress.best_state, strict=False)
     if ctx.is_main:
-        from .plots import training_curves
+        from ..plots import training_curves
 
         training_curves(progress.history, step_dir / "curves.png", label)
     ran = progress.history[progress.start:]

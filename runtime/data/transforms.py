@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from compiler.errors import did_you_mean
 from compiler.limits import limit
 
-from .recipe import RecipeError, yaml_float
+from ..recipe import RecipeError, yaml_float
 
 Size = tuple[int, int]
 

@@ -15,12 +15,12 @@ import math
 import torch
 import torch.nn.functional as F
 
-from compiler import bitalloc
 from compiler.errors import BudgetError
 from compiler.fileformat import parse_format, predicted_bytes, range_rows
+from compiler.rewrite import bitalloc
 from compiler.tree import Model
 
-from .weights import TORCH_DTYPES, dequantize, quantize
+from .codes import TORCH_DTYPES, dequantize, quantize
 
 
 def _rounded(t: torch.Tensor, fmt: str) -> torch.Tensor:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import os
 import time
-from dataclasses import dataclass
+from dataclasses import KW_ONLY, dataclass
 from datetime import datetime
 from pathlib import Path
 
@@ -22,22 +22,26 @@ from compiler.errors import BudgetError, NcError, did_you_mean
 from compiler.fileformat import weight_tensors
 from compiler.report import table
 
-from . import distributed, stepcache
-from .context import ModelSlot, RunContext, pipeline_for
-from .data import check_decodable, list_source
+from ..data import check_decodable, list_source
+from ..recipe import RecipeError
+from ..rundir import RUN_FILES, RUN_RECORDS, RunDir, check_own_folder, digest, write_json, write_text
+from ..train import distributed
+from ..train.context import ModelSlot, RunContext, pipeline_for
+from ..train.speed import resolve as resolve_speed
+from ..weights import ModelFile
+from . import stepcache
 from .plan import Plan, make_plan
 from .plan import load as load_plan
-from .recipe import RecipeError
-from .rundir import RUN_FILES, RUN_RECORDS, RunDir, check_own_folder, digest, write_json, write_text
-from .speed import resolve as resolve_speed
 from .stepkeys import shared_settings, step_key
-from .weights import ModelFile
 
 
 @dataclass
 class Options:
+    """What to run: a spec and a recipe; everything else by name."""
+
     spec: str
     recipe: str
+    _: KW_ONLY
     data: str | None = None
     out: str | None = None
     sets: tuple = ()
@@ -48,7 +52,7 @@ class Options:
     input: tuple | None = None
     model: str | None = None
     on_epoch: object = None        # callable(step label, epoch row) after each training epoch (studies)
-    step_cache: Path | None = None  # finished steps shared with other runs by key (a study's; runtime.stepcache)
+    step_cache: Path | None = None  # finished steps shared with other runs by key (a study's; runtime.run.stepcache)
 
 
 def _device(name: str) -> torch.device:
@@ -156,7 +160,7 @@ def prepare(opts: Options):
             _check_torchvision_weights(m, name, ref.torchvision_weights)
         slot = ModelSlot(name, m, torchvision_weights=ref.torchvision_weights)
         if ref.torchvision_state:
-            from .torchvision_state import pairing
+            from ..torchvision_state import pairing
 
             slot.torchvision_state = _resolve(ref.torchvision_state, recipe_path)
             if not slot.torchvision_state.is_file():

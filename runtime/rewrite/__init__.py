@@ -1,0 +1,1 @@
+"""Module surgery: a rewritten spec rebuilt with the weights carried over (pruning, low-rank)."""
