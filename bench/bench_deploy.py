@@ -1,0 +1,309 @@
+"""Deployed forms of the student side by side (issue 25's measurements, before any deploy code).
+
+One process: the student is trained by nccompile (`train` then `quantize` int8, the course's 8-bit
+file) on cifar10-mini at --size, then every form a user could ship is built from that model and run
+on the same images:
+
+  torch fp32          PyTorch eager on the model file's (dequantized) weights
+  torch FX int8       today's `integer_inference` (torch.ao FX, announced for removal)
+  ort fp32            ONNX Runtime on nccompile's float export (BatchNorm folded by the exporter)
+  ort QDQ static      ONNX Runtime's own quantize_static (QDQ, per-channel, 64 training images)
+  ort int8 weights    the float export's conv/gemm weights as uint8 codes behind DequantizeLinear
+                      (per output channel; what a compact file that ORT expands at load looks like)
+  ... folded          the same file in a session with ORT's QDQ handling off
+                      (`session.disable_quant_qdq`): constant folding expands the weights once, at load
+  ort int8 Cast/Mul   the same codes expanded by Cast -> Mul(scale) -> Add(min), the file format's own
+                      arithmetic: plain ops on constants, which ORT's default session folds at load
+  ort file codes      the model file's own codes and ranges (per tensor, as the course's int8 file) in an
+                      export that keeps BatchNorm, expanded by Cast -> Div(255) -> Mul(max - min) -> Add(min):
+                      grid_values' order of operations, so the weights are those the file decodes to
+
+For each: file bytes, top-1 accuracy on the validation images, and the median latency of one
+forward pass at batch 1 and 32, with 1 thread and with every core (torch.set_num_threads /
+ORT intra-op threads). Needs `pip install -e '.[deploy]'` (onnxruntime).
+
+Run: python bench/bench_deploy.py [--size 32] [--per-class 300] [--epochs 5] [--runs 50]
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
+
+from runtime.quant.int8 import integer_model  # noqa: E402
+from runtime.run.runner import Options, run  # noqa: E402
+from runtime.weights import ModelFile  # noqa: E402
+
+RECIPE = """
+name: deploy
+data: {{batch_size: 64, limit_per_class: {per_class}}}
+input: 3x{size}x{size}
+steps:
+  - {{name: train, kind: train, model: student, epochs: {epochs}}}
+  - {{name: quantize, kind: quantize, model: student, format: int8}}
+"""
+
+
+def _images(folder: Path, size: int, split: str, limit: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Float images in [0, 1] at size x size and their labels, as nccompile's eval pipeline gives them."""
+    from PIL import Image
+
+    classes = sorted(p.name for p in (folder / split).iterdir() if p.is_dir())
+    xs, ys = [], []
+    for label, c in enumerate(classes):
+        files = sorted((folder / split / c).iterdir())[:limit]
+        for f in files:
+            img = Image.open(f).convert("RGB").resize((size, size), Image.BILINEAR)
+            xs.append(torch.from_numpy(np.asarray(img).copy()).permute(2, 0, 1))
+            ys.append(label)
+    return torch.stack(xs).float() / 255, torch.tensor(ys)
+
+
+def _median_ms(fn, runs: int) -> float:
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t)
+    return statistics.median(times) * 1000
+
+
+def _export(module: torch.nn.Module, shape: tuple, path: Path) -> None:
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, *shape),), str(path), dynamo=False, opset_version=17,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _weights_form(float_path: Path, path: Path, cast: bool = False) -> None:
+    """The float export with every weight of 2+ dims stored as per-channel uint8 codes, expanded by
+    DequantizeLinear (a zero point: the range widened to hold 0), or with `cast` by Cast, Mul, Add on
+    the file format's own grid (min + code * (max - min) / 255)."""
+    import onnx
+    from onnx import helper, numpy_helper
+
+    model = onnx.load(str(float_path))
+    graph = model.graph
+    keep, nodes = [], []
+    for init in graph.initializer:
+        w = numpy_helper.to_array(init)
+        if w.ndim < 2 or w.dtype != np.float32:
+            keep.append(init)
+            continue
+        flat = w.reshape(w.shape[0], -1)
+        name, lead = init.name, (-1,) + (1,) * (w.ndim - 1)
+        if cast:
+            lo, hi = flat.min(1), flat.max(1)
+            scale = np.where(hi > lo, (hi - lo) / 255, 1).astype(np.float32)
+            codes = np.round((flat - lo[:, None]) / scale[:, None]).clip(0, 255).astype(np.uint8).reshape(w.shape)
+            keep += [numpy_helper.from_array(codes, f"{name}.codes"),
+                     numpy_helper.from_array(scale.reshape(lead), f"{name}.scale"),
+                     numpy_helper.from_array(lo.astype(np.float32).reshape(lead), f"{name}.min")]
+            nodes += [helper.make_node("Cast", [f"{name}.codes"], [f"{name}.f"], to=onnx.TensorProto.FLOAT),
+                      helper.make_node("Mul", [f"{name}.f", f"{name}.scale"], [f"{name}.s"]),
+                      helper.make_node("Add", [f"{name}.s", f"{name}.min"], [name])]
+            continue
+        lo, hi = np.minimum(flat.min(1), 0), np.maximum(flat.max(1), 0)  # zero on the grid: an exact zero point
+        scale = np.where(hi > lo, (hi - lo) / 255, 1).astype(np.float32)
+        zero = np.clip(np.round(-lo / scale), 0, 255).astype(np.uint8)
+        codes = np.clip(np.round(flat / scale[:, None]) + zero[:, None], 0, 255).astype(np.uint8).reshape(w.shape)
+        keep += [numpy_helper.from_array(codes, f"{name}.codes"), numpy_helper.from_array(scale, f"{name}.scale"),
+                 numpy_helper.from_array(zero, f"{name}.zero")]
+        nodes.append(helper.make_node("DequantizeLinear", [f"{name}.codes", f"{name}.scale", f"{name}.zero"], [name],
+                                      axis=0))
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    old = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old)
+    onnx.save(model, str(path))
+
+
+def _file_codes_form(module: torch.nn.Module, file: ModelFile, shape: tuple, path: Path) -> None:
+    """The model file's codes and ranges as initializers, each tensor expanded as grid_values computes it."""
+    import warnings
+
+    import onnx
+    from onnx import helper, numpy_helper
+
+    from compiler import fileformat
+
+    raw = path.with_suffix(".raw.onnx")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, *shape),), str(raw), dynamo=False, opset_version=17,
+                          do_constant_folding=False, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+    model = onnx.load(str(raw))
+    raw.unlink()
+    graph = model.graph
+    names = [k for k in file.stored if k != fileformat.RANGES]
+    lay = fileformat.layout([(k, tuple(file.stored[k].shape)) for k in names], file.format)
+    ranges = file.stored.get(fileformat.RANGES)
+    quantized = {e.name: e for e in lay.entries if e.rows is not None and e.bits == 8}
+    keep, nodes = [], []
+    for init in graph.initializer:
+        e = quantized.get(init.name)
+        if e is None or e.rows[1] - e.rows[0] != 1:
+            keep.append(init)
+            continue
+        lo, hi = ranges[e.rows[0]].tolist()
+        n = init.name
+        keep += [numpy_helper.from_array(file.stored[n].numpy(), f"{n}.codes"),
+                 numpy_helper.from_array(np.array(255, np.float32), f"{n}.levels"),
+                 numpy_helper.from_array(np.array(hi - lo, np.float32), f"{n}.span"),
+                 numpy_helper.from_array(np.array(lo, np.float32), f"{n}.min")]
+        nodes += [helper.make_node("Cast", [f"{n}.codes"], [f"{n}.f"], to=onnx.TensorProto.FLOAT),
+                  helper.make_node("Div", [f"{n}.f", f"{n}.levels"], [f"{n}.u"]),
+                  helper.make_node("Mul", [f"{n}.u", f"{n}.span"], [f"{n}.s"]),
+                  helper.make_node("Add", [f"{n}.min", f"{n}.s"], [n])]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    old = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + old)
+    onnx.checker.check_model(model)
+    onnx.save(model, str(path))
+
+
+def _qdq_static(float_path: Path, path: Path, calibration: torch.Tensor) -> None:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": calibration[i:i + 1].numpy()} for i in range(len(calibration))])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    pre = path.with_suffix(".pre.onnx")
+    quant_pre_process(str(float_path), str(pre))
+    quantize_static(str(pre), str(path), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                    activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+    pre.unlink()
+
+
+def _measure(fp32, int8_file: Path, size: int, tmp: Path, runs: int, accuracy: bool) -> tuple[list[dict], int]:
+    """Every form at one input size: its bytes, accuracy (at the training size) and latencies."""
+    import onnxruntime as ort
+
+    shape = (3, size, size)
+    val_x, val_y = _images(DATA, size, "val")
+    calib, _ = _images(DATA, size, "train", limit=7)
+    calib = calib[torch.randperm(len(calib), generator=torch.Generator().manual_seed(0))[:64]]
+    float_onnx, qdq_onnx = tmp / f"fp32-{size}.onnx", tmp / f"qdq-{size}.onnx"
+    weights_onnx, cast_onnx = tmp / f"weights-{size}.onnx", tmp / f"cast-{size}.onnx"
+    codes_onnx = tmp / f"codes-{size}.onnx"
+    _export(fp32, shape, float_onnx)
+    _qdq_static(float_onnx, qdq_onnx, calib)
+    _weights_form(float_onnx, weights_onnx)
+    _weights_form(float_onnx, cast_onnx, cast=True)
+    _file_codes_form(fp32, ModelFile(int8_file), shape, codes_onnx)
+    fx, float_layers = integer_model(fp32, [calib[i:i + 8] for i in range(0, 64, 8)])
+
+    def torch_form(module):
+        def predict(x):
+            with torch.no_grad():
+                return module(x)
+        return predict
+
+    forms: dict[str, dict] = {
+        "torch fp32": {"bytes": int8_file.stat().st_size, "predict": torch_form(fp32)},
+        "torch FX int8": {"bytes": None, "predict": torch_form(fx)},
+    }
+    for name, path in (("ort fp32", float_onnx), ("ort QDQ static", qdq_onnx), ("ort int8 weights", weights_onnx)):
+        forms[name] = {"bytes": path.stat().st_size, "path": path}
+    forms["... folded"] = {**forms["ort int8 weights"], "config": {"session.disable_quant_qdq": "1"}}
+    forms["ort int8 Cast/Mul"] = {"bytes": cast_onnx.stat().st_size, "path": cast_onnx}
+    forms["ort file codes"] = {"bytes": codes_onnx.stat().st_size, "path": codes_onnx}
+
+    cores = os.cpu_count() or 1
+    rows, reference = [], None
+    for name, form in forms.items():
+        row = {"form": name, "bytes": form["bytes"], "accuracy": None}
+        for threads in (1, cores):
+            if "predict" in form:
+                torch.set_num_threads(threads)
+                predict = form["predict"]
+            else:
+                opts = ort.SessionOptions()
+                opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+                for k, v in form.get("config", {}).items():
+                    opts.add_session_config_entry(k, v)
+                session = ort.InferenceSession(str(form["path"]), opts, providers=["CPUExecutionProvider"])
+
+                def predict(x, session=session):
+                    return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+            if threads == 1:
+                logits = predict(val_x[:64])
+                reference = logits if reference is None else reference  # torch fp32 comes first
+                row["diff"] = (logits - reference).abs().max().item()
+            if threads == 1 and accuracy:
+                logits = torch.cat([predict(val_x[i:i + 64]) for i in range(0, len(val_x), 64)])
+                row["accuracy"] = (logits.argmax(1) == val_y).float().mean().item()
+            for batch in (1, 32):
+                x = val_x[:batch].contiguous()
+                row[f"b{batch} t{threads}"] = _median_ms(lambda x=x, predict=predict: predict(x), runs)
+        rows.append(row)
+    torch.set_num_threads(cores)
+    return rows, len(float_layers)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--size", type=int, default=32, help="training size (accuracy is measured there)")
+    parser.add_argument("--sizes", default="32,64,256", help="input sizes to measure latency at")
+    parser.add_argument("--per-class", type=int, default=300)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--runs", type=int, default=50)
+    args = parser.parse_args()
+    import onnxruntime as ort
+
+    torch.manual_seed(0)
+    cores = os.cpu_count() or 1
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        recipe = tmp / "deploy.yaml"
+        recipe.write_text(RECIPE.format(per_class=args.per_class, size=args.size, epochs=args.epochs))
+        out = tmp / "run"
+        assert run(Options(str(ROOT / "specs/student.spec"), str(recipe), data=str(DATA), out=str(out))) == 0
+        int8_file = out / "steps" / "quantize" / "model.safetensors"
+        fp32 = ModelFile(int8_file).build().eval()
+        tables = [(size, *_measure(fp32, int8_file, size, tmp, args.runs, size == args.size))
+                  for size in map(int, args.sizes.split(","))]
+
+    print(f"\nstudent trained at {args.size}x{args.size} on cifar10-mini ({args.per_class} per class, {args.epochs} "
+          f"epochs), 2,000 validation images; {cores} cores; torch {torch.__version__}, onnxruntime {ort.__version__}")
+    keys = [f"b{b} t{t}" for b in (1, 32) for t in (1, cores)]
+    for size, rows, float_layers in tables:
+        print(f"\n{size}x{size} (FX int8 layers left in float: {float_layers}); median ms of one forward pass")
+        print("| form | bytes | accuracy | max logit diff | " + " | ".join(f"{k} ms" for k in keys) + " |")
+        print("|---|---:|---:|---:|" + "---:|" * len(keys))
+        base = next(r for r in rows if r["form"] == "ort fp32")
+        for r in rows:
+            size_s = f"{r['bytes']:,}" if r["bytes"] else "not saved"
+            acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
+            cells = " | ".join(f"{r[k]:.3f} ({r[k] / base[k]:.2f}x)" for k in keys)
+            print(f"| {r['form']} | {size_s} | {acc} | {r['diff']:.2g} | {cells} |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
