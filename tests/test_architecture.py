@@ -149,8 +149,9 @@ MAY_IMPORT = {
     "torchvision_state": {"weights"},
     "data": GROUND,                                   # sources -> decode -> load, transforms, cache, batches
     "rewrite": {"weights"},                           # module surgery behind one rebuild()
+    "deploy": {"weights", "quant"},                   # files a standard runtime runs (ONNX)
     "train": GROUND | {"data", "weights", "torchvision_state"},
-    "steps": GROUND | {"data", "train", "quant", "rewrite", "weights"},
+    "steps": GROUND | {"data", "train", "quant", "rewrite", "deploy", "weights"},
     "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state"},
     "study": GROUND | {"run"},
     "cli": GROUND | {"run", "study", "weights"},

@@ -301,8 +301,8 @@ def test_int8_kernels_and_onnx_export_run_through_every_construct(tmp_path):
     """torch.fx traces the joins (the int8 kernels) and the ONNX exporter takes them (shuffle too)."""
     import onnx
 
+    from runtime.deploy.onnx_export import export_float
     from runtime.quant.int8 import integer_model
-    from runtime.steps.export import Export
 
     model = _compile(EVERY_CONSTRUCT)
     module = _trained_like(model)
@@ -310,7 +310,7 @@ def test_int8_kernels_and_onnx_export_run_through_every_construct(tmp_path):
     quantized, _ = integer_model(module, [x])
     with torch.no_grad():
         assert quantized(x).shape == (4, 10)
-    Export._onnx(module, model.input_shape, tmp_path / "m.onnx", 17)
+    export_float(module, model.input_shape, tmp_path / "m.onnx", 17)
     assert onnx.load(str(tmp_path / "m.onnx")).graph.output[0].name == "logits"
 
 

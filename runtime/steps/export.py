@@ -1,14 +1,11 @@
-"""`export`: the model file (as it is: fp32 or quantized) plus an ONNX graph of the (dequantized) model."""
+"""`export`: the model file (as it is: fp32 or quantized) plus an ONNX graph of the model."""
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
-import warnings
+from typing import Literal
 
-import torch
 from pydantic import Field
 
+from ..deploy.onnx_export import export_float, export_weights
 from ..files import atomic_write
 from ..weights import ModelFile
 from .base import StepConfig, StepKind, StepResult, register
@@ -17,6 +14,9 @@ from .base import StepConfig, StepKind, StepResult, register
 class ExportConfig(StepConfig):
     kind: str = "export"
     onnx: bool = True
+    # float: the dequantized model as float initializers; weights: the model file's own codes, expanded
+    # by ONNX Runtime once at load (about the model file's size, the float graph's speed)
+    format: Literal["float", "weights"] = "float"
     opset: int = Field(17, ge=9, le=20)  # the opsets torch.onnx exports with the classic exporter
 
 
@@ -29,7 +29,8 @@ class Export(StepKind):
         return [cfg.model]
 
     def describe(self, cfg):
-        return f"export {cfg.model}: model file" + (" + ONNX" if cfg.onnx else "")
+        form = " (the model file's codes, expanded at load)" if cfg.format == "weights" else ""
+        return f"export {cfg.model}: model file" + (f" + ONNX{form}" if cfg.onnx else "")
 
     def run(self, cfg: ExportConfig, ctx, key: str = "") -> StepResult:
         slot = ctx.models[cfg.model]
@@ -42,28 +43,14 @@ class Export(StepKind):
             metrics["file_bytes"] = target.stat().st_size
             if cfg.onnx:
                 onnx_path = step_dir / f"{cfg.model}.onnx"
-                self._onnx(ModelFile(slot.weights).build(slot.model).cpu().eval(), slot.model.input_shape,
-                           onnx_path, cfg.opset)
+                file = ModelFile(slot.weights)
+                module = file.build(slot.model).cpu().eval()
+                if cfg.format == "weights":
+                    export_weights(module, file, onnx_path, cfg.opset)
+                else:
+                    export_float(module, slot.model.input_shape, onnx_path, cfg.opset)
                 metrics["onnx_bytes"] = onnx_path.stat().st_size
                 files.append(f"steps/{cfg.name}/{onnx_path.name}")
             ctx.log(f"{cfg.name}: {target} ({metrics['file_bytes']:,} bytes)"
                     + (f" and {cfg.model}.onnx ({metrics['onnx_bytes']:,} bytes)" if cfg.onnx else ""))
         return StepResult(metrics=metrics, files=files)
-
-    @staticmethod
-    def _onnx(module, input_shape, path, opset) -> None:
-        import onnx
-
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        os.close(fd)
-        try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore")
-                torch.onnx.export(module, (torch.zeros(1, *input_shape),), tmp, dynamo=False, opset_version=opset,
-                                  input_names=["images"], output_names=["logits"],
-                                  dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-            onnx.checker.check_model(onnx.load(tmp))
-            shutil.move(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)

@@ -1,0 +1,1 @@
+"""Deployable files: the model in forms a standard runtime runs (ONNX first)."""

@@ -1,0 +1,110 @@
+"""ONNX files of a model: the float graph, and the `weights` form that ships the model file's codes.
+
+The `weights` form keeps each quantized tensor as the file stores it, uint8 codes plus its (min,
+max) rows, and expands it in the graph exactly as the file is decoded (runtime.quant.codes:
+min + code / levels * (max - min), in that order of float operations). Those are plain operators
+on constants, so ONNX Runtime folds them once when a session is created: the file is about the
+model file's size and runs on the float export's kernels. (Written as DequantizeLinear instead,
+ORT keeps the nodes for its QDQ fusions and dequantizes on every inference: 2-5x slower, measured
+in bench/bench_deploy.py.)
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from compiler import fileformat
+
+from ..quant.codes import unpack_bits
+from ..weights import ModelFile
+
+FORMATS = ("float", "weights")
+
+
+def export_float(module: torch.nn.Module, input_shape: tuple, path: Path, opset: int, fold: bool = True) -> None:
+    """`module` as an ONNX graph with a dynamic batch (`images` -> `logits`), written atomically.
+    `fold=False` keeps every state-dict tensor as an initializer under its own name."""
+    import onnx
+
+    _atomic(path, lambda tmp: (_export(module, input_shape, tmp, opset, fold), onnx.checker.check_model(str(tmp))))
+
+
+def export_weights(module: torch.nn.Module, file: ModelFile, path: Path, opset: int) -> int:
+    """The `weights` form of `file` (whose module is `module`); returns how many tensors ship as codes."""
+    import onnx
+
+    shipped = 0
+
+    def write(tmp: Path) -> None:
+        nonlocal shipped
+        _export(module, file.model().input_shape, tmp, opset, fold=False)
+        model = onnx.load(str(tmp))
+        shipped = _ship_codes(model.graph, file)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
+
+    _atomic(path, write)
+    return shipped
+
+
+def _export(module, input_shape, path: Path, opset: int, fold: bool) -> None:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, *input_shape),), str(path), dynamo=False, opset_version=opset,
+                          do_constant_folding=fold, input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
+
+
+def _atomic(path: Path, write) -> None:
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(Path(tmp))
+        shutil.move(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def _ship_codes(graph, file: ModelFile) -> int:
+    """Replace each initializer the file quantized by its codes and the nodes that decode them."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    shapes = dict(fileformat.weight_tensors(file.model(), file.format.fold_bn))
+    lay = fileformat.layout([(k, tuple(shapes[k])) for k in file.stored if k != fileformat.RANGES], file.format)
+    ranges = file.stored.get(fileformat.RANGES)
+    entries = {e.name: e for e in lay.entries if e.rows is not None}
+    keep, nodes, levels = [], [], {}
+    for init in graph.initializer:
+        e = entries.get(init.name)
+        if e is None:
+            keep.append(init)
+            continue
+        i = len(nodes) // 4
+        stored = file.stored[e.name]
+        codes = stored if e.bits == 8 else unpack_bits(stored, e.bits, fileformat.numel(e.shape)).reshape(e.shape)
+        rows = ranges[e.rows[0]:e.rows[1]]
+        lead = (-1,) + (1,) * (len(e.shape) - 1) if len(rows) > 1 else ()
+        low, span = rows[:, 0], rows[:, 1] - rows[:, 0]  # float32, as grid_values computes them
+        if e.bits not in levels:
+            levels[e.bits] = f"nccompile.levels{e.bits}"
+            keep.append(numpy_helper.from_array(np.array(2 ** e.bits - 1, np.float32), levels[e.bits]))
+        keep += [numpy_helper.from_array(codes.numpy().astype(np.uint8), f"q{i}.codes"),
+                 numpy_helper.from_array(span.numpy().reshape(lead), f"q{i}.span"),
+                 numpy_helper.from_array(low.numpy().reshape(lead), f"q{i}.min")]
+        nodes += [helper.make_node("Cast", [f"q{i}.codes"], [f"q{i}.f"], to=TensorProto.FLOAT),
+                  helper.make_node("Div", [f"q{i}.f", levels[e.bits]], [f"q{i}.u"]),
+                  helper.make_node("Mul", [f"q{i}.u", f"q{i}.span"], [f"q{i}.s"]),
+                  helper.make_node("Add", [f"q{i}.min", f"q{i}.s"], [init.name])]
+    del graph.initializer[:]
+    graph.initializer.extend(keep)
+    body = list(graph.node)
+    del graph.node[:]
+    graph.node.extend(nodes + body)
+    return len(nodes) // 4

@@ -1,0 +1,110 @@
+"""The `weights` ONNX form: the model file's own codes, decoded in the graph exactly as nccompile decodes
+them, folded by ONNX Runtime once at load, on real images (cifar10-mini)."""
+from __future__ import annotations
+
+from collections import Counter
+
+import numpy as np
+import pytest
+import torch
+
+import compiler
+from compiler.fileformat import parse_format
+from runtime.deploy.onnx_export import export_float, export_weights
+from runtime.weights import ModelFile, save_model
+
+from .conftest import DATA, SPECS
+
+ort = pytest.importorskip("onnxruntime")  # in the `test` extra; a bare install without it skips here
+needs_data = pytest.mark.skipif(not DATA.is_dir(), reason=f"real images not found at {DATA}")
+
+
+def _images(n: int = 32) -> torch.Tensor:
+    from PIL import Image
+
+    files = sorted((DATA / "val").glob("*/*"))[:: max(1, len(sorted((DATA / "val").glob("*/*"))) // n)][:n]
+    return torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB")).copy()).permute(2, 0, 1)
+                        for f in files]).float() / 255
+
+
+def _student(spec: str = "student.spec"):
+    model = compiler.compile_spec(SPECS / spec, input_shape=(3, 32, 32), params={"classes": 10})
+    module = compiler.build_module(model)
+    with torch.no_grad():  # statistics that are not trivial, so folding and rounding them matters
+        for m in module.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0), m.weight.uniform_(0.5, 1.5)
+    return model, module
+
+
+def _session(path, optimized=None):
+    opts = ort.SessionOptions()
+    if optimized is not None:
+        opts.optimized_model_filepath = str(optimized)
+    return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+
+
+@needs_data
+@pytest.mark.parametrize("spec, fmt", [("student.spec", "int8"), ("student.spec", "int8-channel"),
+                                       ("student.spec", "int4"), ("student.spec", "int3-channel"),
+                                       ("student.spec", parse_format("int8", fold_bn=True)),
+                                       ("student_4bit.spec", "spec"), ("student.spec", "fp16")])
+def test_the_weights_form_runs_the_model_files_own_weights_at_load_folded(spec, fmt, tmp_path):
+    model, module = _student(spec)
+    path = tmp_path / "m.safetensors"
+    save_model(module, model, path, fmt)
+    file = ModelFile(path)
+    rebuilt = file.build()
+    onnx_path = tmp_path / "m.onnx"
+    shipped = export_weights(rebuilt, file, onnx_path, 17)
+    import onnx
+
+    floats = [i for i in onnx.load(str(onnx_path)).graph.initializer if i.data_type != onnx.TensorProto.UINT8
+              and i.name in file.stored]
+    if file.format.quantized:  # every weight ships as codes (tensors equal in value are exported once)
+        assert shipped >= 0.9 * (len(file.stored) - 1) and not floats, (shipped, [i.name for i in floats])
+    else:
+        assert shipped == 0 and floats
+    x = _images()
+    with torch.no_grad():
+        expected = rebuilt(x).numpy()
+    got = _session(onnx_path, tmp_path / "opt.onnx").run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
+    assert not ops.keys() & {"Cast", "Div", "DequantizeLinear"}, ops  # expanded once, at session creation
+
+
+def test_the_8bit_student_ships_under_the_course_budget_and_a_quarter_of_the_float_export(tmp_path):
+    model, module = _student()
+    path = tmp_path / "m.safetensors"
+    file_bytes = save_model(module, model, path, "int8")
+    file = ModelFile(path)
+    export_weights(file.build(), file, tmp_path / "w.onnx", 17)
+    export_float(file.build(), model.input_shape, tmp_path / "f.onnx", 17)
+    weights_bytes, float_bytes = (tmp_path / "w.onnx").stat().st_size, (tmp_path / "f.onnx").stat().st_size
+    assert weights_bytes <= 300_000 and weights_bytes < 1.1 * file_bytes and weights_bytes < 0.3 * float_bytes, (
+        weights_bytes, file_bytes, float_bytes)
+
+
+@pytest.mark.slow
+def test_the_export_step_writes_the_weights_form(tmp_path, capsys, in_root):
+    import json
+
+    from runtime.cli import main
+
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"
+                      "  - {name: q, kind: quantize, format: int8}\n"
+                      "  - {name: export, kind: export, format: weights}\n")
+    out = tmp_path / "run"
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--input", "3x16x16", "--device", "cpu",
+                 "--set", "data.limit_per_class=5", "--out", str(out)]) == 0, capsys.readouterr()
+    metrics = {s["name"]: s["metrics"] for s in json.loads((out / "report.json").read_text())["steps"]}["export"]
+    onnx_path = out / "steps" / "export" / "student.onnx"
+    assert metrics["onnx_bytes"] == onnx_path.stat().st_size < 1.1 * metrics["file_bytes"]
+    file = ModelFile(out / "steps" / "export" / "student.safetensors")
+    x = torch.rand(4, 3, 16, 16)
+    with torch.no_grad():
+        expected = file.build()(x).numpy()
+    got = _session(onnx_path).run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
