@@ -86,6 +86,21 @@ def test_the_8bit_student_ships_under_the_course_budget_and_a_quarter_of_the_flo
         weights_bytes, file_bytes, float_bytes)
 
 
+def test_4bit_codes_ship_packed_two_to_a_byte(tmp_path):
+    """int4 codes as ONNX UINT4 (opset 21): the int4 student deploys under 160,000 bytes."""
+    import onnx
+
+    model, module = _student()
+    file_bytes = save_model(module, model, tmp_path / "m.safetensors", "int4")
+    file = ModelFile(tmp_path / "m.safetensors")
+    export_weights(file.build(), file, tmp_path / "w.onnx", 17)
+    graph = onnx.load(str(tmp_path / "w.onnx"))
+    assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 21
+    assert {i.data_type for i in graph.graph.initializer if i.name.endswith(".codes")} == {onnx.TensorProto.UINT4}
+    size = (tmp_path / "w.onnx").stat().st_size
+    assert size <= 160_000 and size < 1.15 * file_bytes, (size, file_bytes)
+
+
 @pytest.mark.slow
 def test_the_export_step_writes_the_weights_form(tmp_path, capsys, in_root):
     import json

@@ -6,7 +6,9 @@ min + code / levels * (max - min), in that order of float operations). Those are
 on constants, so ONNX Runtime folds them once when a session is created: the file is about the
 model file's size and runs on the float export's kernels. (Written as DequantizeLinear instead,
 ORT keeps the nodes for its QDQ fusions and dequantizes on every inference: 2-5x slower, measured
-in bench/bench_deploy.py.)
+in bench/bench_deploy.py.) Codes of 2 to 4 bits ship packed, two to a byte, as ONNX's UINT4 (opset
+21, which over opset 20 only adds the 4-bit types); 5 to 7 bits, which ONNX has no type for, take a
+byte each.
 """
 from __future__ import annotations
 
@@ -35,17 +37,28 @@ def export_float(module: torch.nn.Module, input_shape: tuple, path: Path, opset:
     _atomic(path, lambda tmp: (_export(module, input_shape, tmp, opset, fold), onnx.checker.check_model(str(tmp))))
 
 
+UINT4_OPSET = 21  # the first opset with 4-bit tensors
+
+
 def export_weights(module: torch.nn.Module, file: ModelFile, path: Path, opset: int) -> int:
-    """The `weights` form of `file` (whose module is `module`); returns how many tensors ship as codes."""
+    """The `weights` form of `file` (whose module is `module`); returns how many tensors ship as codes.
+    A file with codes of 4 bits or fewer is exported at opset 20 and declared 21."""
     import onnx
 
     shipped = 0
+    formats = [file.format] + [fileformat.parse_format(f) for _, f in file.format.overrides]
+    packed = any(f.quantized and f.bits <= 4 for f in formats)
 
     def write(tmp: Path) -> None:
         nonlocal shipped
-        _export(module, file.model().input_shape, tmp, opset, fold=False)
+        _export(module, file.model().input_shape, tmp, max(opset, 20) if packed else opset, fold=False)
         model = onnx.load(str(tmp))
         shipped = _ship_codes(model.graph, file)
+        if packed:
+            for entry in model.opset_import:
+                if entry.domain in ("", "ai.onnx"):
+                    entry.version = max(entry.version, UINT4_OPSET)
+            model.ir_version = max(model.ir_version, 10)
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
 
@@ -72,6 +85,19 @@ def _atomic(path: Path, write) -> None:
             os.unlink(tmp)
 
 
+def _codes_tensor(codes: np.ndarray, bits: int, name: str):
+    """uint8 codes as an initializer: UINT4, two to a byte (low nibble first), for 4 bits or fewer."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    if bits > 4:
+        return numpy_helper.from_array(codes, name)
+    flat = codes.reshape(-1)
+    if len(flat) % 2:
+        flat = np.append(flat, np.uint8(0))
+    return helper.make_tensor(name, TensorProto.UINT4, codes.shape, (flat[0::2] | (flat[1::2] << 4)).tobytes(),
+                              raw=True)
+
+
 def _ship_codes(graph, file: ModelFile) -> int:
     """Replace each initializer the file quantized by its codes and the nodes that decode them."""
     from onnx import TensorProto, helper, numpy_helper
@@ -95,7 +121,7 @@ def _ship_codes(graph, file: ModelFile) -> int:
         if e.bits not in levels:
             levels[e.bits] = f"nccompile.levels{e.bits}"
             keep.append(numpy_helper.from_array(np.array(2 ** e.bits - 1, np.float32), levels[e.bits]))
-        keep += [numpy_helper.from_array(codes.numpy().astype(np.uint8), f"q{i}.codes"),
+        keep += [_codes_tensor(codes.numpy().astype(np.uint8), e.bits, f"q{i}.codes"),
                  numpy_helper.from_array(span.numpy().reshape(lead), f"q{i}.span"),
                  numpy_helper.from_array(low.numpy().reshape(lead), f"q{i}.min")]
         nodes += [helper.make_node("Cast", [f"q{i}.codes"], [f"q{i}.f"], to=TensorProto.FLOAT),
