@@ -123,3 +123,42 @@ def test_the_export_step_writes_the_weights_form(tmp_path, capsys, in_root):
         expected = file.build()(x).numpy()
     got = _session(onnx_path).run(None, {"images": x.numpy()})[0]
     np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
+@pytest.mark.slow
+@needs_data
+def test_the_readme_inference_script_runs_the_exported_file_with_onnxruntime_numpy_and_pillow(tmp_path, capsys,
+                                                                                              in_root):
+    """The README's script, as written, on the file `kd_wq`'s export step writes: its answer is the class
+    nccompile's own model gives the same image."""
+    import subprocess
+    import sys
+
+    from PIL import Image
+
+    from runtime.cli import main
+
+    text = (SPECS.parent / "README.md").read_text()
+    script = text.split("<!-- inference-script -->")[1].split("<!-- /inference-script -->")[0]
+    script = script.split("```python")[1].split("```")[0]
+    (tmp_path / "predict.py").write_text(script)
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: r\ninput: 3x32x32\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"
+                      "  - {name: q, kind: quantize, format: int8}\n"
+                      "  - {name: export, kind: export, format: weights}\n")
+    out = tmp_path / "run"
+    assert main(["specs/student.spec", "--recipe", str(recipe), "--data", str(DATA), "--device", "cpu",
+                 "--set", "data.limit_per_class=10", "--out", str(out)]) == 0, capsys.readouterr().err[-2000:]
+    classes = sorted(p.name for p in (DATA / "val").iterdir() if p.is_dir())
+    model = ModelFile(out / "steps" / "export" / "student.safetensors").build()
+    agree = 0
+    images = sorted((DATA / "val").glob("*/*"))[::200][:8]
+    for image in images:
+        proc = subprocess.run([sys.executable, str(tmp_path / "predict.py"), str(out / "steps/export/student.onnx"),
+                               str(image)], capture_output=True, text=True, cwd=tmp_path)
+        assert proc.returncode == 0, proc.stderr
+        x = torch.from_numpy(np.asarray(Image.open(image).convert("RGB")).copy()).permute(2, 0, 1)[None].float() / 255
+        with torch.no_grad():
+            expected = classes[int(model(x).argmax())]
+        agree += proc.stdout.strip() == expected
+    assert agree == len(images)

@@ -12,6 +12,7 @@ byte each.
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
@@ -26,21 +27,43 @@ from compiler import fileformat
 from ..quant.codes import unpack_bits
 from ..weights import ModelFile
 
-FORMATS = ("float", "weights")
+
+def describe(input_shape: tuple, classes: list[str] | None = None) -> dict[str, str]:
+    """What a deployment needs to feed the graph and read its answer, as ONNX metadata (strings)."""
+    meta = {"nccompile.input": "x".join(map(str, input_shape)),
+            "nccompile.preprocessing": "RGB, resized to the input's HxW, scaled to [0, 1], float32 NCHW"}
+    if classes is not None:
+        meta["nccompile.classes"] = json.dumps(list(classes))
+    return meta
 
 
-def export_float(module: torch.nn.Module, input_shape: tuple, path: Path, opset: int, fold: bool = True) -> None:
+def export_float(module: torch.nn.Module, input_shape: tuple, path: Path, opset: int, fold: bool = True,
+                 metadata: dict[str, str] | None = None) -> None:
     """`module` as an ONNX graph with a dynamic batch (`images` -> `logits`), written atomically.
     `fold=False` keeps every state-dict tensor as an initializer under its own name."""
     import onnx
 
-    _atomic(path, lambda tmp: (_export(module, input_shape, tmp, opset, fold), onnx.checker.check_model(str(tmp))))
+    def write(tmp: Path) -> None:
+        _export(module, input_shape, tmp, opset, fold)
+        model = onnx.load(str(tmp))
+        _annotate(model, metadata)
+        onnx.checker.check_model(model)
+        onnx.save(model, str(tmp))
+
+    _atomic(path, write)
+
+
+def _annotate(model, metadata: dict[str, str] | None) -> None:
+    for key, value in (metadata or {}).items():
+        entry = model.metadata_props.add()
+        entry.key, entry.value = key, value
 
 
 UINT4_OPSET = 21  # the first opset with 4-bit tensors
 
 
-def export_weights(module: torch.nn.Module, file: ModelFile, path: Path, opset: int) -> int:
+def export_weights(module: torch.nn.Module, file: ModelFile, path: Path, opset: int,
+                   metadata: dict[str, str] | None = None) -> int:
     """The `weights` form of `file` (whose module is `module`); returns how many tensors ship as codes.
     A file with codes of 4 bits or fewer is exported at opset 20 and declared 21."""
     import onnx
@@ -59,6 +82,7 @@ def export_weights(module: torch.nn.Module, file: ModelFile, path: Path, opset: 
                 if entry.domain in ("", "ai.onnx"):
                     entry.version = max(entry.version, UINT4_OPSET)
             model.ir_version = max(model.ir_version, 10)
+        _annotate(model, metadata)
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
 

@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import Field
 
-from ..deploy.onnx_export import export_float, export_weights
+from ..deploy.onnx_export import describe, export_float, export_weights
 from ..files import atomic_write
 from ..weights import ModelFile
 from .base import StepConfig, StepKind, StepResult, register
@@ -45,10 +45,11 @@ class Export(StepKind):
                 onnx_path = step_dir / f"{cfg.model}.onnx"
                 file = ModelFile(slot.weights)
                 module = file.build(slot.model).cpu().eval()
+                meta = describe(slot.model.input_shape, ctx.data().classes)
                 if cfg.format == "weights":
-                    export_weights(module, file, onnx_path, cfg.opset)
+                    export_weights(module, file, onnx_path, cfg.opset, meta)
                 else:
-                    export_float(module, slot.model.input_shape, onnx_path, cfg.opset)
+                    export_float(module, slot.model.input_shape, onnx_path, cfg.opset, metadata=meta)
                 metrics["onnx_bytes"] = onnx_path.stat().st_size
                 files.append(f"steps/{cfg.name}/{onnx_path.name}")
             ctx.log(f"{cfg.name}: {target} ({metrics['file_bytes']:,} bytes)"
