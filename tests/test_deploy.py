@@ -162,3 +162,21 @@ def test_the_readme_inference_script_runs_the_exported_file_with_onnxruntime_num
             expected = classes[int(model(x).argmax())]
         agree += proc.stdout.strip() == expected
     assert agree == len(images)
+
+
+@pytest.mark.slow
+def test_a_torchvision_spec_exports_without_reading_the_files_embedded_spec(tmp_path, monkeypatch):
+    """The export step passes the run's model: the teacher's file (a torchvision spec, which ModelFile
+    refuses to rebuild from itself without NCCOMPILE_TRUST_TORCHVISION) exports as any other."""
+    monkeypatch.delenv("NCCOMPILE_TRUST_TORCHVISION", raising=False)
+    model = compiler.compile_spec(SPECS / "teacher.spec", input_shape=(3, 32, 32), params={"classes": 10})
+    module = compiler.build_module(model)
+    save_model(module, model, tmp_path / "t.safetensors", "fp16")
+    file = ModelFile(tmp_path / "t.safetensors")
+    built = file.build(model)
+    assert export_weights(built, file, tmp_path / "t.onnx", 17, model=model) == 0  # fp16: nothing to ship as codes
+    x = torch.rand(2, 3, 32, 32)
+    with torch.no_grad():
+        expected = built(x).numpy()
+    got = _session(tmp_path / "t.onnx").run(None, {"images": x.numpy()})[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())

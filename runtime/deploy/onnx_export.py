@@ -23,6 +23,7 @@ import numpy as np
 import torch
 
 from compiler import fileformat
+from compiler.tree import Model
 
 from ..quant.codes import unpack_bits
 from ..weights import ModelFile
@@ -63,28 +64,30 @@ UINT4_OPSET = 21  # the first opset with 4-bit tensors
 
 
 def export_weights(module: torch.nn.Module, file: ModelFile, path: Path, opset: int,
-                   metadata: dict[str, str] | None = None) -> int:
-    """The `weights` form of `file` (whose module is `module`); returns how many tensors ship as codes.
-    A file with codes of 4 bits or fewer is exported at opset 20 and declared 21."""
+                   metadata: dict[str, str] | None = None, model: Model | None = None) -> int:
+    """The `weights` form of `file` (whose module is `module`, built from `model`: by default the file's
+    embedded spec); returns how many tensors ship as codes. A file with codes of 4 bits or fewer is
+    exported at opset 20 and declared 21."""
     import onnx
 
+    model = model or file.model()
     shipped = 0
     formats = [file.format] + [fileformat.parse_format(f) for _, f in file.format.overrides]
     packed = any(f.quantized and f.bits <= 4 for f in formats)
 
     def write(tmp: Path) -> None:
         nonlocal shipped
-        _export(module, file.model().input_shape, tmp, max(opset, 20) if packed else opset, fold=False)
-        model = onnx.load(str(tmp))
-        shipped = _ship_codes(model.graph, file)
+        _export(module, model.input_shape, tmp, max(opset, 20) if packed else opset, fold=False)
+        proto = onnx.load(str(tmp))
+        shipped = _ship_codes(proto.graph, file, model)
         if packed:
-            for entry in model.opset_import:
+            for entry in proto.opset_import:
                 if entry.domain in ("", "ai.onnx"):
                     entry.version = max(entry.version, UINT4_OPSET)
-            model.ir_version = max(model.ir_version, 10)
-        _annotate(model, metadata)
-        onnx.checker.check_model(model)
-        onnx.save(model, str(tmp))
+            proto.ir_version = max(proto.ir_version, 10)
+        _annotate(proto, metadata)
+        onnx.checker.check_model(proto)
+        onnx.save(proto, str(tmp))
 
     _atomic(path, write)
     return shipped
@@ -122,11 +125,11 @@ def _codes_tensor(codes: np.ndarray, bits: int, name: str):
                               raw=True)
 
 
-def _ship_codes(graph, file: ModelFile) -> int:
+def _ship_codes(graph, file: ModelFile, model: Model) -> int:
     """Replace each initializer the file quantized by its codes and the nodes that decode them."""
     from onnx import TensorProto, helper, numpy_helper
 
-    shapes = dict(fileformat.weight_tensors(file.model(), file.format.fold_bn))
+    shapes = dict(fileformat.weight_tensors(model, file.format.fold_bn))
     lay = fileformat.layout([(k, tuple(shapes[k])) for k in file.stored if k != fileformat.RANGES], file.format)
     ranges = file.stored.get(fileformat.RANGES)
     entries = {e.name: e for e in lay.entries if e.rows is not None}

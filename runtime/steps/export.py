@@ -47,7 +47,7 @@ class Export(StepKind):
                 module = file.build(slot.model).cpu().eval()
                 meta = describe(slot.model.input_shape, ctx.data().classes)
                 if cfg.format == "weights":
-                    export_weights(module, file, onnx_path, cfg.opset, meta)
+                    export_weights(module, file, onnx_path, cfg.opset, meta, slot.model)
                 else:
                     export_float(module, slot.model.input_shape, onnx_path, cfg.opset, metadata=meta)
                 metrics["onnx_bytes"] = onnx_path.stat().st_size
