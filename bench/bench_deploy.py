@@ -20,7 +20,7 @@ on the same images:
 
 For each: file bytes, top-1 accuracy on the validation images, and the median latency of one
 forward pass at batch 1 and 32, with 1 thread and with every core (torch.set_num_threads /
-ORT intra-op threads). Needs `pip install -e '.[deploy]'` (onnxruntime).
+ORT intra-op threads).
 
 Run: python bench/bench_deploy.py [--size 32] [--per-class 300] [--epochs 5] [--runs 50]
 """

@@ -117,6 +117,9 @@ def test_the_export_step_writes_the_weights_form(tmp_path, capsys, in_root):
     metrics = {s["name"]: s["metrics"] for s in json.loads((out / "report.json").read_text())["steps"]}["export"]
     onnx_path = out / "steps" / "export" / "student.onnx"
     assert metrics["onnx_bytes"] == onnx_path.stat().st_size < 1.1 * metrics["file_bytes"]
+    latency = metrics["onnx_latency_ms"]  # the shipped file's, in ONNX Runtime, beside the float export's
+    assert set(latency) == {"weights", "float"} and all(v > 0 for v in latency.values())
+    assert "ms for the float export" in capsys.readouterr().out
     file = ModelFile(out / "steps" / "export" / "student.safetensors")
     x = torch.rand(4, 3, 16, 16)
     with torch.no_grad():

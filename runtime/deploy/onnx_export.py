@@ -161,3 +161,28 @@ def _ship_codes(graph, file: ModelFile, model: Model) -> int:
     del graph.node[:]
     graph.node.extend(nodes + body)
     return len(nodes) // 4
+
+
+def ort_latency_ms(path: Path, input_shape: tuple, runs: int = 50) -> float | None:
+    """Median milliseconds of one batch-1 inference of the ONNX file in ONNX Runtime on the CPU, one thread
+    (after session creation, where the `weights` form is expanded, and 3 warm-ups); None without
+    onnxruntime installed."""
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    import statistics
+    import time
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = opts.inter_op_num_threads = 1
+    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    x = {"images": np.random.default_rng(0).random((1, *input_shape), dtype=np.float32)}
+    for _ in range(3):
+        session.run(None, x)
+    times = []
+    for _ in range(runs):
+        start = time.perf_counter()
+        session.run(None, x)
+        times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1000

@@ -1,11 +1,13 @@
 """`export`: the model file (as it is: fp32 or quantized) plus an ONNX graph of the model."""
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
 from typing import Literal
 
 from pydantic import Field
 
-from ..deploy.onnx_export import describe, export_float, export_weights
+from ..deploy.onnx_export import describe, export_float, export_weights, ort_latency_ms
 from ..files import atomic_write
 from ..weights import ModelFile
 from .base import StepConfig, StepKind, StepResult, register
@@ -54,4 +56,26 @@ class Export(StepKind):
                 files.append(f"steps/{cfg.name}/{onnx_path.name}")
             ctx.log(f"{cfg.name}: {target} ({metrics['file_bytes']:,} bytes)"
                     + (f" and {cfg.model}.onnx ({metrics['onnx_bytes']:,} bytes)" if cfg.onnx else ""))
+            if cfg.onnx:
+                self._latency(cfg, ctx, module, onnx_path, slot.model.input_shape, metrics)
         return StepResult(metrics=metrics, files=files)
+
+    @staticmethod
+    def _latency(cfg, ctx, module, onnx_path, input_shape, metrics) -> None:
+        """The written file's latency in ONNX Runtime next to the float export's (the yardstick a deployment
+        would otherwise use), batch 1, one thread."""
+        shipped = ort_latency_ms(onnx_path, input_shape)
+        if shipped is None:
+            ctx.log(f"{cfg.name}: latency not measured: onnxruntime is not installed")
+            return
+        if cfg.format == "float":
+            metrics["onnx_latency_ms"] = {"float": shipped}
+            ctx.log(f"{cfg.name}: ONNX Runtime, batch 1, 1 thread: {shipped:.3f} ms")
+            return
+        with tempfile.TemporaryDirectory(dir=onnx_path.parent) as tmp:
+            reference = Path(tmp) / "float.onnx"
+            export_float(module, input_shape, reference, cfg.opset)
+            float_ms = ort_latency_ms(reference, input_shape)
+        metrics["onnx_latency_ms"] = {cfg.format: shipped, "float": float_ms}
+        ctx.log(f"{cfg.name}: ONNX Runtime, batch 1, 1 thread: {shipped:.3f} ms ({float_ms:.3f} ms for the float "
+                f"export, {shipped / float_ms:.2f}x)")
