@@ -163,10 +163,11 @@ def _ship_codes(graph, file: ModelFile, model: Model) -> int:
     return len(nodes) // 4
 
 
-def ort_latency_ms(path: Path, input_shape: tuple, runs: int = 50) -> float | None:
-    """Median milliseconds of one batch-1 inference of the ONNX file in ONNX Runtime on the CPU, one thread
-    (after session creation, where the `weights` form is expanded, and 3 warm-ups); None without
-    onnxruntime installed."""
+def ort_latency_ms(paths: list[Path], input_shape: tuple, rounds: int = 10, runs: int = 20) -> list[float] | None:
+    """Median milliseconds of one batch-1 inference of each ONNX file in ONNX Runtime on the CPU, one
+    thread, after session creation (where the `weights` form is expanded) and 3 warm-ups. The files take
+    turns, `runs` inferences each per round, so a slower moment of the machine weighs on all of them
+    alike. None without onnxruntime installed."""
     try:
         import onnxruntime as ort
     except ImportError:
@@ -176,13 +177,16 @@ def ort_latency_ms(path: Path, input_shape: tuple, runs: int = 50) -> float | No
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
-    session = ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+    sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
     x = {"images": np.random.default_rng(0).random((1, *input_shape), dtype=np.float32)}
-    for _ in range(3):
-        session.run(None, x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        session.run(None, x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    times: list[list[float]] = [[] for _ in sessions]
+    for session in sessions:
+        for _ in range(3):
+            session.run(None, x)
+    for _ in range(rounds):
+        for session, spent in zip(sessions, times):
+            for _ in range(runs):
+                start = time.perf_counter()
+                session.run(None, x)
+                spent.append(time.perf_counter() - start)
+    return [statistics.median(t) * 1000 for t in times]
