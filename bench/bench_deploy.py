@@ -1,4 +1,4 @@
-"""Deployed forms of the student side by side (issue 25's measurements, before any deploy code).
+"""Deployed forms of the student side by side: what a user could ship, and what nccompile ships.
 
 One process: the student is trained by nccompile (`train` then `quantize` int8, the course's 8-bit
 file) on cifar10-mini at --size, then every form a user could ship is built from that model and run
@@ -14,15 +14,17 @@ on the same images:
                       (`session.disable_quant_qdq`): constant folding expands the weights once, at load
   ort int8 Cast/Mul   the same codes expanded by Cast -> Mul(scale) -> Add(min), the file format's own
                       arithmetic: plain ops on constants, which ORT's default session folds at load
-  ort file codes      the model file's own codes and ranges (per tensor, as the course's int8 file) in an
-                      export that keeps BatchNorm, expanded by Cast -> Div(255) -> Mul(max - min) -> Add(min):
-                      grid_values' order of operations, so the weights are those the file decodes to
+  nccompile weights   the export step's `format: weights` (runtime.deploy.export_weights): the model
+                      file's own codes and ranges (per tensor, as the course's int8 file), expanded by
+                      Cast -> Div(255) -> Mul(max - min) -> Add(min), grid_values' order of operations
 
 For each: file bytes, top-1 accuracy on the validation images, and the median latency of one
 forward pass at batch 1 and 32, with 1 thread and with every core (torch.set_num_threads /
 ORT intra-op threads).
 
 Run: python bench/bench_deploy.py [--size 32] [--per-class 300] [--epochs 5] [--runs 50]
+     [--zoo mobilenet_v2,resnet50 [--zoo-size 224] [--zoo-runs 5]] [--no-student]
+The zoo tables use initial weights (no accuracy), the same forms but the per-channel DequantizeLinear ones.
 """
 from __future__ import annotations
 
@@ -41,6 +43,8 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
 
+import compiler  # noqa: E402
+from runtime.deploy.onnx_export import export_float, export_weights  # noqa: E402
 from runtime.quant.int8 import integer_model  # noqa: E402
 from runtime.run.runner import Options, run  # noqa: E402
 from runtime.weights import ModelFile  # noqa: E402
@@ -79,16 +83,6 @@ def _median_ms(fn, runs: int) -> float:
         fn()
         times.append(time.perf_counter() - t)
     return statistics.median(times) * 1000
-
-
-def _export(module: torch.nn.Module, shape: tuple, path: Path) -> None:
-    import warnings
-
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(1, *shape),), str(path), dynamo=False, opset_version=17,
-                          input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
 
 
 def _weights_form(float_path: Path, path: Path, cast: bool = False) -> None:
@@ -135,53 +129,6 @@ def _weights_form(float_path: Path, path: Path, cast: bool = False) -> None:
     onnx.save(model, str(path))
 
 
-def _file_codes_form(module: torch.nn.Module, file: ModelFile, shape: tuple, path: Path) -> None:
-    """The model file's codes and ranges as initializers, each tensor expanded as grid_values computes it."""
-    import warnings
-
-    import onnx
-    from onnx import helper, numpy_helper
-
-    from compiler import fileformat
-
-    raw = path.with_suffix(".raw.onnx")
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(1, *shape),), str(raw), dynamo=False, opset_version=17,
-                          do_constant_folding=False, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-    model = onnx.load(str(raw))
-    raw.unlink()
-    graph = model.graph
-    names = [k for k in file.stored if k != fileformat.RANGES]
-    lay = fileformat.layout([(k, tuple(file.stored[k].shape)) for k in names], file.format)
-    ranges = file.stored.get(fileformat.RANGES)
-    quantized = {e.name: e for e in lay.entries if e.rows is not None and e.bits == 8}
-    keep, nodes = [], []
-    for init in graph.initializer:
-        e = quantized.get(init.name)
-        if e is None or e.rows[1] - e.rows[0] != 1:
-            keep.append(init)
-            continue
-        lo, hi = ranges[e.rows[0]].tolist()
-        n = init.name
-        keep += [numpy_helper.from_array(file.stored[n].numpy(), f"{n}.codes"),
-                 numpy_helper.from_array(np.array(255, np.float32), f"{n}.levels"),
-                 numpy_helper.from_array(np.array(hi - lo, np.float32), f"{n}.span"),
-                 numpy_helper.from_array(np.array(lo, np.float32), f"{n}.min")]
-        nodes += [helper.make_node("Cast", [f"{n}.codes"], [f"{n}.f"], to=onnx.TensorProto.FLOAT),
-                  helper.make_node("Div", [f"{n}.f", f"{n}.levels"], [f"{n}.u"]),
-                  helper.make_node("Mul", [f"{n}.u", f"{n}.span"], [f"{n}.s"]),
-                  helper.make_node("Add", [f"{n}.min", f"{n}.s"], [n])]
-    del graph.initializer[:]
-    graph.initializer.extend(keep)
-    old = list(graph.node)
-    del graph.node[:]
-    graph.node.extend(nodes + old)
-    onnx.checker.check_model(model)
-    onnx.save(model, str(path))
-
-
 def _qdq_static(float_path: Path, path: Path, calibration: torch.Tensor) -> None:
     from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
     from onnxruntime.quantization.shape_inference import quant_pre_process
@@ -202,7 +149,6 @@ def _qdq_static(float_path: Path, path: Path, calibration: torch.Tensor) -> None
 
 def _measure(fp32, int8_file: Path, size: int, tmp: Path, runs: int, accuracy: bool) -> tuple[list[dict], int]:
     """Every form at one input size: its bytes, accuracy (at the training size) and latencies."""
-    import onnxruntime as ort
 
     shape = (3, size, size)
     val_x, val_y = _images(DATA, size, "val")
@@ -211,11 +157,13 @@ def _measure(fp32, int8_file: Path, size: int, tmp: Path, runs: int, accuracy: b
     float_onnx, qdq_onnx = tmp / f"fp32-{size}.onnx", tmp / f"qdq-{size}.onnx"
     weights_onnx, cast_onnx = tmp / f"weights-{size}.onnx", tmp / f"cast-{size}.onnx"
     codes_onnx = tmp / f"codes-{size}.onnx"
-    _export(fp32, shape, float_onnx)
+    export_float(fp32, shape, float_onnx, 17)
     _qdq_static(float_onnx, qdq_onnx, calib)
     _weights_form(float_onnx, weights_onnx)
     _weights_form(float_onnx, cast_onnx, cast=True)
-    _file_codes_form(fp32, ModelFile(int8_file), shape, codes_onnx)
+    file = ModelFile(int8_file)
+    at_size = compiler.compile_spec(ROOT / "specs/student.spec", input_shape=shape, params=file.model().params)
+    export_weights(file, codes_onnx, at_size)
     fx, float_layers = integer_model(fp32, [calib[i:i + 8] for i in range(0, 64, 8)])
 
     def torch_form(module):
@@ -232,7 +180,14 @@ def _measure(fp32, int8_file: Path, size: int, tmp: Path, runs: int, accuracy: b
         forms[name] = {"bytes": path.stat().st_size, "path": path}
     forms["... folded"] = {**forms["ort int8 weights"], "config": {"session.disable_quant_qdq": "1"}}
     forms["ort int8 Cast/Mul"] = {"bytes": cast_onnx.stat().st_size, "path": cast_onnx}
-    forms["ort file codes"] = {"bytes": codes_onnx.stat().st_size, "path": codes_onnx}
+    forms["nccompile weights"] = {"bytes": codes_onnx.stat().st_size, "path": codes_onnx}
+
+    return _time_forms(forms, val_x, val_y, runs, accuracy), len(float_layers)
+
+
+def _time_forms(forms: dict, val_x: torch.Tensor, val_y: torch.Tensor | None, runs: int, accuracy: bool) -> list[dict]:
+    """Bytes, accuracy, max logit difference to the first form, and latencies of every form."""
+    import onnxruntime as ort
 
     cores = os.cpu_count() or 1
     rows, reference = [], None
@@ -263,7 +218,52 @@ def _measure(fp32, int8_file: Path, size: int, tmp: Path, runs: int, accuracy: b
                 row[f"b{batch} t{threads}"] = _median_ms(lambda x=x, predict=predict: predict(x), runs)
         rows.append(row)
     torch.set_num_threads(cores)
-    return rows, len(float_layers)
+    return rows
+
+
+def _measure_zoo(name: str, size: int, tmp: Path, runs: int) -> tuple[list[dict], int]:
+    """A zoo spec with initial weights (statistics made non-trivial): every form but accuracy."""
+    from runtime.weights import save_model
+    from tests.measure import trained_like
+
+    model = compiler.compile_spec(ROOT / "specs" / "zoo" / f"{name}.spec", input_shape=(3, size, size),
+                                  params={"classes": 10})
+    fp32 = trained_like(compiler.build_module(model))
+    int8_file = tmp / f"{name}.safetensors"
+    save_model(fp32, model, int8_file, "int8")
+    file = ModelFile(int8_file)
+    fp32 = file.build(model).eval()  # the weights the file decodes to, as in the student's table
+    val_x, _ = _images(DATA, size, "val", limit=4)
+    calib, _ = _images(DATA, size, "train", limit=2)
+    float_onnx, qdq_onnx, codes_onnx = tmp / f"{name}-fp32.onnx", tmp / f"{name}-qdq.onnx", tmp / f"{name}-w.onnx"
+    export_float(fp32, model.input_shape, float_onnx, 17)
+    _qdq_static(float_onnx, qdq_onnx, calib[:16])
+    export_weights(file, codes_onnx, model)
+    fx, float_layers = integer_model(fp32, [calib[i:i + 8] for i in range(0, 16, 8)])
+
+    def torch_form(module):
+        def predict(x):
+            with torch.no_grad():
+                return module(x)
+        return predict
+
+    forms = {"torch fp32": {"bytes": int8_file.stat().st_size, "predict": torch_form(fp32)},
+             "torch FX int8": {"bytes": None, "predict": torch_form(fx)},
+             "ort fp32": {"bytes": float_onnx.stat().st_size, "path": float_onnx},
+             "ort QDQ static": {"bytes": qdq_onnx.stat().st_size, "path": qdq_onnx},
+             "nccompile weights": {"bytes": codes_onnx.stat().st_size, "path": codes_onnx}}
+    return _time_forms(forms, val_x, None, runs, False), len(float_layers)
+
+
+def _student_tables(args, tmp: Path) -> list[tuple]:
+    recipe = tmp / "deploy.yaml"
+    recipe.write_text(RECIPE.format(per_class=args.per_class, size=args.size, epochs=args.epochs))
+    out = tmp / "run"
+    assert run(Options(str(ROOT / "specs/student.spec"), str(recipe), data=str(DATA), out=str(out))) == 0
+    int8_file = out / "steps" / "quantize" / "model.safetensors"
+    fp32 = ModelFile(int8_file).build().eval()
+    return [(f"student {size}x{size}", *_measure(fp32, int8_file, size, tmp, args.runs, size == args.size))
+            for size in map(int, args.sizes.split(","))]
 
 
 def main() -> int:
@@ -273,6 +273,10 @@ def main() -> int:
     parser.add_argument("--per-class", type=int, default=300)
     parser.add_argument("--epochs", type=int, default=5)
     parser.add_argument("--runs", type=int, default=50)
+    parser.add_argument("--zoo", default="", help="zoo specs to add, e.g. mobilenet_v2,resnet50 (initial weights)")
+    parser.add_argument("--zoo-size", type=int, default=224)
+    parser.add_argument("--zoo-runs", type=int, default=5)
+    parser.add_argument("--no-student", action="store_true", help="only the zoo tables")
     args = parser.parse_args()
     import onnxruntime as ort
 
@@ -280,20 +284,15 @@ def main() -> int:
     cores = os.cpu_count() or 1
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
-        recipe = tmp / "deploy.yaml"
-        recipe.write_text(RECIPE.format(per_class=args.per_class, size=args.size, epochs=args.epochs))
-        out = tmp / "run"
-        assert run(Options(str(ROOT / "specs/student.spec"), str(recipe), data=str(DATA), out=str(out))) == 0
-        int8_file = out / "steps" / "quantize" / "model.safetensors"
-        fp32 = ModelFile(int8_file).build().eval()
-        tables = [(size, *_measure(fp32, int8_file, size, tmp, args.runs, size == args.size))
-                  for size in map(int, args.sizes.split(","))]
+        tables = [] if args.no_student else _student_tables(args, tmp)
+        tables += [(f"{name} {args.zoo_size}x{args.zoo_size}", *_measure_zoo(name, args.zoo_size, tmp, args.zoo_runs))
+                   for name in filter(None, args.zoo.split(","))]
 
     print(f"\nstudent trained at {args.size}x{args.size} on cifar10-mini ({args.per_class} per class, {args.epochs} "
           f"epochs), 2,000 validation images; {cores} cores; torch {torch.__version__}, onnxruntime {ort.__version__}")
     keys = [f"b{b} t{t}" for b in (1, 32) for t in (1, cores)]
-    for size, rows, float_layers in tables:
-        print(f"\n{size}x{size} (FX int8 layers left in float: {float_layers}); median ms of one forward pass")
+    for title, rows, float_layers in tables:
+        print(f"\n{title} (FX int8 layers left in float: {float_layers}); median ms of one forward pass")
         print("| form | bytes | accuracy | max logit diff | " + " | ".join(f"{k} ms" for k in keys) + " |")
         print("|---|---:|---:|---:|" + "---:|" * len(keys))
         base = next(r for r in rows if r["form"] == "ort fp32")

@@ -58,6 +58,7 @@ class Analysis:
     budgets: list[BudgetResult]
     rows: list[Row]
     param_values: dict
+    onnx_bytes: dict[str, int] = field(default_factory=dict)  # the deployed ONNX file, for formats budgets name
 
     @property
     def ok(self) -> bool:
@@ -66,7 +67,8 @@ class Analysis:
     def to_json(self) -> dict:
         return {"model": self.model, "spec": self.spec, "input": list(self.input), "params": self.params,
                 "buffers": self.buffers, "macs": self.macs, "activations": self.activations,
-                "bytes": dict(self.bytes), "budgets": [b.to_json() for b in self.budgets],
+                "bytes": dict(self.bytes), "onnx_bytes": dict(self.onnx_bytes),
+                "budgets": [b.to_json() for b in self.budgets],
                 "ok": self.ok, "param_values": self.param_values, "layers": [r.to_json() for r in self.rows]}
 
 
@@ -103,10 +105,24 @@ def _top(root: Node, metric: str, fmt: WeightFormat | None, n: int = 3) -> list[
     return sorted(values, key=lambda item: -item[2])[:n]
 
 
+def onnx_key(fmt: str) -> str:
+    """How measured sizes name the deployed ONNX file of a weight format: `onnx(int8)`."""
+    return f"onnx({format_key(fmt)})"
+
+
+def predicted_onnx_bytes(model: Model, fmt: str) -> int:
+    """The ONNX file the export step writes (`format: weights`) from a model file of format `fmt`, before
+    the run's class names join its metadata (the export step checks the written file again)."""
+    from .onnxgraph import predicted_bytes as onnx_bytes  # imports onnx: only for the budgets that name it
+
+    return onnx_bytes(model, fmt)
+
+
 def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: bool = True) -> list[BudgetResult]:
     """Every budget of the spec against its value: predicted from the spec, or for file sizes the
-    `measured_bytes` of written files (format name -> bytes) where given. The one budget evaluator.
-    `top=False` leaves out the largest contributors (a search checks thousands of configurations)."""
+    `measured_bytes` of written files (format name, or `onnx(format)`, -> bytes) where given. The one
+    budget evaluator. `top=False` leaves out the largest contributors (a search checks thousands of
+    configurations)."""
     root = model.root
     out = []
     for b in model.definition.budgets:
@@ -115,6 +131,9 @@ def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: boo
         if b.metric == "bytes":
             value = (measured_bytes or {}).get(format_key(b.format))
             value = predicted_bytes(model, b.format) if value is None else value
+        elif b.metric == "onnx":
+            value = (measured_bytes or {}).get(onnx_key(b.format))
+            value = predicted_onnx_bytes(model, b.format) if value is None else value
         else:  # walked only for the budgets that need it
             value = root.params if b.metric == "params" else root.total_macs
         whole = isinstance(limit, float) and limit.is_integer() and abs(limit) < 1e18  # `1e6` reads as 1,000,000
@@ -132,8 +151,12 @@ def analyse(model: Model) -> Analysis:
     for b in model.definition.budgets:  # any other format a budget names
         if b.metric == "bytes" and b.format not in byte_sizes:
             byte_sizes[b.format] = predicted_bytes(model, b.format)
+    onnx_sizes = {format_key(b.format): predicted_onnx_bytes(model, b.format)
+                  for b in model.definition.budgets if b.metric == "onnx"}
+    measured = {onnx_key(f): n for f, n in onnx_sizes.items()}
     totals = {"params": root.params, "macs": root.total_macs}
     leaves = root.leaves()
     return Analysis(model.name, model.spec.path, model.input_shape, totals["params"], root.buffers, totals["macs"],
-                    sum(math.prod(n.out_shape) for n in leaves if n is not root), byte_sizes, budgets(model),
-                    _rows(root, spec_format(model) if model.definition.precision else None), dict(model.params))
+                    sum(math.prod(n.out_shape) for n in leaves if n is not root), byte_sizes, budgets(model, measured),
+                    _rows(root, spec_format(model) if model.definition.precision else None), dict(model.params),
+                    onnx_sizes)

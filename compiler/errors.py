@@ -29,6 +29,10 @@ class BudgetError(NcError):
         self.failures = tuple(failures)
 
 
+class ExportError(NcError):
+    """The model cannot be written as ONNX by nccompile's writer (an op without an ONNX form)."""
+
+
 class UsageError(NcError):
     """Bad command-line usage (unknown option value, missing file, ...)."""
 

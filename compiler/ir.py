@@ -141,14 +141,13 @@ class ParamDecl(IRNode):
 
 
 class Budget(IRNode):
-    metric: str          # params | macs | bytes
-    format: str | None = None  # for bytes: fp32 | fp16 | int8
+    metric: str          # params | macs | bytes (the model file) | onnx (the deployed ONNX file)
+    format: str | None = None  # for bytes and onnx: the model file's weight format (fp32 | int8 | spec | ...)
     limit: Expr
 
     @property
     def title(self) -> str:
-        metric = f"bytes({self.format})" if self.format else self.metric
-        return metric
+        return f"{self.metric}({self.format})" if self.format else self.metric
 
 
 class BlockDef(IRNode):

@@ -37,6 +37,9 @@ def table(a: Analysis, max_depth: int | None = None) -> str:
            f"MACs:         {a.macs:,} ({human(a.macs)}) per sample",
            f"Activations:  {a.activations:,} elements per sample",
            "File bytes:   " + "   ".join(f"{fmt} {n:,}" for fmt, n in a.bytes.items())]
+    if a.onnx_bytes:  # the deployed file, for the formats an `onnx(...)` budget names
+        out.append("ONNX bytes:   " + "   ".join(f"{fmt} {n:,}" for fmt, n in a.onnx_bytes.items())
+                   + "   (export format: weights; plus the class names' metadata)")
     if a.budgets:
         out.append("Budgets:")
         for b in a.budgets:

@@ -17,7 +17,8 @@ from .ops import LAYERS, REQUIRED
 from .space import SpaceError, space_of
 
 PARAM_TYPES = ("int", "float", "bool")
-BUDGET_METRICS = ("params", "macs", "bytes")
+BUDGET_METRICS = ("params", "macs", "bytes", "onnx")  # onnx: the deployed ONNX file (`weights` form)
+FILE_METRICS = ("bytes", "onnx")
 RESERVED_LABELS = ("body", "shortcut")
 IN_CHANNELS = "in_channels"  # in a block: the channel count of the input it receives
 _LABEL = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -120,14 +121,16 @@ class _Validator:
         if b.metric not in BUDGET_METRICS:
             self.diags.error(f"unknown budget `{b.metric}`", b.span, expected=", ".join(BUDGET_METRICS),
                              hint=did_you_mean(b.metric, BUDGET_METRICS))
-        elif b.metric == "bytes" and b.format == "spec" and not has_precision:
-            self.diags.error("`bytes(spec)` needs a `precision` section in the model", b.span,
+        elif b.metric in FILE_METRICS and b.format == "spec" and not has_precision:
+            self.diags.error(f"`{b.metric}(spec)` needs a `precision` section in the model", b.span,
                              hint="add e.g. `precision int4-channel { \"fc\": int8 }`, or name a format")
-        elif b.metric == "bytes" and b.format != "spec" and not (b.format and is_format(b.format)):
-            what = f"unknown weight format `{b.format}`" if b.format else "a bytes budget needs a weight format"
-            self.diags.error(what, b.span, expected=f"bytes(FORMAT) with FORMAT one of {FORMAT_HELP}",
+        elif b.metric in FILE_METRICS and b.format != "spec" and not (b.format and is_format(b.format)):
+            what = (f"unknown weight format `{b.format}`" if b.format
+                    else f"an `{b.metric}` budget needs the model file's weight format" if b.metric == "onnx"
+                    else f"a `{b.metric}` budget needs the model file's weight format")
+            self.diags.error(what, b.span, expected=f"{b.metric}(FORMAT) with FORMAT one of {FORMAT_HELP}",
                              hint=did_you_mean(b.format or "", self.formats))
-        elif b.metric != "bytes" and b.format is not None:
+        elif b.metric not in FILE_METRICS and b.format is not None:
             self.diags.error(f"`{b.metric}` takes no weight format", b.span, hint=f"write `budget {b.metric} <= ...`")
         self.expr(b.limit, scope)
 

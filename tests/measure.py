@@ -37,8 +37,9 @@ def trained_like(module: torch.nn.Module, seed: int = 0) -> torch.nn.Module:
     with torch.no_grad():
         for m in module.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
-                m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.05)
-                m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
+                if m.affine:
+                    m.weight.copy_(torch.rand(m.weight.shape, generator=g) + 0.05)
+                    m.bias.copy_(torch.randn(m.bias.shape, generator=g) * 0.1)
                 m.running_mean.copy_(torch.randn(m.running_mean.shape, generator=g) * 0.2)
                 m.running_var.copy_(torch.rand(m.running_var.shape, generator=g) + 0.5)
     return module.eval()

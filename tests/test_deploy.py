@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import compiler
+from compiler import fileformat, onnxgraph
 from compiler.fileformat import parse_format
 from runtime.deploy.onnx_export import export_float, export_weights
 from runtime.weights import ModelFile, save_model
@@ -44,32 +45,40 @@ def _session(path, optimized=None):
     return ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
 
 
+def _ort(path, x: np.ndarray) -> np.ndarray:
+    return _session(path).run(None, {"images": x})[0]
+
+
+def _close(got, expected) -> None:
+    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+
+
 @needs_data
 @pytest.mark.parametrize("spec, fmt", [("student.spec", "int8"), ("student.spec", "int8-channel"),
                                        ("student.spec", "int4"), ("student.spec", "int3-channel"),
                                        ("student.spec", parse_format("int8", fold_bn=True)),
-                                       ("student_4bit.spec", "spec"), ("student.spec", "fp16")])
+                                       ("student_4bit.spec", "spec"), ("student.spec", "fp16"),
+                                       ("student.spec", parse_format("int4", keep=("*.bias",), keep_dtype="F16"))])
 def test_the_weights_form_runs_the_model_files_own_weights_at_load_folded(spec, fmt, tmp_path):
+    import onnx
+
     model, module = _student(spec)
     path = tmp_path / "m.safetensors"
     save_model(module, model, path, fmt)
     file = ModelFile(path)
     rebuilt = file.build()
     onnx_path = tmp_path / "m.onnx"
-    shipped = export_weights(rebuilt, file, onnx_path, 17)
-    import onnx
-
-    floats = [i for i in onnx.load(str(onnx_path)).graph.initializer if i.data_type != onnx.TensorProto.UINT8
-              and i.name in file.stored]
-    if file.format.quantized:  # every weight ships as codes (tensors equal in value are exported once)
-        assert shipped >= 0.9 * (len(file.stored) - 1) and not floats, (shipped, [i.name for i in floats])
-    else:
-        assert shipped == 0 and floats
+    size = export_weights(file, onnx_path)
+    assert size == onnx_path.stat().st_size == onnxgraph.predicted_bytes(model, file.format)
+    inits = onnx.load(str(onnx_path)).graph.initializer
+    codes = [i for i in inits if i.data_type in (onnx.TensorProto.UINT8, onnx.TensorProto.UINT4)]
+    quantized = [e for e in fileformat.model_layout(model, file.format).entries if e.bits is not None]
+    assert len(codes) == len(quantized)  # every quantized tensor ships as its codes
     x = _images()
     with torch.no_grad():
         expected = rebuilt(x).numpy()
     got = _session(onnx_path, tmp_path / "opt.onnx").run(None, {"images": x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    _close(got, expected)
     ops = Counter(n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node)
     assert not ops.keys() & {"Cast", "Div", "DequantizeLinear"}, ops  # expanded once, at session creation
 
@@ -79,9 +88,9 @@ def test_the_8bit_student_ships_under_the_course_budget_and_a_quarter_of_the_flo
     path = tmp_path / "m.safetensors"
     file_bytes = save_model(module, model, path, "int8")
     file = ModelFile(path)
-    export_weights(file.build(), file, tmp_path / "w.onnx", 17)
+    weights_bytes = export_weights(file, tmp_path / "w.onnx")
     export_float(file.build(), model.input_shape, tmp_path / "f.onnx", 17)
-    weights_bytes, float_bytes = (tmp_path / "w.onnx").stat().st_size, (tmp_path / "f.onnx").stat().st_size
+    float_bytes = (tmp_path / "f.onnx").stat().st_size
     assert weights_bytes <= 300_000 and weights_bytes < 1.1 * file_bytes and weights_bytes < 0.3 * float_bytes, (
         weights_bytes, file_bytes, float_bytes)
 
@@ -92,13 +101,104 @@ def test_4bit_codes_ship_packed_two_to_a_byte(tmp_path):
 
     model, module = _student()
     file_bytes = save_model(module, model, tmp_path / "m.safetensors", "int4")
-    file = ModelFile(tmp_path / "m.safetensors")
-    export_weights(file.build(), file, tmp_path / "w.onnx", 17)
+    size = export_weights(ModelFile(tmp_path / "m.safetensors"), tmp_path / "w.onnx")
     graph = onnx.load(str(tmp_path / "w.onnx"))
     assert max(o.version for o in graph.opset_import if o.domain in ("", "ai.onnx")) == 21
-    assert {i.data_type for i in graph.graph.initializer if i.name.endswith(".codes")} == {onnx.TensorProto.UINT4}
-    size = (tmp_path / "w.onnx").stat().st_size
+    assert {i.data_type for i in graph.graph.initializer if i.data_type != onnx.TensorProto.FLOAT} == {
+        onnx.TensorProto.UINT4}
     assert size <= 160_000 and size < 1.15 * file_bytes, (size, file_bytes)
+
+
+ACTIVATIONS_AND_POOLS = """model acts {
+    input 3x17x17
+    conv(8) relu6 gelu silu hardswish hardsigmoid sigmoid tanh leaky_relu(0.2) relu
+    maxpool(kernel=3, stride=2, ceil=true) avgpool(kernel=3, stride=2, padding=1, ceil=true)
+    conv(8, bias=false) bn(affine=false) dropout(0.1) identity
+    adaptive_avgpool(1) flatten linear(16) bn layernorm relu linear(4, bias=false)
+}"""
+
+
+@pytest.mark.parametrize("fmt", ["fp32", "int4"])
+@pytest.mark.parametrize("text", ["every", ACTIVATIONS_AND_POOLS])
+def test_every_op_and_construct_runs_in_onnx_runtime_as_in_torch(text, fmt, tmp_path):
+    """Each op record writes its own ONNX nodes; together they cover every op but torchvision's."""
+    from .test_constructs import EVERY_CONSTRUCT, _trained_like
+
+    model = compiler.compile_source(EVERY_CONSTRUCT if text == "every" else text, "t.spec")
+    module = _trained_like(model)
+    save_model(module, model, tmp_path / "m.safetensors", fmt)
+    file = ModelFile(tmp_path / "m.safetensors")
+    assert export_weights(file, tmp_path / "m.onnx") == onnxgraph.predicted_bytes(model, fmt)
+    x = torch.rand(3, *model.input_shape)
+    with torch.no_grad():
+        _close(_ort(tmp_path / "m.onnx", x.numpy()), file.build()(x).numpy())
+
+
+def test_every_op_but_torchvision_has_an_onnx_form():
+    from compiler.ops import OPS
+
+    assert {name for name, op in OPS.items() if op.onnx is None} == {"torchvision", "tv-part"}
+
+
+def _shipped_specs():
+    zoo = sorted(f"zoo/{p.name}" for p in (SPECS / "zoo").glob("*.spec"))
+    return sorted(p.name for p in SPECS.glob("*.spec")) + zoo
+
+
+@pytest.mark.parametrize("spec", [pytest.param(s, marks=pytest.mark.slow) if s.startswith("zoo/") else s
+                                  for s in _shipped_specs()])
+def test_the_predicted_onnx_bytes_are_the_written_files_for_every_shipped_spec(spec, tmp_path):
+    """From the spec alone (no torch), the `weights` form's size to the byte: with and without the class
+    names, with the preprocessing in the graph, at the spec's own input size."""
+    model = compiler.compile_spec(SPECS / spec)
+    if any(n.op == "torchvision" for n in model.root.walk()):
+        with pytest.raises(onnxgraph.ExportError, match="no ONNX form"):
+            onnxgraph.predicted_bytes(model, "int8")
+        return
+    module = compiler.build_module(model)
+    fmt = "spec" if model.definition.precision is not None else "int8"
+    save_model(module, model, tmp_path / "m.safetensors", fmt)
+    file = ModelFile(tmp_path / "m.safetensors")
+    classes = [f"class {i}" for i in range(model.root.out_shape[0])]
+    pre = onnxgraph.Preprocessing(uint8=True, layout="nhwc", fixed_batch=1)
+    for kwargs in ({}, {"classes": classes, "pre": pre}):
+        size = export_weights(file, tmp_path / "m.onnx", model, **kwargs)
+        assert size == (tmp_path / "m.onnx").stat().st_size == onnxgraph.predicted_bytes(model, fmt, **kwargs)
+
+
+@pytest.mark.parametrize("layout", ["nchw", "nhwc"])
+def test_uint8_images_in_with_the_scaling_in_the_graph(layout, tmp_path):
+    import onnx
+
+    model, module = _student()
+    save_model(module, model, tmp_path / "m.safetensors", "int8")
+    file = ModelFile(tmp_path / "m.safetensors")
+    pre = onnxgraph.Preprocessing(uint8=True, layout=layout, fixed_batch=2)
+    export_weights(file, tmp_path / "m.onnx", pre=pre)
+    images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
+    fed = images.permute(0, 2, 3, 1).contiguous() if layout == "nhwc" else images
+    with torch.no_grad():
+        expected = file.build()(images.float() / 255).numpy()
+    _close(_ort(tmp_path / "m.onnx", fed.numpy()), expected)
+    graph = onnx.load(str(tmp_path / "m.onnx"))
+    dims = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
+    assert dims == ([2, 32, 32, 3] if layout == "nhwc" else [2, 3, 32, 32])  # static: batch 2, as asked
+    meta = {p.key: p.value for p in graph.metadata_props}
+    assert meta["nccompile.input"] == ("32x32x3" if layout == "nhwc" else "3x32x32")
+    assert "uint8" in meta["nccompile.preprocessing"]
+
+
+def test_an_onnx_budget_is_checked_from_the_spec_before_any_training(tmp_path, capsys):
+    from runtime.cli import main
+
+    text = (SPECS / "student.spec").read_text().replace("budget bytes(int8) <= 300_000",
+                                                         "budget onnx(int8) <= 250_000")
+    spec = tmp_path / "s.spec"
+    spec.write_text(text)
+    predicted = onnxgraph.predicted_bytes(compiler.compile_spec(spec), "int8")
+    assert main([str(spec)]) == 1
+    out = capsys.readouterr().out
+    assert f"FAIL  onnx(int8) <= 250,000: {predicted:,}" in out and f"ONNX bytes:   int8 {predicted:,}" in out
 
 
 @pytest.mark.slow
@@ -111,12 +211,18 @@ def test_the_export_step_writes_the_weights_form(tmp_path, capsys, in_root):
     recipe.write_text("name: r\nsteps:\n  - {name: t, kind: train, epochs: 1}\n"
                       "  - {name: q, kind: quantize, format: int8}\n"
                       "  - {name: export, kind: export, format: weights}\n")
+    spec = tmp_path / "s.spec"
+    spec.write_text((SPECS / "student.spec").read_text().replace("budget bytes(int8) <= 300_000",
+                                                                 "budget onnx(int8) <= 300_000"))
     out = tmp_path / "run"
-    assert main(["specs/student.spec", "--recipe", str(recipe), "--input", "3x16x16", "--device", "cpu",
+    assert main([str(spec), "--recipe", str(recipe), "--input", "3x16x16", "--device", "cpu",
                  "--set", "data.limit_per_class=5", "--out", str(out)]) == 0, capsys.readouterr()
     metrics = {s["name"]: s["metrics"] for s in json.loads((out / "report.json").read_text())["steps"]}["export"]
     onnx_path = out / "steps" / "export" / "student.onnx"
-    assert metrics["onnx_bytes"] == onnx_path.stat().st_size < 1.1 * metrics["file_bytes"]
+    assert metrics["onnx_bytes"] == onnx_path.stat().st_size == metrics["onnx_predicted_bytes"]
+    assert metrics["onnx_bytes"] < 1.1 * metrics["file_bytes"]
+    assert metrics["budgets"] == [{"name": "onnx(int8) <= 300,000", "value": metrics["onnx_bytes"], "ok": True,
+                                   "measured_on": "onnx file"}]
     latency = metrics["onnx_latency_ms"]  # the shipped file's, in ONNX Runtime, beside the float export's
     assert set(latency) == {"weights", "float"} and all(v > 0 for v in latency.values())
     assert "ms for the float export" in capsys.readouterr().out
@@ -167,19 +273,20 @@ def test_the_readme_inference_script_runs_the_exported_file_with_onnxruntime_num
     assert agree == len(images)
 
 
-@pytest.mark.slow
-def test_a_torchvision_spec_exports_without_reading_the_files_embedded_spec(tmp_path, monkeypatch):
-    """The export step passes the run's model: the teacher's file (a torchvision spec, which ModelFile
-    refuses to rebuild from itself without NCCOMPILE_TRUST_TORCHVISION) exports as any other."""
+def test_a_torchvision_spec_exports_as_float_and_says_why_not_as_weights(tmp_path, monkeypatch):
+    """The teacher (torchvision's own ResNet18) has no ONNX form in the writer: the `weights` form says
+    so; torch's exporter writes its float form, from the run's model (not the file's embedded spec)."""
     monkeypatch.delenv("NCCOMPILE_TRUST_TORCHVISION", raising=False)
     model = compiler.compile_spec(SPECS / "teacher.spec", input_shape=(3, 32, 32), params={"classes": 10})
     module = compiler.build_module(model)
     save_model(module, model, tmp_path / "t.safetensors", "fp16")
     file = ModelFile(tmp_path / "t.safetensors")
+    with pytest.raises(onnxgraph.ExportError, match="`torchvision` has no ONNX form.*format: float"):
+        export_weights(file, tmp_path / "t.onnx", model)
+    assert not (tmp_path / "t.onnx").exists()
     built = file.build(model)
-    assert export_weights(built, file, tmp_path / "t.onnx", 17, model=model) == 0  # fp16: nothing to ship as codes
+    export_float(built, model.input_shape, tmp_path / "t.onnx", 17)
     x = torch.rand(2, 3, 32, 32)
     with torch.no_grad():
         expected = built(x).numpy()
-    got = _session(tmp_path / "t.onnx").run(None, {"images": x.numpy()})[0]
-    np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-4 * np.abs(expected).max())
+    _close(_ort(tmp_path / "t.onnx", x.numpy()), expected)

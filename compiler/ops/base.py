@@ -79,6 +79,8 @@ class OpRecord:
     factorizable: Callable[[dict], bool] = lambda attrs: True  # with `factor`: whether these attrs can
     channel_scale: Callable[[dict], str | None] = _no_scale    # a per-channel scale tensor that ranks
     # channels for pruning (BatchNorm's gamma, network slimming), or None
+    onnx: Callable | None = None  # (writer, attrs, input name) -> output name: its ONNX nodes
+    # (compiler.onnxgraph.GraphWriter); None: the op cannot be deployed as ONNX
 
     def reshaped(self, attrs: dict, in_shape: tuple, old_out: tuple) -> tuple:
         """The output shape after the input's channels (or `out`) changed."""

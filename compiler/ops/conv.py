@@ -117,5 +117,12 @@ def _factor(a: dict, rank: int):
     return ("conv", first), ("pwconv", {"out": a["out"], "bias": a["bias"]})
 
 
+def _onnx(g, a: dict, x: str) -> str:
+    inputs = [x, g.weight("weight")] + ([g.weight("bias")] if g.has("bias") else [])  # a folded BN's bias too
+    k, p, d, s = a["kernel"], a["padding"], a["dilation"], a["stride"]
+    return g.node("Conv", inputs, kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, dilations=[d, d],
+                  group=a["groups"])
+
+
 OPS = [OpRecord("conv", _emit, _role, _tensors, _macs, _rechannel, fresh=True, folds_bn=True, factor=_factor,
-                factorizable=lambda a: a["groups"] == 1 and a["kernel"] > 1)]
+                factorizable=lambda a: a["groups"] == 1 and a["kernel"] > 1, onnx=_onnx)]

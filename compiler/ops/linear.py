@@ -37,5 +37,9 @@ def _factor(a: dict, rank: int):
     return ("linear", {"out": rank, "bias": False}), ("linear", {"out": a["out"], "bias": a["bias"]})
 
 
+def _onnx(g, a: dict, x: str) -> str:
+    return g.node("Gemm", [x, g.weight("weight")] + ([g.weight("bias")] if g.has("bias") else []), transB=1)
+
+
 OPS = [OpRecord("linear", _emit, role(PRODUCES), _tensors, lambda a, out: a["in"] * a["out"], _rechannel, fresh=True,
-                factor=_factor)]
+                factor=_factor, onnx=_onnx)]

@@ -94,13 +94,45 @@ def _rechannel(a: dict, in_channels: int, out_channels: int) -> None:
     a["channels"] = in_channels
 
 
+def _bn_onnx(g, a: dict, x: str) -> str:
+    if g.folded():  # folded into the conv before it by the model file's format
+        return x
+    c = a["channels"]
+    scale, bias = ((g.weight("weight"), g.weight("bias")) if a["affine"]
+                   else (g.const([1.0] * c), g.const([0.0] * c)))
+    return g.node("BatchNormalization", [x, scale, bias, g.weight("running_mean"), g.weight("running_var")],
+                  epsilon=a["eps"])
+
+
+def _layernorm_onnx(g, a: dict, x: str) -> str:
+    """Over the channels: LayerNorm2d moves them last, normalises, and moves them back."""
+    scale, bias = g.weight("weight"), g.weight("bias")
+    if a["dims"] == 1:
+        return g.node("LayerNormalization", [x, scale, bias], axis=-1, epsilon=a["eps"])
+    x = g.node("Transpose", [x], perm=[0, 2, 3, 1])
+    x = g.node("LayerNormalization", [x, scale, bias], axis=-1, epsilon=a["eps"])
+    return g.node("Transpose", [x], perm=[0, 3, 1, 2])
+
+
+def _groupnorm_onnx(g, a: dict, x: str) -> str:
+    """As torch exports GroupNorm: instance normalisation of each group, then the per-channel affine."""
+    c, h, w = g.layer.in_shape
+    n = a["groups"]
+    x = g.node("Reshape", [x, g.const([0, n, -1], "I64")])
+    x = g.node("InstanceNormalization", [x, g.const([1.0] * n), g.const([0.0] * n)], epsilon=a["eps"])
+    x = g.node("Reshape", [x, g.const([0, c, h, w], "I64")])
+    per_channel = g.const([-1, 1, 1], "I64")
+    x = g.node("Mul", [x, g.node("Reshape", [g.weight("weight"), per_channel])])
+    return g.node("Add", [x, g.node("Reshape", [g.weight("bias"), per_channel])])
+
+
 OPS = [OpRecord("bn", _emit, role(WEIGHTED), _tensors, rechannel=_rechannel, fresh=True,
-                channel_scale=lambda a: "weight" if a["affine"] else None),  # gamma: network slimming
+                channel_scale=lambda a: "weight" if a["affine"] else None, onnx=_bn_onnx),  # gamma: network slimming
        OpRecord("layernorm", lambda node, arg: f"layernorm(eps={number(node.attrs['eps'])})", role(WEIGHTED),
-                _affine, rechannel=_rechannel, fresh=True),
+                _affine, rechannel=_rechannel, fresh=True, onnx=_layernorm_onnx),
        # pruning would have to keep every group's channel count equal: its channels stay tied
        OpRecord("groupnorm", lambda node, arg: f"groupnorm({node.attrs['groups']}, eps={number(node.attrs['eps'])})",
-                role(BLOCKS), _affine, fresh=True),
+                role(BLOCKS), _affine, fresh=True, onnx=_groupnorm_onnx),
        OpRecord("layerscale", lambda node, arg: f"layerscale({number(node.attrs['init'])})", role(WEIGHTED),
                 lambda a: [Tensor("scale", (a["channels"],) + (1, 1) * (a["dims"] == 3))], rechannel=_rechannel,
-                fresh=True)]
+                fresh=True, onnx=lambda g, a, x: g.node("Mul", [x, g.weight("scale")]))]

@@ -2,6 +2,7 @@
 same names. `ceil` is torch's ceil_mode (SqueezeNet's pools)."""
 from __future__ import annotations
 
+from ..errors import ExportError
 from .base import PASSES, ArgSpec, LayerError, LayerKind, OpRecord, boolean, conv_out, image, positive, role
 
 
@@ -73,7 +74,31 @@ LAYER_KINDS = [
               _adaptive,
               check=lambda a: positive(a, "size", "width")),
 ]
-OPS = [OpRecord("maxpool", _emit, role(PASSES), fresh=True), OpRecord("avgpool", _emit, role(PASSES), fresh=True),
-       OpRecord("gap", lambda node, arg: "gap", role(PASSES), fresh=True),
+def _window(op_type: str, **extra):
+    def onnx(g, a: dict, x: str) -> str:
+        k, s, p = a["kernel"], a["stride"], a["padding"]
+        return g.node(op_type, [x], kernel_shape=[k, k], strides=[s, s], pads=[p] * 4, ceil_mode=int(a["ceil"]),
+                      **extra)
+
+    return onnx
+
+
+def _adaptive_onnx(g, a: dict, x: str) -> str:
+    """Global pooling, or equal windows where the size divides the input (as torch's own export)."""
+    _, h, w = g.layer.in_shape
+    oh, ow = a["size"]
+    if (oh, ow) == (1, 1):
+        return g.node("GlobalAveragePool", [x])
+    if h % oh or w % ow:
+        raise ExportError(f"{g.layer.path}: adaptive_avgpool to {oh}x{ow} of a {h}x{w} input has unequal windows, "
+                      "which ONNX cannot express; choose sizes that divide the input")
+    return g.node("AveragePool", [x], kernel_shape=[h // oh, w // ow], strides=[h // oh, w // ow])
+
+
+OPS = [OpRecord("maxpool", _emit, role(PASSES), fresh=True, onnx=_window("MaxPool")),
+       # torch's AvgPool2d counts the padding in its divisor (count_include_pad=True)
+       OpRecord("avgpool", _emit, role(PASSES), fresh=True, onnx=_window("AveragePool", count_include_pad=1)),
+       OpRecord("gap", lambda node, arg: "gap", role(PASSES), fresh=True,
+                onnx=lambda g, a, x: g.node("GlobalAveragePool", [x])),
        OpRecord("adaptive_avgpool", _adaptive_emit, role(PASSES),
-                out_shape=lambda a, in_shape, old: (in_shape[0], *a["size"]), fresh=True)]
+                out_shape=lambda a, in_shape, old: (in_shape[0], *a["size"]), fresh=True, onnx=_adaptive_onnx)]

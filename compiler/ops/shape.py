@@ -58,12 +58,26 @@ LAYER_KINDS = [
 ]
 # A torchvision model is opaque to pruning: its channels are tied (state-dict tensors come from
 # compiler.torchvision_ref, which builds it on the meta device).
+def _shuffle_onnx(g, a: dict, x: str) -> str:
+    """torchvision's channel_shuffle: view as groups, swap the two channel axes, view back (0 keeps the batch)."""
+    c, h, w = g.layer.in_shape
+    n = a["groups"]
+    x = g.node("Reshape", [x, g.const([0, n, c // n, h, w], "I64")])
+    x = g.node("Transpose", [x], perm=[0, 2, 1, 3, 4])
+    return g.node("Reshape", [x, g.const([0, c, h, w], "I64")])
+
+
+def _unchanged(g, a: dict, x: str) -> str:  # identity at inference
+    return x
+
+
 OPS = [OpRecord("flatten", lambda node, arg: "flatten", role(PASSES),
-                out_shape=lambda a, in_shape, old: (math.prod(in_shape),)),
-       OpRecord("dropout", lambda node, arg: f"dropout({number(node.attrs['p'])})", role(PASSES)),
-       OpRecord("droppath", lambda node, arg: f"droppath({number(node.attrs['p'])})", role(PASSES)),
+                out_shape=lambda a, in_shape, old: (math.prod(in_shape),),
+                onnx=lambda g, a, x: g.node("Flatten", [x], axis=1)),
+       OpRecord("dropout", lambda node, arg: f"dropout({number(node.attrs['p'])})", role(PASSES), onnx=_unchanged),
+       OpRecord("droppath", lambda node, arg: f"droppath({number(node.attrs['p'])})", role(PASSES), onnx=_unchanged),
        # it interleaves channel groups: pruning would have to keep them equal, so its channels stay tied
-       OpRecord("shuffle", lambda node, arg: f"shuffle({node.attrs['groups']})", role(BLOCKS)),
-       OpRecord("identity", lambda node, arg: "identity", role(PASSES)),
+       OpRecord("shuffle", lambda node, arg: f"shuffle({node.attrs['groups']})", role(BLOCKS), onnx=_shuffle_onnx),
+       OpRecord("identity", lambda node, arg: "identity", role(PASSES), onnx=_unchanged),
        OpRecord("torchvision", _torchvision, role(BLOCKS)),
        OpRecord("tv-part", _tv_part, role(BLOCKS))]

@@ -5,9 +5,15 @@ import tempfile
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, model_validator
 
-from ..deploy.onnx_export import describe, export_float, export_weights, ort_latency_ms
+from compiler import onnxgraph
+from compiler.analysis import budgets, onnx_key
+from compiler.errors import BudgetError
+from compiler.fileformat import model_format
+from compiler.onnxgraph import Preprocessing, describe
+
+from ..deploy.onnx_export import export_float, export_weights, ort_latency_ms
 from ..files import atomic_write
 from ..weights import ModelFile
 from .base import StepConfig, StepKind, StepResult, register
@@ -16,10 +22,26 @@ from .base import StepConfig, StepKind, StepResult, register
 class ExportConfig(StepConfig):
     kind: str = "export"
     onnx: bool = True
-    # float: the dequantized model as float initializers; weights: the model file's own codes, expanded
-    # by ONNX Runtime once at load (about the model file's size, the float graph's speed)
+    # weights: the model file as it stores its weights (codes, or floats), expanded by ONNX Runtime once at
+    # load: about the model file's size at the float graph's speed, predicted to the byte from the spec;
+    # float: torch's exporter on the dequantized model (any model, torchvision ones too)
     format: Literal["float", "weights"] = "float"
-    opset: int = Field(17, ge=9, le=20)  # the opsets torch.onnx exports with the classic exporter
+    opset: int = Field(17, ge=9, le=20)  # `float` only: the opsets torch.onnx exports with the classic exporter
+    # `weights` only: uint8 images in (NCHW or NHWC), scaled to [0, 1] inside the graph
+    embed_preprocessing: bool = False
+    layout: Literal["nchw", "nhwc"] = "nchw"
+    fixed_batch: int | None = Field(None, ge=1)  # a static batch size, for runtimes that need static shapes
+
+    @model_validator(mode="after")
+    def _weights_only(self):
+        if self.format == "float" and (self.embed_preprocessing or self.fixed_batch or self.layout != "nchw"):
+            raise ValueError("embed_preprocessing, layout and fixed_batch need `format: weights`")
+        if self.layout != "nchw" and not self.embed_preprocessing:
+            raise ValueError("`layout` is the layout of uint8 images: it needs `embed_preprocessing: true`")
+        return self
+
+    def preprocessing(self) -> Preprocessing:
+        return Preprocessing(self.embed_preprocessing, self.layout, self.fixed_batch)
 
 
 @register
@@ -31,7 +53,7 @@ class Export(StepKind):
         return [cfg.model]
 
     def describe(self, cfg):
-        form = " (the model file's codes, expanded at load)" if cfg.format == "weights" else ""
+        form = " (the model file's weights, expanded at load)" if cfg.format == "weights" else ""
         return f"export {cfg.model}: model file" + (f" + ONNX{form}" if cfg.onnx else "")
 
     def run(self, cfg: ExportConfig, ctx, key: str = "") -> StepResult:
@@ -43,43 +65,66 @@ class Export(StepKind):
         if ctx.is_main:
             atomic_write(target, slot.weights.read_bytes())
             metrics["file_bytes"] = target.stat().st_size
-            if cfg.onnx:
-                onnx_path = step_dir / f"{cfg.model}.onnx"
-                file = ModelFile(slot.weights)
+            if not cfg.onnx:
+                ctx.log(f"{cfg.name}: {target} ({metrics['file_bytes']:,} bytes)")
+                return StepResult(metrics=metrics, files=files)
+            onnx_path = step_dir / f"{cfg.model}.onnx"
+            file = ModelFile(slot.weights)
+            classes = ctx.data().classes
+            if cfg.format == "weights":
+                self._weights(cfg, slot.model, file, onnx_path, classes, metrics)
+            else:
                 module = file.build(slot.model).cpu().eval()
-                meta = describe(slot.model.input_shape, ctx.data().classes)
-                if cfg.format == "weights":
-                    export_weights(module, file, onnx_path, cfg.opset, meta, slot.model)
-                else:
-                    export_float(module, slot.model.input_shape, onnx_path, cfg.opset, metadata=meta)
+                export_float(module, slot.model.input_shape, onnx_path, cfg.opset,
+                             metadata=describe(slot.model.input_shape, classes))
                 metrics["onnx_bytes"] = onnx_path.stat().st_size
-                files.append(f"steps/{cfg.name}/{onnx_path.name}")
-            ctx.log(f"{cfg.name}: {target} ({metrics['file_bytes']:,} bytes)"
-                    + (f" and {cfg.model}.onnx ({metrics['onnx_bytes']:,} bytes)" if cfg.onnx else ""))
-            if cfg.onnx:
-                self._latency(cfg, ctx, module, onnx_path, slot.model.input_shape, metrics)
+            files.append(f"steps/{cfg.name}/{onnx_path.name}")
+            predicted = f", predicted {metrics['onnx_predicted_bytes']:,}" if cfg.format == "weights" else ""
+            ctx.log(f"{cfg.name}: {target} ({metrics['file_bytes']:,} bytes) and {cfg.model}.onnx "
+                    f"({metrics['onnx_bytes']:,} bytes{predicted})")
+            self._latency(cfg, ctx, file, slot.model, onnx_path, metrics)
+            self._check_budgets(cfg, slot.model, file, metrics)
         return StepResult(metrics=metrics, files=files)
 
     @staticmethod
-    def _latency(cfg, ctx, module, onnx_path, input_shape, metrics) -> None:
+    def _weights(cfg, model, file, onnx_path, classes, metrics) -> None:
+        pre = cfg.preprocessing()
+        size = export_weights(file, onnx_path, model, classes, pre)
+        predicted = onnxgraph.predicted_bytes(model, file.format, classes, pre)
+        if size != predicted:  # the compiler's promise; a mismatch is a bug worth stopping for
+            raise AssertionError(f"{onnx_path}: {size} bytes written, {predicted} predicted")
+        metrics.update({"onnx_bytes": size, "onnx_predicted_bytes": predicted, "onnx_format": file.format.name})
+
+    @staticmethod
+    def _check_budgets(cfg, model, file, metrics) -> None:
+        """The spec's `onnx(FORMAT)` budgets whose format is the exported file's, on the written file."""
+        if cfg.format != "weights":
+            return
+        results = [b for b in budgets(model, {onnx_key(b.format): metrics["onnx_bytes"]
+                                              for b in model.definition.budgets if b.metric == "onnx"})
+                   if b.metric == "onnx" and model_format(model, b.format) == file.format]
+        metrics["budgets"] = [{"name": b.name, "value": b.value, "ok": b.ok, "measured_on": "onnx file"}
+                              for b in results]
+        failed = [b for b in results if not b.ok]
+        if failed:
+            raise BudgetError(f"export step `{cfg.name}`: " + "; ".join(
+                f"{b.name} fails: {b.value:,} bytes (onnx file)" for b in failed))
+
+    @staticmethod
+    def _latency(cfg, ctx, file, model, onnx_path, metrics) -> None:
         """The written file's latency in ONNX Runtime next to the float export's (the yardstick a deployment
         would otherwise use), batch 1, one thread."""
-        if cfg.format == "float":
-            measured = ort_latency_ms([onnx_path], input_shape)
-            if measured is None:
-                ctx.log(f"{cfg.name}: latency not measured: onnxruntime is not installed")
-                return
-            metrics["onnx_latency_ms"] = {"float": measured[0]}
-            ctx.log(f"{cfg.name}: ONNX Runtime, batch 1, 1 thread: {measured[0]:.3f} ms")
-            return
         with tempfile.TemporaryDirectory(dir=onnx_path.parent) as tmp:
-            reference = Path(tmp) / "float.onnx"
-            export_float(module, input_shape, reference, cfg.opset)
-            measured = ort_latency_ms([onnx_path, reference], input_shape)
+            paths = [onnx_path]
+            if cfg.format != "float":
+                paths.append(Path(tmp) / "float.onnx")
+                export_float(file.build(model).cpu().eval(), model.input_shape, paths[1], cfg.opset)
+            measured = ort_latency_ms(paths, model.input_shape)
         if measured is None:
             ctx.log(f"{cfg.name}: latency not measured: onnxruntime is not installed")
             return
-        shipped, float_ms = measured
-        metrics["onnx_latency_ms"] = {cfg.format: shipped, "float": float_ms}
-        ctx.log(f"{cfg.name}: ONNX Runtime, batch 1, 1 thread: {shipped:.3f} ms ({float_ms:.3f} ms for the float "
-                f"export, {shipped / float_ms:.2f}x)")
+        metrics["onnx_latency_ms"] = dict(zip([cfg.format, "float"], measured))
+        line = f"{cfg.name}: ONNX Runtime, batch 1, 1 thread: {measured[0]:.3f} ms"
+        if len(measured) == 2:
+            line += f" ({measured[1]:.3f} ms for the float export, {measured[0] / measured[1]:.2f}x)"
+        ctx.log(line)
