@@ -74,17 +74,6 @@ def _images(folder: Path, size: int, split: str, limit: int | None = None) -> tu
     return torch.stack(xs).float() / 255, torch.tensor(ys)
 
 
-def _median_ms(fn, runs: int) -> float:
-    for _ in range(3):
-        fn()
-    times = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return statistics.median(times) * 1000
-
-
 def _weights_form(float_path: Path, path: Path, cast: bool = False) -> None:
     """The float export with every weight of 2+ dims stored as per-channel uint8 codes, expanded by
     DequantizeLinear (a zero point: the range widened to hold 0), or with `cast` by Cast, Mul, Add on
@@ -185,38 +174,56 @@ def _measure(fp32, int8_file: Path, size: int, tmp: Path, runs: int, accuracy: b
     return _time_forms(forms, val_x, val_y, runs, accuracy), len(float_layers)
 
 
-def _time_forms(forms: dict, val_x: torch.Tensor, val_y: torch.Tensor | None, runs: int, accuracy: bool) -> list[dict]:
-    """Bytes, accuracy, max logit difference to the first form, and latencies of every form."""
+def _predictor(form: dict, threads: int):
     import onnxruntime as ort
 
+    if "predict" in form:
+        def predict(x):
+            torch.set_num_threads(threads)
+            return form["predict"](x)
+        return predict
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    for k, v in form.get("config", {}).items():
+        opts.add_session_config_entry(k, v)
+    session = ort.InferenceSession(str(form["path"]), opts, providers=["CPUExecutionProvider"])
+    return lambda x: torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
+
+
+def _time_forms(forms: dict, val_x: torch.Tensor, val_y: torch.Tensor | None, runs: int, accuracy: bool,
+                rounds: int = 5) -> list[dict]:
+    """Bytes, accuracy, max logit difference to the first form, and latencies of every form. The forms
+    take turns (`rounds` rounds of runs/rounds calls each), so a slower moment of the machine weighs on
+    all of them alike; medians over every call."""
     cores = os.cpu_count() or 1
     rows, reference = [], None
     for name, form in forms.items():
         row = {"form": name, "bytes": form["bytes"], "accuracy": None}
-        for threads in (1, cores):
-            if "predict" in form:
-                torch.set_num_threads(threads)
-                predict = form["predict"]
-            else:
-                opts = ort.SessionOptions()
-                opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-                for k, v in form.get("config", {}).items():
-                    opts.add_session_config_entry(k, v)
-                session = ort.InferenceSession(str(form["path"]), opts, providers=["CPUExecutionProvider"])
-
-                def predict(x, session=session):
-                    return torch.from_numpy(session.run(None, {"images": x.numpy()})[0])
-            if threads == 1:
-                logits = predict(val_x[:64])
-                reference = logits if reference is None else reference  # torch fp32 comes first
-                row["diff"] = (logits - reference).abs().max().item()
-            if threads == 1 and accuracy:
-                logits = torch.cat([predict(val_x[i:i + 64]) for i in range(0, len(val_x), 64)])
-                row["accuracy"] = (logits.argmax(1) == val_y).float().mean().item()
-            for batch in (1, 32):
-                x = val_x[:batch].contiguous()
-                row[f"b{batch} t{threads}"] = _median_ms(lambda x=x, predict=predict: predict(x), runs)
+        predict = _predictor(form, 1)
+        logits = predict(val_x[:64])
+        reference = logits if reference is None else reference  # torch fp32 comes first
+        row["diff"] = (logits - reference).abs().max().item()
+        if accuracy:
+            logits = torch.cat([predict(val_x[i:i + 64]) for i in range(0, len(val_x), 64)])
+            row["accuracy"] = (logits.argmax(1) == val_y).float().mean().item()
         rows.append(row)
+    per_round = max(1, runs // rounds)
+    for threads in (1, cores):
+        predictors = [_predictor(form, threads) for form in forms.values()]
+        for batch in (1, 32):
+            x = val_x[:batch].contiguous()
+            times: list[list[float]] = [[] for _ in predictors]
+            for predict in predictors:
+                for _ in range(2):
+                    predict(x)
+            for _ in range(rounds):
+                for predict, spent in zip(predictors, times):
+                    for _ in range(per_round):
+                        t = time.perf_counter()
+                        predict(x)
+                        spent.append(time.perf_counter() - t)
+            for row, spent in zip(rows, times):
+                row[f"b{batch} t{threads}"] = statistics.median(spent) * 1000
     torch.set_num_threads(cores)
     return rows
 

@@ -35,12 +35,15 @@ LAYOUTS = ("nchw", "nhwc")
 
 @dataclass(frozen=True)
 class Preprocessing:
-    """What the graph takes: float32 NCHW in [0, 1] (None), or uint8 images in `layout`, scaled inside
-    the graph. `fixed_batch`: a static batch of that size instead of a dynamic one."""
+    """What the graph takes: float32 NCHW in [0, 1], or uint8 images in `layout`, scaled inside the
+    graph; either way `mean`/`std` (the recipe's `normalize`, one value or one per channel) are applied
+    inside. `fixed_batch`: a static batch of that size instead of a dynamic one."""
 
     uint8: bool = False
     layout: str = "nchw"
     fixed_batch: int | None = None
+    mean: tuple[float, ...] | None = None
+    std: tuple[float, ...] | None = None
 
 
 class Values(Protocol):
@@ -61,16 +64,23 @@ _NUMPY = {"F32": "<f4", "I64": "<i8"}
 
 
 def describe(input_shape: tuple, classes: list[str] | None = None, pre: Preprocessing | None = None,
-             fmt: str | None = None) -> dict[str, str]:
-    """What a deployment needs to feed the graph and read its answer, as ONNX metadata (strings)."""
+             fmt: str | None = None, normalized_outside: tuple | None = None) -> dict[str, str]:
+    """What a deployment needs to feed the graph and read its answer, as ONNX metadata (strings).
+    `normalized_outside`: (mean, std) the caller must apply, for graphs that do not normalize."""
     c, h, w = input_shape if len(input_shape) == 3 else (*input_shape, None, None)[:3]
-    if pre is not None and pre.uint8:
+    pre = pre or Preprocessing()
+    if pre.uint8:
         order = "NHWC" if pre.layout == "nhwc" else "NCHW"
         feed = f"RGB, resized to {h}x{w}, uint8 {order} (scaling is in the graph)"
         shape = (h, w, c) if pre.layout == "nhwc" else tuple(input_shape)
     else:
         feed, shape = "RGB, resized to the input's HxW, scaled to [0, 1], float32 NCHW", tuple(input_shape)
+    if normalized_outside is not None:
+        mean, std = normalized_outside
+        feed += f", then normalized: (x - {list(mean)}) / {list(std)}"
     meta = {"nccompile.input": "x".join(map(str, shape)), "nccompile.preprocessing": feed}
+    if pre.mean is not None:  # the graph normalizes, after its scaling
+        meta["nccompile.normalize"] = json.dumps({"mean": list(pre.mean), "std": list(pre.std)})
     if fmt is not None:
         meta["nccompile.format"] = fmt
     if classes is not None:
@@ -237,13 +247,18 @@ class GraphWriter:
 
 
 def _preprocess(g: GraphWriter, pre: Preprocessing) -> str:
-    if not pre.uint8:
-        return INPUT
     g.layer = None
-    x = g.node("Cast", [INPUT], to=1)
-    if pre.layout == "nhwc":
-        x = g.node("Transpose", [x], perm=[0, 3, 1, 2])
-    return g.node("Div", [x, g.const(255.0, shape=())])
+    x = INPUT
+    if pre.uint8:
+        x = g.node("Cast", [INPUT], to=1)
+        if pre.layout == "nhwc":
+            x = g.node("Transpose", [x], perm=[0, 3, 1, 2])
+        x = g.node("Div", [x, g.const(255.0, shape=())])
+    if pre.mean is not None:
+        per_channel = (1, len(pre.mean), 1, 1)
+        x = g.node("Sub", [x, g.const(list(pre.mean), shape=per_channel)])
+        x = g.node("Div", [x, g.const(list(pre.std), shape=(1, len(pre.std), 1, 1))])
+    return x
 
 
 def graph(model: Model, fmt: WeightFormat | str, values: Values | None = None, classes: list[str] | None = None,

@@ -167,18 +167,20 @@ def test_the_predicted_onnx_bytes_are_the_written_files_for_every_shipped_spec(s
 
 
 @pytest.mark.parametrize("layout", ["nchw", "nhwc"])
-def test_uint8_images_in_with_the_scaling_in_the_graph(layout, tmp_path):
+def test_uint8_images_in_with_the_scaling_and_normalization_in_the_graph(layout, tmp_path):
     import onnx
 
     model, module = _student()
     save_model(module, model, tmp_path / "m.safetensors", "int8")
     file = ModelFile(tmp_path / "m.safetensors")
-    pre = onnxgraph.Preprocessing(uint8=True, layout=layout, fixed_batch=2)
-    export_weights(file, tmp_path / "m.onnx", pre=pre)
+    mean, std = (0.5, 0.4, 0.3), (0.25, 0.2, 0.3)
+    pre = onnxgraph.Preprocessing(uint8=True, layout=layout, fixed_batch=2, mean=mean, std=std)
+    assert export_weights(file, tmp_path / "m.onnx", pre=pre) == onnxgraph.predicted_bytes(model, "int8", pre=pre)
     images = torch.randint(0, 256, (2, 3, 32, 32), dtype=torch.uint8)
     fed = images.permute(0, 2, 3, 1).contiguous() if layout == "nhwc" else images
+    normalized = (images.float() / 255 - torch.tensor(mean).view(1, 3, 1, 1)) / torch.tensor(std).view(1, 3, 1, 1)
     with torch.no_grad():
-        expected = file.build()(images.float() / 255).numpy()
+        expected = file.build()(normalized).numpy()
     _close(_ort(tmp_path / "m.onnx", fed.numpy()), expected)
     graph = onnx.load(str(tmp_path / "m.onnx"))
     dims = [d.dim_value for d in graph.graph.input[0].type.tensor_type.shape.dim]
@@ -290,3 +292,74 @@ def test_a_torchvision_spec_exports_as_float_and_says_why_not_as_weights(tmp_pat
     with torch.no_grad():
         expected = built(x).numpy()
     _close(_ort(tmp_path / "t.onnx", x.numpy()), expected)
+
+
+@needs_data
+def test_the_int8_form_runs_on_integer_kernels_and_agrees_with_the_model(tmp_path):
+    """ONNX Runtime's static quantization (QDQ), calibrated on real images: after ORT's fusions every conv
+    is a QLinearConv and the classifier a QGemm, nothing computes in float, and the classes agree."""
+    from runtime.deploy.onnx_module import OnnxModule
+    from runtime.deploy.qdq import export_int8, fused_ops
+
+    model, module = _student()
+    x = _images(64)
+    export_int8(module, model.input_shape, [x[:32].numpy()], tmp_path / "q.onnx")
+    ops, float_layers = fused_ops(tmp_path / "q.onnx")
+    convs = sum(n.op == "conv" for n in model.root.walk())
+    assert ops["QLinearConv"] == convs and ops["QGemm"] + ops["QLinearMatMul"] == 1 and not float_layers, ops
+    with torch.no_grad():
+        expected = module(x).argmax(1)
+    got = OnnxModule(tmp_path / "q.onnx", model.input_shape)(x).argmax(1)
+    assert (got == expected).float().mean() >= 0.9
+
+
+def test_model_onnx_mapping_names_the_file_to_score():
+    from pydantic import ValidationError
+
+    from runtime.steps.evaluate import EvaluateConfig, PredictConfig
+
+    cfg = EvaluateConfig.model_validate({"name": "e", "model": {"onnx": "steps/export/student.onnx"}})
+    assert (cfg.onnx, cfg.model) == ("steps/export/student.onnx", "student")
+    assert PredictConfig.model_validate({"name": "p", "onnx": "/abs/m.onnx"}).onnx == "/abs/m.onnx"
+    with pytest.raises(ValidationError, match="onnx: PATH"):
+        EvaluateConfig.model_validate({"name": "e", "model": {"file": "m.onnx"}})
+
+
+@pytest.mark.slow
+@needs_data
+def test_evaluate_scores_the_deployed_onnx_file_itself(tmp_path, capsys, in_root):
+    """The file a user ships (int8 codes, uint8 NHWC images in, the recipe's normalization inside, static
+    batch 8), scored on cifar10-mini's validation images by `evaluate`, agrees with nccompile's own
+    model; so does the int8 QDQ form, within a few images; a missing file is a clear error."""
+    import json
+
+    from runtime.cli import main
+
+    steps = ("steps:\n  - {name: t, kind: train, epochs: 1}\n  - {name: q, kind: quantize, format: int8}\n"
+             "  - {name: deploy, kind: export, format: weights, embed_preprocessing: true, layout: nhwc,"
+             " fixed_batch: 8}\n"
+             "  - {name: int8, kind: export, format: int8, calibration_images: 64}\n"
+             "  - {name: own, kind: evaluate}\n"
+             "  - {name: shipped, kind: evaluate, model: {onnx: steps/deploy/student.onnx}}\n"
+             "  - {name: qdq, kind: evaluate, onnx: steps/int8/student.onnx}\n")
+    norm = "{normalize: {mean: [0.5, 0.4, 0.3], std: [0.25, 0.2, 0.3]}}"  # inside the shipped graph
+    head = f"name: r\ninput: 3x32x32\ntransforms: {{train: [{norm}], eval: [{norm}]}}\n"
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text(head + steps)
+    out = tmp_path / "run"
+    args = ["specs/student.spec", "--recipe", str(recipe), "--data", str(DATA), "--device", "cpu",
+            "--set", "data.limit_per_class=10", "--out", str(out)]
+    assert main(args) == 0, capsys.readouterr().err[-2000:]
+    metrics = {s["name"]: s["metrics"] for s in json.loads((out / "report.json").read_text())["steps"]}
+    own, shipped = metrics["own"], metrics["shipped"]
+    assert shipped["images"] == own["images"] > 0
+    moved = np.abs(np.array(own["confusion_matrix"]) - np.array(shipped["confusion_matrix"])).sum()
+    assert moved <= 2 and abs(shipped["val_accuracy"] - own["val_accuracy"]) <= 0.005, (moved, own, shipped)
+    # int8 activations too: 3 of 100 images at most change class on this barely trained student
+    assert abs(metrics["qdq"]["val_accuracy"] - own["val_accuracy"]) <= 0.03, (metrics["qdq"], own)
+    assert metrics["int8"]["onnx_integer_ops"] > 0 and metrics["int8"]["onnx_float_layers"] == []
+    recipe.write_text(head + steps + "  - {name: gone, kind: evaluate, onnx: steps/deploy/missing.onnx}\n")
+    capsys.readouterr()
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no ONNX file at" in err and "missing.onnx" in err and "Traceback" not in err

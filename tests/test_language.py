@@ -95,8 +95,9 @@ model m(n: int = 4) {
     frobnicate(2)
 }""")
     assert text.count("error:") == 6, text
-    for fragment in ["defined twice", "unknown weight format `int9`", "a `bytes` budget needs the model file's weight format",
-                     "unknown name `nn`", "label `lin` is used twice", "unknown layer or block `frobnicate`"]:
+    for fragment in ["defined twice", "unknown weight format `int9`",
+                     "a `bytes` budget needs the model file's weight format", "unknown name `nn`",
+                     "label `lin` is used twice", "unknown layer or block `frobnicate`"]:
         assert fragment in text
     assert text.endswith("6 errors")
 

@@ -36,14 +36,19 @@ def test_kd_wq_end_to_end(tmp_path, capsys, in_root):
     m = q["metrics"]
     assert m["fp32_val_accuracy"] > 0.2, "the distilled student should have learned something"
     assert abs(m["accuracy_drop"]) <= 0.01, m  # 8-bit within 1 point of fp32
-    assert m["integer"]["latency_ms_batch1"]["int8"] > 0
-    assert abs(m["integer"]["val_accuracy"] - m["val_accuracy"]) < 0.05
+    integer = m["integer"]  # ONNX Runtime's int8 kernels (QDQ), next to ORT on the float export
+    assert integer["engine"].startswith("onnxruntime") and integer["integer_ops"] > 0
+    assert integer["latency_ms_batch1"]["int8"] > 0 and integer["latency_ms_batch1"]["fp32"] > 0
+    assert abs(integer["val_accuracy"] - m["val_accuracy"]) < 0.05
     # the report ends with the quantized model's bytes and accuracy
     last = steps[-1]
     assert last["file_bytes"] == predicted and last["val_accuracy"] == pytest.approx(m["val_accuracy"])
     # the deployable ONNX ships the 8-bit codes: under the course's 300,000 bytes, near the model file
     onnx_bytes = (out / "steps/export/student.onnx").stat().st_size
     assert onnx_bytes <= 300_000 and onnx_bytes < 1.1 * predicted, (onnx_bytes, predicted)
+    exported_metrics = {s["name"]: s for s in steps}["export"]["metrics"]
+    assert exported_metrics["onnx_bytes"] == onnx_bytes == exported_metrics["onnx_predicted_bytes"]
+    assert f"student.onnx ({onnx_bytes:,} bytes, predicted {onnx_bytes:,})" in stdout
     exported = (out / "steps/export/student.safetensors").read_bytes()
     assert exported == (out / "steps/quantize/model.safetensors").read_bytes()
     # `nccompile load` rebuilds it from the file alone

@@ -105,9 +105,10 @@ def sample_feed(session, input_shape: tuple, batch: int = 1) -> dict:
     return {inp.name: rng.random(dims, dtype=np.float32)}
 
 
-def ort_latency_ms(paths: list[Path], input_shape: tuple, rounds: int = 10, runs: int = 20) -> list[float] | None:
-    """Median milliseconds of one batch-1 inference of each ONNX file in ONNX Runtime on the CPU, one
-    thread, after session creation (where the `weights` form is expanded) and 3 warm-ups. The files take
+def ort_latency_ms(paths: list[Path], input_shape: tuple, rounds: int = 10, runs: int = 20,
+                   batch: int = 1) -> list[float] | None:
+    """Median milliseconds of one inference (of `batch` images) of each ONNX file in ONNX Runtime on the
+    CPU, one thread, after session creation (where the `weights` form is expanded) and 3 warm-ups. The files take
     turns, `runs` inferences each per round, so a slower moment of the machine weighs on all of them
     alike. None without onnxruntime installed."""
     try:
@@ -120,7 +121,7 @@ def ort_latency_ms(paths: list[Path], input_shape: tuple, rounds: int = 10, runs
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = opts.inter_op_num_threads = 1
     sessions = [ort.InferenceSession(str(p), opts, providers=["CPUExecutionProvider"]) for p in paths]
-    feeds = [sample_feed(s, input_shape) for s in sessions]
+    feeds = [sample_feed(s, input_shape, batch) for s in sessions]
     times: list[list[float]] = [[] for _ in sessions]
     for session, x in zip(sessions, feeds):
         for _ in range(3):

@@ -3,20 +3,59 @@ from __future__ import annotations
 
 import csv
 import io
+from pathlib import Path
 from typing import Literal
+
+from pydantic import model_validator
 
 from ..files import atomic_write
 from ..rundir import write_json
 from .base import StepConfig, StepKind, StepResult, register
 
 
+def _onnx_form(data):
+    """`model: {onnx: PATH}` scores an exported ONNX file: the same as `onnx: PATH` (model: student)."""
+    if isinstance(data, dict) and isinstance(data.get("model"), dict):
+        given = dict(data["model"])
+        if set(given) != {"onnx"}:
+            raise ValueError(f"`model` is a model's name or {{onnx: PATH}}, got keys {sorted(given)}")
+        data = {**data, "onnx": given["onnx"]}
+        data.pop("model")
+    return data
+
+
 class EvaluateConfig(StepConfig):
     kind: str = "evaluate"
     split: Literal["val", "train"] = "val"
+    # an exported ONNX file to score instead of the model's own file (relative: to the run directory,
+    # e.g. steps/export/student.onnx); it runs in ONNX Runtime on the CPU
+    onnx: str | None = None
+
+    accept_onnx_mapping = model_validator(mode="before")(_onnx_form)
 
 
 class PredictConfig(StepConfig):
     kind: str = "predict"
+    onnx: str | None = None  # as evaluate's
+
+    accept_onnx_mapping = model_validator(mode="before")(_onnx_form)
+
+
+def scored_module(cfg, ctx):
+    """What the step scores: the ONNX file it names, or its model's current file."""
+    if cfg.onnx is None:
+        return ctx.models[cfg.model].build(ctx.device, ctx.recipe.seed).eval()
+    from ..deploy.onnx_module import OnnxModelError, OnnxModule
+
+    path = Path(cfg.onnx) if Path(cfg.onnx).is_absolute() else ctx.run.root / cfg.onnx
+    if not path.is_file():
+        raise OnnxModelError(f"step `{cfg.name}`: no ONNX file at {path}; an `export` step writes "
+                             f"steps/<its name>/<model>.onnx in the run directory")
+    return OnnxModule(path, ctx.input_shape, ctx.pipeline("eval").norm)
+
+
+def _what(cfg) -> str:
+    return cfg.model if cfg.onnx is None else cfg.onnx
 
 
 def csv_cell(text: str) -> str:
@@ -33,13 +72,12 @@ class Evaluate(StepKind):
         return [cfg.model]
 
     def describe(self, cfg):
-        return f"evaluate {cfg.model} on the {cfg.split} split: accuracy, loss, per-class accuracy, confusion matrix"
+        return f"evaluate {_what(cfg)} on the {cfg.split} split: accuracy, loss, per-class accuracy, confusion matrix"
 
     def run(self, cfg: EvaluateConfig, ctx, key: str = "") -> StepResult:
         from ..plots import confusion_matrix
 
-        slot = ctx.models[cfg.model]
-        module = slot.build(ctx.device, ctx.recipe.seed).eval()
+        module = scored_module(cfg, ctx)
         data = ctx.data()
         scores = ctx.evaluate(module, cfg.split)
         acc, loss, matrix = scores.accuracy, scores.loss, scores.confusion
@@ -52,8 +90,8 @@ class Evaluate(StepKind):
         if ctx.is_main:
             write_json(step_dir / "metrics.json", metrics)
             confusion_matrix(matrix, data.classes, step_dir / "confusion.png",
-                             f"{cfg.model} on {cfg.split}: accuracy {acc:.3f}")
-        ctx.log(f"{cfg.name}: {cfg.model} {cfg.split} accuracy {acc:.4f}, loss {loss:.4f}")
+                             f"{_what(cfg)} on {cfg.split}: accuracy {acc:.3f}")
+        ctx.log(f"{cfg.name}: {_what(cfg)} {cfg.split} accuracy {acc:.4f}, loss {loss:.4f}")
         return StepResult(metrics=metrics, files=[f"steps/{cfg.name}/metrics.json", f"steps/{cfg.name}/confusion.png"])
 
 
@@ -66,7 +104,7 @@ class Predict(StepKind):
         return [cfg.model]
 
     def describe(self, cfg):
-        return f"predict the unlabeled testing/ images with {cfg.model} -> predictions.csv"
+        return f"predict the unlabeled testing/ images with {_what(cfg)} -> predictions.csv"
 
     def check(self, cfg, models, listing):
         if "test" not in listing.files:
@@ -76,8 +114,7 @@ class Predict(StepKind):
 
     def run(self, cfg: PredictConfig, ctx, key: str = "") -> StepResult:
         data = ctx.data()
-        module = ctx.models[cfg.model].build(ctx.device, ctx.recipe.seed).eval()
-        logits = ctx.logits(module, "test").cpu()
+        logits = ctx.logits(scored_module(cfg, ctx), "test").cpu()
         out = io.StringIO()
         writer = csv.writer(out)
         writer.writerow(["Id", "Category"])

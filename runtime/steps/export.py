@@ -24,8 +24,11 @@ class ExportConfig(StepConfig):
     onnx: bool = True
     # weights: the model file as it stores its weights (codes, or floats), expanded by ONNX Runtime once at
     # load: about the model file's size at the float graph's speed, predicted to the byte from the spec;
-    # float: torch's exporter on the dequantized model (any model, torchvision ones too)
-    format: Literal["float", "weights"] = "float"
+    # float: torch's exporter on the dequantized model (any model, torchvision ones too);
+    # int8: weights and activations in int8 (QDQ, ONNX Runtime's static quantization, calibrated on
+    # `calibration_images` training images), run by ORT's integer kernels (runtime.deploy.qdq)
+    format: Literal["float", "weights", "int8"] = "float"
+    calibration_images: int = Field(256, ge=1)
     opset: int = Field(17, ge=9, le=20)  # `float` only: the opsets torch.onnx exports with the classic exporter
     # `weights` only: uint8 images in (NCHW or NHWC), scaled to [0, 1] inside the graph
     embed_preprocessing: bool = False
@@ -34,14 +37,16 @@ class ExportConfig(StepConfig):
 
     @model_validator(mode="after")
     def _weights_only(self):
-        if self.format == "float" and (self.embed_preprocessing or self.fixed_batch or self.layout != "nchw"):
+        if self.format != "weights" and (self.embed_preprocessing or self.fixed_batch or self.layout != "nchw"):
             raise ValueError("embed_preprocessing, layout and fixed_batch need `format: weights`")
         if self.layout != "nchw" and not self.embed_preprocessing:
             raise ValueError("`layout` is the layout of uint8 images: it needs `embed_preprocessing: true`")
         return self
 
-    def preprocessing(self) -> Preprocessing:
-        return Preprocessing(self.embed_preprocessing, self.layout, self.fixed_batch)
+    def preprocessing(self, norm=None) -> Preprocessing:
+        """With the eval pipeline's `normalize` (`norm`), which the `weights` graph applies itself."""
+        mean, std = (tuple(norm.mean), tuple(norm.std)) if norm is not None else (None, None)
+        return Preprocessing(self.embed_preprocessing, self.layout, self.fixed_batch, mean, std)
 
 
 @register
@@ -53,7 +58,7 @@ class Export(StepKind):
         return [cfg.model]
 
     def describe(self, cfg):
-        form = " (the model file's weights, expanded at load)" if cfg.format == "weights" else ""
+        form = {"weights": " (the model file's weights, expanded at load)", "int8": " (int8 QDQ)"}.get(cfg.format, "")
         return f"export {cfg.model}: model file" + (f" + ONNX{form}" if cfg.onnx else "")
 
     def run(self, cfg: ExportConfig, ctx, key: str = "") -> StepResult:
@@ -71,12 +76,18 @@ class Export(StepKind):
             onnx_path = step_dir / f"{cfg.model}.onnx"
             file = ModelFile(slot.weights)
             classes = ctx.data().classes
+            norm = ctx.pipeline("eval").norm  # the recipe's `normalize`: the model expects its images so
+            outside = (norm.mean, norm.std) if norm is not None else None
             if cfg.format == "weights":
-                self._weights(cfg, slot.model, file, onnx_path, classes, metrics)
+                self._weights(cfg, slot.model, file, onnx_path, classes, cfg.preprocessing(norm), metrics)
+            elif cfg.format == "int8":
+                self._int8(cfg, ctx, slot.model, file, onnx_path,
+                           describe(slot.model.input_shape, classes, fmt="int8 QDQ", normalized_outside=outside),
+                           metrics)
             else:
                 module = file.build(slot.model).cpu().eval()
                 export_float(module, slot.model.input_shape, onnx_path, cfg.opset,
-                             metadata=describe(slot.model.input_shape, classes))
+                             metadata=describe(slot.model.input_shape, classes, normalized_outside=outside))
                 metrics["onnx_bytes"] = onnx_path.stat().st_size
             files.append(f"steps/{cfg.name}/{onnx_path.name}")
             predicted = f", predicted {metrics['onnx_predicted_bytes']:,}" if cfg.format == "weights" else ""
@@ -87,13 +98,24 @@ class Export(StepKind):
         return StepResult(metrics=metrics, files=files)
 
     @staticmethod
-    def _weights(cfg, model, file, onnx_path, classes, metrics) -> None:
-        pre = cfg.preprocessing()
+    def _weights(cfg, model, file, onnx_path, classes, pre, metrics) -> None:
         size = export_weights(file, onnx_path, model, classes, pre)
         predicted = onnxgraph.predicted_bytes(model, file.format, classes, pre)
         if size != predicted:  # the compiler's promise; a mismatch is a bug worth stopping for
             raise AssertionError(f"{onnx_path}: {size} bytes written, {predicted} predicted")
         metrics.update({"onnx_bytes": size, "onnx_predicted_bytes": predicted, "onnx_format": file.format.name})
+
+    @staticmethod
+    def _int8(cfg, ctx, model, file, onnx_path, metadata, metrics) -> None:
+        from ..deploy.qdq import export_int8, fused_ops, integer_ops
+
+        calibration = [b.contiguous().cpu().numpy() for b in ctx.calibration(cfg.calibration_images)]
+        export_int8(file.build(model).cpu().eval(), model.input_shape, calibration, onnx_path, metadata)
+        ops, float_layers = fused_ops(onnx_path)
+        metrics.update({"onnx_bytes": onnx_path.stat().st_size, "onnx_integer_ops": integer_ops(ops),
+                        "onnx_float_layers": float_layers})
+        ctx.log(f"{cfg.name}: int8 QDQ: ONNX Runtime runs {integer_ops(ops)} integer ops"
+                + (f"; still floating point: {', '.join(float_layers)}" if float_layers else ""))
 
     @staticmethod
     def _check_budgets(cfg, model, file, metrics) -> None:

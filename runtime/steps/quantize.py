@@ -39,7 +39,7 @@ class QuantizeConfig(StepConfig):
     compress: Literal["none", "lzma"] = "none"  # also write an lzma-compressed copy (size measured)
     budget_on_compressed: bool = False       # check the spec's bytes budgets against the compressed copy
     evaluate: bool = True                    # accuracy of fp32 and of the dequantized model, side by side
-    integer_inference: bool = False          # also run PyTorch's int8 CPU kernels: accuracy and latency
+    integer_inference: bool = False          # also run the int8 model in ONNX Runtime: accuracy, latency
     calibration_batches: int = Field(8, ge=1)
 
     @property
@@ -119,7 +119,7 @@ class Quantize(StepKind):
         extras = [x for x in ("fold BN" if cfg.fold_bn else "", f"keep {cfg.keep}" if cfg.keep else "",
                               f"formats {cfg.formats}" if cfg.formats else "",
                               "lzma" if cfg.compress == "lzma" else "",
-                              "int8 kernels" if cfg.integer_inference else "") if x]
+                              "int8 in ONNX Runtime" if cfg.integer_inference else "") if x]
         return f"quantize {cfg.model} to {cfg.format}" + (f" ({', '.join(extras)})" if extras else "")
 
     def run(self, cfg: QuantizeConfig, ctx, key: str = "") -> StepResult:
@@ -165,9 +165,8 @@ class Quantize(StepKind):
             label = fmt.name + (f" (+ {len(fmt.overrides)} per-layer exceptions)" if fmt.overrides else "")
             ctx.log(f"{cfg.name}: {label} file {metrics['file_bytes']:,} bytes (fp32 {metrics['fp32_bytes']:,}); "
                     f"val accuracy {q_acc:.4f} dequantized vs {fp32_acc:.4f} fp32")
-            if cfg.integer_inference:  # PyTorch's int8 kernels are CPU-only: measured there, on CPU copies
-                metrics["integer"] = self._integer(cfg, ctx, written.build(model).eval(),
-                                                   ModelFile(slot.weights).build(slot.model).eval(), data)
+            if cfg.integer_inference:  # ONNX Runtime's int8 kernels, on the CPU
+                metrics["integer"] = self._integer(cfg, ctx, written.build(model).cpu().eval(), model, data)
         return StepResult(model_file=path, spec_file=spec_file, metrics=metrics, files=files)
 
     def _auto(self, cfg, ctx, module, model, step_dir, metrics):
@@ -245,26 +244,37 @@ class Quantize(StepKind):
         if failed:
             raise BudgetError(self._failure(cfg, failed, measured_on))
 
-    def _integer(self, cfg, ctx, dequantized, fp32, data) -> dict:
-        import torch
+    def _integer(self, cfg, ctx, dequantized, model, data) -> dict:
+        """The int8 model as ONNX Runtime runs it (QDQ, runtime.deploy.qdq): its accuracy on the val split,
+        its latency next to ORT on the float export of the same weights, and the layers left in float."""
+        import tempfile
+        from pathlib import Path
 
-        from ..quant.int8 import integer_model, latency_ms
+        from ..deploy.onnx_export import export_float, ort_latency_ms
+        from ..deploy.onnx_module import OnnxModule
+        from ..deploy.qdq import export_int8, fused_ops, integer_ops
         from ..train.evaluation import score_split
 
         eval_tf = ctx.pipeline("eval")
         bs = ctx.recipe.data.batch_size
         batches = min(cfg.calibration_batches, -(-len(data.train) // bs))  # no more than the training set has
-        calibration = [eval_tf(data.train.images[i * bs:(i + 1) * bs]) for i in range(batches)]
-        qmodel, float_ops = integer_model(dequantized, calibration)
-        acc = score_split(qmodel, data.val, eval_tf, len(data.classes),
-                          batch_size=ctx.recipe.data.eval_batch_size).accuracy
-        one = eval_tf(data.val.images[:1])
-        batch = eval_tf(data.val.images[:64])
-        result = {"engine": torch.backends.quantized.engine, "val_accuracy": acc,
-                  "latency_ms_batch1": {"fp32": latency_ms(fp32, one), "int8": latency_ms(qmodel, one)},
-                  "latency_ms_batch64": {"fp32": latency_ms(fp32, batch, 10), "int8": latency_ms(qmodel, batch, 10)},
-                  "float_layers": float_ops}
-        ctx.log(f"{cfg.name}: int8 kernels ({result['engine']}): val accuracy {acc:.4f}; latency batch 1 "
-                f"{result['latency_ms_batch1']['int8']:.2f} ms vs fp32 {result['latency_ms_batch1']['fp32']:.2f} ms"
-                + (f"; still floating point: {', '.join(float_ops)}" if float_ops else "; every layer runs in int8"))
+        calibration = [eval_tf(data.train.images[i * bs:(i + 1) * bs]).numpy() for i in range(batches)]
+        shape = model.input_shape
+        with tempfile.TemporaryDirectory(dir=ctx.run.step_dir(cfg.name)) as tmp:
+            int8_path, float_path = Path(tmp) / "int8.onnx", Path(tmp) / "float.onnx"
+            export_int8(dequantized, shape, calibration, int8_path)
+            export_float(dequantized, shape, float_path, 17)
+            acc = score_split(OnnxModule(int8_path, shape), data.val, eval_tf, len(data.classes),
+                              batch_size=ctx.recipe.data.eval_batch_size).accuracy
+            one = ort_latency_ms([int8_path, float_path], shape)
+            many = ort_latency_ms([int8_path, float_path], shape, rounds=3, runs=5, batch=64)
+            ops, float_layers = fused_ops(int8_path)
+        result = {"engine": "onnxruntime (QDQ, CPU)", "val_accuracy": acc,
+                  "latency_ms_batch1": {"fp32": one[1], "int8": one[0]},
+                  "latency_ms_batch64": {"fp32": many[1], "int8": many[0]},
+                  "integer_ops": integer_ops(ops), "float_layers": float_layers}
+        ctx.log(f"{cfg.name}: int8 in ONNX Runtime (QDQ): val accuracy {acc:.4f}; latency batch 1 "
+                f"{one[0]:.3f} ms vs {one[1]:.3f} ms for ORT on the float export"
+                + (f"; still floating point: {', '.join(float_layers)}" if float_layers
+                   else "; every conv and gemm runs in int8"))
         return result

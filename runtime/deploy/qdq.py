@@ -1,0 +1,79 @@
+"""The int8 QDQ form: weights and activations in int8, by ONNX Runtime's own static quantization.
+
+ONNX Runtime's tool does this well and is maintained beside the runtime that executes it, so we use
+it instead of writing QuantizeLinear/DequantizeLinear pairs ourselves: per-channel int8 weights,
+uint8 activations calibrated on training images, QDQ pairs that ORT's CPU provider fuses into integer
+kernels (QLinearConv, QLinearMatMul, ...) when it loads the file. This replaces PyTorch's FX int8
+path (torch.ao.quantization, announced for removal) for `integer_inference`.
+"""
+from __future__ import annotations
+
+import tempfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .onnx_export import _atomic, export_float
+
+COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}  # float if left as such
+
+
+def export_int8(module: torch.nn.Module, input_shape: tuple, calibration: list[np.ndarray], path: Path,
+                metadata: dict[str, str] | None = None, opset: int = 17) -> None:
+    """`module`'s float export, statically quantized to QDQ int8 with `calibration` batches (float32
+    NCHW images as the graph takes them), written atomically."""
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    class Reader(CalibrationDataReader):
+        def __init__(self):
+            self.batches = iter([{"images": np.ascontiguousarray(b, np.float32)} for b in calibration])
+
+        def get_next(self):
+            return next(self.batches, None)
+
+    def write(tmp: Path) -> None:
+        with tempfile.TemporaryDirectory(dir=path.parent) as work:
+            plain, prepared = Path(work) / "float.onnx", Path(work) / "prepared.onnx"
+            export_float(module, input_shape, plain, opset, metadata=metadata)
+            quant_pre_process(str(plain), str(prepared))  # shape inference and ORT's own graph clean-up
+            quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+        _carry_metadata(tmp, metadata)
+
+    _atomic(path, write)
+
+
+def _carry_metadata(path: Path, metadata: dict[str, str] | None) -> None:
+    import onnx
+
+    model = onnx.load(str(path))
+    have = {p.key for p in model.metadata_props}
+    for key, value in (metadata or {}).items():
+        if key not in have:
+            entry = model.metadata_props.add()
+            entry.key, entry.value = key, value
+    onnx.save(model, str(path))
+
+
+def integer_ops(ops: Counter) -> int:
+    """How many nodes of a fused graph compute in integers (QLinearConv, QGemm, ConvInteger, ...)."""
+    return sum(n for op, n in ops.items() if op.startswith("QLinear") or op == "QGemm" or op.endswith("Integer"))
+
+
+def fused_ops(path: Path) -> tuple[Counter, list[str]]:
+    """The op types of the graph ONNX Runtime runs after its fusions (CPU provider, all optimizations),
+    and the names of the compute nodes (conv, gemm, matmul) that still run in floating point."""
+    import onnx
+    import onnxruntime as ort
+
+    with tempfile.TemporaryDirectory() as work:
+        opts = ort.SessionOptions()
+        opts.log_severity_level = 3  # not the warning that the saved graph is specific to this machine
+        opts.optimized_model_filepath = str(Path(work) / "optimized.onnx")
+        ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
+        graph = onnx.load(opts.optimized_model_filepath).graph
+    ops = Counter(n.op_type for n in graph.node)
+    return ops, [n.name or n.op_type for n in graph.node if n.op_type in COMPUTE_OPS]
