@@ -17,6 +17,10 @@ on the same images:
   nccompile weights   the export step's `format: weights` (runtime.deploy.export_weights): the model
                       file's own codes and ranges (per tensor, as the course's int8 file), expanded by
                       Cast -> Div(255) -> Mul(max - min) -> Add(min), grid_values' order of operations
+  nccompile int8      the export step's `format: int8` (runtime.deploy.qdq): ORT's quantize_static with
+                      the first conv left in float, the same 64 calibration images
+  executorch xnnpack  the export step's `format: executorch` (the `mobile` extra): fp32, batch 1 only,
+                      on ExecuTorch's own thread pool
 
 For each: file bytes, top-1 accuracy on the validation images, and the median latency of one
 forward pass at batch 1 and 32, with 1 thread and with every core (torch.set_num_threads /
@@ -170,13 +174,34 @@ def _measure(fp32, int8_file: Path, size: int, tmp: Path, runs: int, accuracy: b
     forms["... folded"] = {**forms["ort int8 weights"], "config": {"session.disable_quant_qdq": "1"}}
     forms["ort int8 Cast/Mul"] = {"bytes": cast_onnx.stat().st_size, "path": cast_onnx}
     forms["nccompile weights"] = {"bytes": codes_onnx.stat().st_size, "path": codes_onnx}
+    forms.update(_own_forms(fp32, shape, calib, tmp, f"student-{size}"))
 
     return _time_forms(forms, val_x, val_y, runs, accuracy), len(float_layers)
+
+
+def _own_forms(fp32, shape: tuple, calib: torch.Tensor, tmp: Path, tag: str) -> dict:
+    """nccompile's int8 form (export `format: int8`: QDQ, first conv in float) and, with the `mobile`
+    extra, its ExecuTorch program (XNNPACK, fp32, batch 1)."""
+    from runtime.deploy import mobile
+    from runtime.deploy.qdq import export_int8
+
+    int8_onnx = tmp / f"{tag}-int8.onnx"
+    export_int8(fp32, shape, [calib.numpy()], int8_onnx)
+    forms = {"nccompile int8": {"bytes": int8_onnx.stat().st_size, "path": int8_onnx}}
+    if mobile.available():
+        pte = tmp / f"{tag}.pte"
+        forms["executorch xnnpack"] = {"bytes": mobile.export_pte(fp32, shape, pte), "pte": pte}
+    return forms
 
 
 def _predictor(form: dict, threads: int):
     import onnxruntime as ort
 
+    if "pte" in form:  # batch 1 only, on ExecuTorch's own thread pool (not set by this bench)
+        from runtime.deploy.mobile import pte_runner
+
+        run = pte_runner(form["pte"])
+        return lambda x: torch.cat([run(x[i:i + 1].contiguous()) for i in range(len(x))])
     if "predict" in form:
         def predict(x):
             torch.set_num_threads(threads)
@@ -212,18 +237,19 @@ def _time_forms(forms: dict, val_x: torch.Tensor, val_y: torch.Tensor | None, ru
         predictors = [_predictor(form, threads) for form in forms.values()]
         for batch in (1, 32):
             x = val_x[:batch].contiguous()
-            times: list[list[float]] = [[] for _ in predictors]
-            for predict in predictors:
+            timed = [i for i, form in enumerate(forms.values()) if batch == 1 or "pte" not in form]
+            times: dict[int, list[float]] = {i: [] for i in timed}
+            for i in timed:
                 for _ in range(2):
-                    predict(x)
+                    predictors[i](x)
             for _ in range(rounds):
-                for predict, spent in zip(predictors, times):
+                for i in timed:
                     for _ in range(per_round):
                         t = time.perf_counter()
-                        predict(x)
-                        spent.append(time.perf_counter() - t)
-            for row, spent in zip(rows, times):
-                row[f"b{batch} t{threads}"] = statistics.median(spent) * 1000
+                        predictors[i](x)
+                        times[i].append(time.perf_counter() - t)
+            for i in timed:
+                rows[i][f"b{batch} t{threads}"] = statistics.median(times[i]) * 1000
     torch.set_num_threads(cores)
     return rows
 
@@ -258,7 +284,8 @@ def _measure_zoo(name: str, size: int, tmp: Path, runs: int) -> tuple[list[dict]
              "torch FX int8": {"bytes": None, "predict": torch_form(fx)},
              "ort fp32": {"bytes": float_onnx.stat().st_size, "path": float_onnx},
              "ort QDQ static": {"bytes": qdq_onnx.stat().st_size, "path": qdq_onnx},
-             "nccompile weights": {"bytes": codes_onnx.stat().st_size, "path": codes_onnx}}
+             "nccompile weights": {"bytes": codes_onnx.stat().st_size, "path": codes_onnx},
+             **_own_forms(fp32, model.input_shape, calib[:16], tmp, name)}
     return _time_forms(forms, val_x, None, runs, False), len(float_layers)
 
 
@@ -306,7 +333,7 @@ def main() -> int:
         for r in rows:
             size_s = f"{r['bytes']:,}" if r["bytes"] else "not saved"
             acc = f"{r['accuracy']:.4f}" if r["accuracy"] is not None else "-"
-            cells = " | ".join(f"{r[k]:.3f} ({r[k] / base[k]:.2f}x)" for k in keys)
+            cells = " | ".join(f"{r[k]:.3f} ({r[k] / base[k]:.2f}x)" if k in r else "-" for k in keys)
             print(f"| {r['form']} | {size_s} | {acc} | {r['diff']:.2g} | {cells} |")
     return 0
 

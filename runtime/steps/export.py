@@ -27,8 +27,10 @@ class ExportConfig(StepConfig):
     # float: torch's exporter on the dequantized model (any model, torchvision ones too);
     # int8: weights and activations in int8 (QDQ, ONNX Runtime's static quantization, calibrated on
     # `calibration_images` training images), run by ORT's integer kernels (runtime.deploy.qdq)
-    format: Literal["float", "weights", "int8"] = "float"
+    # executorch: a .pte program lowered to XNNPACK instead of the ONNX (the `mobile` extra)
+    format: Literal["float", "weights", "int8", "executorch"] = "float"
     calibration_images: int = Field(256, ge=1)
+    float_first_conv: bool = True  # int8: the first conv stays in float (the accuracy of small models)
     opset: int = Field(17, ge=9, le=20)  # `float` only: the opsets torch.onnx exports with the classic exporter
     # `weights` only: uint8 images in (NCHW or NHWC), scaled to [0, 1] inside the graph
     embed_preprocessing: bool = False
@@ -58,6 +60,8 @@ class Export(StepKind):
         return [cfg.model]
 
     def describe(self, cfg):
+        if cfg.format == "executorch":
+            return f"export {cfg.model}: model file + ExecuTorch program (XNNPACK)"
         form = {"weights": " (the model file's weights, expanded at load)", "int8": " (int8 QDQ)"}.get(cfg.format, "")
         return f"export {cfg.model}: model file" + (f" + ONNX{form}" if cfg.onnx else "")
 
@@ -70,6 +74,9 @@ class Export(StepKind):
         if ctx.is_main:
             atomic_write(target, slot.weights.read_bytes())
             metrics["file_bytes"] = target.stat().st_size
+            if cfg.format == "executorch":
+                files.append(self._executorch(cfg, ctx, slot.model, ModelFile(slot.weights), step_dir, metrics))
+                return StepResult(metrics=metrics, files=files)
             if not cfg.onnx:
                 ctx.log(f"{cfg.name}: {target} ({metrics['file_bytes']:,} bytes)")
                 return StepResult(metrics=metrics, files=files)
@@ -106,11 +113,29 @@ class Export(StepKind):
         metrics.update({"onnx_bytes": size, "onnx_predicted_bytes": predicted, "onnx_format": file.format.name})
 
     @staticmethod
+    def _executorch(cfg, ctx, model, file, step_dir, metrics) -> str:
+        from ..deploy.mobile import export_pte, pte_latency_ms
+
+        path = step_dir / f"{cfg.model}.pte"
+        module = file.build(model).cpu().eval()
+        metrics["pte_bytes"] = export_pte(module, model.input_shape, path)
+        with tempfile.TemporaryDirectory(dir=step_dir) as tmp:
+            reference = Path(tmp) / "float.onnx"
+            export_float(module, model.input_shape, reference, cfg.opset)
+            float_ms = ort_latency_ms([reference], model.input_shape)
+        pte_ms = pte_latency_ms(path, model.input_shape)
+        metrics["pte_latency_ms"] = {"executorch": pte_ms, "onnxruntime float": float_ms and float_ms[0]}
+        ctx.log(f"{cfg.name}: {path} ({metrics['pte_bytes']:,} bytes); ExecuTorch (XNNPACK), batch 1: {pte_ms:.3f} ms"
+                + (f" ({float_ms[0]:.3f} ms for ONNX Runtime on the float export, 1 thread)" if float_ms else ""))
+        return f"steps/{cfg.name}/{path.name}"
+
+    @staticmethod
     def _int8(cfg, ctx, model, file, onnx_path, metadata, metrics) -> None:
         from ..deploy.qdq import export_int8, fused_ops, integer_ops
 
         calibration = [b.contiguous().cpu().numpy() for b in ctx.calibration(cfg.calibration_images)]
-        export_int8(file.build(model).cpu().eval(), model.input_shape, calibration, onnx_path, metadata)
+        export_int8(file.build(model).cpu().eval(), model.input_shape, calibration, onnx_path, metadata,
+                    float_first_conv=cfg.float_first_conv)
         ops, float_layers = fused_ops(onnx_path)
         metrics.update({"onnx_bytes": onnx_path.stat().st_size, "onnx_integer_ops": integer_ops(ops),
                         "onnx_float_layers": float_layers})
