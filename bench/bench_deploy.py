@@ -48,8 +48,8 @@ sys.path.insert(0, str(ROOT))
 DATA = ROOT.parent / "shared" / "data" / "cifar10-mini"
 
 import compiler  # noqa: E402
+from bench.fx_int8 import integer_model  # noqa: E402
 from runtime.deploy.onnx_export import export_float, export_weights  # noqa: E402
-from runtime.quant.int8 import integer_model  # noqa: E402
 from runtime.run.runner import Options, run  # noqa: E402
 from runtime.weights import ModelFile  # noqa: E402
 

@@ -25,7 +25,7 @@ sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
 from compiler.rewrite.channels import analyse_channels  # noqa: E402
-from runtime.quant.int8 import latency_ms  # noqa: E402
+from runtime.deploy.latency import latency_ms  # noqa: E402
 from runtime.rewrite.prune import choose, importance, prune_model, shrink_to  # noqa: E402
 from runtime.run.runner import Options, run  # noqa: E402
 

@@ -45,7 +45,7 @@ class Join(nn.ModuleList):
         self.mode, self.split = mode, split
 
     def forward(self, x):
-        # indexed, never iterated: torch.fx (the int8 kernels' tracer) cannot iterate a traced split
+        # indexed, never iterated: torch.fx (bench_deploy's FX int8 baseline) cannot iterate a traced split
         parts = torch.split(x, self.split, dim=1) if self.split else None
         outs = [branch(x if parts is None else parts[i]) for i, branch in enumerate(self)]
         if self.mode == "concat":

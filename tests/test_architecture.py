@@ -144,12 +144,12 @@ def test_every_package_ships_in_the_wheel():
 GROUND = {"files", "recipe", "rundir", "usage", "plots"}
 MAY_IMPORT = {
     "files": set(), "recipe": set(), "usage": set(), "rundir": {"files"}, "plots": {"files"},
-    "quant": set(),                                   # grid codes, folding, fake/fused quantization, int8
+    "quant": set(),                                   # grid codes, folding, fake/fused quantization
     "weights": {"files", "quant"},                    # the model file
     "torchvision_state": {"weights"},
     "data": GROUND,                                   # sources -> decode -> load, transforms, cache, batches
     "rewrite": {"weights"},                           # module surgery behind one rebuild()
-    "deploy": {"weights", "quant"},                   # files a standard runtime runs (ONNX)
+    "deploy": {"weights", "quant"},                   # files standard runtimes run (ONNX, ExecuTorch), latency
     "train": GROUND | {"data", "weights", "torchvision_state"},
     "steps": GROUND | {"data", "train", "quant", "rewrite", "deploy", "weights"},
     "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state"},

@@ -297,19 +297,15 @@ def test_in_place_activations_change_nothing_but_memory():
 
 
 @pytest.mark.slow
-def test_int8_kernels_and_onnx_export_run_through_every_construct(tmp_path):
-    """torch.fx traces the joins (the int8 kernels) and the ONNX exporter takes them (shuffle too)."""
+def test_torchs_onnx_exporter_takes_every_construct(tmp_path):
+    """The `float` export form (torch's exporter) takes the joins and the shuffle too; nccompile's own
+    writer is checked on the same spec in tests/test_deploy.py."""
     import onnx
 
     from runtime.deploy.onnx_export import export_float
-    from runtime.quant.int8 import integer_model
 
     model = _compile(EVERY_CONSTRUCT)
     module = _trained_like(model)
-    x = torch.randn(4, 3, 32, 32)
-    quantized, _ = integer_model(module, [x])
-    with torch.no_grad():
-        assert quantized(x).shape == (4, 10)
     export_float(module, model.input_shape, tmp_path / "m.onnx", 17)
     assert onnx.load(str(tmp_path / "m.onnx")).graph.output[0].name == "logits"
 

@@ -12,8 +12,8 @@ from pydantic import Field, model_validator
 from compiler.analysis import analyse, predicted_bytes
 from compiler.rewrite.channels import analyse_channels
 
+from ..deploy.latency import latency_ms
 from ..files import atomic_write
-from ..quant.int8 import latency_ms
 from ..rewrite.prune import choose, importance, prune_model, shrink_to
 from ..rundir import digest
 from .base import StepConfig, StepKind, StepResult, register

@@ -1,14 +1,12 @@
-"""Real integer inference on the CPU with PyTorch's int8 kernels (FX graph mode quantization).
+"""bench_deploy's baseline: PyTorch's int8 kernels through FX graph mode quantization (torch.ao,
+announced for removal), which `integer_inference` used before ONNX Runtime replaced it.
 
-Conv and linear layers run as int8 kernels (x86/fbgemm or qnnpack); activations are
-calibrated on training images. Whatever PyTorch cannot run on integers is named
-(`float_layers`), never silently simulated.
+Conv and linear layers run as int8 kernels (x86/fbgemm or qnnpack); activations are calibrated on
+training images. Whatever PyTorch cannot run on integers is named (`float_layers`).
 """
 from __future__ import annotations
 
 import copy
-import statistics
-import time
 import warnings
 
 import torch
@@ -55,17 +53,3 @@ def float_layers(quantized: torch.fx.GraphModule) -> list[str]:
             elif node.next.op != "output":
                 names.append(f"{getattr(node.target, '__name__', node.target)}")
     return names
-
-
-def latency_ms(module: torch.nn.Module, x: torch.Tensor, runs: int = 30) -> float:
-    """Median wall time of one forward pass, in milliseconds (after warm-up)."""
-    module.eval()
-    with torch.no_grad():
-        for _ in range(3):
-            module(x)
-        times = []
-        for _ in range(runs):
-            start = time.perf_counter()
-            module(x)
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
