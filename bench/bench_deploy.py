@@ -26,7 +26,8 @@ For each: file bytes, top-1 accuracy on the validation images, and the median la
 forward pass at batch 1 and 32, with 1 thread and with every core (torch.set_num_threads /
 ORT intra-op threads).
 
-Run: python bench/bench_deploy.py [--size 32] [--per-class 300] [--epochs 5] [--runs 50]
+Run (OMP_WAIT_POLICY=PASSIVE: PyTorch's idle threads must not spin through the next form's turn):
+     OMP_WAIT_POLICY=PASSIVE python bench/bench_deploy.py [--size 32] [--per-class 300] [--epochs 5] [--runs 50]
      [--zoo mobilenet_v2,resnet50 [--zoo-size 224] [--zoo-runs 5]] [--no-student]
 The zoo tables use initial weights (no accuracy), the same forms but the per-channel DequantizeLinear ones.
 """
@@ -34,6 +35,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -209,6 +211,8 @@ def _predictor(form: dict, threads: int):
         return predict
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    # idle pool threads would spin after each run, taking the cores from the next form's turn
+    opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     for k, v in form.get("config", {}).items():
         opts.add_session_config_entry(k, v)
     session = ort.InferenceSession(str(form["path"]), opts, providers=["CPUExecutionProvider"])
@@ -218,8 +222,8 @@ def _predictor(form: dict, threads: int):
 def _time_forms(forms: dict, val_x: torch.Tensor, val_y: torch.Tensor | None, runs: int, accuracy: bool,
                 rounds: int = 5) -> list[dict]:
     """Bytes, accuracy, max logit difference to the first form, and latencies of every form. The forms
-    take turns (`rounds` rounds of runs/rounds calls each), so a slower moment of the machine weighs on
-    all of them alike; medians over every call."""
+    take turns (`rounds` rounds of runs/rounds calls each, in a new order every round), so a slower
+    moment of the machine weighs on all of them alike; medians over every call."""
     cores = os.cpu_count() or 1
     rows, reference = [], None
     for name, form in forms.items():
@@ -242,8 +246,10 @@ def _time_forms(forms: dict, val_x: torch.Tensor, val_y: torch.Tensor | None, ru
             for i in timed:
                 for _ in range(2):
                     predictors[i](x)
-            for _ in range(rounds):
-                for i in timed:
+            order = list(timed)
+            for r in range(rounds):
+                random.Random(r).shuffle(order)  # no form always runs right after the same neighbour
+                for i in order:
                     for _ in range(per_round):
                         t = time.perf_counter()
                         predictors[i](x)

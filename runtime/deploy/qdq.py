@@ -17,8 +17,6 @@ import torch
 
 from .onnx_export import _atomic, export_float
 
-COMPUTE_OPS = {"Conv", "Gemm", "MatMul", "FusedConv", "FusedGemm", "FusedMatMul"}  # float if left as such
-
 
 def export_int8(module: torch.nn.Module, input_shape: tuple, calibration: list[np.ndarray], path: Path,
                 metadata: dict[str, str] | None = None, opset: int = 17, float_first_conv: bool = True) -> None:
@@ -75,7 +73,8 @@ def integer_ops(ops: Counter) -> int:
 
 def fused_ops(path: Path) -> tuple[Counter, list[str]]:
     """The op types of the graph ONNX Runtime runs after its fusions (CPU provider, all optimizations),
-    and the names of the compute nodes (conv, gemm, matmul) that still run in floating point."""
+    and the module paths of the convs and gemms left in floating point (their weights are not
+    dequantized from int8: QDQ left them out)."""
     import onnx
     import onnxruntime as ort
 
@@ -84,6 +83,9 @@ def fused_ops(path: Path) -> tuple[Counter, list[str]]:
         opts.log_severity_level = 3  # not the warning that the saved graph is specific to this machine
         opts.optimized_model_filepath = str(Path(work) / "optimized.onnx")
         ort.InferenceSession(str(path), opts, providers=["CPUExecutionProvider"])
-        graph = onnx.load(opts.optimized_model_filepath).graph
-    ops = Counter(n.op_type for n in graph.node)
-    return ops, [n.name or n.op_type for n in graph.node if n.op_type in COMPUTE_OPS]
+        ops = Counter(n.op_type for n in onnx.load(opts.optimized_model_filepath).graph.node)
+    graph = onnx.load(str(path)).graph
+    dequantized = {o for n in graph.node if n.op_type == "DequantizeLinear" for o in n.output}
+    floating = [n.name for n in graph.node if n.op_type in ("Conv", "Gemm", "MatMul") and n.input[1] not in dequantized]
+    # torch's exporter names nodes /features/features.0/Conv: the module path is the last scope
+    return ops, [name.split("/")[-2] if name.count("/") >= 2 else name for name in floating]
