@@ -397,3 +397,16 @@ def test_onnx_runtime_runs_the_weights_form_as_the_float_export_node_for_node(sp
         _session(tmp_path / f"{name}.onnx", tmp_path / f"{name}.opt.onnx")
         graphs.append(Counter(n.op_type for n in onnx.load(str(tmp_path / f"{name}.opt.onnx")).graph.node))
     assert graphs[0] == graphs[1]
+
+
+@needs_data
+def test_the_dry_run_shows_the_deployed_files_exact_size(capsys, in_root):
+    """kd_wq's plan knows the model file's format at its export (int8, from the quantize step) and the
+    data's class names: `--dry-run` prints the ONNX file's bytes before any work."""
+    from runtime.cli import main
+
+    assert main(["specs/student.spec", "--recipe", "kd_wq", "--data", str(DATA), "--dry-run"]) == 0
+    out = capsys.readouterr().out
+    classes = sorted(p.name for p in (DATA / "train").iterdir() if p.is_dir())
+    model = compiler.compile_spec(SPECS / "student.spec", input_shape=(3, 32, 32), params={"classes": len(classes)})
+    assert f"ONNX (int8 weights): {onnxgraph.predicted_bytes(model, 'int8', classes):,} bytes, predicted" in out

@@ -13,6 +13,7 @@ import optuna
 import pytest
 
 import compiler
+from compiler.errors import NcError
 from runtime.cli import main
 
 from .conftest import DATA, ROOT
@@ -415,6 +416,35 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+def test_a_study_in_one_sqlite_file_for_one_worker(files, capsys):
+    """The README's single-machine database: `sqlite:///`, one worker, Optuna's own file."""
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a}\n  - {name: b}\n")
+    url = f"sqlite:///{files / 'study.db'}"
+    assert main(["study", str(study), "--out", str(files / "out"), "--storage", url, "--device", "cpu"]) == 0, \
+        capsys.readouterr().err
+    assert [r["name"] for r in _results(files / "out")] == ["a", "b"]
+    done = optuna.load_study(study_name="s", storage=url).get_trials()
+    assert sorted(t.user_attrs["run"] for t in done if t.state == optuna.trial.TrialState.COMPLETE) == ["a", "b"]
+
+
+def test_a_postgresql_url_without_a_driver_takes_an_installed_one(monkeypatch):
+    import importlib.util
+
+    from runtime.study import engine
+
+    present = {"pg8000"}
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: object() if name in present else None)
+    assert engine.with_driver("postgresql://u:p@h/db") == "postgresql+pg8000://u:p@h/db"
+    assert engine.with_driver("postgres://u@h/db") == "postgresql+pg8000://u@h/db"
+    present.add("psycopg")  # the `postgres` extra's driver comes first
+    assert engine.with_driver("postgresql://u@h/db") == "postgresql+psycopg://u@h/db"
+    assert engine.with_driver("postgresql+psycopg2://u@h/db") == "postgresql+psycopg2://u@h/db"  # as written
+    assert engine.with_driver("sqlite:///s.db") == "sqlite:///s.db"
+    present.clear()
+    with pytest.raises(NcError, match=r"(?s)no PostgreSQL driver is installed.*pip install -e '\.\[postgres\]'"):
+        engine.with_driver("postgresql://u@h/db")
+
+
 @pytest.mark.skipif(shutil.which("initdb") is None or shutil.which("pg_ctl") is None,
                     reason="no PostgreSQL server here (initdb and pg_ctl not found)")
 def test_two_workers_share_a_postgresql_study(files):
@@ -452,6 +482,18 @@ def test_two_workers_share_a_postgresql_study(files):
         s = optuna.load_study(study_name="s", storage=url)
         ran = [t.user_attrs["run"] for t in s.get_trials() if t.state == optuna.trial.TrialState.COMPLETE]
         assert sorted(ran) == names
+        # the URL a PostgreSQL user writes first, with the `postgres` extra's driver (psycopg 3)
+        pytest.importorskip("psycopg", reason="the `postgres` extra (psycopg 3) is not installed")
+        plain = f"postgresql://postgres@localhost:{port}/postgres"
+        study2 = _study(files, "name: s2\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: e}\n")
+        done = subprocess.run([sys.executable, "-m", "runtime", "study", str(study2), "--out", str(files / "out2"),
+                               "--storage", plain, "--device", "cpu"], cwd=ROOT, capture_output=True,
+                              text=True, timeout=600, env=dict(os.environ, CI="1"))
+        assert done.returncode == 0, done.stderr[-2000:]
+        assert [r["name"] for r in _results(files / "out2")] == ["e"]
+        from runtime.study.engine import with_driver
+
+        assert with_driver(plain).startswith("postgresql+psycopg://")
     finally:
         subprocess.run(_as_postgres(["pg_ctl", "-D", data, "-m", "immediate", "stop"]), capture_output=True)
         shutil.rmtree(home, ignore_errors=True)

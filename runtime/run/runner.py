@@ -224,13 +224,22 @@ def _timeline(recipe, listing, slots, plan, input_shape, pipelines, speed) -> st
             origin = f"torchvision weights {slot.torchvision_weights}"
         lines.append(f"model {name}: {slot.model.spec.path}, {analyse(slot.model).params:,} params, "
                      f"starts from {origin}")
+    formats: dict[str, object] = {}  # the format of each model's file as the plan goes, where known
+    reshaped: set[str] = set()       # models whose spec a step rewrites: the plan no longer knows them
     for i, step in enumerate(plan.steps, 1):
         cfg, kind, skip = step.config, step.kind, step.skip
         produces = ", ".join(f"{p} weights (steps/{cfg.name}/model.safetensors)" for p in kind.produces(cfg))
+        notes = [] if skip or cfg.model in reshaped else kind.plan_notes(
+            cfg, slots[cfg.model].model, formats.get(cfg.model), listing.classes, pipelines["eval"].norm)
         lines.append(f"{i}. {cfg.name} [{cfg.kind}]: {kind.describe(cfg)}"
                      + (f" -- skipped: {skip}" if skip else "")
                      + (f"\n     needs: {', '.join(kind.needs(cfg))}" if kind.needs(cfg) else "")
-                     + (f"\n     produces: {produces}" if produces and not skip else ""))
+                     + (f"\n     produces: {produces}" if produces and not skip else "")
+                     + "".join(f"\n     {note}" for note in notes))
+        if not skip and cfg.model in kind.produces(cfg) and cfg.model not in reshaped:
+            formats[cfg.model] = kind.written_format(cfg, slots[cfg.model].model)
+        if not skip and kind.reshapes(cfg):
+            reshaped.add(cfg.model)
     return "\n".join(lines)
 
 

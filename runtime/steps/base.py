@@ -69,6 +69,17 @@ class StepKind:
         spec as the recipe starts) before any work; the runner asks only while no step reshaped it."""
         return []
 
+    def written_format(self, cfg, model):
+        """The WeightFormat of the model file this step writes for `cfg.model`, known from the plan
+        (`model`: the spec as the recipe starts), or None when the step writes none or it is unknown."""
+        return None
+
+    def plan_notes(self, cfg, model, fmt, classes: list[str], norm) -> list[str]:
+        """Lines `--dry-run` prints under this step: what the plan already knows of its output.
+        `fmt`: the format of `cfg.model`'s file when the step runs (None: unknown); `classes`: the
+        data's class names; `norm`: the eval pipeline's normalization."""
+        return []
+
     def set_epochs(self, raw: dict, epochs: int) -> None:
         """`--epochs N` on this step's raw config: every training setting it has."""
         if self.finetunes:

@@ -65,6 +65,13 @@ class Export(StepKind):
         form = {"weights": " (the model file's weights, expanded at load)", "int8": " (int8 QDQ)"}.get(cfg.format, "")
         return f"export {cfg.model}: model file" + (f" + ONNX{form}" if cfg.onnx else "")
 
+    def plan_notes(self, cfg, model, fmt, classes, norm) -> list[str]:
+        """The `weights` file's exact size, once the plan knows the model file's format."""
+        if cfg.format != "weights" or fmt is None or any(n.op == "torchvision" for n in model.root.walk()):
+            return []
+        size = onnxgraph.predicted_bytes(model, fmt, classes, cfg.preprocessing(norm))
+        return [f"ONNX ({fmt.name} weights): {size:,} bytes, predicted"]
+
     def run(self, cfg: ExportConfig, ctx, key: str = "") -> StepResult:
         slot = ctx.models[cfg.model]
         step_dir = ctx.run.step_dir(cfg.name)

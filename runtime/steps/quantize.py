@@ -211,6 +211,9 @@ class Quantize(StepKind):
     def reshapes(self, cfg) -> bool:
         return cfg.format == AUTO  # writes the spec with the chosen formats
 
+    def written_format(self, cfg, model):
+        return None if cfg.format == AUTO else cfg.weight_format(model)  # auto: chosen while it runs
+
     def predicted_budget_failures(self, cfg, model) -> list[str]:
         """The file is written at exactly its predicted size (checked when written), so a format, `keep`
         or `formats` that breaks a bytes budget is known before any training."""

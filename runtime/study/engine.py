@@ -36,14 +36,36 @@ FRUITLESS_IN_A_ROW = 1_000  # a search whose last this many draws were over budg
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 
+POSTGRES_DRIVERS = (("psycopg", "psycopg"), ("pg8000", "pg8000"), ("psycopg2", "psycopg2"))  # (module, dialect)
+POSTGRES_EXTRA = "pip install -e '.[postgres]'"
+
+
+def with_driver(url: str) -> str:
+    """`postgresql://` (or `postgres://`) names no driver: SQLAlchemy would take psycopg2. Take the
+    first installed of psycopg 3 (the `postgres` extra), pg8000 and psycopg2 instead; a URL that
+    names its driver (`postgresql+pg8000://`) is kept."""
+    import importlib.util
+
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme not in ("postgresql", "postgres"):
+        return url
+    for module, dialect in POSTGRES_DRIVERS:
+        if importlib.util.find_spec(module) is not None:
+            return f"postgresql+{dialect}://{rest}"
+    raise NcError(f"--storage {url}: no PostgreSQL driver is installed\n  hint: {POSTGRES_EXTRA} (psycopg 3)")
+
+
 def storage_for(url: str | None, out: Path):
     """`--storage URL` (PostgreSQL, MySQL, SQLite), else a journal file in the study directory."""
     if url:
         try:
-            return optuna.storages.RDBStorage(url)
+            return optuna.storages.RDBStorage(with_driver(url))
+        except NcError:
+            raise
         except Exception as err:  # a bad URL, a server that does not answer, a missing driver
             raise NcError(f"--storage {url}: cannot open it ({type(err).__name__}: {str(err).splitlines()[0]})\n"
-                          "  hint: postgresql://USER:PASS@HOST/DB (needs psycopg2) or mysql+pymysql://...") from None
+                          f"  hint: postgresql://USER:PASS@HOST/DB ({POSTGRES_EXTRA}), sqlite:///study.db (one "
+                          "worker) or mysql+pymysql://...") from None
     from optuna.storages.journal import JournalFileBackend
 
     out.mkdir(parents=True, exist_ok=True)
