@@ -416,6 +416,44 @@ def _as_postgres(cmd: list[str]) -> list[str]:
     return ["runuser", "-u", "postgres", "--", *cmd] if os.geteuid() == 0 else cmd
 
 
+def _get(app, path: str) -> dict:
+    """One GET through a WSGI app, in process: its JSON answer."""
+    from io import BytesIO
+    from wsgiref.util import setup_testing_defaults
+
+    route, _, query = path.partition("?")
+    environ = {"PATH_INFO": route, "QUERY_STRING": query, "REQUEST_METHOD": "GET", "wsgi.input": BytesIO()}
+    setup_testing_defaults(environ)
+    status = []
+    body = b"".join(app(environ, lambda s, headers, exc_info=None: status.append(s)))
+    assert status[0].startswith("200"), (path, status, body[:300])
+    return json.loads(body)
+
+
+def test_optuna_dashboard_shows_a_studys_trials_with_what_the_summary_shows(files, capsys):
+    """The dashboard's own app on the study's journal file: its HTTP API lists the study and each trial
+    with file bytes, parameters, MACs, status and run directory, as results.csv has them."""
+    dashboard = pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed")
+
+    study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a}\n"
+                          "  - {name: b, params: {width: 16}}\n")
+    out = files / "out"
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
+    app = dashboard.wsgi(str(out / "study.journal"))  # as `optuna-dashboard OUT/study.journal` opens it
+    (listed,) = _get(app, "/api/studies")["study_summaries"]
+    assert listed["study_name"] == "s"
+    trials = _get(app, f"/api/studies/{listed['study_id']}?after=0")["trials"]
+    rows = {r["name"]: r for r in _results(out)}
+    assert len(trials) == 2
+    for t in trials:
+        attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+        row = rows[attrs["run"]]
+        assert attrs["status"] == row["status"] == "done"
+        for key in ("file_bytes", "params_count", "macs"):
+            assert str(attrs[key]) == row[key], key
+        assert attrs["run_dir"].endswith(f"trials/{attrs['run']}")
+
+
 def test_a_study_in_one_sqlite_file_for_one_worker(files, capsys):
     """The README's single-machine database: `sqlite:///`, one worker, Optuna's own file."""
     study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a}\n  - {name: b}\n")

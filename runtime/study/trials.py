@@ -32,6 +32,7 @@ def execute(study, trial, storage, options, run_dir: Path, name: str, objective_
     trial.set_user_attr("heartbeat", time.time())
     trial.set_user_attr("status", "running")
     trial.set_user_attr("name", name)
+    trial.set_user_attr("run_dir", str(run_dir))  # where optuna-dashboard's viewer finds the run's files
     epochs = [0]
 
     def on_epoch(label, row):
