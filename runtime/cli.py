@@ -39,6 +39,8 @@ def _arg_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, metavar="N", help="epochs of every training step (quick runs)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run.add_argument("--dry-run", action="store_true", help="print the steps and what each produces, then exit")
+    run.add_argument("--track", action="append", default=[], choices=["tensorboard"],
+                     help="also log the run for TensorBoard (event files in OUT/tensorboard; the `tracking` extra)")
     return p
 
 
@@ -68,9 +70,10 @@ def run(argv: list[str]) -> int:
 
         return run_recipe(Options(args.spec, args.recipe, data=args.data, out=args.out, sets=tuple(args.sets),
                                   epochs=args.epochs, device=args.device, dry_run=args.dry_run,
-                                  params=_params(args.param), input=shape, model=args.model))
-    if args.data or args.out or args.sets or args.epochs is not None or args.dry_run:
-        raise UsageError("--data, --out, --set, --epochs and --dry-run need --recipe")
+                                  params=_params(args.param), input=shape, model=args.model,
+                                  track=tuple(args.track)))
+    if args.data or args.out or args.sets or args.epochs is not None or args.dry_run or args.track:
+        raise UsageError("--data, --out, --set, --epochs, --dry-run and --track need --recipe")
     model = compile_spec(args.spec, model=args.model, param_strings=_params(args.param), input_shape=shape)
     analysis = analyse(model)
     print(to_json(analysis) if args.json else table(analysis, args.depth))

@@ -29,7 +29,7 @@ from ..train import distributed
 from ..train.context import ModelSlot, RunContext, pipeline_for
 from ..train.speed import resolve as resolve_speed
 from ..weights import ModelFile
-from . import stepcache
+from . import stepcache, tracking
 from .plan import Plan, make_plan
 from .plan import load as load_plan
 from .stepkeys import shared_settings, step_key
@@ -53,6 +53,7 @@ class Options:
     model: str | None = None
     on_epoch: object = None        # callable(step label, epoch row) after each training epoch (studies)
     step_cache: Path | None = None  # finished steps shared with other runs by key (a study's; runtime.run.stepcache)
+    track: tuple = ()              # trackers that also see the run (runtime.run.tracking): ("tensorboard",)
 
 
 def _device(name: str) -> torch.device:
@@ -275,26 +276,48 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
         return 0
     out = Path(opts.out) if opts.out else Path("runs") / (
         f"{Path(opts.spec).stem}-{recipe.name}-{datetime.now().strftime('%Y%m%d-%H%M%S')}")
+    tracking.require(opts.track)  # a missing extra is said before anything is written
     run_dir = RunDir(out, writer=rank == 0)
     if rank == 0:
         _make_run_dir(out)
         run_dir.lock()
         run_dir.begin()
+    tracked: list = []
     try:
         if rank == 0:
             write_text(out / f"spec{Path(opts.spec).suffix}", student.source)
-            write_text(out / "recipe.yaml", yaml.safe_dump(
+            recipe_text = yaml.safe_dump(
                 {**recipe.model_dump(exclude={"steps"}), "steps": [s.config.model_dump() for s in plan.steps]},
-                sort_keys=False))
+                sort_keys=False)
+            write_text(out / "recipe.yaml", recipe_text)
             print(timeline)
             print(f"run directory: {out}")
+            tracked = tracking.trackers(opts.track, out)
+            for t in tracked:
+                t.start(recipe_text, student.source, _budgets(student))
         ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world,
-                         pipelines=pipelines, speed=speed, on_epoch=opts.on_epoch)
+                         pipelines=pipelines, speed=speed, on_epoch=_epoch_listeners(opts.on_epoch, tracked))
         with speed.backends():
-            return _execute(opts, ctx, plan, out)
+            return _execute(opts, ctx, plan, out, tracked)
     finally:
+        for t in tracked:
+            t.close()
         if rank == 0:
             run_dir.unlock()
+
+
+def _epoch_listeners(on_epoch, tracked: list):
+    """The study's callback (which may stop the run) after the trackers have the epoch."""
+    if not tracked:
+        return on_epoch
+
+    def listen(label, row):
+        for t in tracked:
+            t.epoch(label, row)
+        if on_epoch is not None:
+            on_epoch(label, row)
+
+    return listen
 
 
 def _make_run_dir(out: Path) -> None:
@@ -307,7 +330,7 @@ def _make_run_dir(out: Path) -> None:
         raise NcError(f"cannot write to the run directory {out}\n  hint: choose a folder you can write")
 
 
-def _execute(opts: Options, ctx: RunContext, plan: Plan, out: Path) -> int:
+def _execute(opts: Options, ctx: RunContext, plan: Plan, out: Path, tracked: list = ()) -> int:
     """Run the planned steps in order (skipping those finished earlier), writing the report after each."""
     recipe, listing, run_dir, rank = ctx.recipe, ctx.listing, ctx.run, ctx.rank
     shared = shared_settings(recipe)
@@ -366,6 +389,8 @@ def _execute(opts: Options, ctx: RunContext, plan: Plan, out: Path) -> int:
         if rank == 0:
             write_json(out / "report.json", {"spec": opts.spec, "recipe": str(plan.path), "run": str(out),
                                              "steps": entries})
+            for t in tracked:
+                t.step(len(entries) - 1, entry)
     if rank == 0:
         md = _markdown(entries)
         write_text(out / "report.md", md + "\n")
