@@ -161,15 +161,9 @@ def _measure(fp32, int8_file: Path, size: int, tmp: Path, runs: int, accuracy: b
     export_weights(file, codes_onnx, at_size)
     fx, float_layers = integer_model(fp32, [calib[i:i + 8] for i in range(0, 64, 8)])
 
-    def torch_form(module):
-        def predict(x):
-            with torch.no_grad():
-                return module(x)
-        return predict
-
     forms: dict[str, dict] = {
-        "torch fp32": {"bytes": int8_file.stat().st_size, "predict": torch_form(fp32)},
-        "torch FX int8": {"bytes": None, "predict": torch_form(fx)},
+        "torch fp32": {"bytes": int8_file.stat().st_size, "predict": _torch_form(fp32)},
+        "torch FX int8": {"bytes": None, "predict": _torch_form(fx)},
     }
     for name, path in (("ort fp32", float_onnx), ("ort QDQ static", qdq_onnx), ("ort int8 weights", weights_onnx)):
         forms[name] = {"bytes": path.stat().st_size, "path": path}
@@ -179,6 +173,13 @@ def _measure(fp32, int8_file: Path, size: int, tmp: Path, runs: int, accuracy: b
     forms.update(_own_forms(fp32, shape, calib, tmp, f"student-{size}"))
 
     return _time_forms(forms, val_x, val_y, runs, accuracy), len(float_layers)
+
+
+def _torch_form(module):
+    def predict(x):
+        with torch.no_grad():
+            return module(x)
+    return predict
 
 
 def _own_forms(fp32, shape: tuple, calib: torch.Tensor, tmp: Path, tag: str) -> dict:
@@ -280,14 +281,8 @@ def _measure_zoo(name: str, size: int, tmp: Path, runs: int) -> tuple[list[dict]
     export_weights(file, codes_onnx, model)
     fx, float_layers = integer_model(fp32, [calib[i:i + 8] for i in range(0, 16, 8)])
 
-    def torch_form(module):
-        def predict(x):
-            with torch.no_grad():
-                return module(x)
-        return predict
-
-    forms = {"torch fp32": {"bytes": int8_file.stat().st_size, "predict": torch_form(fp32)},
-             "torch FX int8": {"bytes": None, "predict": torch_form(fx)},
+    forms = {"torch fp32": {"bytes": int8_file.stat().st_size, "predict": _torch_form(fp32)},
+             "torch FX int8": {"bytes": None, "predict": _torch_form(fx)},
              "ort fp32": {"bytes": float_onnx.stat().st_size, "path": float_onnx},
              "ort QDQ static": {"bytes": qdq_onnx.stat().st_size, "path": qdq_onnx},
              "nccompile weights": {"bytes": codes_onnx.stat().st_size, "path": codes_onnx},

@@ -106,9 +106,7 @@ class GraphWriter:
         lay = fileformat.layout(tensors, fmt)
         self.entries = {e.name: e for e in lay.entries}
         self.packed = any(e.bits is not None and e.bits <= 4 for e in lay.entries)
-        self._rows = None
-        self._levels: dict[int, str] = {}
-        self._decoded_names: list[str] = []
+        self._quantized = 0  # tensors shipped as codes so far: their internal names' numbers
 
     # --- what op records call -------------------------------------------------------------
     def node(self, op_type: str, inputs: list[str], **attrs) -> str:
@@ -156,7 +154,7 @@ class GraphWriter:
     # --- initializers -----------------------------------------------------------------------
     def _tensor(self, name: str, dtype: str, shape: tuple, data: bytes | None):
         n = fileformat.numel(shape)
-        size = {"F32": 4, "F16": 2, "BF16": 2, "U8": 1, "UINT4": 0}[dtype] * n or (n + 1) // 2
+        size = (n + 1) // 2 if dtype == "UINT4" else n * {"F32": 4, "F16": 2, "BF16": 2, "U8": 1}[dtype]
         raw = bytes(size) if data is None else data
         if len(raw) != size:
             raise ExportError(f"{name}: {len(raw)} bytes of data for {size}")
@@ -190,16 +188,15 @@ class GraphWriter:
             codes = codes.tobytes()
         lead = (-1,) + (1,) * (len(e.shape) - 1) if len(rows) > 1 else ()
         low, span = rows[:, 0], rows[:, 1] - rows[:, 0]  # float32, as grid_values computes them
-        if e.bits not in self._levels:
-            self._levels[e.bits] = self.const(float(2 ** e.bits - 1), shape=())
+        levels = self.const(float(2 ** e.bits - 1), shape=())  # one constant per bit width
         # short internal names: every byte counts against the budget; the decoded value keeps the tensor's name
-        q = f"q{len(self._decoded_names)}"
-        self._decoded_names.append(e.name)
+        q = f"q{self._quantized}"
+        self._quantized += 1
         codes_name = self._tensor(f"{q}c", "UINT4" if packed else "U8", e.shape, codes)
         span_name = self._array(f"{q}s", span.reshape(lead))
         min_name = self._array(f"{q}m", low.reshape(lead))
         self.nodes += [h.make_node("Cast", [codes_name], [f"{q}f"], to=1),
-                       h.make_node("Div", [f"{q}f", self._levels[e.bits]], [f"{q}u"]),
+                       h.make_node("Div", [f"{q}f", levels], [f"{q}u"]),
                        h.make_node("Mul", [f"{q}u", span_name], [f"{q}v"]),
                        h.make_node("Add", [min_name, f"{q}v"], [e.name])]
         return e.name
@@ -264,8 +261,8 @@ def _preprocess(g: GraphWriter, pre: Preprocessing) -> str:
 def graph(model: Model, fmt: WeightFormat | str, values: Values | None = None, classes: list[str] | None = None,
           pre: Preprocessing | None = None):
     """The ONNX ModelProto of `model` with weights in format `fmt` (zeros without `values`)."""
-    onnx = __import__("onnx")
-    h = onnx.helper
+    from onnx import helper as h
+
     fmt = fileformat.model_format(model, fmt)
     pre = pre or Preprocessing()
     if pre.layout not in LAYOUTS:

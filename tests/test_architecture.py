@@ -149,7 +149,7 @@ MAY_IMPORT = {
     "torchvision_state": {"weights"},
     "data": GROUND,                                   # sources -> decode -> load, transforms, cache, batches
     "rewrite": {"weights"},                           # module surgery behind one rebuild()
-    "deploy": {"weights", "quant"},                   # files standard runtimes run (ONNX, ExecuTorch), latency
+    "deploy": {"files", "weights", "quant"},                # files standard runtimes run (ONNX, ExecuTorch), latency
     "train": GROUND | {"data", "weights", "torchvision_state"},
     "steps": GROUND | {"data", "train", "quant", "rewrite", "deploy", "weights"},
     "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state"},

@@ -34,13 +34,13 @@ def export_pte(module: torch.nn.Module, input_shape: tuple, path: Path) -> int:
         from executorch.exir import to_edge_transform_and_lower
     except ImportError:
         raise MobileError(f"ExecuTorch is not installed; {EXTRA}") from None
-    from .onnx_export import _atomic
+    from ..files import atomic_write
 
     example = (torch.zeros(1, *input_shape),)
     with torch.no_grad():
         exported = torch.export.export(module.eval(), example)
     program = to_edge_transform_and_lower(exported, partitioner=[XnnpackPartitioner()]).to_executorch()
-    _atomic(path, lambda tmp: tmp.write_bytes(program.buffer))
+    atomic_write(path, program.buffer)
     return path.stat().st_size
 
 
@@ -56,16 +56,8 @@ def pte_runner(path: Path):
 
 def pte_latency_ms(path: Path, input_shape: tuple, runs: int = 100) -> float:
     """Median milliseconds of one batch-1 forward pass of the program, after 3 warm-ups."""
-    import statistics
-    import time
+    from .latency import median_ms
 
     run = pte_runner(path)
     x = torch.rand(1, *input_shape)
-    for _ in range(3):
-        run(x)
-    times = []
-    for _ in range(runs):
-        start = time.perf_counter()
-        run(x)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1000
+    return median_ms(lambda: run(x), runs)

@@ -3,9 +3,6 @@ which ships the model file's own codes (written by compiler.onnxgraph, whose doc
 """
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 import warnings
 from pathlib import Path
 
@@ -16,24 +13,26 @@ from compiler import fileformat, onnxgraph
 from compiler.onnxgraph import Preprocessing
 from compiler.tree import Model
 
+from ..files import atomic_path, atomic_write
 from ..quant.codes import unpack_bits
 from ..weights import ModelFile
 
 
-def export_float(module: torch.nn.Module, input_shape: tuple, path: Path, opset: int, fold: bool = True,
+def export_float(module: torch.nn.Module, input_shape: tuple, path: Path, opset: int,
                  metadata: dict[str, str] | None = None) -> None:
-    """`module` as an ONNX graph with a dynamic batch (`images` -> `logits`), written atomically.
-    `fold=False` keeps every state-dict tensor as an initializer under its own name."""
+    """`module` as an ONNX graph with a dynamic batch (`images` -> `logits`) by torch's exporter,
+    BatchNorm folded, written atomically."""
     import onnx
 
-    def write(tmp: Path) -> None:
-        _export(module, input_shape, tmp, opset, fold)
+    with atomic_path(path) as tmp, warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        torch.onnx.export(module, (torch.zeros(1, *input_shape),), str(tmp), dynamo=False, opset_version=opset,
+                          input_names=["images"], output_names=["logits"],
+                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
         model = onnx.load(str(tmp))
         _annotate(model, metadata)
         onnx.checker.check_model(model)
         onnx.save(model, str(tmp))
-
-    _atomic(path, write)
 
 
 def _annotate(model, metadata: dict[str, str] | None) -> None:
@@ -71,27 +70,8 @@ def export_weights(file: ModelFile, path: Path, model: Model | None = None, clas
     model = model or file.model()
     proto = onnxgraph.graph(model, file.format, _FileValues(file), classes, pre)
     onnx.checker.check_model(proto)
-    _atomic(path, lambda tmp: tmp.write_bytes(proto.SerializeToString()))
+    atomic_write(path, proto.SerializeToString())
     return path.stat().st_size
-
-
-def _export(module, input_shape, path: Path, opset: int, fold: bool) -> None:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(module, (torch.zeros(1, *input_shape),), str(path), dynamo=False, opset_version=opset,
-                          do_constant_folding=fold, input_names=["images"], output_names=["logits"],
-                          dynamic_axes={"images": {0: "batch"}, "logits": {0: "batch"}})
-
-
-def _atomic(path: Path, write) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(Path(tmp))
-        shutil.move(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def sample_feed(session, input_shape: tuple, batch: int = 1) -> dict:

@@ -15,7 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .onnx_export import _atomic, export_float
+from ..files import atomic_path
+from .onnx_export import export_float
 
 
 def export_int8(module: torch.nn.Module, input_shape: tuple, calibration: list[np.ndarray], path: Path,
@@ -34,17 +35,14 @@ def export_int8(module: torch.nn.Module, input_shape: tuple, calibration: list[n
         def get_next(self):
             return next(self.batches, None)
 
-    def write(tmp: Path) -> None:
-        with tempfile.TemporaryDirectory(dir=path.parent) as work:
-            plain, prepared = Path(work) / "float.onnx", Path(work) / "prepared.onnx"
-            export_float(module, input_shape, plain, opset, metadata=metadata)
-            quant_pre_process(str(plain), str(prepared))  # shape inference and ORT's own graph clean-up
-            exclude = _first_conv(prepared) if float_first_conv else []
-            quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
+    with atomic_path(path) as tmp, tempfile.TemporaryDirectory(dir=path.parent) as work:
+        plain, prepared = Path(work) / "float.onnx", Path(work) / "prepared.onnx"
+        export_float(module, input_shape, plain, opset, metadata=metadata)
+        quant_pre_process(str(plain), str(prepared))  # shape inference and ORT's own graph clean-up
+        exclude = _first_conv(prepared) if float_first_conv else []
+        quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                        activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
         _carry_metadata(tmp, metadata)
-
-    _atomic(path, write)
 
 
 def _first_conv(path: Path) -> list[str]:

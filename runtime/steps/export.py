@@ -89,17 +89,17 @@ class Export(StepKind):
                 return StepResult(metrics=metrics, files=files)
             onnx_path = step_dir / f"{cfg.model}.onnx"
             file = ModelFile(slot.weights)
+            module = file.build(slot.model).cpu().eval()  # the float forms and the latency yardstick
             classes = ctx.data().classes
             norm = ctx.pipeline("eval").norm  # the recipe's `normalize`: the model expects its images so
             outside = (norm.mean, norm.std) if norm is not None else None
             if cfg.format == "weights":
                 self._weights(cfg, slot.model, file, onnx_path, classes, cfg.preprocessing(norm), metrics)
             elif cfg.format == "int8":
-                self._int8(cfg, ctx, slot.model, file, onnx_path,
+                self._int8(cfg, ctx, slot.model, module, onnx_path,
                            describe(slot.model.input_shape, classes, fmt="int8 QDQ", normalized_outside=outside),
                            metrics)
             else:
-                module = file.build(slot.model).cpu().eval()
                 export_float(module, slot.model.input_shape, onnx_path, cfg.opset,
                              metadata=describe(slot.model.input_shape, classes, normalized_outside=outside))
                 metrics["onnx_bytes"] = onnx_path.stat().st_size
@@ -107,7 +107,7 @@ class Export(StepKind):
             predicted = f", predicted {metrics['onnx_predicted_bytes']:,}" if cfg.format == "weights" else ""
             ctx.log(f"{cfg.name}: {target} ({metrics['file_bytes']:,} bytes) and {cfg.model}.onnx "
                     f"({metrics['onnx_bytes']:,} bytes{predicted})")
-            self._latency(cfg, ctx, file, slot.model, onnx_path, metrics)
+            self._latency(cfg, ctx, module, slot.model.input_shape, onnx_path, metrics)
             self._check_budgets(cfg, slot.model, file, metrics)
         return StepResult(metrics=metrics, files=files)
 
@@ -137,11 +137,11 @@ class Export(StepKind):
         return f"steps/{cfg.name}/{path.name}"
 
     @staticmethod
-    def _int8(cfg, ctx, model, file, onnx_path, metadata, metrics) -> None:
+    def _int8(cfg, ctx, model, module, onnx_path, metadata, metrics) -> None:
         from ..deploy.qdq import export_int8, fused_ops, integer_ops
 
         calibration = [b.contiguous().cpu().numpy() for b in ctx.calibration(cfg.calibration_images)]
-        export_int8(file.build(model).cpu().eval(), model.input_shape, calibration, onnx_path, metadata,
+        export_int8(module, model.input_shape, calibration, onnx_path, metadata,
                     float_first_conv=cfg.float_first_conv)
         ops, float_layers = fused_ops(onnx_path)
         metrics.update({"onnx_bytes": onnx_path.stat().st_size, "onnx_integer_ops": integer_ops(ops),
@@ -165,15 +165,15 @@ class Export(StepKind):
                 f"{b.name} fails: {b.value:,} bytes (onnx file)" for b in failed))
 
     @staticmethod
-    def _latency(cfg, ctx, file, model, onnx_path, metrics) -> None:
+    def _latency(cfg, ctx, module, input_shape, onnx_path, metrics) -> None:
         """The written file's latency in ONNX Runtime next to the float export's (the yardstick a deployment
         would otherwise use), batch 1, one thread."""
         with tempfile.TemporaryDirectory(dir=onnx_path.parent) as tmp:
             paths = [onnx_path]
             if cfg.format != "float":
                 paths.append(Path(tmp) / "float.onnx")
-                export_float(file.build(model).cpu().eval(), model.input_shape, paths[1], cfg.opset)
-            measured = ort_latency_ms(paths, model.input_shape)
+                export_float(module, input_shape, paths[1], cfg.opset)
+            measured = ort_latency_ms(paths, input_shape)
         if measured is None:
             ctx.log(f"{cfg.name}: latency not measured: onnxruntime is not installed")
             return
