@@ -2,14 +2,22 @@
 a Ctrl-C while the compiler, pydantic and torch are still importing is an interrupt, not a traceback."""
 import sys
 
+INTERRUPTED = 130
+
 
 def main() -> int:
     try:
         from .cli import main as cli_main
     except KeyboardInterrupt:
         print("nccompile: interrupted", file=sys.stderr)
-        return 130
-    return cli_main()
+        code = INTERRUPTED
+    else:
+        code = cli_main()
+    if code == INTERRUPTED:
+        # CPython flags a Ctrl-C that passes through an exec/eval (namedtuple, pydantic's imports do them) and
+        # kills itself with SIGINT at exit even though we caught it; any later exec clears the flag.
+        exec("pass")
+    return code
 
 
 if __name__ == "__main__":
