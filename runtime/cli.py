@@ -11,6 +11,7 @@ import sys
 
 from compiler.errors import NcError, UsageError
 
+from .tracking import TRACKERS
 from .usage import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK
 from .usage import Parser as _Parser
 
@@ -39,8 +40,9 @@ def _arg_parser() -> argparse.ArgumentParser:
     run.add_argument("--epochs", type=int, metavar="N", help="epochs of every training step (quick runs)")
     run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
     run.add_argument("--dry-run", action="store_true", help="print the steps and what each produces, then exit")
-    run.add_argument("--track", action="append", default=[], choices=["tensorboard"],
-                     help="also log the run for TensorBoard (event files in OUT/tensorboard; the `tracking` extra)")
+    run.add_argument("--track", action="append", default=[], choices=TRACKERS,
+                     help="also log the run for TensorBoard (event files in OUT/tensorboard) or MLflow "
+                          "(MLFLOW_TRACKING_URI, else ./mlflow.db); the `tracking` extra")
     return p
 
 

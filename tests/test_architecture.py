@@ -152,9 +152,10 @@ MAY_IMPORT = {
     "deploy": {"files", "weights", "quant"},                # files standard runtimes run (ONNX, ExecuTorch), latency
     "train": GROUND | {"data", "weights", "torchvision_state"},
     "steps": GROUND | {"data", "train", "quant", "rewrite", "deploy", "weights"},
-    "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state"},
-    "study": GROUND | {"run"},
-    "cli": GROUND | {"run", "study", "weights"},
+    "tracking": set(),                                # TensorBoard event files, MLflow runs
+    "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state", "tracking"},
+    "study": GROUND | {"run", "tracking"},
+    "cli": GROUND | {"run", "study", "weights", "tracking"},
     "__main__": {"cli"},
 }
 

@@ -22,6 +22,7 @@ from compiler.errors import BudgetError, NcError, did_you_mean
 from compiler.fileformat import weight_tensors
 from compiler.report import table
 
+from .. import tracking
 from ..data import check_decodable, list_source
 from ..recipe import RecipeError
 from ..rundir import RUN_FILES, RUN_RECORDS, RunDir, check_own_folder, digest, write_json, write_text
@@ -29,7 +30,7 @@ from ..train import distributed
 from ..train.context import ModelSlot, RunContext, pipeline_for
 from ..train.speed import resolve as resolve_speed
 from ..weights import ModelFile
-from . import stepcache, tracking
+from . import stepcache
 from .plan import Plan, make_plan
 from .plan import load as load_plan
 from .stepkeys import shared_settings, step_key
@@ -53,7 +54,8 @@ class Options:
     model: str | None = None
     on_epoch: object = None        # callable(step label, epoch row) after each training epoch (studies)
     step_cache: Path | None = None  # finished steps shared with other runs by key (a study's; runtime.run.stepcache)
-    track: tuple = ()              # trackers that also see the run (runtime.run.tracking): ("tensorboard",)
+    track: tuple = ()              # trackers that also see the run (runtime.tracking): ("tensorboard", "mlflow")
+    track_parent: str | None = None  # the MLflow run this one nests under (a study's trial)
 
 
 def _device(name: str) -> torch.device:
@@ -283,6 +285,7 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
         run_dir.lock()
         run_dir.begin()
     tracked: list = []
+    error: BaseException | None = None
     try:
         if rank == 0:
             write_text(out / f"spec{Path(opts.spec).suffix}", student.source)
@@ -292,16 +295,20 @@ def _run(opts: Options, rank: int, world: int, device) -> int:
             write_text(out / "recipe.yaml", recipe_text)
             print(timeline)
             print(f"run directory: {out}")
-            tracked = tracking.trackers(opts.track, out)
+            tracked = tracking.trackers(opts.track, out, opts.track_parent)
             for t in tracked:
-                t.start(recipe_text, student.source, _budgets(student))
+                t.start(recipe_text, student.source, _budgets(student),
+                        {**student.params, "input": "x".join(map(str, student.input_shape))})
         ctx = RunContext(recipe, run_dir, listing, student.input_shape, device, slots, rank, world,
                          pipelines=pipelines, speed=speed, on_epoch=_epoch_listeners(opts.on_epoch, tracked))
         with speed.backends():
             return _execute(opts, ctx, plan, out, tracked)
+    except BaseException as err:
+        error = err
+        raise
     finally:
         for t in tracked:
-            t.close()
+            t.close(error)
         if rank == 0:
             run_dir.unlock()
 

@@ -10,6 +10,8 @@ from pathlib import Path
 
 from compiler.errors import UsageError
 
+from ..tracking import TRACKERS, require
+
 
 def _parser():
     from ..usage import Parser
@@ -29,6 +31,9 @@ def _parser():
     p.add_argument("--storage", metavar="URL", help="shared database (postgresql://..., mysql+pymysql://...); "
                                                      "default: a journal file in the study directory")
     p.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto")
+    p.add_argument("--track", action="append", default=[], choices=TRACKERS,
+                   help="also log every trial for TensorBoard (OUT/trials/NAME/tensorboard) or MLflow (a study "
+                        "run with a nested run per trial); the `tracking` extra")
     p.add_argument("--dry-run", action="store_true", help="check every trial and show what would run: each run "
                                                            "with its budgets, a search's space; trains and "
                                                            "writes nothing")
@@ -56,7 +61,8 @@ def main(argv: list[str]) -> int:
     out = Path(args.out) if args.out else Path("runs") / f"study-{cfg.name}"
     check_own_folder(out, STUDY_FILES, STUDY_RECORDS, "nccompile study")
     study = Study(cfg, path, out, data=args.data, epochs=args.epochs, sets=tuple(args.sets), device=args.device,
-                  storage=args.storage, trials=args.trials)  # every trial validated: nothing has run yet
+                  storage=args.storage, trials=args.trials, track=tuple(args.track))  # every trial validated
+    require(study.track)  # a missing extra is said before anything runs
     if args.dry_run:
         from .preview import preview
 
@@ -64,6 +70,11 @@ def main(argv: list[str]) -> int:
         return 0
     title = f"study {cfg.name}" + (f": {cfg.description}" if cfg.description else "")
     handle = study.open()  # creates the study and enqueues the fixed trials, once, before any worker starts
+    if "mlflow" in study.track:  # one study run, made before any worker starts, kept in the storage
+        from ..tracking.mlflow_runs import study_run
+
+        study.track_parent = study_run(cfg.name, out, handle.user_attrs.get("mlflow_run"))
+        handle.set_user_attr("mlflow_run", study.track_parent)
 
     def report(s):
         print(f"study {cfg.name}: {progress(s, study.trials_wanted - study.searched(s))}", flush=True)
@@ -82,6 +93,10 @@ def main(argv: list[str]) -> int:
         print(f"study {cfg.name}: {progress(handle)}")
         print((out / "summary.md").read_text().rstrip())
         print("outputs: " + ", ".join(str(f) for f in files))
+        if study.track_parent:
+            from ..tracking.mlflow_runs import study_done
+
+            study_done(study.track_parent, handle, files)
     return 0
 
 

@@ -79,8 +79,10 @@ def _places(wheres: list[str]) -> str:
 
 class Study:
     def __init__(self, cfg: StudyConfig, path: Path, out: Path, *, data: str | None, epochs: int | None,
-                 sets: tuple, device: str, storage: str | None, trials: int | None):
+                 sets: tuple, device: str, storage: str | None, trials: int | None, track: tuple = ()):
         self.cfg, self.path, self.out = cfg, path, out
+        self.track = tuple(track)  # every trial's trackers (runtime.tracking)
+        self.track_parent: str | None = None  # the study's MLflow run, its trials' parent
         self.data = data or (str((path.parent / cfg.data).resolve()) if cfg.data else None)
         self.epochs, self.sets, self.device = epochs, tuple(sets), device
         self.storage_url = storage
@@ -115,7 +117,8 @@ class Study:
         return Options(str(trial.spec), trial.recipe, data=self.data, out=str(trials / trial.name),
                        sets=trial.set_strings(self.sets), epochs=self.epochs, device=self.device,
                        params=trial.param_strings(),
-                       on_epoch=on_epoch, step_cache=self.out / "shared" if self.cfg.share_steps else None)
+                       on_epoch=on_epoch, step_cache=self.out / "shared" if self.cfg.share_steps else None,
+                       track=self.track, track_parent=self.track_parent)
 
     def validate(self) -> None:
         """Every trial's spec, recipe and overrides, as the runner checks them; all problems at once."""

@@ -1,5 +1,4 @@
-"""Runs where people already watch them: TensorBoard event files in the run directory (`--track
-tensorboard`, the `tracking` extra), written beside report.json, never instead of it.
+"""`--track tensorboard`: event files in OUT/tensorboard, read by `tensorboard --logdir runs`.
 
 What a run logs: the recipe and the spec as text, the budgets, each training epoch's scalars (loss,
 accuracy, learning rate) under the step's name, each step's model (parameters, MACs, file bytes,
@@ -9,24 +8,17 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from compiler.errors import NcError
-
-TRACKERS = ("tensorboard",)
-EXTRA = "pip install -e '.[tracking]'"
 EPOCH_SCALARS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "images_per_second")
 STEP_SCALARS = ("params", "macs", "file_bytes", "val_accuracy")
 
 
 class TensorBoard:
     def __init__(self, out: Path):
-        try:
-            from torch.utils.tensorboard import SummaryWriter
-        except ImportError:  # torch's writer needs the tensorboard package
-            raise NcError(f"--track tensorboard: the tensorboard package is not installed; {EXTRA}") from None
+        from torch.utils.tensorboard import SummaryWriter  # needs tensorboard: tracking.require() checked it
         self.out = out
         self.writer = SummaryWriter(log_dir=str(out / "tensorboard"))
 
-    def start(self, recipe_text: str, spec_text: str, budgets: list[str]) -> None:
+    def start(self, recipe_text: str, spec_text: str, budgets: list[str], params: dict) -> None:
         self.writer.add_text("recipe", f"```\n{recipe_text}\n```")
         self.writer.add_text("spec", f"```\n{spec_text}\n```")
         if budgets:
@@ -54,22 +46,6 @@ class TensorBoard:
         pixels = np.asarray(Image.open(path).convert("RGB"))
         self.writer.add_image(tag, pixels, index, dataformats="HWC")
 
-    def close(self) -> None:
+    def close(self, error: BaseException | None = None) -> None:
         self.writer.close()
 
-
-def require(names: tuple[str, ...]) -> None:
-    """Known trackers whose libraries are installed, or an error that names the extra."""
-    unknown = [n for n in names if n not in TRACKERS]
-    if unknown:
-        raise NcError(f"--track {unknown[0]}: unknown tracker; known: {', '.join(TRACKERS)}")
-    if "tensorboard" in names:
-        import importlib.util
-
-        if importlib.util.find_spec("tensorboard") is None:
-            raise NcError(f"--track tensorboard: the tensorboard package is not installed; {EXTRA}")
-
-
-def trackers(names: tuple[str, ...], out: Path) -> list:
-    require(names)
-    return [TensorBoard(out) for n in dict.fromkeys(names) if n == "tensorboard"]
