@@ -430,16 +430,20 @@ def _get(app, path: str) -> dict:
     return json.loads(body)
 
 
-def test_optuna_dashboard_shows_a_studys_trials_with_what_the_summary_shows(files, capsys):
-    """The dashboard's own app on the study's journal file: its HTTP API lists the study and each trial
-    with file bytes, parameters, MACs, status and run directory, as results.csv has them."""
+@pytest.mark.parametrize("storage", ["journal", "sqlite"])
+def test_optuna_dashboard_shows_a_studys_trials_with_what_the_summary_shows(files, capsys, storage):
+    """The dashboard's own app on the study's storage (its journal file, or a database): its HTTP API lists
+    the study and each trial with file bytes, parameters, MACs, status and run directory, as results.csv has
+    them."""
     dashboard = pytest.importorskip("optuna_dashboard", reason="optuna-dashboard is not installed")
 
     study = _study(files, "name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a}\n"
                           "  - {name: b, params: {width: 16}}\n")
     out = files / "out"
-    assert main(["study", str(study), "--out", str(out), "--device", "cpu"]) == 0, capsys.readouterr().err
-    app = dashboard.wsgi(str(out / "study.journal"))  # as `optuna-dashboard OUT/study.journal` opens it
+    url = f"sqlite:///{files / 'study.db'}" if storage == "sqlite" else None
+    assert main(["study", str(study), "--out", str(out), "--device", "cpu", *(["--storage", url] if url else [])]) \
+        == 0, capsys.readouterr().err
+    app = dashboard.wsgi(url or str(out / "study.journal"))  # as `optuna-dashboard URL|OUT/study.journal` opens it
     (listed,) = _get(app, "/api/studies")["study_summaries"]
     assert listed["study_name"] == "s"
     trials = _get(app, f"/api/studies/{listed['study_id']}?after=0")["trials"]
