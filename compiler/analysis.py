@@ -20,12 +20,15 @@ class Row:
     macs: int
     activations: int  # output elements of this module for one sample
     format: str | None = None  # with a `precision` section: the format of the layer's weights
+    latency_ms: float | None = None  # with a latency budget: the layer's share of the predicted latency
 
     def to_json(self) -> dict:
         out = {"path": self.path, "type": self.type, "depth": self.depth, "output": list(self.output),
                "params": self.params, "macs": self.macs, "activations": self.activations}
         if self.format is not None:
             out["format"] = self.format
+        if self.latency_ms is not None:
+            out["latency_ms"] = self.latency_ms
         return out
 
 
@@ -35,9 +38,14 @@ class BudgetResult:
     metric: str
     format: str | None
     limit: int | float
-    value: int
+    value: int | float
     ok: bool
     top: list[tuple[str, str, int]] = field(default_factory=list)  # largest contributors (path, type, value)
+
+    def shown(self, value: int | float | None = None) -> str:
+        """A value of this budget's metric as people read it: 1,234 or 0.412 ms."""
+        value = self.value if value is None else value
+        return f"{value:.3f} ms" if self.metric == "latency" else f"{value:,}"
 
     def to_json(self) -> dict:
         return {"name": self.name, "metric": self.metric, "format": self.format, "limit": self.limit,
@@ -59,6 +67,7 @@ class Analysis:
     rows: list[Row]
     param_values: dict
     onnx_bytes: dict[str, int] = field(default_factory=dict)  # the deployed ONNX file, for formats budgets name
+    latency: dict[str, dict] = field(default_factory=dict)  # target -> predicted ms and its table, for budgets
 
     @property
     def ok(self) -> bool:
@@ -67,12 +76,12 @@ class Analysis:
     def to_json(self) -> dict:
         return {"model": self.model, "spec": self.spec, "input": list(self.input), "params": self.params,
                 "buffers": self.buffers, "macs": self.macs, "activations": self.activations,
-                "bytes": dict(self.bytes), "onnx_bytes": dict(self.onnx_bytes),
+                "bytes": dict(self.bytes), "onnx_bytes": dict(self.onnx_bytes), "latency": dict(self.latency),
                 "budgets": [b.to_json() for b in self.budgets],
                 "ok": self.ok, "param_values": self.param_values, "layers": [r.to_json() for r in self.rows]}
 
 
-def _rows(root: Node, precision: WeightFormat | None = None) -> list[Row]:
+def _rows(root: Node, precision: WeightFormat | None = None, latency_by_path: dict | None = None) -> list[Row]:
     rows = []
     for node in root.walk():
         if node is root:
@@ -80,8 +89,11 @@ def _rows(root: Node, precision: WeightFormat | None = None) -> list[Row]:
         fmt = None
         if precision is not None and node.tensors and not node.children:
             fmt = precision.of(f"{node.path}.{node.tensors[0].name}" if node.path else node.tensors[0].name).name
+        ms = None
+        if latency_by_path is not None:
+            ms = sum(v for p, v in latency_by_path.items() if p == node.path or p.startswith(node.path + "."))
         rows.append(Row(node.path, node.layer, node.path.count(".") + 1, node.out_shape, node.params,
-                        node.total_macs, math.prod(node.out_shape), fmt))
+                        node.total_macs, math.prod(node.out_shape), fmt, ms))
     return rows
 
 
@@ -118,6 +130,13 @@ def predicted_onnx_bytes(model: Model, fmt: str) -> int:
     return onnx_bytes(model, fmt)
 
 
+def predicted_latency(model: Model, target: str):
+    """compiler.latency's prediction on this machine's table for `target` (LatencyError without one)."""
+    from . import latency
+
+    return latency.predict(model, latency.cached_table(target))
+
+
 def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: bool = True) -> list[BudgetResult]:
     """Every budget of the spec against its value: predicted from the spec, or for file sizes the
     `measured_bytes` of written files (format name, or `onnx(format)`, -> bytes) where given. The one
@@ -127,19 +146,26 @@ def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: boo
     out = []
     for b in model.definition.budgets:
         limit = evaluate(b.limit, model.params)
-        fmt = model_format(model, b.format) if b.format else None
-        if b.metric == "bytes":
-            value = (measured_bytes or {}).get(format_key(b.format))
-            value = predicted_bytes(model, b.format) if value is None else value
-        elif b.metric == "onnx":
-            value = (measured_bytes or {}).get(onnx_key(b.format))
-            value = predicted_onnx_bytes(model, b.format) if value is None else value
-        else:  # walked only for the budgets that need it
-            value = root.params if b.metric == "params" else root.total_macs
-        whole = isinstance(limit, float) and limit.is_integer() and abs(limit) < 1e18  # `1e6` reads as 1,000,000
-        shown = f"{limit:,.0f}" if whole else f"{limit:,}"
+        if b.metric == "latency":
+            limit = limit * b.scale
+            prediction = predicted_latency(model, b.format)
+            value = prediction.ms
+            largest = sorted(((p, "unit", ms) for p, ms in prediction.by_path().items()), key=lambda t: -t[2])[:3]
+            shown = f"{limit:g} ms"
+        else:
+            if b.metric == "bytes":
+                value = (measured_bytes or {}).get(format_key(b.format))
+                value = predicted_bytes(model, b.format) if value is None else value
+            elif b.metric == "onnx":
+                value = (measured_bytes or {}).get(onnx_key(b.format))
+                value = predicted_onnx_bytes(model, b.format) if value is None else value
+            else:  # walked only for the budgets that need it
+                value = root.params if b.metric == "params" else root.total_macs
+            largest = _top(root, b.metric, model_format(model, b.format) if b.format else None) if top else []
+            whole = isinstance(limit, float) and limit.is_integer() and abs(limit) < 1e18  # `1e6` reads as 1,000,000
+            shown = f"{limit:,.0f}" if whole else f"{limit:,}"
         out.append(BudgetResult(f"{b.title} <= {shown}", b.metric, b.format, limit, value, value <= limit,
-                                _top(root, b.metric, fmt) if top else []))
+                                largest if top else []))
     return out
 
 
@@ -154,9 +180,13 @@ def analyse(model: Model) -> Analysis:
     onnx_sizes = {format_key(b.format): predicted_onnx_bytes(model, b.format)
                   for b in model.definition.budgets if b.metric == "onnx"}
     measured = {onnx_key(f): n for f, n in onnx_sizes.items()}
+    predictions = {b.format: predicted_latency(model, b.format)
+                   for b in model.definition.budgets if b.metric == "latency"}
+    first = next(iter(predictions.values()), None)  # the layer column shows the first target's shares
     totals = {"params": root.params, "macs": root.total_macs}
     leaves = root.leaves()
     return Analysis(model.name, model.spec.path, model.input_shape, totals["params"], root.buffers, totals["macs"],
                     sum(math.prod(n.out_shape) for n in leaves if n is not root), byte_sizes, budgets(model, measured),
-                    _rows(root, spec_format(model) if model.definition.precision else None), dict(model.params),
-                    onnx_sizes)
+                    _rows(root, spec_format(model) if model.definition.precision else None,
+                          first.by_path() if first is not None else None), dict(model.params),
+                    onnx_sizes, {t: p.to_json() for t, p in predictions.items()})

@@ -141,9 +141,16 @@ class ParamDecl(IRNode):
 
 
 class Budget(IRNode):
-    metric: str          # params | macs | bytes (the model file) | onnx (the deployed ONNX file)
-    format: str | None = None  # for bytes and onnx: the model file's weight format (fp32 | int8 | spec | ...)
+    metric: str          # params | macs | bytes (the model file) | onnx (the deployed ONNX file) | latency
+    format: str | None = None  # bytes, onnx: the model file's weight format (fp32 | int8 | spec | ...);
+    # latency: the target (ort-fp32 | torch-fp32 | ort-weights)
     limit: Expr
+    unit: str | None = None  # latency: ms | us (None: ms)
+
+    @property
+    def scale(self) -> float:
+        """What the limit's number is multiplied by to give the metric's own unit (latency: ms)."""
+        return 0.001 if self.unit == "us" else 1.0
 
     @property
     def title(self) -> str:

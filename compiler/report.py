@@ -23,6 +23,9 @@ def table(a: Analysis, max_depth: int | None = None) -> str:
     if any(r.format for r in a.rows):  # a `precision` section: each layer's weight format
         header, align = header + ("Format",), align + ("<",)
         body = [b + (r.format or "",) for b, r in zip(body, rows)]
+    if any(r.latency_ms is not None for r in a.rows):  # a latency budget: each layer's predicted share
+        header, align = header + ("Latency ms",), align + (">",)
+        body = [b + (f"{r.latency_ms:.4f}" if r.latency_ms is not None else "",) for b, r in zip(body, rows)]
     widths = [max(len(x) for x in col) for col in zip(header, *body)]
 
     def line(cells):
@@ -40,13 +43,17 @@ def table(a: Analysis, max_depth: int | None = None) -> str:
     if a.onnx_bytes:  # the deployed file, for the formats an `onnx(...)` budget names
         out.append("ONNX bytes:   " + "   ".join(f"{fmt} {n:,}" for fmt, n in a.onnx_bytes.items())
                    + "   (export format: weights; plus the class names' metadata)")
+    for target, p in a.latency.items():
+        estimated = f"; {p['estimated_units']} of {p['units']} units from their nearest" if p["estimated_units"] else ""
+        out.append(f"Latency:      {target} {p['ms']:.3f} ms predicted ({p['threads']} thread(s), batch "
+                   f"{p['batch']}; table {p['table']}{estimated})")
     if a.budgets:
         out.append("Budgets:")
         for b in a.budgets:
             pct = f"{100 * b.value / b.limit:.1f}%" if b.limit else "-"
-            out.append(f"  {'ok  ' if b.ok else 'FAIL'}  {b.name}: {b.value:,} ({pct} of the limit)")
+            out.append(f"  {'ok  ' if b.ok else 'FAIL'}  {b.name}: {b.shown()} ({pct} of the limit)")
             if not b.ok:
-                parts = [f"{p} ({k}) {v:,} ({100 * v / b.value:.1f}%)" for p, k, v in b.top]
+                parts = [f"{p} ({k}) {b.shown(v)} ({100 * v / b.value:.1f}%)" for p, k, v in b.top]
                 out.append("        largest: " + ", ".join(parts))
     return "\n".join(out)
 

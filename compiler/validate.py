@@ -13,11 +13,14 @@ from . import ir
 from .errors import Diagnostics, Span, did_you_mean
 from .expr import FUNCTIONS, LIMIT, ExprError, evaluate, free_names
 from .fileformat import FORMAT_HELP, SUMMARY_FORMATS, is_format
+from .latency import ALIASES as LATENCY_ALIASES
+from .latency import TARGETS as LATENCY_TARGET_LIBRARIES
 from .ops import LAYERS, REQUIRED
 from .space import SpaceError, space_of
 
 PARAM_TYPES = ("int", "float", "bool")
-BUDGET_METRICS = ("params", "macs", "bytes", "onnx")  # onnx: the deployed ONNX file (`weights` form)
+BUDGET_METRICS = ("params", "macs", "bytes", "onnx", "latency")  # onnx: the deployed ONNX file (`weights` form)
+LATENCY_TARGETS = (*LATENCY_TARGET_LIBRARIES, *LATENCY_ALIASES)
 FILE_METRICS = ("bytes", "onnx")
 RESERVED_LABELS = ("body", "shortcut")
 IN_CHANNELS = "in_channels"  # in a block: the channel count of the input it receives
@@ -130,8 +133,15 @@ class _Validator:
                     else f"a `{b.metric}` budget needs the model file's weight format")
             self.diags.error(what, b.span, expected=f"{b.metric}(FORMAT) with FORMAT one of {FORMAT_HELP}",
                              hint=did_you_mean(b.format or "", self.formats))
-        elif b.metric not in FILE_METRICS and b.format is not None:
+        elif b.metric == "latency" and b.format not in LATENCY_TARGETS:
+            what = f"unknown latency target `{b.format}`" if b.format else "a `latency` budget needs a target"
+            self.diags.error(what, b.span, expected=f"latency(TARGET), TARGET one of {', '.join(LATENCY_TARGETS)}",
+                             hint=did_you_mean(b.format or "", LATENCY_TARGETS) or "e.g. latency(ort-fp32) <= 2ms")
+        elif b.metric not in FILE_METRICS and b.metric != "latency" and b.format is not None:
             self.diags.error(f"`{b.metric}` takes no weight format", b.span, hint=f"write `budget {b.metric} <= ...`")
+        if b.unit is not None and b.metric != "latency":
+            self.diags.error(f"`{b.metric}` is not a time: its limit takes no `{b.unit}`", b.span,
+                             hint="only `latency(TARGET)` budgets have a time unit")
         self.expr(b.limit, scope)
 
     def expr(self, e: ir.Expr, scope: set[str]) -> None:

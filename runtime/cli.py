@@ -134,7 +134,11 @@ def search(argv: list[str]) -> int:
     p.add_argument("--samples", type=int, metavar="N", help="draw N seeded configurations instead of all")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--objective", choices=OBJECTIVES, default="params",
-                   help="capacity to maximise against file bytes (default: params)")
+                   help="capacity to maximise against file bytes (default: params); latency: parameters "
+                        "against the latency predicted from this machine's table (nccompile profile)")
+    p.add_argument("--latency-target", default=None, metavar="TARGET",
+                   help="the table --objective latency ranks by (default: the spec's latency budget's, else "
+                        "ort-fp32)")
     p.add_argument("--bytes", default="int8", metavar="FORMAT", help="the file format on the bytes axis "
                                                                       "(default: int8)")
     p.add_argument("--all", action="store_true", help="list every configuration that meets the budgets")
@@ -150,8 +154,9 @@ def search(argv: list[str]) -> int:
         raise UsageError(f"--bytes: unknown format `{args.bytes}`\n  expected: {SPEC} (the spec's precision) or "
                          f"{FORMAT_HELP}")
     shape = parse_shape(args.input) if args.input is not None else None
+    target = args.latency_target or (_latency_target(args.spec, args.model) if args.objective == "latency" else None)
     result = run_search(args.spec, model=args.model, fixed=_params(args.param), input_shape=shape,
-                        samples=args.samples, seed=args.seed, formats=(args.bytes,))
+                        samples=args.samples, seed=args.seed, formats=(args.bytes,), latency_target=target)
     listed = result.candidates if args.all else pareto(result.candidates, args.objective, args.bytes)
     if args.emit:
         _emit_specs(listed, args.emit)
@@ -161,7 +166,7 @@ def search(argv: list[str]) -> int:
         print(_json.dumps({"model": result.model, "space_size": result.space_size, "evaluated": result.evaluated,
                            "feasible": len(result.candidates), "rejected_by_budget": result.rejected,
                            "invalid": result.invalid, "objective": args.objective, "bytes_format": args.bytes,
-                           "listed": "all" if args.all else "pareto",
+                           "listed": "all" if args.all else "pareto", "latency_target": target,
                            "candidates": [c.as_json() for c in listed]}, indent=2))
         return EXIT_OK
     names = list(listed[0].params) if listed else []
@@ -172,11 +177,12 @@ def search(argv: list[str]) -> int:
     if not listed:
         return EXIT_BUDGET
     what = "every configuration that meets the budgets" if args.all else \
+        f"Pareto front: most params for the least latency({target})" if args.objective == "latency" else \
         f"Pareto front: most {args.objective} for the fewest bytes({args.bytes})"
     print(what)
-    header = [*names, "params_count", "macs", f"bytes({args.bytes})"]
+    header = [*names, "params_count", "macs", f"bytes({args.bytes})"] + ([f"latency({target}) ms"] if target else [])
     rows = [[str(c.params[n]) for n in names] + [f"{c.params_count:,}", f"{c.macs:,}", f"{c.bytes[args.bytes]:,}"]
-            for c in listed]
+            + ([f"{c.latency_ms:.3f}"] if target else []) for c in listed]
     widths = [max(len(h), *(len(r[i]) for r in rows)) for i, h in enumerate(header)]
     print("  ".join(h.rjust(w) for h, w in zip(header, widths)))
     for r in rows:
@@ -184,6 +190,16 @@ def search(argv: list[str]) -> int:
     if args.emit:
         print(f"specs: {args.emit}/ ({len(listed)} files)")
     return EXIT_OK
+
+
+def _latency_target(spec: str, model: str | None) -> str:
+    """The target of the spec's latency budget (the first), else ort-fp32."""
+    from compiler.elaborate import select_model
+    from compiler.parse import parse_file
+
+    parsed, _, _ = parse_file(spec)
+    definition = select_model(parsed, model)
+    return next((b.format for b in definition.budgets if b.metric == "latency" and b.format), "ort-fp32")
 
 
 def _emit_specs(candidates, folder: str) -> None:
@@ -223,6 +239,10 @@ def main(argv: list[str] | None = None) -> int:
             return load(argv[1:])
         if argv[:1] == ["search"]:
             return search(argv[1:])
+        if argv[:1] == ["profile"]:
+            from .profile import main as profile_main
+
+            return profile_main(argv[1:])
         if argv[:1] == ["study"]:
             from .study import main as study_main
 

@@ -88,28 +88,29 @@ def pruning_curve(points: list[dict], path: Path, title: str) -> None:
     plt.close(fig)
 
 
-def study_pareto(table: list[dict], path: Path, budgets: list[int], title: str) -> None:
-    """A study's finished trials: accuracy against file bytes, the Pareto front and the byte budgets."""
+def study_pareto(table: list[dict], path: Path, budgets: list[int], title: str, x: str = "file_bytes") -> None:
+    """A study's finished trials: accuracy against file bytes (or `x`: latency_ms, predicted), the Pareto
+    front and the byte budgets."""
     plt = _figure()
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    done = [r for r in table if r["status"] in ("done", "repeat") and r["file_bytes"] and r["val_accuracy"] is not None]
+    done = [r for r in table if r["status"] in ("done", "repeat") and r[x] and r["val_accuracy"] is not None]
     for r in done:
-        ax.scatter(r["file_bytes"], r["val_accuracy"], color="tab:blue")
-        ax.annotate(r["name"], (r["file_bytes"], r["val_accuracy"]), fontsize=7, xytext=(3, 3),
-                    textcoords="offset points")
+        ax.scatter(r[x], r["val_accuracy"], color="tab:blue")
+        ax.annotate(r["name"], (r[x], r["val_accuracy"]), fontsize=7, xytext=(3, 3), textcoords="offset points")
     front, best = [], -1.0
-    for r in sorted(done, key=lambda r: (r["file_bytes"], -r["val_accuracy"])):
+    for r in sorted(done, key=lambda r: (r[x], -r["val_accuracy"])):
         if r["val_accuracy"] > best:
             front.append(r)
             best = r["val_accuracy"]
     if len(front) > 1:
-        ax.step([r["file_bytes"] for r in front], [r["val_accuracy"] for r in front], where="post",
+        ax.step([r[x] for r in front], [r["val_accuracy"] for r in front], where="post",
                 color="tab:orange", label="Pareto front")
     for limit in sorted(set(budgets)):
         ax.axvline(limit, color="tab:red", linestyle="--", label=f"budget {limit:,} bytes")
-    ax.set_xlabel("model file bytes")
+    latency = x == "latency_ms"
+    ax.set_xlabel("predicted latency (ms)" if latency else "model file bytes")
     ax.set_ylabel("validation accuracy")
-    ax.set_title(f"{title}: accuracy against file size ({len(done)} finished trials)")
+    ax.set_title(f"{title}: accuracy against {'latency' if latency else 'file size'} ({len(done)} finished trials)")
     if len(front) > 1 or budgets:
         ax.legend(fontsize=8)
     ax.grid(alpha=0.3)

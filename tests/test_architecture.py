@@ -155,7 +155,8 @@ MAY_IMPORT = {
     "tracking": set(),                                # TensorBoard event files, MLflow runs
     "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state", "tracking"},
     "study": GROUND | {"run", "tracking"},
-    "cli": GROUND | {"run", "study", "weights", "tracking"},
+    "profile": GROUND,                                # latency tables: units timed on a target
+    "cli": GROUND | {"run", "study", "weights", "tracking", "profile"},
     "__main__": {"cli"},
 }
 

@@ -204,10 +204,10 @@ class _Converter:
             if item.data == "input_stmt":
                 fields["input"] = [parse_number(v) for v in str(item.children[0]).split("x")]
             elif item.data == "budget_stmt":
-                metric, fmt, limit = item.children
+                metric, fmt, limit, unit = item.children
                 fields["budgets"].append(ir.Budget(
                     metric=str(metric), format=str(fmt) if fmt is not None else None,
-                    limit=self.expr(limit), span=self.span(metric)))
+                    limit=self.expr(limit), unit=str(unit) if unit is not None else None, span=self.span(metric)))
             elif item.data == "precision_stmt":
                 default, *rules = item.children
                 fields["precision"] = ir.Precision(

@@ -241,8 +241,12 @@ class _YamlConverter:
                 metric, fmt = title, None
                 if "(" in title and title.endswith(")"):
                     metric, fmt = title[:-1].split("(", 1)
+                unit = None
+                if isinstance(v, yaml.ScalarNode) and v.tag.endswith(":str") and v.value.strip()[-2:] in ("ms", "us"):
+                    unit = v.value.strip()[-2:]  # "2.5ms": a latency budget's limit with its unit
+                    v = yaml.ScalarNode("tag:yaml.org,2002:str", v.value.strip()[:-2], v.start_mark, v.end_mark)
                 budgets.append(ir.Budget(metric=metric.strip(), format=fmt.strip() if fmt else None,
-                                         limit=self.value(v), span=self.span(kn)))
+                                         limit=self.value(v), unit=unit, span=self.span(kn)))
         out["budgets"] = budgets
         if "precision" in fields:
             out["precision"] = self.precision(fields["precision"][1])

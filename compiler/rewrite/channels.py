@@ -66,6 +66,18 @@ class Spaces:
         root = self.find(space)
         return sum(a for s, a in enumerate(self.activations) if self.find(s) == root)
 
+    def per_channel(self, costs: list[tuple[tuple[str, ...], float]]) -> dict[int, float]:
+        """Each prunable space's share of costs given per group of layers (a latency unit's paths and its
+        time): a group's cost spread evenly over the channels of every space its layers read or write,
+        so one channel less of a space saves about that much of each group touching it."""
+        by_path = {u.node.path: u for u in self.usages}
+        out: dict[int, float] = {}
+        for paths, cost in costs:
+            touched = {self.find(x) for p in paths if p in by_path for x in (*by_path[p].ins, *by_path[p].outs)}
+            for root in touched:
+                out[root] = out.get(root, 0.0) + cost / self.size[root]
+        return out
+
     def find(self, s: int) -> int:
         while self.parent[s] != s:
             self.parent[s] = self.parent[self.parent[s]]

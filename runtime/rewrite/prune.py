@@ -7,6 +7,7 @@ matches its spec.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import torch
@@ -144,9 +145,28 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
                    label=f"{model.name}-pruned.spec", training=module.training)
 
 
-def shrink_to(model: Model, module: torch.nn.Module, scores, scope: str, metric: str, target: int,
-              min_channels: int = 1, multiple: int = 1, **choose_options) -> float:
-    """The largest keep-rate whose pruned model has `metric` <= target (bisection on the analysis)."""
+
+def predicted_latency_ms(model: Model, target: str) -> float:
+    from compiler import latency
+
+    return latency.predict(model, latency.cached_table(target)).ms
+
+
+def latency_costs(model: Model, spaces: Spaces, target: str, wanted) -> dict[int, float]:
+    """Predicted milliseconds per channel of each `wanted` space on `target` (`cost: latency`); a space
+    no unit touches costs a hundredth of the cheapest, since costs enter `choose` as logs."""
+    from compiler import latency
+
+    prediction = latency.predict(model, latency.cached_table(target))
+    costs = spaces.per_channel([(unit.paths, ms) for unit, ms, _ in prediction.units])
+    floor = min((c for c in costs.values() if c > 0), default=1.0) / 100
+    return {s: max(costs.get(s, 0.0), floor) for s in wanted}
+
+
+def shrink_to(model: Model, module: torch.nn.Module, scores, scope: str, metric: str, target: float,
+              min_channels: int = 1, multiple: int = 1, latency_target: str = "ort-fp32", **choose_options) -> float:
+    """The largest keep-rate whose pruned model has `metric` (params, macs, or latency predicted from
+    this machine's table for `latency_target`) <= target (bisection on the analysis)."""
     spaces = analyse_channels(model.root)
     lo, hi = 0.0, 1.0
 
@@ -154,6 +174,8 @@ def shrink_to(model: Model, module: torch.nn.Module, scores, scope: str, metric:
         counts = {s: len(i) for s, i in choose(scores, rate, scope, min_channels, multiple,
                                                 **choose_options).items()}
         root = rewrite(model.root, spaces, counts)
+        if metric == "latency":
+            return predicted_latency_ms(dataclasses.replace(model, root=root), latency_target)
         return root.params if metric == "params" else root.total_macs
 
     if value(1.0) <= target:

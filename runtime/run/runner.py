@@ -154,7 +154,7 @@ def prepare(opts: Options):
     if not analysis.ok:
         raise BudgetError(table(analysis, max_depth=1) + "\nnccompile: error: the spec exceeds its budget(s) at the "
                           f"training input {'x'.join(map(str, input_shape))}; nothing was run",
-                          [f"{b.name} fails: {b.value:,}" for b in analysis.budgets if not b.ok])
+                          [f"{b.name} fails: {b.shown()}" for b in analysis.budgets if not b.ok])
     slots = {"student": ModelSlot("student", student)}
     for name, ref in recipe.models.items():
         spec_path = _resolve(ref.spec, recipe_path)
@@ -202,7 +202,7 @@ def _budgets(model) -> list[str]:
     if not a.budgets:
         return [f"budgets: none in {model.spec.path}"]
     return [f"budgets at the training input {'x'.join(map(str, model.input_shape))}:"] + [
-        f"  {'ok  ' if b.ok else 'FAIL'}  {b.name}: {b.value:,}"
+        f"  {'ok  ' if b.ok else 'FAIL'}  {b.name}: {b.shown()}"
         + (f" ({100 * b.value / b.limit:.1f}% of the limit)" if b.limit else "") for b in a.budgets]
 
 
@@ -388,6 +388,8 @@ def _execute(opts: Options, ctx: RunContext, plan: Plan, out: Path, tracked: lis
             accuracy[cfg.model] = measured
         file_bytes = slot.weights.stat().st_size if slot.weights is not None and slot.weights.exists() else None
         summary = analyse(slot.model)
+        if summary.latency:  # the spec has latency budgets: the model's predicted latency on their targets
+            entry["latency_ms"] = {target: p["ms"] for target, p in summary.latency.items()}
         entry.update(params=summary.params, macs=summary.macs, file_bytes=file_bytes,
                      val_accuracy=accuracy.get(cfg.model),
                      seconds=result.get("seconds", 0.0), model_file=result.get("model_file"),

@@ -14,7 +14,7 @@ from compiler.rewrite.channels import analyse_channels
 
 from ..deploy.latency import latency_ms
 from ..files import atomic_write
-from ..rewrite.prune import choose, importance, prune_model, shrink_to
+from ..rewrite.prune import choose, importance, latency_costs, predicted_latency_ms, prune_model, shrink_to
 from ..rundir import digest
 from .base import StepConfig, StepKind, StepResult, register
 from .finetune import Finetune, finetune, finetune_loss
@@ -29,9 +29,12 @@ class PruneConfig(StepConfig):
     iterations: int = Field(1, ge=1)
     target_params: int | None = Field(None, ge=1)  # instead of a rate: prune until params <= N ...
     target_macs: int | None = Field(None, ge=1)    # ... or MACs <= N (spread over the iterations)
+    target_latency_ms: float | None = Field(None, gt=0)  # ... or predicted latency <= N ms (nccompile profile)
+    latency_target: Literal["ort-fp32", "ort-weights", "torch-fp32"] = "ort-fp32"  # the table those read
     min_channels: int = Field(1, ge=1)
     round_to: int = Field(1, ge=1)                # kept channel counts rounded to a multiple (e.g. 8)
-    cost: Literal["none", "activations"] = "none"  # global scope: prune high-resolution layers harder
+    cost: Literal["none", "activations", "latency"] = "none"  # global scope: prune the costly channels harder
+    # (activations: elements written per channel; latency: predicted ms per channel, from the table)
     cost_power: float = Field(0.5, ge=0)           # importance / cost**cost_power
     min_rate: float = Field(0.0, ge=0, le=1)       # keep at least this fraction of every layer
     finetune: Finetune | None = Finetune()
@@ -39,9 +42,9 @@ class PruneConfig(StepConfig):
 
     @model_validator(mode="after")
     def _one_goal(self):
-        if self.target_params and self.target_macs:
-            raise ValueError("give target_params or target_macs, not both")
-        if self.rates is not None and (self.target_params or self.target_macs):
+        if sum(1 for t in (self.target_params, self.target_macs, self.target_latency_ms) if t) > 1:
+            raise ValueError("give one of target_params, target_macs and target_latency_ms")
+        if self.rates is not None and (self.target_params or self.target_macs or self.target_latency_ms):
             raise ValueError("a sweep (`rates`) and a target do not combine")
         if self.rates is not None and not all(0 < r <= 1 for r in self.rates):
             raise ValueError("every rate must be in (0, 1]")
@@ -74,7 +77,8 @@ class Prune(StepKind):
 
     def describe(self, cfg):
         goal = (f"params <= {cfg.target_params:,}" if cfg.target_params else f"MACs <= {cfg.target_macs:,}"
-                if cfg.target_macs else f"keep {', '.join(map(str, cfg.rates))} (sweep)" if cfg.rates
+                if cfg.target_macs else f"latency({cfg.latency_target}) <= {cfg.target_latency_ms:g} ms"
+                if cfg.target_latency_ms else f"keep {', '.join(map(str, cfg.rates))} (sweep)" if cfg.rates
                 else f"keep {cfg.rate:g}")
         tune = (f", {cfg.finetune.kind} {cfg.finetune.epochs} epoch(s) after each" if cfg.finetune and
                 cfg.finetune.epochs else "")
@@ -88,6 +92,8 @@ class Prune(StepKind):
         acc = ctx.evaluate(module, "val").accuracy
         point = {"run": label, "iteration": iteration, "params": a.params, "macs": a.macs,
                  "file_bytes": predicted_bytes(model, "fp32"), "val_accuracy": acc}
+        if cfg.cost == "latency" or cfg.target_latency_ms:
+            point["predicted_latency_ms"] = predicted_latency_ms(model, cfg.latency_target)
         if cfg.latency:
             # CPU latency of a CPU copy: the model being pruned stays where it trains
             one = ctx.pipeline("eval")(data.val.images[:1])
@@ -108,15 +114,20 @@ class Prune(StepKind):
             if cfg.cost == "activations":
                 options.update(costs={s: spaces.activations_per_channel(s) for s in scores},
                                cost_power=cfg.cost_power)
+            elif cfg.cost == "latency":
+                options.update(costs=latency_costs(model, spaces, cfg.latency_target, scores),
+                               cost_power=cfg.cost_power)
             step_rate = rate
-            if cfg.target_params or cfg.target_macs:
-                metric = "params" if cfg.target_params else "macs"
-                target = cfg.target_params or cfg.target_macs
-                now = analyse(model).params if metric == "params" else analyse(model).macs
+            if cfg.target_params or cfg.target_macs or cfg.target_latency_ms:
+                metric = "params" if cfg.target_params else "macs" if cfg.target_macs else "latency"
+                target = cfg.target_params or cfg.target_macs or cfg.target_latency_ms
+                now = (analyse(model).params if metric == "params" else analyse(model).macs if metric == "macs"
+                       else predicted_latency_ms(model, cfg.latency_target))
                 remaining = cfg.iterations - it + 1
-                goal = int(now * (target / now) ** (1 / remaining)) if now > target else now
+                goal = now * (target / now) ** (1 / remaining) if now > target else now
+                goal = goal if metric == "latency" else int(goal)
                 step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels, cfg.round_to,
-                                      **options)
+                                      latency_target=cfg.latency_target, **options)
             kept = choose(scores, step_rate, cfg.scope, cfg.min_channels, cfg.round_to, **options)
             if all(len(kept[s]) == spaces.size[s] for s in kept):  # more iterations would only fine-tune again
                 ctx.log(f"{cfg.name} [{label}] iteration {it}: nothing left to prune (every layer at its minimum "

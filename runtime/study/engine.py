@@ -373,7 +373,7 @@ class Study:
         trial.set_user_attr("params_count", analysis.params)  # known before training; the run reports them too
         trial.set_user_attr("macs", analysis.macs)
         if not analysis.ok:
-            failed = [b.name + f" fails: {b.value:,}" for b in analysis.budgets if not b.ok]
+            failed = [b.name + f" fails: {b.shown()}" for b in analysis.budgets if not b.ok]
             trial.set_user_attr("status", "rejected")
             trial.set_user_attr("error", "; ".join(failed))
             study.tell(trial, state=optuna.trial.TrialState.PRUNED)

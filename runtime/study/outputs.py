@@ -15,10 +15,11 @@ from ..plots import study_pareto, study_pruning
 from .trials import resumed_numbers
 
 COLUMNS = ["trial", "name", "status", "spec", "recipe", "model_params", "overrides", "params_count", "macs",
-           "file_bytes", "val_accuracy", "objective", "seconds", "error"]
+           "file_bytes", "latency_ms", "measured_latency_ms", "val_accuracy", "objective", "seconds", "error"]
 # what a study folder holds: these outputs, the journal storage and its lock, the trials' run folders;
 # any of the records shows that a study wrote it (with a database for storage there is no journal)
-STUDY_FILES = frozenset({"results.csv", "summary.md", "pareto.png", "pruning.png", "study.journal",
+STUDY_FILES = frozenset({"results.csv", "summary.md", "pareto.png", "pareto_latency.png", "pruning.png",
+                         "study.journal",
                          "study.journal.lock", "trials", "shared"})
 STUDY_RECORDS = frozenset({"study.journal", "results.csv", "trials"})
 _STATE = {optuna.trial.TrialState.WAITING: "waiting", optuna.trial.TrialState.RUNNING: "running"}
@@ -39,6 +40,7 @@ def rows(study: optuna.Study) -> list[dict]:
                     "model_params": json.dumps(a.get("model_params", t.params if "run" not in t.params else {})),
                     "overrides": json.dumps(a.get("overrides", {})), "params_count": a.get("params_count"),
                     "macs": a.get("macs"), "file_bytes": a.get("file_bytes"), "val_accuracy": a.get("val_accuracy"),
+                    "latency_ms": a.get("latency_ms"), "measured_latency_ms": a.get("measured_latency_ms"),
                     "objective": t.value if t.value is not None else a.get("objective"),
                     "seconds": round(a["seconds"], 1) if isinstance(a.get("seconds"), float) else a.get("seconds"),
                     "error": a.get("error", ""), "_points": a.get("prune_points")})
@@ -66,6 +68,9 @@ def write_all(study: optuna.Study, out: Path, budgets: list[int], title: str) ->
     written = [out / "results.csv", out / "summary.md", out / "pareto.png"]
     short = title.split(":")[0]  # the study's name: its description goes in summary.md
     study_pareto(table, out / "pareto.png", budgets, short)
+    if any(r["latency_ms"] is not None for r in table):  # a latency budget: accuracy against predicted latency
+        study_pareto(table, out / "pareto_latency.png", [], short, x="latency_ms")
+        written.append(out / "pareto_latency.png")
     if any(r["_points"] for r in table):
         study_pruning(table, out / "pruning.png", short)
         written.append(out / "pruning.png")

@@ -104,6 +104,13 @@ def trial_record(run_dir: Path, objective_step: str | None) -> dict:
     record = {"params_count": last.get("params"), "macs": last.get("macs"), "file_bytes": last.get("file_bytes"),
               "val_accuracy": last.get("val_accuracy"), "objective": chosen.get("val_accuracy"),
               "objective_step": chosen["name"], "run_dir": str(run_dir)}
+    predicted = last.get("latency_ms") or {}
+    if predicted:  # a latency budget's target: the first one's prediction, and the deployed file's measured time
+        record["latency_ms"] = next(iter(predicted.values()))
+    measured = [s["metrics"]["onnx_latency_ms"] for s in steps
+                if isinstance(s.get("metrics", {}).get("onnx_latency_ms"), dict)]
+    if measured:
+        record["measured_latency_ms"] = next(iter(measured[-1].values()))  # the written file's, listed first
     if points:
         record["prune_points"] = [{k: p.get(k) for k in ("run", "iteration", "rate", "params", "val_accuracy")}
                                   for p in points]

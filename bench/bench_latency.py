@@ -1,0 +1,186 @@
+"""How well `budget latency(TARGET)` predicts what a model measures, on this machine, at batch 1.
+
+For each target (ONNX Runtime on nccompile's export graph, the deployed file's kernels; PyTorch eager):
+1. `nccompile profile` measures every unit the evaluated models use (what `--specs` would do) into a
+   fresh table, and fits its overhead and scale on *other* models (the shipped specs besides the student,
+   and random specs of another seed), so the fit never saw the models it is judged on;
+2. every evaluated model is run whole, and its prediction compared: the 10 zoo specs at 224, the student at
+   32, 64 and 256, and random specs from the tests' generator (tests/test_random_specs.py);
+3. a search space's ranking: 20 configurations of specs/student_space.spec at 64x64, Spearman's rank
+   correlation between predicted and measured latency.
+
+Targets (issue 26): median absolute error <= 10%, 90th percentile <= 20%, Spearman >= 0.9.
+
+Run alone (the timings share the machine):
+    OMP_WAIT_POLICY=PASSIVE python bench/bench_latency.py [--targets ort-fp32,torch-fp32] [--random 50]
+        [--samples 15] [--zoo all|name,name]
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import sys
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import compiler  # noqa: E402
+from compiler import latency  # noqa: E402
+from runtime.profile import _fresh_table, _label, fit, profile, save  # noqa: E402
+from runtime.profile.measure import latency_ms  # noqa: E402
+
+
+def random_models(n: int, seed: int) -> list:
+    """n specs drawn by the tests' generator that compile (hypothesis draws them; `seed` fixes the draw)."""
+    from hypothesis import HealthCheck, given, settings
+    from hypothesis import seed as fixed_seed
+
+    sys.path.insert(0, str(ROOT))
+    from tests.test_random_specs import specs
+
+    texts: list[str] = []
+
+    @fixed_seed(seed)
+    @settings(max_examples=n * 6, deadline=None, database=None,
+              suppress_health_check=list(HealthCheck))
+    @given(specs())
+    def draw(text):
+        texts.append(text)
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        draw()
+    # hypothesis starts from the simplest specs: take n distinct ones spread over all it drew
+    distinct = list(dict.fromkeys(texts))
+    import random
+
+    texts = random.Random(seed).sample(distinct, min(len(distinct), n + n // 2))
+    models = []
+    for i, text in enumerate(texts):
+        try:
+            m = compiler.compile_source(text, f"random{seed}-{i}.spec")
+        except Exception:
+            continue
+        m.name = f"random{seed}-{i}"
+        models.append(m)
+    return models[:n]
+
+
+def zoo(names: str) -> list:
+    paths = sorted((ROOT / "specs" / "zoo").glob("*.spec"))
+    if names != "all":
+        paths = [p for p in paths if p.stem in names.split(",")]
+    return [compiler.compile_spec(p, input_shape=(3, 224, 224)) for p in paths]
+
+
+def spearman(a: list[float], b: list[float]) -> float:
+    def ranks(v):
+        order = sorted(range(len(v)), key=lambda i: v[i])
+        r = [0.0] * len(v)
+        for rank, i in enumerate(order):
+            r[i] = rank
+        return r
+
+    ra, rb = ranks(a), ranks(b)
+    n = len(a)
+    return 1 - 6 * sum((x - y) ** 2 for x, y in zip(ra, rb)) / (n * (n * n - 1))
+
+
+def space_models(n: int, size: int, seed: int) -> list:
+    """n configurations of the student's search space, drawn as `nccompile search --samples` draws them."""
+    from compiler.space import configurations, spaces
+
+    spec = ROOT / "specs" / "student_space.spec"
+    base = compiler.compile_spec(spec)
+    models = []
+    for params in configurations(spaces(base.definition, base.params), samples=n, seed=seed):
+        m = compiler.compile_spec(spec, params=params, input_shape=(3, size, size))
+        m.name = "space[" + ",".join(f"{k}={v}" for k, v in params.items()) + "]"
+        models.append(m)
+    return models
+
+
+def run_target(target: str, groups: dict[str, list], calibration: list, samples: int, folder: Path) -> dict:
+    table = _fresh_table(folder / f"{target}.json", target, 1, 1)
+    everything = [m for ms in groups.values() for m in ms] + calibration
+    start = time.perf_counter()
+    measured_units, _ = profile(calibration, table, samples)  # units of the calibration models + their fit
+    fit_only = dict(table.fit)
+    profile(everything, table, samples)  # the evaluated models' units (as `--specs` adds them)
+    spent = time.perf_counter() - start
+    # the fit from the calibration models only (profile() refits on every whole model it measured)
+    models = {k: v for k, v in table.fit["models"].items() if k in {_label(m) for m in calibration}}
+    table.fit = {**fit(models), "models": table.fit["models"]}
+    save(table)
+    rows = {}
+    for group, ms in groups.items():
+        out = []
+        for m in ms:
+            predicted = latency.predict(m, table).ms
+            measured = table.fit["models"].get(_label(m), {}).get("measured_ms")
+            if measured is None:
+                measured = latency_ms(m, target, 1, 1, samples)
+            out.append((_label(m), predicted, measured))
+        rows[group] = out
+    return {"rows": rows, "fit": table.fit, "seconds": spent, "units": len(table.entries), "first_fit": fit_only,
+            "calibration_units": measured_units}
+
+
+def summary(rows: list[tuple[str, float, float]]) -> tuple[float, float, int]:
+    errors = sorted(abs(p / m - 1) for _, p, m in rows)
+    p90 = errors[min(len(errors) - 1, int(round(0.9 * (len(errors) - 1))))]
+    return statistics.median(errors), p90, len(errors)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--targets", default="ort-fp32,torch-fp32")
+    ap.add_argument("--random", type=int, default=50)
+    ap.add_argument("--samples", type=int, default=15)
+    ap.add_argument("--zoo", default="all")
+    ap.add_argument("--space", type=int, default=20)
+    args = ap.parse_args()
+    student = ROOT / "specs" / "student.spec"
+    groups = {
+        "zoo@224": zoo(args.zoo),
+        "student": [compiler.compile_spec(student, input_shape=(3, n, n)) for n in (32, 64, 256)],
+        "random": random_models(args.random, seed=1),
+        "space@64": space_models(args.space, 64, seed=0),
+    }
+    calibration = [compiler.compile_spec(ROOT / "specs" / s) for s in
+                   ("origin.spec", "student_se.spec", "teacher.spec")]
+    calibration += [compiler.compile_spec(ROOT / "specs" / "student_se.spec", input_shape=(3, n, n)) for n in (32, 96)]
+    calibration += random_models(10, seed=2)
+    print("models: " + ", ".join(f"{k} {len(v)}" for k, v in groups.items()) + f"; calibration {len(calibration)}")
+    with tempfile.TemporaryDirectory() as tmp:
+        for target in args.targets.split(","):
+            result = run_target(target, groups, calibration, args.samples, Path(tmp))
+            f = result["fit"]
+            print(f"\n## {target}: {result['units']:,} units profiled in {result['seconds']:.0f} s; fit on "
+                  f"{len(calibration)} other models: overhead {f['overhead_ms']:.4f} ms + {f['scale']:.3f} x sum")
+            print("| models | n | median abs error | p90 abs error | worst |\n|---|---:|---:|---:|---|")
+            for group, rows in result["rows"].items():
+                med, p90, n = summary(rows)
+                worst = max(rows, key=lambda r: abs(r[1] / r[2] - 1))
+                print(f"| {group} | {n} | {100 * med:.1f}% | {100 * p90:.1f}% | {worst[0]} "
+                      f"{worst[1]:.3f} vs {worst[2]:.3f} ms |")
+            every = [r for g, rows in result["rows"].items() if g != "space@64" for r in rows]
+            med, p90, n = summary(every)
+            print(f"| all but the space | {n} | {100 * med:.1f}% | {100 * p90:.1f}% | |")
+            space = result["rows"]["space@64"]
+            rho = spearman([p for _, p, _ in space], [m for _, _, m in space])
+            print(f"space@64: Spearman {rho:.3f} between predicted and measured latency over {len(space)} "
+                  "configurations")
+            print("\n| model | predicted ms | measured ms | error |\n|---|---:|---:|---:|")
+            for group in ("zoo@224", "student"):
+                for name, p, m in result["rows"][group]:
+                    print(f"| {name} | {p:.3f} | {m:.3f} | {100 * (p / m - 1):+.1f}% |")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

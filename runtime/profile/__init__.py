@@ -1,0 +1,197 @@
+"""`nccompile profile`: measure, on this machine, the latency of the units that specs use, for one target,
+into the table that `budget latency(TARGET)` reads (compiler.latency); `--check` compares its predictions
+with whole models run for real.
+
+The table is written after every few units, so an interrupted profile resumes where it stopped. Whole
+models measured alongside fit the table's overhead and scale (prediction = overhead + scale x sum).
+"""
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+from compiler import latency
+from compiler.errors import UsageError
+
+from ..files import atomic_write
+
+SAVE_EVERY_S = 5.0
+SHIPPED = ("specs/student.spec", "specs/student_se.spec", "specs/student_4bit.spec", "specs/origin.spec",
+           "specs/teacher.spec")
+STUDENT_SIZES = (32, 64, 256)
+
+
+def _parser():
+    from ..usage import Parser
+
+    p = Parser(prog="nccompile profile", description="Measure the latency of the layer configurations specs "
+                                                       "use, on this machine, for `budget latency(TARGET)`; "
+                                                       "or check the table's predictions against real runs.")
+    p.add_argument("--target", default="ort-fp32", choices=[*latency.TARGETS, *latency.ALIASES],
+                   help="ort-fp32: ONNX Runtime on the exported graph (ort-weights: the same kernels); "
+                        "torch-fp32: PyTorch eager (default ort-fp32)")
+    p.add_argument("--specs", nargs="+", metavar="SPEC", help="profile what these specs need (default: the "
+                                                               "shipped specs and the zoo)")
+    p.add_argument("--input", metavar="CxHxW", action="append", default=[],
+                   help="the input size(s) to profile --specs at (default: each spec's own)")
+    p.add_argument("--threads", type=int, default=1, metavar="N", help="intra-op threads (default 1)")
+    p.add_argument("--batch", type=int, default=1, metavar="N", help="images per inference (default 1)")
+    p.add_argument("--table", metavar="PATH", help="the table file (default: TARGET.json in "
+                                                    "$NCCOMPILE_LATENCY_DIR, else ~/.cache/nccompile/latency; "
+                                                    "budgets read it there)")
+    p.add_argument("--samples", type=int, default=15, metavar="N", help="timed samples per unit (default 15)")
+    p.add_argument("--fresh", action="store_true", help="measure everything again")
+    p.add_argument("--check", nargs="+", metavar="SPEC", help="run these specs for real and print predicted "
+                                                               "vs measured latency")
+    return p
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        shape = tuple(int(v) for v in text.lower().split("x"))
+    except ValueError:
+        shape = ()
+    if len(shape) != 3 or min(shape) < 1:
+        raise UsageError(f"--input {text}: expected CxHxW, such as 3x64x64")
+    return shape
+
+
+def _models(specs: list[str] | None, inputs: list[str]) -> list:
+    """The models to profile: the given specs at the given inputs, or the default grid."""
+    import compiler
+
+    if specs:
+        shapes = [_shape(t) for t in inputs] or [None]
+        return [compiler.compile_spec(s, input_shape=shape) for s in specs for shape in shapes]
+    root = Path(__file__).resolve().parents[2] / "specs"
+    if not root.is_dir():  # installed: the specs ship as runtime._specs
+        root = Path(__file__).resolve().parents[1] / "_specs"
+    models = [compiler.compile_spec(root / "student.spec", input_shape=(3, n, n)) for n in STUDENT_SIZES]
+    models += [compiler.compile_spec(root / Path(s).name) for s in SHIPPED]
+    models += [compiler.compile_spec(p, input_shape=(3, 224, 224)) for p in sorted((root / "zoo").glob("*.spec"))]
+    return models
+
+
+def _label(model) -> str:
+    return f"{model.name}@{'x'.join(map(str, model.input_shape))}"
+
+
+def _fresh_table(path: Path, target: str, threads: int, batch: int) -> latency.Table:
+    return latency.Table(path, target, threads, batch, latency.machine(),
+                         {latency.TARGETS[target]: latency.library_version(target)})
+
+
+def _open_table(path: Path, target: str, threads: int, batch: int, fresh: bool) -> latency.Table:
+    """The table to add to: this one when it was measured here, under the same settings; else a new one."""
+    if not fresh and path.is_file():
+        try:
+            old = latency.load_table(target, path)
+        except latency.LatencyError as err:
+            print(f"profile: measuring afresh: {str(err).splitlines()[0]}")
+        else:
+            if (old.threads, old.batch) == (threads, batch):
+                return old
+            print(f"profile: measuring afresh: {path} holds {old.threads} thread(s), batch {old.batch}")
+    return _fresh_table(path, target, threads, batch)
+
+
+def save(table: latency.Table) -> None:
+    table.path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(table.path, (json.dumps(table.to_json(), indent=1, sort_keys=True) + "\n").encode())
+
+
+def fit(calibration: dict) -> dict:
+    """overhead + scale x sum, least squares on the relative error over the whole models measured;
+    overhead kept >= 0 (a negative one would predict tiny models below zero)."""
+    points = [(c["sum_ms"], c["measured_ms"]) for c in calibration.values() if c["sum_ms"] > 0]
+    if not points:
+        return {"overhead_ms": 0.0, "scale": 1.0}
+    # minimise sum(((a + b s) / m - 1)^2): linear least squares in (a, b) with rows (1/m, s/m) -> 1
+    s11 = sum(1 / m ** 2 for s, m in points)
+    s12 = sum(s / m ** 2 for s, m in points)
+    s22 = sum((s / m) ** 2 for s, m in points)
+    r1 = sum(1 / m for s, m in points)
+    r2 = sum(s / m for s, m in points)
+    det = s11 * s22 - s12 * s12
+    a = (r1 * s22 - r2 * s12) / det if len(points) > 1 and det > 1e-12 * s11 * s22 else -1.0
+    if a < 0:
+        return {"overhead_ms": 0.0, "scale": r2 / s22}
+    return {"overhead_ms": a, "scale": (r2 - a * s12) / s22}
+
+
+def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]:
+    """Measure the units the models need and are not in the table yet, then the whole models; returns
+    (units measured, units found in the table)."""
+    from tqdm import tqdm
+
+    import compiler
+
+    from .measure import latency_ms
+
+    wanted: dict[str, latency.Unit] = {}
+    for model in models:
+        for unit in latency.units(model):
+            wanted.setdefault(unit.key, unit)
+    todo = [u for k, u in wanted.items() if k not in table.entries]
+    saved = time.monotonic()
+    baselines: dict[tuple, float] = {}
+    for unit in tqdm(todo, desc=f"profile {table.target}", unit="unit", mininterval=0.5):
+        if unit.in_shape not in baselines:
+            empty = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
+            baselines[unit.in_shape] = latency_ms(empty, table.target, table.threads, table.batch, samples)
+        model = compiler.compile_source(unit.spec(), "unit")
+        ms = latency_ms(model, table.target, table.threads, table.batch, samples)
+        table.entries[unit.key] = {"ms": max(0.0, ms - baselines[unit.in_shape]), "run_ms": ms,
+                                   "macs": unit.macs, "moved": unit.moved, "structure": unit.structure}
+        if time.monotonic() - saved > SAVE_EVERY_S:
+            save(table)
+            saved = time.monotonic()
+    calibration = table.fit.setdefault("models", {})
+    for model in tqdm(models, desc="whole models", unit="model", mininterval=0.5):
+        unit_sum = sum(latency.entry_ms(u, table)[0] for u in latency.units(model))
+        calibration[_label(model)] = {"sum_ms": unit_sum, "measured_ms": latency_ms(model, table.target,
+                                                                                    table.threads, table.batch,
+                                                                                    samples)}
+        save(table)
+    table.fit.update(fit(calibration))
+    save(table)
+    return len(todo), len(wanted) - len(todo)
+
+
+def check(specs: list[str], inputs: list[str], table: latency.Table, samples: int) -> list[dict]:
+    from .measure import latency_ms
+
+    rows = []
+    for model in _models(specs, inputs):
+        predicted = latency.predict(model, table)
+        measured = latency_ms(model, table.target, table.threads, table.batch, samples)
+        rows.append({"model": _label(model), "predicted_ms": predicted.ms, "measured_ms": measured,
+                     "error": predicted.ms / measured - 1, "estimated_units": predicted.estimated,
+                     "units": len(predicted.units)})
+    return rows
+
+
+def main(argv: list[str]) -> int:
+    args = _parser().parse_args(argv)
+    for name in ("threads", "batch", "samples"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    target = latency.canonical_target(args.target)
+    path = latency.table_path(target, args.table)
+    if args.check:
+        table = latency.load_table(target, path)
+        print(f"table: {table.describe()}")
+        print("| model | predicted ms | measured ms | error | units estimated |\n|---|---:|---:|---:|---:|")
+        for r in check(args.check, args.input, table, args.samples):
+            print(f"| {r['model']} | {r['predicted_ms']:.3f} | {r['measured_ms']:.3f} | {100 * r['error']:+.1f}% | "
+                  f"{r['estimated_units']} of {r['units']} |")
+        return 0
+    table = _open_table(path, target, args.threads, args.batch, args.fresh)
+    models = _models(args.specs, args.input)
+    measured, known = profile(models, table, args.samples)
+    f = table.fit
+    print(f"profile: {measured:,} units measured, {known:,} already in the table; {len(f['models'])} whole "
+          f"models fit overhead {f['overhead_ms']:.4f} ms + {f['scale']:.3f} x sum of units")
+    print(f"table: {table.describe()}")
+    return 0

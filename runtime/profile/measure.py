@@ -1,0 +1,68 @@
+"""Timing a compiled model on a latency target: ONNX Runtime on nccompile's own graph (the deployed
+file's kernels, zero weights: the CPU kernels' time does not depend on the values), or PyTorch eager.
+
+One rule for every measurement: warm-up, then samples of k back-to-back runs each (k chosen so a sample
+lasts about a millisecond, so timer resolution and one-off stalls weigh little), and the median sample.
+"""
+from __future__ import annotations
+
+import statistics
+import time
+
+import numpy as np
+
+SAMPLE_S = 0.001
+
+
+def median_ms(call, samples: int, warmup: int = 5) -> float:
+    for _ in range(warmup):
+        call()
+    start = time.perf_counter()
+    call()
+    once = max(time.perf_counter() - start, 1e-7)
+    k = max(1, min(1000, int(SAMPLE_S / once)))
+    times = []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(k):
+            call()
+        times.append((time.perf_counter() - start) / k)
+    return statistics.median(times) * 1000
+
+
+def ort_timer(model, threads: int, batch: int):
+    """call() running `model` once in ONNX Runtime, as the deployed file runs."""
+    import onnxruntime as ort
+
+    from compiler import onnxgraph
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    session = ort.InferenceSession(onnxgraph.graph(model, "fp32").SerializeToString(), opts,
+                                   providers=["CPUExecutionProvider"])
+    feed = {onnxgraph.INPUT: np.random.default_rng(0).random((batch, *model.input_shape), dtype=np.float32)}
+    return lambda: session.run(None, feed)
+
+
+def torch_timer(model, threads: int, batch: int):
+    import torch
+
+    import compiler
+
+    torch.set_num_threads(threads)
+    module = compiler.build_module(model).eval()
+    x = torch.rand(batch, *model.input_shape)
+
+    def call():
+        with torch.inference_mode():
+            module(x)
+
+    return call
+
+
+TIMERS = {"ort-fp32": ort_timer, "torch-fp32": torch_timer}
+
+
+def latency_ms(model, target: str, threads: int = 1, batch: int = 1, samples: int = 15) -> float:
+    return median_ms(TIMERS[target](model, threads, batch), samples)

@@ -1,0 +1,264 @@
+"""Latency budgets: units from the spec (torch-free), tables from `nccompile profile`, prediction, refusal."""
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+
+import compiler
+from compiler import latency
+from compiler.errors import SpecError
+from runtime.cli import main
+
+from .conftest import ROOT
+
+TINY = """model tiny(width: int = 8) {
+    input 3x16x16
+    budget latency(ort-fp32) <= LIMIT
+    conv(width) bn relu maxpool(2)
+    residual { conv(width) bn relu }
+    gap flatten
+    head: linear(10)
+}
+"""
+
+
+def _tiny(tmp_path, limit="50ms", name="tiny.spec"):
+    path = tmp_path / name
+    path.write_text(TINY.replace("LIMIT", limit))
+    return path
+
+
+def _table(tmp_path, model, ms_of, fit=None, drop=()):
+    """A table for this machine whose entries are `ms_of(unit)`; `drop`: keys left out."""
+    table = latency.Table(tmp_path / "tables" / "ort-fp32.json", "ort-fp32", 1, 1, latency.machine(),
+                          {"onnxruntime": latency.library_version("ort-fp32")},
+                          fit or {"overhead_ms": 0.0, "scale": 1.0})
+    for u in latency.units(model):
+        if u.key not in drop:
+            table.entries[u.key] = {"ms": ms_of(u), "macs": u.macs, "moved": u.moved, "structure": u.structure}
+    table.path.parent.mkdir(parents=True, exist_ok=True)
+    table.path.write_text(json.dumps(table.to_json()))
+    return table
+
+
+@pytest.fixture
+def tables(tmp_path, monkeypatch):
+    monkeypatch.setenv("NCCOMPILE_LATENCY_DIR", str(tmp_path / "tables"))
+    return tmp_path / "tables"
+
+
+@pytest.mark.parametrize("spec", ["specs/student.spec", *sorted(str(p.relative_to(ROOT))
+                                                               for p in (ROOT / "specs" / "zoo").glob("*.spec"))])
+def test_every_unit_compiles_alone_with_its_macs_and_every_layer_is_in_one_unit(spec):
+    model = compiler.compile_spec(ROOT / spec)
+    units = latency.units(model)
+    assert sum(u.macs for u in units) == model.root.total_macs
+    covered = [p for u in units for p in u.paths]
+    leaves = [n.path for n in model.root.leaves() if n.op != "seq"]  # an empty branch is no layer
+    assert set(leaves) <= set(covered) and len(covered) == len(set(covered))
+    for u in {u.key: u for u in units}.values():
+        alone = compiler.compile_source(u.spec(), "unit")
+        assert alone.root.total_macs == u.macs, u.key
+
+
+def test_a_conv_takes_in_its_batchnorm_and_activation_as_ort_fuses_them():
+    model = compiler.compile_source("model m { input 3x8x8 conv(4) bn relu6 relu maxpool(2) gap flatten "
+                                    "linear(10) relu dropout(0.1) }", "m.spec")
+    texts = [u.text.split("(")[0] + "|" + str(len(u.paths)) for u in latency.units(model)]
+    assert texts == ["conv|3", "relu|1", "maxpool|1", "gap|1", "flatten|1", "linear|3"]
+
+
+def test_latency_budgets_read_their_unit_in_the_dsl_and_in_yaml():
+    m = compiler.compile_source(TINY.replace("LIMIT", "800us"), "t.spec")
+    (b,) = m.definition.budgets
+    assert (b.metric, b.format, b.unit, b.scale) == ("latency", "ort-fp32", "us", 0.001)
+    y = compiler.compile_source("model:\n  name: m\n  input: [3, 8, 8]\n  budgets: {\"latency(torch-fp32)\": 2.5ms}\n"
+                                "  layers: [{conv: [4]}, gap, flatten, {linear: [10]}]\n", "m.yaml", syntax="yaml")
+    (b,) = y.definition.budgets
+    assert (b.metric, b.format, b.unit) == ("latency", "torch-fp32", "ms")
+
+
+@pytest.mark.parametrize("line, message", [
+    ("budget latency(ort-fp33) <= 2ms", "t.spec:3:12: error: unknown latency target `ort-fp33`"),
+    ("budget latency <= 2ms", "t.spec:3:12: error: a `latency` budget needs a target"),
+    ("budget params <= 2ms", "t.spec:3:12: error: `params` is not a time"),
+])
+def test_a_bad_latency_budget_is_a_located_error(line, message):
+    with pytest.raises(SpecError) as err:
+        compiler.compile_source(TINY.replace("budget latency(ort-fp32) <= LIMIT", line), "t.spec")
+    assert message in str(err.value)
+
+
+def test_without_a_table_a_latency_budget_says_how_to_make_one(tmp_path, tables, capsys):
+    assert main([str(_tiny(tmp_path))]) == 2
+    err = capsys.readouterr().err
+    assert "no latency table for ort-fp32" in err and "nccompile profile --target ort-fp32" in err
+    assert "Traceback" not in err
+
+
+def test_prediction_is_overhead_plus_scale_times_the_units_and_the_budget_uses_it(tmp_path, tables, capsys):
+    spec = _tiny(tmp_path, "50ms")
+    model = compiler.compile_spec(spec)
+    _table(tmp_path, model, lambda u: 0.001 * (1 + u.macs / 1e4), fit={"overhead_ms": 0.02, "scale": 0.9})
+    expected = 0.02 + 0.9 * sum(0.001 * (1 + u.macs / 1e4) for u in latency.units(model))
+    assert main([str(spec), "--json"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["latency"]["ort-fp32"]["ms"] == pytest.approx(expected)
+    assert report["budgets"][0]["value"] == pytest.approx(expected) and report["budgets"][0]["ok"]
+    layers = {r["path"]: r.get("latency_ms") for r in report["layers"]}
+    assert sum(v for p, v in layers.items() if "." not in p) == pytest.approx(expected - 0.02)
+
+
+def test_a_broken_latency_budget_exits_1_with_its_predicted_value(tmp_path, tables, capsys):
+    spec = _tiny(tmp_path, "500us")
+    model = compiler.compile_spec(spec)
+    _table(tmp_path, model, lambda u: 0.2)
+    assert main([str(spec)]) == 1
+    out = capsys.readouterr().out
+    predicted = 0.2 * len(latency.units(model))
+    assert f"FAIL  latency(ort-fp32) <= 0.5 ms: {predicted:.3f} ms" in out
+
+
+def test_a_unit_missing_from_the_table_is_its_nearest_of_the_same_structure_scaled_by_macs(tmp_path):
+    narrow = compiler.compile_spec(_tiny(tmp_path), params={"width": 8})
+    wide = compiler.compile_spec(_tiny(tmp_path), params={"width": 12})
+    table = _table(tmp_path, narrow, lambda u: 0.01)
+    prediction = latency.predict(wide, table)
+    for unit, ms, how in prediction.units:
+        if unit.key in table.entries:
+            assert how == "measured" and ms == 0.01
+            continue
+        source = how.removeprefix("nearest ")
+        near = table.entries[source]
+        assert near["structure"] == unit.structure
+        ratio = unit.macs / near["macs"] if unit.macs else (unit.moved + 1) / (near["moved"] + 1)
+        assert ms == pytest.approx(0.01 * ratio)
+    assert prediction.estimated > 0
+
+
+def test_a_table_from_another_machine_or_library_version_is_refused(tmp_path):
+    model = compiler.compile_spec(_tiny(tmp_path))
+    table = _table(tmp_path, model, lambda u: 0.01)
+    raw = json.loads(table.path.read_text())
+    for field, value, said in [("machine", {"cpu": "Imaginary CPU", "cores": 64}, "another machine"),
+                               ("libraries", {"onnxruntime": "0.1.0"}, "onnxruntime 0.1.0"),
+                               ("target", "torch-fp32", "measured for torch-fp32")]:
+        table.path.write_text(json.dumps({**raw, field: value}))
+        with pytest.raises(latency.LatencyError, match=said):
+            latency.load_table("ort-fp32", table.path)
+
+
+def test_the_fit_recovers_overhead_and_scale_and_keeps_overhead_non_negative():
+    from runtime.profile import fit
+
+    points = {str(s): {"sum_ms": s, "measured_ms": 0.05 + 0.8 * s} for s in (0.1, 0.5, 2.0, 7.0)}
+    f = fit(points)
+    assert f["overhead_ms"] == pytest.approx(0.05) and f["scale"] == pytest.approx(0.8)
+    f = fit({str(s): {"sum_ms": s, "measured_ms": 1.2 * s - 0.01} for s in (0.1, 1.0)})
+    assert f["overhead_ms"] == 0.0 and f["scale"] > 0
+
+
+@pytest.mark.slow  # profiles for real (two subprocesses each)
+@pytest.mark.parametrize("target", ["ort-fp32", "torch-fp32"])
+def test_profile_measures_each_unit_once_resumes_and_checks_its_prediction(tmp_path, tables, target, in_root):
+    spec = _tiny(tmp_path).read_text().replace("ort-fp32", target)
+    (tmp_path / "t.spec").write_text(spec)
+    argv = [sys.executable, "-m", "runtime", "profile", "--target", target, "--specs", str(tmp_path / "t.spec"),
+            "--samples", "3"]
+    first = subprocess.run(argv, capture_output=True, text=True, timeout=300)
+    assert first.returncode == 0, first.stderr
+    model = compiler.compile_spec(tmp_path / "t.spec")
+    keys = {u.key for u in latency.units(model)}
+    table = latency.load_table(target)
+    assert set(table.entries) == keys and all(e["ms"] >= 0 for e in table.entries.values())
+    assert f"{len(keys)} units measured, 0 already in the table" in first.stdout
+    assert table.fit["models"]["tiny@3x16x16"]["measured_ms"] > 0
+    again = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # resumes: nothing to measure
+    assert f"0 units measured, {len(keys)} already in the table" in again.stdout
+    check = subprocess.run([*argv[:4], "--target", target, "--check", str(tmp_path / "t.spec"), "--samples", "3"],
+                           capture_output=True, text=True, timeout=300)
+    assert check.returncode == 0, check.stderr
+    row = next(line for line in check.stdout.splitlines() if line.startswith("| tiny@3x16x16"))
+    predicted, measured = (float(c) for c in row.split("|")[2:4])
+    assert predicted == pytest.approx(latency.predict(model, latency.load_table(target)).ms, abs=1e-3)
+    assert measured > 0 and math.isfinite(predicted)
+
+
+def test_search_rejects_on_a_latency_budget_and_ranks_by_predicted_latency(tmp_path, tables, capsys):
+    from compiler.search import pareto, search
+
+    spec = tmp_path / "space.spec"
+    spec.write_text(TINY.replace("width: int = 8", "width: int = 8 in [4, 8, 12, 16, 24]"))
+    widest = compiler.compile_spec(_tiny(tmp_path, "1000ms", "w.spec"), params={"width": 24})
+    _table(tmp_path, widest, lambda u: 1e-3 + u.macs * 1e-8)  # measured at width 24: the rest from their nearest
+    limit = latency.predict(compiler.compile_spec(_tiny(tmp_path, "1000ms", "w.spec"), params={"width": 12}),
+                            latency.load_table("ort-fp32")).ms
+    spec.write_text(spec.read_text().replace("LIMIT", f"{limit * 1000 * 1.0001:.6f}us"))  # width 12 just fits
+    result = search(spec, latency_target="ort-fp32")
+    kept = sorted(c.params["width"] for c in result.candidates)
+    assert kept == [4, 8, 12] and result.rejected == 2
+    for c in result.candidates:
+        assert c.latency_ms == pytest.approx(latency.predict(c.model, latency.load_table("ort-fp32")).ms)
+    assert [c.params["width"] for c in pareto(result.candidates, "latency")] == [4, 8, 12]
+    assert main(["search", str(spec), "--objective", "latency"]) == 0
+    assert "most params for the least latency(ort-fp32)" in capsys.readouterr().out
+
+
+def test_a_units_latency_is_spread_over_the_channels_it_reads_and_writes():
+    from compiler.rewrite.channels import analyse_channels
+
+    model = compiler.compile_source("model m { input 3x8x8 a: conv(8) bn relu b: conv(16) bn relu gap flatten "
+                                    "linear(10) }", "m.spec")
+    spaces = analyse_channels(model.root)
+    (first, second) = sorted(spaces.prunable(), key=lambda s: spaces.size[s])
+    costs = spaces.per_channel([(("a", "a.1", "a.2"), 0.8), (("b", "b.1", "b.2"), 1.6)])
+    assert costs[first] == pytest.approx(0.8 / 8 + 1.6 / 8)  # a writes it, b reads it
+    assert costs[second] == pytest.approx(1.6 / 16)  # only b touches it among the costed groups
+
+
+def test_pruning_to_half_the_predicted_latency_lands_at_it(tmp_path, tables):
+    import dataclasses
+
+    from compiler.rewrite.channels import analyse_channels, rewrite
+    from runtime.rewrite.prune import choose, importance, latency_costs, predicted_latency_ms, shrink_to
+
+    model = compiler.compile_spec(ROOT / "specs" / "student.spec", input_shape=(3, 32, 32))
+    _table(tmp_path, model, lambda u: 2e-3 + u.moved * 1e-7 + u.macs * 1e-9)
+    module = compiler.build_module(model)
+    spaces = analyse_channels(model.root)
+    scores = importance(module, spaces, "l1")
+    costs = latency_costs(model, spaces, "ort-fp32", scores)
+    assert set(costs) == set(scores) and min(costs.values()) > 0
+    now = predicted_latency_ms(model, "ort-fp32")
+    rate = shrink_to(model, module, scores, "global", "latency", now / 2, costs=costs, cost_power=0.5)
+    kept = choose(scores, rate, "global", costs=costs, cost_power=0.5)
+    pruned = dataclasses.replace(model, root=rewrite(model.root, spaces, {s: len(i) for s, i in kept.items()}))
+    assert now / 2 * 0.9 <= predicted_latency_ms(pruned, "ort-fp32") <= now / 2
+
+
+@pytest.mark.slow  # a real (small) study
+def test_a_study_records_predicted_and_measured_latency_and_plots_accuracy_against_it(tmp_path, tables, capsys):
+    import csv
+
+    spec = _tiny(tmp_path, "1000ms")
+    model = compiler.compile_spec(spec)
+    _table(tmp_path, model, lambda u: 0.004)
+    (tmp_path / "r.yaml").write_text("name: r\ndata: {limit_per_class: 6}\nsteps:\n  - {name: train, kind: train, "
+                                     "epochs: 1}\n  - {name: export, kind: export}\n")
+    (tmp_path / "s.yaml").write_text("name: s\nspec: tiny.spec\nrecipe: r.yaml\nruns:\n  - {name: a}\n"
+                                     "  - {name: b, params: {width: 4}}\n")
+    out = tmp_path / "out"
+    assert main(["study", str(tmp_path / "s.yaml"), "--out", str(out), "--device", "cpu"]) == 0, \
+        capsys.readouterr().err[-2000:]
+    rows = {r["name"]: r for r in csv.DictReader((out / "results.csv").open())}
+    table = latency.load_table("ort-fp32")
+    for name, width in (("a", 8), ("b", 4)):
+        expected = latency.predict(compiler.compile_spec(spec, params={"width": width}), table).ms
+        assert float(rows[name]["latency_ms"]) == pytest.approx(expected)
+        measured = json.loads((out / "trials" / name / "report.json").read_text())["steps"][-1]["metrics"]
+        assert float(rows[name]["measured_latency_ms"]) == pytest.approx(measured["onnx_latency_ms"]["float"])
+    assert (out / "pareto_latency.png").stat().st_size > 0
