@@ -4,8 +4,9 @@
 A unit is what a runtime runs as one piece: a conv or linear with the BatchNorm and activation that
 follow it (ONNX Runtime fuses them into one kernel), a pool, a residual's add, a join. Its key is its
 layers as DSL text at its input shape, so the profiler compiles each unit as a one-unit spec and times
-it. Prediction = overhead + scale x (sum of the units' entries); `overhead` and `scale` are fitted by
-the profiler on whole models measured alongside (session overhead, fused adds, layout reorders).
+it. Prediction = overhead + per_unit x units + scale x (sum of the units' entries); the three are fitted
+by the profiler on whole models measured alongside (session overhead, fused adds, layout reorders a unit
+alone pays and a model pays once).
 
 A unit the table lacks takes the nearest measured unit of the same structure (the key with every
 number masked) by MACs and bytes moved, scaled by the ratio of MACs (or of bytes moved, for units
@@ -73,7 +74,7 @@ def _leaf_text(node: Node) -> str:
 
 def _unit(nodes: list[Node], text: str | None = None, in_shape: tuple | None = None) -> Unit:
     in_shape = in_shape or nodes[0].in_shape
-    weights = sum(t.numel for n in nodes for t in n.tensors)
+    weights = sum(t.numel for n in nodes for _, t in n.state_tensors())
     return Unit(text or " ".join(_leaf_text(n) for n in nodes), tuple(in_shape), sum(n.macs for n in nodes),
                 math.prod(in_shape) + math.prod(nodes[-1].out_shape) + weights, tuple(n.path for n in nodes))
 
@@ -106,6 +107,8 @@ def _walk(node: Node, out: list[Unit]) -> None:
         for child in node.children:
             _walk(child, out)
         out.append(_join_unit(node))
+    elif node.op == "torchvision":  # a torchvision model is one unit: its parts are no layers of ours
+        out.append(_unit([node]))
     elif node.children:  # any other container: its parts
         for child in node.children:
             _walk(child, out)
@@ -191,7 +194,7 @@ class Table:
     batch: int
     machine: dict
     libraries: dict
-    fit: dict = field(default_factory=lambda: {"overhead_ms": 0.0, "scale": 1.0})
+    fit: dict = field(default_factory=lambda: {"overhead_ms": 0.0, "per_unit_ms": 0.0, "scale": 1.0})
     entries: dict = field(default_factory=dict)  # key -> {"ms", "macs", "moved"}
 
     def to_json(self) -> dict:
@@ -305,5 +308,9 @@ def predict(model: Model, table: Table) -> Prediction:
     for unit in units(model):
         ms, how = entry_ms(unit, table)
         rows.append((unit, ms, how))
-    total = table.fit["overhead_ms"] + table.fit["scale"] * sum(ms for _, ms, _ in rows)
+    f = table.fit
+    per_unit = f.get("per_unit_ms", 0.0) * len(rows)
+    raw = f["scale"] * sum(ms for _, ms, _ in rows)
+    # a negative per-unit correction never takes more than half of what the units measured
+    total = f["overhead_ms"] + max(raw + per_unit, raw / 2)
     return Prediction(total, rows, table)

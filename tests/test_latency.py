@@ -158,6 +158,10 @@ def test_the_fit_recovers_overhead_and_scale_and_keeps_overhead_non_negative():
     points = {str(s): {"sum_ms": s, "measured_ms": 0.05 + 0.8 * s} for s in (0.1, 0.5, 2.0, 7.0)}
     f = fit(points)
     assert f["overhead_ms"] == pytest.approx(0.05) and f["scale"] == pytest.approx(0.8)
+    points = {str(s): {"sum_ms": s, "units": n, "measured_ms": 0.05 - 0.001 * n + 0.8 * s}
+              for s, n in ((0.1, 5), (0.5, 30), (2.0, 12), (7.0, 80), (0.3, 9))}
+    f = fit(points)
+    assert (f["overhead_ms"], f["per_unit_ms"], f["scale"]) == pytest.approx((0.05, -0.001, 0.8))
     f = fit({str(s): {"sum_ms": s, "measured_ms": 1.2 * s - 0.01} for s in (0.1, 1.0)})
     assert f["overhead_ms"] == 0.0 and f["scale"] > 0
 
@@ -262,3 +266,14 @@ def test_a_study_records_predicted_and_measured_latency_and_plots_accuracy_again
         measured = json.loads((out / "trials" / name / "report.json").read_text())["steps"][-1]["metrics"]
         assert float(rows[name]["measured_latency_ms"]) == pytest.approx(measured["onnx_latency_ms"]["float"])
     assert (out / "pareto_latency.png").stat().st_size > 0
+
+
+def test_profile_takes_in_configurations_of_a_specs_search_space(tmp_path):
+    from runtime.profile import _models
+
+    spec = tmp_path / "space.spec"
+    spec.write_text(TINY.replace("width: int = 8", "width: int = 8 in [4, 8, 12, 16, 24]").replace("LIMIT", "9ms"))
+    models = _models([str(spec)], ["3x32x32"], space=3)
+    assert len(models) == 4 and all(m.input_shape == (3, 32, 32) for m in models)
+    assert len({m.params["width"] for m in models[1:]}) == 3
+    assert len(_models([str(spec)], [], space=0)) == 1

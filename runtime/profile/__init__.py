@@ -12,11 +12,14 @@ import time
 from pathlib import Path
 
 from compiler import latency
-from compiler.errors import UsageError
+from compiler.errors import NcError, UsageError
 
 from ..files import atomic_write
 
 SAVE_EVERY_S = 5.0
+WHOLE_ROUNDS = 3  # whole models: the fastest of this many medians, the models taking turns
+UNIT_PASSES = 2   # units: the faster of two medians, a pass over every unit apart (a shared machine's slow
+# spells last seconds and slow 20% and more of what they catch)
 SHIPPED = ("specs/student.spec", "specs/student_se.spec", "specs/student_4bit.spec", "specs/origin.spec",
            "specs/teacher.spec")
 STUDENT_SIZES = (32, 64, 256)
@@ -33,6 +36,9 @@ def _parser():
                         "torch-fp32: PyTorch eager (default ort-fp32)")
     p.add_argument("--specs", nargs="+", metavar="SPEC", help="profile what these specs need (default: the "
                                                                "shipped specs and the zoo)")
+    p.add_argument("--space", type=int, default=20, metavar="N",
+                   help="for --specs with a search space, also N of its configurations, drawn as `nccompile "
+                        "search --samples N` draws them (default 20; 0: the defaults only)")
     p.add_argument("--input", metavar="CxHxW", action="append", default=[],
                    help="the input size(s) to profile --specs at (default: each spec's own)")
     p.add_argument("--threads", type=int, default=1, metavar="N", help="intra-op threads (default 1)")
@@ -57,13 +63,27 @@ def _shape(text: str) -> tuple[int, ...]:
     return shape
 
 
-def _models(specs: list[str] | None, inputs: list[str]) -> list:
-    """The models to profile: the given specs at the given inputs, or the default grid."""
+def _models(specs: list[str] | None, inputs: list[str], space: int = 0) -> list:
+    """The models to profile: the given specs at the given inputs (and `space` configurations of their
+    search spaces), or the default grid."""
     import compiler
+    from compiler.space import configurations, spaces
 
     if specs:
         shapes = [_shape(t) for t in inputs] or [None]
-        return [compiler.compile_spec(s, input_shape=shape) for s in specs for shape in shapes]
+        models = []
+        for s in specs:
+            for shape in shapes:
+                model = compiler.compile_spec(s, input_shape=shape)
+                models.append(model)
+                searched = spaces(model.definition, model.params)
+                drawn = configurations(searched, space, seed=0) if space and searched else []
+                for params in drawn:
+                    try:
+                        models.append(compiler.compile_spec(s, params=params, input_shape=shape))
+                    except NcError:  # a configuration that does not elaborate: search skips it too
+                        continue
+        return models
     root = Path(__file__).resolve().parents[2] / "specs"
     if not root.is_dir():  # installed: the specs ship as runtime._specs
         root = Path(__file__).resolve().parents[1] / "_specs"
@@ -102,32 +122,35 @@ def save(table: latency.Table) -> None:
 
 
 def fit(calibration: dict) -> dict:
-    """overhead + scale x sum, least squares on the relative error over the whole models measured;
-    overhead kept >= 0 (a negative one would predict tiny models below zero)."""
-    points = [(c["sum_ms"], c["measured_ms"]) for c in calibration.values() if c["sum_ms"] > 0]
+    """overhead + per_unit x units + scale x sum, least squares on the relative error over the whole models
+    measured. `per_unit` is what a unit costs inside a model beyond its time alone (negative: a unit timed
+    alone pays layout changes a model pays once); overhead is kept >= 0."""
+    import numpy as np
+
+    points = [(c["sum_ms"], c.get("units", 0), c["measured_ms"]) for c in calibration.values() if c["sum_ms"] > 0]
     if not points:
-        return {"overhead_ms": 0.0, "scale": 1.0}
-    # minimise sum(((a + b s) / m - 1)^2): linear least squares in (a, b) with rows (1/m, s/m) -> 1
-    s11 = sum(1 / m ** 2 for s, m in points)
-    s12 = sum(s / m ** 2 for s, m in points)
-    s22 = sum((s / m) ** 2 for s, m in points)
-    r1 = sum(1 / m for s, m in points)
-    r2 = sum(s / m for s, m in points)
-    det = s11 * s22 - s12 * s12
-    a = (r1 * s22 - r2 * s12) / det if len(points) > 1 and det > 1e-12 * s11 * s22 else -1.0
-    if a < 0:
-        return {"overhead_ms": 0.0, "scale": r2 / s22}
-    return {"overhead_ms": a, "scale": (r2 - a * s12) / s22}
+        return {"overhead_ms": 0.0, "per_unit_ms": 0.0, "scale": 1.0}
+    s, n, m = (np.array(v, dtype=float) for v in zip(*points))
+    for columns in (("overhead_ms", "per_unit_ms", "scale"), ("overhead_ms", "scale"), ("scale",)):
+        if len(points) < len(columns):
+            continue
+        x = np.stack([{"overhead_ms": np.ones_like(s), "per_unit_ms": n, "scale": s}[c] for c in columns], 1)
+        coef = np.linalg.lstsq(x / m[:, None], np.ones_like(m), rcond=None)[0]
+        found = dict(zip(columns, map(float, coef)))
+        if found.get("overhead_ms", 0.0) >= 0 and found["scale"] > 0:
+            return {"overhead_ms": 0.0, "per_unit_ms": 0.0, **found}
+    return {"overhead_ms": 0.0, "per_unit_ms": 0.0, "scale": float(np.sum(s / m) / np.sum((s / m) ** 2))}
 
 
 def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]:
     """Measure the units the models need and are not in the table yet, then the whole models; returns
-    (units measured, units found in the table)."""
+    (units measured, units found in the table). A unit the target cannot run (a torchvision model has no
+    ONNX form in nccompile's writer) is said and left out, with the whole models that use it."""
     from tqdm import tqdm
 
     import compiler
 
-    from .measure import latency_ms
+    from .measure import latency_ms, whole_models_ms
 
     wanted: dict[str, latency.Unit] = {}
     for model in models:
@@ -135,37 +158,53 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
             wanted.setdefault(unit.key, unit)
     todo = [u for k, u in wanted.items() if k not in table.entries]
     saved = time.monotonic()
-    baselines: dict[tuple, float] = {}
-    for unit in tqdm(todo, desc=f"profile {table.target}", unit="unit", mininterval=0.5):
-        if unit.in_shape not in baselines:
-            empty = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
-            baselines[unit.in_shape] = latency_ms(empty, table.target, table.threads, table.batch, samples)
-        model = compiler.compile_source(unit.spec(), "unit")
-        ms = latency_ms(model, table.target, table.threads, table.batch, samples)
-        table.entries[unit.key] = {"ms": max(0.0, ms - baselines[unit.in_shape]), "run_ms": ms,
-                                   "macs": unit.macs, "moved": unit.moved, "structure": unit.structure}
+    baselines: dict[tuple, float] = {}  # (input shape, pass) -> the empty graph's time
+    failed: dict[str, str] = {}
+    passes = [(unit, p) for p in range(UNIT_PASSES) for unit in todo]  # a pass over all, then again
+    for unit, p in tqdm(passes, desc=f"profile {table.target}", unit="unit", mininterval=0.5):
+        if unit.key in failed:
+            continue
+        try:
+            if (unit.in_shape, p) not in baselines:
+                empty = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
+                baselines[unit.in_shape, p] = latency_ms(empty, table.target, table.threads, table.batch, samples)
+            model = compiler.compile_source(unit.spec(), "unit")
+            ms = latency_ms(model, table.target, table.threads, table.batch, samples)
+        except NcError as err:
+            failed[unit.key] = str(err).splitlines()[0]
+            continue
+        net = max(0.0, ms - baselines[unit.in_shape, p])
+        old = table.entries.get(unit.key) if p else None
+        if old is None or net < old["ms"]:
+            table.entries[unit.key] = {"ms": net, "run_ms": ms, "macs": unit.macs, "moved": unit.moved,
+                                       "structure": unit.structure}
         if time.monotonic() - saved > SAVE_EVERY_S:
             save(table)
             saved = time.monotonic()
+    for key, why in failed.items():
+        print(f"profile: {key.split(' @ ')[0][:60]}: cannot run on {table.target} ({why}); left out")
     calibration = table.fit.setdefault("models", {})
-    for model in tqdm(models, desc="whole models", unit="model", mininterval=0.5):
-        unit_sum = sum(latency.entry_ms(u, table)[0] for u in latency.units(model))
-        calibration[_label(model)] = {"sum_ms": unit_sum, "measured_ms": latency_ms(model, table.target,
-                                                                                    table.threads, table.batch,
-                                                                                    samples)}
-        save(table)
+    whole = list({_label(m): m for m in models if not any(u.key in failed for u in latency.units(m))}.values())
+    with tqdm(total=WHOLE_ROUNDS * len(whole), desc="whole models", unit="run", mininterval=0.5) as bar:
+        measured = whole_models_ms(whole, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS,
+                                   progress=bar.update)
+    for model, ms in zip(whole, measured):
+        units = latency.units(model)
+        calibration[_label(model)] = {"sum_ms": sum(latency.entry_ms(u, table)[0] for u in units),
+                                      "units": len(units), "measured_ms": ms}
     table.fit.update(fit(calibration))
     save(table)
-    return len(todo), len(wanted) - len(todo)
+    return len(todo) - len(failed), len(wanted) - len(todo)
 
 
 def check(specs: list[str], inputs: list[str], table: latency.Table, samples: int) -> list[dict]:
-    from .measure import latency_ms
+    from .measure import whole_models_ms
 
     rows = []
-    for model in _models(specs, inputs):
+    models = _models(specs, inputs)
+    for model, measured in zip(models, whole_models_ms(models, table.target, table.threads, table.batch, samples,
+                                                       WHOLE_ROUNDS)):
         predicted = latency.predict(model, table)
-        measured = latency_ms(model, table.target, table.threads, table.batch, samples)
         rows.append({"model": _label(model), "predicted_ms": predicted.ms, "measured_ms": measured,
                      "error": predicted.ms / measured - 1, "estimated_units": predicted.estimated,
                      "units": len(predicted.units)})
@@ -188,10 +227,13 @@ def main(argv: list[str]) -> int:
                   f"{r['estimated_units']} of {r['units']} |")
         return 0
     table = _open_table(path, target, args.threads, args.batch, args.fresh)
-    models = _models(args.specs, args.input)
+    if args.space < 0:
+        raise UsageError(f"--space must be 0 or more, got {args.space}")
+    models = _models(args.specs, args.input, args.space)
     measured, known = profile(models, table, args.samples)
     f = table.fit
     print(f"profile: {measured:,} units measured, {known:,} already in the table; {len(f['models'])} whole "
-          f"models fit overhead {f['overhead_ms']:.4f} ms + {f['scale']:.3f} x sum of units")
+          f"models fit overhead {f['overhead_ms']:.4f} ms + {f['per_unit_ms']:+.5f} ms per unit + {f['scale']:.3f} x "
+          "sum of units")
     print(f"table: {table.describe()}")
     return 0

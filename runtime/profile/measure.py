@@ -2,7 +2,7 @@
 file's kernels, zero weights: the CPU kernels' time does not depend on the values), or PyTorch eager.
 
 One rule for every measurement: warm-up, then samples of k back-to-back runs each (k chosen so a sample
-lasts about a millisecond, so timer resolution and one-off stalls weigh little), and the median sample.
+lasts about 2 ms, so timer resolution and one-off stalls weigh little), and the median sample.
 """
 from __future__ import annotations
 
@@ -11,10 +11,10 @@ import time
 
 import numpy as np
 
-SAMPLE_S = 0.001
+SAMPLE_S = 0.002
 
 
-def median_ms(call, samples: int, warmup: int = 5) -> float:
+def median_ms(call, samples: int, warmup: int = 10) -> float:
     for _ in range(warmup):
         call()
     start = time.perf_counter()
@@ -66,3 +66,17 @@ TIMERS = {"ort-fp32": ort_timer, "torch-fp32": torch_timer}
 
 def latency_ms(model, target: str, threads: int = 1, batch: int = 1, samples: int = 15) -> float:
     return median_ms(TIMERS[target](model, threads, batch), samples)
+
+
+def whole_models_ms(models: list, target: str, threads: int, batch: int, samples: int, rounds: int = 3,
+                    progress=None) -> list[float]:
+    """Each model's latency as the fastest of `rounds` medians, the models taking turns: a slower spell of
+    a shared machine (which lasts seconds here, 20% and more) then weighs on no model's figure alone."""
+    timers = [TIMERS[target](m, threads, batch) for m in models]
+    best = [float("inf")] * len(models)
+    for _ in range(rounds):
+        for i, call in enumerate(timers):
+            best[i] = min(best[i], median_ms(call, samples))
+            if progress is not None:
+                progress()
+    return best
