@@ -20,6 +20,7 @@ Run alone (the timings share the machine):
 from __future__ import annotations
 
 import argparse
+import os
 import statistics
 import sys
 import tempfile
@@ -31,7 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
-from runtime.profile import _fresh_table, _label, fit, profile  # noqa: E402
+from runtime.profile import _fresh_table, _label, fit, profile, save  # noqa: E402
 
 
 def random_models(n: int, seed: int) -> list:
@@ -126,7 +127,36 @@ def run_target(target: str, groups: dict[str, list], extra: list, samples: int, 
             predicted = f["overhead_ms"] + f["scale"] * measured[_label(m)]["sum_ms"]
             out.append((_label(m), predicted, measured[_label(m)]["measured_ms"]))
         rows[group] = out
-    return {"rows": rows, "fit": table.fit, "seconds": spent, "units": len(table.entries)}
+    table.fit.update(fit({k: measured[k] for k in pool}))  # the default grid's fit, for the pruning check
+    save(table)
+    return {"rows": rows, "fit": table.fit, "seconds": spent, "units": len(table.entries),
+            "pruned": prune_to_half(target, samples)}
+
+
+def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, float]]:
+    """The student at 64 and 256 pruned (global, l1, `cost: latency`) to half its predicted latency, without
+    fine-tuning (the time does not depend on the weights): (model, goal, predicted after, measured after)."""
+    import dataclasses
+
+    from compiler.rewrite.channels import analyse_channels, rewrite
+    from runtime.profile.measure import whole_models_ms
+    from runtime.rewrite.prune import choose, importance, latency_costs, predicted_latency_ms, shrink_to
+
+    out = []
+    for size in (64, 256):
+        model = compiler.compile_spec(ROOT / "specs" / "student.spec", input_shape=(3, size, size))
+        module = compiler.build_module(model)
+        spaces = analyse_channels(model.root)
+        scores = importance(module, spaces, "l1")
+        costs = latency_costs(model, spaces, target, scores)
+        goal = predicted_latency_ms(model, target) / 2
+        rate = shrink_to(model, module, scores, "global", "latency", goal, latency_target=target, costs=costs,
+                         cost_power=0.5)
+        kept = choose(scores, rate, "global", costs=costs, cost_power=0.5)
+        pruned = dataclasses.replace(model, root=rewrite(model.root, spaces, {s: len(i) for s, i in kept.items()}))
+        (measured,) = whole_models_ms([pruned], target, 1, 1, samples)
+        out.append((f"student@{size}", goal, predicted_latency_ms(pruned, target), measured))
+    return out
 
 
 def summary(rows: list[tuple[str, float, float]]) -> tuple[float, float, int]:
@@ -152,8 +182,10 @@ def main() -> int:
     }
     extra = [compiler.compile_spec(ROOT / "specs" / s) for s in ("origin.spec", "student_se.spec")]
     extra += [compiler.compile_spec(ROOT / "specs" / "student_se.spec", input_shape=(3, n, n)) for n in (32, 96)]
+    extra += [compiler.compile_spec(student, input_shape=(3, 16, 16))]  # as the default grid: overhead-bound
     print("models: " + ", ".join(f"{k} {len(v)}" for k, v in groups.items()) + f"; also measured {len(extra)}")
     with tempfile.TemporaryDirectory() as tmp:
+        os.environ["NCCOMPILE_LATENCY_DIR"] = tmp  # where budgets and pruning read the table
         for target in args.targets.split(","):
             result = run_target(target, groups, extra, args.samples, Path(tmp))
             print(f"\n## {target}: {result['units']:,} units profiled in {result['seconds']:.0f} s; each model "
@@ -171,6 +203,11 @@ def main() -> int:
             rho = spearman([p for _, p, _ in space], [m for _, _, m in space])
             print(f"space@64: Spearman {rho:.3f} between predicted and measured latency over {len(space)} "
                   "configurations")
+            print("\n| pruned (cost: latency) to half | goal ms | predicted ms | measured ms | measured vs goal |\n"
+                  "|---|---:|---:|---:|---:|")
+            for name, goal, predicted, measured in result["pruned"]:
+                off = 100 * (measured / goal - 1)
+                print(f"| {name} | {goal:.3f} | {predicted:.3f} | {measured:.3f} | {off:+.1f}% |")
             print("\n| model | predicted ms | measured ms | error |\n|---|---:|---:|---:|")
             for group in ("zoo@224", "student"):
                 for name, p, m in result["rows"][group]:

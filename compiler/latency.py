@@ -9,8 +9,10 @@ by the profiler on whole models measured alongside (session overhead, fused adds
 alone pays and a model pays once).
 
 A unit the table lacks takes the nearest measured unit of the same structure (the key with every
-number masked) by MACs and bytes moved, scaled by the ratio of MACs (or of bytes moved, for units
-without MACs); with no unit of that structure the prediction is refused and says to profile the spec.
+number masked) by MACs and bytes moved, moved along that structure's cost per MAC and per element moved
+(fitted over its measured units; with fewer than 4 of them, scaled by the ratio of MACs, or of bytes
+moved for units without MACs); with no unit of that structure the prediction is refused and says to
+profile the spec.
 """
 from __future__ import annotations
 
@@ -282,7 +284,52 @@ class Prediction:
                 "estimated_units": self.estimated}
 
 
+def _slopes(table: Table, structure: str) -> tuple[float, float] | None:
+    """Milliseconds per MAC and per element moved for units of `structure`: a least-squares fit of
+    ms = a + b macs + c moved over the table's units of that structure (None below 4 of them, or where a
+    slope comes out negative). Cached on the table."""
+    cache = table.__dict__.setdefault("_slopes", {})
+    if (structure, len(table.entries)) in cache:
+        return cache[structure, len(table.entries)]
+    rows = [(1.0, e["macs"], e["moved"], e["ms"]) for e in table.entries.values() if e.get("structure") == structure]
+    found = None
+    if len(rows) >= 4:
+        cols = [c for c in (0, 1, 2) if any(r[c] != rows[0][c] for r in rows) or c == 0]
+        scale = [max(abs(r[c]) for r in rows) or 1.0 for c in cols]
+        a = [[sum(r[i] * r[j] for r in rows) / (si * sj) for j, sj in zip(cols, scale)] for i, si in zip(cols, scale)]
+        b = [sum(r[i] * r[3] for r in rows) / si for i, si in zip(cols, scale)]
+        x = _solve(a, b)
+        if x is not None:
+            coef = dict(zip(cols, (v / si for v, si in zip(x, scale))))
+            per_mac, per_moved = coef.get(1, 0.0), coef.get(2, 0.0)
+            if per_mac >= 0 and per_moved >= 0:
+                found = (per_mac, per_moved)
+    cache[structure, len(table.entries)] = found
+    return found
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None for a singular system."""
+    n = len(b)
+    m = [row[:] + [v] for row, v in zip(a, b)]
+    for i in range(n):
+        pivot = max(range(i, n), key=lambda r: abs(m[r][i]))
+        if abs(m[pivot][i]) < 1e-12:
+            return None
+        m[i], m[pivot] = m[pivot], m[i]
+        for r in range(i + 1, n):
+            f = m[r][i] / m[i][i]
+            m[r] = [x - f * y for x, y in zip(m[r], m[i])]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (m[i][n] - sum(m[i][j] * x[j] for j in range(i + 1, n))) / m[i][i]
+    return x
+
+
 def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
+    """The unit's time: measured, else from the nearest measured unit of its structure, moved along that
+    structure's fitted cost per MAC and per element moved (or, with too few of them to fit, scaled by the
+    ratio of MACs, or of bytes moved for units without MACs)."""
     hit = table.entries.get(unit.key)
     if hit is not None:
         return float(hit["ms"]), "measured"
@@ -299,6 +346,11 @@ def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
                            f"{fmt_shape(unit.in_shape)})\n  hint: nccompile profile --target {table.target} "
                            "--specs SPEC measures what a spec needs")
     key, e = best
+    slopes = _slopes(table, structure)
+    if slopes is not None:
+        per_mac, per_moved = slopes
+        moved = float(e["ms"]) + per_mac * (unit.macs - e["macs"]) + per_moved * (unit.moved - e["moved"])
+        return max(moved, float(e["ms"]) * min(1.0, (unit.moved + 1) / (e["moved"] + 1))), f"nearest {key}"
     ratio = unit.macs / e["macs"] if unit.macs and e["macs"] else (unit.moved + 1) / (e["moved"] + 1)
     return float(e["ms"]) * ratio, f"nearest {key}"
 

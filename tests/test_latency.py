@@ -277,3 +277,21 @@ def test_profile_takes_in_configurations_of_a_specs_search_space(tmp_path):
     assert len(models) == 4 and all(m.input_shape == (3, 32, 32) for m in models)
     assert len({m.params["width"] for m in models[1:]}) == 3
     assert len(_models([str(spec)], [], space=0)) == 1
+
+
+def test_an_unmeasured_unit_moves_along_its_structures_fitted_costs(tmp_path):
+    cost = lambda u: 0.002 + 1e-8 * u.macs + 3e-7 * u.moved  # noqa: E731
+    table = None
+    for width in (4, 8, 12, 16, 20):
+        model = compiler.compile_spec(_tiny(tmp_path), params={"width": width})
+        table = _table(tmp_path, model, cost) if table is None else table
+        for u in latency.units(model):
+            table.entries[u.key] = {"ms": cost(u), "macs": u.macs, "moved": u.moved, "structure": u.structure}
+    wide = compiler.compile_spec(_tiny(tmp_path), params={"width": 24})
+    fitted = 0
+    for unit, ms, how in latency.predict(wide, table).units:
+        assert how.startswith("nearest ")
+        if latency._slopes(table, unit.structure) is not None:
+            fitted += 1
+            assert ms == pytest.approx(cost(unit), rel=1e-6)
+    assert fitted >= 2  # the residual's conv (MACs grow as width squared) and the pools at least

@@ -30,6 +30,31 @@ def median_ms(call, samples: int, warmup: int = 10) -> float:
     return statistics.median(times) * 1000
 
 
+def paired_ms(call, base, samples: int, warmup: int = 10) -> tuple[float, float]:
+    """(median of call's sample, median of call's sample minus base's taken right before it): a unit's
+    time with the empty graph's taken off, both timed at the same moments, so a slow spell of the
+    machine slows both alike instead of landing on one of them."""
+    for _ in range(warmup):
+        call()
+        base()
+    start = time.perf_counter()
+    call()
+    once = max(time.perf_counter() - start, 1e-7)
+    k = max(1, min(1000, int(SAMPLE_S / once)))
+    raw, net = [], []
+    for _ in range(samples):
+        start = time.perf_counter()
+        for _ in range(k):
+            base()
+        middle = time.perf_counter()
+        for _ in range(k):
+            call()
+        end = time.perf_counter()
+        raw.append((end - middle) / k)
+        net.append((end - 2 * middle + start) / k)
+    return statistics.median(raw) * 1000, statistics.median(net) * 1000
+
+
 def ort_timer(model, threads: int, batch: int):
     """call() running `model` once in ONNX Runtime, as the deployed file runs."""
     import onnxruntime as ort
@@ -66,6 +91,11 @@ TIMERS = {"ort-fp32": ort_timer, "torch-fp32": torch_timer}
 
 def latency_ms(model, target: str, threads: int = 1, batch: int = 1, samples: int = 15) -> float:
     return median_ms(TIMERS[target](model, threads, batch), samples)
+
+
+def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples: int = 15) -> tuple[float, float]:
+    """(the one-unit model's time, its time less the empty model's), paired (paired_ms)."""
+    return paired_ms(TIMERS[target](model, threads, batch), TIMERS[target](empty, threads, batch), samples)
 
 
 def whole_models_ms(models: list, target: str, threads: int, batch: int, samples: int, rounds: int = 3,
