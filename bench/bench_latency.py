@@ -182,7 +182,6 @@ def main() -> int:
     }
     extra = [compiler.compile_spec(ROOT / "specs" / s) for s in ("origin.spec", "student_se.spec")]
     extra += [compiler.compile_spec(ROOT / "specs" / "student_se.spec", input_shape=(3, n, n)) for n in (32, 96)]
-    extra += [compiler.compile_spec(student, input_shape=(3, 16, 16))]  # as the default grid: overhead-bound
     print("models: " + ", ".join(f"{k} {len(v)}" for k, v in groups.items()) + f"; also measured {len(extra)}")
     with tempfile.TemporaryDirectory() as tmp:
         os.environ["NCCOMPILE_LATENCY_DIR"] = tmp  # where budgets and pruning read the table
