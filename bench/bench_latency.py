@@ -172,6 +172,7 @@ def main() -> int:
     ap.add_argument("--samples", type=int, default=15)
     ap.add_argument("--zoo", default="all")
     ap.add_argument("--space", type=int, default=20)
+    ap.add_argument("--keep", metavar="DIR", help="keep the tables (TARGET.json) in DIR (default: a temporary one)")
     args = ap.parse_args()
     student = ROOT / "specs" / "student.spec"
     groups = {
@@ -183,7 +184,9 @@ def main() -> int:
     extra = [compiler.compile_spec(ROOT / "specs" / s) for s in ("origin.spec", "student_se.spec")]
     extra += [compiler.compile_spec(ROOT / "specs" / "student_se.spec", input_shape=(3, n, n)) for n in (32, 96)]
     print("models: " + ", ".join(f"{k} {len(v)}" for k, v in groups.items()) + f"; also measured {len(extra)}")
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = args.keep or scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         os.environ["NCCOMPILE_LATENCY_DIR"] = tmp  # where budgets and pruning read the table
         for target in args.targets.split(","):
             result = run_target(target, groups, extra, args.samples, Path(tmp))
