@@ -32,6 +32,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
+from compiler import latency  # noqa: E402
 from runtime.profile import _fresh_table, _label, fit, profile, save  # noqa: E402
 
 
@@ -105,6 +106,18 @@ def space_models(n: int, size: int, seed: int) -> list:
     return models
 
 
+def unseen(table: latency.Table, label: str, pool: set[str]) -> latency.Table:
+    """The table as if `label` had never been run whole: its in-model times out, and the fit on the
+    pool's other models (their unit sums as the table gives them)."""
+    entries = {k: {**e, "ctx": {m: v for m, v in (e.get("ctx") or {}).items() if m != label}}
+               for k, e in table.entries.items()}
+    others = latency.Table(table.path, table.target, table.threads, table.batch, table.machine, table.libraries,
+                           dict(table.fit), entries)
+    calibration = {k: table.fit["models"][k] for k in pool if k != label}
+    others.fit = {**fit(calibration), "models": calibration}
+    return others
+
+
 def run_target(target: str, groups: dict[str, list], extra: list, samples: int, folder: Path) -> dict:
     """Profile every unit the models use, measure every model whole, then predict each model with the
     overhead and scale fitted on all the *other* whole models (leave-one-out): what a user's table,
@@ -123,9 +136,8 @@ def run_target(target: str, groups: dict[str, list], extra: list, samples: int, 
         for m in ms:
             if _label(m) not in measured:  # a unit the target cannot run
                 continue
-            f = fit({k: measured[k] for k in pool if k != _label(m)})
-            predicted = f["overhead_ms"] + f["scale"] * measured[_label(m)]["sum_ms"]
-            out.append((_label(m), predicted, measured[_label(m)]["measured_ms"]))
+            out.append((_label(m), latency.predict(m, unseen(table, _label(m), pool)).ms,
+                        measured[_label(m)]["measured_ms"]))
         rows[group] = out
     table.fit.update(fit({k: measured[k] for k in pool}))  # the default grid's fit, for the pruning check
     save(table)

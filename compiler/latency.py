@@ -4,9 +4,11 @@
 A unit is what a runtime runs as one piece: a conv or linear with the BatchNorm and activation that
 follow it (ONNX Runtime fuses them into one kernel), a pool, a residual's add, a join. Its key is its
 layers as DSL text at its input shape, so the profiler compiles each unit as a one-unit spec and times
-it. Prediction = overhead + per_unit x units + scale x (sum of the units' entries); the three are fitted
-by the profiler on whole models measured alongside (session overhead, fused adds, layout reorders a unit
-alone pays and a model pays once).
+it. On ONNX Runtime the profiler also runs the whole models it measures under ORT's own profiler and
+gives each unit its time inside them (node names are layer paths, so fused kernels map back to units):
+a unit's entry is its in-model time where known, else its time alone times its structure's in-model /
+alone ratio. Prediction = overhead + per_unit x units + scale x (sum of the units' entries); the three
+are fitted by the profiler on the whole models (session overhead, the profiler's own cost per node).
 
 A unit the table lacks takes the nearest measured unit of the same structure (the key with every
 number masked) by MACs and bytes moved, moved along that structure's cost per MAC and per element moved
@@ -33,6 +35,7 @@ ALIASES = {"ort-weights": "ort-fp32"}  # the `weights` export runs on the float 
 TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 1
 FUSED_AFTER = {"conv": ("bn", "act"), "linear": ("act",)}  # what a compute layer's unit takes in, in order
 FREE = {"identity", "dropout", "droppath"}  # no work at inference: joins the unit before it
+SHRINK = 50  # units of prior weight on the overall in-model / alone ratio (context_ratio; bench_latency)
 
 
 class LatencyError(NcError):
@@ -332,7 +335,7 @@ def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
     ratio of MACs, or of bytes moved for units without MACs)."""
     hit = table.entries.get(unit.key)
     if hit is not None:
-        return float(hit["ms"]), "measured"
+        return in_context(hit, table), "measured"
     structure = unit.structure
     best, best_distance = None, math.inf
     for key, e in table.entries.items():
@@ -350,9 +353,46 @@ def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
     if slopes is not None:
         per_mac, per_moved = slopes
         moved = float(e["ms"]) + per_mac * (unit.macs - e["macs"]) + per_moved * (unit.moved - e["moved"])
-        return max(moved, float(e["ms"]) * min(1.0, (unit.moved + 1) / (e["moved"] + 1))), f"nearest {key}"
-    ratio = unit.macs / e["macs"] if unit.macs and e["macs"] else (unit.moved + 1) / (e["moved"] + 1)
-    return float(e["ms"]) * ratio, f"nearest {key}"
+        alone = max(moved, float(e["ms"]) * min(1.0, (unit.moved + 1) / (e["moved"] + 1)))
+    else:
+        alone = float(e["ms"]) * (unit.macs / e["macs"] if unit.macs and e["macs"]
+                                  else (unit.moved + 1) / (e["moved"] + 1))
+    return alone * context_ratio(table, structure), f"nearest {key}"
+
+
+def in_context(entry: dict, table: Table) -> float:
+    """A measured unit's time inside models: its own in-model time where a profiled model had it, else
+    its time alone times its structure's in-model / alone ratio."""
+    ctx = entry.get("ctx") or {}
+    if ctx:
+        return sum(ctx.values()) / len(ctx)
+    return float(entry["ms"]) * context_ratio(table, entry.get("structure", ""))
+
+
+def context_ratio(table: Table, structure: str) -> float:
+    """In-model time over time alone, summed over the structure's units measured both ways; for a
+    structure no profiled model had, the same over every unit (1 when no model was profiled): a conv's
+    fused add, an activation ORT folds into its conv, reorders a unit alone pays, the profiler's cost."""
+    cache = table.__dict__.setdefault("_ratios", {})
+    stamp = (len(table.entries), sum(len(e.get("ctx") or {}) for e in table.entries.values()))
+    if cache.get("stamp") != stamp:
+        cache.clear()
+        cache["stamp"] = stamp
+        sums: dict[str, list[float]] = {}
+        for e in table.entries.values():
+            if e.get("ctx") and e["ms"] > 0:
+                for key in (e.get("structure", ""), "*"):
+                    both = sums.setdefault(key, [0.0, 0.0, 0])
+                    both[0] += sum(e["ctx"].values()) / len(e["ctx"])
+                    both[1] += e["ms"]
+                    both[2] += 1
+        overall = sums["*"][0] / sums["*"][1] if "*" in sums and sums["*"][1] > 0 else 1.0
+        # a structure seen in few units leans on the overall ratio: its in-model time depends on its
+        # neighbours (what ORT fuses it with), which a few units do not average out
+        cache["ratios"] = {k: (n * c / a + SHRINK * overall) / (n + SHRINK)
+                           for k, (c, a, n) in sums.items() if a > 0}
+        cache["overall"] = overall
+    return cache["ratios"].get(structure, cache["overall"])
 
 
 def predict(model: Model, table: Table) -> Prediction:

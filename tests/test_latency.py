@@ -295,3 +295,26 @@ def test_an_unmeasured_unit_moves_along_its_structures_fitted_costs(tmp_path):
             fitted += 1
             assert ms == pytest.approx(cost(unit), rel=1e-6)
     assert fitted >= 2  # the residual's conv (MACs grow as width squared) and the pools at least
+
+
+def test_ort_profiles_map_back_to_units_and_in_model_times_correct_the_rest(tmp_path):
+    from runtime.profile import attribute
+    from runtime.profile.measure import ort_node_ms
+
+    model = compiler.compile_spec(_tiny(tmp_path))
+    nodes = ort_node_ms(model, 1, 1, runs=10)
+    spent = attribute(model, nodes)
+    assert set(spent) == {u.key for u in latency.units(model)}
+    # every kernel but ORT's own layout reorders lands on a unit (each unit here is one of its key)
+    assert all(name.startswith("Reorder") or name.removesuffix("_nchwc").split("#")[0] in
+               {p for u in latency.units(model) for p in u.paths} for name in nodes), sorted(nodes)
+    owned = sum(ms for name, ms in nodes.items() if not name.startswith("Reorder"))
+    assert sum(spent.values()) == pytest.approx(owned)
+    conv = next(u for u in latency.units(model) if u.text.startswith("conv"))
+    assert spent[conv.key] > 0
+    # a unit measured inside a model counts its in-model time; others of its structure take the ratio
+    table = _table(tmp_path, model, lambda u: 0.01)
+    table.entries[conv.key]["ctx"] = {"m@1": 0.02, "m@2": 0.04}
+    assert latency.in_context(table.entries[conv.key], table) == pytest.approx(0.03)
+    other = next(k for k, e in table.entries.items() if k != conv.key)
+    assert latency.in_context(table.entries[other], table) == pytest.approx(0.01 * 3.0)  # the only ratio: 3x

@@ -150,7 +150,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
 
     import compiler
 
-    from .measure import unit_ms, whole_models_ms
+    from .measure import ort_node_ms, unit_ms, whole_models_ms
 
     wanted: dict[str, latency.Unit] = {}
     for model in models:
@@ -187,6 +187,10 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     with tqdm(total=WHOLE_ROUNDS * len(whole), desc="whole models", unit="run", mininterval=0.5) as bar:
         measured = whole_models_ms(whole, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS,
                                    progress=bar.update)
+    if table.target == "ort-fp32":  # each unit's time inside the models, from ORT's profiler
+        for model in tqdm(whole, desc="in-model times", unit="model", mininterval=0.5):
+            for key, ms in attribute(model, ort_node_ms(model, table.threads, table.batch)).items():
+                table.entries[key].setdefault("ctx", {})[_label(model)] = ms
     for model, ms in zip(whole, measured):
         units = latency.units(model)
         calibration[_label(model)] = {"sum_ms": sum(latency.entry_ms(u, table)[0] for u in units),
@@ -194,6 +198,24 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     table.fit.update(fit(calibration))
     save(table)
     return len(todo) - len(failed), len(wanted) - len(todo)
+
+
+def attribute(model, node_ms: dict[str, float]) -> dict[str, float]:
+    """Each unit's share of the model's node times (summed over the units of the same key, divided by
+    their count): a node is its unit's when its name, less ORT's `_nchwc` suffix and our `#n`, is one of
+    the unit's layer paths. Reorders ORT adds between layouts stay with the fitted overhead; a unit with
+    no node left (fused into another's) spends 0."""
+    owner = {path: unit for unit in latency.units(model) for path in unit.paths}
+    spent: dict[str, float] = {}
+    for name, ms in node_ms.items():
+        unit = owner.get(name.removesuffix("_nchwc").split("#")[0])
+        if unit is not None:
+            spent[unit.key] = spent.get(unit.key, 0.0) + ms
+    count: dict[str, int] = {}
+    for unit in latency.units(model):
+        count[unit.key] = count.get(unit.key, 0) + 1
+    # a unit without a node of its own was fused into another's (an add into its conv): 0 inside this model
+    return {key: spent.get(key, 0.0) / n for key, n in count.items()}
 
 
 def check(specs: list[str], inputs: list[str], table: latency.Table, samples: int) -> list[dict]:

@@ -110,3 +110,35 @@ def whole_models_ms(models: list, target: str, threads: int, batch: int, samples
             if progress is not None:
                 progress()
     return best
+
+
+def ort_node_ms(model, threads: int, batch: int, runs: int = 50) -> dict[str, float]:
+    """Each node's mean kernel time (ms) inside the whole model, from ONNX Runtime's profiler, after the
+    first fifth of the runs. Node names are the graph's after ORT's fusions: ours (layer paths), with
+    `_nchwc` for the blocked-layout kernels, and ORT's own for the reorders it adds."""
+    import json
+    import os
+    import tempfile
+
+    import onnxruntime as ort
+
+    from compiler import onnxgraph
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
+    opts.log_severity_level = 3
+    opts.enable_profiling = True
+    with tempfile.TemporaryDirectory() as folder:
+        opts.profile_file_prefix = os.path.join(folder, "profile")
+        session = ort.InferenceSession(onnxgraph.graph(model, "fp32").SerializeToString(), opts,
+                                       providers=["CPUExecutionProvider"])
+        feed = {onnxgraph.INPUT: np.random.default_rng(0).random((batch, *model.input_shape), dtype=np.float32)}
+        for _ in range(runs):
+            session.run(None, feed)
+        with open(session.end_profiling()) as f:
+            events = json.load(f)
+    times: dict[str, list[int]] = {}
+    for e in events:
+        if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
+            times.setdefault(e["name"][:-len("_kernel_time")], []).append(e["dur"])
+    return {name: statistics.fmean(d[len(d) // 5:]) / 1000 for name, d in times.items()}
