@@ -200,6 +200,14 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     return len(todo) - len(failed), len(wanted) - len(todo)
 
 
+def without_model(table: latency.Table, label: str) -> latency.Table:
+    """The table as if the model `label` had never been run whole: its in-model times left out."""
+    entries = {k: {**e, "ctx": {m: v for m, v in (e.get("ctx") or {}).items() if m != label}}
+               for k, e in table.entries.items()}
+    return latency.Table(table.path, table.target, table.threads, table.batch, table.machine, table.libraries,
+                         dict(table.fit), entries)
+
+
 def attribute(model, node_ms: dict[str, float]) -> dict[str, float]:
     """Each unit's share of the model's node times (summed over the units of the same key, divided by
     their count): a node is its unit's when its name, less ORT's `_nchwc` suffix and our `#n`, is one of
