@@ -1,0 +1,158 @@
+"""A model's latency from a table: each unit's entry (measured, or from its nearest), in-model
+corrections, and the fitted overhead, per-unit and scale terms."""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+from ..ops import fmt_shape
+from ..tree import Model
+from .tables import LatencyError, Table
+from .units import Unit, units
+
+SHRINK = 50  # units of prior weight on the overall in-model / alone ratio (context_ratio; bench_latency)
+
+
+@dataclass
+class Prediction:
+    ms: float                 # the model's predicted latency
+    units: list[tuple[Unit, float, str]]  # (unit, its entry in ms, how: "measured" | "nearest KEY")
+    table: Table
+
+    @property
+    def estimated(self) -> int:
+        return sum(1 for _, _, how in self.units if how != "measured")
+
+    def by_path(self) -> dict[str, float]:
+        """Each layer's share of the prediction (a unit's time on its first layer)."""
+        out: dict[str, float] = {}
+        for unit, ms, _ in self.units:
+            if unit.paths:
+                out[unit.paths[0]] = out.get(unit.paths[0], 0.0) + ms * self.table.fit["scale"]
+        return out
+
+    def to_json(self) -> dict:
+        return {"ms": self.ms, "table": str(self.table.path), "target": self.table.target,
+                "threads": self.table.threads, "batch": self.table.batch, "units": len(self.units),
+                "estimated_units": self.estimated}
+
+
+def _slopes(table: Table, structure: str) -> tuple[float, float] | None:
+    """Milliseconds per MAC and per element moved for units of `structure`: a least-squares fit of
+    ms = a + b macs + c moved over the table's units of that structure (None below 4 of them, or where a
+    slope comes out negative). Cached on the table."""
+    cache = table.__dict__.setdefault("_slopes", {})
+    if (structure, len(table.entries)) in cache:
+        return cache[structure, len(table.entries)]
+    rows = [(1.0, e["macs"], e["moved"], e["ms"]) for e in table.entries.values() if e.get("structure") == structure]
+    found = None
+    if len(rows) >= 4:
+        cols = [c for c in (0, 1, 2) if any(r[c] != rows[0][c] for r in rows) or c == 0]
+        scale = [max(abs(r[c]) for r in rows) or 1.0 for c in cols]
+        a = [[sum(r[i] * r[j] for r in rows) / (si * sj) for j, sj in zip(cols, scale)] for i, si in zip(cols, scale)]
+        b = [sum(r[i] * r[3] for r in rows) / si for i, si in zip(cols, scale)]
+        x = _solve(a, b)
+        if x is not None:
+            coef = dict(zip(cols, (v / si for v, si in zip(x, scale))))
+            per_mac, per_moved = coef.get(1, 0.0), coef.get(2, 0.0)
+            if per_mac >= 0 and per_moved >= 0:
+                found = (per_mac, per_moved)
+    cache[structure, len(table.entries)] = found
+    return found
+
+
+def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
+    """Gaussian elimination with partial pivoting; None for a singular system."""
+    n = len(b)
+    m = [row[:] + [v] for row, v in zip(a, b)]
+    for i in range(n):
+        pivot = max(range(i, n), key=lambda r: abs(m[r][i]))
+        if abs(m[pivot][i]) < 1e-12:
+            return None
+        m[i], m[pivot] = m[pivot], m[i]
+        for r in range(i + 1, n):
+            f = m[r][i] / m[i][i]
+            m[r] = [x - f * y for x, y in zip(m[r], m[i])]
+    x = [0.0] * n
+    for i in reversed(range(n)):
+        x[i] = (m[i][n] - sum(m[i][j] * x[j] for j in range(i + 1, n))) / m[i][i]
+    return x
+
+
+def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
+    """The unit's time: measured, else from the nearest measured unit of its structure, moved along that
+    structure's fitted cost per MAC and per element moved (or, with too few of them to fit, scaled by the
+    ratio of MACs, or of bytes moved for units without MACs)."""
+    hit = table.entries.get(unit.key)
+    if hit is not None:
+        return in_context(hit, table), "measured"
+    structure = unit.structure
+    best, best_distance = None, math.inf
+    for key, e in table.entries.items():
+        if e.get("structure") != structure:
+            continue
+        distance = abs(math.log((e["macs"] + 1) / (unit.macs + 1))) + abs(math.log((e["moved"] + 1) / (unit.moved + 1)))
+        if distance < best_distance:
+            best, best_distance = (key, e), distance
+    if best is None:
+        raise LatencyError(f"the latency table {table.path} has no unit like `{unit.text}` (input "
+                           f"{fmt_shape(unit.in_shape)})\n  hint: nccompile profile --target {table.target} "
+                           "--specs SPEC measures what a spec needs")
+    key, e = best
+    slopes = _slopes(table, structure)
+    if slopes is not None:
+        per_mac, per_moved = slopes
+        moved = float(e["ms"]) + per_mac * (unit.macs - e["macs"]) + per_moved * (unit.moved - e["moved"])
+        alone = max(moved, float(e["ms"]) * min(1.0, (unit.moved + 1) / (e["moved"] + 1)))
+    else:
+        alone = float(e["ms"]) * (unit.macs / e["macs"] if unit.macs and e["macs"]
+                                  else (unit.moved + 1) / (e["moved"] + 1))
+    return alone * context_ratio(table, structure), f"nearest {key}"
+
+
+def in_context(entry: dict, table: Table) -> float:
+    """A measured unit's time inside models: its own in-model time where a profiled model had it, else
+    its time alone times its structure's in-model / alone ratio."""
+    ctx = entry.get("ctx") or {}
+    if ctx:
+        return sum(ctx.values()) / len(ctx)
+    return float(entry["ms"]) * context_ratio(table, entry.get("structure", ""))
+
+
+def context_ratio(table: Table, structure: str) -> float:
+    """In-model time over time alone, summed over the structure's units measured both ways; for a
+    structure no profiled model had, the same over every unit (1 when no model was profiled): a conv's
+    fused add, an activation ORT folds into its conv, reorders a unit alone pays, the profiler's cost."""
+    cache = table.__dict__.setdefault("_ratios", {})
+    stamp = (len(table.entries), sum(len(e.get("ctx") or {}) for e in table.entries.values()))
+    if cache.get("stamp") != stamp:
+        cache.clear()
+        cache["stamp"] = stamp
+        sums: dict[str, list[float]] = {}
+        for e in table.entries.values():
+            if e.get("ctx") and e["ms"] > 0:
+                for key in (e.get("structure", ""), "*"):
+                    both = sums.setdefault(key, [0.0, 0.0, 0])
+                    both[0] += sum(e["ctx"].values()) / len(e["ctx"])
+                    both[1] += e["ms"]
+                    both[2] += 1
+        overall = sums["*"][0] / sums["*"][1] if "*" in sums and sums["*"][1] > 0 else 1.0
+        # a structure seen in few units leans on the overall ratio: its in-model time depends on its
+        # neighbours (what ORT fuses it with), which a few units do not average out
+        cache["ratios"] = {k: (n * c / a + SHRINK * overall) / (n + SHRINK)
+                           for k, (c, a, n) in sums.items() if a > 0}
+        cache["overall"] = overall
+    return cache["ratios"].get(structure, cache["overall"])
+
+
+def predict(model: Model, table: Table) -> Prediction:
+    rows = []
+    for unit in units(model):
+        ms, how = entry_ms(unit, table)
+        rows.append((unit, ms, how))
+    f = table.fit
+    per_unit = f.get("per_unit_ms", 0.0) * len(rows)
+    raw = f["scale"] * sum(ms for _, ms, _ in rows)
+    # a negative per-unit correction never takes more than half of what the units measured
+    total = f["overhead_ms"] + max(raw + per_unit, raw / 2)
+    return Prediction(total, rows, table)

@@ -1,0 +1,128 @@
+"""Latency tables: one JSON file per target, measured by `nccompile profile` on one machine; refused
+when read on another machine, with another library version, or for another target."""
+from __future__ import annotations
+
+import json
+import os
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import NcError
+
+TARGETS = {"ort-fp32": "onnxruntime", "torch-fp32": "torch"}  # target -> the library whose version counts
+ALIASES = {"ort-weights": "ort-fp32"}  # the `weights` export runs on the float graph's kernels after folding
+TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 1
+
+
+class LatencyError(NcError):
+    """No usable latency table: missing, for another target or machine, or lacking a unit's structure."""
+
+
+def canonical_target(name: str) -> str:
+    return ALIASES.get(name, name)
+
+
+def machine() -> dict[str, object]:
+    """What a table's numbers depend on besides the libraries: the CPU and its core count."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count() or 1, "system": platform.system()}
+
+
+def library_version(target: str) -> str | None:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version(TARGETS[target])
+    except PackageNotFoundError:
+        return None
+
+
+def table_path(target: str, explicit: str | None = None) -> Path:
+    """Where the table of `target` lives: `explicit`, else TARGET.json in $NCCOMPILE_LATENCY_DIR, else in
+    the cache folder's latency/ ($NCCOMPILE_CACHE_DIR, else ~/.cache/nccompile)."""
+    if explicit:
+        return Path(explicit)
+    folder = os.environ.get("NCCOMPILE_LATENCY_DIR")
+    if not folder:
+        base = os.environ.get("NCCOMPILE_CACHE_DIR") or str(
+            Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nccompile")
+        folder = str(Path(base) / "latency")
+    return Path(folder) / f"{canonical_target(target)}.json"
+
+
+@dataclass
+class Table:
+    path: Path
+    target: str
+    threads: int
+    batch: int
+    machine: dict
+    libraries: dict
+    fit: dict = field(default_factory=lambda: {"overhead_ms": 0.0, "per_unit_ms": 0.0, "scale": 1.0})
+    entries: dict = field(default_factory=dict)  # key -> {"ms", "macs", "moved"}
+
+    def to_json(self) -> dict:
+        return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "target": self.target, "threads": self.threads,
+                "batch": self.batch, "machine": self.machine, "libraries": self.libraries, "fit": self.fit,
+                "entries": self.entries}
+
+    def describe(self) -> str:
+        return (f"{self.path} ({self.target}, {self.threads} thread{'s' * (self.threads != 1)}, "
+                f"batch {self.batch}, {len(self.entries):,} units)")
+
+
+def load_table(target: str, path: str | Path | None = None, check: bool = True) -> Table:
+    """The table for `target`, refused when it was measured for another target, machine or library version."""
+    target = canonical_target(target)
+    where = table_path(target, str(path) if path else None)
+    hint = f"\n  hint: measure one on this machine: nccompile profile --target {target}"
+    if not where.is_file():
+        raise LatencyError(f"no latency table for {target} at {where}{hint} (then `--specs SPEC...` to add "
+                           "what your specs use)")
+    try:
+        raw = json.loads(where.read_text())
+    except (OSError, ValueError) as err:
+        raise LatencyError(f"{where}: not a latency table ({err}){hint}") from None
+    if not isinstance(raw, dict) or raw.get("format") != TABLE_FORMAT:
+        raise LatencyError(f"{where}: not a latency table (no `format: {TABLE_FORMAT}`){hint}")
+    if raw.get("version") != TABLE_VERSION:
+        raise LatencyError(f"{where}: latency table version {raw.get('version')}, this nccompile reads "
+                           f"{TABLE_VERSION}{hint}")
+    table = Table(where, raw["target"], raw["threads"], raw["batch"], raw["machine"], raw["libraries"],
+                  raw.get("fit", {"overhead_ms": 0.0, "scale": 1.0}), raw.get("entries", {}))
+    if check:
+        if table.target != target:
+            raise LatencyError(f"{where} was measured for {table.target}, not {target}{hint}")
+        here, lib = machine(), TARGETS[target]
+        if table.machine.get("cpu") != here["cpu"] or table.machine.get("cores") != here["cores"]:
+            raise LatencyError(f"{where} was measured on another machine ({table.machine.get('cpu')}, "
+                               f"{table.machine.get('cores')} cores; this one: {here['cpu']}, {here['cores']} "
+                               f"cores){hint}")
+        if table.libraries.get(lib) != library_version(target):
+            raise LatencyError(f"{where} was measured with {lib} {table.libraries.get(lib)}, this machine has "
+                               f"{library_version(target)}{hint}")
+    return table
+
+
+_LOADED: dict[tuple, Table] = {}
+
+
+def cached_table(target: str) -> Table:
+    """load_table for the default place, read once per file version (a search predicts thousands of models)."""
+    path = table_path(target)
+    try:
+        stamp = path.stat().st_mtime_ns
+    except OSError:
+        stamp = None
+    key = (str(path), stamp, canonical_target(target))
+    if key not in _LOADED:
+        _LOADED[key] = load_table(target, path)
+    return _LOADED[key]
