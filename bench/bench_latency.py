@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT))
 
 import compiler  # noqa: E402
 from compiler import latency  # noqa: E402
-from runtime.profile import _fresh_table, _label, fit, profile, save, without_model  # noqa: E402
+from runtime.profile import _fresh_table, _label, fit, profile, save  # noqa: E402
 
 
 def random_models(n: int, seed: int) -> list:
@@ -109,7 +109,10 @@ def space_models(n: int, size: int, seed: int) -> list:
 def unseen(table: latency.Table, label: str, pool: set[str]) -> latency.Table:
     """The table as if `label` had never been run whole: its in-model times out, and the fit on the
     pool's other models."""
-    others = without_model(table, label)
+    entries = {k: {**e, "ctx": {m: v for m, v in (e.get("ctx") or {}).items() if m != label}}
+               for k, e in table.entries.items()}
+    others = latency.Table(table.path, table.target, table.threads, table.batch, table.machine, table.libraries,
+                           dict(table.fit), entries)
     calibration = {k: table.fit["models"][k] for k in pool if k != label}
     others.fit = {**fit(calibration), "models": calibration}
     return others

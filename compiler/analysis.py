@@ -137,18 +137,19 @@ def predicted_latency(model: Model, target: str):
     return latency.predict(model, latency.cached_table(target))
 
 
-def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: bool = True) -> list[BudgetResult]:
+def budgets(model: Model, measured_bytes: dict[str, int] | None = None, top: bool = True,
+            latencies: dict | None = None) -> list[BudgetResult]:
     """Every budget of the spec against its value: predicted from the spec, or for file sizes the
     `measured_bytes` of written files (format name, or `onnx(format)`, -> bytes) where given. The one
     budget evaluator. `top=False` leaves out the largest contributors (a search checks thousands of
-    configurations)."""
+    configurations); `latencies`: predictions already made (target -> compiler.latency.Prediction)."""
     root = model.root
     out = []
     for b in model.definition.budgets:
         limit = evaluate(b.limit, model.params)
         if b.metric == "latency":
             limit = limit * b.scale
-            prediction = predicted_latency(model, b.format)
+            prediction = (latencies or {}).get(b.format) or predicted_latency(model, b.format)
             value = prediction.ms
             largest = sorted(((p, "unit", ms) for p, ms in prediction.by_path().items()), key=lambda t: -t[2])[:3]
             shown = f"{limit:g} ms"
@@ -186,7 +187,8 @@ def analyse(model: Model) -> Analysis:
     totals = {"params": root.params, "macs": root.total_macs}
     leaves = root.leaves()
     return Analysis(model.name, model.spec.path, model.input_shape, totals["params"], root.buffers, totals["macs"],
-                    sum(math.prod(n.out_shape) for n in leaves if n is not root), byte_sizes, budgets(model, measured),
+                    sum(math.prod(n.out_shape) for n in leaves if n is not root), byte_sizes,
+                    budgets(model, measured, latencies=predictions),
                     _rows(root, spec_format(model) if model.definition.precision else None,
                           first.by_path() if first is not None else None), dict(model.params),
                     onnx_sizes, {t: p.to_json() for t, p in predictions.items()})

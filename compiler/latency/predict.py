@@ -37,14 +37,27 @@ class Prediction:
                 "estimated_units": self.estimated}
 
 
+def _derived(table: Table) -> dict:
+    """What prediction reads from the entries again and again, indexed once per table (Table.touch()
+    forgets it): the entries by structure, their in-model ratios, and fitted slopes as asked for."""
+    d = table.derived
+    if not d:
+        d["by_structure"] = by_structure = {}
+        for key, e in table.entries.items():
+            by_structure.setdefault(e.get("structure", ""), []).append((key, e))
+        d["ratios"], d["overall"] = _ratios(table)
+        d["slopes"] = {}
+    return d
+
+
 def _slopes(table: Table, structure: str) -> tuple[float, float] | None:
     """Milliseconds per MAC and per element moved for units of `structure`: a least-squares fit of
     ms = a + b macs + c moved over the table's units of that structure (None below 4 of them, or where a
-    slope comes out negative). Cached on the table."""
-    cache = table.__dict__.setdefault("_slopes", {})
-    if (structure, len(table.entries)) in cache:
-        return cache[structure, len(table.entries)]
-    rows = [(1.0, e["macs"], e["moved"], e["ms"]) for e in table.entries.values() if e.get("structure") == structure]
+    slope comes out negative)."""
+    cache = _derived(table)["slopes"]
+    if structure in cache:
+        return cache[structure]
+    rows = [(1.0, e["macs"], e["moved"], e["ms"]) for _, e in _derived(table)["by_structure"].get(structure, [])]
     found = None
     if len(rows) >= 4:
         cols = [c for c in (0, 1, 2) if any(r[c] != rows[0][c] for r in rows) or c == 0]
@@ -57,7 +70,7 @@ def _slopes(table: Table, structure: str) -> tuple[float, float] | None:
             per_mac, per_moved = coef.get(1, 0.0), coef.get(2, 0.0)
             if per_mac >= 0 and per_moved >= 0:
                 found = (per_mac, per_moved)
-    cache[structure, len(table.entries)] = found
+    cache[structure] = found
     return found
 
 
@@ -88,9 +101,7 @@ def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
         return in_context(hit, table), "measured"
     structure = unit.structure
     best, best_distance = None, math.inf
-    for key, e in table.entries.items():
-        if e.get("structure") != structure:
-            continue
+    for key, e in _derived(table)["by_structure"].get(structure, []):
         distance = abs(math.log((e["macs"] + 1) / (unit.macs + 1))) + abs(math.log((e["moved"] + 1) / (unit.moved + 1)))
         if distance < best_distance:
             best, best_distance = (key, e), distance
@@ -120,29 +131,27 @@ def in_context(entry: dict, table: Table) -> float:
 
 
 def context_ratio(table: Table, structure: str) -> float:
-    """In-model time over time alone, summed over the structure's units measured both ways; for a
-    structure no profiled model had, the same over every unit (1 when no model was profiled): a conv's
+    """In-model time over time alone for units of `structure` (1 when no model was profiled): a conv's
     fused add, an activation ORT folds into its conv, reorders a unit alone pays, the profiler's cost."""
-    cache = table.__dict__.setdefault("_ratios", {})
-    stamp = (len(table.entries), sum(len(e.get("ctx") or {}) for e in table.entries.values()))
-    if cache.get("stamp") != stamp:
-        cache.clear()
-        cache["stamp"] = stamp
-        sums: dict[str, list[float]] = {}
-        for e in table.entries.values():
-            if e.get("ctx") and e["ms"] > 0:
-                for key in (e.get("structure", ""), "*"):
-                    both = sums.setdefault(key, [0.0, 0.0, 0])
-                    both[0] += sum(e["ctx"].values()) / len(e["ctx"])
-                    both[1] += e["ms"]
-                    both[2] += 1
-        overall = sums["*"][0] / sums["*"][1] if "*" in sums and sums["*"][1] > 0 else 1.0
-        # a structure seen in few units leans on the overall ratio: its in-model time depends on its
-        # neighbours (what ORT fuses it with), which a few units do not average out
-        cache["ratios"] = {k: (n * c / a + SHRINK * overall) / (n + SHRINK)
-                           for k, (c, a, n) in sums.items() if a > 0}
-        cache["overall"] = overall
-    return cache["ratios"].get(structure, cache["overall"])
+    d = _derived(table)
+    return d["ratios"].get(structure, d["overall"])
+
+
+def _ratios(table: Table) -> tuple[dict[str, float], float]:
+    """In-model over alone, summed over each structure's units measured both ways, and over every unit.
+    A structure seen in few units leans on the overall ratio: its in-model time depends on its
+    neighbours (what ORT fuses it with), which a few units do not average out."""
+    sums: dict[str, list[float]] = {}
+    for e in table.entries.values():
+        if e.get("ctx") and e["ms"] > 0:
+            for key in (e.get("structure", ""), "*"):
+                both = sums.setdefault(key, [0.0, 0.0, 0])
+                both[0] += sum(e["ctx"].values()) / len(e["ctx"])
+                both[1] += e["ms"]
+                both[2] += 1
+    overall = sums["*"][0] / sums["*"][1] if "*" in sums and sums["*"][1] > 0 else 1.0
+    ratios = {k: (n * c / a + SHRINK * overall) / (n + SHRINK) for k, (c, a, n) in sums.items() if a > 0}
+    return ratios, overall
 
 
 def predict(model: Model, table: Table) -> Prediction:

@@ -67,7 +67,12 @@ class Table:
     machine: dict
     libraries: dict
     fit: dict = field(default_factory=lambda: {"overhead_ms": 0.0, "per_unit_ms": 0.0, "scale": 1.0})
-    entries: dict = field(default_factory=dict)  # key -> {"ms", "macs", "moved"}
+    entries: dict = field(default_factory=dict)  # key -> {"ms", "macs", "moved", "structure", "ctx"}
+    derived: dict = field(default_factory=dict, repr=False, compare=False)  # predict's indexes of the entries
+
+    def touch(self) -> None:
+        """Forget what prediction derived from the entries: call after adding or changing some."""
+        self.derived.clear()
 
     def to_json(self) -> dict:
         return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "target": self.target, "threads": self.threads,

@@ -2,8 +2,9 @@
 into the table that `budget latency(TARGET)` reads (compiler.latency); `--check` compares its predictions
 with whole models run for real.
 
-The table is written after every few units, so an interrupted profile resumes where it stopped. Whole
-models measured alongside fit the table's overhead and scale (prediction = overhead + scale x sum).
+The table is written after every few units, so an interrupted profile resumes where it stopped. The
+whole models measured alongside give the units their in-model times (ONNX Runtime's profiler) and fit
+the table's overhead, per-unit and scale terms (compiler.latency).
 """
 from __future__ import annotations
 
@@ -53,16 +54,6 @@ def _parser():
     return p
 
 
-def _shape(text: str) -> tuple[int, ...]:
-    try:
-        shape = tuple(int(v) for v in text.lower().split("x"))
-    except ValueError:
-        shape = ()
-    if len(shape) != 3 or min(shape) < 1:
-        raise UsageError(f"--input {text}: expected CxHxW, such as 3x64x64")
-    return shape
-
-
 def _models(specs: list[str] | None, inputs: list[str], space: int = 0) -> list:
     """The models to profile: the given specs at the given inputs (and `space` configurations of their
     search spaces), or the default grid."""
@@ -70,7 +61,7 @@ def _models(specs: list[str] | None, inputs: list[str], space: int = 0) -> list:
     from compiler.space import configurations, spaces
 
     if specs:
-        shapes = [_shape(t) for t in inputs] or [None]
+        shapes = [compiler.parse_shape(t) for t in inputs] or [None]
         models = []
         for s in specs:
             for shape in shapes:
@@ -191,6 +182,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
         for model in tqdm(whole, desc="in-model times", unit="model", mininterval=0.5):
             for key, ms in attribute(model, ort_node_ms(model, table.threads, table.batch)).items():
                 table.entries[key].setdefault("ctx", {})[_label(model)] = ms
+    table.touch()  # units and in-model times added: what prediction derived from the entries is stale
     for model, ms in zip(whole, measured):
         units = latency.units(model)
         calibration[_label(model)] = {"sum_ms": sum(latency.entry_ms(u, table)[0] for u in units),
@@ -200,27 +192,20 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     return len(todo) - len(failed), len(wanted) - len(todo)
 
 
-def without_model(table: latency.Table, label: str) -> latency.Table:
-    """The table as if the model `label` had never been run whole: its in-model times left out."""
-    entries = {k: {**e, "ctx": {m: v for m, v in (e.get("ctx") or {}).items() if m != label}}
-               for k, e in table.entries.items()}
-    return latency.Table(table.path, table.target, table.threads, table.batch, table.machine, table.libraries,
-                         dict(table.fit), entries)
-
-
 def attribute(model, node_ms: dict[str, float]) -> dict[str, float]:
     """Each unit's share of the model's node times (summed over the units of the same key, divided by
     their count): a node is its unit's when its name, less ORT's `_nchwc` suffix and our `#n`, is one of
     the unit's layer paths. Reorders ORT adds between layouts stay with the fitted overhead; a unit with
     no node left (fused into another's) spends 0."""
-    owner = {path: unit for unit in latency.units(model) for path in unit.paths}
+    units = latency.units(model)
+    owner = {path: unit for unit in units for path in unit.paths}
     spent: dict[str, float] = {}
     for name, ms in node_ms.items():
         unit = owner.get(name.removesuffix("_nchwc").split("#")[0])
         if unit is not None:
             spent[unit.key] = spent.get(unit.key, 0.0) + ms
     count: dict[str, int] = {}
-    for unit in latency.units(model):
+    for unit in units:
         count[unit.key] = count.get(unit.key, 0) + 1
     # a unit without a node of its own was fused into another's (an add into its conv): 0 inside this model
     return {key: spent.get(key, 0.0) / n for key, n in count.items()}
@@ -245,6 +230,8 @@ def main(argv: list[str]) -> int:
     for name in ("threads", "batch", "samples"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name} must be at least 1, got {getattr(args, name)}")
+    if args.space < 0:
+        raise UsageError(f"--space must be 0 or more, got {args.space}")
     target = latency.canonical_target(args.target)
     path = latency.table_path(target, args.table)
     if args.check:
@@ -256,8 +243,6 @@ def main(argv: list[str]) -> int:
                   f"{r['estimated_units']} of {r['units']} |")
         return 0
     table = _open_table(path, target, args.threads, args.batch, args.fresh)
-    if args.space < 0:
-        raise UsageError(f"--space must be 0 or more, got {args.space}")
     models = _models(args.specs, args.input, args.space)
     measured, known = profile(models, table, args.samples)
     f = table.fit

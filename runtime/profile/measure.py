@@ -14,13 +14,20 @@ import numpy as np
 SAMPLE_S = 0.002
 
 
-def median_ms(call, samples: int, warmup: int = 10) -> float:
+def _runs_per_sample(call, warmup: int, *others) -> int:
+    """After `warmup` calls of `call` (and of `others`), how many back-to-back runs make a sample."""
     for _ in range(warmup):
         call()
+        for other in others:
+            other()
     start = time.perf_counter()
     call()
     once = max(time.perf_counter() - start, 1e-7)
-    k = max(1, min(1000, int(SAMPLE_S / once)))
+    return max(1, min(1000, int(SAMPLE_S / once)))
+
+
+def median_ms(call, samples: int, warmup: int = 10) -> float:
+    k = _runs_per_sample(call, warmup)
     times = []
     for _ in range(samples):
         start = time.perf_counter()
@@ -34,13 +41,7 @@ def paired_ms(call, base, samples: int, warmup: int = 10) -> tuple[float, float]
     """(median of call's sample, median of call's sample minus base's taken right before it): a unit's
     time with the empty graph's taken off, both timed at the same moments, so a slow spell of the
     machine slows both alike instead of landing on one of them."""
-    for _ in range(warmup):
-        call()
-        base()
-    start = time.perf_counter()
-    call()
-    once = max(time.perf_counter() - start, 1e-7)
-    k = max(1, min(1000, int(SAMPLE_S / once)))
+    k = _runs_per_sample(call, warmup, base)
     raw, net = [], []
     for _ in range(samples):
         start = time.perf_counter()
@@ -55,8 +56,8 @@ def paired_ms(call, base, samples: int, warmup: int = 10) -> tuple[float, float]
     return statistics.median(raw) * 1000, statistics.median(net) * 1000
 
 
-def ort_timer(model, threads: int, batch: int):
-    """call() running `model` once in ONNX Runtime, as the deployed file runs."""
+def _ort_session(model, threads: int, batch: int, profile_prefix: str | None = None):
+    """An ONNX Runtime session on nccompile's graph of `model` (zero weights) and a random input batch."""
     import onnxruntime as ort
 
     from compiler import onnxgraph
@@ -64,9 +65,17 @@ def ort_timer(model, threads: int, batch: int):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.log_severity_level = 3
+    if profile_prefix is not None:
+        opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
     session = ort.InferenceSession(onnxgraph.graph(model, "fp32").SerializeToString(), opts,
                                    providers=["CPUExecutionProvider"])
     feed = {onnxgraph.INPUT: np.random.default_rng(0).random((batch, *model.input_shape), dtype=np.float32)}
+    return session, feed
+
+
+def ort_timer(model, threads: int, batch: int):
+    """call() running `model` once in ONNX Runtime, as the deployed file runs."""
+    session, feed = _ort_session(model, threads, batch)
     return lambda: session.run(None, feed)
 
 
@@ -120,19 +129,8 @@ def ort_node_ms(model, threads: int, batch: int, runs: int = 50) -> dict[str, fl
     import os
     import tempfile
 
-    import onnxruntime as ort
-
-    from compiler import onnxgraph
-
-    opts = ort.SessionOptions()
-    opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
-    opts.log_severity_level = 3
-    opts.enable_profiling = True
     with tempfile.TemporaryDirectory() as folder:
-        opts.profile_file_prefix = os.path.join(folder, "profile")
-        session = ort.InferenceSession(onnxgraph.graph(model, "fp32").SerializeToString(), opts,
-                                       providers=["CPUExecutionProvider"])
-        feed = {onnxgraph.INPUT: np.random.default_rng(0).random((batch, *model.input_shape), dtype=np.float32)}
+        session, feed = _ort_session(model, threads, batch, profile_prefix=os.path.join(folder, "profile"))
         for _ in range(runs):
             session.run(None, feed)
         with open(session.end_profiling()) as f:

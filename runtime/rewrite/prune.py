@@ -12,6 +12,7 @@ import math
 
 import torch
 
+from compiler.analysis import predicted_latency
 from compiler.ops import PRODUCES, WEIGHTED, record
 from compiler.rewrite.channels import Spaces, analyse_channels, rewrite
 from compiler.tree import Model
@@ -145,19 +146,14 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
                    label=f"{model.name}-pruned.spec", training=module.training)
 
 
-
 def predicted_latency_ms(model: Model, target: str) -> float:
-    from compiler import latency
-
-    return latency.predict(model, latency.cached_table(target)).ms
+    return predicted_latency(model, target).ms
 
 
 def latency_costs(model: Model, spaces: Spaces, target: str, wanted) -> dict[int, float]:
     """Predicted milliseconds per channel of each `wanted` space on `target` (`cost: latency`); a space
     no unit touches costs a hundredth of the cheapest, since costs enter `choose` as logs."""
-    from compiler import latency
-
-    prediction = latency.predict(model, latency.cached_table(target))
+    prediction = predicted_latency(model, target)
     costs = spaces.per_channel([(unit.paths, ms) for unit, ms, _ in prediction.units])
     floor = min((c for c in costs.values() if c > 0), default=1.0) / 100
     return {s: max(costs.get(s, 0.0), floor) for s in wanted}

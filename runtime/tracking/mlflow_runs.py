@@ -80,7 +80,8 @@ class MLflowRun:
         tags = {"nccompile.run_dir": str(out.resolve())}
         if parent:
             tags[PARENT_TAG] = parent
-        self.run_id = self.client.create_run(experiment_id(self.client), tags=tags, run_name=out.name).info.run_id
+        self.experiment = experiment_id(self.client)  # the run's and its steps'
+        self.run_id = self.client.create_run(self.experiment, tags=tags, run_name=out.name).info.run_id
         self.step_settings: dict[str, dict] = {}
         self.children: dict[str, str] = {}  # step name -> its nested run
 
@@ -122,7 +123,7 @@ class MLflowRun:
     def _child(self, step: str) -> str:
         if step not in self.children:
             tags = {PARENT_TAG: self.run_id, "nccompile.step": step}
-            run = self.client.create_run(experiment_id(self.client), tags=tags, run_name=step)
+            run = self.client.create_run(self.experiment, tags=tags, run_name=step)
             self.children[step] = run.info.run_id
             self._params(run.info.run_id, self.step_settings.get(step, {}))
         return self.children[step]
