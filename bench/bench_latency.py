@@ -114,7 +114,7 @@ def unseen(table: latency.Table, label: str, pool: set[str]) -> latency.Table:
     others = latency.Table(table.path, table.target, table.threads, table.batch, table.machine, table.libraries,
                            dict(table.fit), entries)
     calibration = {k: table.fit["models"][k] for k in pool if k != label}
-    others.fit = {**fit(calibration), "models": calibration}
+    others.fit = {**table.fit, **fit(calibration, table.fit.get("step_ms")), "models": calibration}
     return others
 
 
@@ -139,20 +139,29 @@ def run_target(target: str, groups: dict[str, list], extra: list, samples: int, 
             out.append((_label(m), latency.predict(m, unseen(table, _label(m), pool)).ms,
                         measured[_label(m)]["measured_ms"]))
         rows[group] = out
-    table.fit.update(fit({k: measured[k] for k in pool}))  # the default grid's fit, for the pruning check
+    # the default grid's fit, for the pruning check
+    table.fit.update(fit({k: measured[k] for k in pool}, table.fit.get("step_ms")))
     save(table)
     return {"rows": rows, "fit": table.fit, "seconds": spent, "units": len(table.entries),
             "pruned": prune_to_half(target, samples)}
 
 
 def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, float]]:
-    """The student at 64 and 256 pruned (global, l1, `cost: latency`) to half its predicted latency, without
-    fine-tuning (the time does not depend on the weights): (model, goal, predicted after, measured after)."""
+    """The student at 64 and 256 pruned (global, l1, `cost: latency`, the prune step's default round_to) to
+    half its predicted latency, without fine-tuning (the time does not depend on the weights): (model, goal,
+    predicted after, measured after)."""
     import dataclasses
 
     from compiler.rewrite.channels import analyse_channels, rewrite
     from runtime.profile.measure import whole_models_ms
-    from runtime.rewrite.prune import choose, importance, latency_costs, predicted_latency_ms, shrink_to
+    from runtime.rewrite.prune import (
+        channel_multiple,
+        choose,
+        importance,
+        latency_costs,
+        predicted_latency_ms,
+        shrink_to,
+    )
 
     out = []
     for size in (64, 256):
@@ -162,9 +171,10 @@ def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, fl
         scores = importance(module, spaces, "l1")
         costs = latency_costs(model, spaces, target, scores)
         goal = predicted_latency_ms(model, target) / 2
-        rate = shrink_to(model, module, scores, "global", "latency", goal, latency_target=target, costs=costs,
-                         cost_power=0.5)
-        kept = choose(scores, rate, "global", costs=costs, cost_power=0.5)
+        multiple = channel_multiple(None, target, True)  # the prune step's default
+        rate = shrink_to(model, module, scores, "global", "latency", goal, 1, multiple, latency_target=target,
+                         costs=costs, cost_power=0.5)
+        kept = choose(scores, rate, "global", 1, multiple, costs=costs, cost_power=0.5)
         pruned = dataclasses.replace(model, root=rewrite(model.root, spaces, {s: len(i) for s, i in kept.items()}))
         (measured,) = whole_models_ms([pruned], target, 1, 1, samples)
         out.append((f"student@{size}", goal, predicted_latency_ms(pruned, target), measured))

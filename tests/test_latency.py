@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 
@@ -103,7 +104,8 @@ def test_without_a_table_a_latency_budget_says_how_to_make_one(tmp_path, tables,
 def test_prediction_is_overhead_plus_scale_times_the_units_and_the_budget_uses_it(tmp_path, tables, capsys):
     spec = _tiny(tmp_path, "50ms")
     model = compiler.compile_spec(spec)
-    _table(tmp_path, model, lambda u: 0.001 * (1 + u.macs / 1e4), fit={"overhead_ms": 0.02, "scale": 0.9})
+    _table(tmp_path, model, lambda u: 0.001 * (1 + u.macs / 1e4),
+           fit={"overhead_ms": 0.015, "overhead_ms_per_input": 0.005 / math.prod(model.input_shape), "scale": 0.9})
     expected = 0.02 + 0.9 * sum(0.001 * (1 + u.macs / 1e4) for u in latency.units(model))
     assert main([str(spec), "--json"]) == 0
     report = json.loads(capsys.readouterr().out)
@@ -152,18 +154,27 @@ def test_a_table_from_another_machine_or_library_version_is_refused(tmp_path):
             latency.load_table("ort-fp32", table.path)
 
 
-def test_the_fit_recovers_overhead_and_scale_and_keeps_overhead_non_negative():
+def test_the_fit_takes_the_overhead_from_the_empty_models_and_recovers_per_unit_and_scale():
     from runtime.profile import fit
 
-    points = {str(s): {"sum_ms": s, "measured_ms": 0.05 + 0.8 * s} for s in (0.1, 0.5, 2.0, 7.0)}
-    f = fit(points)
-    assert f["overhead_ms"] == pytest.approx(0.05) and f["scale"] == pytest.approx(0.8)
-    points = {str(s): {"sum_ms": s, "units": n, "measured_ms": 0.05 - 0.001 * n + 0.8 * s}
-              for s, n in ((0.1, 5), (0.5, 30), (2.0, 12), (7.0, 80), (0.3, 9))}
-    f = fit(points)
-    assert (f["overhead_ms"], f["per_unit_ms"], f["scale"]) == pytest.approx((0.05, -0.001, 0.8))
-    f = fit({str(s): {"sum_ms": s, "measured_ms": 1.2 * s - 0.01} for s in (0.1, 1.0)})
-    assert f["overhead_ms"] == 0.0 and f["scale"] > 0
+    def point(s, n, inputs):  # a model: 0.01 ms + 2 ns per input element, 1 us per unit, 0.8 x its units
+        empty = 0.01 + 2e-6 * inputs
+        return {"sum_ms": s, "units": n, "inputs": inputs, "empty_ms": empty,
+                "measured_ms": empty + 0.001 * n + 0.8 * s}
+
+    f = fit({str(i): point(s, n, inputs) for i, (s, n, inputs) in
+             enumerate([(0.1, 5, 3072), (0.5, 30, 12288), (2.0, 12, 150528), (7.0, 80, 150528), (0.3, 9, 3072)])})
+    assert (f["overhead_ms"], f["overhead_ms_per_input"]) == pytest.approx((0.01, 2e-6))
+    assert (f["per_unit_ms"], f["scale"]) == pytest.approx((0.001, 0.8))
+    # a measured per-unit term (ORT's step between kernels) is taken as it is; the scale is fitted
+    f = fit({str(i): point(s, n, 3072) for i, (s, n) in enumerate([(0.1, 5), (0.5, 30), (2.0, 12)])}, 0.001)
+    assert (f["per_unit_ms"], f["scale"]) == pytest.approx((0.001, 0.8))
+    # one input size: the overhead is its empty model's time
+    f = fit({str(s): point(s, 4, 3072) for s in (0.1, 1.0)})
+    assert f["overhead_ms"] == pytest.approx(0.01 + 2e-6 * 3072) and f["overhead_ms_per_input"] == 0.0
+    # the overhead and its slope never go negative
+    f = fit({"a": {**point(1.0, 4, 100), "empty_ms": 0.02}, "b": {**point(1.0, 4, 1000), "empty_ms": 0.01}})
+    assert f["overhead_ms"] >= 0 and f["overhead_ms_per_input"] >= 0 and f["scale"] > 0
 
 
 @pytest.mark.slow  # profiles for real (two subprocesses each)
@@ -180,7 +191,13 @@ def test_profile_measures_each_unit_once_resumes_and_checks_its_prediction(tmp_p
     table = latency.load_table(target)
     assert set(table.entries) == keys and all(e["ms"] >= 0 for e in table.entries.values())
     assert f"{len(keys)} units measured, 0 already in the table" in first.stdout
-    assert table.fit["models"]["tiny@3x16x16"]["measured_ms"] > 0
+    calibration = table.fit["models"]["tiny@3x16x16"]
+    assert calibration["measured_ms"] > calibration["empty_ms"] > 0  # the empty model is the overhead
+    assert table.fit["overhead_ms"] == pytest.approx(calibration["empty_ms"])  # one input size measured
+    if target.startswith("ort"):  # what pruning to its latency rounds channels to
+        assert table.fit["channel_block"] in (8, 16)
+    else:
+        assert "channel_block" not in table.fit
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # resumes: nothing to measure
     assert f"0 units measured, {len(keys)} already in the table" in again.stdout
     check = subprocess.run([*argv[:4], "--target", target, "--check", str(tmp_path / "t.spec"), "--samples", "3"],
@@ -242,6 +259,24 @@ def test_pruning_to_half_the_predicted_latency_lands_at_it(tmp_path, tables):
     kept = choose(scores, rate, "global", costs=costs, cost_power=0.5)
     pruned = dataclasses.replace(model, root=rewrite(model.root, spaces, {s: len(i) for s, i in kept.items()}))
     assert now / 2 * 0.9 <= predicted_latency_ms(pruned, "ort-fp32") <= now / 2
+
+
+def test_pruning_to_a_latency_on_ort_rounds_to_the_tables_channel_block_unless_told(tmp_path, tables):
+    from runtime.rewrite.prune import channel_multiple
+
+    model = compiler.compile_spec(_tiny(tmp_path))
+    table = _table(tmp_path, model, lambda u: 0.01, fit={"overhead_ms": 0.0, "scale": 1.0, "channel_block": 16})
+    assert channel_multiple(None, "ort-fp32", True) == 16
+    assert channel_multiple(None, "ort-weights", True) == 16  # the same kernels, the same table
+    assert channel_multiple(None, "ort-fp32", False) == 1  # pruning to params or MACs: no layout to honour
+    assert channel_multiple(3, "ort-fp32", True) == 3  # round_to as given
+    assert channel_multiple(None, "torch-fp32", True) == 1  # PyTorch has no blocked layout: no table read
+    raw = json.loads(table.path.read_text())
+    del raw["fit"]["channel_block"]  # a table without it (profiled on a CPU with no blocked layout)
+    stamp = table.path.stat().st_mtime_ns
+    table.path.write_text(json.dumps(raw))
+    os.utime(table.path, ns=(stamp + 10**9, stamp + 10**9))  # a new version, however coarse the clock
+    assert channel_multiple(None, "ort-fp32", True) == 1
 
 
 @pytest.mark.slow  # a real (small) study
@@ -312,9 +347,26 @@ def test_ort_profiles_map_back_to_units_and_in_model_times_correct_the_rest(tmp_
     assert sum(spent.values()) == pytest.approx(owned)
     conv = next(u for u in latency.units(model) if u.text.startswith("conv"))
     assert spent[conv.key] > 0
-    # a unit measured inside a model counts its in-model time; others of its structure take the ratio
+    # a unit measured inside a model counts its mean in-model time; others their time alone
     table = _table(tmp_path, model, lambda u: 0.01)
     table.entries[conv.key]["ctx"] = {"m@1": 0.02, "m@2": 0.04}
-    assert latency.in_context(table.entries[conv.key], table) == pytest.approx(0.03)
+    assert latency.in_context(table.entries[conv.key]) == pytest.approx(0.03)
     other = next(k for k, e in table.entries.items() if k != conv.key)
-    assert latency.in_context(table.entries[other], table) == pytest.approx(0.01 * 3.0)  # the only ratio: 3x
+    assert latency.in_context(table.entries[other]) == pytest.approx(0.01)
+
+
+def test_ort_unit_times_are_net_of_the_profilers_floor_and_of_reorders():
+    """A chain of layers that do no work reports about nothing once the profiler's floor is off; a conv
+    alone pays reorders into and out of ORT's blocked layout, which its kernel time leaves out."""
+    from runtime.profile.measure import REORDERS, ort_kernel_ms, ort_node_ms, profiler_floor_ms
+
+    first, other = profiler_floor_ms(1, 1)
+    assert 0 < other <= first < 0.05  # a few microseconds
+    idle = compiler.compile_source("model idle {\n    input 1x1x1\n    relu relu relu relu\n}\n", "idle")
+    assert abs(sum(ort_node_ms(idle, 1, 1, runs=200).values())) < 0.002
+    unit = compiler.compile_source("model unit {\n    input 16x32x32\n    conv(16, kernel=3) bn relu\n}\n", "u")
+    nodes = ort_node_ms(unit, 1, 1)
+    reorders = sum(ms for name, ms in nodes.items() if name.startswith(REORDERS))
+    assert reorders > 0, sorted(nodes)  # 16 channels: ORT's blocked layout, entered and left
+    kernel = ort_kernel_ms(unit, 1, 1)
+    assert 0 < kernel < sum(nodes.values())

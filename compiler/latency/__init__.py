@@ -4,11 +4,12 @@
 A unit is what a runtime runs as one piece: a conv or linear with the BatchNorm and activation that
 follow it (ONNX Runtime fuses them into one kernel), a pool, a residual's add, a join. Its key is its
 layers as DSL text at its input shape, so the profiler compiles each unit as a one-unit spec and times
-it. On ONNX Runtime the profiler also runs the whole models it measures under ORT's own profiler and
-gives each unit its time inside them (node names are layer paths, so fused kernels map back to units):
-a unit's entry is its in-model time where known, else its time alone times its structure's in-model /
-alone ratio. Prediction = overhead + per_unit x units + scale x (sum of the units' entries); the three
-are fitted by the profiler on the whole models (session overhead, the profiler's own cost per node).
+it. On ONNX Runtime a unit's time is its kernels' time under ORT's profiler, net of the profiler's own
+floor and of the layout reorders a unit alone pays; the whole models the profiler measures also run
+under it and give each unit its time inside them (node names are layer paths, so fused kernels map back
+to units), which is the unit's entry where known. Prediction = overhead + per_unit x units + scale x
+(sum of the units' entries): the overhead is the empty model's measured time (a constant plus a cost per
+input element), per_unit and scale are fitted by the profiler on the whole models.
 
 A unit the table lacks takes the nearest measured unit of the same structure (the key with every
 number masked) by MACs and bytes moved, moved along that structure's cost per MAC and per element moved
@@ -18,7 +19,7 @@ profile the spec.
 """
 from __future__ import annotations
 
-from .predict import Prediction, context_ratio, entry_ms, in_context, predict
+from .predict import Prediction, entry_ms, in_context, overhead_ms, predict
 from .predict import _slopes as _slopes  # tests check the fitted slopes
 from .tables import (
     ALIASES,
@@ -35,5 +36,5 @@ from .tables import (
 from .units import Unit, baseline_spec, units
 
 __all__ = ["ALIASES", "TARGETS", "LatencyError", "Prediction", "Table", "Unit", "baseline_spec", "cached_table",
-           "canonical_target", "context_ratio", "entry_ms", "in_context", "library_version", "load_table",
-           "machine", "predict", "table_path", "units"]
+           "canonical_target", "entry_ms", "in_context", "library_version", "load_table", "machine",
+           "overhead_ms", "predict", "table_path", "units"]

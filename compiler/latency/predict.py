@@ -1,5 +1,5 @@
-"""A model's latency from a table: each unit's entry (measured, or from its nearest), in-model
-corrections, and the fitted overhead, per-unit and scale terms."""
+"""A model's latency from a table: each unit's entry (its in-model time, its time alone, or its nearest
+unit's moved along fitted slopes), the measured overhead, and the fitted per-unit and scale terms."""
 from __future__ import annotations
 
 import math
@@ -9,8 +9,6 @@ from ..ops import fmt_shape
 from ..tree import Model
 from .tables import LatencyError, Table
 from .units import Unit, units
-
-SHRINK = 50  # units of prior weight on the overall in-model / alone ratio (context_ratio; bench_latency)
 
 
 @dataclass
@@ -39,13 +37,12 @@ class Prediction:
 
 def _derived(table: Table) -> dict:
     """What prediction reads from the entries again and again, indexed once per table (Table.touch()
-    forgets it): the entries by structure, their in-model ratios, and fitted slopes as asked for."""
+    forgets it): the entries by structure, and fitted slopes as asked for."""
     d = table.derived
     if not d:
         d["by_structure"] = by_structure = {}
         for key, e in table.entries.items():
             by_structure.setdefault(e.get("structure", ""), []).append((key, e))
-        d["ratios"], d["overall"] = _ratios(table)
         d["slopes"] = {}
     return d
 
@@ -98,7 +95,7 @@ def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
     ratio of MACs, or of bytes moved for units without MACs)."""
     hit = table.entries.get(unit.key)
     if hit is not None:
-        return in_context(hit, table), "measured"
+        return in_context(hit), "measured"
     structure = unit.structure
     best, best_distance = None, math.inf
     for key, e in _derived(table)["by_structure"].get(structure, []):
@@ -118,40 +115,21 @@ def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
     else:
         alone = float(e["ms"]) * (unit.macs / e["macs"] if unit.macs and e["macs"]
                                   else (unit.moved + 1) / (e["moved"] + 1))
-    return alone * context_ratio(table, structure), f"nearest {key}"
+    return alone, f"nearest {key}"
 
 
-def in_context(entry: dict, table: Table) -> float:
-    """A measured unit's time inside models: its own in-model time where a profiled model had it, else
-    its time alone times its structure's in-model / alone ratio."""
+def in_context(entry: dict) -> float:
+    """A measured unit's time inside models: its mean in-model time where profiled models had it (ORT's
+    profiler), else its time alone (on ORT the same kernels' time, net of the reorders a unit alone pays)."""
     ctx = entry.get("ctx") or {}
-    if ctx:
-        return sum(ctx.values()) / len(ctx)
-    return float(entry["ms"]) * context_ratio(table, entry.get("structure", ""))
+    return sum(ctx.values()) / len(ctx) if ctx else float(entry["ms"])
 
 
-def context_ratio(table: Table, structure: str) -> float:
-    """In-model time over time alone for units of `structure` (1 when no model was profiled): a conv's
-    fused add, an activation ORT folds into its conv, reorders a unit alone pays, the profiler's cost."""
-    d = _derived(table)
-    return d["ratios"].get(structure, d["overall"])
-
-
-def _ratios(table: Table) -> tuple[dict[str, float], float]:
-    """In-model over alone, summed over each structure's units measured both ways, and over every unit.
-    A structure seen in few units leans on the overall ratio: its in-model time depends on its
-    neighbours (what ORT fuses it with), which a few units do not average out."""
-    sums: dict[str, list[float]] = {}
-    for e in table.entries.values():
-        if e.get("ctx") and e["ms"] > 0:
-            for key in (e.get("structure", ""), "*"):
-                both = sums.setdefault(key, [0.0, 0.0, 0])
-                both[0] += sum(e["ctx"].values()) / len(e["ctx"])
-                both[1] += e["ms"]
-                both[2] += 1
-    overall = sums["*"][0] / sums["*"][1] if "*" in sums and sums["*"][1] > 0 else 1.0
-    ratios = {k: (n * c / a + SHRINK * overall) / (n + SHRINK) for k, (c, a, n) in sums.items() if a > 0}
-    return ratios, overall
+def overhead_ms(table: Table, in_shape: tuple) -> float:
+    """What a run costs beyond its units: the empty model's time, measured by the profiler at the whole
+    models' input sizes and fitted as a constant plus a cost per input element (feeding the input)."""
+    f = table.fit
+    return f["overhead_ms"] + f.get("overhead_ms_per_input", 0.0) * math.prod(in_shape)
 
 
 def predict(model: Model, table: Table) -> Prediction:
@@ -163,5 +141,5 @@ def predict(model: Model, table: Table) -> Prediction:
     per_unit = f.get("per_unit_ms", 0.0) * len(rows)
     raw = f["scale"] * sum(ms for _, ms, _ in rows)
     # a negative per-unit correction never takes more than half of what the units measured
-    total = f["overhead_ms"] + max(raw + per_unit, raw / 2)
+    total = overhead_ms(table, model.input_shape) + max(raw + per_unit, raw / 2)
     return Prediction(total, rows, table)

@@ -12,7 +12,7 @@ from ..errors import NcError
 
 TARGETS = {"ort-fp32": "onnxruntime", "torch-fp32": "torch"}  # target -> the library whose version counts
 ALIASES = {"ort-weights": "ort-fp32"}  # the `weights` export runs on the float graph's kernels after folding
-TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 1
+TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 2  # 2: ORT units are profiler kernel times
 
 
 class LatencyError(NcError):

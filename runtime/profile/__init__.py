@@ -21,6 +21,8 @@ SAVE_EVERY_S = 5.0
 WHOLE_ROUNDS = 3  # whole models: the fastest of this many medians, the models taking turns
 UNIT_PASSES = 2   # units: the faster of two medians, a pass over every unit apart (a shared machine's slow
 # spells last seconds and slow 20% and more of what they catch)
+IN_MODEL_PASSES = 2  # ORT's profiler over each whole model: the lower of this many
+STEP_CHAINS = (9, 18)  # ReLU chains timed whole: their difference is what a model pays per unit (KERNEL_TIMES)
 SHIPPED = ("specs/student.spec", "specs/student_se.spec", "specs/student_4bit.spec", "specs/origin.spec",
            "specs/teacher.spec")
 STUDENT_SIZES = (32, 64, 256)
@@ -84,6 +86,12 @@ def _models(specs: list[str] | None, inputs: list[str], space: int = 0) -> list:
     return models
 
 
+def _inputs(model) -> int:
+    import math
+
+    return math.prod(model.input_shape)
+
+
 def _label(model) -> str:
     return f"{model.name}@{'x'.join(map(str, model.input_shape))}"
 
@@ -112,25 +120,44 @@ def save(table: latency.Table) -> None:
     atomic_write(table.path, (json.dumps(table.to_json(), indent=1, sort_keys=True) + "\n").encode())
 
 
-def fit(calibration: dict) -> dict:
-    """overhead + per_unit x units + scale x sum, least squares on the relative error over the whole models
-    measured. `per_unit` is what a unit costs inside a model beyond its time alone (negative: a unit timed
-    alone pays layout changes a model pays once); overhead is kept >= 0."""
+def fit(calibration: dict, per_unit: float | None = None) -> dict:
+    """The prediction's terms from the whole models measured (each {sum_ms, units, measured_ms, empty_ms,
+    inputs}): the overhead is the empty model's time, least squares over the input sizes measured as a
+    constant plus a cost per input element (both >= 0); then measured - overhead = per_unit x units +
+    scale x sum, least squares on the relative error. `per_unit`, what a model pays per unit beyond the
+    units' entries, is fitted unless measured (the runtime's step between kernels, for kernel times)."""
     import numpy as np
 
-    points = [(c["sum_ms"], c.get("units", 0), c["measured_ms"]) for c in calibration.values() if c["sum_ms"] > 0]
+    empties = {c["inputs"]: c["empty_ms"] for c in calibration.values() if "empty_ms" in c}
+    a, b = _overhead(empties)
+    terms = {"overhead_ms": a, "overhead_ms_per_input": b, "per_unit_ms": per_unit or 0.0}
+    points = [(c["sum_ms"], c.get("units", 0), c["measured_ms"] - a - b * c.get("inputs", 0))
+              for c in calibration.values() if c["sum_ms"] > 0]
+    if per_unit is not None:
+        points = [(s, 0, m - per_unit * n) for s, n, m in points]
+    points = [p for p in points if p[2] > 0]
     if not points:
-        return {"overhead_ms": 0.0, "per_unit_ms": 0.0, "scale": 1.0}
+        return {**terms, "scale": 1.0}
     s, n, m = (np.array(v, dtype=float) for v in zip(*points))
-    for columns in (("overhead_ms", "per_unit_ms", "scale"), ("overhead_ms", "scale"), ("scale",)):
-        if len(points) < len(columns):
-            continue
-        x = np.stack([{"overhead_ms": np.ones_like(s), "per_unit_ms": n, "scale": s}[c] for c in columns], 1)
-        coef = np.linalg.lstsq(x / m[:, None], np.ones_like(m), rcond=None)[0]
-        found = dict(zip(columns, map(float, coef)))
-        if found.get("overhead_ms", 0.0) >= 0 and found["scale"] > 0:
-            return {"overhead_ms": 0.0, "per_unit_ms": 0.0, **found}
-    return {"overhead_ms": 0.0, "per_unit_ms": 0.0, "scale": float(np.sum(s / m) / np.sum((s / m) ** 2))}
+    if per_unit is None and len(points) >= 2:
+        fitted, scale = np.linalg.lstsq(np.stack([n, s], 1) / m[:, None], np.ones_like(m), rcond=None)[0]
+        if scale > 0:
+            return {**terms, "per_unit_ms": float(fitted), "scale": float(scale)}
+    return {**terms, "scale": float(np.sum(s / m) / np.sum((s / m) ** 2))}
+
+
+def _overhead(empties: dict[int, float]) -> tuple[float, float]:
+    """(constant, per input element) through the empty models' times, both kept >= 0."""
+    import numpy as np
+
+    if not empties:
+        return 0.0, 0.0
+    x, y = (np.array(v, dtype=float) for v in zip(*sorted(empties.items())))
+    if len(x) >= 2:
+        a, b = np.linalg.lstsq(np.stack([np.ones_like(x), x], 1), y, rcond=None)[0]
+        if a >= 0 and b >= 0:
+            return float(a), float(b)
+    return float(np.median(y)), 0.0
 
 
 def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]:
@@ -141,7 +168,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
 
     import compiler
 
-    from .measure import ort_node_ms, unit_ms, whole_models_ms
+    from .measure import KERNEL_TIMES, ort_channel_block, unit_ms
 
     wanted: dict[str, latency.Unit] = {}
     for model in models:
@@ -159,15 +186,13 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
             if unit.in_shape not in empties:
                 empties[unit.in_shape] = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
             model = compiler.compile_source(unit.spec(), "unit")
-            ms, net = unit_ms(model, empties[unit.in_shape], table.target, table.threads, table.batch, samples)
+            timed = unit_ms(model, empties[unit.in_shape], table.target, table.threads, table.batch, samples)
         except NcError as err:
             failed[unit.key] = str(err).splitlines()[0]
             continue
-        net = max(0.0, net)
         old = table.entries.get(unit.key) if p else None
-        if old is None or net < old["ms"]:
-            table.entries[unit.key] = {"ms": net, "run_ms": ms, "macs": unit.macs, "moved": unit.moved,
-                                       "structure": unit.structure}
+        if old is None or timed["ms"] < old["ms"]:
+            table.entries[unit.key] = {**timed, "macs": unit.macs, "moved": unit.moved, "structure": unit.structure}
         if time.monotonic() - saved > SAVE_EVERY_S:
             save(table)
             saved = time.monotonic()
@@ -175,21 +200,62 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
         print(f"profile: {key.split(' @ ')[0][:60]}: cannot run on {table.target} ({why}); left out")
     calibration = table.fit.setdefault("models", {})
     whole = list({_label(m): m for m in models if not any(u.key in failed for u in latency.units(m))}.values())
-    with tqdm(total=WHOLE_ROUNDS * len(whole), desc="whole models", unit="run", mininterval=0.5) as bar:
-        measured = whole_models_ms(whole, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS,
-                                   progress=bar.update)
-    if table.target == "ort-fp32":  # each unit's time inside the models, from ORT's profiler
-        for model in tqdm(whole, desc="in-model times", unit="model", mininterval=0.5):
-            for key, ms in attribute(model, ort_node_ms(model, table.threads, table.batch)).items():
-                table.entries[key].setdefault("ctx", {})[_label(model)] = ms
+    measured, empty_ms, step = _whole_models(whole, table, samples)
+    if step is not None:
+        table.fit["step_ms"] = step  # measured: the fit takes it as the per-unit term
+    if table.target in KERNEL_TIMES:
+        table.fit["channel_block"] = ort_channel_block()  # pruning to a latency rounds to it
+        _in_model_times(whole, table)
     table.touch()  # units and in-model times added: what prediction derived from the entries is stale
     for model, ms in zip(whole, measured):
         units = latency.units(model)
         calibration[_label(model)] = {"sum_ms": sum(latency.entry_ms(u, table)[0] for u in units),
-                                      "units": len(units), "measured_ms": ms}
-    table.fit.update(fit(calibration))
+                                      "units": len(units), "measured_ms": ms,
+                                      "empty_ms": empty_ms[model.input_shape], "inputs": _inputs(model)}
+    table.fit.update(fit(calibration, table.fit.get("step_ms")))
     save(table)
     return len(todo) - len(failed), len(wanted) - len(todo)
+
+
+def _whole_models(whole: list, table: latency.Table, samples: int) -> tuple[list[float], dict, float | None]:
+    """(each model's time, the empty model's time at each input shape, and on targets whose units are
+    kernel times, what a model pays per unit beyond them: a chain of 18 ReLUs on one value less a chain
+    of 9, per ReLU), all timed together, the models taking turns."""
+    from tqdm import tqdm
+
+    import compiler
+
+    from .measure import KERNEL_TIMES, whole_models_ms
+
+    shapes = list(dict.fromkeys(m.input_shape for m in whole))
+    extra = [compiler.compile_source(latency.baseline_spec(s), "empty") for s in shapes]
+    if table.target in KERNEL_TIMES:
+        extra += [compiler.compile_source(f"model chain {{\n    input 1x1x1\n    {'relu ' * n}\n}}\n", "chain")
+                  for n in STEP_CHAINS]
+    with tqdm(total=WHOLE_ROUNDS * (len(whole) + len(extra)), desc="whole models", unit="run",
+              mininterval=0.5) as bar:
+        measured = whole_models_ms(whole + extra, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS,
+                                   progress=bar.update)
+    empty_ms = dict(zip(shapes, measured[len(whole):len(whole) + len(shapes)]))
+    step = None
+    if table.target in KERNEL_TIMES:
+        short, long = measured[-2:]
+        step = max(0.0, (long - short) / (STEP_CHAINS[1] - STEP_CHAINS[0]))
+    return measured[:len(whole)], empty_ms, step
+
+
+def _in_model_times(whole: list, table: latency.Table) -> None:
+    """Each unit's time inside each model, from ORT's profiler: the lower of two passes over the models
+    (a slow spell of a shared machine slows every node of the model it catches)."""
+    from tqdm import tqdm
+
+    from .measure import ort_node_ms
+
+    for p in tqdm(range(IN_MODEL_PASSES * len(whole)), desc="in-model times", unit="model", mininterval=0.5):
+        model = whole[p % len(whole)]
+        for key, ms in attribute(model, ort_node_ms(model, table.threads, table.batch)).items():
+            ctx = table.entries[key].setdefault("ctx", {})
+            ctx[_label(model)] = ms if p < len(whole) else min(ms, ctx[_label(model)])
 
 
 def attribute(model, node_ms: dict[str, float]) -> dict[str, float]:
@@ -246,8 +312,8 @@ def main(argv: list[str]) -> int:
     models = _models(args.specs, args.input, args.space)
     measured, known = profile(models, table, args.samples)
     f = table.fit
-    print(f"profile: {measured:,} units measured, {known:,} already in the table; {len(f['models'])} whole "
-          f"models fit overhead {f['overhead_ms']:.4f} ms + {f['per_unit_ms']:+.5f} ms per unit + {f['scale']:.3f} x "
-          "sum of units")
+    print(f"profile: {measured:,} units measured, {known:,} already in the table; overhead (the empty model) "
+          f"{f['overhead_ms']:.4f} ms + {1e6 * f['overhead_ms_per_input']:.3f} ns per input element; "
+          f"{len(f['models'])} whole models fit {f['per_unit_ms']:+.5f} ms per unit + {f['scale']:.3f} x sum of units")
     print(f"table: {table.describe()}")
     return 0

@@ -96,15 +96,23 @@ def torch_timer(model, threads: int, batch: int):
 
 
 TIMERS = {"ort-fp32": ort_timer, "torch-fp32": torch_timer}
+# targets whose unit entries are kernel times (the profiler's), without the runtime's step from one node to
+# the next, which the profiler then measures apart; a PyTorch unit's time carries its module calls
+KERNEL_TIMES = {"ort-fp32"}
 
 
 def latency_ms(model, target: str, threads: int = 1, batch: int = 1, samples: int = 15) -> float:
     return median_ms(TIMERS[target](model, threads, batch), samples)
 
 
-def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples: int = 15) -> tuple[float, float]:
-    """(the one-unit model's time, its time less the empty model's), paired (paired_ms)."""
-    return paired_ms(TIMERS[target](model, threads, batch), TIMERS[target](empty, threads, batch), samples)
+def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples: int = 15) -> dict:
+    """A one-unit model's time as a table entry's fields: `ms`, what the unit costs inside a model.
+    ONNX Runtime: its kernels' time from the profiler (ort_kernel_ms). PyTorch: its time less the empty
+    model's, paired (paired_ms), and `run_ms`, its time with the call."""
+    if target == "ort-fp32":
+        return {"ms": ort_kernel_ms(model, threads, batch)}
+    raw, net = paired_ms(TIMERS[target](model, threads, batch), TIMERS[target](empty, threads, batch), samples)
+    return {"ms": max(0.0, net), "run_ms": raw}
 
 
 def whole_models_ms(models: list, target: str, threads: int, batch: int, samples: int, rounds: int = 3,
@@ -121,16 +129,27 @@ def whole_models_ms(models: list, target: str, threads: int, batch: int, samples
     return best
 
 
-def ort_node_ms(model, threads: int, batch: int, runs: int = 50) -> dict[str, float]:
-    """Each node's mean kernel time (ms) inside the whole model, from ONNX Runtime's profiler, after the
-    first fifth of the runs. Node names are the graph's after ORT's fusions: ours (layer paths), with
-    `_nchwc` for the blocked-layout kernels, and ORT's own for the reorders it adds."""
+PROFILE_S = 0.04  # ORT's profiler: run a model this long (20 to 400 runs) for its node times
+REORDERS = ("ReorderInput", "ReorderOutput")  # ORT's own nodes into and out of its blocked (NCHWc) layout
+
+
+def _profiled(model, threads: int, batch: int, runs: int | None) -> tuple[list[str], dict[str, float]]:
+    """(node names in execution order, each node's profiled duration in ms): the mean of the middle 80%
+    of the runs after a warm-up (ORT's durations are whole microseconds, so a median would round)."""
     import json
     import os
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
         session, feed = _ort_session(model, threads, batch, profile_prefix=os.path.join(folder, "profile"))
+        warmup = 3
+        for _ in range(warmup):
+            session.run(None, feed)
+        if runs is None:
+            start = time.perf_counter()
+            session.run(None, feed)
+            warmup += 1
+            runs = max(20, min(400, int(PROFILE_S / max(time.perf_counter() - start, 1e-7))))
         for _ in range(runs):
             session.run(None, feed)
         with open(session.end_profiling()) as f:
@@ -139,4 +158,55 @@ def ort_node_ms(model, threads: int, batch: int, runs: int = 50) -> dict[str, fl
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             times.setdefault(e["name"][:-len("_kernel_time")], []).append(e["dur"])
-    return {name: statistics.fmean(d[len(d) // 5:]) / 1000 for name, d in times.items()}
+    out = {}
+    for name, durations in times.items():
+        kept = sorted(durations[warmup:] or durations)
+        cut = len(kept) // 10
+        out[name] = statistics.fmean(kept[cut:len(kept) - cut]) / 1000
+    return list(times), out
+
+
+_FLOORS: dict[tuple, tuple[float, float]] = {}
+
+
+def profiler_floor_ms(threads: int, batch: int) -> tuple[float, float]:
+    """What ORT's profiler reports for a node that does no work: (the run's first node, any other).
+    Its timestamps and whole-microsecond durations put a few microseconds on every node, more than a
+    small layer's work, so node times are taken net of it. Measured on a chain of ReLUs on one value."""
+    if (threads, batch) not in _FLOORS:
+        import compiler
+
+        chain = compiler.compile_source("model floor {\n    input 1x1x1\n    " + "relu " * 9 + "\n}\n", "floor")
+        order, ms = _profiled(chain, threads, batch, runs=400)
+        _FLOORS[threads, batch] = (ms[order[0]], statistics.fmean(ms[n] for n in order[1:]))
+    return _FLOORS[threads, batch]
+
+
+def ort_node_ms(model, threads: int, batch: int, runs: int | None = None) -> dict[str, float]:
+    """Each node's kernel time (ms) inside the model from ONNX Runtime's profiler, net of the profiler's
+    own floor (profiler_floor_ms). Node names are the graph's after ORT's fusions: ours (layer paths),
+    with `_nchwc` for the blocked-layout kernels, and ORT's own for the reorders it adds (REORDERS,
+    `_token_N` after)."""
+    first, other = profiler_floor_ms(threads, batch)
+    order, ms = _profiled(model, threads, batch, runs)
+    return {name: ms[name] - (first if i == 0 else other) for i, name in enumerate(order)}
+
+
+def ort_kernel_ms(model, threads: int, batch: int) -> float:
+    """A one-unit model's own kernel time in ONNX Runtime: its nodes' net times from the profiler, less
+    the reorders into and out of the blocked layout that a unit alone pays and a model pays once per run
+    of blocked layers, and less the session's call, which a model pays once."""
+    return max(0.0, sum(ms for name, ms in ort_node_ms(model, threads, batch).items()
+                        if not name.startswith(REORDERS)))
+
+
+def ort_channel_block() -> int:
+    """The channel block of ONNX Runtime's blocked (NCHWc) layout on this CPU: 16 with AVX-512, else 8
+    (MLAS's NCHWc block). Convs on a multiple of 4 channels run blocked, padded up to the block; the
+    table's units are mostly whole blocks, so pruning rounds to it (a bench_latency finding)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = next((line for line in f if line.startswith("flags")), "")
+    except OSError:
+        flags = ""
+    return 16 if " avx512f" in flags else 8

@@ -146,6 +146,19 @@ def prune_model(model: Model, module: torch.nn.Module, kept: dict[int, torch.Ten
                    label=f"{model.name}-pruned.spec", training=module.training)
 
 
+def channel_multiple(round_to: int | None, latency_target: str, to_latency: bool) -> int:
+    """Kept channel counts' multiple: `round_to` where given; else, pruning to a latency on ONNX Runtime,
+    the channel block its table measured (its blocked layout runs only multiples of it; other widths run
+    in plain layout, several times slower, where the table has no units to predict them from); else 1."""
+    if round_to:
+        return round_to
+    if to_latency and latency_target.startswith("ort"):
+        from compiler import latency
+
+        return int(latency.cached_table(latency.canonical_target(latency_target)).fit.get("channel_block", 1))
+    return 1
+
+
 def predicted_latency_ms(model: Model, target: str) -> float:
     return predicted_latency(model, target).ms
 

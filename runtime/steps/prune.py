@@ -14,7 +14,15 @@ from compiler.rewrite.channels import analyse_channels
 
 from ..deploy.latency import latency_ms
 from ..files import atomic_write
-from ..rewrite.prune import choose, importance, latency_costs, predicted_latency_ms, prune_model, shrink_to
+from ..rewrite.prune import (
+    channel_multiple,
+    choose,
+    importance,
+    latency_costs,
+    predicted_latency_ms,
+    prune_model,
+    shrink_to,
+)
 from ..rundir import digest
 from .base import StepConfig, StepKind, StepResult, register
 from .finetune import Finetune, finetune, finetune_loss
@@ -32,7 +40,8 @@ class PruneConfig(StepConfig):
     target_latency_ms: float | None = Field(None, gt=0)  # ... or predicted latency <= N ms (nccompile profile)
     latency_target: Literal["ort-fp32", "ort-weights", "torch-fp32"] = "ort-fp32"  # the table those read
     min_channels: int = Field(1, ge=1)
-    round_to: int = Field(1, ge=1)                # kept channel counts rounded to a multiple (e.g. 8)
+    round_to: int | None = Field(None, ge=1)      # kept channel counts rounded to a multiple (e.g. 8); unset:
+    # 1, or pruning to a latency on ONNX Runtime, its blocked layout's channel block (channel_multiple)
     cost: Literal["none", "activations", "latency"] = "none"  # global scope: prune the costly channels harder
     # (activations: elements written per channel; latency: predicted ms per channel, from the table)
     cost_power: float = Field(0.5, ge=0)           # importance / cost**cost_power
@@ -70,7 +79,7 @@ class Prune(StepKind):
         if not sizes:
             return [f"step `{cfg.name}`: {cfg.model} has no prunable channels (its spec is a torchvision model or "
                     "all its channels are tied)"]
-        if cfg.round_to >= max(sizes):
+        if (cfg.round_to or 1) >= max(sizes):
             return [f"step `{cfg.name}`: round_to={cfg.round_to} is not below the widest prunable layer "
                     f"({max(sizes)} channels), so nothing would be pruned"]
         return []
@@ -107,6 +116,11 @@ class Prune(StepKind):
                  ) -> tuple[list[dict], object, object, str]:
         points = [self._point(cfg, ctx, model, module, label, 0)]
         text = model.source
+        to_latency = cfg.cost == "latency" or bool(cfg.target_latency_ms)
+        multiple = channel_multiple(cfg.round_to, cfg.latency_target, to_latency)
+        if multiple > 1 and not cfg.round_to:
+            ctx.log(f"{cfg.name} [{label}]: channel counts kept at multiples of {multiple}, the channel block of "
+                    f"{cfg.latency_target}'s blocked layout (set round_to to choose)")
         for it in range(1, cfg.iterations + 1):
             spaces = analyse_channels(model.root)
             scores = importance(module, spaces, cfg.importance, ctx.recipe.seed + it)
@@ -126,9 +140,9 @@ class Prune(StepKind):
                 remaining = cfg.iterations - it + 1
                 goal = now * (target / now) ** (1 / remaining) if now > target else now
                 goal = goal if metric == "latency" else int(goal)
-                step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels, cfg.round_to,
+                step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels, multiple,
                                       latency_target=cfg.latency_target, **options)
-            kept = choose(scores, step_rate, cfg.scope, cfg.min_channels, cfg.round_to, **options)
+            kept = choose(scores, step_rate, cfg.scope, cfg.min_channels, multiple, **options)
             if all(len(kept[s]) == spaces.size[s] for s in kept):  # more iterations would only fine-tune again
                 ctx.log(f"{cfg.name} [{label}] iteration {it}: nothing left to prune (every layer at its minimum "
                         f"or the target reached); stopping after {it - 1} of {cfg.iterations} iteration(s)")
