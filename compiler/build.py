@@ -61,13 +61,15 @@ class ChannelShuffle(nn.Module):
     exports to ONNX and runs on quantized tensors."""
 
     def __init__(self, groups: int):
-        super().__init__()
-        self.groups = groups
-
-    def forward(self, x):
+        # imported here, not in forward: torchvision's first import calls an op that ONNX tracing refuses
         from torchvision.models.shufflenetv2 import channel_shuffle
 
-        return channel_shuffle(x, self.groups)
+        super().__init__()
+        self.groups = groups
+        self.shuffle = channel_shuffle
+
+    def forward(self, x):
+        return self.shuffle(x, self.groups)
 
 
 class LayerScale(nn.Module):

@@ -178,7 +178,7 @@ def test_the_fit_takes_the_overhead_from_the_empty_models_and_recovers_per_unit_
 
 
 @pytest.mark.slow  # profiles for real (two subprocesses each)
-@pytest.mark.parametrize("target", ["ort-fp32", "torch-fp32"])
+@pytest.mark.parametrize("target", ["ort-fp32", "ort-int8", "torch-fp32"])
 def test_profile_measures_each_unit_once_resumes_and_checks_its_prediction(tmp_path, tables, target, in_root):
     spec = _tiny(tmp_path).read_text().replace("ort-fp32", target)
     (tmp_path / "t.spec").write_text(spec)
@@ -187,14 +187,14 @@ def test_profile_measures_each_unit_once_resumes_and_checks_its_prediction(tmp_p
     first = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0, first.stderr
     model = compiler.compile_spec(tmp_path / "t.spec")
-    keys = {u.key for u in latency.units(model)}
+    keys = {u.key for u in latency.units_on(model, target)}
     table = latency.load_table(target)
     assert set(table.entries) == keys and all(e["ms"] >= 0 for e in table.entries.values())
     assert f"{len(keys)} units measured, 0 already in the table" in first.stdout
     calibration = table.fit["models"]["tiny@3x16x16"]
     assert calibration["measured_ms"] > calibration["empty_ms"] > 0  # the empty model is the overhead
     assert table.fit["overhead_ms"] == pytest.approx(calibration["empty_ms"])  # one input size measured
-    if target.startswith("ort"):  # what pruning to its latency rounds channels to
+    if target == "ort-fp32":  # what pruning to its latency rounds channels to (ORT's blocked layout)
         assert table.fit["channel_block"] in (8, 16)
     else:
         assert "channel_block" not in table.fit
@@ -358,7 +358,7 @@ def test_ort_profiles_map_back_to_units_and_in_model_times_correct_the_rest(tmp_
 def test_ort_unit_times_are_net_of_the_profilers_floor_and_of_reorders():
     """A chain of layers that do no work reports about nothing once the profiler's floor is off; a conv
     alone pays reorders into and out of ORT's blocked layout, which its kernel time leaves out."""
-    from runtime.profile.measure import REORDERS, ort_kernel_ms, ort_node_ms, profiler_floor_ms
+    from runtime.profile.measure import ADDED, ort_kernel_ms, ort_node_ms, profiler_floor_ms
 
     first, other = profiler_floor_ms(1, 1)
     assert 0 < other <= first < 0.05  # a few microseconds
@@ -366,7 +366,32 @@ def test_ort_unit_times_are_net_of_the_profilers_floor_and_of_reorders():
     assert abs(sum(ort_node_ms(idle, 1, 1, runs=200).values())) < 0.002
     unit = compiler.compile_source("model unit {\n    input 16x32x32\n    conv(16, kernel=3) bn relu\n}\n", "u")
     nodes = ort_node_ms(unit, 1, 1)
-    reorders = sum(ms for name, ms in nodes.items() if name.startswith(REORDERS))
+    reorders = sum(ms for name, ms in nodes.items() if ADDED.match(name))
     assert reorders > 0, sorted(nodes)  # 16 channels: ORT's blocked layout, entered and left
     kernel = ort_kernel_ms(unit, 1, 1)
     assert 0 < kernel < sum(nodes.values())
+
+
+def test_on_ort_int8_the_first_conv_is_its_own_float_unit():
+    """The int8 file keeps its first conv in float (runtime/deploy/qdq.py): on ort-int8 that unit has
+    its own key and structure, so its float time is measured and looked up apart from int8 convs."""
+    model = compiler.compile_spec(ROOT / "specs" / "student.spec")
+    plain, int8 = latency.units_on(model, "ort-fp32"), latency.units_on(model, "ort-int8")
+    assert [u.paths for u in plain] == [u.paths for u in int8]
+    changed = [(a, b) for a, b in zip(plain, int8) if a.key != b.key]
+    assert len(changed) == 1
+    a, b = changed[0]
+    assert a is plain[0] and b.key == a.key + " [float]" and b.structure == a.structure + " [float]"
+    assert b.spec() == a.spec()  # the same layers, run by the profiler with the conv left in float
+    assert latency.units_on(model, "torch-fp32") == plain
+
+
+def test_profiled_node_names_map_back_to_layer_paths():
+    from runtime.profile.measure import ADDED, node_path
+
+    assert node_path("features.4.pw_nchwc") == "features.4.pw"  # our graph, ORT's blocked kernel
+    assert node_path("features.3#2") == "features.3"  # our writer's second node of a layer
+    assert node_path("/features/features.10/features.10.0/dw/Conv_token_23") == "features.10.0.dw"  # torch's
+    assert node_path("/fc/Gemm") == "fc" and node_path("/features/features.0/Conv_output_0_nchwc") == "features.0"
+    assert all(ADDED.match(n) for n in ("ReorderInput", "ReorderOutput_token_145", "Transpose_token_52"))
+    assert not any(ADDED.match(n) for n in ("features.3", "/features/features.7/Transpose", "Transposed"))

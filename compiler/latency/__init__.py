@@ -7,7 +7,8 @@ layers as DSL text at its input shape, so the profiler compiles each unit as a o
 it. On ONNX Runtime a unit's time is its kernels' time under ORT's profiler, net of the profiler's own
 floor and of the layout reorders a unit alone pays; the whole models the profiler measures also run
 under it and give each unit its time inside them (node names are layer paths, so fused kernels map back
-to units), which is the unit's entry where known. Prediction = overhead + per_unit x units + scale x
+to units), which is the unit's entry where known. On ort-int8 the model's first conv is a unit of its
+own (`[float]`): the int8 file keeps it in float. Prediction = overhead + per_unit x units + scale x
 (sum of the units' entries): the overhead is the empty model's measured time (a constant plus a cost per
 input element), per_unit and scale are fitted by the profiler on the whole models.
 
@@ -19,7 +20,7 @@ profile the spec.
 """
 from __future__ import annotations
 
-from .predict import Prediction, entry_ms, in_context, overhead_ms, predict
+from .predict import Prediction, entry_ms, in_context, overhead_ms, predict, units_on
 from .predict import _slopes as _slopes  # tests check the fitted slopes
 from .tables import (
     ALIASES,
@@ -37,4 +38,4 @@ from .units import Unit, baseline_spec, units
 
 __all__ = ["ALIASES", "TARGETS", "LatencyError", "Prediction", "Table", "Unit", "baseline_spec", "cached_table",
            "canonical_target", "entry_ms", "in_context", "library_version", "load_table", "machine",
-           "overhead_ms", "predict", "table_path", "units"]
+           "overhead_ms", "predict", "table_path", "units", "units_on"]

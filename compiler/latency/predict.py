@@ -7,8 +7,8 @@ from dataclasses import dataclass
 
 from ..ops import fmt_shape
 from ..tree import Model
-from .tables import LatencyError, Table
-from .units import Unit, units
+from .tables import FIRST_CONV_FLOAT, LatencyError, Table, canonical_target
+from .units import Unit, target_units
 
 
 @dataclass
@@ -132,9 +132,14 @@ def overhead_ms(table: Table, in_shape: tuple) -> float:
     return f["overhead_ms"] + f.get("overhead_ms_per_input", 0.0) * math.prod(in_shape)
 
 
+def units_on(model: Model, target: str) -> list[Unit]:
+    """The model's units as `target` runs them (an int8 file's first conv in float)."""
+    return target_units(model, canonical_target(target) in FIRST_CONV_FLOAT)
+
+
 def predict(model: Model, table: Table) -> Prediction:
     rows = []
-    for unit in units(model):
+    for unit in units_on(model, table.target):
         ms, how = entry_ms(unit, table)
         rows.append((unit, ms, how))
     f = table.fit

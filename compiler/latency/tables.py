@@ -10,7 +10,10 @@ from pathlib import Path
 
 from ..errors import NcError
 
-TARGETS = {"ort-fp32": "onnxruntime", "torch-fp32": "torch"}  # target -> the library whose version counts
+# target -> the library whose version counts. ort-fp32: ONNX Runtime on the float graph (and on the `weights`
+# file, whose decoding ORT folds at load); ort-int8: on the `int8` QDQ file; torch-fp32: PyTorch eager
+TARGETS = {"ort-fp32": "onnxruntime", "ort-int8": "onnxruntime", "torch-fp32": "torch"}
+FIRST_CONV_FLOAT = {"ort-int8"}  # the int8 file keeps its first conv in float (runtime/deploy/qdq.py)
 ALIASES = {"ort-weights": "ort-fp32"}  # the `weights` export runs on the float graph's kernels after folding
 TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 2  # 2: ORT units are profiler kernel times
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from ..ops import fmt_shape
 from ..tree import Model, Node
@@ -22,14 +22,15 @@ class Unit:
     macs: int
     moved: int          # elements read and written: input, output and weights
     paths: tuple = ()   # the model's layers it covers
+    variant: str = ""   # how the target runs it, where not as its other units: "float" (int8's first conv)
 
     @property
     def key(self) -> str:
-        return f"{self.text} @ {fmt_shape(self.in_shape)}"
+        return f"{self.text} @ {fmt_shape(self.in_shape)}" + (f" [{self.variant}]" if self.variant else "")
 
     @property
     def structure(self) -> str:
-        return re.sub(r"\d+(\.\d+)?", "#", self.text)
+        return re.sub(r"\d+(\.\d+)?", "#", self.text) + (f" [{self.variant}]" if self.variant else "")
 
     def spec(self) -> str:
         """A one-unit spec the profiler compiles and times (a flat input enters as Cx1x1, then `flatten`)."""
@@ -61,6 +62,20 @@ def units(model: Model) -> list[Unit]:
     """The model's units in execution order."""
     out: list[Unit] = []
     _walk(model.root, out)
+    return out
+
+
+CONVS = ("conv(", "dwconv(", "pwconv(")
+
+
+def target_units(model: Model, first_conv_float: bool) -> list[Unit]:
+    """The model's units as a target runs them: with `first_conv_float` (int8 files keep their first
+    conv in float), the first unit that starts with a conv is the "float" variant."""
+    out = units(model)
+    if first_conv_float:
+        first = next((i for i, u in enumerate(out) if u.text.startswith(CONVS)), None)
+        if first is not None:
+            out[first] = replace(out[first], variant="float")
     return out
 
 

@@ -36,7 +36,7 @@ def _parser():
                                                        "or check the table's predictions against real runs.")
     p.add_argument("--target", default="ort-fp32", choices=[*latency.TARGETS, *latency.ALIASES],
                    help="ort-fp32: ONNX Runtime on the exported graph (ort-weights: the same kernels); "
-                        "torch-fp32: PyTorch eager (default ort-fp32)")
+                        "ort-int8: on the `format: int8` QDQ file; torch-fp32: PyTorch eager (default ort-fp32)")
     p.add_argument("--specs", nargs="+", metavar="SPEC", help="profile what these specs need (default: the "
                                                                "shipped specs and the zoo)")
     p.add_argument("--space", type=int, default=20, metavar="N",
@@ -168,11 +168,11 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
 
     import compiler
 
-    from .measure import KERNEL_TIMES, ort_channel_block, unit_ms
+    from .measure import BLOCKED_LAYOUT, KERNEL_TIMES, ort_channel_block, unit_ms
 
     wanted: dict[str, latency.Unit] = {}
     for model in models:
-        for unit in latency.units(model):
+        for unit in latency.units_on(model, table.target):
             wanted.setdefault(unit.key, unit)
     todo = [u for k, u in wanted.items() if k not in table.entries]
     saved = time.monotonic()
@@ -186,8 +186,9 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
             if unit.in_shape not in empties:
                 empties[unit.in_shape] = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
             model = compiler.compile_source(unit.spec(), "unit")
-            timed = unit_ms(model, empties[unit.in_shape], table.target, table.threads, table.batch, samples)
-        except NcError as err:
+            timed = unit_ms(model, empties[unit.in_shape], table.target, table.threads, table.batch, samples,
+                            unit.variant)
+        except (NcError, RuntimeError, ValueError) as err:  # ours, or ONNX Runtime's (export, quantization)
             failed[unit.key] = str(err).splitlines()[0]
             continue
         old = table.entries.get(unit.key) if p else None
@@ -199,16 +200,18 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     for key, why in failed.items():
         print(f"profile: {key.split(' @ ')[0][:60]}: cannot run on {table.target} ({why}); left out")
     calibration = table.fit.setdefault("models", {})
-    whole = list({_label(m): m for m in models if not any(u.key in failed for u in latency.units(m))}.values())
+    whole = list({_label(m): m for m in models
+                  if not any(u.key in failed for u in latency.units_on(m, table.target))}.values())
     measured, empty_ms, step = _whole_models(whole, table, samples)
     if step is not None:
         table.fit["step_ms"] = step  # measured: the fit takes it as the per-unit term
-    if table.target in KERNEL_TIMES:
+    if table.target in BLOCKED_LAYOUT:
         table.fit["channel_block"] = ort_channel_block()  # pruning to a latency rounds to it
+    if table.target in KERNEL_TIMES:
         _in_model_times(whole, table)
     table.touch()  # units and in-model times added: what prediction derived from the entries is stale
     for model, ms in zip(whole, measured):
-        units = latency.units(model)
+        units = latency.units_on(model, table.target)
         calibration[_label(model)] = {"sum_ms": sum(latency.entry_ms(u, table)[0] for u in units),
                                       "units": len(units), "measured_ms": ms,
                                       "empty_ms": empty_ms[model.input_shape], "inputs": _inputs(model)}
@@ -253,21 +256,24 @@ def _in_model_times(whole: list, table: latency.Table) -> None:
 
     for p in tqdm(range(IN_MODEL_PASSES * len(whole)), desc="in-model times", unit="model", mininterval=0.5):
         model = whole[p % len(whole)]
-        for key, ms in attribute(model, ort_node_ms(model, table.threads, table.batch)).items():
+        nodes = ort_node_ms(model, table.threads, table.batch, target=table.target)
+        for key, ms in attribute(model, nodes, table.target).items():
             ctx = table.entries[key].setdefault("ctx", {})
             ctx[_label(model)] = ms if p < len(whole) else min(ms, ctx[_label(model)])
 
 
-def attribute(model, node_ms: dict[str, float]) -> dict[str, float]:
+def attribute(model, node_ms: dict[str, float], target: str = "ort-fp32") -> dict[str, float]:
     """Each unit's share of the model's node times (summed over the units of the same key, divided by
-    their count): a node is its unit's when its name, less ORT's `_nchwc` suffix and our `#n`, is one of
-    the unit's layer paths. Reorders ORT adds between layouts stay with the fitted overhead; a unit with
-    no node left (fused into another's) spends 0."""
-    units = latency.units(model)
+    their count): a node is its unit's when its layer path (measure.node_path) is one of the unit's.
+    What ORT adds between layouts stays with the fitted terms; a unit with no node left (fused into
+    another's) spends 0."""
+    from .measure import node_path
+
+    units = latency.units_on(model, target)
     owner = {path: unit for unit in units for path in unit.paths}
     spent: dict[str, float] = {}
     for name, ms in node_ms.items():
-        unit = owner.get(name.removesuffix("_nchwc").split("#")[0])
+        unit = owner.get(node_path(name))
         if unit is not None:
             spent[unit.key] = spent.get(unit.key, 0.0) + ms
     count: dict[str, int] = {}

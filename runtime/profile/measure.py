@@ -6,6 +6,7 @@ lasts about 2 ms, so timer resolution and one-off stalls weigh little), and the 
 """
 from __future__ import annotations
 
+import re
 import statistics
 import time
 
@@ -56,26 +57,64 @@ def paired_ms(call, base, samples: int, warmup: int = 10) -> tuple[float, float]
     return statistics.median(raw) * 1000, statistics.median(net) * 1000
 
 
-def _ort_session(model, threads: int, batch: int, profile_prefix: str | None = None):
-    """An ONNX Runtime session on nccompile's graph of `model` (zero weights) and a random input batch."""
-    import onnxruntime as ort
+def _ort_graph(model, target: str, float_first: bool = True) -> bytes:
+    """The ONNX graph `target` runs: nccompile's own float graph (zero weights: the CPU kernels' time
+    does not depend on the values), or for ort-int8 the int8 QDQ file `format: int8` writes (ORT's
+    static quantization of the float export; its first conv in float unless `float_first` is off),
+    calibrated on random images, kept per model for the process."""
+    if target != "ort-int8":
+        from compiler import onnxgraph
 
-    from compiler import onnxgraph
+        return onnxgraph.graph(model, "fp32").SerializeToString()
+    from compiler.emit import emit
+
+    key = (emit(model), tuple(model.input_shape), float_first)  # the elaborated layers: a search space's
+    if key not in _INT8:                                         # configurations share their spec's text
+        import logging
+        import tempfile
+        from pathlib import Path
+
+        import onnxruntime as ort
+
+        import compiler
+
+        from ..deploy.qdq import export_int8
+
+        module = compiler.build_module(model).eval()
+        images = [np.random.default_rng(0).random((2, *model.input_shape), dtype=np.float32)]
+        ort.set_default_logger_severity(3)  # not its notes on one-unit graphs (unused initializers)
+        logging.disable(logging.WARNING)  # nor its quantizer's (per-channel axes of 1-D weights)
+        try:
+            with tempfile.TemporaryDirectory() as folder:
+                path = Path(folder) / "int8.onnx"
+                export_int8(module, tuple(model.input_shape), images, path, float_first_conv=float_first)
+                _INT8[key] = path.read_bytes()
+        finally:
+            logging.disable(logging.NOTSET)
+    return _INT8[key]
+
+
+_INT8: dict[tuple, bytes] = {}
+
+
+def _ort_session(model, threads: int, batch: int, profile_prefix: str | None = None, target: str = "ort-fp32",
+                 float_first: bool = True):
+    """An ONNX Runtime session on the graph `target` runs for `model` (_ort_graph) and a random input batch."""
+    import onnxruntime as ort
 
     opts = ort.SessionOptions()
     opts.intra_op_num_threads, opts.inter_op_num_threads = threads, 1
     opts.log_severity_level = 3
     if profile_prefix is not None:
         opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
-    session = ort.InferenceSession(onnxgraph.graph(model, "fp32").SerializeToString(), opts,
-                                   providers=["CPUExecutionProvider"])
-    feed = {onnxgraph.INPUT: np.random.default_rng(0).random((batch, *model.input_shape), dtype=np.float32)}
-    return session, feed
+    session = ort.InferenceSession(_ort_graph(model, target, float_first), opts, providers=["CPUExecutionProvider"])
+    images = np.random.default_rng(0).random((batch, *model.input_shape), dtype=np.float32)
+    return session, {session.get_inputs()[0].name: images}
 
 
-def ort_timer(model, threads: int, batch: int):
+def ort_timer(model, threads: int, batch: int, target: str = "ort-fp32"):
     """call() running `model` once in ONNX Runtime, as the deployed file runs."""
-    session, feed = _ort_session(model, threads, batch)
+    session, feed = _ort_session(model, threads, batch, target=target)
     return lambda: session.run(None, feed)
 
 
@@ -95,22 +134,26 @@ def torch_timer(model, threads: int, batch: int):
     return call
 
 
-TIMERS = {"ort-fp32": ort_timer, "torch-fp32": torch_timer}
+TIMERS = {"ort-fp32": ort_timer, "torch-fp32": torch_timer,
+          "ort-int8": lambda model, threads, batch: ort_timer(model, threads, batch, "ort-int8")}
 # targets whose unit entries are kernel times (the profiler's), without the runtime's step from one node to
 # the next, which the profiler then measures apart; a PyTorch unit's time carries its module calls
-KERNEL_TIMES = {"ort-fp32"}
+KERNEL_TIMES = {"ort-fp32", "ort-int8"}
+BLOCKED_LAYOUT = {"ort-fp32"}  # targets whose convs run in ORT's blocked layout (ort_channel_block)
 
 
 def latency_ms(model, target: str, threads: int = 1, batch: int = 1, samples: int = 15) -> float:
     return median_ms(TIMERS[target](model, threads, batch), samples)
 
 
-def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples: int = 15) -> dict:
+def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples: int = 15,
+            variant: str = "") -> dict:
     """A one-unit model's time as a table entry's fields: `ms`, what the unit costs inside a model.
-    ONNX Runtime: its kernels' time from the profiler (ort_kernel_ms). PyTorch: its time less the empty
-    model's, paired (paired_ms), and `run_ms`, its time with the call."""
-    if target == "ort-fp32":
-        return {"ms": ort_kernel_ms(model, threads, batch)}
+    ONNX Runtime: its kernels' time from the profiler (ort_kernel_ms; `variant` "float": a conv the
+    int8 file keeps in float). PyTorch: its time less the empty model's, paired (paired_ms), and
+    `run_ms`, its time with the call."""
+    if target in KERNEL_TIMES:
+        return {"ms": ort_kernel_ms(model, threads, batch, target, float_first=variant == "float")}
     raw, net = paired_ms(TIMERS[target](model, threads, batch), TIMERS[target](empty, threads, batch), samples)
     return {"ms": max(0.0, net), "run_ms": raw}
 
@@ -130,18 +173,24 @@ def whole_models_ms(models: list, target: str, threads: int, batch: int, samples
 
 
 PROFILE_S = 0.04  # ORT's profiler: run a model this long (20 to 400 runs) for its node times
-REORDERS = ("ReorderInput", "ReorderOutput")  # ORT's own nodes into and out of its blocked (NCHWc) layout
+# nodes that move a tensor between layouts or number formats, which a unit alone pays at its edges and a
+# model only where its layout or format changes: ORT's reorders into and out of its blocked (NCHWc) layout
+# and the transposes of its NHWC int8 kernels (`_token_N` after their names), and int8's (de)quantization
+ADDED = re.compile(r"^(ReorderInput|ReorderOutput|Transpose)(_token_\d+)?$")
+CONVERSIONS = {"QuantizeLinear", "DequantizeLinear"}
 
 
-def _profiled(model, threads: int, batch: int, runs: int | None) -> tuple[list[str], dict[str, float]]:
-    """(node names in execution order, each node's profiled duration in ms): the mean of the middle 80%
-    of the runs after a warm-up (ORT's durations are whole microseconds, so a median would round)."""
+def _profiled(model, threads: int, batch: int, runs: int | None, target: str = "ort-fp32",
+              float_first: bool = True) -> tuple[list[str], dict[str, float], dict[str, str]]:
+    """(node names in execution order, each node's profiled duration in ms, each node's op type): the mean
+    of the middle 80% of the runs after a warm-up (ORT's durations are whole microseconds, so a median
+    would round)."""
     import json
     import os
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        session, feed = _ort_session(model, threads, batch, profile_prefix=os.path.join(folder, "profile"))
+        session, feed = _ort_session(model, threads, batch, os.path.join(folder, "profile"), target, float_first)
         warmup = 3
         for _ in range(warmup):
             session.run(None, feed)
@@ -155,15 +204,18 @@ def _profiled(model, threads: int, batch: int, runs: int | None) -> tuple[list[s
         with open(session.end_profiling()) as f:
             events = json.load(f)
     times: dict[str, list[int]] = {}
+    ops: dict[str, str] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
-            times.setdefault(e["name"][:-len("_kernel_time")], []).append(e["dur"])
+            name = e["name"][:-len("_kernel_time")]
+            times.setdefault(name, []).append(e["dur"])
+            ops[name] = e.get("args", {}).get("op_name", "")
     out = {}
     for name, durations in times.items():
         kept = sorted(durations[warmup:] or durations)
         cut = len(kept) // 10
         out[name] = statistics.fmean(kept[cut:len(kept) - cut]) / 1000
-    return list(times), out
+    return list(times), out, ops
 
 
 _FLOORS: dict[tuple, tuple[float, float]] = {}
@@ -177,27 +229,41 @@ def profiler_floor_ms(threads: int, batch: int) -> tuple[float, float]:
         import compiler
 
         chain = compiler.compile_source("model floor {\n    input 1x1x1\n    " + "relu " * 9 + "\n}\n", "floor")
-        order, ms = _profiled(chain, threads, batch, runs=400)
+        order, ms, _ = _profiled(chain, threads, batch, runs=400)
         _FLOORS[threads, batch] = (ms[order[0]], statistics.fmean(ms[n] for n in order[1:]))
     return _FLOORS[threads, batch]
 
 
-def ort_node_ms(model, threads: int, batch: int, runs: int | None = None) -> dict[str, float]:
+def ort_node_ms(model, threads: int, batch: int, runs: int | None = None, target: str = "ort-fp32",
+                float_first: bool = True, conversions: bool = True) -> dict[str, float]:
     """Each node's kernel time (ms) inside the model from ONNX Runtime's profiler, net of the profiler's
-    own floor (profiler_floor_ms). Node names are the graph's after ORT's fusions: ours (layer paths),
-    with `_nchwc` for the blocked-layout kernels, and ORT's own for the reorders it adds (REORDERS,
-    `_token_N` after)."""
+    own floor (profiler_floor_ms). Node names are the graph's after ORT's fusions: ours (layer paths,
+    `_nchwc` after for the blocked-layout kernels) or torch's exporter's for int8 (`/scope/.../Op`), and
+    ORT's own for what it adds (ADDED). `conversions=False` leaves out the nodes of CONVERSIONS."""
     first, other = profiler_floor_ms(threads, batch)
-    order, ms = _profiled(model, threads, batch, runs)
-    return {name: ms[name] - (first if i == 0 else other) for i, name in enumerate(order)}
+    order, ms, ops = _profiled(model, threads, batch, runs, target, float_first)
+    return {name: ms[name] - (first if i == 0 else other) for i, name in enumerate(order)
+            if conversions or ops[name] not in CONVERSIONS}
 
 
-def ort_kernel_ms(model, threads: int, batch: int) -> float:
+def ort_kernel_ms(model, threads: int, batch: int, target: str = "ort-fp32", float_first: bool = True) -> float:
     """A one-unit model's own kernel time in ONNX Runtime: its nodes' net times from the profiler, less
-    the reorders into and out of the blocked layout that a unit alone pays and a model pays once per run
-    of blocked layers, and less the session's call, which a model pays once."""
-    return max(0.0, sum(ms for name, ms in ort_node_ms(model, threads, batch).items()
-                        if not name.startswith(REORDERS)))
+    the layout and format conversions at its edges (ADDED, CONVERSIONS) that a model pays only where
+    its layout or format changes, and less the session's call, which a model pays once."""
+    nodes = ort_node_ms(model, threads, batch, target=target, float_first=float_first, conversions=False)
+    return max(0.0, sum(ms for name, ms in nodes.items() if not ADDED.match(name)))
+
+
+def node_path(name: str) -> str:
+    """The layer path a profiled node belongs to: our graph names nodes by path (ORT adds `_nchwc`, our
+    writer `#n`); torch's exporter by module scopes, `/features/features.10/features.10.0/dw/Conv_token_2`
+    for `features.10.0.dw`."""
+    if not name.startswith("/"):
+        return name.removesuffix("_nchwc").split("#")[0]
+    path = ""
+    for scope in name.split("/")[1:-1]:
+        path = scope if not path or scope.startswith(path + ".") else f"{path}.{scope}"
+    return path
 
 
 def ort_channel_block() -> int:

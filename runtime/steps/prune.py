@@ -38,7 +38,7 @@ class PruneConfig(StepConfig):
     target_params: int | None = Field(None, ge=1)  # instead of a rate: prune until params <= N ...
     target_macs: int | None = Field(None, ge=1)    # ... or MACs <= N (spread over the iterations)
     target_latency_ms: float | None = Field(None, gt=0)  # ... or predicted latency <= N ms (nccompile profile)
-    latency_target: Literal["ort-fp32", "ort-weights", "torch-fp32"] = "ort-fp32"  # the table those read
+    latency_target: Literal["ort-fp32", "ort-weights", "ort-int8", "torch-fp32"] = "ort-fp32"  # the table read
     min_channels: int = Field(1, ge=1)
     round_to: int | None = Field(None, ge=1)      # kept channel counts rounded to a multiple (e.g. 8); unset:
     # 1, or pruning to a latency on ONNX Runtime, its blocked layout's channel block (channel_multiple)
