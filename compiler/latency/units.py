@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 from ..ops import fmt_shape
 from ..tree import Model, Node
@@ -32,11 +32,13 @@ class Unit:
     def structure(self) -> str:
         return re.sub(r"\d+(\.\d+)?", "#", self.text) + (f" [{self.variant}]" if self.variant else "")
 
-    def spec(self) -> str:
-        """A one-unit spec the profiler compiles and times (a flat input enters as Cx1x1, then `flatten`)."""
+    def spec(self, after: str = "") -> str:
+        """A one-unit spec the profiler compiles and times (a flat input enters as Cx1x1, then `flatten`),
+        with the layers `after` following the unit's."""
+        tail = f" {after}" if after else ""
         if len(self.in_shape) == 1:
-            return f"model unit {{\n    input {self.in_shape[0]}x1x1\n    flatten {self.text}\n}}\n"
-        return f"model unit {{\n    input {fmt_shape(self.in_shape)}\n    {self.text}\n}}\n"
+            return f"model unit {{\n    input {self.in_shape[0]}x1x1\n    flatten {self.text}{tail}\n}}\n"
+        return f"model unit {{\n    input {fmt_shape(self.in_shape)}\n    {self.text}{tail}\n}}\n"
 
 
 def baseline_spec(in_shape: tuple) -> str:
@@ -69,13 +71,22 @@ CONVS = ("conv(", "dwconv(", "pwconv(")
 
 
 def target_units(model: Model, first_conv_float: bool) -> list[Unit]:
-    """The model's units as a target runs them: with `first_conv_float` (int8 files keep their first
-    conv in float), the first unit that starts with a conv is the "float" variant."""
+    """The model's units as a target runs them. With `first_conv_float` (int8 files keep their first conv
+    in float), the first conv unit and the plain units after it up to the next conv or linear (its pool)
+    are one "float" unit: ORT runs a pool between the float conv and the first int8 one as a uint8 pool
+    in plain layout, many times its time alone, and the profiler measures them so (measure.unit_spec)."""
     out = units(model)
-    if first_conv_float:
-        first = next((i for i, u in enumerate(out) if u.text.startswith(CONVS)), None)
-        if first is not None:
-            out[first] = replace(out[first], variant="float")
+    if not first_conv_float:
+        return out
+    first = next((i for i, u in enumerate(out) if u.text.startswith(CONVS)), None)
+    if first is None:
+        return out
+    end = first + 1
+    while end < len(out) and not out[end].text.startswith((*CONVS, "linear(")) and "{" not in out[end].text:
+        end += 1
+    group = out[first:end]
+    out[first:end] = [Unit(" ".join(u.text for u in group), group[0].in_shape, sum(u.macs for u in group),
+                           sum(u.moved for u in group), tuple(p for u in group for p in u.paths), "float")]
     return out
 
 

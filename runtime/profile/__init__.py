@@ -168,7 +168,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
 
     import compiler
 
-    from .measure import BLOCKED_LAYOUT, KERNEL_TIMES, ort_channel_block, unit_ms
+    from .measure import BLOCKED_LAYOUT, KERNEL_TIMES, ort_channel_block, unit_ms, unit_spec
 
     wanted: dict[str, latency.Unit] = {}
     for model in models:
@@ -185,7 +185,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
         try:
             if unit.in_shape not in empties:
                 empties[unit.in_shape] = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
-            model = compiler.compile_source(unit.spec(), "unit")
+            model = compiler.compile_source(unit_spec(unit), "unit")
             timed = unit_ms(model, empties[unit.in_shape], table.target, table.threads, table.batch, samples,
                             unit.variant)
         except (NcError, RuntimeError, ValueError) as err:  # ours, or ONNX Runtime's (export, quantization)

@@ -146,14 +146,28 @@ def latency_ms(model, target: str, threads: int = 1, batch: int = 1, samples: in
     return median_ms(TIMERS[target](model, threads, batch), samples)
 
 
+PROBE = "pwconv(8)"  # after a "float" unit: the int8 conv that makes ORT run the unit as a model runs it
+
+
+def unit_spec(unit) -> str:
+    """The one-unit spec the profiler times for `unit`: a "float" unit (int8's float head) with an int8
+    conv after it, whose time unit_ms leaves out, since what runs before an int8 conv changes with it."""
+    return unit.spec(PROBE if unit.variant == "float" else "")
+
+
 def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples: int = 15,
             variant: str = "") -> dict:
     """A one-unit model's time as a table entry's fields: `ms`, what the unit costs inside a model.
-    ONNX Runtime: its kernels' time from the profiler (ort_kernel_ms; `variant` "float": a conv the
-    int8 file keeps in float). PyTorch: its time less the empty model's, paired (paired_ms), and
-    `run_ms`, its time with the call."""
+    ONNX Runtime: its kernels' time from the profiler (ort_kernel_ms; `variant` "float": int8's float
+    head, its first conv left in float, all its nodes but the PROBE's). PyTorch: its time less the
+    empty model's, paired (paired_ms), and `run_ms`, its time with the call."""
     if target in KERNEL_TIMES:
-        return {"ms": ort_kernel_ms(model, threads, batch, target, float_first=variant == "float")}
+        if variant != "float":
+            return {"ms": ort_kernel_ms(model, threads, batch, target)}
+        # int8's float head: with the conversions into int8 and back, which every int8 model pays once
+        probe = model.root.children[-1].path
+        nodes = ort_node_ms(model, threads, batch, target=target, float_first=True)
+        return {"ms": max(0.0, sum(ms for name, ms in nodes.items() if node_path(name) != probe))}
     raw, net = paired_ms(TIMERS[target](model, threads, batch), TIMERS[target](empty, threads, batch), samples)
     return {"ms": max(0.0, net), "run_ms": raw}
 
@@ -218,20 +232,22 @@ def _profiled(model, threads: int, batch: int, runs: int | None, target: str = "
     return list(times), out, ops
 
 
-_FLOORS: dict[tuple, tuple[float, float]] = {}
+_FLOORS: dict[tuple, tuple[float, float, float]] = {}
+FLOOR_S = 5.0  # the floor moves with the machine's state: measured again when older than this
 
 
 def profiler_floor_ms(threads: int, batch: int) -> tuple[float, float]:
     """What ORT's profiler reports for a node that does no work: (the run's first node, any other).
     Its timestamps and whole-microsecond durations put a few microseconds on every node, more than a
     small layer's work, so node times are taken net of it. Measured on a chain of ReLUs on one value."""
-    if (threads, batch) not in _FLOORS:
+    known = _FLOORS.get((threads, batch))
+    if known is None or time.monotonic() - known[2] > FLOOR_S:
         import compiler
 
         chain = compiler.compile_source("model floor {\n    input 1x1x1\n    " + "relu " * 9 + "\n}\n", "floor")
         order, ms, _ = _profiled(chain, threads, batch, runs=400)
-        _FLOORS[threads, batch] = (ms[order[0]], statistics.fmean(ms[n] for n in order[1:]))
-    return _FLOORS[threads, batch]
+        known = _FLOORS[threads, batch] = (ms[order[0]], statistics.fmean(ms[n] for n in order[1:]), time.monotonic())
+    return known[0], known[1]
 
 
 def ort_node_ms(model, threads: int, batch: int, runs: int | None = None, target: str = "ort-fp32",
@@ -246,11 +262,11 @@ def ort_node_ms(model, threads: int, batch: int, runs: int | None = None, target
             if conversions or ops[name] not in CONVERSIONS}
 
 
-def ort_kernel_ms(model, threads: int, batch: int, target: str = "ort-fp32", float_first: bool = True) -> float:
+def ort_kernel_ms(model, threads: int, batch: int, target: str = "ort-fp32") -> float:
     """A one-unit model's own kernel time in ONNX Runtime: its nodes' net times from the profiler, less
     the layout and format conversions at its edges (ADDED, CONVERSIONS) that a model pays only where
     its layout or format changes, and less the session's call, which a model pays once."""
-    nodes = ort_node_ms(model, threads, batch, target=target, float_first=float_first, conversions=False)
+    nodes = ort_node_ms(model, threads, batch, target=target, float_first=False, conversions=False)
     return max(0.0, sum(ms for name, ms in nodes.items() if not ADDED.match(name)))
 
 
