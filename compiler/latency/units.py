@@ -68,13 +68,14 @@ def units(model: Model) -> list[Unit]:
 
 
 CONVS = ("conv(", "dwconv(", "pwconv(")
+POOLS = ("maxpool(", "avgpool(")
 
 
 def target_units(model: Model, first_conv_float: bool) -> list[Unit]:
     """The model's units as a target runs them. With `first_conv_float` (int8 files keep their first conv
-    in float), the first conv unit and the plain units after it up to the next conv or linear (its pool)
-    are one "float" unit: ORT runs a pool between the float conv and the first int8 one as a uint8 pool
-    in plain layout, many times its time alone, and the profiler measures them so (measure.unit_spec)."""
+    in float), the first conv unit and the pools right after it are one "float" unit: ORT runs a pool
+    between the float conv and the first int8 one as a uint8 pool in plain layout, many times its time
+    alone, and the profiler measures them so (measure.unit_spec)."""
     out = units(model)
     if not first_conv_float:
         return out
@@ -82,7 +83,7 @@ def target_units(model: Model, first_conv_float: bool) -> list[Unit]:
     if first is None:
         return out
     end = first + 1
-    while end < len(out) and not out[end].text.startswith((*CONVS, "linear(")) and "{" not in out[end].text:
+    while end < len(out) and out[end].text.startswith(POOLS):
         end += 1
     group = out[first:end]
     out[first:end] = [Unit(" ".join(u.text for u in group), group[0].in_shape, sum(u.macs for u in group),

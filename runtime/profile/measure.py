@@ -232,22 +232,24 @@ def _profiled(model, threads: int, batch: int, runs: int | None, target: str = "
     return list(times), out, ops
 
 
-_FLOORS: dict[tuple, tuple[float, float, float]] = {}
-FLOOR_S = 5.0  # the floor moves with the machine's state: measured again when older than this
+_FLOORS: dict[tuple, list[tuple[float, float, float]]] = {}
+FLOOR_S = 5.0  # the floor moves with the machine's state: measured again when the last is older than this
+FLOOR_KEPT = 9  # ... and the median of the last few taken, so that one measured in a slow spell weighs little
 
 
 def profiler_floor_ms(threads: int, batch: int) -> tuple[float, float]:
     """What ORT's profiler reports for a node that does no work: (the run's first node, any other).
     Its timestamps and whole-microsecond durations put a few microseconds on every node, more than a
     small layer's work, so node times are taken net of it. Measured on a chain of ReLUs on one value."""
-    known = _FLOORS.get((threads, batch))
-    if known is None or time.monotonic() - known[2] > FLOOR_S:
+    seen = _FLOORS.setdefault((threads, batch), [])
+    if not seen or time.monotonic() - seen[-1][2] > FLOOR_S:
         import compiler
 
         chain = compiler.compile_source("model floor {\n    input 1x1x1\n    " + "relu " * 9 + "\n}\n", "floor")
         order, ms, _ = _profiled(chain, threads, batch, runs=400)
-        known = _FLOORS[threads, batch] = (ms[order[0]], statistics.fmean(ms[n] for n in order[1:]), time.monotonic())
-    return known[0], known[1]
+        seen.append((ms[order[0]], statistics.fmean(ms[n] for n in order[1:]), time.monotonic()))
+        del seen[:-FLOOR_KEPT]
+    return statistics.median(f[0] for f in seen), statistics.median(f[1] for f in seen)
 
 
 def ort_node_ms(model, threads: int, batch: int, runs: int | None = None, target: str = "ort-fp32",
@@ -273,12 +275,14 @@ def ort_kernel_ms(model, threads: int, batch: int, target: str = "ort-fp32") -> 
 def node_path(name: str) -> str:
     """The layer path a profiled node belongs to: our graph names nodes by path (ORT adds `_nchwc`, our
     writer `#n`); torch's exporter by module scopes, `/features/features.10/features.10.0/dw/Conv_token_2`
-    for `features.10.0.dw`."""
+    for `features.10.0.dw`, `/layer1/layer1.0/layer1.0.0/body/body.0/Conv` for `layer1.0.0.body.0`."""
     if not name.startswith("/"):
         return name.removesuffix("_nchwc").split("#")[0]
-    path = ""
-    for scope in name.split("/")[1:-1]:
-        path = scope if not path or scope.startswith(path + ".") else f"{path}.{scope}"
+    path, last = "", ""
+    for scope in name.split("/")[1:-1]:  # a scope is named from its parent's: `body` then `body.0`
+        path = path[:len(path) - len(last)] + scope if last and scope.startswith(last + ".") else \
+            f"{path}.{scope}" if path else scope
+        last = scope
     return path
 
 
