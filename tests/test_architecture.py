@@ -155,7 +155,7 @@ MAY_IMPORT = {
     "tracking": set(),                                # TensorBoard event files, MLflow runs
     "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state", "tracking"},
     "study": GROUND | {"run", "tracking"},
-    "profile": GROUND,                                # latency tables: units timed on a target
+    "profile": GROUND | {"deploy"},                   # latency tables: units timed on a target (int8: as deployed)
     "cli": GROUND | {"run", "study", "weights", "tracking", "profile"},
     "__main__": {"cli"},
 }
