@@ -1,8 +1,11 @@
-"""Timing a compiled model on a latency target: ONNX Runtime on nccompile's own graph (the deployed
-file's kernels, zero weights: the CPU kernels' time does not depend on the values), or PyTorch eager.
+"""Timing a compiled model on a latency target: ONNX Runtime on nccompile's own float graph (the
+`weights` file's kernels, zero weights: the CPU kernels' time does not depend on the values) or on the
+int8 QDQ file, or PyTorch eager.
 
-One rule for every measurement: warm-up, then samples of k back-to-back runs each (k chosen so a sample
-lasts about 2 ms, so timer resolution and one-off stalls weigh little), and the median sample.
+Wall-clock times (whole models; PyTorch units): warm-up, then samples of k back-to-back runs each (k
+chosen so a sample lasts about 2 ms, so timer resolution and one-off stalls weigh little), and the
+median sample. ONNX Runtime units and in-model times: node times from ORT's profiler (_profiled), net
+of the profiler's own floor.
 """
 from __future__ import annotations
 
