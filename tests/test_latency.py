@@ -355,23 +355,29 @@ def test_ort_profiles_map_back_to_units_and_in_model_times_correct_the_rest(tmp_
     assert latency.in_context(table.entries[other]) == pytest.approx(0.01)
 
 
-def test_ort_unit_times_are_net_of_the_profilers_floor_and_of_reorders():
+def test_ort_unit_times_are_net_of_the_profilers_floor_and_of_reorders(monkeypatch):
     """A chain of layers that do no work reports about nothing once the profiler's floor is off; a conv
     alone pays reorders into and out of ORT's blocked layout, which its kernel time leaves out."""
+    from runtime.profile import measure
     from runtime.profile.measure import ADDED, ort_kernel_ms, ort_node_ms, profiler_floor_ms
 
-    first, other = profiler_floor_ms(1, 1)
-    assert 0 < other <= first < 0.05  # a few microseconds
     idle = compiler.compile_source("model idle {\n    input 1x1x1\n    relu relu relu relu\n}\n", "idle")
-    net = sum(ort_node_ms(idle, 1, 1, runs=200).values())
-    first, other = profiler_floor_ms(1, 1)
-    assert abs(net) < 0.5 * (net + first + 3 * other)  # most of what no-op nodes report is the floor
+    shares = []
+    for _ in range(3):  # a slow spell of a shared machine between floor and chain: the best of 3 tries
+        monkeypatch.setattr(measure, "_FLOORS", {})  # the floor measured now, next to the chain
+        first, other = profiler_floor_ms(1, 1)
+        assert 0 < other <= first < 0.05  # a few microseconds
+        net = sum(ort_node_ms(idle, 1, 1, runs=200).values())
+        shares.append(abs(net) / (net + first + 3 * other))
+    assert min(shares) < 0.5, shares  # most of what no-op nodes report is the floor
     unit = compiler.compile_source("model unit {\n    input 16x32x32\n    conv(16, kernel=3) bn relu\n}\n", "u")
     nodes = ort_node_ms(unit, 1, 1)
     reorders = sum(ms for name, ms in nodes.items() if ADDED.match(name))
     assert reorders > 0, sorted(nodes)  # 16 channels: ORT's blocked layout, entered and left
+    # the kernel time of these very node times (a second profile would differ by the machine's noise)
+    monkeypatch.setattr(measure, "ort_node_ms", lambda *a, **k: nodes)
     kernel = ort_kernel_ms(unit, 1, 1)
-    assert 0 < kernel < sum(nodes.values())
+    assert 0 < kernel == pytest.approx(sum(nodes.values()) - reorders)
 
 
 def test_on_ort_int8_the_float_head_is_a_unit_of_its_own():
