@@ -327,6 +327,54 @@ def test_the_int8_form_runs_on_integer_kernels_and_agrees_with_the_model(tmp_pat
     assert (got == expected).float().mean() >= 0.9
 
 
+def _pools_reading_uint8(path, tmp_path) -> list[str]:
+    """The MaxPools of the graph ONNX Runtime runs that read a QuantizeLinear's output (uint8)."""
+    import onnx
+
+    _session(path, optimized=tmp_path / "optimized.onnx")
+    nodes = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    quantized = {o for n in nodes if n.op_type == "QuantizeLinear" for o in n.output}
+    return [n.name for n in nodes if n.op_type == "MaxPool" and n.input[0] in quantized]
+
+
+def test_the_int8_form_pools_in_float_after_its_float_first_conv_and_computes_the_same(tmp_path, monkeypatch):
+    """The student's head is conv bn relu6 maxpool, the conv in float. Left as exported, ORT moves the
+    next Q back across the pool and runs it on uint8 in plain NCHW (the slow kernel); with relu6 after
+    the pool it pools in float. Swapping them is exact: the logits are bit for bit the same."""
+    from runtime.deploy import qdq
+
+    model, module = _student()
+    calibration = [np.random.default_rng(0).random((8, *model.input_shape), dtype=np.float32)]
+    qdq.export_int8(module, model.input_shape, calibration, tmp_path / "q.onnx")
+    monkeypatch.setattr(qdq, "pool_before_activation", lambda graph: 0)
+    qdq.export_int8(module, model.input_shape, calibration, tmp_path / "as_exported.onnx")
+    assert _pools_reading_uint8(tmp_path / "as_exported.onnx", tmp_path), "ORT no longer pools uint8 here"
+    assert _pools_reading_uint8(tmp_path / "q.onnx", tmp_path) == []
+    x = calibration[0][:4]
+    np.testing.assert_array_equal(_ort(tmp_path / "q.onnx", x), _ort(tmp_path / "as_exported.onnx", x))
+
+
+def test_pool_before_activation_swaps_only_a_float_activation_read_by_the_pool_alone():
+    import onnx
+    from onnx import helper
+
+    from runtime.deploy.qdq import pool_before_activation
+
+    def graph(*nodes, outputs=("y",)):
+        return helper.make_graph(list(nodes), "g", [helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, None)],
+                                 [helper.make_tensor_value_info(o, onnx.TensorProto.FLOAT, None) for o in outputs])
+
+    pool = helper.make_node("MaxPool", ["a"], ["y"], kernel_shape=[2, 2], strides=[2, 2])
+    g = graph(helper.make_node("Relu", ["x"], ["a"]), pool)
+    assert pool_before_activation(g) == 1
+    assert [(n.op_type, list(n.input), list(n.output)) for n in g.node] == [
+        ("MaxPool", ["x"], ["y_before_Relu"]), ("Relu", ["y_before_Relu"], ["y"])]
+    shared = graph(helper.make_node("Relu", ["x"], ["a"]), pool, helper.make_node("Neg", ["a"], ["z"]),
+                   outputs=("y", "z"))  # the activation's output is read twice: left alone
+    assert pool_before_activation(shared) == 0
+    assert pool_before_activation(graph(helper.make_node("Sigmoid", ["x"], ["a"]), pool)) == 0
+
+
 def test_model_onnx_mapping_names_the_file_to_score():
     from pydantic import ValidationError
 

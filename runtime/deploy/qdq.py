@@ -42,7 +42,7 @@ def export_int8(module: torch.nn.Module, input_shape: tuple, calibration: list[n
         exclude = _first_conv(prepared) if float_first_conv else []
         quantize_static(str(prepared), str(tmp), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
                         activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=exclude)
-        _carry_metadata(tmp, metadata)
+        _finish(tmp, metadata)
 
 
 def _first_conv(path: Path) -> list[str]:
@@ -52,16 +52,52 @@ def _first_conv(path: Path) -> list[str]:
     return convs[:1]
 
 
-def _carry_metadata(path: Path, metadata: dict[str, str] | None) -> None:
+def _finish(path: Path, metadata: dict[str, str] | None) -> None:
     import onnx
 
     model = onnx.load(str(path))
+    pool_before_activation(model.graph)
     have = {p.key for p in model.metadata_props}
     for key, value in (metadata or {}).items():
         if key not in have:
             entry = model.metadata_props.add()
             entry.key, entry.value = key, value
     onnx.save(model, str(path))
+
+
+ACTIVATIONS = ("Relu", "Clip")  # monotone: they commute with max pooling
+
+
+def pool_before_activation(graph) -> int:
+    """Swap each float `Relu`/`Clip` -> `MaxPool` pair into `MaxPool` -> activation; returns how many.
+
+    Exact (a monotone function commutes with max), and it keeps the pool in float: ONNX Runtime moves
+    a Q backward across a MaxPool and then runs that pool on uint8 in plain NCHW, 35x slower than its
+    float pool (the student's first pool at 128 px: 751 us against 21 us; BENCHMARKS.md). With the
+    activation between the pool and the Q, the Q stops there, and ORT folds the activation into it."""
+    nodes = list(graph.node)
+    producer = {out: n for n in nodes for out in n.output}
+    uses = Counter(name for n in nodes for name in n.input)
+    outputs = {o.name for o in graph.output}
+    swapped = 0
+    for pool in [n for n in nodes if n.op_type == "MaxPool" and len(n.output) == 1]:
+        act = producer.get(pool.input[0])
+        if act is None or act.op_type not in ACTIVATIONS or uses[act.output[0]] != 1 or act.output[0] in outputs:
+            continue
+        source, middle, result = act.input[0], act.output[0], pool.output[0]
+        pooled = f"{result}_before_{act.op_type}"  # new: shape inference recorded `middle` at the unpooled size
+        pool.input[0], pool.output[0] = source, pooled
+        act.input[0], act.output[0] = pooled, result
+        stale = [v for v in graph.value_info if v.name == middle]
+        for v in stale:
+            graph.value_info.remove(v)
+        i, j = nodes.index(act), nodes.index(pool)  # the pool now runs first: keep topological order
+        nodes[i], nodes[j] = pool, act
+        swapped += 1
+    if swapped:
+        del graph.node[:]
+        graph.node.extend(nodes)
+    return swapped
 
 
 def integer_ops(ops: Counter) -> int:
