@@ -129,6 +129,18 @@ def test_round_to_multiple_and_target_macs():
     assert macs <= target and macs > 0.4 * compiler.analyse(model).macs  # as close to half as the rounding allows
 
 
+def test_rounding_keeps_multiples_and_leaves_a_space_of_one_multiple_whole():
+    from runtime.rewrite.prune import _rounded
+
+    assert [_rounded(k, 64, 16, 1) for k in (1, 20, 25, 64)] == [16, 16, 32, 64]
+    assert _rounded(1, 16, 16, 1) == 16 and _rounded(3, 12, 16, 1) == 12  # one block or less: whole
+    assert _rounded(1, 16, 1, 1) == 1 and _rounded(0, 16, 1, 2) == 2      # no multiple: the minimum only
+    model, module = _trained_like("student.spec")  # base 16: the first conv's space is one block of 16
+    spaces = analyse_channels(model.root)
+    kept = choose(importance(module, spaces, "l1"), 0.1, "global", multiple=16)
+    assert all(len(idx) % 16 == 0 for idx in kept.values()) and min(len(idx) for idx in kept.values()) == 16
+
+
 def test_activation_cost_prunes_high_resolution_layers_harder():
     model, module = _trained_like("student.spec", input_shape=(3, 64, 64))
     spaces = analyse_channels(model.root)

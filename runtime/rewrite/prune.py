@@ -55,8 +55,12 @@ def importance(module: torch.nn.Module, spaces: Spaces, method: str, seed: int =
 
 
 def _rounded(k: int, size: int, multiple: int, minimum: int) -> int:
-    """Channel counts that CPU kernels like: a multiple of `multiple` (never above `size`)."""
-    if multiple > 1 and size > multiple:
+    """Channel counts that CPU kernels like: a multiple of `multiple` (never above `size`). A space of
+    one multiple or less stays whole: fewer channels run no faster there (ORT pads them to its block),
+    and a 1-channel layer would starve the network (a bench_latency finding at block 16)."""
+    if multiple > 1:
+        if size <= multiple:
+            return size
         k = max(multiple, round(k / multiple) * multiple)
     return min(size, max(minimum, k))
 
