@@ -177,6 +177,22 @@ def test_the_fit_takes_the_overhead_from_the_empty_models_and_recovers_per_unit_
     assert f["overhead_ms"] >= 0 and f["overhead_ms_per_input"] >= 0 and f["scale"] > 0
 
 
+def test_the_overhead_follows_the_empty_models_measured_flat_below_and_along_the_slope_above():
+    from compiler.latency import overhead_at
+    from runtime.profile import fit
+
+    calibration = {f"m{n}": {"sum_ms": 1.0, "units": 3, "inputs": n, "empty_ms": ms, "measured_ms": ms + 1.0}
+                   for n, ms in [(3072, 0.004), (12288, 0.005), (150528, 0.019), (196608, 0.027)]}
+    f = fit(calibration, 0.0)  # a measured step of 0 between units
+    assert f["overhead_points"] == [[3072, 0.004], [12288, 0.005], [150528, 0.019], [196608, 0.027]]
+    assert overhead_at(f, 100) == overhead_at(f, 3072) == 0.004  # a call's fixed cost: not the line's intercept
+    assert f["overhead_ms"] + f["overhead_ms_per_input"] * 100 != pytest.approx(0.004, rel=0.05)
+    assert overhead_at(f, 12288) == pytest.approx(0.005) and overhead_at(f, 7680) == pytest.approx(0.0045)
+    assert overhead_at(f, 296608) == pytest.approx(0.027 + 100000 * f["overhead_ms_per_input"])
+    assert f["scale"] == pytest.approx(1.0)  # every model: empty + its units
+    assert overhead_at({"overhead_ms": 0.01, "overhead_ms_per_input": 1e-6}, 1000) == pytest.approx(0.011)
+
+
 @pytest.mark.slow  # profiles for real (two subprocesses each)
 @pytest.mark.parametrize("target", ["ort-fp32", "ort-int8", "torch-fp32"])
 def test_profile_measures_each_unit_once_resumes_and_checks_its_prediction(tmp_path, tables, target, in_root):

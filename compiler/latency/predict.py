@@ -126,10 +126,25 @@ def in_context(entry: dict) -> float:
 
 
 def overhead_ms(table: Table, in_shape: tuple) -> float:
-    """What a run costs beyond its units: the empty model's time, measured by the profiler at the whole
-    models' input sizes and fitted as a constant plus a cost per input element (feeding the input)."""
-    f = table.fit
-    return f["overhead_ms"] + f.get("overhead_ms_per_input", 0.0) * math.prod(in_shape)
+    """What a run costs beyond its units: the empty model's time at this input size (feeding the input)."""
+    return overhead_at(table.fit, math.prod(in_shape))
+
+
+def overhead_at(fit: dict, inputs: int) -> float:
+    """The empty model's time for `inputs` input elements: through the empty models measured
+    (`overhead_points`, [inputs, ms]), flat below the smallest (a call's fixed cost; the fitted line's
+    intercept is 20% under it at a few hundred elements), along the fitted cost per element above the
+    largest; without points, the fitted line (`overhead_ms` + `overhead_ms_per_input` x inputs)."""
+    slope = fit.get("overhead_ms_per_input", 0.0)
+    points = sorted(fit.get("overhead_points") or [])
+    if not points:
+        return fit["overhead_ms"] + slope * inputs
+    if inputs <= points[0][0]:
+        return points[0][1]
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if inputs <= x1:
+            return y0 + (y1 - y0) * (inputs - x0) / (x1 - x0)
+    return points[-1][1] + slope * (inputs - points[-1][0])
 
 
 def units_on(model: Model, target: str) -> list[Unit]:

@@ -122,16 +122,18 @@ def save(table: latency.Table) -> None:
 
 def fit(calibration: dict, per_unit: float | None = None) -> dict:
     """The prediction's terms from the whole models measured (each {sum_ms, units, measured_ms, empty_ms,
-    inputs}): the overhead is the empty model's time, least squares over the input sizes measured as a
-    constant plus a cost per input element (both >= 0); then measured - overhead = per_unit x units +
+    inputs}): the overhead is the empty model's time at each input size measured (`overhead_points`),
+    and least squares over them as a constant plus a cost per input element (both >= 0) for larger
+    inputs (latency.overhead_at); then measured - overhead = per_unit x units +
     scale x sum, least squares on the relative error. `per_unit`, what a model pays per unit beyond the
     units' entries, is fitted unless measured (the runtime's step between kernels, for kernel times)."""
     import numpy as np
 
     empties = {c["inputs"]: c["empty_ms"] for c in calibration.values() if "empty_ms" in c}
     a, b = _overhead(empties)
-    terms = {"overhead_ms": a, "overhead_ms_per_input": b, "per_unit_ms": per_unit or 0.0}
-    points = [(c["sum_ms"], c.get("units", 0), c["measured_ms"] - a - b * c.get("inputs", 0))
+    terms = {"overhead_ms": a, "overhead_ms_per_input": b, "per_unit_ms": per_unit or 0.0,
+             "overhead_points": [[n, ms] for n, ms in sorted(empties.items())]}
+    points = [(c["sum_ms"], c.get("units", 0), c["measured_ms"] - latency.overhead_at(terms, c.get("inputs", 0)))
               for c in calibration.values() if c["sum_ms"] > 0]
     if per_unit is not None:
         points = [(s, 0, m - per_unit * n) for s, n, m in points]
@@ -318,8 +320,10 @@ def main(argv: list[str]) -> int:
     models = _models(args.specs, args.input, args.space)
     measured, known = profile(models, table, args.samples)
     f = table.fit
+    empties = f.get("overhead_points") or [[0, f["overhead_ms"]]]
     print(f"profile: {measured:,} units measured, {known:,} already in the table; overhead (the empty model) "
-          f"{f['overhead_ms']:.4f} ms + {1e6 * f['overhead_ms_per_input']:.3f} ns per input element; "
+          f"{empties[0][1]:.4f} ms at {empties[0][0]:,} input elements to {empties[-1][1]:.4f} ms at "
+          f"{empties[-1][0]:,}, then +{1e6 * f['overhead_ms_per_input']:.3f} ns per element; "
           f"{len(f['models'])} whole models fit {f['per_unit_ms']:+.5f} ms per unit + {f['scale']:.3f} x sum of units")
     print(f"table: {table.describe()}")
     return 0
