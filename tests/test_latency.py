@@ -210,7 +210,7 @@ def test_profile_measures_each_unit_once_resumes_and_checks_its_prediction(tmp_p
     calibration = table.fit["models"]["tiny@3x16x16"]
     assert calibration["measured_ms"] > calibration["empty_ms"] > 0  # the empty model is the overhead
     assert table.fit["overhead_ms"] == pytest.approx(calibration["empty_ms"])  # one input size measured
-    if target == "ort-fp32":  # what pruning to its latency rounds channels to (ORT's blocked layout)
+    if target.startswith("ort"):  # what pruning to its latency rounds channels to (ORT's blocked layout)
         assert table.fit["channel_block"] in (8, 16)
     else:
         assert "channel_block" not in table.fit
@@ -367,6 +367,11 @@ def test_ort_profiles_map_back_to_units_and_in_model_times_correct_the_rest(tmp_
     table = _table(tmp_path, model, lambda u: 0.01)
     table.entries[conv.key]["ctx"] = {"m@1": 0.02, "m@2": 0.04}
     assert latency.in_context(table.entries[conv.key]) == pytest.approx(0.03)
+    # ... of the models nearest in input size, when the table knows them (a unit after large layers costs more)
+    sizes = {"m@1": 3072, "m@2": 150528}
+    assert latency.in_context(table.entries[conv.key], 4096, sizes) == pytest.approx(0.02)
+    assert latency.in_context(table.entries[conv.key], 200_000, sizes) == pytest.approx(0.04)
+    assert latency.in_context(table.entries[conv.key], 4096, {"m@1": 3072}) == pytest.approx(0.03)  # one unknown
     other = next(k for k, e in table.entries.items() if k != conv.key)
     assert latency.in_context(table.entries[other]) == pytest.approx(0.01)
 

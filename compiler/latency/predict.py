@@ -44,6 +44,8 @@ def _derived(table: Table) -> dict:
         for key, e in table.entries.items():
             by_structure.setdefault(e.get("structure", ""), []).append((key, e))
         d["slopes"] = {}
+        # the input size of each whole model measured: in-model times are taken from the nearest (in_context)
+        d["sizes"] = {label: c["inputs"] for label, c in table.fit.get("models", {}).items() if c.get("inputs")}
     return d
 
 
@@ -89,13 +91,14 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
     return x
 
 
-def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
-    """The unit's time: measured, else from the nearest measured unit of its structure, moved along that
-    structure's fitted cost per MAC and per element moved (or, with too few of them to fit, scaled by the
-    ratio of MACs, or of bytes moved for units without MACs)."""
+def entry_ms(unit: Unit, table: Table, inputs: int | None = None) -> tuple[float, str]:
+    """The unit's time in a model of `inputs` input elements (in_context): measured, else from the nearest
+    measured unit of its structure, moved along that structure's fitted cost per MAC and per element
+    moved (or, with too few of them to fit, scaled by the ratio of MACs, or of bytes moved for units
+    without MACs)."""
     hit = table.entries.get(unit.key)
     if hit is not None:
-        return in_context(hit), "measured"
+        return in_context(hit, inputs, _derived(table)["sizes"]), "measured"
     structure = unit.structure
     best, best_distance = None, math.inf
     for key, e in _derived(table)["by_structure"].get(structure, []):
@@ -118,11 +121,20 @@ def entry_ms(unit: Unit, table: Table) -> tuple[float, str]:
     return alone, f"nearest {key}"
 
 
-def in_context(entry: dict) -> float:
-    """A measured unit's time inside models: its mean in-model time where profiled models had it (ORT's
-    profiler), else its time alone (on ORT the same kernels' time, net of the reorders a unit alone pays)."""
+def in_context(entry: dict, inputs: int | None = None, sizes: dict[str, int] | None = None) -> float:
+    """A measured unit's time inside a model of `inputs` input elements: its in-model time (ORT's profiler)
+    in the profiled models of the nearest input size (`sizes`: each model's; the mean of those at that
+    size), else its time alone (on ORT the same kernels' time, net of the reorders a unit alone pays).
+    The nearest, since a unit costs more after large layers than after small ones: an SE block's 1x1
+    convs take 1-2 us in the student at 32 px and 8-10 us at 256, their weights evicted from the cache."""
     ctx = entry.get("ctx") or {}
-    return sum(ctx.values()) / len(ctx) if ctx else float(entry["ms"])
+    if not ctx:
+        return float(entry["ms"])
+    if inputs and sizes and all(sizes.get(label) for label in ctx):
+        distance = {label: abs(math.log(sizes[label] / inputs)) for label in ctx}
+        nearest = min(distance.values())
+        ctx = {label: ms for label, ms in ctx.items() if distance[label] <= nearest + 1e-9}
+    return sum(ctx.values()) / len(ctx)
 
 
 def overhead_ms(table: Table, in_shape: tuple) -> float:
@@ -154,8 +166,9 @@ def units_on(model: Model, target: str) -> list[Unit]:
 
 def predict(model: Model, table: Table) -> Prediction:
     rows = []
+    inputs = math.prod(model.input_shape)
     for unit in units_on(model, table.target):
-        ms, how = entry_ms(unit, table)
+        ms, how = entry_ms(unit, table, inputs)
         rows.append((unit, ms, how))
     f = table.fit
     per_unit = f.get("per_unit_ms", 0.0) * len(rows)

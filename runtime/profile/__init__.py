@@ -211,10 +211,12 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
         table.fit["channel_block"] = ort_channel_block()  # pruning to a latency rounds to it
     if table.target in KERNEL_TIMES:
         _in_model_times(whole, table)
+    for model in whole:  # each model's input size first: a unit's in-context time is the nearest size's
+        calibration.setdefault(_label(model), {})["inputs"] = _inputs(model)
     table.touch()  # units and in-model times added: what prediction derived from the entries is stale
     for model, ms in zip(whole, measured):
         units = latency.units_on(model, table.target)
-        calibration[_label(model)] = {"sum_ms": sum(latency.entry_ms(u, table)[0] for u in units),
+        calibration[_label(model)] = {"sum_ms": sum(latency.entry_ms(u, table, _inputs(model))[0] for u in units),
                                       "units": len(units), "measured_ms": ms,
                                       "empty_ms": empty_ms[model.input_shape], "inputs": _inputs(model)}
     table.fit.update(fit(calibration, table.fit.get("step_ms")))
