@@ -689,7 +689,8 @@ def test_calibration_batches_stop_at_the_training_set(tmp_path, capsys, in_root)
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("data", [[], ["--data", str(DATA), "--set", "data.cache=false"]])
+@pytest.mark.parametrize("data", [[], pytest.param(["--data", str(DATA), "--set", "data.cache=false"],
+                                                   marks=pytest.mark.skipif(not DATA.is_dir(), reason="no images"))])
 def test_a_one_pixel_input_trains(data, tmp_path, capsys, in_root):
     """`--input 3x1x1` was an internal error: PyTorch's uint8 antialiased resize fails an assert at 1x1."""
     import torch
