@@ -331,8 +331,7 @@ def _pools_reading_uint8(path, tmp_path) -> list[str]:
     """The MaxPools of the graph ONNX Runtime runs that read a QuantizeLinear's output (uint8)."""
     import onnx
 
-    _session(path, optimized=tmp_path / "optimized.onnx")
-    nodes = onnx.load(str(tmp_path / "optimized.onnx")).graph.node
+    nodes = onnx.load(str(_optimized(path, tmp_path))).graph.node
     quantized = {o for n in nodes if n.op_type == "QuantizeLinear" for o in n.output}
     return [n.name for n in nodes if n.op_type == "MaxPool" and n.input[0] in quantized]
 
@@ -352,6 +351,36 @@ def test_the_int8_form_pools_in_float_after_its_float_first_conv_and_computes_th
     assert _pools_reading_uint8(tmp_path / "q.onnx", tmp_path) == []
     x = calibration[0][:4]
     np.testing.assert_array_equal(_ort(tmp_path / "q.onnx", x), _ort(tmp_path / "as_exported.onnx", x))
+
+
+def test_the_int8_form_keeps_a_batchnorm_that_follows_no_conv_in_float(tmp_path):
+    """A BatchNorm after a pool (densenet's pre-activation) cannot fold into a conv, and ORT has no int8
+    kernel for it: quantized, its parameters would be dequantized on every call. It stays in float,
+    its parameters plain initializers, between the int8 convs."""
+    import onnx
+
+    from runtime.deploy.qdq import export_int8
+
+    model = compiler.compile_source("model pre {\n    input 3x16x16\n    conv(8) maxpool(2) bn relu conv(8) "
+                                    "gap flatten linear(4)\n}\n", "pre.spec")
+    module = compiler.build_module(model).eval()
+    calibration = [np.random.default_rng(0).random((8, *model.input_shape), dtype=np.float32)]
+    export_int8(module, model.input_shape, calibration, tmp_path / "q.onnx", float_first_conv=False)
+    graph = onnx.load(str(tmp_path / "q.onnx")).graph
+    constants = {t.name for t in graph.initializer}
+    (bn,) = [n for n in graph.node if n.op_type == "BatchNormalization"]
+    assert all(name in constants for name in bn.input[1:]), list(bn.input)
+    ops = Counter(n.op_type for n in onnx.load(str(_optimized(tmp_path / "q.onnx", tmp_path))).graph.node)
+    assert ops["QLinearConv"] == 2 and ops["BatchNormalization"] == 1, ops
+    with torch.no_grad():
+        expected = module(torch.from_numpy(calibration[0])).numpy()
+    got = _ort(tmp_path / "q.onnx", calibration[0])
+    assert np.abs(got - expected).max() < 0.1 * np.abs(expected).max()
+
+
+def _optimized(path, tmp_path):
+    _session(path, optimized=tmp_path / "optimized.onnx")
+    return tmp_path / "optimized.onnx"
 
 
 def test_pool_before_activation_swaps_only_a_float_activation_read_by_the_pool_alone():
