@@ -15,7 +15,8 @@ from ..errors import NcError
 TARGETS = {"ort-fp32": "onnxruntime", "ort-int8": "onnxruntime", "torch-fp32": "torch"}
 FIRST_CONV_FLOAT = {"ort-int8"}  # the int8 file keeps its first conv in float (runtime/deploy/qdq.py)
 ALIASES = {"ort-weights": "ort-fp32"}  # the `weights` export runs on the float graph's kernels after folding
-# 2: ORT units are kernel times; 3: the int8 file pools in float after its float conv, overhead points
+# 2: ORT units are kernel times; 3: the int8 file pools in float after its float conv and keeps unfolded
+# BatchNorms in float, the overhead goes through the empty models measured
 TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 3
 
 
