@@ -387,7 +387,7 @@ def test_ort_unit_times_are_net_of_the_profilers_floor_and_of_reorders(monkeypat
     for _ in range(3):  # a slow spell of a shared machine between floor and chain: the best of 3 tries
         monkeypatch.setattr(measure, "_FLOORS", {})  # the floor measured now, next to the chain
         first, other = profiler_floor_ms(1, 1)
-        assert 0 < other <= first < 0.05  # a few microseconds
+        assert 0 < first < 0.05 and 0 < other < 0.05  # a few microseconds (which is larger varies by CPU)
         net = sum(ort_node_ms(idle, 1, 1, runs=200).values())
         shares.append(abs(net) / (net + first + 3 * other))
     assert min(shares) < 0.5, shares  # most of what no-op nodes report is the floor
