@@ -11,22 +11,31 @@ from .tables import FIRST_CONV_FLOAT, LatencyError, Table, canonical_target
 from .units import Unit, target_units
 
 
+IN_MODEL = "measured in a model"  # an entry from ORT's profiler inside whole models, not the unit alone
+
+
+def scales(fit: dict) -> tuple[float, float]:
+    """(for units timed alone, for units timed inside models): the two are different instruments, each
+    fitted on the whole models measured (runtime.profile.fit). A table fitted before the split has one."""
+    return fit.get("alone_scale", fit["scale"]), fit["scale"]
+
+
 @dataclass
 class Prediction:
     ms: float                 # the model's predicted latency
-    units: list[tuple[Unit, float, str]]  # (unit, its entry in ms, how: "measured" | "nearest KEY")
+    units: list[tuple[Unit, float, str]]  # (unit, its entry in ms, how: IN_MODEL | "measured" | "nearest KEY")
     table: Table
 
     @property
     def estimated(self) -> int:
-        return sum(1 for _, _, how in self.units if how != "measured")
+        return sum(1 for _, _, how in self.units if how.startswith("nearest"))
 
     def by_path(self) -> dict[str, float]:
         """Each layer's share of the prediction (a unit's time on its first layer)."""
         out: dict[str, float] = {}
-        for unit, ms, _ in self.units:
+        for unit, ms, how in self.units:
             if unit.paths:
-                out[unit.paths[0]] = out.get(unit.paths[0], 0.0) + ms * self.table.fit["scale"]
+                out[unit.paths[0]] = out.get(unit.paths[0], 0.0) + ms * scales(self.table.fit)[how == IN_MODEL]
         return out
 
     def to_json(self) -> dict:
@@ -98,7 +107,7 @@ def entry_ms(unit: Unit, table: Table, inputs: int | None = None) -> tuple[float
     without MACs)."""
     hit = table.entries.get(unit.key)
     if hit is not None:
-        return in_context(hit, inputs, _derived(table)["sizes"]), "measured"
+        return in_context(hit, inputs, _derived(table)["sizes"]), IN_MODEL if hit.get("ctx") else "measured"
     structure = unit.structure
     best, best_distance = None, math.inf
     for key, e in _derived(table)["by_structure"].get(structure, []):
@@ -171,8 +180,12 @@ def predict(model: Model, table: Table) -> Prediction:
         ms, how = entry_ms(unit, table, inputs)
         rows.append((unit, ms, how))
     f = table.fit
-    per_unit = f.get("per_unit_ms", 0.0) * len(rows)
-    raw = f["scale"] * sum(ms for _, ms, _ in rows)
+    alone_scale, in_model_scale = scales(f)
+    alone = [ms for _, ms, how in rows if how != IN_MODEL]
+    in_model = in_model_scale * sum(ms for _, ms, how in rows if how == IN_MODEL)
+    raw = alone_scale * sum(alone)
+    per_unit = (f.get("per_unit_ms", 0.0) * len(rows) + f.get("alone_per_unit_ms", 0.0) * len(alone)
+                + f.get("in_model_per_unit_ms", 0.0) * (len(rows) - len(alone)))
     # a negative per-unit correction never takes more than half of what the units measured
-    total = overhead_ms(table, model.input_shape) + max(raw + per_unit, raw / 2)
+    total = overhead_ms(table, model.input_shape) + max(in_model + raw + per_unit, (in_model + raw) / 2)
     return Prediction(total, rows, table)

@@ -121,31 +121,47 @@ def save(table: latency.Table) -> None:
 
 
 def fit(calibration: dict, per_unit: float | None = None) -> dict:
-    """The prediction's terms from the whole models measured (each {sum_ms, units, measured_ms, empty_ms,
-    inputs}): the overhead is the empty model's time at each input size measured (`overhead_points`),
-    and least squares over them as a constant plus a cost per input element (both >= 0) for larger
-    inputs (latency.overhead_at); then measured - overhead = per_unit x units +
+    """The prediction's terms from the whole models measured (each {sum_ms, alone_ms, units, measured_ms,
+    empty_ms, inputs}): the overhead is the empty model's time at each input size measured
+    (`overhead_points`), and least squares over them as a constant plus a cost per input element (both
+    >= 0) for larger inputs (latency.overhead_at); then measured - overhead = per_unit x units +
     scale x sum, least squares on the relative error. `per_unit`, what a model pays per unit beyond the
-    units' entries, is fitted unless measured (the runtime's step between kernels, for kernel times)."""
-    import numpy as np
-
+    units' entries, is fitted unless measured (the runtime's step between kernels, for kernel times).
+    With a measured `per_unit`, units timed alone (`alone_ms`, the sum of the model's units' times alone)
+    get terms of their own, `alone_scale` and `alone_per_unit_ms`, fitted the same way: a kernel costs
+    otherwise alone than inside a model (an int8 unit alone 0.8-1.0x a model's share per unit, and about
+    1 us more per unit), and a model the table never ran whole is predicted from its units alone."""
     empties = {c["inputs"]: c["empty_ms"] for c in calibration.values() if "empty_ms" in c}
     a, b = _overhead(empties)
     terms = {"overhead_ms": a, "overhead_ms_per_input": b, "per_unit_ms": per_unit or 0.0,
              "overhead_points": [[n, ms] for n, ms in sorted(empties.items())]}
-    points = [(c["sum_ms"], c.get("units", 0), c["measured_ms"] - latency.overhead_at(terms, c.get("inputs", 0)))
-              for c in calibration.values() if c["sum_ms"] > 0]
-    if per_unit is not None:
-        points = [(s, 0, m - per_unit * n) for s, n, m in points]
-    points = [p for p in points if p[2] > 0]
+    net = [(c, c["measured_ms"] - latency.overhead_at(terms, c.get("inputs", 0))) for c in calibration.values()]
+    if per_unit is None:  # every entry is a unit's time alone (no in-model times): one fit for both
+        terms.update(_scaled([(c["sum_ms"], c.get("units", 0), m) for c, m in net], None))
+        return {**terms, "alone_scale": terms["scale"], "alone_per_unit_ms": 0.0}
+    in_model = _scaled([(c["sum_ms"], c.get("units", 0), m - per_unit * c.get("units", 0)) for c, m in net], None)
+    terms.update(scale=in_model["scale"], in_model_per_unit_ms=in_model["per_unit_ms"])
+    alone = _scaled([(c["alone_ms"], c.get("units", 0), m - per_unit * c.get("units", 0)) for c, m in net
+                     if "alone_ms" in c], None)
+    if not any("alone_ms" in c for c in calibration.values()):  # models measured before alone sums were kept
+        alone = {"scale": terms["scale"], "per_unit_ms": 0.0}
+    return {**terms, "alone_scale": alone["scale"], "alone_per_unit_ms": alone["per_unit_ms"]}
+
+
+def _scaled(points: list[tuple[float, int, float]], per_unit: float | None) -> dict:
+    """{per_unit_ms, scale} from (sum of entries, units, time less the overhead) of each model: least squares
+    on the relative error, the per-unit term fitted unless given (and dropped where the scale comes out <= 0)."""
+    import numpy as np
+
+    points = [p for p in points if p[0] > 0 and p[2] > 0]
     if not points:
-        return {**terms, "scale": 1.0}
+        return {"per_unit_ms": per_unit or 0.0, "scale": 1.0}
     s, n, m = (np.array(v, dtype=float) for v in zip(*points))
     if per_unit is None and len(points) >= 2:
-        fitted, scale = np.linalg.lstsq(np.stack([n, s], 1) / m[:, None], np.ones_like(m), rcond=None)[0]
-        if scale > 0:
-            return {**terms, "per_unit_ms": float(fitted), "scale": float(scale)}
-    return {**terms, "scale": float(np.sum(s / m) / np.sum((s / m) ** 2))}
+        (fitted, scale), _, rank, _ = np.linalg.lstsq(np.stack([n, s], 1) / m[:, None], np.ones_like(m), rcond=None)
+        if scale > 0 and rank == 2:  # models of one shape (units and sum in proportion) fit the scale alone
+            return {"per_unit_ms": float(fitted), "scale": float(scale)}
+    return {"per_unit_ms": per_unit or 0.0, "scale": float(np.sum(s / m) / np.sum((s / m) ** 2))}
 
 
 def _overhead(empties: dict[int, float]) -> tuple[float, float]:
@@ -177,6 +193,8 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
         for unit in latency.units_on(model, table.target):
             wanted.setdefault(unit.key, unit)
     todo = [u for k, u in wanted.items() if k not in table.entries]
+    if table.target in KERNEL_TIMES and (todo or "step_ms" not in table.fit):
+        table.fit["step_ms"] = _step_ms(table, samples)  # measured: the fit takes it as the per-unit term
     saved = time.monotonic()
     empties: dict[tuple, object] = {}  # input shape -> the empty model timed beside each unit
     failed: dict[str, str] = {}
@@ -189,7 +207,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
                 empties[unit.in_shape] = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
             model = compiler.compile_source(unit_spec(unit), "unit")
             timed = unit_ms(model, empties[unit.in_shape], table.target, table.threads, table.batch, samples,
-                            unit.variant)
+                            unit.variant, table.fit.get("step_ms", 0.0))
         except (NcError, RuntimeError, ValueError) as err:  # ours, or ONNX Runtime's (export, quantization)
             failed[unit.key] = str(err).splitlines()[0]
             continue
@@ -204,9 +222,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     calibration = table.fit.setdefault("models", {})
     whole = list({_label(m): m for m in models
                   if not any(u.key in failed for u in latency.units_on(m, table.target))}.values())
-    measured, empty_ms, step = _whole_models(whole, table, samples)
-    if step is not None:
-        table.fit["step_ms"] = step  # measured: the fit takes it as the per-unit term
+    measured, empty_ms = _whole_models(whole, table, samples)
     if table.target in BLOCKED_LAYOUT:
         table.fit["channel_block"] = ort_channel_block()  # pruning to a latency rounds to it
     if table.target in KERNEL_TIMES:
@@ -217,38 +233,42 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     for model, ms in zip(whole, measured):
         units = latency.units_on(model, table.target)
         calibration[_label(model)] = {"sum_ms": sum(latency.entry_ms(u, table, _inputs(model))[0] for u in units),
-                                      "units": len(units), "measured_ms": ms,
+                                      "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units), "measured_ms": ms,
                                       "empty_ms": empty_ms[model.input_shape], "inputs": _inputs(model)}
     table.fit.update(fit(calibration, table.fit.get("step_ms")))
     save(table)
     return len(todo) - len(failed), len(wanted) - len(todo)
 
 
-def _whole_models(whole: list, table: latency.Table, samples: int) -> tuple[list[float], dict, float | None]:
-    """(each model's time, the empty model's time at each input shape, and on targets whose units are
-    kernel times, what a model pays per unit beyond them: a chain of 18 ReLUs on one value less a chain
-    of 9, per ReLU), all timed together, the models taking turns."""
+def _whole_models(whole: list, table: latency.Table, samples: int) -> tuple[list[float], dict]:
+    """(each model's time, the empty model's time at each input shape), all timed together, the models
+    taking turns."""
     from tqdm import tqdm
 
     import compiler
 
-    from .measure import KERNEL_TIMES, whole_models_ms
+    from .measure import whole_models_ms
 
     shapes = list(dict.fromkeys(m.input_shape for m in whole))
     extra = [compiler.compile_source(latency.baseline_spec(s), "empty") for s in shapes]
-    if table.target in KERNEL_TIMES:
-        extra += [compiler.compile_source(f"model chain {{\n    input 1x1x1\n    {'relu ' * n}\n}}\n", "chain")
-                  for n in STEP_CHAINS]
     with tqdm(total=WHOLE_ROUNDS * (len(whole) + len(extra)), desc="whole models", unit="run",
               mininterval=0.5) as bar:
         measured = whole_models_ms(whole + extra, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS,
                                    progress=bar.update)
-    empty_ms = dict(zip(shapes, measured[len(whole):len(whole) + len(shapes)]))
-    step = None
-    if table.target in KERNEL_TIMES:
-        short, long = measured[-2:]
-        step = max(0.0, (long - short) / (STEP_CHAINS[1] - STEP_CHAINS[0]))
-    return measured[:len(whole)], empty_ms, step
+    return measured[:len(whole)], dict(zip(shapes, measured[len(whole):]))
+
+
+def _step_ms(table: latency.Table, samples: int) -> float:
+    """On targets whose units are kernel times, what a model pays per unit beyond them: a chain of 18
+    ReLUs on one value less a chain of 9, per ReLU, the two timed in turns."""
+    import compiler
+
+    from .measure import whole_models_ms
+
+    chains = [compiler.compile_source(f"model chain {{\n    input 1x1x1\n    {'relu ' * n}\n}}\n", "chain")
+              for n in STEP_CHAINS]
+    short, long = whole_models_ms(chains, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS)
+    return max(0.0, (long - short) / (STEP_CHAINS[1] - STEP_CHAINS[0]))
 
 
 def _in_model_times(whole: list, table: latency.Table) -> None:
@@ -301,6 +321,17 @@ def check(specs: list[str], inputs: list[str], table: latency.Table, samples: in
     return rows
 
 
+def _terms(f: dict) -> str:
+    """The fitted terms as the prediction adds them (latency.predict)."""
+    alone_scale, in_model_scale = latency.scales(f)
+    alone = f"{1e3 * f.get('alone_per_unit_ms', 0.0):+.2f} us + {alone_scale:.3f} x its time alone"
+    if "in_model_per_unit_ms" not in f:  # no in-model times: every unit is timed alone
+        return f"{1e3 * f['per_unit_ms']:+.2f} us per unit + {alone_scale:.3f} x its time alone"
+    return (f"{1e3 * f['per_unit_ms']:.2f} us per unit (the step between kernels), then a unit measured in a "
+            f"model {1e3 * f['in_model_per_unit_ms']:+.2f} us + {in_model_scale:.3f} x its time there, one "
+            f"measured alone {alone}")
+
+
 def main(argv: list[str]) -> int:
     args = _parser().parse_args(argv)
     for name in ("threads", "batch", "samples"):
@@ -326,6 +357,6 @@ def main(argv: list[str]) -> int:
     print(f"profile: {measured:,} units measured, {known:,} already in the table; overhead (the empty model) "
           f"{empties[0][1]:.4f} ms at {empties[0][0]:,} input elements to {empties[-1][1]:.4f} ms at "
           f"{empties[-1][0]:,}, then +{1e6 * f['overhead_ms_per_input']:.3f} ns per element; "
-          f"{len(f['models'])} whole models fit {f['per_unit_ms']:+.5f} ms per unit + {f['scale']:.3f} x sum of units")
+          f"{len(f['models'])} whole models fit {_terms(f)}")
     print(f"table: {table.describe()}")
     return 0
