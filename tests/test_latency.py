@@ -177,6 +177,77 @@ def test_the_fit_takes_the_overhead_from_the_empty_models_and_recovers_per_unit_
     assert f["overhead_ms"] >= 0 and f["overhead_ms_per_input"] >= 0 and f["scale"] > 0
 
 
+def test_units_timed_alone_and_inside_models_get_fitted_terms_of_their_own():
+    """Each model's units timed inside models (sum_ms) and alone (alone_ms) are two instruments: with the
+    step between kernels measured, each gets its own per-unit term and scale, fitted on the same models."""
+    from runtime.profile import fit
+
+    step, empty = 0.0002, 0.005
+    models = {}
+    for i, (net, n) in enumerate([(0.05, 5), (0.4, 30), (2.0, 12), (7.0, 80), (0.3, 9), (1.2, 60)]):
+        # in a model: 0.9 x its units' in-model times - 0.2 us each; alone: 1.1 x their times - 0.9 us each
+        models[str(i)] = {"inputs": 3072, "empty_ms": empty, "units": n, "measured_ms": empty + step * n + net,
+                          "sum_ms": (net + 0.0002 * n) / 0.9, "alone_ms": (net + 0.0009 * n) / 1.1}
+    f = fit(models, step)
+    assert f["per_unit_ms"] == step
+    assert (f["in_model_per_unit_ms"], f["scale"]) == pytest.approx((-0.0002, 0.9))
+    assert (f["alone_per_unit_ms"], f["alone_scale"]) == pytest.approx((-0.0009, 1.1))
+    # models of one shape cannot tell a per-unit term from the scale: the scale alone
+    same = {k: {**c, "units": 10, "sum_ms": 1.0, "alone_ms": 1.0, "measured_ms": empty + step * 10 + 0.8}
+            for k, c in models.items()}
+    f = fit(same, step)
+    assert (f["in_model_per_unit_ms"], f["scale"]) == pytest.approx((0.0, 0.8))
+    # models measured before alone sums were kept: units alone take the in-model terms' scale
+    f = fit({k: {x: v for x, v in c.items() if x != "alone_ms"} for k, c in models.items()}, step)
+    assert (f["alone_per_unit_ms"], f["alone_scale"]) == (0.0, f["scale"])
+    # without a measured step (PyTorch: every unit timed alone) one fit serves both
+    f = fit({k: {**c, "sum_ms": c["alone_ms"]} for k, c in models.items()})
+    assert (f["alone_per_unit_ms"], f["alone_scale"]) == (0.0, f["scale"])
+
+
+def test_prediction_takes_each_units_terms_by_where_it_was_timed(tmp_path):
+    model = compiler.compile_spec(_tiny(tmp_path))
+    fit = {"overhead_ms": 0.01, "per_unit_ms": 0.0002, "scale": 0.9, "in_model_per_unit_ms": -0.0001,
+           "alone_scale": 1.2, "alone_per_unit_ms": -0.0005}
+    table = _table(tmp_path, model, lambda u: 0.004, fit=fit)
+    units = latency.units(model)
+    seen = units[::2]  # measured inside a profiled model: 0.003 ms there
+    for u in seen:
+        table.entries[u.key]["ctx"] = {"m@1": 0.003}
+    table.touch()
+    prediction = latency.predict(model, table)
+    assert {how for _, _, how in prediction.units} == {latency.IN_MODEL, "measured"}
+    expected = (0.01 + 0.0002 * len(units) + len(seen) * (0.9 * 0.003 - 0.0001)
+                + (len(units) - len(seen)) * (1.2 * 0.004 - 0.0005))
+    assert prediction.ms == pytest.approx(expected)
+    assert sum(prediction.by_path().values()) == pytest.approx(len(seen) * 0.9 * 0.003
+                                                              + (len(units) - len(seen)) * 1.2 * 0.004)
+    # a table fitted before the two instruments were told apart: one scale, no per-unit corrections
+    old = _table(tmp_path, model, lambda u: 0.004, fit={"overhead_ms": 0.01, "per_unit_ms": 0.0002, "scale": 0.9})
+    assert latency.predict(model, old).ms == pytest.approx(0.01 + len(units) * (0.0002 + 0.9 * 0.004))
+
+
+def test_small_ort_units_without_layout_conversions_are_timed_by_the_clock():
+    """The profiler reports whole microseconds, most of a small unit's time: a small fp32 unit that ORT runs
+    without reorders is its time less the empty model's, paired, by the clock; not a conv in the blocked
+    layout, a large input, or int8 (whose float units alone skip the conversions a model pays)."""
+    from runtime.profile.measure import WALL_MAX_INPUTS, unit_ms
+
+    def timed(text, shape, target="ort-fp32"):
+        unit = latency.Unit(text, shape, 0, 0)
+        model = compiler.compile_source(unit.spec(), "unit")
+        return unit_ms(model, compiler.compile_source(latency.baseline_spec(shape), "e"), target, samples=5,
+                       step_ms=0.0002)
+
+    small = timed("bn", (8,))
+    assert small["clock"] == "wall" and 0 <= small["ms"] < 0.02
+    assert timed("relu", (4, 8, 8))["clock"] == "wall"
+    assert "clock" not in timed("conv(16, kernel=3)", (16, 8, 8))  # in and out of ORT's blocked layout
+    side = int((2 * WALL_MAX_INPUTS) ** 0.5)
+    assert "clock" not in timed("relu", (1, side, side))
+    assert "clock" not in timed("relu", (4, 8, 8), "ort-int8")
+
+
 def test_the_overhead_follows_the_empty_models_measured_flat_below_and_along_the_slope_above():
     from compiler.latency import overhead_at
     from runtime.profile import fit

@@ -20,7 +20,17 @@ profile the spec.
 """
 from __future__ import annotations
 
-from .predict import IN_MODEL, Prediction, entry_ms, in_context, overhead_at, overhead_ms, predict, scales, units_on
+from .predict import (
+    IN_MODEL,
+    Prediction,
+    entry_ms,
+    in_context,
+    overhead_at,
+    overhead_ms,
+    predict,
+    scales,
+    units_on,
+)
 from .predict import _slopes as _slopes  # tests check the fitted slopes
 from .tables import (
     ALIASES,
@@ -38,4 +48,4 @@ from .units import Unit, baseline_spec, units
 
 __all__ = ["ALIASES", "TARGETS", "LatencyError", "Prediction", "Table", "Unit", "baseline_spec", "cached_table",
            "IN_MODEL", "canonical_target", "entry_ms", "in_context", "library_version", "load_table", "machine",
-           "overhead_at", "overhead_ms", "predict", "table_path", "units", "units_on"]
+           "overhead_at", "overhead_ms", "predict", "scales", "table_path", "units", "units_on"]

@@ -10,7 +10,6 @@ from ..tree import Model
 from .tables import FIRST_CONV_FLOAT, LatencyError, Table, canonical_target
 from .units import Unit, target_units
 
-
 IN_MODEL = "measured in a model"  # an entry from ORT's profiler inside whole models, not the unit alone
 
 

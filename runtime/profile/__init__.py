@@ -179,9 +179,12 @@ def _overhead(empties: dict[int, float]) -> tuple[float, float]:
 
 
 def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]:
-    """Measure the units the models need and are not in the table yet, then the whole models; returns
+    """Measure the units the models need and are not in the table yet, and the whole models; returns
     (units measured, units found in the table). A unit the target cannot run (a torchvision model has no
-    ONNX form in nccompile's writer) is said and left out, with the whole models that use it."""
+    ONNX form in nccompile's writer) is said and left out, with the whole models that use it.
+    The whole models' rounds (and on ORT their profiled passes) come between the passes over the units,
+    so that both meet the machine in the same states: run after all units, the whole models of one run
+    here met a slow spell that put 10% on all of them and on nothing of their units."""
     from tqdm import tqdm
 
     import compiler
@@ -198,64 +201,99 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     saved = time.monotonic()
     empties: dict[tuple, object] = {}  # input shape -> the empty model timed beside each unit
     failed: dict[str, str] = {}
-    passes = [(unit, p) for p in range(UNIT_PASSES) for unit in todo]  # a pass over all, then again
-    for unit, p in tqdm(passes, desc=f"profile {table.target}", unit="unit", mininterval=0.5):
-        if unit.key in failed:
-            continue
-        try:
-            if unit.in_shape not in empties:
-                empties[unit.in_shape] = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
-            model = compiler.compile_source(unit_spec(unit), "unit")
-            timed = unit_ms(model, empties[unit.in_shape], table.target, table.threads, table.batch, samples,
-                            unit.variant, table.fit.get("step_ms", 0.0))
-        except (NcError, RuntimeError, ValueError) as err:  # ours, or ONNX Runtime's (export, quantization)
-            failed[unit.key] = str(err).splitlines()[0]
-            continue
-        old = table.entries.get(unit.key) if p else None
-        if old is None or timed["ms"] < old["ms"]:
-            table.entries[unit.key] = {**timed, "macs": unit.macs, "moved": unit.moved, "structure": unit.structure}
-        if time.monotonic() - saved > SAVE_EVERY_S:
-            save(table)
-            saved = time.monotonic()
+    rounds = _Rounds(table, samples)
+    bar = tqdm(total=UNIT_PASSES * len(todo), desc=f"profile {table.target}", unit="unit", mininterval=0.5)
+    for p in range(UNIT_PASSES if todo else 0):
+        for unit in todo:
+            bar.update()
+            if unit.key in failed:
+                continue
+            try:
+                if unit.in_shape not in empties:
+                    empties[unit.in_shape] = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
+                model = compiler.compile_source(unit_spec(unit), "unit")
+                timed = unit_ms(model, empties[unit.in_shape], table.target, table.threads, table.batch, samples,
+                                unit.variant, table.fit.get("step_ms", 0.0))
+            except (NcError, RuntimeError, ValueError) as err:  # ours, or ONNX Runtime's (export, quantization)
+                failed[unit.key] = str(err).splitlines()[0]
+                continue
+            old = table.entries.get(unit.key) if p else None
+            if old is None or timed["ms"] < old["ms"]:  # in-model times (ctx) taken meanwhile stay
+                table.entries[unit.key] = {**(old or {}), **timed, "macs": unit.macs, "moved": unit.moved,
+                                           "structure": unit.structure}
+            if time.monotonic() - saved > SAVE_EVERY_S:
+                save(table)
+                saved = time.monotonic()
+        rounds.run(_runnable(models, table, failed))  # between the passes: the machine's state then
+    bar.close()
     for key, why in failed.items():
         print(f"profile: {key.split(' @ ')[0][:60]}: cannot run on {table.target} ({why}); left out")
-    calibration = table.fit.setdefault("models", {})
-    whole = list({_label(m): m for m in models
-                  if not any(u.key in failed for u in latency.units_on(m, table.target))}.values())
-    measured, empty_ms = _whole_models(whole, table, samples)
+    whole = _runnable(models, table, failed)
+    while rounds.done < WHOLE_ROUNDS:
+        rounds.run(whole)
     if table.target in BLOCKED_LAYOUT:
         table.fit["channel_block"] = ort_channel_block()  # pruning to a latency rounds to it
-    if table.target in KERNEL_TIMES:
-        _in_model_times(whole, table)
+    calibration = table.fit.setdefault("models", {})
     for model in whole:  # each model's input size first: a unit's in-context time is the nearest size's
         calibration.setdefault(_label(model), {})["inputs"] = _inputs(model)
     table.touch()  # units and in-model times added: what prediction derived from the entries is stale
-    for model, ms in zip(whole, measured):
+    for model in whole:
         units = latency.units_on(model, table.target)
-        calibration[_label(model)] = {"sum_ms": sum(latency.entry_ms(u, table, _inputs(model))[0] for u in units),
-                                      "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units), "measured_ms": ms,
-                                      "empty_ms": empty_ms[model.input_shape], "inputs": _inputs(model)}
+        calibration[_label(model)] = {
+            "sum_ms": sum(latency.entry_ms(u, table, _inputs(model))[0] for u in units),
+            "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units),
+            "measured_ms": rounds.best[_label(model)], "empty_ms": rounds.best[model.input_shape],
+            "inputs": _inputs(model)}
     table.fit.update(fit(calibration, table.fit.get("step_ms")))
     save(table)
     return len(todo) - len(failed), len(wanted) - len(todo)
 
 
-def _whole_models(whole: list, table: latency.Table, samples: int) -> tuple[list[float], dict]:
-    """(each model's time, the empty model's time at each input shape), all timed together, the models
-    taking turns."""
-    from tqdm import tqdm
+def _runnable(models: list, table: latency.Table, failed: dict) -> list:
+    """The distinct models none of whose units failed on the target."""
+    return list({_label(m): m for m in models
+                 if not any(u.key in failed for u in latency.units_on(m, table.target))}.values())
 
-    import compiler
 
-    from .measure import whole_models_ms
+class _Rounds:
+    """Rounds over the whole models: each times every model and the empty model at each input shape once
+    (the median of `samples`, the models taking turns), and on ORT profiles each model once for its
+    units' in-model times (ctx). `best` keeps each one's fastest round, a unit's ctx the lower of
+    IN_MODEL_PASSES profiles: a slow spell of a shared machine slows all that it catches."""
 
-    shapes = list(dict.fromkeys(m.input_shape for m in whole))
-    extra = [compiler.compile_source(latency.baseline_spec(s), "empty") for s in shapes]
-    with tqdm(total=WHOLE_ROUNDS * (len(whole) + len(extra)), desc="whole models", unit="run",
-              mininterval=0.5) as bar:
-        measured = whole_models_ms(whole + extra, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS,
-                                   progress=bar.update)
-    return measured[:len(whole)], dict(zip(shapes, measured[len(whole):]))
+    def __init__(self, table: latency.Table, samples: int):
+        self.table, self.samples = table, samples
+        self.done = 0
+        self.best: dict = {}  # model label or input shape -> ms
+        self.profiled: dict[str, int] = {}  # model label -> profiles taken
+
+    def run(self, whole: list) -> None:
+        from tqdm import tqdm
+
+        import compiler
+
+        from .measure import KERNEL_TIMES, ort_node_ms, whole_models_ms
+
+        t = self.table
+        shapes = list(dict.fromkeys(m.input_shape for m in whole))
+        empties = [compiler.compile_source(latency.baseline_spec(s), "empty") for s in shapes]
+        with tqdm(total=len(whole) + len(empties), desc=f"whole models, round {self.done + 1}", unit="run",
+                  mininterval=0.5, leave=False) as bar:
+            times = whole_models_ms(whole + empties, t.target, t.threads, t.batch, self.samples, 1,
+                                    progress=bar.update)
+        for key, ms in zip([_label(m) for m in whole] + shapes, times):
+            self.best[key] = min(ms, self.best.get(key, ms))
+        self.done += 1
+        if t.target not in KERNEL_TIMES:
+            return
+        for model in tqdm([m for m in whole if self.profiled.get(_label(m), 0) < IN_MODEL_PASSES],
+                          desc="in-model times", unit="model", mininterval=0.5, leave=False):
+            label = _label(model)
+            nodes = ort_node_ms(model, t.threads, t.batch, target=t.target)
+            for key, ms in attribute(model, nodes, t.target).items():
+                ctx = t.entries[key].setdefault("ctx", {})
+                ctx[label] = min(ms, ctx[label]) if self.profiled.get(label) else ms
+            self.profiled[label] = self.profiled.get(label, 0) + 1
 
 
 def _step_ms(table: latency.Table, samples: int) -> float:
@@ -269,21 +307,6 @@ def _step_ms(table: latency.Table, samples: int) -> float:
               for n in STEP_CHAINS]
     short, long = whole_models_ms(chains, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS)
     return max(0.0, (long - short) / (STEP_CHAINS[1] - STEP_CHAINS[0]))
-
-
-def _in_model_times(whole: list, table: latency.Table) -> None:
-    """Each unit's time inside each model, from ORT's profiler: the lower of two passes over the models
-    (a slow spell of a shared machine slows every node of the model it catches)."""
-    from tqdm import tqdm
-
-    from .measure import ort_node_ms
-
-    for p in tqdm(range(IN_MODEL_PASSES * len(whole)), desc="in-model times", unit="model", mininterval=0.5):
-        model = whole[p % len(whole)]
-        nodes = ort_node_ms(model, table.threads, table.batch, target=table.target)
-        for key, ms in attribute(model, nodes, table.target).items():
-            ctx = table.entries[key].setdefault("ctx", {})
-            ctx[_label(model)] = ms if p < len(whole) else min(ms, ctx[_label(model)])
 
 
 def attribute(model, node_ms: dict[str, float], target: str = "ort-fp32") -> dict[str, float]:
