@@ -215,3 +215,21 @@ def test_iterations_stop_when_nothing_is_left_to_prune(tmp_path, capsys, in_root
     assert int(rows[-1]["params"]) < int(rows[-2]["params"])  # the last iteration run still pruned something
     spaces = analyse_channels(compiler.compile_spec(out / "steps/prune/pruned.spec").root)
     assert all(spaces.size[s] == 1 for s in spaces.prunable())  # rate 0.3 drove every layer to min_channels
+
+
+def test_a_pruning_target_out_of_reach_is_said():
+    """At every layer's minimum a model can stay over its target (the channel block of a latency target,
+    min_channels): the step says so, with what it reached, instead of passing it off as the target."""
+    from runtime.steps.prune import Prune, PruneConfig
+
+    model, module = _trained_like("student.spec")
+    params = compiler.analyse(model).params
+    said = []
+    ctx = type("Ctx", (), {"log": staticmethod(said.append)})()
+    Prune._say_if_short(PruneConfig(name="p", target_params=10), ctx, model, "prune", 8)
+    assert len(said) == 1 and f"target_params 10 not reached: the pruned model has {params}" in said[0]
+    assert "multiples of 8" in said[0]
+    said.clear()
+    Prune._say_if_short(PruneConfig(name="p", target_params=params), ctx, model, "prune", 8)
+    Prune._say_if_short(PruneConfig(name="p", rate=0.5), ctx, model, "prune", 8)  # no target: nothing to say
+    assert said == []

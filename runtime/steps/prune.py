@@ -158,7 +158,26 @@ class Prune(StepKind):
             point = self._point(cfg, ctx, model, module, label, it)
             point["rate"] = step_rate
             points.append(point)
+        self._say_if_short(cfg, ctx, model, label, multiple)
         return points, model, module, text
+
+    @staticmethod
+    def _say_if_short(cfg: PruneConfig, ctx, model, label: str, multiple: int) -> None:
+        """Say so when the pruned model is still over its target: every layer at its minimum (min_channels,
+        whole multiples of the channel block) cannot go lower."""
+        if not (cfg.target_params or cfg.target_macs or cfg.target_latency_ms):
+            return
+        if cfg.target_latency_ms:
+            name, target, now = "target_latency_ms", cfg.target_latency_ms, predicted_latency_ms(model,
+                                                                                            cfg.latency_target)
+        else:
+            facts = analyse(model)
+            name, target, now = (("target_params", cfg.target_params, facts.params) if cfg.target_params
+                                 else ("target_macs", cfg.target_macs, facts.macs))
+        if now > target * 1.001:
+            ctx.log(f"{cfg.name} [{label}]: {name} {target:g} not reached: the pruned model has {now:g} "
+                    f"(every layer at its minimum: min_channels {cfg.min_channels}, multiples of {multiple}; "
+                    f"lower them for a smaller model, or set a target within reach)")
 
     def run(self, cfg: PruneConfig, ctx, key: str = "") -> StepResult:
         slot = ctx.models[cfg.model]
