@@ -137,31 +137,33 @@ def fit(calibration: dict, per_unit: float | None = None) -> dict:
              "overhead_points": [[n, ms] for n, ms in sorted(empties.items())]}
     net = [(c, c["measured_ms"] - latency.overhead_at(terms, c.get("inputs", 0))) for c in calibration.values()]
     if per_unit is None:  # every entry is a unit's time alone (no in-model times): one fit for both
-        terms.update(_scaled([(c["sum_ms"], c.get("units", 0), m) for c, m in net], None))
+        terms.update(_scaled([(c["sum_ms"], c.get("units", 0), m) for c, m in net]))
         return {**terms, "alone_scale": terms["scale"], "alone_per_unit_ms": 0.0}
-    in_model = _scaled([(c["sum_ms"], c.get("units", 0), m - per_unit * c.get("units", 0)) for c, m in net], None)
+    in_model = _scaled([(c["sum_ms"], c.get("units", 0), m - per_unit * c.get("units", 0)) for c, m in net])
     terms.update(scale=in_model["scale"], in_model_per_unit_ms=in_model["per_unit_ms"])
-    alone = _scaled([(c["alone_ms"], c.get("units", 0), m - per_unit * c.get("units", 0)) for c, m in net
-                     if "alone_ms" in c], None)
-    if not any("alone_ms" in c for c in calibration.values()):  # models measured before alone sums were kept
+    if any("alone_ms" in c for c in calibration.values()):
+        alone = _scaled([(c["alone_ms"], c.get("units", 0), m - per_unit * c.get("units", 0)) for c, m in net
+                         if "alone_ms" in c])
+    else:  # models measured before alone sums were kept
         alone = {"scale": terms["scale"], "per_unit_ms": 0.0}
     return {**terms, "alone_scale": alone["scale"], "alone_per_unit_ms": alone["per_unit_ms"]}
 
 
-def _scaled(points: list[tuple[float, int, float]], per_unit: float | None) -> dict:
+def _scaled(points: list[tuple[float, int, float]]) -> dict:
     """{per_unit_ms, scale} from (sum of entries, units, time less the overhead) of each model: least squares
-    on the relative error, the per-unit term fitted unless given (and dropped where the scale comes out <= 0)."""
+    on the relative error; the scale alone (per-unit 0) where the per-unit term cannot be told apart or the
+    scale comes out <= 0."""
     import numpy as np
 
     points = [p for p in points if p[0] > 0 and p[2] > 0]
     if not points:
-        return {"per_unit_ms": per_unit or 0.0, "scale": 1.0}
+        return {"per_unit_ms": 0.0, "scale": 1.0}
     s, n, m = (np.array(v, dtype=float) for v in zip(*points))
-    if per_unit is None and len(points) >= 2:
+    if len(points) >= 2:
         (fitted, scale), _, rank, _ = np.linalg.lstsq(np.stack([n, s], 1) / m[:, None], np.ones_like(m), rcond=None)
         if scale > 0 and rank == 2:  # models of one shape (units and sum in proportion) fit the scale alone
             return {"per_unit_ms": float(fitted), "scale": float(scale)}
-    return {"per_unit_ms": per_unit or 0.0, "scale": float(np.sum(s / m) / np.sum((s / m) ** 2))}
+    return {"per_unit_ms": 0.0, "scale": float(np.sum(s / m) / np.sum((s / m) ** 2))}
 
 
 def _overhead(empties: dict[int, float]) -> tuple[float, float]:

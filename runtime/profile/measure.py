@@ -178,15 +178,14 @@ def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples
     first (the runtime's step between kernels, which a model pays per unit), and `clock: wall`.
     PyTorch: its time less the empty model's, paired (paired_ms), and `run_ms`, its time with the call."""
     if target in KERNEL_TIMES:
-        if target in WALL_TIMED and variant != "float" and math.prod(model.input_shape) * batch <= WALL_MAX_INPUTS:
-            nodes = ort_node_ms(model, threads, batch, target=target)
-            if not any(ADDED.match(name) for name in nodes):
+        if variant != "float":
+            nodes = ort_node_ms(model, threads, batch, target=target, float_first=False, conversions=False)
+            small = target in WALL_TIMED and math.prod(model.input_shape) * batch <= WALL_MAX_INPUTS
+            if small and not any(ADDED.match(name) for name in nodes):
                 _, net = paired_ms(TIMERS[target](model, threads, batch), TIMERS[target](empty, threads, batch),
                                    samples)
                 return {"ms": max(0.0, net - step_ms * (len(nodes) - 1)), "clock": "wall"}
-            return {"ms": max(0.0, sum(ms for name, ms in nodes.items() if not ADDED.match(name)))}
-        if variant != "float":
-            return {"ms": ort_kernel_ms(model, threads, batch, target)}
+            return {"ms": _kernel_sum(nodes)}
         # int8's float head: with the conversions into int8 and back, which every int8 model pays once
         probe = model.root.children[-1].path
         nodes = ort_node_ms(model, threads, batch, target=target, float_first=True)
@@ -291,7 +290,11 @@ def ort_kernel_ms(model, threads: int, batch: int, target: str = "ort-fp32") -> 
     """A one-unit model's own kernel time in ONNX Runtime: its nodes' net times from the profiler, less
     the layout and format conversions at its edges (ADDED, CONVERSIONS) that a model pays only where
     its layout or format changes, and less the session's call, which a model pays once."""
-    nodes = ort_node_ms(model, threads, batch, target=target, float_first=False, conversions=False)
+    return _kernel_sum(ort_node_ms(model, threads, batch, target=target, float_first=False, conversions=False))
+
+
+def _kernel_sum(nodes: dict[str, float]) -> float:
+    """The nodes' net times but ORT's layout reorders (ADDED), which a model pays only where layouts change."""
     return max(0.0, sum(ms for name, ms in nodes.items() if not ADDED.match(name)))
 
 

@@ -62,6 +62,17 @@ class PruneConfig(StepConfig):
         return self
 
 
+def _goal(cfg: PruneConfig, model) -> tuple[str, float, float] | None:
+    """(metric, the step's target, the model's value now) for a step with a target; None for a rate."""
+    if cfg.target_latency_ms:
+        return "latency", cfg.target_latency_ms, predicted_latency_ms(model, cfg.latency_target)
+    if cfg.target_params or cfg.target_macs:
+        facts = analyse(model)
+        return ("params", cfg.target_params, facts.params) if cfg.target_params else ("macs", cfg.target_macs,
+                                                                                       facts.macs)
+    return None
+
+
 @register
 class Prune(StepKind):
     kind = "prune"
@@ -132,11 +143,8 @@ class Prune(StepKind):
                 options.update(costs=latency_costs(model, spaces, cfg.latency_target, scores),
                                cost_power=cfg.cost_power)
             step_rate = rate
-            if cfg.target_params or cfg.target_macs or cfg.target_latency_ms:
-                metric = "params" if cfg.target_params else "macs" if cfg.target_macs else "latency"
-                target = cfg.target_params or cfg.target_macs or cfg.target_latency_ms
-                now = (analyse(model).params if metric == "params" else analyse(model).macs if metric == "macs"
-                       else predicted_latency_ms(model, cfg.latency_target))
+            if aim := _goal(cfg, model):
+                metric, target, now = aim
                 remaining = cfg.iterations - it + 1
                 goal = now * (target / now) ** (1 / remaining) if now > target else now
                 goal = goal if metric == "latency" else int(goal)
@@ -165,16 +173,10 @@ class Prune(StepKind):
     def _say_if_short(cfg: PruneConfig, ctx, model, label: str, multiple: int) -> None:
         """Say so when the pruned model is still over its target: every layer at its minimum (min_channels,
         whole multiples of the channel block) cannot go lower."""
-        if not (cfg.target_params or cfg.target_macs or cfg.target_latency_ms):
-            return
-        if cfg.target_latency_ms:
-            name, target, now = "target_latency_ms", cfg.target_latency_ms, predicted_latency_ms(model,
-                                                                                            cfg.latency_target)
-        else:
-            facts = analyse(model)
-            name, target, now = (("target_params", cfg.target_params, facts.params) if cfg.target_params
-                                 else ("target_macs", cfg.target_macs, facts.macs))
-        if now > target * 1.001:
+        goal = _goal(cfg, model)
+        if goal and goal[2] > goal[1] * 1.001:
+            metric, target, now = goal
+            name = "target_latency_ms" if metric == "latency" else f"target_{metric}"
             ctx.log(f"{cfg.name} [{label}]: {name} {target:g} not reached: the pruned model has {now:g} "
                     f"(every layer at its minimum: min_channels {cfg.min_channels}, multiples of {multiple}; "
                     f"lower them for a smaller model, or set a target within reach)")
