@@ -154,6 +154,53 @@ def test_a_table_from_another_machine_or_library_version_is_refused(tmp_path):
             latency.load_table("ort-fp32", table.path)
 
 
+def test_a_torch_table_without_its_allocator_is_refused(tmp_path):
+    """PyTorch's times depend on whether glibc keeps freed memory (up to 5x on a large conv): a torch-fp32
+    table records it, and one made before it was recorded is measured again."""
+    model = compiler.compile_spec(_tiny(tmp_path))
+    raw = json.loads(_table(tmp_path, model, lambda u: 0.01).path.read_text())
+    path = tmp_path / "torch-fp32.json"
+    torch_raw = {**raw, "target": "torch-fp32", "libraries": {"torch": latency.library_version("torch-fp32")}}
+    path.write_text(json.dumps({k: v for k, v in torch_raw.items() if k != "settings"}))
+    with pytest.raises(latency.LatencyError, match="before nccompile recorded its allocator"):
+        latency.load_table("torch-fp32", path)
+    path.write_text(json.dumps({**torch_raw, "settings": {"allocator": "glibc"}}))
+    assert latency.load_table("torch-fp32", path).settings == {"allocator": "glibc"}
+    assert latency.load_table("ort-fp32", tmp_path / "tables" / "ort-fp32.json").settings == {}
+
+
+KEEP_FREED_PROBE = """
+import resource, sys, torch
+if sys.argv[1] == "keep":
+    from runtime.profile.measure import keep_freed_memory
+    print(keep_freed_memory())
+torch.set_num_threads(1)
+w, x = torch.rand(16, 3, 3, 3), torch.rand(1, 3, 256, 256)
+def faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    with torch.inference_mode():
+        for _ in range(20):
+            torch.nn.functional.conv2d(x, w, padding=1)
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+faults()
+print(faults())
+"""
+
+
+@pytest.mark.skipif(sys.platform != "linux", reason="glibc's mallopt")
+def test_torch_is_timed_with_freed_memory_kept(in_root):
+    """The conv's 4 MB output (and oneDNN's scratch) faults in afresh on every call with glibc's defaults;
+    with the profiler's setting the pages are reused."""
+    runs = {how: subprocess.run([sys.executable, "-c", KEEP_FREED_PROBE, how], capture_output=True, text=True,
+                                timeout=120) for how in ("default", "keep")}
+    assert all(r.returncode == 0 for r in runs.values()), runs["keep"].stderr
+    said, kept = runs["keep"].stdout.split("\n")[:2]
+    if said.startswith("glibc, freed memory kept"):
+        assert int(kept) < 100, (int(kept), runs["default"].stdout)
+    else:  # another C library: recorded as it is
+        assert said in ("system", "glibc")
+
+
 def test_the_fit_takes_the_overhead_from_the_empty_models_and_recovers_per_unit_and_scale():
     from runtime.profile import fit
 
@@ -282,9 +329,9 @@ def test_profile_measures_each_unit_once_resumes_and_checks_its_prediction(tmp_p
     assert calibration["measured_ms"] > calibration["empty_ms"] > 0  # the empty model is the overhead
     assert table.fit["overhead_ms"] == pytest.approx(calibration["empty_ms"])  # one input size measured
     if target.startswith("ort"):  # what pruning to its latency rounds channels to (ORT's blocked layout)
-        assert table.fit["channel_block"] in (8, 16)
+        assert table.fit["channel_block"] in (8, 16) and table.settings == {}
     else:
-        assert "channel_block" not in table.fit
+        assert "channel_block" not in table.fit and table.settings["allocator"].startswith("glibc")
     again = subprocess.run(argv, capture_output=True, text=True, timeout=300)  # resumes: nothing to measure
     assert f"0 units measured, {len(keys)} already in the table" in again.stdout
     check = subprocess.run([*argv[:4], "--target", target, "--check", str(tmp_path / "t.spec"), "--samples", "3"],

@@ -34,6 +34,7 @@ from .predict import (
 from .predict import _slopes as _slopes  # tests check the fitted slopes
 from .tables import (
     ALIASES,
+    SETTINGS,
     TARGETS,
     LatencyError,
     Table,
@@ -46,6 +47,6 @@ from .tables import (
 )
 from .units import Unit, baseline_spec, units
 
-__all__ = ["ALIASES", "TARGETS", "LatencyError", "Prediction", "Table", "Unit", "baseline_spec", "cached_table",
-           "IN_MODEL", "canonical_target", "entry_ms", "in_context", "library_version", "load_table", "machine",
-           "overhead_at", "overhead_ms", "predict", "scales", "table_path", "units", "units_on"]
+__all__ = ["ALIASES", "SETTINGS", "TARGETS", "LatencyError", "Prediction", "Table", "Unit", "baseline_spec",
+           "cached_table", "IN_MODEL", "canonical_target", "entry_ms", "in_context", "library_version", "load_table",
+           "machine", "overhead_at", "overhead_ms", "predict", "scales", "table_path", "units", "units_on"]

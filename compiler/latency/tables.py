@@ -18,6 +18,10 @@ ALIASES = {"ort-weights": "ort-fp32"}  # the `weights` export runs on the float 
 # 2: ORT units are kernel times; 3: the int8 file pools in float after its float conv and keeps unfolded
 # BatchNorms in float, the overhead goes through the empty models measured
 TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 3
+# how a target is timed beyond its library, recorded in a table's `settings` (runtime/profile/measure.py):
+# PyTorch with glibc's malloc keeping freed memory, without which a large tensor's pages fault in again on
+# every call (the student's first conv at 256 px: 4-5x longer, and 3x apart from one run to the next)
+SETTINGS = {"torch-fp32": ("allocator",)}
 
 
 class LatencyError(NcError):
@@ -73,6 +77,7 @@ class Table:
     libraries: dict
     fit: dict = field(default_factory=lambda: {"overhead_ms": 0.0, "per_unit_ms": 0.0, "scale": 1.0})
     entries: dict = field(default_factory=dict)  # key -> {"ms", "macs", "moved", "structure", "ctx"}
+    settings: dict = field(default_factory=dict)  # how the target was timed (SETTINGS)
     derived: dict = field(default_factory=dict, repr=False, compare=False)  # predict's indexes of the entries
 
     def touch(self) -> None:
@@ -82,7 +87,7 @@ class Table:
     def to_json(self) -> dict:
         return {"format": TABLE_FORMAT, "version": TABLE_VERSION, "target": self.target, "threads": self.threads,
                 "batch": self.batch, "machine": self.machine, "libraries": self.libraries, "fit": self.fit,
-                "entries": self.entries}
+                "settings": self.settings, "entries": self.entries}
 
     def describe(self) -> str:
         return (f"{self.path} ({self.target}, {self.threads} thread{'s' * (self.threads != 1)}, "
@@ -107,7 +112,8 @@ def load_table(target: str, path: str | Path | None = None, check: bool = True) 
         raise LatencyError(f"{where}: latency table version {raw.get('version')}, this nccompile reads "
                            f"{TABLE_VERSION}{hint}")
     table = Table(where, raw["target"], raw["threads"], raw["batch"], raw["machine"], raw["libraries"],
-                  raw.get("fit", {"overhead_ms": 0.0, "scale": 1.0}), raw.get("entries", {}))
+                  raw.get("fit", {"overhead_ms": 0.0, "scale": 1.0}), raw.get("entries", {}),
+                  raw.get("settings", {}))
     if check:
         if table.target != target:
             raise LatencyError(f"{where} was measured for {table.target}, not {target}{hint}")
@@ -119,6 +125,10 @@ def load_table(target: str, path: str | Path | None = None, check: bool = True) 
         if table.libraries.get(lib) != library_version(target):
             raise LatencyError(f"{where} was measured with {lib} {table.libraries.get(lib)}, this machine has "
                                f"{library_version(target)}{hint}")
+        missing = [name for name in SETTINGS.get(target, ()) if name not in table.settings]
+        if missing:
+            raise LatencyError(f"{where} was measured before nccompile recorded its {', '.join(missing)} (it "
+                               f"changes the times: the allocator, up to 5x on a large conv){hint}")
     return table
 
 

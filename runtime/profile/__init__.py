@@ -97,8 +97,11 @@ def _label(model) -> str:
 
 
 def _fresh_table(path: Path, target: str, threads: int, batch: int) -> latency.Table:
+    from .measure import timing_settings
+
     return latency.Table(path, target, threads, batch, latency.machine(),
-                         {latency.TARGETS[target]: latency.library_version(target)})
+                         {latency.TARGETS[target]: latency.library_version(target)},
+                         settings=timing_settings(target))
 
 
 def _open_table(path: Path, target: str, threads: int, batch: int, fresh: bool) -> latency.Table:
@@ -245,7 +248,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
             "sum_ms": sum(latency.entry_ms(u, table, _inputs(model))[0] for u in units),
             "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units),
             "measured_ms": rounds.best[_label(model)], "empty_ms": rounds.best[model.input_shape],
-            "inputs": _inputs(model)}
+            "inputs": _inputs(model), "rounds_ms": rounds.times[_label(model)]}
     table.fit.update(fit(calibration, table.fit.get("step_ms")))
     save(table)
     return len(todo) - len(failed), len(wanted) - len(todo)
@@ -267,6 +270,7 @@ class _Rounds:
         self.table, self.samples = table, samples
         self.done = 0
         self.best: dict = {}  # model label or input shape -> ms
+        self.times: dict = {}  # ... -> each round's ms: how far the machine moved the same measurement
         self.profiled: dict[str, int] = {}  # model label -> profiles taken
 
     def run(self, whole: list) -> None:
@@ -285,6 +289,7 @@ class _Rounds:
                                     progress=bar.update)
         for key, ms in zip([_label(m) for m in whole] + shapes, times):
             self.best[key] = min(ms, self.best.get(key, ms))
+            self.times.setdefault(key, []).append(round(ms, 6))
         self.done += 1
         if t.target not in KERNEL_TIMES:
             return

@@ -9,6 +9,7 @@ of the profiler's own floor.
 """
 from __future__ import annotations
 
+import functools
 import math
 import re
 import statistics
@@ -122,11 +123,45 @@ def ort_timer(model, threads: int, batch: int, target: str = "ort-fp32"):
     return lambda: session.run(None, feed)
 
 
+# glibc's malloc gives a freed block over its mmap threshold (128 KiB at first) back to the system, and the
+# next such tensor faults its pages in again, zeroed: on a 2-core VM the student's first conv at 256 px (a
+# 4 MB output) took 4.7-5.5 ms, against 1.0-1.3 ms with the settings below, and its medians in one process
+# ranged 2.6-11.7 ms.
+# PyTorch's CPU tuning guide advises an allocator that reuses memory (jemalloc, tcmalloc); glibc does with
+# these two settings, the same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647.
+KEEP_FREED = {-3: 32 << 20, -1: 2**31 - 1}  # mallopt's M_MMAP_THRESHOLD (glibc's largest), M_TRIM_THRESHOLD
+
+
+@functools.cache
+def keep_freed_memory() -> str:
+    """Have glibc's malloc keep and reuse freed memory in this process (KEEP_FREED), as PyTorch models are
+    timed; returns the allocator as a table records it (`settings`)."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):  # not glibc (musl, macOS): its allocator as it is
+        return "system"
+    if all(mallopt(param, value) == 1 for param, value in KEEP_FREED.items()):
+        return "glibc, freed memory kept (MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647)"
+    return "glibc"
+
+
+def timing_settings(target: str) -> dict:
+    """How `target` is timed beyond its library (latency.SETTINGS), applied to this process."""
+    from compiler import latency
+
+    wanted = latency.SETTINGS.get(latency.canonical_target(target), ())
+    return {"allocator": keep_freed_memory()} if "allocator" in wanted else {}
+
+
 def torch_timer(model, threads: int, batch: int):
     import torch
 
     import compiler
 
+    keep_freed_memory()
     torch.set_num_threads(threads)
     module = compiler.build_module(model).eval()
     x = torch.rand(batch, *model.input_shape)
