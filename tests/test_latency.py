@@ -201,27 +201,44 @@ def test_torch_is_timed_with_freed_memory_kept(in_root):
         assert said in ("system", "glibc")
 
 
-def test_the_fit_takes_the_overhead_from_the_empty_models_and_recovers_per_unit_and_scale():
+def test_the_fit_takes_the_overhead_from_the_empty_models_and_recovers_its_terms():
     from runtime.profile import fit
 
-    def point(s, n, inputs):  # a model: 0.01 ms + 2 ns per input element, 1 us per unit, 0.8 x its units
+    def point(s, n, inputs, moved=0):  # 0.01 ms + 2 ns per input element, 1 us per unit, 0.8 x its units
         empty = 0.01 + 2e-6 * inputs
-        return {"sum_ms": s, "units": n, "inputs": inputs, "empty_ms": empty,
+        return {"sum_ms": s, "units": n, "inputs": inputs, "empty_ms": empty, "moved": moved,
                 "measured_ms": empty + 0.001 * n + 0.8 * s}
 
-    f = fit({str(i): point(s, n, inputs) for i, (s, n, inputs) in
-             enumerate([(0.1, 5, 3072), (0.5, 30, 12288), (2.0, 12, 150528), (7.0, 80, 150528), (0.3, 9, 3072)])})
+    # a measured per-unit term (ORT's step between kernels) is taken as it is; the scale is fitted
+    shapes = [(0.1, 5, 3072), (0.5, 30, 12288), (2.0, 12, 150528), (7.0, 80, 150528), (0.3, 9, 3072)]
+    f = fit({str(i): point(*shape) for i, shape in enumerate(shapes)}, 0.001)
     assert (f["overhead_ms"], f["overhead_ms_per_input"]) == pytest.approx((0.01, 2e-6))
     assert (f["per_unit_ms"], f["scale"]) == pytest.approx((0.001, 0.8))
-    # a measured per-unit term (ORT's step between kernels) is taken as it is; the scale is fitted
-    f = fit({str(i): point(s, n, 3072) for i, (s, n) in enumerate([(0.1, 5), (0.5, 30), (2.0, 12)])}, 0.001)
-    assert (f["per_unit_ms"], f["scale"]) == pytest.approx((0.001, 0.8))
+    # without one (PyTorch, whose entries carry their module calls) the second term is per element moved:
+    # 0.2 ms per million elements, 0.8 x the units, nothing per unit
+    models = {}
+    for i, (s, n, inputs) in enumerate(shapes):
+        moved = int(3e5 * s + 4e4 * (i % 3))  # not in proportion to the sum
+        models[str(i)] = {**point(s, 0, inputs, moved), "units": n}
+        models[str(i)]["measured_ms"] += 2e-7 * moved
+    f = fit(models)
+    assert (f["per_moved_ms"], f["scale"], f["per_unit_ms"]) == pytest.approx((2e-7, 0.8, 0.0))
     # one input size: the overhead is its empty model's time
     f = fit({str(s): point(s, 4, 3072) for s in (0.1, 1.0)})
     assert f["overhead_ms"] == pytest.approx(0.01 + 2e-6 * 3072) and f["overhead_ms_per_input"] == 0.0
     # the overhead and its slope never go negative
     f = fit({"a": {**point(1.0, 4, 100), "empty_ms": 0.02}, "b": {**point(1.0, 4, 1000), "empty_ms": 0.01}})
     assert f["overhead_ms"] >= 0 and f["overhead_ms_per_input"] >= 0 and f["scale"] > 0
+
+
+def test_a_pytorch_table_adds_its_cost_per_element_moved(tmp_path):
+    model = compiler.compile_spec(_tiny(tmp_path))
+    fit = {"overhead_ms": 0.01, "per_unit_ms": 0.0, "scale": 1.1, "per_moved_ms": 3e-7}
+    table = _table(tmp_path, model, lambda u: 0.004, fit=fit)
+    units = latency.units(model)
+    expected = 0.01 + 1.1 * 0.004 * len(units) + 3e-7 * sum(u.moved for u in units)
+    assert latency.predict(model, table).ms == pytest.approx(expected)
+    assert sum(u.moved for u in units) > 1000  # the term counts here
 
 
 def test_units_timed_alone_and_inside_models_get_fitted_terms_of_their_own():

@@ -1,5 +1,6 @@
 """A model's latency from a table: each unit's entry (its in-model time, its time alone, or its nearest
-unit's moved along fitted slopes), the measured overhead, and the fitted per-unit and scale terms."""
+unit's moved along fitted slopes), the measured overhead, and the fitted per-unit (or, on PyTorch, per
+element moved) and scale terms."""
 from __future__ import annotations
 
 import math
@@ -183,8 +184,9 @@ def predict(model: Model, table: Table) -> Prediction:
     alone = [ms for _, ms, how in rows if how != IN_MODEL]
     in_model = in_model_scale * sum(ms for _, ms, how in rows if how == IN_MODEL)
     raw = alone_scale * sum(alone)
-    per_unit = (f.get("per_unit_ms", 0.0) * len(rows) + f.get("alone_per_unit_ms", 0.0) * len(alone)
-                + f.get("in_model_per_unit_ms", 0.0) * (len(rows) - len(alone)))
-    # a negative per-unit correction never takes more than half of what the units measured
-    total = overhead_ms(table, model.input_shape) + max(in_model + raw + per_unit, (in_model + raw) / 2)
+    extra = (f.get("per_unit_ms", 0.0) * len(rows) + f.get("alone_per_unit_ms", 0.0) * len(alone)
+             + f.get("in_model_per_unit_ms", 0.0) * (len(rows) - len(alone))
+             + f.get("per_moved_ms", 0.0) * sum(unit.moved for unit, _, _ in rows))  # PyTorch's (profile.fit)
+    # a negative correction never takes more than half of what the units measured
+    total = overhead_ms(table, model.input_shape) + max(in_model + raw + extra, (in_model + raw) / 2)
     return Prediction(total, rows, table)

@@ -9,6 +9,7 @@ the table's overhead, per-unit and scale terms (compiler.latency).
 from __future__ import annotations
 
 import json
+import random
 import time
 from pathlib import Path
 
@@ -124,23 +125,27 @@ def save(table: latency.Table) -> None:
 
 
 def fit(calibration: dict, per_unit: float | None = None) -> dict:
-    """The prediction's terms from the whole models measured (each {sum_ms, alone_ms, units, measured_ms,
-    empty_ms, inputs}): the overhead is the empty model's time at each input size measured
+    """The prediction's terms from the whole models measured (each {sum_ms, alone_ms, units, moved,
+    measured_ms, empty_ms, inputs}): the overhead is the empty model's time at each input size measured
     (`overhead_points`), and least squares over them as a constant plus a cost per input element (both
     >= 0) for larger inputs (latency.overhead_at); then measured - overhead = per_unit x units +
-    scale x sum, least squares on the relative error. `per_unit`, what a model pays per unit beyond the
-    units' entries, is fitted unless measured (the runtime's step between kernels, for kernel times).
-    With a measured `per_unit`, units timed alone (`alone_ms`, the sum of the model's units' times alone)
-    get terms of their own, `alone_scale` and `alone_per_unit_ms`, fitted the same way: a kernel costs
-    otherwise alone than inside a model (an int8 unit alone 0.8-1.0x a model's share per unit, and about
-    1 us more per unit), and a model the table never ran whole is predicted from its units alone."""
+    scale x sum, least squares on the relative error, with `per_unit` the runtime's step between kernels
+    (ORT's units are kernel times), measured. Units timed alone (`alone_ms`, the sum of the model's units'
+    times alone) get terms of their own, `alone_scale` and `alone_per_unit_ms`, fitted the same way: a
+    kernel costs otherwise alone than inside a model (an int8 unit alone 0.8-1.0x a model's share per
+    unit, and about 1 us more per unit), and a model the table never ran whole is predicted from its
+    units alone.
+    Without a step (PyTorch: a unit's entry is its whole cost alone, its module calls included), the
+    second term is a cost per element the units move (`per_moved_ms`): inside a large model a unit finds
+    less of its input and weights in the cache than alone. A per-unit term fitted there on the zoo put
+    20-30 us on every unit, and tiny specs 2-3x over."""
     empties = {c["inputs"]: c["empty_ms"] for c in calibration.values() if "empty_ms" in c}
     a, b = _overhead(empties)
     terms = {"overhead_ms": a, "overhead_ms_per_input": b, "per_unit_ms": per_unit or 0.0,
              "overhead_points": [[n, ms] for n, ms in sorted(empties.items())]}
     net = [(c, c["measured_ms"] - latency.overhead_at(terms, c.get("inputs", 0))) for c in calibration.values()]
     if per_unit is None:  # every entry is a unit's time alone (no in-model times): one fit for both
-        terms.update(_scaled([(c["sum_ms"], c.get("units", 0), m) for c, m in net]))
+        terms.update(_scaled([(c["sum_ms"], c.get("moved", 0), m) for c, m in net], "per_moved_ms"))
         return {**terms, "alone_scale": terms["scale"], "alone_per_unit_ms": 0.0}
     in_model = _scaled([(c["sum_ms"], c.get("units", 0), m - per_unit * c.get("units", 0)) for c, m in net])
     terms.update(scale=in_model["scale"], in_model_per_unit_ms=in_model["per_unit_ms"])
@@ -152,21 +157,23 @@ def fit(calibration: dict, per_unit: float | None = None) -> dict:
     return {**terms, "alone_scale": alone["scale"], "alone_per_unit_ms": alone["per_unit_ms"]}
 
 
-def _scaled(points: list[tuple[float, int, float]]) -> dict:
-    """{per_unit_ms, scale} from (sum of entries, units, time less the overhead) of each model: least squares
-    on the relative error; the scale alone (per-unit 0) where the per-unit term cannot be told apart or the
-    scale comes out <= 0."""
+def _scaled(points: list[tuple[float, float, float]], name: str = "per_unit_ms") -> dict:
+    """{name, scale} from (sum of entries, x, time less the overhead) of each model, x the units or the
+    elements moved: time = name x x + scale x sum, least squares on the relative error; the scale alone
+    (`name` 0) where the two cannot be told apart or the scale comes out <= 0."""
     import numpy as np
 
     points = [p for p in points if p[0] > 0 and p[2] > 0]
     if not points:
-        return {"per_unit_ms": 0.0, "scale": 1.0}
+        return {name: 0.0, "scale": 1.0}
     s, n, m = (np.array(v, dtype=float) for v in zip(*points))
-    if len(points) >= 2:
-        (fitted, scale), _, rank, _ = np.linalg.lstsq(np.stack([n, s], 1) / m[:, None], np.ones_like(m), rcond=None)
-        if scale > 0 and rank == 2:  # models of one shape (units and sum in proportion) fit the scale alone
-            return {"per_unit_ms": float(fitted), "scale": float(scale)}
-    return {"per_unit_ms": 0.0, "scale": float(np.sum(s / m) / np.sum((s / m) ** 2))}
+    if len(points) >= 2 and n.max() > 0:
+        unit = n.max()  # elements moved run to 1e8: columns of like size for the rank
+        (fitted, scale), _, rank, _ = np.linalg.lstsq(np.stack([n / unit, s], 1) / m[:, None], np.ones_like(m),
+                                                      rcond=None)
+        if scale > 0 and rank == 2:  # models of one shape (x and sum in proportion) fit the scale alone
+            return {name: float(fitted / unit), "scale": float(scale)}
+    return {name: 0.0, "scale": float(np.sum(s / m) / np.sum((s / m) ** 2))}
 
 
 def _overhead(empties: dict[int, float]) -> tuple[float, float]:
@@ -209,7 +216,9 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     rounds = _Rounds(table, samples)
     bar = tqdm(total=UNIT_PASSES * len(todo), desc=f"profile {table.target}", unit="unit", mininterval=0.5)
     for p in range(UNIT_PASSES if todo else 0):
-        for unit in todo:
+        # each pass in its own order: a slow spell then catches units of many models, not one model's
+        # units, which a model's order times one after another (a tiny spec's PyTorch units 1.5x alone)
+        for unit in random.Random(p).sample(todo, len(todo)):
             bar.update()
             if unit.key in failed:
                 continue
@@ -247,6 +256,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
         calibration[_label(model)] = {
             "sum_ms": sum(latency.entry_ms(u, table, _inputs(model))[0] for u in units),
             "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units),
+            "moved": sum(u.moved for u in units),
             "measured_ms": rounds.best[_label(model)], "empty_ms": rounds.best[model.input_shape],
             "inputs": _inputs(model), "rounds_ms": rounds.times[_label(model)]}
     table.fit.update(fit(calibration, table.fit.get("step_ms")))
@@ -355,7 +365,10 @@ def _terms(f: dict) -> str:
     """The fitted terms as the prediction adds them (latency.predict)."""
     alone_scale, in_model_scale = latency.scales(f)
     alone = f"{1e3 * f.get('alone_per_unit_ms', 0.0):+.2f} us + {alone_scale:.3f} x its time alone"
-    if "in_model_per_unit_ms" not in f:  # no in-model times: every unit is timed alone
+    if "per_moved_ms" in f:  # no in-model times nor step (PyTorch): every unit is timed alone
+        return (f"{f['per_moved_ms'] * 1e6:+.3f} ms per million elements moved + {alone_scale:.3f} x a unit's "
+                "time alone")
+    if "in_model_per_unit_ms" not in f:  # an older table's
         return f"{1e3 * f['per_unit_ms']:+.2f} us per unit + {alone_scale:.3f} x its time alone"
     return (f"{1e3 * f['per_unit_ms']:.2f} us per unit (the step between kernels), then a unit measured in a "
             f"model {1e3 * f['in_model_per_unit_ms']:+.2f} us + {in_model_scale:.3f} x its time there, one "
