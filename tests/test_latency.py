@@ -155,7 +155,7 @@ def test_a_table_from_another_machine_or_library_version_is_refused(tmp_path):
 
 
 def test_a_torch_table_without_its_allocator_is_refused(tmp_path):
-    """PyTorch's times depend on whether glibc keeps freed memory (up to 5x on a large conv): a torch-fp32
+    """PyTorch's times depend on whether glibc keeps freed memory (4x on a large conv): a torch-fp32
     table records it, and one made before it was recorded is measured again."""
     model = compiler.compile_spec(_tiny(tmp_path))
     raw = json.loads(_table(tmp_path, model, lambda u: 0.01).path.read_text())

@@ -20,7 +20,7 @@ ALIASES = {"ort-weights": "ort-fp32"}  # the `weights` export runs on the float 
 TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 3
 # how a target is timed beyond its library, recorded in a table's `settings` (runtime/profile/measure.py):
 # PyTorch with glibc's malloc keeping freed memory, without which a large tensor's pages fault in again on
-# every call (the student's first conv at 256 px: 4-5x longer, and 3x apart from one run to the next)
+# every call (the student's first conv at 256 px: 3.6-8.7 ms so, 1.0-1.9 ms with freed memory kept)
 SETTINGS = {"torch-fp32": ("allocator",)}
 
 
@@ -128,7 +128,7 @@ def load_table(target: str, path: str | Path | None = None, check: bool = True) 
         missing = [name for name in SETTINGS.get(target, ()) if name not in table.settings]
         if missing:
             raise LatencyError(f"{where} was measured before nccompile recorded its {', '.join(missing)} (it "
-                               f"changes the times: the allocator, up to 5x on a large conv){hint}")
+                               f"changes the times: 4x on a large conv){hint}")
     return table
 
 

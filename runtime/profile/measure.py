@@ -125,8 +125,7 @@ def ort_timer(model, threads: int, batch: int, target: str = "ort-fp32"):
 
 # glibc's malloc gives a freed block over its mmap threshold (128 KiB at first) back to the system, and the
 # next such tensor faults its pages in again, zeroed: on a 2-core VM the student's first conv at 256 px (a
-# 4 MB output) took 4.7-5.5 ms, against 1.0-1.3 ms with the settings below, and its medians in one process
-# ranged 2.6-11.7 ms.
+# 4 MB output) took 3.6-8.7 ms in 6 processes of 7, against 1.0-1.9 ms with the settings below.
 # PyTorch's CPU tuning guide advises an allocator that reuses memory (jemalloc, tcmalloc); glibc does with
 # these two settings, the same as MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=2147483647.
 KEEP_FREED = {-3: 32 << 20, -1: 2**31 - 1}  # mallopt's M_MMAP_THRESHOLD (glibc's largest), M_TRIM_THRESHOLD
