@@ -185,8 +185,9 @@ def predict(model: Model, table: Table) -> Prediction:
     in_model = in_model_scale * sum(ms for _, ms, how in rows if how == IN_MODEL)
     raw = alone_scale * sum(alone)
     extra = (f.get("per_unit_ms", 0.0) * len(rows) + f.get("alone_per_unit_ms", 0.0) * len(alone)
-             + f.get("in_model_per_unit_ms", 0.0) * (len(rows) - len(alone))
-             + f.get("per_moved_ms", 0.0) * sum(unit.moved for unit, _, _ in rows))  # PyTorch's (profile.fit)
+             + f.get("in_model_per_unit_ms", 0.0) * (len(rows) - len(alone)))
+    if f.get("per_moved_ms"):  # PyTorch's (profile.fit); search predicts thousands of models on ORT without it
+        extra += f["per_moved_ms"] * sum(unit.moved for unit, _, _ in rows)
     # a negative correction never takes more than half of what the units measured
     total = overhead_ms(table, model.input_shape) + max(in_model + raw + extra, (in_model + raw) / 2)
     return Prediction(total, rows, table)
