@@ -9,6 +9,7 @@ the table's overhead, per-unit and scale terms (compiler.latency).
 from __future__ import annotations
 
 import json
+import math
 import random
 import time
 from pathlib import Path
@@ -17,11 +18,16 @@ from compiler import latency
 from compiler.errors import NcError, UsageError
 
 from ..files import atomic_write
+from .rounds import Rounds, attribute  # noqa: F401 (tests)
+from .rounds import label as _label
+from .steady import GATE, Steadiness
 
 SAVE_EVERY_S = 5.0
 WHOLE_ROUNDS = 3  # whole models: the fastest of this many medians, the models taking turns
 UNIT_PASSES = 2   # units: the faster of two medians, a pass over every unit apart (a shared machine's slow
-# spells last seconds and slow 20% and more of what they catch)
+# spells last seconds and slow 20% and more of what they catch) ...
+MAX_UNIT_PASSES = 4  # ... then again those a slow spell caught both times (steady.py), up to this many passes
+EXTRA_ROUNDS = 2  # whole models: rounds beyond WHOLE_ROUNDS for those that no round timed in a fast spell
 IN_MODEL_PASSES = 2  # ORT's profiler over each whole model: the lower of this many
 STEP_CHAINS = (9, 18)  # ReLU chains timed whole: their difference is what a model pays per unit (KERNEL_TIMES)
 SHIPPED = ("specs/student.spec", "specs/student_se.spec", "specs/student_4bit.spec", "specs/origin.spec",
@@ -91,10 +97,6 @@ def _inputs(model) -> int:
     import math
 
     return math.prod(model.input_shape)
-
-
-def _label(model) -> str:
-    return f"{model.name}@{'x'.join(map(str, model.input_shape))}"
 
 
 def _fresh_table(path: Path, target: str, threads: int, batch: int) -> latency.Table:
@@ -213,12 +215,23 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     saved = time.monotonic()
     empties: dict[tuple, object] = {}  # input shape -> the empty model timed beside each unit
     failed: dict[str, str] = {}
-    rounds = _Rounds(table, samples)
+    state = Steadiness(table.target, table.threads, table.batch)
+    rounds = Rounds(table, samples, state, IN_MODEL_PASSES)
+    probes: dict[str, float] = {}  # unit key -> the probe around its kept measurement
+    retimed: set[str] = set()
     bar = tqdm(total=UNIT_PASSES * len(todo), desc=f"profile {table.target}", unit="unit", mininterval=0.5)
-    for p in range(UNIT_PASSES if todo else 0):
+    for p in range(MAX_UNIT_PASSES if todo else 0):
+        # every unit UNIT_PASSES times, then again those whose kept measurement a slow spell caught
+        batch = todo if p < UNIT_PASSES else [u for u in todo if state.slow(probes.get(u.key, 0.0))]
+        if not batch:
+            break
+        if p >= UNIT_PASSES:
+            bar.total += len(batch)
+            bar.refresh()
+            retimed.update(u.key for u in batch)
         # each pass in its own order: a slow spell then catches units of many models, not one model's
         # units, which a model's order times one after another (a tiny spec's PyTorch units 1.5x alone)
-        for unit in random.Random(p).sample(todo, len(todo)):
+        for unit in random.Random(p).sample(batch, len(batch)):
             bar.update()
             if unit.key in failed:
                 continue
@@ -226,39 +239,47 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
                 if unit.in_shape not in empties:
                     empties[unit.in_shape] = compiler.compile_source(latency.baseline_spec(unit.in_shape), "unit")
                 model = compiler.compile_source(unit_spec(unit), "unit")
-                timed = unit_ms(model, empties[unit.in_shape], table.target, table.threads, table.batch, samples,
-                                unit.variant, table.fit.get("step_ms", 0.0))
+                timed, probe = state.around(unit_ms, model, empties[unit.in_shape], table.target, table.threads,
+                                            table.batch, samples, unit.variant, table.fit.get("step_ms", 0.0))
             except (NcError, RuntimeError, ValueError) as err:  # ours, or ONNX Runtime's (export, quantization)
                 failed[unit.key] = str(err).splitlines()[0]
                 continue
             old = table.entries.get(unit.key) if p else None
-            if old is None or timed["ms"] < old["ms"]:  # in-model times (ctx) taken meanwhile stay
+            if old is None or state.better((timed["ms"], probe), (old["ms"], probes.get(unit.key, math.inf))):
                 table.entries[unit.key] = {**(old or {}), **timed, "macs": unit.macs, "moved": unit.moved,
-                                           "structure": unit.structure}
+                                           "structure": unit.structure}  # in-model times (ctx) taken meanwhile stay
+                probes[unit.key] = probe
             if time.monotonic() - saved > SAVE_EVERY_S:
                 save(table)
                 saved = time.monotonic()
-        rounds.run(_runnable(models, table, failed))  # between the passes: the machine's state then
+        if p < UNIT_PASSES:
+            rounds.run(_runnable(models, table, failed))  # between the passes: the machine's state then
     bar.close()
+    if retimed:
+        print(f"profile: {len(retimed)} units timed again, a slow spell of the machine having caught them "
+              f"(the probe over {GATE}x its fastest)")
     for key, why in failed.items():
         print(f"profile: {key.split(' @ ')[0][:60]}: cannot run on {table.target} ({why}); left out")
     whole = _runnable(models, table, failed)
     while rounds.done < WHOLE_ROUNDS:
         rounds.run(whole)
+    for _ in range(EXTRA_ROUNDS):  # the models that no round has timed in a fast spell yet
+        rounds.run([m for m in whole if rounds.unsteady(_label(m))])
     if table.target in BLOCKED_LAYOUT:
         table.fit["channel_block"] = ort_channel_block()  # pruning to a latency rounds to it
     calibration = table.fit.setdefault("models", {})
     for model in whole:  # each model's input size first: a unit's in-context time is the nearest size's
         calibration.setdefault(_label(model), {})["inputs"] = _inputs(model)
     table.touch()  # units and in-model times added: what prediction derived from the entries is stale
+    best, times = rounds.best, rounds.times
     for model in whole:
         units = latency.units_on(model, table.target)
         calibration[_label(model)] = {
             "sum_ms": sum(latency.entry_ms(u, table, _inputs(model))[0] for u in units),
             "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units),
             "moved": sum(u.moved for u in units),
-            "measured_ms": rounds.best[_label(model)], "empty_ms": rounds.best[model.input_shape],
-            "inputs": _inputs(model), "rounds_ms": rounds.times[_label(model)]}
+            "measured_ms": best[_label(model)], "empty_ms": best[model.input_shape],
+            "inputs": _inputs(model), "rounds_ms": times[_label(model)]}
     table.fit.update(fit(calibration, table.fit.get("step_ms")))
     save(table)
     return len(todo) - len(failed), len(wanted) - len(todo)
@@ -268,49 +289,6 @@ def _runnable(models: list, table: latency.Table, failed: dict) -> list:
     """The distinct models none of whose units failed on the target."""
     return list({_label(m): m for m in models
                  if not any(u.key in failed for u in latency.units_on(m, table.target))}.values())
-
-
-class _Rounds:
-    """Rounds over the whole models: each times every model and the empty model at each input shape once
-    (the median of `samples`, the models taking turns), and on ORT profiles each model once for its
-    units' in-model times (ctx). `best` keeps each one's fastest round, a unit's ctx the lower of
-    IN_MODEL_PASSES profiles: a slow spell of a shared machine slows all that it catches."""
-
-    def __init__(self, table: latency.Table, samples: int):
-        self.table, self.samples = table, samples
-        self.done = 0
-        self.best: dict = {}  # model label or input shape -> ms
-        self.times: dict = {}  # ... -> each round's ms: how far the machine moved the same measurement
-        self.profiled: dict[str, int] = {}  # model label -> profiles taken
-
-    def run(self, whole: list) -> None:
-        from tqdm import tqdm
-
-        import compiler
-
-        from .measure import KERNEL_TIMES, ort_node_ms, whole_models_ms
-
-        t = self.table
-        shapes = list(dict.fromkeys(m.input_shape for m in whole))
-        empties = [compiler.compile_source(latency.baseline_spec(s), "empty") for s in shapes]
-        with tqdm(total=len(whole) + len(empties), desc=f"whole models, round {self.done + 1}", unit="run",
-                  mininterval=0.5, leave=False) as bar:
-            times = whole_models_ms(whole + empties, t.target, t.threads, t.batch, self.samples, 1,
-                                    progress=bar.update)
-        for key, ms in zip([_label(m) for m in whole] + shapes, times):
-            self.best[key] = min(ms, self.best.get(key, ms))
-            self.times.setdefault(key, []).append(round(ms, 6))
-        self.done += 1
-        if t.target not in KERNEL_TIMES:
-            return
-        for model in tqdm([m for m in whole if self.profiled.get(_label(m), 0) < IN_MODEL_PASSES],
-                          desc="in-model times", unit="model", mininterval=0.5, leave=False):
-            label = _label(model)
-            nodes = ort_node_ms(model, t.threads, t.batch, target=t.target)
-            for key, ms in attribute(model, nodes, t.target).items():
-                ctx = t.entries[key].setdefault("ctx", {})
-                ctx[label] = min(ms, ctx[label]) if self.profiled.get(label) else ms
-            self.profiled[label] = self.profiled.get(label, 0) + 1
 
 
 def _step_ms(table: latency.Table, samples: int) -> float:
@@ -324,27 +302,6 @@ def _step_ms(table: latency.Table, samples: int) -> float:
               for n in STEP_CHAINS]
     short, long = whole_models_ms(chains, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS)
     return max(0.0, (long - short) / (STEP_CHAINS[1] - STEP_CHAINS[0]))
-
-
-def attribute(model, node_ms: dict[str, float], target: str = "ort-fp32") -> dict[str, float]:
-    """Each unit's share of the model's node times (summed over the units of the same key, divided by
-    their count): a node is its unit's when its layer path (measure.node_path) is one of the unit's.
-    What ORT adds between layouts stays with the fitted terms; a unit with no node left (fused into
-    another's) spends 0."""
-    from .measure import node_path
-
-    units = latency.units_on(model, target)
-    owner = {path: unit for unit in units for path in unit.paths}
-    spent: dict[str, float] = {}
-    for name, ms in node_ms.items():
-        unit = owner.get(node_path(name))
-        if unit is not None:
-            spent[unit.key] = spent.get(unit.key, 0.0) + ms
-    count: dict[str, int] = {}
-    for unit in units:
-        count[unit.key] = count.get(unit.key, 0) + 1
-    # a unit without a node of its own was fused into another's (an add into its conv): 0 inside this model
-    return {key: spent.get(key, 0.0) / n for key, n in count.items()}
 
 
 def check(specs: list[str], inputs: list[str], table: latency.Table, samples: int) -> list[dict]:

@@ -1,0 +1,103 @@
+"""Rounds over the whole models a profile measures: their latency (the fit's calibration) and, on ONNX
+Runtime, their units' in-model times from its profiler."""
+from __future__ import annotations
+
+from compiler import latency
+
+from .steady import Steadiness
+
+
+def label(model) -> str:
+    return f"{model.name}@{'x'.join(map(str, model.input_shape))}"
+
+
+class Rounds:
+    """Each round times every model and the empty model at each input shape once (the median of
+    `samples`, the models taking turns) with the probe around it (steady.py), and on ORT profiles each
+    model for its units' in-model times (ctx), `profiles` times. A model's latency is its fastest round
+    in a fast spell (any round's where none was); a unit's ctx the lower of a model's profiles, those
+    from a fast spell over those from a slow one."""
+
+    def __init__(self, table: latency.Table, samples: int, state: Steadiness, profiles: int):
+        self.table, self.samples, self.state, self.profiles = table, samples, state, profiles
+        self.done = 0
+        self.taken: dict = {}  # model label or input shape -> [(ms, probe)] of each round
+        self.profiled: dict[str, list] = {}  # model label -> [profiles taken, the kept one's probe]
+
+    @property
+    def times(self) -> dict:
+        """Each round's ms: how far the machine moved the same measurement."""
+        return {key: [round(ms, 6) for ms, _ in taken] for key, taken in self.taken.items()}
+
+    @property
+    def best(self) -> dict:
+        return {key: min(taken, key=lambda t: (self.state.slow(t[1]), t[0]))[0] for key, taken in self.taken.items()}
+
+    def unsteady(self, key) -> bool:
+        """Whether every round of `key` (a model's label) was timed in a slow spell."""
+        return all(self.state.slow(probe) for _, probe in self.taken.get(key, [(0.0, 0.0)]))
+
+    def run(self, whole: list) -> None:
+        from tqdm import tqdm
+
+        import compiler
+
+        from .measure import KERNEL_TIMES, TIMERS, median_ms
+
+        if not whole:
+            return
+        t = self.table
+        shapes = list(dict.fromkeys(m.input_shape for m in whole))
+        empties = [compiler.compile_source(latency.baseline_spec(s), "empty") for s in shapes]
+        keys = [label(m) for m in whole] + shapes
+        calls = [TIMERS[t.target](m, t.threads, t.batch) for m in whole + empties]
+        for key, call in tqdm(list(zip(keys, calls)), desc=f"whole models, round {self.done + 1}", unit="run",
+                              mininterval=0.5, leave=False):
+            self.taken.setdefault(key, []).append(self.state.around(median_ms, call, self.samples))
+        self.done += 1
+        if t.target in KERNEL_TIMES:
+            self._profile([m for m in whole if self._wants_profile(label(m))])
+
+    def _wants_profile(self, name: str) -> bool:
+        done, probe = self.profiled.get(name, (0, 0.0))
+        return done < self.profiles or (self.state.slow(probe) and done < self.profiles + 2)
+
+    def _profile(self, models: list) -> None:
+        from tqdm import tqdm
+
+        from .measure import ort_node_ms
+
+        t = self.table
+        for model in tqdm(models, desc="in-model times", unit="model", mininterval=0.5, leave=False):
+            name = label(model)
+            nodes, probe = self.state.around(ort_node_ms, model, t.threads, t.batch, target=t.target)
+            done, kept = self.profiled.get(name, (0, None))
+            faster_spell = kept is not None and self.state.slow(kept) and not self.state.slow(probe)
+            if kept is not None and self.state.slow(probe) and not self.state.slow(kept):
+                self.profiled[name] = [done + 1, kept]  # a slow spell's profile: the fast one's stays
+                continue
+            for key, ms in attribute(model, nodes, t.target).items():
+                ctx = t.entries[key].setdefault("ctx", {})
+                ctx[name] = ms if kept is None or faster_spell else min(ms, ctx[name])
+            self.profiled[name] = [done + 1, probe if kept is None or faster_spell else min(probe, kept)]
+
+
+def attribute(model, node_ms: dict[str, float], target: str = "ort-fp32") -> dict[str, float]:
+    """Each unit's share of the model's node times (summed over the units of the same key, divided by
+    their count): a node is its unit's when its layer path (measure.node_path) is one of the unit's.
+    What ORT adds between layouts stays with the fitted terms; a unit with no node left (fused into
+    another's) spends 0."""
+    from .measure import node_path
+
+    units = latency.units_on(model, target)
+    owner = {path: unit for unit in units for path in unit.paths}
+    spent: dict[str, float] = {}
+    for name, ms in node_ms.items():
+        unit = owner.get(node_path(name))
+        if unit is not None:
+            spent[unit.key] = spent.get(unit.key, 0.0) + ms
+    count: dict[str, int] = {}
+    for unit in units:
+        count[unit.key] = count.get(unit.key, 0) + 1
+    # a unit without a node of its own was fused into another's (an add into its conv): 0 inside this model
+    return {key: spent.get(key, 0.0) / n for key, n in count.items()}
