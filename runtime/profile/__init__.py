@@ -198,7 +198,8 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     ONNX form in nccompile's writer) is said and left out, with the whole models that use it.
     The whole models' rounds (and on ORT their profiled passes) come between the passes over the units,
     so that both meet the machine in the same states: run after all units, the whole models of one run
-    here met a slow spell that put 10% on all of them and on nothing of their units."""
+    here met a slow spell that put 10% on all of them and on nothing of their units. Each measurement
+    has the probe around it (steady.py): units a slow spell caught are timed again, up to MAX_UNIT_PASSES."""
     from tqdm import tqdm
 
     import compiler
