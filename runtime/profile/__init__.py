@@ -27,7 +27,6 @@ WHOLE_ROUNDS = 3  # whole models: the fastest of this many medians, the models t
 UNIT_PASSES = 2   # units: the faster of two medians, a pass over every unit apart (a shared machine's slow
 # spells last seconds and slow 20% and more of what they catch) ...
 MAX_UNIT_PASSES = 4  # ... then again those a slow spell caught both times (steady.py), up to this many passes
-EXTRA_ROUNDS = 2  # whole models: rounds beyond WHOLE_ROUNDS for those that no round timed in a fast spell
 IN_MODEL_PASSES = 2  # ORT's profiler over each whole model: the lower of this many
 STEP_CHAINS = (9, 18)  # ReLU chains timed whole: their difference is what a model pays per unit (KERNEL_TIMES)
 SHIPPED = ("specs/student.spec", "specs/student_se.spec", "specs/student_4bit.spec", "specs/origin.spec",
@@ -264,8 +263,6 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     whole = _runnable(models, table, failed)
     while rounds.done < WHOLE_ROUNDS:
         rounds.run(whole)
-    for _ in range(EXTRA_ROUNDS):  # the models that no round has timed in a fast spell yet
-        rounds.run([m for m in whole if rounds.unsteady(_label(m))])
     if table.target in BLOCKED_LAYOUT:
         table.fit["channel_block"] = ort_channel_block()  # pruning to a latency rounds to it
     calibration = table.fit.setdefault("models", {})

@@ -13,29 +13,22 @@ def label(model) -> str:
 
 class Rounds:
     """Each round times every model and the empty model at each input shape once (the median of
-    `samples`, the models taking turns) with the probe around it (steady.py), and on ORT profiles each
-    model for its units' in-model times (ctx), `profiles` times. A model's latency is its fastest round
-    in a fast spell (any round's where none was); a unit's ctx the lower of a model's profiles, those
-    from a fast spell over those from a slow one."""
+    `samples`, the models taking turns), and on ORT profiles each model for its units' in-model times
+    (ctx), `profiles` times. A model's latency is its fastest round: keeping the round of a fast spell
+    by the probe (steady.py) instead put two int8 profiles of the same models 47.6% apart, against
+    10.0% so. A unit's ctx is the lower of a model's profiles, those from a fast spell over those from
+    a slow one, as units alone are timed (steady.py).
+    """
 
     def __init__(self, table: latency.Table, samples: int, state: Steadiness, profiles: int):
         self.table, self.samples, self.state, self.profiles = table, samples, state, profiles
         self.done = 0
-        self.taken: dict = {}  # model label or input shape -> [(ms, probe)] of each round
+        self.times: dict = {}  # model label or input shape -> each round's ms: how far the machine moved it
         self.profiled: dict[str, list] = {}  # model label -> [profiles taken, the kept one's probe]
 
     @property
-    def times(self) -> dict:
-        """Each round's ms: how far the machine moved the same measurement."""
-        return {key: [round(ms, 6) for ms, _ in taken] for key, taken in self.taken.items()}
-
-    @property
     def best(self) -> dict:
-        return {key: min(taken, key=lambda t: (self.state.slow(t[1]), t[0]))[0] for key, taken in self.taken.items()}
-
-    def unsteady(self, key) -> bool:
-        """Whether every round of `key` (a model's label) was timed in a slow spell."""
-        return all(self.state.slow(probe) for _, probe in self.taken.get(key, [(0.0, 0.0)]))
+        return {key: min(times) for key, times in self.times.items()}
 
     def run(self, whole: list) -> None:
         from tqdm import tqdm
@@ -53,7 +46,7 @@ class Rounds:
         calls = [TIMERS[t.target](m, t.threads, t.batch) for m in whole + empties]
         for key, call in tqdm(list(zip(keys, calls)), desc=f"whole models, round {self.done + 1}", unit="run",
                               mininterval=0.5, leave=False):
-            self.taken.setdefault(key, []).append(self.state.around(median_ms, call, self.samples))
+            self.times.setdefault(key, []).append(round(median_ms(call, self.samples), 6))
         self.done += 1
         if t.target in KERNEL_TIMES:
             self._profile([m for m in whole if self._wants_profile(label(m))])
