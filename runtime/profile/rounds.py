@@ -35,18 +35,19 @@ class Rounds:
 
         import compiler
 
-        from .measure import KERNEL_TIMES, TIMERS, median_ms
+        from .measure import KERNEL_TIMES, whole_models_ms
 
         if not whole:
             return
         t = self.table
         shapes = list(dict.fromkeys(m.input_shape for m in whole))
         empties = [compiler.compile_source(latency.baseline_spec(s), "empty") for s in shapes]
-        keys = [label(m) for m in whole] + shapes
-        calls = [TIMERS[t.target](m, t.threads, t.batch) for m in whole + empties]
-        for key, call in tqdm(list(zip(keys, calls)), desc=f"whole models, round {self.done + 1}", unit="run",
-                              mininterval=0.5, leave=False):
-            self.times.setdefault(key, []).append(round(median_ms(call, self.samples), 6))
+        with tqdm(total=len(whole) + len(empties), desc=f"whole models, round {self.done + 1}", unit="run",
+                  mininterval=0.5, leave=False) as bar:
+            times = whole_models_ms(whole + empties, t.target, t.threads, t.batch, self.samples, 1,
+                                    progress=bar.update)
+        for key, ms in zip([label(m) for m in whole] + shapes, times):
+            self.times.setdefault(key, []).append(round(ms, 6))
         self.done += 1
         if t.target in KERNEL_TIMES:
             self._profile([m for m in whole if self._wants_profile(label(m))])
@@ -65,15 +66,15 @@ class Rounds:
             name = label(model)
             nodes, probe = self.state.around(ort_node_ms, model, t.threads, t.batch, target=t.target)
             done, kept = self.profiled.get(name, (0, None))
-            faster_spell = kept is not None and self.state.slow(kept) and not self.state.slow(probe)
-            if kept is not None and self.state.slow(probe) and not self.state.slow(kept):
+            slow, kept_slow = self.state.slow(probe), kept is not None and self.state.slow(kept)
+            if kept is not None and slow and not kept_slow:
                 self.profiled[name] = [done + 1, kept]  # a slow spell's profile: the fast one's stays
                 continue
+            fresh = kept is None or (kept_slow and not slow)  # the first profile, or the first of a fast spell
             for key, ms in attribute(model, nodes, t.target).items():
                 ctx = t.entries[key].setdefault("ctx", {})
-                ctx[name] = ms if kept is None or faster_spell else min(ms, ctx[name])
-            self.profiled[name] = [done + 1, probe if kept is None or faster_spell else min(probe, kept)]
-
+                ctx[name] = ms if fresh else min(ms, ctx[name])
+            self.profiled[name] = [done + 1, probe if fresh else min(probe, kept)]
 
 def attribute(model, node_ms: dict[str, float], target: str = "ort-fp32") -> dict[str, float]:
     """Each unit's share of the model's node times (summed over the units of the same key, divided by

@@ -5,11 +5,11 @@ with neither). So a probe, the target's empty model, is timed around each measur
 the probe ran over GATE times its fastest is re-taken in a later pass, and a measurement from a fast
 spell is kept over any from a slow one.
 
-Units only, and on ONNX Runtime only. Two int8 profiles of the same 25 models timed their units 33%
-apart (median |log| ratio) so, and 69% without; float 32% and 53%. Whole models keep their fastest
-round (rounds.py): picked by the probe, two int8 profiles measured them 47.6% apart, against 10.0%.
-On PyTorch the probe (its empty module's call, Python's own work) did not tell the spells apart: units
-11% apart with it, 8% without (BENCHMARKS.md)."""
+Units only, and on ONNX Runtime only. In four pairs of profiles of the same 25 models (int8, float), the
+probe put the units' two times closer in all four (median |log| ratio 31-57% against 51-69% without).
+Whole models keep their fastest round (rounds.py): picked by the probe, two int8 profiles measured them
+47.6% apart, against 10.0%. On PyTorch the probe (its empty module's call, Python's own work) did not
+tell the spells apart: units 11% apart with it, 8% without (BENCHMARKS.md)."""
 from __future__ import annotations
 
 import math
