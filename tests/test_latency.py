@@ -515,20 +515,23 @@ def test_ort_profiles_map_back_to_units_and_in_model_times_correct_the_rest(tmp_
 
 
 def test_ort_unit_times_are_net_of_the_profilers_floor_and_of_reorders(monkeypatch):
-    """A chain of layers that do no work reports about nothing once the profiler's floor is off; a conv
-    alone pays reorders into and out of ORT's blocked layout, which its kernel time leaves out."""
+    """A chain of layers that do no work reports about nothing once the profiler's floor, measured in the
+    same runs, is off; a conv alone pays reorders into and out of ORT's blocked layout, which its kernel
+    time leaves out."""
     from runtime.profile import measure
-    from runtime.profile.measure import ADDED, ort_kernel_ms, ort_node_ms, profiler_floor_ms
+    from runtime.profile.measure import ADDED, FLOOR_PREFIX, _profiled, ort_kernel_ms, ort_node_ms
 
     idle = compiler.compile_source("model idle {\n    input 1x1x1\n    relu relu relu relu\n}\n", "idle")
-    shares = []
-    for _ in range(3):  # a slow spell of a shared machine between floor and chain: the best of 3 tries
-        monkeypatch.setattr(measure, "_FLOORS", {})  # the floor measured now, next to the chain
-        first, other = profiler_floor_ms(1, 1)
-        assert 0 < first < 0.05 and 0 < other < 0.05  # a few microseconds (which is larger varies by CPU)
-        net = sum(ort_node_ms(idle, 1, 1, runs=200).values())
-        shares.append(abs(net) / (net + first + 3 * other))
-    assert min(shares) < 0.5, shares  # most of what no-op nodes report is the floor
+    order, ms, ops, floors = _profiled(idle, 1, 1, runs=200)
+    assert len(order) == 4 and set(ms) == set(ops) == set(floors) == set(order)
+    assert not any(n.startswith(FLOOR_PREFIX) for n in order)
+    assert all(0 < f < 0.05 for f in floors.values())  # a few microseconds
+    raw = sum(ms.values())
+    net = raw - sum(floors.values())
+    assert abs(net) < 0.5 * raw, (ms, floors)  # most of what no-op nodes report is the floor
+    monkeypatch.setattr(measure, "_profiled", lambda *a, **k: (order, ms, ops, floors))
+    assert ort_node_ms(idle, 1, 1) == {n: ms[n] - floors[n] for n in order}
+    monkeypatch.undo()
     unit = compiler.compile_source("model unit {\n    input 16x32x32\n    conv(16, kernel=3) bn relu\n}\n", "u")
     nodes = ort_node_ms(unit, 1, 1)
     reorders = sum(ms for name, ms in nodes.items() if ADDED.match(name))
@@ -562,7 +565,7 @@ def test_on_ort_int8_the_float_head_is_a_unit_of_its_own():
     from runtime.profile.measure import ADDED, CONVERSIONS, _profiled, node_path
 
     resnet = compiler.compile_spec(ROOT / "specs" / "zoo" / "resnet50.spec", input_shape=(3, 32, 32))
-    order, _, ops = _profiled(resnet, 1, 1, runs=2, target="ort-int8")
+    order, _, ops, _ = _profiled(resnet, 1, 1, runs=2, target="ort-int8")
     paths = {p for u in latency.units_on(resnet, "ort-int8") for p in u.paths}
     assert [n for n in order if node_path(n) not in paths and not ADDED.match(n) and ops[n] not in CONVERSIONS] == []
 
@@ -577,3 +580,16 @@ def test_profiled_node_names_map_back_to_layer_paths():
     assert node_path("/layer1/layer1.0/layer1.0.0/body/body.3/Conv_token_7") == "layer1.0.0.body.3"
     assert all(ADDED.match(n) for n in ("ReorderInput", "ReorderOutput_token_145", "Transpose_token_52"))
     assert not any(ADDED.match(n) for n in ("features.3", "/features/features.7/Transpose", "Transposed"))
+
+
+def test_the_profilers_floor_grows_with_a_nodes_inputs():
+    """Each node's floor: the ReLU chain's for one input, the Add chain's extra for each input after the
+    first (a QLinearConv has 8 or 9), and a node reading the model's input what the chains' first pays more."""
+    from runtime.profile.measure import FLOOR_NODES, FLOOR_PREFIX, _floors
+
+    ms = {f"{FLOOR_PREFIX}Relu#{i}": 0.008 if i == 1 else 0.006 for i in range(1, FLOOR_NODES + 1)}
+    ms.update({f"{FLOOR_PREFIX}Add#{i}": 0.0065 for i in range(1, FLOOR_NODES + 1)})
+    floors = _floors(ms, {"a": 1, "b": 3, "c": 9}, ["a", "b", "c"])
+    assert floors == pytest.approx({"a": 0.008, "b": 0.007, "c": 0.010})
+    ms.update({f"{FLOOR_PREFIX}Add#{i}": 0.005 for i in range(1, FLOOR_NODES + 1)})  # noise: never below one input
+    assert _floors(ms, {"b": 3}, ["b"]) == pytest.approx({"b": 0.008})

@@ -5,7 +5,7 @@ int8 QDQ file, or PyTorch eager.
 Wall-clock times (whole models; PyTorch units): warm-up, then samples of k back-to-back runs each (k
 chosen so a sample lasts about 2 ms, so timer resolution and one-off stalls weigh little), and the
 median sample. ONNX Runtime units and in-model times: node times from ORT's profiler (_profiled), net
-of the profiler's own floor.
+of the profiler's own floor, measured in the same runs.
 """
 from __future__ import annotations
 
@@ -103,8 +103,9 @@ _INT8: dict[tuple, bytes] = {}
 
 
 def _ort_session(model, threads: int, batch: int, profile_prefix: str | None = None, target: str = "ort-fp32",
-                 float_first: bool = True):
-    """An ONNX Runtime session on the graph `target` runs for `model` (_ort_graph) and a random input batch."""
+                 float_first: bool = True, floor_chains: bool = False):
+    """An ONNX Runtime session on the graph `target` runs for `model` (_ort_graph), or with the profiler's
+    floor chains beside it (_with_floor_chains), and its feed: a random input batch."""
     import onnxruntime as ort
 
     opts = ort.SessionOptions()
@@ -112,9 +113,14 @@ def _ort_session(model, threads: int, batch: int, profile_prefix: str | None = N
     opts.log_severity_level = 3
     if profile_prefix is not None:
         opts.enable_profiling, opts.profile_file_prefix = True, profile_prefix
-    session = ort.InferenceSession(_ort_graph(model, target, float_first), opts, providers=["CPUExecutionProvider"])
+    graph = _ort_graph(model, target, float_first)
+    session = ort.InferenceSession(_with_floor_chains(graph) if floor_chains else graph, opts,
+                                   providers=["CPUExecutionProvider"])
     images = np.random.default_rng(0).random((batch, *model.input_shape), dtype=np.float32)
-    return session, {session.get_inputs()[0].name: images}
+    feed = {session.get_inputs()[0].name: images}
+    if floor_chains:
+        feed.update({f"{FLOOR_PREFIX}{op}#0": np.ones((1, 1, 1, 1), dtype=np.float32) for op in FLOOR_CHAINS})
+    return session, feed
 
 
 def ort_timer(model, threads: int, batch: int, target: str = "ort-fp32"):
@@ -250,17 +256,55 @@ ADDED = re.compile(r"^(ReorderInput|ReorderOutput|Transpose)(_token_\d+)?$")
 CONVERSIONS = {"QuantizeLinear", "DequantizeLinear"}
 
 
+FLOOR_CHAINS = {"Relu": 1, "Add": 2}  # op -> its inputs: chains of no-op nodes beside every profiled graph
+FLOOR_NODES = 9  # ... of this many nodes each, on one value
+FLOOR_PREFIX = "profiler_floor_"
+
+
+def _with_floor_chains(graph: bytes) -> bytes:
+    """The graph with a chain of FLOOR_NODES nodes on a value of its own beside it for each op of
+    FLOOR_CHAINS: what ORT's profiler reports for a node of no work, measured in the very runs it
+    profiles (_floors)."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    proto = onnx.load_from_string(graph)
+    for op, inputs in FLOOR_CHAINS.items():
+        names = [f"{FLOOR_PREFIX}{op}#{i}" for i in range(FLOOR_NODES + 1)]
+        proto.graph.node.extend(helper.make_node(op, [a] * inputs, [b], name=b) for a, b in zip(names, names[1:]))
+        proto.graph.input.append(helper.make_tensor_value_info(names[0], TensorProto.FLOAT, [1, 1, 1, 1]))
+        proto.graph.output.append(helper.make_tensor_value_info(names[-1], TensorProto.FLOAT, [1, 1, 1, 1]))
+    return proto.SerializeToString()
+
+
+def _floors(ms: dict[str, float], inputs: dict[str, int], order: list[str]) -> dict[str, float]:
+    """What ORT's profiler put on each node of `order` (its first reads the model's input), from the
+    floor chains' times `ms`: the Relu chain's for a node of one input, plus the Add chain's extra for
+    each input after the first. The profiler's timestamps, whole microseconds and the input sizes and
+    shapes it records for every node put 3-7 us on each here (more on every input), more than a small
+    layer's work; and the floor moves with the machine's spells (3.2 us in one, 6 in another).
+    Taken from a ReLU chain profiled every few seconds, it put the int8 student's in-model times at
+    32 and 64 px at 1.2-2.1x the whole model's time less the empty model's; net of these, 0.76-1.16x
+    (median 0.97, nine profiles)."""
+    chain = {op: [ms[f"{FLOOR_PREFIX}{op}#{i}"] for i in range(1, FLOOR_NODES + 1)] for op in FLOOR_CHAINS}
+    one = statistics.fmean(chain["Relu"][1:])
+    per_input = max(0.0, statistics.fmean(chain["Add"][1:]) - one)
+    first = chain["Relu"][0] - one  # a node reading a graph input
+    return {name: one + per_input * (inputs[name] - 1) + (first if i == 0 else 0.0) for i, name in enumerate(order)}
+
+
 def _profiled(model, threads: int, batch: int, runs: int | None, target: str = "ort-fp32",
-              float_first: bool = True) -> tuple[list[str], dict[str, float], dict[str, str]]:
-    """(node names in execution order, each node's profiled duration in ms, each node's op type): the mean
-    of the middle 80% of the runs after a warm-up (ORT's durations are whole microseconds, so a median
-    would round)."""
+              float_first: bool = True) -> tuple[list[str], dict[str, float], dict[str, str], dict[str, float]]:
+    """(the model's node names in execution order, each node's profiled duration in ms, each node's op
+    type, the profiler's floor on each node in the same runs (_floors)): durations are the mean of the
+    middle 80% of the runs after a warm-up (ORT's are whole microseconds, so a median would round)."""
     import json
     import os
     import tempfile
 
     with tempfile.TemporaryDirectory() as folder:
-        session, feed = _ort_session(model, threads, batch, os.path.join(folder, "profile"), target, float_first)
+        session, feed = _ort_session(model, threads, batch, os.path.join(folder, "profile"), target, float_first,
+                                     floor_chains=True)
         warmup = 3
         for _ in range(warmup):
             session.run(None, feed)
@@ -275,49 +319,31 @@ def _profiled(model, threads: int, batch: int, runs: int | None, target: str = "
             events = json.load(f)
     times: dict[str, list[int]] = {}
     ops: dict[str, str] = {}
+    inputs: dict[str, int] = {}
     for e in events:
         if e.get("cat") == "Node" and e.get("name", "").endswith("_kernel_time"):
             name = e["name"][:-len("_kernel_time")]
             times.setdefault(name, []).append(e["dur"])
             ops[name] = e.get("args", {}).get("op_name", "")
+            inputs[name] = max(1, len(e.get("args", {}).get("input_type_shape", [])))
     out = {}
     for name, durations in times.items():
         kept = sorted(durations[warmup:] or durations)
         cut = len(kept) // 10
         out[name] = statistics.fmean(kept[cut:len(kept) - cut]) / 1000
-    return list(times), out, ops
-
-
-_FLOORS: dict[tuple, list[tuple[float, float, float]]] = {}
-FLOOR_S = 5.0  # the floor moves with the machine's state: measured again when the last is older than this
-FLOOR_KEPT = 9  # ... and the median of the last few taken, so that one measured in a slow spell weighs little
-
-
-def profiler_floor_ms(threads: int, batch: int) -> tuple[float, float]:
-    """What ORT's profiler reports for a node that does no work: (the run's first node, any other).
-    Its timestamps and whole-microsecond durations put a few microseconds on every node, more than a
-    small layer's work, so node times are taken net of it. Measured on a chain of ReLUs on one value."""
-    seen = _FLOORS.setdefault((threads, batch), [])
-    if not seen or time.monotonic() - seen[-1][2] > FLOOR_S:
-        import compiler
-
-        chain = compiler.compile_source("model floor {\n    input 1x1x1\n    " + "relu " * 9 + "\n}\n", "floor")
-        order, ms, _ = _profiled(chain, threads, batch, runs=400)
-        seen.append((ms[order[0]], statistics.fmean(ms[n] for n in order[1:]), time.monotonic()))
-        del seen[:-FLOOR_KEPT]
-    return statistics.median(f[0] for f in seen), statistics.median(f[1] for f in seen)
+    order = [name for name in times if not name.startswith(FLOOR_PREFIX)]
+    return order, {name: out[name] for name in order}, {name: ops[name] for name in order}, _floors(out, inputs, order)
 
 
 def ort_node_ms(model, threads: int, batch: int, runs: int | None = None, target: str = "ort-fp32",
                 float_first: bool = True, conversions: bool = True) -> dict[str, float]:
     """Each node's kernel time (ms) inside the model from ONNX Runtime's profiler, net of the profiler's
-    own floor (profiler_floor_ms). Node names are the graph's after ORT's fusions: ours (layer paths,
-    `_nchwc` after for the blocked-layout kernels) or torch's exporter's for int8 (`/scope/.../Op`), and
-    ORT's own for what it adds (ADDED). `conversions=False` leaves out the nodes of CONVERSIONS."""
-    first, other = profiler_floor_ms(threads, batch)
-    order, ms, ops = _profiled(model, threads, batch, runs, target, float_first)
-    return {name: ms[name] - (first if i == 0 else other) for i, name in enumerate(order)
-            if conversions or ops[name] not in CONVERSIONS}
+    own floor on each node in the same runs (_floors). Node names are the graph's after ORT's fusions:
+    ours (layer paths, `_nchwc` after for the blocked-layout kernels) or torch's exporter's for int8
+    (`/scope/.../Op`), and ORT's own for what it adds (ADDED). `conversions=False` leaves out the nodes
+    of CONVERSIONS."""
+    order, ms, ops, floors = _profiled(model, threads, batch, runs, target, float_first)
+    return {name: ms[name] - floors[name] for name in order if conversions or ops[name] not in CONVERSIONS}
 
 
 def ort_kernel_ms(model, threads: int, batch: int, target: str = "ort-fp32") -> float:
