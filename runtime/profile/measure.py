@@ -283,8 +283,8 @@ def _floors(ms: dict[str, float], inputs: dict[str, int], order: list[str]) -> d
     each input after the first. The profiler's timestamps, whole microseconds and the input sizes and
     shapes it records for every node put 3-7 us on each here (more on every input), more than a small
     layer's work; and the floor moves with the machine's spells (3.2 us in one, 6 in another).
-    Taken from a ReLU chain profiled every few seconds, it put the int8 student's in-model times at
-    32 and 64 px at 1.2-2.1x the whole model's time less the empty model's; net of these, 0.76-1.16x
+    One floor for every node, the ReLU chain's in the same runs, put the int8 student's in-model times
+    at 32 and 64 px at 1.2-1.8x the whole model's time less the empty model's; by inputs, 0.76-1.16x
     (median 0.97, nine profiles)."""
     chain = {op: [ms[f"{FLOOR_PREFIX}{op}#{i}"] for i in range(1, FLOOR_NODES + 1)] for op in FLOOR_CHAINS}
     one = statistics.fmean(chain["Relu"][1:])
