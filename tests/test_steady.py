@@ -50,9 +50,9 @@ def test_whole_models_keep_their_fastest_round_and_profiles_prefer_a_fast_spell(
     rounds = Rounds(None, 3, _state(), 2)
     rounds.times = {"a": [1.0, 2.0, 1.8], "b": [5.0, 4.0]}
     assert rounds.best == {"a": 1.0, "b": 4.0}  # the fastest round, whatever the probe said
-    rounds.profiled = {"fast": [2, 1.0], "slow": [2, 1.5 * GATE], "new": [1, 9.0]}
+    rounds.profiled = {"fast": [2, 1.0, 0.1], "slow": [2, 1.5 * GATE, 0.1], "new": [1, 9.0, 0.1]}
     assert not rounds._wants_profile("fast") and rounds._wants_profile("slow") and rounds._wants_profile("new")
-    rounds.profiled["slow"] = [4, 1.5 * GATE]  # two more at most
+    rounds.profiled["slow"] = [4, 1.5 * GATE, 0.1]  # two more at most
     assert not rounds._wants_profile("slow")
 
 
@@ -83,3 +83,25 @@ def test_profile_times_again_a_unit_a_slow_spell_caught_and_keeps_its_fast_spell
     pool = next(u for u in latency.units_on(model, "torch-fp32") if u.text.startswith("maxpool"))
     assert table.entries[pool.key]["ms"] == pytest.approx(0.9)
     assert len(table.fit["models"]["tiny@3x8x8"]["rounds_ms"]) == 3  # not slow: no extra round
+
+
+def test_a_models_in_model_times_come_from_one_whole_profile(tmp_path, monkeypatch):
+    """Of a model's profiles the one of least sum is kept whole, one from a fast spell over any from a slow
+    one: each unit's lowest over profiles would sum lower than any profile measured (a tiny node's net
+    time is mostly noise)."""
+    model = compiler.compile_source(SPEC, "tiny.spec")
+    table = _fresh_table(tmp_path / "ort-fp32.json", "ort-fp32", 1, 1)
+    for unit in latency.units_on(model, "ort-fp32"):
+        table.entries[unit.key] = {"ms": 0.01}
+    conv, pool = (next(u for u in latency.units_on(model, "ort-fp32") if u.text.startswith(op)) for op in
+                  ("conv", "maxpool"))
+    profiles = iter([({conv.paths[0]: 0.010, pool.paths[0]: 0.002}, 1.0),   # sum 0.012
+                     ({conv.paths[0]: 0.007, pool.paths[0]: 0.004}, 1.0),   # sum 0.011: kept whole
+                     ({conv.paths[0]: 0.001, pool.paths[0]: 0.001}, 9.0)])  # a slow spell's: not kept
+    state = _state()
+    monkeypatch.setattr(Steadiness, "around", lambda self, *a, **k: next(profiles))
+    rounds = Rounds(table, 3, state, 3)
+    rounds._profile([model] * 3)
+    ctx = {u.text.split("(")[0]: table.entries[u.key]["ctx"]["tiny@3x8x8"] for u in (conv, pool)}
+    assert ctx == pytest.approx({"conv": 0.007, "maxpool": 0.004})
+    assert rounds.profiled["tiny@3x8x8"] == [3, 1.0, pytest.approx(0.011)]

@@ -16,15 +16,15 @@ class Rounds:
     `samples`, the models taking turns), and on ORT profiles each model for its units' in-model times
     (ctx), `profiles` times. A model's latency is its fastest round: keeping the round of a fast spell
     by the probe (steady.py) instead put two int8 profiles of the same models 47.6% apart, against
-    10.0% so. A unit's ctx is the lower of a model's profiles, those from a fast spell over those from
-    a slow one, as units alone are timed (steady.py).
+    10.0% so. A model's units take their ctx from one of its profiles, the fastest in sum, one from a
+    fast spell over one from a slow one, as units alone are timed (steady.py).
     """
 
     def __init__(self, table: latency.Table, samples: int, state: Steadiness, profiles: int):
         self.table, self.samples, self.state, self.profiles = table, samples, state, profiles
         self.done = 0
         self.times: dict = {}  # model label or input shape -> each round's ms: how far the machine moved it
-        self.profiled: dict[str, list] = {}  # model label -> [profiles taken, the kept one's probe]
+        self.profiled: dict[str, list] = {}  # model label -> [profiles taken, the kept one's probe, its sum]
 
     @property
     def best(self) -> dict:
@@ -53,7 +53,7 @@ class Rounds:
             self._profile([m for m in whole if self._wants_profile(label(m))])
 
     def _wants_profile(self, name: str) -> bool:
-        done, probe = self.profiled.get(name, (0, 0.0))
+        done, probe, _ = self.profiled.get(name, (0, 0.0, 0.0))
         return done < self.profiles or (self.state.slow(probe) and done < self.profiles + 2)
 
     def _profile(self, models: list) -> None:
@@ -65,16 +65,15 @@ class Rounds:
         for model in tqdm(models, desc="in-model times", unit="model", mininterval=0.5, leave=False):
             name = label(model)
             nodes, probe = self.state.around(ort_node_ms, model, t.threads, t.batch, target=t.target)
-            done, kept = self.profiled.get(name, (0, None))
-            slow, kept_slow = self.state.slow(probe), kept is not None and self.state.slow(kept)
-            if kept is not None and slow and not kept_slow:
-                self.profiled[name] = [done + 1, kept]  # a slow spell's profile: the fast one's stays
-                continue
-            fresh = kept is None or (kept_slow and not slow)  # the first profile, or the first of a fast spell
-            for key, ms in attribute(model, nodes, t.target).items():
-                ctx = t.entries[key].setdefault("ctx", {})
-                ctx[name] = ms if fresh else min(ms, ctx[name])
-            self.profiled[name] = [done + 1, probe if fresh else min(probe, kept)]
+            spent = attribute(model, nodes, t.target)
+            done, kept_probe, kept_ms = self.profiled.get(name, (0, None, None))
+            new = (sum(spent.values()), probe)
+            if kept_probe is None or self.state.better(new, (kept_ms, kept_probe)):
+                for key, ms in spent.items():  # the whole profile: a tiny node's net time is mostly noise,
+                    t.entries[key].setdefault("ctx", {})[name] = ms  # and each unit's lowest would sum low
+                kept_ms, kept_probe = new
+            self.profiled[name] = [done + 1, kept_probe, kept_ms]
+
 
 def attribute(model, node_ms: dict[str, float], target: str = "ort-fp32") -> dict[str, float]:
     """Each unit's share of the model's node times (summed over the units of the same key, divided by
