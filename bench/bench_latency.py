@@ -155,9 +155,13 @@ PRUNE_ROUNDS_APART_S = 2.0  # ... this far apart: a shared machine's spells last
 # rounds minutes apart
 
 
+PRUNED = (("student.spec", 64), ("student.spec", 256), ("origin.spec", 256))  # origin: conv-bound, so
+# half stays reachable on ort-int8, where the student stops at one 16-channel block per layer
+
+
 def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, float, float]]:
-    """The student at 64 and 256 pruned (global, l1, `cost: latency`, the prune step's default round_to) to
-    half its predicted latency, without fine-tuning (the time does not depend on the weights): (model, goal,
+    """Each of PRUNED pruned (global, l1, `cost: latency`, the prune step's default round_to) to half its
+    predicted latency, without fine-tuning (the time does not depend on the weights): (model, goal,
     predicted after, measured after, measured before), each measured the fastest of PRUNE_ROUNDS rounds."""
     import dataclasses
 
@@ -173,8 +177,8 @@ def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, fl
     )
 
     out = []
-    for size in (64, 256):
-        model = compiler.compile_spec(ROOT / "specs" / "student.spec", input_shape=(3, size, size))
+    for spec, size in PRUNED:
+        model = compiler.compile_spec(ROOT / "specs" / spec, input_shape=(3, size, size))
         module = compiler.build_module(model)
         spaces = analyse_channels(model.root)
         scores = importance(module, spaces, "l1")
@@ -190,7 +194,7 @@ def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, fl
             if r:
                 time.sleep(PRUNE_ROUNDS_APART_S)
             best = [min(b, ms) for b, ms in zip(best, whole_models_ms([pruned, model], target, 1, 1, samples, 1))]
-        out.append((f"student@{size}", goal, predicted_latency_ms(pruned, target), *best))
+        out.append((f"{spec.removesuffix('.spec')}@{size}", goal, predicted_latency_ms(pruned, target), *best))
     return out
 
 

@@ -272,6 +272,35 @@ def test_units_timed_alone_and_inside_models_get_fitted_terms_of_their_own():
     assert (f["alone_per_unit_ms"], f["alone_scale"]) == (0.0, f["scale"])
 
 
+def test_the_per_unit_terms_pass_small_units_by_where_that_fits():
+    """A unit of up to SMALL_UNIT_INPUTS input elements works in the cache alone as in a model: the alone
+    per-unit term is fitted on the larger units only; the in-model one on them where that fits the whole
+    models better than on every unit."""
+    from runtime.profile import fit
+
+    step, empty = 0.0002, 0.005
+    models = {}
+    for i, (net, n, big) in enumerate([(0.05, 5, 1), (0.4, 30, 20), (2.0, 12, 12), (7.0, 80, 70), (0.3, 9, 2),
+                                       (1.2, 60, 15)]):
+        # in a model and alone: +0.5 us for each large unit, none for a small one
+        models[str(i)] = {"inputs": 3072, "empty_ms": empty, "units": n, "units_above": big,
+                          "measured_ms": empty + step * n + net, "sum_ms": net - 0.0005 * big,
+                          "alone_ms": (net - 0.0005 * big) / 1.1}
+    f = fit(models, step)
+    assert f["in_model_per_unit_above"] == f["alone_per_unit_above"] == latency.SMALL_UNIT_INPUTS
+    assert (f["in_model_per_unit_ms"], f["scale"]) == pytest.approx((0.0005, 1.0))
+    assert (f["alone_per_unit_ms"], f["alone_scale"]) == pytest.approx((0.0005, 1.1))
+    # the same per every unit: the in-model term reaches every unit, the alone one stays on the large
+    every = {k: {**c, "sum_ms": c["measured_ms"] - empty - step * c["units"] - 0.0005 * c["units"]}
+             for k, c in models.items()}
+    f = fit(every, step)
+    assert f["in_model_per_unit_above"] == 0
+    assert (f["in_model_per_unit_ms"], f["scale"]) == pytest.approx((0.0005, 1.0))
+    # a calibration from before units_above was kept: every unit, as then
+    f = fit({k: {x: v for x, v in c.items() if x != "units_above"} for k, c in models.items()}, step)
+    assert f["in_model_per_unit_above"] == f["alone_per_unit_above"] == 0
+
+
 def test_prediction_takes_each_units_terms_by_where_it_was_timed(tmp_path):
     model = compiler.compile_spec(_tiny(tmp_path))
     fit = {"overhead_ms": 0.01, "per_unit_ms": 0.0002, "scale": 0.9, "in_model_per_unit_ms": -0.0001,
@@ -289,16 +318,22 @@ def test_prediction_takes_each_units_terms_by_where_it_was_timed(tmp_path):
     assert prediction.ms == pytest.approx(expected)
     assert sum(prediction.by_path().values()) == pytest.approx(len(seen) * 0.9 * 0.003
                                                               + (len(units) - len(seen)) * 1.2 * 0.004)
+    # the per-unit terms reaching only units over SMALL_UNIT_INPUTS: none of this tiny model's
+    assert all(math.prod(u.in_shape) <= latency.SMALL_UNIT_INPUTS for u in units)
+    table.fit.update(in_model_per_unit_above=latency.SMALL_UNIT_INPUTS, alone_per_unit_above=latency.SMALL_UNIT_INPUTS)
+    assert latency.predict(model, table).ms == pytest.approx(
+        0.01 + 0.0002 * len(units) + len(seen) * 0.9 * 0.003 + (len(units) - len(seen)) * 1.2 * 0.004)
     # a table fitted before the two instruments were told apart: one scale, no per-unit corrections
     old = _table(tmp_path, model, lambda u: 0.004, fit={"overhead_ms": 0.01, "per_unit_ms": 0.0002, "scale": 0.9})
     assert latency.predict(model, old).ms == pytest.approx(0.01 + len(units) * (0.0002 + 0.9 * 0.004))
 
 
-def test_small_ort_units_without_layout_conversions_are_timed_by_the_clock():
-    """The profiler reports whole microseconds, most of a small unit's time: a small fp32 unit that ORT runs
-    without reorders is its time less the empty model's, paired, by the clock; not a conv in the blocked
-    layout, a large input, or int8 (whose float units alone skip the conversions a model pays)."""
-    from runtime.profile.measure import WALL_MAX_INPUTS, unit_ms
+def test_small_ort_units_are_timed_by_the_clock():
+    """The profiler reports whole microseconds, most of a small unit's time: a small fp32 unit is its time
+    less the empty model's, paired, by the clock, and less the step before each node after the first, its
+    reorders into and out of ORT's blocked layout included; not a large input, or int8 (whose float units
+    alone skip the conversions a model pays)."""
+    from runtime.profile.measure import unit_ms
 
     def timed(text, shape, target="ort-fp32"):
         unit = latency.Unit(text, shape, 0, 0)
@@ -309,8 +344,9 @@ def test_small_ort_units_without_layout_conversions_are_timed_by_the_clock():
     small = timed("bn", (8,))
     assert small["clock"] == "wall" and 0 <= small["ms"] < 0.02
     assert timed("relu", (4, 8, 8))["clock"] == "wall"
-    assert "clock" not in timed("conv(16, kernel=3)", (16, 8, 8))  # in and out of ORT's blocked layout
-    side = int((2 * WALL_MAX_INPUTS) ** 0.5)
+    blocked = timed("conv(16, kernel=3)", (16, 8, 8))  # in and out of ORT's blocked layout
+    assert blocked["clock"] == "wall" and 0 <= blocked["ms"] < 0.05
+    side = int((2 * latency.SMALL_UNIT_INPUTS) ** 0.5)
     assert "clock" not in timed("relu", (1, side, side))
     assert "clock" not in timed("relu", (4, 8, 8), "ort-int8")
 

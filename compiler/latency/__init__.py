@@ -27,6 +27,7 @@ from .predict import (
     in_context,
     overhead_at,
     overhead_ms,
+    per_unit_counts,
     predict,
     scales,
     units_on,
@@ -35,6 +36,7 @@ from .predict import _slopes as _slopes  # tests check the fitted slopes
 from .tables import (
     ALIASES,
     SETTINGS,
+    SMALL_UNIT_INPUTS,
     TARGETS,
     LatencyError,
     Table,
@@ -47,6 +49,7 @@ from .tables import (
 )
 from .units import Unit, baseline_spec, units
 
-__all__ = ["ALIASES", "SETTINGS", "TARGETS", "LatencyError", "Prediction", "Table", "Unit", "baseline_spec",
-           "cached_table", "IN_MODEL", "canonical_target", "entry_ms", "in_context", "library_version", "load_table",
-           "machine", "overhead_at", "overhead_ms", "predict", "scales", "table_path", "units", "units_on"]
+__all__ = ["ALIASES", "SETTINGS", "SMALL_UNIT_INPUTS", "TARGETS", "LatencyError", "Prediction", "Table", "Unit",
+           "baseline_spec", "cached_table", "IN_MODEL", "canonical_target", "entry_ms", "in_context", "library_version",
+           "load_table", "machine", "overhead_at", "overhead_ms", "per_unit_counts", "predict", "scales", "table_path",
+           "units", "units_on"]

@@ -173,6 +173,12 @@ def units_on(model: Model, target: str) -> list[Unit]:
     return target_units(model, canonical_target(target) in FIRST_CONV_FLOAT)
 
 
+def per_unit_counts(units: list[Unit], above: int) -> int:
+    """How many of the units a fitted per-unit term reaches: those of more than `above` input elements (a
+    fit's `*_per_unit_above`, SMALL_UNIT_INPUTS or 0 for every unit)."""
+    return sum(1 for unit in units if math.prod(unit.in_shape) > above)
+
+
 def predict(model: Model, table: Table) -> Prediction:
     rows = []
     inputs = math.prod(model.input_shape)
@@ -181,11 +187,13 @@ def predict(model: Model, table: Table) -> Prediction:
         rows.append((unit, ms, how))
     f = table.fit
     alone_scale, in_model_scale = scales(f)
-    alone = [ms for _, ms, how in rows if how != IN_MODEL]
+    alone = [unit for unit, _, how in rows if how != IN_MODEL]
+    inside = [unit for unit, _, how in rows if how == IN_MODEL]
     in_model = in_model_scale * sum(ms for _, ms, how in rows if how == IN_MODEL)
-    raw = alone_scale * sum(alone)
-    extra = (f.get("per_unit_ms", 0.0) * len(rows) + f.get("alone_per_unit_ms", 0.0) * len(alone)
-             + f.get("in_model_per_unit_ms", 0.0) * (len(rows) - len(alone)))
+    raw = alone_scale * sum(ms for _, ms, how in rows if how != IN_MODEL)
+    extra = (f.get("per_unit_ms", 0.0) * len(rows)
+             + f.get("alone_per_unit_ms", 0.0) * per_unit_counts(alone, f.get("alone_per_unit_above", 0))
+             + f.get("in_model_per_unit_ms", 0.0) * per_unit_counts(inside, f.get("in_model_per_unit_above", 0)))
     if f.get("per_moved_ms"):  # PyTorch's (profile.fit); search predicts thousands of models on ORT without it
         extra += f["per_moved_ms"] * sum(unit.moved for unit, _, _ in rows)
     # a negative correction never takes more than half of what the units measured

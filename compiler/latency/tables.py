@@ -22,6 +22,10 @@ TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 3
 # PyTorch with glibc's malloc keeping freed memory, without which a large tensor's pages fault in again on
 # every call (the student's first conv at 256 px: 3.6-8.7 ms so, 1.0-1.9 ms with freed memory kept)
 SETTINGS = {"torch-fp32": ("allocator",)}
+# a unit of up to this many input elements works in the cache alone as inside a model: the fitted per-unit
+# terms, what a larger unit alone misses of a model's cache, pass it by (a table's fit says where each
+# applies), and on ort-fp32 the profiler's whole microseconds are most of its time, so the clock times it
+SMALL_UNIT_INPUTS = 4096
 
 
 class LatencyError(NcError):

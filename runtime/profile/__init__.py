@@ -148,14 +148,34 @@ def fit(calibration: dict, per_unit: float | None = None) -> dict:
     if per_unit is None:  # every entry is a unit's time alone (no in-model times): one fit for both
         terms.update(_scaled([(c["sum_ms"], c.get("moved", 0), m) for c, m in net], "per_moved_ms"))
         return {**terms, "alone_scale": terms["scale"], "alone_per_unit_ms": 0.0}
-    in_model = _scaled([(c["sum_ms"], c.get("units", 0), m - per_unit * c.get("units", 0)) for c, m in net])
-    terms.update(scale=in_model["scale"], in_model_per_unit_ms=in_model["per_unit_ms"])
+    # the per-unit terms reach the units over SMALL_UNIT_INPUTS (`units_above`; every unit in a calibration
+    # from before it was kept): the one in a model where that fits the whole models better, the one alone always
+    above = latency.SMALL_UNIT_INPUTS if all("units_above" in c for c in calibration.values()) else 0
+
+    def reached(c: dict, threshold: int) -> int:
+        return c["units_above"] if threshold else c.get("units", 0)
+
+    fits = []
+    for threshold in dict.fromkeys((0, above)):
+        points = [(c["sum_ms"], reached(c, threshold), m - per_unit * c.get("units", 0)) for c, m in net]
+        found = _scaled(points)
+        fits.append((_misfit(points, found), threshold, found))
+    _, in_model_above, in_model = min(fits, key=lambda f: f[0])
+    terms.update(scale=in_model["scale"], in_model_per_unit_ms=in_model["per_unit_ms"],
+                 in_model_per_unit_above=in_model_above)
     if any("alone_ms" in c for c in calibration.values()):
-        alone = _scaled([(c["alone_ms"], c.get("units", 0), m - per_unit * c.get("units", 0)) for c, m in net
+        alone = _scaled([(c["alone_ms"], reached(c, above), m - per_unit * c.get("units", 0)) for c, m in net
                          if "alone_ms" in c])
     else:  # models measured before alone sums were kept
         alone = {"scale": terms["scale"], "per_unit_ms": 0.0}
-    return {**terms, "alone_scale": alone["scale"], "alone_per_unit_ms": alone["per_unit_ms"]}
+    return {**terms, "alone_scale": alone["scale"], "alone_per_unit_ms": alone["per_unit_ms"],
+            "alone_per_unit_above": above}
+
+
+def _misfit(points: list[tuple[float, float, float]], terms: dict) -> float:
+    """The root mean square relative error of _scaled's `terms` over its `points`."""
+    errors = [(terms["per_unit_ms"] * n + terms["scale"] * s) / m - 1 for s, n, m in points if s > 0 and m > 0]
+    return math.sqrt(sum(e * e for e in errors) / len(errors)) if errors else 0.0
 
 
 def _scaled(points: list[tuple[float, float, float]], name: str = "per_unit_ms") -> dict:
@@ -275,6 +295,7 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
         calibration[_label(model)] = {
             "sum_ms": sum(latency.entry_ms(u, table, _inputs(model))[0] for u in units),
             "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units),
+            "units_above": latency.per_unit_counts(units, latency.SMALL_UNIT_INPUTS),
             "moved": sum(u.moved for u in units),
             "measured_ms": best[_label(model)], "empty_ms": best[model.input_shape],
             "inputs": _inputs(model), "rounds_ms": times[_label(model)]}
@@ -319,15 +340,21 @@ def check(specs: list[str], inputs: list[str], table: latency.Table, samples: in
 def _terms(f: dict) -> str:
     """The fitted terms as the prediction adds them (latency.predict)."""
     alone_scale, in_model_scale = latency.scales(f)
-    alone = f"{1e3 * f.get('alone_per_unit_ms', 0.0):+.2f} us + {alone_scale:.3f} x its time alone"
+    alone = (f"{1e3 * f.get('alone_per_unit_ms', 0.0):+.2f} us{_above(f, 'alone')} + {alone_scale:.3f} x its "
+             "time alone")
     if "per_moved_ms" in f:  # no in-model times nor step (PyTorch): every unit is timed alone
         return (f"{f['per_moved_ms'] * 1e6:+.3f} ms per million elements moved + {alone_scale:.3f} x a unit's "
                 "time alone")
     if "in_model_per_unit_ms" not in f:  # an older table's
         return f"{1e3 * f['per_unit_ms']:+.2f} us per unit + {alone_scale:.3f} x its time alone"
     return (f"{1e3 * f['per_unit_ms']:.2f} us per unit (the step between kernels), then a unit measured in a "
-            f"model {1e3 * f['in_model_per_unit_ms']:+.2f} us + {in_model_scale:.3f} x its time there, one "
-            f"measured alone {alone}")
+            f"model {1e3 * f['in_model_per_unit_ms']:+.2f} us{_above(f, 'in_model')} + {in_model_scale:.3f} x its "
+            f"time there, one measured alone {alone}")
+
+
+def _above(f: dict, which: str) -> str:
+    above = f.get(f"{which}_per_unit_above", 0)
+    return f" (over {above:,} input elements)" if above else ""
 
 
 def main(argv: list[str]) -> int:

@@ -17,6 +17,8 @@ import time
 
 import numpy as np
 
+from compiler.latency import SMALL_UNIT_INPUTS
+
 SAMPLE_S = 0.002
 
 
@@ -201,27 +203,28 @@ def unit_spec(unit) -> str:
     return unit.spec(PROBE if unit.variant == "float" else "")
 
 
-# small units ORT runs without a layout conversion: timed by the clock, paired with the empty model, since
-# the profiler's whole microseconds are most of their time (a BatchNorm on 8 values reads 0.3 or 1.0 us,
-# as the profiler's floor falls). Up to this many input elements the empty model's copy of its input is
-# a few hundred nanoseconds. Not on int8, whose float units alone skip the conversions a model pays.
+# small units: timed by the clock, paired with the empty model, since the profiler's whole microseconds are
+# most of their time (a BatchNorm on 8 values reads 0.3 or 1.0 us, as the profiler's floor falls; a conv on
+# 1x4x7 reads 1.0 us alone and 0.0-0.7 in models). Up to SMALL_UNIT_INPUTS input elements the empty
+# model's copy of its input, and a reorder into or out of ORT's blocked layout, are tens of nanoseconds;
+# the step before each node is taken off. Not on int8, whose float units alone skip the conversions a
+# model pays.
 WALL_TIMED = {"ort-fp32"}
-WALL_MAX_INPUTS = 4096
 
 
 def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples: int = 15,
             variant: str = "", step_ms: float = 0.0) -> dict:
     """A one-unit model's time as a table entry's fields: `ms`, what the unit costs inside a model.
     ONNX Runtime: its kernels' time from the profiler (ort_kernel_ms; `variant` "float": int8's float
-    head, its first conv left in float, all its nodes but the PROBE's); a small unit without layout
-    conversions (WALL_TIMED), its time less the empty model's, paired, less `step_ms` per node after its
-    first (the runtime's step between kernels, which a model pays per unit), and `clock: wall`.
+    head, its first conv left in float, all its nodes but the PROBE's); a small unit (WALL_TIMED,
+    SMALL_UNIT_INPUTS), its time less the empty model's, paired, less `step_ms` per node after its first
+    (the runtime's step between kernels, which a model pays per unit; its layout reorders are nodes too),
+    and `clock: wall`.
     PyTorch: its time less the empty model's, paired (paired_ms), and `run_ms`, its time with the call."""
     if target in KERNEL_TIMES:
         if variant != "float":
             nodes = ort_node_ms(model, threads, batch, target=target, float_first=False, conversions=False)
-            small = target in WALL_TIMED and math.prod(model.input_shape) * batch <= WALL_MAX_INPUTS
-            if small and not any(ADDED.match(name) for name in nodes):
+            if target in WALL_TIMED and math.prod(model.input_shape) * batch <= SMALL_UNIT_INPUTS:
                 _, net = paired_ms(TIMERS[target](model, threads, batch), TIMERS[target](empty, threads, batch),
                                    samples)
                 return {"ms": max(0.0, net - step_ms * (len(nodes) - 1)), "clock": "wall"}
