@@ -451,6 +451,38 @@ def test_pruning_to_half_the_predicted_latency_lands_at_it(tmp_path, tables):
     assert now / 2 * 0.9 <= predicted_latency_ms(pruned, "ort-fp32") <= now / 2
 
 
+def test_pruning_times_the_chosen_widths_the_table_lacks_in_memory_and_chooses_again(tmp_path, tables):
+    """A pruned width's units are otherwise estimated from the nearest measured unit: settle times them on
+    this machine into the table in memory (its file, outside the run directory, stays as profiled) and
+    picks again, until the chosen model has no estimated unit."""
+    import dataclasses
+
+    from compiler.rewrite.channels import analyse_channels, rewrite
+    from runtime.rewrite.prune import choose, importance, measure_missing, settle
+
+    model = compiler.compile_spec(_tiny(tmp_path))
+    table = _table(tmp_path, model, lambda u: 0.004)
+    on_disk = table.path.read_bytes()
+    module = compiler.build_module(model)
+    spaces = analyse_channels(model.root)
+    scores = importance(module, spaces, "l1")
+    picks = []
+
+    def pick():
+        picks.append(1)
+        return 0.5, choose(scores, 0.5, "global")
+
+    rate, kept, timed = settle(model, spaces, "ort-fp32", pick)
+    pruned = dataclasses.replace(model, root=rewrite(model.root, spaces, {s: len(i) for s, i in kept.items()}))
+    assert rate == 0.5 and timed > 0 and len(picks) == 2  # picked, timed, picked again: nothing left to time
+    prediction = latency.predict(pruned, latency.cached_table("ort-fp32"))
+    assert prediction.estimated == 0
+    fresh = [ms for u, ms, _ in prediction.units if u.key not in table.entries]
+    assert len(fresh) == timed and all(0 <= ms < 0.05 for ms in fresh)
+    assert table.path.read_bytes() == on_disk
+    assert measure_missing(pruned, "ort-fp32") == 0
+
+
 def test_pruning_to_a_latency_on_ort_rounds_to_the_tables_channel_block_unless_told(tmp_path, tables):
     from runtime.rewrite.prune import channel_multiple
 

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import functools
 import io
 from typing import Literal
 
@@ -21,6 +22,7 @@ from ..rewrite.prune import (
     latency_costs,
     predicted_latency_ms,
     prune_model,
+    settle,
     shrink_to,
 )
 from ..rundir import digest
@@ -135,22 +137,14 @@ class Prune(StepKind):
         for it in range(1, cfg.iterations + 1):
             spaces = analyse_channels(model.root)
             scores = importance(module, spaces, cfg.importance, ctx.recipe.seed + it)
-            options = {"min_rate": cfg.min_rate}
-            if cfg.cost == "activations":
-                options.update(costs={s: spaces.activations_per_channel(s) for s in scores},
-                               cost_power=cfg.cost_power)
-            elif cfg.cost == "latency":
-                options.update(costs=latency_costs(model, spaces, cfg.latency_target, scores),
-                               cost_power=cfg.cost_power)
-            step_rate = rate
-            if aim := _goal(cfg, model):
-                metric, target, now = aim
-                remaining = cfg.iterations - it + 1
-                goal = now * (target / now) ** (1 / remaining) if now > target else now
-                goal = goal if metric == "latency" else int(goal)
-                step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels, multiple,
-                                      latency_target=cfg.latency_target, **options)
-            kept = choose(scores, step_rate, cfg.scope, cfg.min_channels, multiple, **options)
+            pick = functools.partial(self._choose, cfg, model, module, spaces, scores, rate, multiple, it)
+            if to_latency:  # the chosen widths' units the table lacks: timed, then chosen again
+                step_rate, kept, timed = settle(model, spaces, cfg.latency_target, pick)
+                if timed:
+                    ctx.log(f"{cfg.name} [{label}] iteration {it}: timed {timed} unit(s) of the chosen widths that "
+                            f"the {cfg.latency_target} table lacks, on this machine (kept in memory)")
+            else:
+                step_rate, kept = pick()
             if all(len(kept[s]) == spaces.size[s] for s in kept):  # more iterations would only fine-tune again
                 ctx.log(f"{cfg.name} [{label}] iteration {it}: nothing left to prune (every layer at its minimum "
                         f"or the target reached); stopping after {it - 1} of {cfg.iterations} iteration(s)")
@@ -168,6 +162,25 @@ class Prune(StepKind):
             points.append(point)
         self._say_if_short(cfg, ctx, model, label, multiple)
         return points, model, module, text
+
+    @staticmethod
+    def _choose(cfg: PruneConfig, model, module, spaces, scores, rate: float, multiple: int, it: int):
+        """(keep-rate, kept channels) of one iteration: the rate given, or the one that meets this
+        iteration's share of the target (shrink_to), weighed by the step's cost."""
+        options = {"min_rate": cfg.min_rate}
+        if cfg.cost == "activations":
+            options.update(costs={s: spaces.activations_per_channel(s) for s in scores}, cost_power=cfg.cost_power)
+        elif cfg.cost == "latency":
+            options.update(costs=latency_costs(model, spaces, cfg.latency_target, scores), cost_power=cfg.cost_power)
+        step_rate = rate
+        if aim := _goal(cfg, model):
+            metric, target, now = aim
+            remaining = cfg.iterations - it + 1
+            goal = now * (target / now) ** (1 / remaining) if now > target else now
+            goal = goal if metric == "latency" else int(goal)
+            step_rate = shrink_to(model, module, scores, cfg.scope, metric, goal, cfg.min_channels, multiple,
+                                  latency_target=cfg.latency_target, **options)
+        return step_rate, choose(scores, step_rate, cfg.scope, cfg.min_channels, multiple, **options)
 
     @staticmethod
     def _say_if_short(cfg: PruneConfig, ctx, model, label: str, multiple: int) -> None:
