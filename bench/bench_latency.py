@@ -175,19 +175,15 @@ def _pick(model, module, spaces, scores, target: str, goal: float, multiple: int
 
 def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, float, float]]:
     """Each of PRUNED pruned (global, l1, `cost: latency`, the prune step's default round_to, the chosen
-    widths' units timed as the step times them: prune.settle) to half its predicted latency, without
+    widths' units timed as the step times them: runtime.steps.prune.settle) to half its predicted latency, without
     fine-tuning (the time does not depend on the weights): (model, goal,
     predicted after, measured after, measured before), each measured the fastest of PRUNE_ROUNDS rounds."""
     import dataclasses
 
     from compiler.rewrite.channels import analyse_channels, rewrite
     from runtime.profile.measure import whole_models_ms
-    from runtime.rewrite.prune import (
-        channel_multiple,
-        importance,
-        predicted_latency_ms,
-        settle,
-    )
+    from runtime.rewrite.prune import channel_multiple, importance, predicted_latency_ms
+    from runtime.steps.prune import settle
 
     out = []
     for spec, size in PRUNED:

@@ -151,7 +151,7 @@ MAY_IMPORT = {
     "rewrite": {"weights"},                           # module surgery behind one rebuild()
     "deploy": {"files", "weights", "quant"},                # files standard runtimes run (ONNX, ExecuTorch), latency
     "train": GROUND | {"data", "weights", "torchvision_state"},
-    "steps": GROUND | {"data", "train", "quant", "rewrite", "deploy", "weights"},
+    "steps": GROUND | {"data", "train", "quant", "rewrite", "deploy", "weights", "profile"},  # pruning times its widths
     "tracking": set(),                                # TensorBoard event files, MLflow runs
     "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state", "tracking"},
     "study": GROUND | {"run", "tracking"},

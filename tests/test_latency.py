@@ -458,7 +458,9 @@ def test_pruning_times_the_chosen_widths_the_table_lacks_in_memory_and_chooses_a
     import dataclasses
 
     from compiler.rewrite.channels import analyse_channels, rewrite
-    from runtime.rewrite.prune import choose, importance, measure_missing, settle
+    from runtime.profile.missing import measure_missing
+    from runtime.rewrite.prune import choose, importance
+    from runtime.steps.prune import settle
 
     model = compiler.compile_spec(_tiny(tmp_path))
     table = _table(tmp_path, model, lambda u: 0.004)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 import csv
+import dataclasses
 import functools
 import io
 from typing import Literal
@@ -11,10 +12,11 @@ import torch
 from pydantic import Field, model_validator
 
 from compiler.analysis import analyse, predicted_bytes
-from compiler.rewrite.channels import analyse_channels
+from compiler.rewrite.channels import analyse_channels, rewrite
 
 from ..deploy.latency import latency_ms
 from ..files import atomic_write
+from ..profile.missing import measure_missing
 from ..rewrite.prune import (
     channel_multiple,
     choose,
@@ -22,7 +24,6 @@ from ..rewrite.prune import (
     latency_costs,
     predicted_latency_ms,
     prune_model,
-    settle,
     shrink_to,
 )
 from ..rundir import digest
@@ -73,6 +74,25 @@ def _goal(cfg: PruneConfig, model) -> tuple[str, float, float] | None:
         return ("params", cfg.target_params, facts.params) if cfg.target_params else ("macs", cfg.target_macs,
                                                                                        facts.macs)
     return None
+
+
+MEASURE_ROUNDS = 3  # choose, time the chosen widths' units the table lacks, choose again: at most this often
+
+
+def settle(model, spaces, target: str, pick) -> tuple[float, dict, int]:
+    """`pick()` -> (rate, kept) chosen on the predicted latency; while the kept widths have units the table
+    lacks (MEASURE_ROUNDS at most), time them (measure_missing) and pick again. Returns (rate, kept, the
+    units timed)."""
+    rate, kept = pick()
+    timed = 0
+    for _ in range(MEASURE_ROUNDS):
+        chosen = dataclasses.replace(model, root=rewrite(model.root, spaces, {s: len(i) for s, i in kept.items()}))
+        found = measure_missing(chosen, target)
+        if not found:
+            break
+        timed += found
+        rate, kept = pick()
+    return rate, kept, timed
 
 
 @register
