@@ -163,27 +163,17 @@ PRUNED = (("student.spec", 64), ("student.spec", 256), ("origin.spec", 256))  # 
 MEASURE = os.environ.get("NCCOMPILE_BENCH_ESTIMATE") != "1"  # 1: the chosen widths estimated, as before
 
 
-def _pick(model, module, spaces, scores, target: str, goal: float, multiple: int):
-    """(rate, kept) as the prune step chooses them for `target_latency_ms: goal` with `cost: latency`."""
-    from runtime.rewrite.prune import choose, latency_costs, shrink_to
-
-    costs = latency_costs(model, spaces, target, scores)
-    rate = shrink_to(model, module, scores, "global", "latency", goal, 1, multiple, latency_target=target,
-                     costs=costs, cost_power=0.5)
-    return rate, choose(scores, rate, "global", 1, multiple, costs=costs, cost_power=0.5)
-
-
 def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, float, float]]:
-    """Each of PRUNED pruned (global, l1, `cost: latency`, the prune step's default round_to, the chosen
-    widths' units timed as the step times them: runtime.steps.prune.settle) to half its predicted latency, without
-    fine-tuning (the time does not depend on the weights): (model, goal,
-    predicted after, measured after, measured before), each measured the fastest of PRUNE_ROUNDS rounds."""
+    """Each of PRUNED pruned as the prune step prunes (global, l1, `cost: latency`, its default round_to,
+    the chosen widths' units timed: runtime.steps.prune.settle) to half its predicted latency, without
+    fine-tuning (the time does not depend on the weights): (model, goal, predicted after, measured after,
+    measured before), each measured the fastest of PRUNE_ROUNDS rounds."""
     import dataclasses
 
     from compiler.rewrite.channels import analyse_channels, rewrite
     from runtime.profile.measure import whole_models_ms
     from runtime.rewrite.prune import channel_multiple, importance, predicted_latency_ms
-    from runtime.steps.prune import settle
+    from runtime.steps.prune import Prune, PruneConfig, settle
 
     out = []
     for spec, size in PRUNED:
@@ -193,7 +183,9 @@ def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, fl
         scores = importance(module, spaces, "l1")
         goal = predicted_latency_ms(model, target) / 2
         multiple = channel_multiple(None, target, True)  # the prune step's default
-        pick = functools.partial(_pick, model, module, spaces, scores, target, goal, multiple)
+        cfg = PruneConfig(name="prune", importance="l1", scope="global", cost="latency", target_latency_ms=goal,
+                          latency_target=target)  # the step's choice, one iteration
+        pick = functools.partial(Prune._choose, cfg, model, module, spaces, scores, cfg.rate, multiple, 1)
         kept = settle(model, spaces, target, pick)[1] if MEASURE else pick()[1]
         pruned = dataclasses.replace(model, root=rewrite(model.root, spaces, {s: len(i) for s, i in kept.items()}))
         best = [math.inf, math.inf]

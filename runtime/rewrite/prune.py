@@ -200,4 +200,3 @@ def shrink_to(model: Model, module: torch.nn.Module, scores, scope: str, metric:
         else:
             hi = mid
     return max(lo, 1e-3)
-
