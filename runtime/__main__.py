@@ -2,13 +2,18 @@
 a Ctrl-C while the compiler, pydantic and torch are still importing is an interrupt, not a traceback."""
 import sys
 
+from . import ctrl_c
+
 INTERRUPTED = 130
 
 
 def main() -> int:
+    ctrl_c.install()
     try:
         from .cli import main as cli_main
-    except KeyboardInterrupt:
+    except BaseException as err:  # an interrupted import can surface as another exception
+        if not ctrl_c.fired(err):
+            raise
         print("nccompile: interrupted", file=sys.stderr)
         code = INTERRUPTED
     else:

@@ -11,6 +11,7 @@ import sys
 
 from compiler.errors import NcError, UsageError
 
+from . import ctrl_c
 from .tracking import TRACKERS
 from .usage import EXIT_BUDGET, EXIT_INTERNAL, EXIT_OK
 from .usage import Parser as _Parser
@@ -259,6 +260,9 @@ def main(argv: list[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise fail again flushing stdout at exit
         return 141
     except Exception as err:  # a bug in nccompile, not bad input
+        if ctrl_c.fired():  # a Ctrl-C that a library's import turned into another exception
+            print("nccompile: interrupted", file=sys.stderr)
+            return 130
         if os.environ.get("NCCOMPILE_DEBUG"):
             raise
         if _out_of_memory(err):

@@ -143,7 +143,7 @@ def test_every_package_ships_in_the_wheel():
 # top-level module or package of runtime/ must take its place here.
 GROUND = {"files", "recipe", "rundir", "usage", "plots"}
 MAY_IMPORT = {
-    "files": set(), "recipe": set(), "usage": set(), "rundir": {"files"}, "plots": {"files"},
+    "files": set(), "recipe": set(), "ctrl_c": set(), "usage": set(), "rundir": {"files"}, "plots": {"files"},
     "quant": set(),                                   # grid codes, folding, fake/fused quantization
     "weights": {"files", "quant"},                    # the model file
     "torchvision_state": {"weights"},
@@ -154,10 +154,10 @@ MAY_IMPORT = {
     "steps": GROUND | {"data", "train", "quant", "rewrite", "deploy", "weights", "profile"},  # pruning times its widths
     "tracking": set(),                                # TensorBoard event files, MLflow runs
     "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state", "tracking"},
-    "study": GROUND | {"run", "tracking"},
+    "study": GROUND | {"run", "tracking", "ctrl_c"},
     "profile": GROUND | {"deploy"},                   # latency tables: units timed on a target (int8: as deployed)
-    "cli": GROUND | {"run", "study", "weights", "tracking", "profile"},
-    "__main__": {"cli"},
+    "cli": GROUND | {"run", "study", "weights", "tracking", "profile", "ctrl_c"},
+    "__main__": {"cli", "ctrl_c"},                    # the Ctrl-C handler goes in before any import
 }
 
 

@@ -802,6 +802,30 @@ def test_fifty_operators_in_a_row_still_compile(tmp_path, capsys):
     assert code == 0 and "Params:" in printed, printed
 
 
+def test_a_ctrl_c_that_a_library_turns_into_another_exception_is_still_an_interrupt(in_root):
+    """Python wraps a KeyboardInterrupt raised in a descriptor's __set_name__ (platform.py's uname_result
+    has one) in a RuntimeError; the CLI tells it from a bug by its Ctrl-C handler having fired."""
+    import subprocess
+    import sys
+
+    script = (
+        "import os, signal, sys\n"
+        "from runtime import cli, ctrl_c\n"
+        "ctrl_c.install()\n"
+        "class Interrupting:\n"
+        "    def __set_name__(self, owner, name):\n"
+        "        os.kill(os.getpid(), signal.SIGINT)\n"
+        "        for _ in range(10**6): pass\n"
+        "def run(argv):\n"
+        "    class Half:\n"
+        "        attr = Interrupting()\n"
+        "cli.run = run\n"
+        "sys.exit(cli.main(['x.spec']))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 130 and "nccompile: interrupted" in proc.stderr, proc.stderr
+    assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.15, 0.3, 0.6, 1.0])
 def test_ctrl_c_at_any_moment_of_the_start_is_an_interrupt(delay, in_root):

@@ -13,6 +13,7 @@ import optuna
 
 from compiler.errors import NcError
 
+from .. import ctrl_c
 from ..run.runner import run as run_recipe
 from ..rundir import RunDirBusy
 
@@ -61,13 +62,15 @@ def execute(study, trial, storage, options, run_dir: Path, name: str, objective_
         trial.set_user_attr("seconds", time.time() - start)
         study.tell(trial, state=optuna.trial.TrialState.PRUNED)
         return
-    except KeyboardInterrupt:
-        trial.set_user_attr("status", "interrupted")  # the next start enqueues it again; it resumes
-        study.tell(trial, state=optuna.trial.TrialState.FAIL)
-        raise
     except Exception as err:  # a failed trial is a result; the study goes on
-        _failed(study, trial, err, start)
-        return
+        if not ctrl_c.fired():
+            _failed(study, trial, err, start)
+            return
+        _interrupted(study, trial)  # a Ctrl-C that a library's import turned into another exception
+        raise KeyboardInterrupt from err
+    except KeyboardInterrupt:
+        _interrupted(study, trial)
+        raise
     record = trial_record(run_dir, objective_step)
     for k, v in record.items():
         trial.set_user_attr(k, v)
@@ -78,6 +81,11 @@ def execute(study, trial, storage, options, run_dir: Path, name: str, objective_
         study.tell(trial, state=optuna.trial.TrialState.FAIL)
     else:
         study.tell(trial, value)
+
+
+def _interrupted(study, trial) -> None:
+    trial.set_user_attr("status", "interrupted")  # the next start enqueues it again; it resumes
+    study.tell(trial, state=optuna.trial.TrialState.FAIL)
 
 
 def _failed(study, trial, err: Exception, start: float) -> None:
