@@ -233,6 +233,11 @@ def _out_of_memory(err: BaseException) -> bool:
             or "can't allocate memory" in text or "CUDA out of memory" in text)
 
 
+def _interrupted() -> int:
+    print("nccompile: interrupted", file=sys.stderr)
+    return 130
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -249,20 +254,20 @@ def main(argv: list[str] | None = None) -> int:
 
             return study_main(argv[1:])
         return run(argv)
+    except KeyboardInterrupt:
+        return _interrupted()
     except NcError as err:
+        if ctrl_c.fired():  # e.g. a RecursionError out of an interrupted import, read as a too-deep YAML
+            return _interrupted()
         print(str(err) if err.located else f"nccompile: error: {err}", file=sys.stderr)
         return err.exit_code
-    except KeyboardInterrupt:
-        print("nccompile: interrupted", file=sys.stderr)
-        return 130
     except BrokenPipeError:  # the reader went away (`nccompile spec | head`): stop quietly, as cat does
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())  # Python would otherwise fail again flushing stdout at exit
         return 141
     except Exception as err:  # a bug in nccompile, not bad input
         if ctrl_c.fired():  # a Ctrl-C that a library's import turned into another exception
-            print("nccompile: interrupted", file=sys.stderr)
-            return 130
+            return _interrupted()
         if os.environ.get("NCCOMPILE_DEBUG"):
             raise
         if _out_of_memory(err):
