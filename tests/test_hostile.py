@@ -811,6 +811,7 @@ def test_a_ctrl_c_that_a_library_turns_into_another_exception_is_still_an_interr
     script = (
         "import os, signal, sys\n"
         "from runtime import cli, ctrl_c\n"
+        "signal.signal(signal.SIGINT, signal.default_int_handler)\n"  # as in a terminal, even under `&`
         "ctrl_c.install()\n"
         "class Interrupting:\n"
         "    def __set_name__(self, owner, name):\n"
