@@ -204,6 +204,41 @@ def test_torch_is_timed_with_freed_memory_kept(in_root):
         assert said in ("system", "glibc")
 
 
+def test_pytorch_is_timed_on_inputs_that_change_from_call_to_call():
+    """PyTorch's max pooling branches on its data: on one input again and again the branch predictor learns
+    it (46 us on 32x32x32 against 149 on 16 inputs in turn, the case inside a model), so each call takes
+    the next of TORCH_INPUTS inputs, fewer where they would take too much memory."""
+    import torch
+
+    from runtime.profile import measure
+
+    model = compiler.compile_source("model m { input 4x8x8 maxpool(2) }", "m.spec")
+    seen = []
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append(args[0].sum().item()) if isinstance(module, torch.nn.MaxPool2d) else None)
+    try:
+        call = measure.torch_timer(model, threads=1, batch=1)
+        for _ in range(2 * measure.TORCH_INPUTS):
+            call()
+    finally:
+        hook.remove()
+    first = seen[:measure.TORCH_INPUTS]
+    assert len(set(first)) == measure.TORCH_INPUTS and seen[measure.TORCH_INPUTS:] == first
+    big = compiler.compile_source("model m { input 3x2048x2048 maxpool(2) }", "m.spec")  # 48 MiB an input
+    inputs = measure.TORCH_INPUTS_BYTES // (4 * 3 * 2048 * 2048)
+    assert 2 <= inputs < measure.TORCH_INPUTS
+    seen.clear()
+    hook = torch.nn.modules.module.register_module_forward_pre_hook(
+        lambda module, args: seen.append(args[0].data_ptr()) if isinstance(module, torch.nn.MaxPool2d) else None)
+    try:
+        call = measure.torch_timer(big, threads=1, batch=1)
+        for _ in range(inputs + 1):
+            call()
+    finally:
+        hook.remove()
+    assert len(set(seen)) == inputs and seen[-1] == seen[0]
+
+
 def test_the_fit_takes_the_overhead_from_the_empty_models_and_recovers_its_terms():
     from runtime.profile import fit
 
@@ -299,6 +334,43 @@ def test_the_per_unit_terms_pass_small_units_by_where_that_fits():
     # a calibration from before units_above was kept: every unit, as then
     f = fit({k: {x: v for x, v in c.items() if x != "units_above"} for k, c in models.items()}, step)
     assert f["in_model_per_unit_above"] == f["alone_per_unit_above"] == 0
+
+
+def test_a_pytorch_fit_scales_the_large_units_alone_where_that_fits_best():
+    """On PyTorch a large unit alone runs slower than inside a model (its input not in the cache, max
+    pooling's branches on smoother data) and a small one as inside: the scale for units alone reaches the
+    units over the one of SCALE_ABOVE_CANDIDATES that fits the whole models best."""
+    from runtime.profile import fit
+
+    empty = 0.003
+    models = {}
+    for i, (small, big, moved) in enumerate([(0.02, 0.0, 500), (0.05, 0.4, 9e4), (0.3, 6.0, 2e6), (0.1, 12.0, 5e6),
+                                             (0.01, 0.0, 100), (0.2, 2.5, 1e6)]):
+        # units over 262,144 elements at 0.7x, the others as timed, 0.05 ms per million elements moved
+        models[str(i)] = {"inputs": 3072, "empty_ms": empty, "units": 10, "moved": moved,
+                          "measured_ms": empty + 0.7 * big + small + 5e-8 * moved, "sum_ms": small + big,
+                          "sum_above_ms": {str(t): big if t and t <= 262_144 else 0.0 if t else small + big
+                                           for t in latency.SCALE_ABOVE_CANDIDATES}}
+    f = fit(models)
+    assert f["alone_scale_above"] in (4_096, 16_384, 65_536, 262_144)
+    assert (f["alone_scale"], f["per_moved_ms"]) == pytest.approx((0.7, 5e-8))
+    # every unit scaled, as in a calibration from before the sums by size were kept: it cannot fit them all
+    old = fit({k: {x: v for x, v in c.items() if x != "sum_above_ms"} for k, c in models.items()})
+    assert old["alone_scale_above"] == 0 and old["alone_scale"] != pytest.approx(0.7)
+
+
+def test_the_scale_for_units_alone_passes_the_units_below_its_threshold(tmp_path):
+    model = compiler.compile_spec(_tiny(tmp_path))
+    units = latency.units(model)
+    sizes = sorted({math.prod(u.in_shape) for u in units})
+    threshold = sizes[len(sizes) // 2]
+    table = _table(tmp_path, model, lambda u: 0.004, fit={"overhead_ms": 0.01, "per_unit_ms": 0.0, "scale": 0.5,
+                                                          "alone_scale_above": threshold})
+    over = sum(1 for u in units if math.prod(u.in_shape) > threshold)
+    assert 0 < over < len(units)
+    prediction = latency.predict(model, table)
+    assert prediction.ms == pytest.approx(0.01 + 0.5 * 0.004 * over + 0.004 * (len(units) - over))
+    assert sum(prediction.by_path().values()) == pytest.approx(prediction.ms - 0.01)
 
 
 def test_prediction_takes_each_units_terms_by_where_it_was_timed(tmp_path):

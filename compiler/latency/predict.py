@@ -20,6 +20,22 @@ def scales(fit: dict) -> tuple[float, float]:
     return fit.get("alone_scale", fit["scale"]), fit["scale"]
 
 
+def unit_scale(fit: dict, unit: Unit, how: str) -> float:
+    """The fitted scale on one unit's entry: the in-model one, or the one for units alone where the unit
+    is over the fit's `alone_scale_above` input elements (1 below it)."""
+    alone_scale, in_model_scale = scales(fit)
+    if how == IN_MODEL:
+        return in_model_scale
+    return alone_scale if math.prod(unit.in_shape) > fit.get("alone_scale_above", 0) else 1.0
+
+
+def scaled_sum(rows: list[tuple[Unit, float]], above: int) -> tuple[float, float]:
+    """(the entries of units over `above` input elements, the others'): what a fit's scale for units alone
+    reaches, and what it passes by."""
+    over = sum(ms for unit, ms in rows if math.prod(unit.in_shape) > above)
+    return over, sum(ms for _, ms in rows) - over
+
+
 @dataclass
 class Prediction:
     ms: float                 # the model's predicted latency
@@ -35,7 +51,7 @@ class Prediction:
         out: dict[str, float] = {}
         for unit, ms, how in self.units:
             if unit.paths:
-                out[unit.paths[0]] = out.get(unit.paths[0], 0.0) + ms * scales(self.table.fit)[how == IN_MODEL]
+                out[unit.paths[0]] = out.get(unit.paths[0], 0.0) + ms * unit_scale(self.table.fit, unit, how)
         return out
 
     def to_json(self) -> dict:
@@ -190,7 +206,9 @@ def predict(model: Model, table: Table) -> Prediction:
     alone = [unit for unit, _, how in rows if how != IN_MODEL]
     inside = [unit for unit, _, how in rows if how == IN_MODEL]
     in_model = in_model_scale * sum(ms for _, ms, how in rows if how == IN_MODEL)
-    raw = alone_scale * sum(ms for _, ms, how in rows if how != IN_MODEL)
+    scaled, unscaled = scaled_sum([(unit, ms) for unit, ms, how in rows if how != IN_MODEL],
+                                  f.get("alone_scale_above", 0))
+    raw = alone_scale * scaled + unscaled
     extra = (f.get("per_unit_ms", 0.0) * len(rows)
              + f.get("alone_per_unit_ms", 0.0) * per_unit_counts(alone, f.get("alone_per_unit_above", 0))
              + f.get("in_model_per_unit_ms", 0.0) * per_unit_counts(inside, f.get("in_model_per_unit_above", 0)))

@@ -26,6 +26,11 @@ SETTINGS = {"torch-fp32": ("allocator",)}
 # terms, what a larger unit alone misses of a model's cache, pass it by (a table's fit says where each
 # applies), and on ort-fp32 the profiler's whole microseconds are most of its time, so the clock times it
 SMALL_UNIT_INPUTS = 4096
+# where the scale for units timed alone may start (input elements; a fit picks the one that fits its whole
+# models best, `alone_scale_above`): on PyTorch a large unit alone runs 0.7-0.85x slower than inside a
+# model (its input not in the cache; max pooling's branches on smoother data), a unit of a few thousand
+# values as it does inside
+SCALE_ABOVE_CANDIDATES = (0, 4_096, 16_384, 65_536, 262_144, 1_048_576)
 
 
 class LatencyError(NcError):
