@@ -152,7 +152,7 @@ MAY_IMPORT = {
     "deploy": {"files", "weights", "quant"},                # files standard runtimes run (ONNX, ExecuTorch), latency
     "train": GROUND | {"data", "weights", "torchvision_state"},
     "steps": GROUND | {"data", "train", "quant", "rewrite", "deploy", "weights", "profile"},  # pruning times its widths
-    "tracking": set(),                                # TensorBoard event files, MLflow runs
+    "tracking": {"ctrl_c"},                           # TensorBoard event files, MLflow runs
     "run": GROUND | {"data", "train", "steps", "weights", "torchvision_state", "tracking"},
     "study": GROUND | {"run", "tracking", "ctrl_c"},
     "profile": GROUND | {"deploy"},                   # latency tables: units timed on a target (int8: as deployed)

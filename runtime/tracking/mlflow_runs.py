@@ -19,6 +19,8 @@ from pathlib import Path
 
 import yaml
 
+from .. import ctrl_c
+
 EXPERIMENT = "nccompile"
 PARENT_TAG = "mlflow.parentRunId"  # MLflow's own tag for nesting (mlflow.utils.mlflow_tags)
 EPOCH_METRICS = ("train_loss", "train_accuracy", "val_loss", "val_accuracy", "lr", "images_per_second")
@@ -115,7 +117,7 @@ class MLflowRun:
         for name in ("report.json", "report.md"):
             if (self.out / name).is_file():
                 self.client.log_artifact(self.run_id, str(self.out / name))
-        status = "FINISHED" if error is None else "KILLED" if isinstance(error, KeyboardInterrupt) else "FAILED"
+        status = "FINISHED" if error is None else "KILLED" if ctrl_c.fired(error) else "FAILED"
         for child in self.children.values():  # a step that stopped half-way
             self.client.set_terminated(child, status)
         self.client.set_terminated(self.run_id, status)
