@@ -176,12 +176,13 @@ def _scaled_from(net: list[tuple[dict, float]]) -> dict:
     """PyTorch's terms: time less the overhead = per_moved_ms x elements moved + scale x the entries of the
     units over `alone_scale_above` input elements + the others' entries, the threshold the one of
     SCALE_ABOVE_CANDIDATES that fits the whole models best (every unit scaled in a calibration from before
-    the sums by size were kept). On the bench's VM the scale came out 0.70 over 262,144 elements: inside a
-    model a large unit finds its input in the cache, and max pooling's branches run on smoother data."""
+    the sums by size were kept). On the bench's VM it came out 0.70-0.83 over 65,536-262,144 elements:
+    inside a model a large unit finds its input in the cache, and max pooling's branches run on smoother
+    data."""
     found = []
     candidates = latency.SCALE_ABOVE_CANDIDATES if all("sum_above_ms" in c for c, _ in net) else (0,)
     for above in candidates:
-        def over(c: dict) -> float:
+        def over(c: dict, above: int = above) -> float:
             return c["sum_above_ms"][str(above)] if above else c["sum_ms"]
 
         points = [(over(c), c.get("moved", 0), m - (c["sum_ms"] - over(c))) for c, m in net]
