@@ -20,19 +20,24 @@ def scales(fit: dict) -> tuple[float, float]:
     return fit.get("alone_scale", fit["scale"]), fit["scale"]
 
 
+def _over(unit: Unit, above: int) -> bool:
+    """Whether a fitted term with a threshold of `above` input elements reaches `unit`."""
+    return math.prod(unit.in_shape) > above
+
+
 def unit_scale(fit: dict, unit: Unit, how: str) -> float:
     """The fitted scale on one unit's entry: the in-model one, or the one for units alone where the unit
     is over the fit's `alone_scale_above` input elements (1 below it)."""
     alone_scale, in_model_scale = scales(fit)
     if how == IN_MODEL:
         return in_model_scale
-    return alone_scale if math.prod(unit.in_shape) > fit.get("alone_scale_above", 0) else 1.0
+    return alone_scale if _over(unit, fit.get("alone_scale_above", 0)) else 1.0
 
 
 def scaled_sum(rows: list[tuple[Unit, float]], above: int) -> tuple[float, float]:
     """(the entries of units over `above` input elements, the others'): what a fit's scale for units alone
     reaches, and what it passes by."""
-    over = sum(ms for unit, ms in rows if math.prod(unit.in_shape) > above)
+    over = sum(ms for unit, ms in rows if _over(unit, above))
     return over, sum(ms for _, ms in rows) - over
 
 
@@ -192,7 +197,7 @@ def units_on(model: Model, target: str) -> list[Unit]:
 def per_unit_counts(units: list[Unit], above: int) -> int:
     """How many of the units a fitted per-unit term reaches: those of more than `above` input elements (a
     fit's `*_per_unit_above`, SMALL_UNIT_INPUTS or 0 for every unit)."""
-    return sum(1 for unit in units if math.prod(unit.in_shape) > above)
+    return sum(1 for unit in units if _over(unit, above))
 
 
 def predict(model: Model, table: Table) -> Prediction:
@@ -202,13 +207,10 @@ def predict(model: Model, table: Table) -> Prediction:
         ms, how = entry_ms(unit, table, inputs)
         rows.append((unit, ms, how))
     f = table.fit
-    alone_scale, in_model_scale = scales(f)
     alone = [unit for unit, _, how in rows if how != IN_MODEL]
     inside = [unit for unit, _, how in rows if how == IN_MODEL]
-    in_model = in_model_scale * sum(ms for _, ms, how in rows if how == IN_MODEL)
-    scaled, unscaled = scaled_sum([(unit, ms) for unit, ms, how in rows if how != IN_MODEL],
-                                  f.get("alone_scale_above", 0))
-    raw = alone_scale * scaled + unscaled
+    in_model = sum(ms * unit_scale(f, unit, how) for unit, ms, how in rows if how == IN_MODEL)
+    raw = sum(ms * unit_scale(f, unit, how) for unit, ms, how in rows if how != IN_MODEL)
     extra = (f.get("per_unit_ms", 0.0) * len(rows)
              + f.get("alone_per_unit_ms", 0.0) * per_unit_counts(alone, f.get("alone_per_unit_above", 0))
              + f.get("in_model_per_unit_ms", 0.0) * per_unit_counts(inside, f.get("in_model_per_unit_above", 0)))
