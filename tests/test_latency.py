@@ -336,6 +336,67 @@ def test_the_per_unit_terms_pass_small_units_by_where_that_fits():
     assert f["in_model_per_unit_above"] == f["alone_per_unit_above"] == 0
 
 
+def test_on_ort_the_fit_takes_the_smallest_units_as_they_were_timed():
+    """Units of up to RAW_UNIT_INPUTS input elements (`raw_ms`, alone `raw_alone_ms`) enter a prediction at
+    their time: the fit takes them off and fits its scales and per-unit terms on the other units, all of
+    them. A calibration from before the raw sums were kept fits every unit, as then."""
+    from runtime.profile import fit
+
+    step, empty = 0.0002, 0.005
+    models = {}
+    for i, (raw, n_raw, rest, n) in enumerate([(0.004, 4, 0.05, 5), (0.001, 2, 0.4, 30), (0.0, 0, 2.0, 12),
+                                                (0.002, 3, 7.0, 80), (0.006, 8, 0.3, 9), (0.0005, 1, 1.2, 60)]):
+        # the others: in a model 0.9 x their entries less 0.5 us a unit, alone 1.1 x less 0.8 us (what the
+        # raw units alone, half their time in a model, miss goes to the fitted ones)
+        others = 0.9 * rest - 0.0005 * n
+        models[str(i)] = {"inputs": 3072, "empty_ms": empty, "units": n + n_raw, "units_above": n // 2,
+                          "measured_ms": empty + step * (n + n_raw) + raw + others, "sum_ms": rest + raw,
+                          "raw_ms": raw, "raw_units": n_raw, "raw_alone_ms": raw / 2,
+                          "alone_ms": (others + raw / 2 + 0.0008 * n) / 1.1 + raw / 2}
+    f = fit(models, step)
+    assert f["raw_unit_inputs"] == f["in_model_per_unit_above"] == f["alone_per_unit_above"] == \
+        latency.RAW_UNIT_INPUTS
+    assert (f["in_model_per_unit_ms"], f["scale"]) == pytest.approx((-0.0005, 0.9))
+    assert (f["alone_per_unit_ms"], f["alone_scale"]) == pytest.approx((-0.0008, 1.1))
+    old = fit({k: {x: v for x, v in c.items() if not x.startswith("raw_")} for k, c in models.items()}, step)
+    assert "raw_unit_inputs" not in old and old["scale"] != pytest.approx(0.9)
+
+
+def test_prediction_takes_the_smallest_units_as_they_were_timed(tmp_path):
+    """A fit with `raw_unit_inputs`: the units up to it enter at their entries, the step added; the fitted
+    scales and per-unit terms reach the others only (prediction and by_path alike)."""
+    model = compiler.compile_source("model m { input 3x16x16 conv(8, kernel=3) bn relu gap flatten linear(4) }",
+                                    "m.spec")
+    fit = {"overhead_ms": 0.01, "per_unit_ms": 0.0002, "scale": 0.9, "in_model_per_unit_ms": -0.0001,
+           "in_model_per_unit_above": 0, "alone_scale": 1.2, "alone_per_unit_ms": -0.0005,
+           "alone_per_unit_above": latency.RAW_UNIT_INPUTS, "raw_unit_inputs": latency.RAW_UNIT_INPUTS}
+    table = _table(tmp_path, model, lambda u: 0.004, fit=fit)
+    units = latency.units(model)
+    small = [u for u in units if math.prod(u.in_shape) <= latency.RAW_UNIT_INPUTS]
+    assert 0 < len(small) < len(units)
+    prediction = latency.predict(model, table)
+    large = len(units) - len(small)
+    assert prediction.ms == pytest.approx(0.01 + 0.0002 * len(units) + 0.004 * len(small)
+                                          + large * (1.2 * 0.004 - 0.0005))
+    assert sum(prediction.by_path().values()) == pytest.approx(0.004 * len(small) + large * 1.2 * 0.004)
+
+
+def test_the_sums_a_fit_needs_keep_the_smallest_units_apart_on_ort(tmp_path):
+    from runtime.profile import unit_sums
+
+    model = compiler.compile_source("model m { input 3x16x16 conv(8, kernel=3) bn relu gap flatten linear(4) }",
+                                    "m.spec")
+    table = _table(tmp_path, model, lambda u: 0.001 * math.prod(u.in_shape))
+    units = latency.units(model)
+    small = [u for u in units if math.prod(u.in_shape) <= latency.RAW_UNIT_INPUTS]
+    sums = unit_sums(model, table)
+    assert sums["units"] == len(units) and sums["raw_units"] == len(small)
+    assert sums["raw_ms"] == sums["raw_alone_ms"] == pytest.approx(sum(0.001 * math.prod(u.in_shape) for u in small))
+    assert sums["sum_ms"] == pytest.approx(sum(0.001 * math.prod(u.in_shape) for u in units))
+    table.target = "torch-fp32"  # PyTorch's fit has no raw units (entries with their module calls)
+    assert "raw_ms" not in unit_sums(model, table)
+
+
 def test_a_pytorch_fit_scales_the_large_units_alone_where_that_fits_best():
     """On PyTorch a large unit alone runs slower than inside a model (its input not in the cache, max
     pooling's branches on smoother data) and a small one as inside: the scale for units alone reaches the
@@ -400,18 +461,23 @@ def test_prediction_takes_each_units_terms_by_where_it_was_timed(tmp_path):
     assert latency.predict(model, old).ms == pytest.approx(0.01 + len(units) * (0.0002 + 0.9 * 0.004))
 
 
-def test_small_ort_units_are_timed_by_the_clock():
-    """The profiler reports whole microseconds, most of a small unit's time: a small fp32 unit is its time
-    less the empty model's, paired, by the clock, and less the step before each node after the first, its
-    reorders into and out of ORT's blocked layout included; not a large input, or int8 (whose float units
-    alone skip the conversions a model pays)."""
+def test_small_ort_units_are_timed_by_the_clock(monkeypatch):
+    """The profiler reports whole microseconds, most of a small unit's time: a small unit is its time less
+    the empty model's, paired, by the clock, and less the step before each node after the first, its
+    reorders into and out of ORT's blocked layout (and int8's conversions at its edges) included; not a
+    large input, or int8's float head (whose int8 conv after it is no part of its time). On int8 the unit
+    runs with its conv in int8, as after a model's float head."""
+    from runtime.profile import measure
     from runtime.profile.measure import unit_ms
 
-    def timed(text, shape, target="ort-fp32"):
-        unit = latency.Unit(text, shape, 0, 0)
-        model = compiler.compile_source(unit.spec(), "unit")
+    def timed(text, shape, target="ort-fp32", variant=""):
+        unit = latency.Unit(text, shape, 0, 0, variant=variant)
+        model = compiler.compile_source(measure.unit_spec(unit), "unit")
+        units.append(model)
         return unit_ms(model, compiler.compile_source(latency.baseline_spec(shape), "e"), target, samples=5,
-                       step_ms=0.0002)
+                       variant=variant, step_ms=0.0002)
+
+    units = []
 
     small = timed("bn", (8,))
     assert small["clock"] == "wall" and 0 <= small["ms"] < 0.02
@@ -420,7 +486,13 @@ def test_small_ort_units_are_timed_by_the_clock():
     assert blocked["clock"] == "wall" and 0 <= blocked["ms"] < 0.05
     side = int((2 * latency.SMALL_UNIT_INPUTS) ** 0.5)
     assert "clock" not in timed("relu", (1, side, side))
-    assert "clock" not in timed("relu", (4, 8, 8), "ort-int8")
+    graphs = []
+    real_graph = measure._ort_graph
+    monkeypatch.setattr(measure, "_ort_graph", lambda *a: graphs.append((a[0], *a[1:])) or real_graph(*a))
+    int8 = timed("conv(8, kernel=3)", (4, 8, 8), "ort-int8")
+    assert int8["clock"] == "wall" and 0 <= int8["ms"] < 0.05
+    assert {g[1:] for g in graphs if g[0] is units[-1]} == {("ort-int8", False)}  # the unit's conv in int8
+    assert "clock" not in timed("conv(8, kernel=3)", (4, 8, 8), "ort-int8", "float")
 
 
 def test_the_overhead_follows_the_empty_models_measured_flat_below_and_along_the_slope_above():

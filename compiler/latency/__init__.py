@@ -36,6 +36,7 @@ from .predict import (
 from .predict import _slopes as _slopes  # tests check the fitted slopes
 from .tables import (
     ALIASES,
+    RAW_UNIT_INPUTS,
     SCALE_ABOVE_CANDIDATES,
     SETTINGS,
     SMALL_UNIT_INPUTS,
@@ -51,7 +52,7 @@ from .tables import (
 )
 from .units import Unit, baseline_spec, units
 
-__all__ = ["ALIASES", "SETTINGS", "SCALE_ABOVE_CANDIDATES", "SMALL_UNIT_INPUTS", "TARGETS", "LatencyError",
-           "Prediction", "Table", "Unit", "baseline_spec", "cached_table", "IN_MODEL", "canonical_target", "entry_ms",
-           "in_context", "library_version", "load_table", "machine", "overhead_at", "overhead_ms", "per_unit_counts",
-           "predict", "scaled_sum", "scales", "table_path", "units", "units_on"]
+__all__ = ["ALIASES", "RAW_UNIT_INPUTS", "SETTINGS", "SCALE_ABOVE_CANDIDATES", "SMALL_UNIT_INPUTS", "TARGETS",
+           "LatencyError", "Prediction", "Table", "Unit", "baseline_spec", "cached_table", "IN_MODEL",
+           "canonical_target", "entry_ms", "in_context", "library_version", "load_table", "machine", "overhead_at",
+           "overhead_ms", "per_unit_counts", "predict", "scaled_sum", "scales", "table_path", "units", "units_on"]

@@ -25,10 +25,19 @@ def _over(unit: Unit, above: int) -> bool:
     return math.prod(unit.in_shape) > above
 
 
+def fitted(fit: dict, unit: Unit) -> bool:
+    """Whether the fit's scales and per-unit terms reach `unit`: over its `raw_unit_inputs` input elements
+    (every unit in a fit that has none)."""
+    return _over(unit, fit.get("raw_unit_inputs", 0))
+
+
 def unit_scale(fit: dict, unit: Unit, how: str) -> float:
-    """The fitted scale on one unit's entry: the in-model one, or the one for units alone where the unit
-    is over the fit's `alone_scale_above` input elements (1 below it)."""
+    """The fitted scale on one unit's entry: 1 where the fit does not reach it (`fitted`), else the in-model
+    one, or the one for units alone where the unit is over the fit's `alone_scale_above` input elements (1
+    below it)."""
     alone_scale, in_model_scale = scales(fit)
+    if not fitted(fit, unit):
+        return 1.0
     if how == IN_MODEL:
         return in_model_scale
     return alone_scale if _over(unit, fit.get("alone_scale_above", 0)) else 1.0
@@ -207,8 +216,8 @@ def predict(model: Model, table: Table) -> Prediction:
         ms, how = entry_ms(unit, table, inputs)
         rows.append((unit, ms, how))
     f = table.fit
-    alone = [unit for unit, _, how in rows if how != IN_MODEL]
-    inside = [unit for unit, _, how in rows if how == IN_MODEL]
+    alone = [unit for unit, _, how in rows if how != IN_MODEL and fitted(f, unit)]
+    inside = [unit for unit, _, how in rows if how == IN_MODEL and fitted(f, unit)]
     in_model = sum(ms * unit_scale(f, unit, how) for unit, ms, how in rows if how == IN_MODEL)
     raw = sum(ms * unit_scale(f, unit, how) for unit, ms, how in rows if how != IN_MODEL)
     extra = (f.get("per_unit_ms", 0.0) * len(rows)

@@ -135,7 +135,8 @@ def fit(calibration: dict, per_unit: float | None = None) -> dict:
     times alone) get terms of their own, `alone_scale` and `alone_per_unit_ms`, fitted the same way: a
     kernel costs otherwise alone than inside a model (an int8 unit alone 0.8-1.0x a model's share per
     unit, and about 1 us more per unit), and a model the table never ran whole is predicted from its
-    units alone.
+    units alone. Units up to RAW_UNIT_INPUTS input elements (`raw_ms`) are taken off first: their
+    entries stand as they are.
     Without a step (PyTorch: a unit's entry is its whole cost alone, its module calls included), the
     second term is a cost per element the units move (`per_moved_ms`): inside a large model a unit finds
     less of its input and weights in the cache than alone. A per-unit term fitted there on the zoo put
@@ -148,24 +149,34 @@ def fit(calibration: dict, per_unit: float | None = None) -> dict:
     if per_unit is None:  # every entry is a unit's time alone (no in-model times): one fit for both
         terms.update(_scaled_from(net))
         return {**terms, "alone_scale": terms["scale"], "alone_per_unit_ms": 0.0}
-    # the per-unit terms reach the units over SMALL_UNIT_INPUTS (`units_above`; every unit in a calibration
-    # from before it was kept): the one in a model where that fits the whole models better, the one alone always
-    above = latency.SMALL_UNIT_INPUTS if all("units_above" in c for c in calibration.values()) else 0
+    # units up to RAW_UNIT_INPUTS enter at their time (`raw_*`), and the per-unit terms reach all the others;
+    # in a calibration from before those were kept, the units over SMALL_UNIT_INPUTS (`units_above`, or every
+    # unit before that): the in-model one where that fits the whole models better, the one alone always
+    raw = all("raw_ms" in c for c in calibration.values())
+    if raw:
+        above = terms["raw_unit_inputs"] = latency.RAW_UNIT_INPUTS
+    else:
+        above = latency.SMALL_UNIT_INPUTS if all("units_above" in c for c in calibration.values()) else 0
 
     def reached(c: dict, threshold: int) -> int:
+        if raw:
+            return c["units"] - c["raw_units"]
         return c["units_above"] if threshold else c.get("units", 0)
 
+    def rest(c: dict, m: float, alone: bool = False) -> float:  # what the fitted units took
+        return m - per_unit * c.get("units", 0) - c.get("raw_alone_ms" if alone else "raw_ms", 0.0)
+
     fits = []
-    for threshold in dict.fromkeys((0, above)):
-        points = [(c["sum_ms"], reached(c, threshold), m - per_unit * c.get("units", 0)) for c, m in net]
+    for threshold in dict.fromkeys((above,) if raw else (0, above)):
+        points = [(c["sum_ms"] - c.get("raw_ms", 0.0), reached(c, threshold), rest(c, m)) for c, m in net]
         found = _scaled(points)
         fits.append((_misfit(points, found), threshold, found))
     _, in_model_above, in_model = min(fits, key=lambda f: f[0])
     terms.update(scale=in_model["scale"], in_model_per_unit_ms=in_model["per_unit_ms"],
                  in_model_per_unit_above=in_model_above)
     if any("alone_ms" in c for c in calibration.values()):
-        alone = _scaled([(c["alone_ms"], reached(c, above), m - per_unit * c.get("units", 0)) for c, m in net
-                         if "alone_ms" in c])
+        alone = _scaled([(c["alone_ms"] - c.get("raw_alone_ms", 0.0), reached(c, above), rest(c, m, True))
+                         for c, m in net if "alone_ms" in c])
     else:  # models measured before alone sums were kept
         alone = {"scale": terms["scale"], "per_unit_ms": 0.0}
     return {**terms, "alone_scale": alone["scale"], "alone_per_unit_ms": alone["per_unit_ms"],
@@ -315,19 +326,33 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     table.touch()  # units and in-model times added: what prediction derived from the entries is stale
     best, times = rounds.best, rounds.times
     for model in whole:
-        units = latency.units_on(model, table.target)
-        entries = [(u, latency.entry_ms(u, table, _inputs(model))[0]) for u in units]
         calibration[_label(model)] = {
-            "sum_ms": sum(ms for _, ms in entries),
-            "sum_above_ms": {str(t): latency.scaled_sum(entries, t)[0] for t in latency.SCALE_ABOVE_CANDIDATES},
-            "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units),
-            "units_above": latency.per_unit_counts(units, latency.SMALL_UNIT_INPUTS),
-            "moved": sum(u.moved for u in units),
-            "measured_ms": best[_label(model)], "empty_ms": best[model.input_shape],
+            **unit_sums(model, table), "measured_ms": best[_label(model)], "empty_ms": best[model.input_shape],
             "inputs": _inputs(model), "rounds_ms": times[_label(model)]}
     table.fit.update(fit(calibration, table.fit.get("step_ms")))
     save(table)
     return len(todo) - len(failed), len(wanted) - len(todo)
+
+
+def unit_sums(model, table: latency.Table) -> dict:
+    """What the fit needs of a model's units (their entries in context, as a prediction takes them): their
+    sum, by the sizes a scale may start at (SCALE_ABOVE_CANDIDATES), alone, their count and how many are
+    over SMALL_UNIT_INPUTS, the elements they move, and on the kernel-time targets the same of the units
+    a fit does not reach (RAW_UNIT_INPUTS: `raw_ms`, `raw_alone_ms`, `raw_units`)."""
+    from .measure import KERNEL_TIMES
+
+    units = latency.units_on(model, table.target)
+    entries = [(u, latency.entry_ms(u, table, _inputs(model))[0]) for u in units]
+    sums = {"sum_ms": sum(ms for _, ms in entries),
+            "sum_above_ms": {str(t): latency.scaled_sum(entries, t)[0] for t in latency.SCALE_ABOVE_CANDIDATES},
+            "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units),
+            "units_above": latency.per_unit_counts(units, latency.SMALL_UNIT_INPUTS),
+            "moved": sum(u.moved for u in units)}
+    if table.target in KERNEL_TIMES:
+        raw = [(u, ms) for u, ms in entries if math.prod(u.in_shape) <= latency.RAW_UNIT_INPUTS]
+        sums.update(raw_ms=sum(ms for _, ms in raw), raw_alone_ms=sum(table.entries[u.key]["ms"] for u, _ in raw),
+                    raw_units=len(raw))
+    return sums
 
 
 def _runnable(models: list, table: latency.Table, failed: dict) -> list:

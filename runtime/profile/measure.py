@@ -125,9 +125,10 @@ def _ort_session(model, threads: int, batch: int, profile_prefix: str | None = N
     return session, feed
 
 
-def ort_timer(model, threads: int, batch: int, target: str = "ort-fp32"):
-    """call() running `model` once in ONNX Runtime, as the deployed file runs."""
-    session, feed = _ort_session(model, threads, batch, target=target)
+def ort_timer(model, threads: int, batch: int, target: str = "ort-fp32", float_first: bool = True):
+    """call() running `model` once in ONNX Runtime, as the deployed file runs (on int8 with its first conv
+    in int8 too if not `float_first`: a unit as it runs after a model's float head)."""
+    session, feed = _ort_session(model, threads, batch, target=target, float_first=float_first)
     return lambda: session.run(None, feed)
 
 
@@ -215,11 +216,12 @@ def unit_spec(unit) -> str:
 
 # small units: timed by the clock, paired with the empty model, since the profiler's whole microseconds are
 # most of their time (a BatchNorm on 8 values reads 0.3 or 1.0 us, as the profiler's floor falls; a conv on
-# 1x4x7 reads 1.0 us alone and 0.0-0.7 in models). Up to SMALL_UNIT_INPUTS input elements the empty
-# model's copy of its input, and a reorder into or out of ORT's blocked layout, are tens of nanoseconds;
-# the step before each node is taken off. Not on int8, whose float units alone skip the conversions a
-# model pays.
-WALL_TIMED = {"ort-fp32"}
+# 1x4x7 reads 1.0 us alone and 0.0-0.7 in models; int8's 3x3 conv on 3x7x7 read 2.1 us in one profile and
+# 0.0 in the next). Up to SMALL_UNIT_INPUTS input elements the empty model's copy of its input, a reorder
+# into or out of ORT's blocked layout, and int8's (de)quantization and NHWC transposes at the unit's edges
+# are tens of nanoseconds; the step before each node after the first is taken off. Not int8's float units
+# (its head), whose int8 conv after them (PROBE) is no part of their time.
+WALL_TIMED = {"ort-fp32", "ort-int8"}
 
 
 def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples: int = 15,
@@ -227,18 +229,18 @@ def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples
     """A one-unit model's time as a table entry's fields: `ms`, what the unit costs inside a model.
     ONNX Runtime: its kernels' time from the profiler (ort_kernel_ms; `variant` "float": int8's float
     head, its first conv left in float, all its nodes but the PROBE's); a small unit (WALL_TIMED,
-    SMALL_UNIT_INPUTS), its time less the empty model's, paired, less `step_ms` per node after its first
-    (the runtime's step between kernels, which a model pays per unit; its layout reorders are nodes too),
-    and `clock: wall`.
+    SMALL_UNIT_INPUTS; on int8 with every conv in int8), its time less the empty model's, paired, less
+    `step_ms` per node after its first (the runtime's step between kernels, which a model pays per unit;
+    its layout reorders and conversions are nodes too), and `clock: wall`.
     PyTorch: its time less the empty model's, paired (paired_ms), and `run_ms`, its time with the call."""
     if target in KERNEL_TIMES:
         if variant != "float":
-            nodes = ort_node_ms(model, threads, batch, target=target, float_first=False, conversions=False)
+            order, ms, ops, floors = _profiled(model, threads, batch, None, target, float_first=False)
             if target in WALL_TIMED and math.prod(model.input_shape) * batch <= SMALL_UNIT_INPUTS:
-                _, net = paired_ms(TIMERS[target](model, threads, batch), TIMERS[target](empty, threads, batch),
-                                   samples)
-                return {"ms": max(0.0, net - step_ms * (len(nodes) - 1)), "clock": "wall"}
-            return {"ms": _kernel_sum(nodes)}
+                _, net = paired_ms(ort_timer(model, threads, batch, target, float_first=False),
+                                   ort_timer(empty, threads, batch, target), samples)
+                return {"ms": max(0.0, net - step_ms * (len(order) - 1)), "clock": "wall"}
+            return {"ms": _kernel_sum({n: ms[n] - floors[n] for n in order if ops[n] not in CONVERSIONS})}
         # int8's float head: with the conversions into int8 and back, which every int8 model pays once
         probe = model.root.children[-1].path
         nodes = ort_node_ms(model, threads, batch, target=target, float_first=True)
