@@ -807,3 +807,22 @@ def test_the_profilers_floor_grows_with_a_nodes_inputs():
     assert floors == pytest.approx({"a": 0.008, "b": 0.007, "c": 0.010})
     ms.update({f"{FLOOR_PREFIX}Add#{i}": 0.005 for i in range(1, FLOOR_NODES + 1)})  # noise: never below one input
     assert _floors(ms, {"b": 3}, ["b"]) == pytest.approx({"b": 0.008})
+
+
+def test_the_step_between_kernels_is_the_median_of_rounds_timing_both_chains_one_after_the_other(tmp_path,
+                                                                                                  monkeypatch):
+    """A slow spell that catches one round (both chains, or one of them) moves the step no more than the
+    median lets it: the fastest of each chain's rounds apart once read it 2x too high."""
+    import runtime.profile as profile
+    from runtime.profile import measure
+
+    calls = []
+    monkeypatch.setattr(measure, "TIMERS", {"ort-fp32": lambda model, threads, batch: len(model.root.children)})
+    # chain times (ms) in the order they are taken: short, long per round; round 2's long chain slow
+    times = iter([0.010, 0.0118, 0.010, 0.0300, 0.011, 0.0128, 0.010, 0.0119, 0.010, 0.0118, 0.012, 0.0138,
+                  0.010, 0.0118])
+    monkeypatch.setattr(measure, "median_ms", lambda call, samples, warmup=10: calls.append(call) or next(times))
+    table = latency.Table(tmp_path / "t.json", "ort-fp32", 1, 1, latency.machine(), {}, {})
+    step = profile._step_ms(table, 5)
+    assert calls == list(profile.STEP_CHAINS) * profile.STEP_ROUNDS  # the two chains in turn, every round
+    assert step == pytest.approx(0.0018 / (profile.STEP_CHAINS[1] - profile.STEP_CHAINS[0]))

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 import random
+import statistics
 import time
 from pathlib import Path
 
@@ -29,6 +30,7 @@ UNIT_PASSES = 2   # units: the faster of two medians, a pass over every unit apa
 MAX_UNIT_PASSES = 4  # ... then again those a slow spell caught both times (steady.py), up to this many passes
 IN_MODEL_PASSES = 2  # ORT's profiler over each whole model: the lower of this many
 STEP_CHAINS = (9, 18)  # ReLU chains timed whole: their difference is what a model pays per unit (KERNEL_TIMES)
+STEP_ROUNDS = 7
 SHIPPED = ("specs/student.spec", "specs/student_se.spec", "specs/student_4bit.spec", "specs/origin.spec",
            "specs/teacher.spec")
 STUDENT_SIZES = (32, 64, 256)
@@ -363,15 +365,21 @@ def _runnable(models: list, table: latency.Table, failed: dict) -> list:
 
 def _step_ms(table: latency.Table, samples: int) -> float:
     """On targets whose units are kernel times, what a model pays per unit beyond them: a chain of 18
-    ReLUs on one value less a chain of 9, per ReLU, the two timed in turns."""
+    ReLUs on one value less a chain of 9, per ReLU, the two timed one right after the other, the median
+    of STEP_ROUNDS such rounds. (The fastest of three rounds of each chain apart once read 0.30 us where
+    five other profiles read 0.15-0.17: a slow spell had caught every round of one chain.)"""
     import compiler
 
-    from .measure import whole_models_ms
+    from .measure import TIMERS, median_ms
 
     chains = [compiler.compile_source(f"model chain {{\n    input 1x1x1\n    {'relu ' * n}\n}}\n", "chain")
               for n in STEP_CHAINS]
-    short, long = whole_models_ms(chains, table.target, table.threads, table.batch, samples, WHOLE_ROUNDS)
-    return max(0.0, (long - short) / (STEP_CHAINS[1] - STEP_CHAINS[0]))
+    short, long = (TIMERS[table.target](c, table.threads, table.batch) for c in chains)
+    steps = []
+    for _ in range(STEP_ROUNDS):
+        short_ms = median_ms(short, samples)
+        steps.append((median_ms(long, samples) - short_ms) / (STEP_CHAINS[1] - STEP_CHAINS[0]))
+    return max(0.0, statistics.median(steps))
 
 
 def check(specs: list[str], inputs: list[str], table: latency.Table, samples: int) -> list[dict]:
@@ -399,14 +407,16 @@ def _terms(f: dict) -> str:
                 "time alone" + (f" over {above:,} input elements, a smaller unit's as timed" if above else ""))
     if "in_model_per_unit_ms" not in f:  # an older table's
         return f"{1e3 * f['per_unit_ms']:+.2f} us per unit + {alone_scale:.3f} x its time alone"
-    return (f"{1e3 * f['per_unit_ms']:.2f} us per unit (the step between kernels), then a unit measured in a "
-            f"model {1e3 * f['in_model_per_unit_ms']:+.2f} us{_above(f, 'in_model')} + {in_model_scale:.3f} x its "
-            f"time there, one measured alone {alone}")
+    raw = f.get("raw_unit_inputs", 0)
+    return (f"{1e3 * f['per_unit_ms']:.2f} us per unit (the step between kernels), then "
+            + (f"a unit of up to {raw:,} input elements as timed, a larger one " if raw else "a unit ")
+            + f"measured in a model {1e3 * f['in_model_per_unit_ms']:+.2f} us{_above(f, 'in_model')} + "
+            f"{in_model_scale:.3f} x its time there, one measured alone {alone}")
 
 
 def _above(f: dict, which: str) -> str:
     above = f.get(f"{which}_per_unit_above", 0)
-    return f" (over {above:,} input elements)" if above else ""
+    return f" (over {above:,} input elements)" if above and above != f.get("raw_unit_inputs") else ""
 
 
 def main(argv: list[str]) -> int:
