@@ -24,13 +24,14 @@ TABLE_FORMAT, TABLE_VERSION = "nccompile-latency", 3
 SETTINGS = {"torch-fp32": ("allocator",)}
 # a unit of up to this many input elements works in the cache alone as inside a model: the fitted per-unit
 # terms, what a larger unit alone misses of a model's cache, pass it by (a table's fit says where each
-# applies), and on ort-fp32 the profiler's whole microseconds are most of its time, so the clock times it
+# applies), and on ONNX Runtime the profiler's whole microseconds are most of its time, so the clock times it
+# (int8's float head aside)
 SMALL_UNIT_INPUTS = 4096
 # on ONNX Runtime a unit of up to this many input elements enters a prediction at its measured time, the
 # runtime's step added: the fitted scales and per-unit terms (-0.4 to -0.8 us a unit in-model), what a larger
 # unit alone or under the profiler misses of a model, come from models of larger units, and took a third off
-# the int8 random specs' tiny units (0.5-2 us each); on five kept int8 tables their error went from 13-21%
-# median to 6-17% (BENCHMARKS.md)
+# the int8 random specs' tiny units (0.5-2 us each); on four of five kept int8 tables their median error went
+# from 13-21% to 6-10%, on the fifth from 13% to 16% (BENCHMARKS.md)
 RAW_UNIT_INPUTS = 512
 # where the scale for units timed alone may start (input elements; a fit picks the one that fits its whole
 # models best, `alone_scale_above`): on PyTorch a large unit alone runs 0.7-0.85x slower than inside a
