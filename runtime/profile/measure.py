@@ -235,12 +235,12 @@ def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples
     PyTorch: its time less the empty model's, paired (paired_ms), and `run_ms`, its time with the call."""
     if target in KERNEL_TIMES:
         if variant != "float":
-            order, ms, ops, floors = _profiled(model, threads, batch, None, target, float_first=False)
             if target in WALL_TIMED and math.prod(model.input_shape) * batch <= SMALL_UNIT_INPUTS:
+                nodes = len(ort_node_ms(model, threads, batch, target=target, float_first=False))
                 _, net = paired_ms(ort_timer(model, threads, batch, target, float_first=False),
                                    ort_timer(empty, threads, batch, target), samples)
-                return {"ms": max(0.0, net - step_ms * (len(order) - 1)), "clock": "wall"}
-            return {"ms": _kernel_sum({n: ms[n] - floors[n] for n in order if ops[n] not in CONVERSIONS})}
+                return {"ms": max(0.0, net - step_ms * (nodes - 1)), "clock": "wall"}
+            return {"ms": ort_kernel_ms(model, threads, batch, target)}
         # int8's float head: with the conversions into int8 and back, which every int8 model pays once
         probe = model.root.children[-1].path
         nodes = ort_node_ms(model, threads, batch, target=target, float_first=True)
