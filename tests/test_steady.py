@@ -56,6 +56,45 @@ def test_whole_models_keep_their_fastest_round_and_profiles_prefer_a_fast_spell(
     assert not rounds._wants_profile("slow")
 
 
+def _scripted_probe(monkeypatch, script: list[float]) -> None:
+    """Steadiness.now returns the script's values in turn, then 1.0 (the fastest)."""
+    values = iter(script)
+
+    def now(self):
+        ms = next(values, 1.0)
+        self.fastest = min(self.fastest, ms)
+        return ms
+
+    monkeypatch.setattr(Steadiness, "now", now)
+
+
+def test_whole_models_no_round_of_which_met_a_fast_spell_are_timed_again_and_only_they(tmp_path, monkeypatch):
+    """Three rounds over two models and their empty model: the probe after `b` reads slow each time, so
+    `b` and the empty model (timed after it) met no fast spell and get a fourth round; `a` does not."""
+    a = compiler.compile_source(SPEC, "a.spec")
+    b = compiler.compile_source(SPEC.replace("tiny", "b"), "b.spec")
+    slow = 2 * GATE
+    # each round: the probe before a, after a, after b, after the empty model; round 4: before b, after b, after it
+    _scripted_probe(monkeypatch, [1.0, 1.0, slow, slow] * 3)
+    table = _fresh_table(tmp_path / "torch-fp32.json", "torch-fp32", 1, 1)
+    rounds = Rounds(table, 3, Steadiness("torch-fp32", 1, 1), profiles=0)
+    rounds.settle([a, b], 3, 9)
+    assert rounds.done == 4
+    assert len(rounds.times["tiny@3x8x8"]) == 3 and len(rounds.times["b@3x8x8"]) == 4
+    assert len(rounds.times[(3, 8, 8)]) == 4
+    assert all(ms > 0 for ms in rounds.best.values())
+
+
+def test_whole_model_rounds_stop_at_the_most_when_the_machine_stays_slow(tmp_path, monkeypatch):
+    model = compiler.compile_source(SPEC, "tiny.spec")
+    _scripted_probe(monkeypatch, [1.0] + [2 * GATE] * 100)  # one fast probe, then a slow machine
+    table = _fresh_table(tmp_path / "torch-fp32.json", "torch-fp32", 1, 1)
+    rounds = Rounds(table, 3, Steadiness("torch-fp32", 1, 1), profiles=0)
+    rounds.settle([model], 3, 5)
+    assert rounds.done == 5 and len(rounds.times["tiny@3x8x8"]) == 5
+    assert rounds.best["tiny@3x8x8"] == min(rounds.times["tiny@3x8x8"])  # still the fastest round
+
+
 def test_profile_times_again_a_unit_a_slow_spell_caught_and_keeps_its_fast_spell_value(tmp_path, monkeypatch):
     """The maxpool's two passes meet a slow spell (the probe after them at 2x its fastest): a third pass
     times it again, and that time is kept though it reads slower. (A torch table, with a probe put in

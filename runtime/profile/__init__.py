@@ -24,7 +24,8 @@ from .rounds import label as _label
 from .steady import GATE, Steadiness
 
 SAVE_EVERY_S = 5.0
-WHOLE_ROUNDS = 3  # whole models: the fastest of this many medians, the models taking turns
+WHOLE_ROUNDS = 3  # whole models: the fastest of this many medians, the models taking turns ...
+MAX_WHOLE_ROUNDS = 9  # ... then again those no round of which met a fast spell (rounds.py), up to this many
 UNIT_PASSES = 2   # units: the faster of two medians, a pass over every unit apart (a shared machine's slow
 # spells last seconds and slow 20% and more of what they catch) ...
 MAX_UNIT_PASSES = 4  # ... then again those a slow spell caught both times (steady.py), up to this many passes
@@ -318,8 +319,10 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     for key, why in failed.items():
         print(f"profile: {key.split(' @ ')[0][:60]}: cannot run on {table.target} ({why}); left out")
     whole = _runnable(models, table, failed)
-    while rounds.done < WHOLE_ROUNDS:
-        rounds.run(whole)
+    rounds.settle(whole, WHOLE_ROUNDS, MAX_WHOLE_ROUNDS)
+    if rounds.done > WHOLE_ROUNDS:
+        print(f"profile: whole models timed in {rounds.done} rounds, {WHOLE_ROUNDS} not having met the machine "
+              f"in a fast spell (the probe under {GATE}x its fastest) for each")
     if table.target in BLOCKED_LAYOUT:
         table.fit["channel_block"] = ort_channel_block()  # pruning to a latency rounds to it
     calibration = table.fit.setdefault("models", {})
@@ -383,12 +386,12 @@ def _step_ms(table: latency.Table, samples: int) -> float:
 
 
 def check(specs: list[str], inputs: list[str], table: latency.Table, samples: int) -> list[dict]:
-    from .measure import whole_models_ms
-
     rows = []
     models = _models(specs, inputs)
-    for model, measured in zip(models, whole_models_ms(models, table.target, table.threads, table.batch, samples,
-                                                       WHOLE_ROUNDS)):
+    rounds = Rounds(table, samples, Steadiness(table.target, table.threads, table.batch), profiles=0)
+    rounds.settle(models, WHOLE_ROUNDS, MAX_WHOLE_ROUNDS)  # measured as the table's own whole models are
+    for model in models:
+        measured = rounds.best[_label(model)]
         predicted = latency.predict(model, table)
         rows.append({"model": _label(model), "predicted_ms": predicted.ms, "measured_ms": measured,
                      "error": predicted.ms / measured - 1, "estimated_units": predicted.estimated,

@@ -263,6 +263,22 @@ def whole_models_ms(models: list, target: str, threads: int, batch: int, samples
     return best
 
 
+def probed_round_ms(models: list, target: str, threads: int, batch: int, samples: int, probe,
+                    progress=None) -> list[tuple[float, float]]:
+    """Each model's median once, the models taking turns, with `probe()` (steady.Steadiness.now) timed
+    before the first and after each: (ms, the slower of the probes on either side of it)."""
+    timers = [TIMERS[target](m, threads, batch) for m in models]
+    out, before = [], probe()
+    for call in timers:
+        ms = median_ms(call, samples)
+        after = probe()
+        out.append((ms, max(before, after)))
+        before = after
+        if progress is not None:
+            progress()
+    return out
+
+
 PROFILE_S = 0.04  # ORT's profiler: run a model this long (20 to 400 runs) for its node times
 # nodes that move a tensor between layouts or number formats, which a unit alone pays at its edges and a
 # model only where its layout or format changes: ORT's reorders into and out of its blocked (NCHWc) layout

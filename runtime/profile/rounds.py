@@ -13,43 +13,64 @@ def label(model) -> str:
 
 class Rounds:
     """Each round times every model and the empty model at each input shape once (the median of
-    `samples`, the models taking turns), and on ORT profiles each model for its units' in-model times
-    (ctx), `profiles` times. A model's latency is its fastest round: keeping the round of a fast spell
-    by the probe (steady.py) instead put two int8 profiles of the same models 47.6% apart, against
-    10.0% so. A model's units take their ctx from one of its profiles, the fastest in sum, one from a
-    fast spell over one from a slow one, as units alone are timed (steady.py).
+    `samples`, the models taking turns, the probe between them), and on ORT profiles each model for its
+    units' in-model times (ctx), `profiles` times. A model's latency is its fastest round: keeping the
+    round of a fast spell by the probe (steady.py) instead put two int8 profiles of the same models 47.6%
+    apart, against 10.0% so. But a model no round of which met a fast spell is timed again (`settle`):
+    a slow spell lasts seconds and catches the models timed in them, and in one int8 run 31 random specs
+    in a row read 1.5x their time in all three rounds (random1-21: 33.0 us, 21.0 us in fast spells).
+    A model's units take their ctx from one of its profiles, the fastest in sum, one from a fast spell
+    over one from a slow one, as units alone are timed (steady.py).
     """
 
     def __init__(self, table: latency.Table, samples: int, state: Steadiness, profiles: int):
         self.table, self.samples, self.state, self.profiles = table, samples, state, profiles
         self.done = 0
         self.times: dict = {}  # model label or input shape -> each round's ms: how far the machine moved it
+        self.probes: dict = {}  # ... -> each round's probe around it
         self.profiled: dict[str, list] = {}  # model label -> [profiles taken, the kept one's probe, its sum]
 
     @property
     def best(self) -> dict:
         return {key: min(times) for key, times in self.times.items()}
 
-    def run(self, whole: list) -> None:
+    def settle(self, whole: list, rounds: int, most: int) -> None:
+        """Rounds over `whole` until `rounds` are done, then rounds over the models (and empty models) no
+        round of which met a fast spell, until none is left or `most` rounds are done."""
+        while self.done < rounds:
+            self.run(whole)
+        while self.done < most:
+            models = [m for m in whole if self._unsettled(label(m))]
+            shapes = [s for s in dict.fromkeys(m.input_shape for m in whole) if self._unsettled(s)]
+            if not models and not shapes:
+                return
+            self.run(models, shapes)
+
+    def _unsettled(self, key) -> bool:
+        return self.state.slow(min(self.probes[key]))
+
+    def run(self, whole: list, shapes: list | None = None) -> None:
+        """One round over `whole` and the empty models at `shapes` (default: the models' input shapes)."""
         from tqdm import tqdm
 
         import compiler
 
-        from .measure import KERNEL_TIMES, whole_models_ms
+        from .measure import KERNEL_TIMES, probed_round_ms
 
-        if not whole:
-            return
         t = self.table
-        shapes = list(dict.fromkeys(m.input_shape for m in whole))
+        shapes = list(dict.fromkeys(m.input_shape for m in whole)) if shapes is None else shapes
+        if not whole and not shapes:
+            return
         empties = [compiler.compile_source(latency.baseline_spec(s), "empty") for s in shapes]
         with tqdm(total=len(whole) + len(empties), desc=f"whole models, round {self.done + 1}", unit="run",
                   mininterval=0.5, leave=False) as bar:
-            times = whole_models_ms(whole + empties, t.target, t.threads, t.batch, self.samples, 1,
+            times = probed_round_ms(whole + empties, t.target, t.threads, t.batch, self.samples, self.state.now,
                                     progress=bar.update)
-        for key, ms in zip([label(m) for m in whole] + shapes, times):
+        for key, (ms, probe) in zip([label(m) for m in whole] + shapes, times):
             self.times.setdefault(key, []).append(round(ms, 6))
+            self.probes.setdefault(key, []).append(probe)
         self.done += 1
-        if t.target in KERNEL_TIMES:
+        if t.target in KERNEL_TIMES and self.profiles:
             self._profile([m for m in whole if self._wants_profile(label(m))])
 
     def _wants_profile(self, name: str) -> bool:
