@@ -5,7 +5,8 @@ For each target (ONNX Runtime on nccompile's export graph, the deployed file's k
    fresh table, and runs every model whole;
 2. each model is predicted with the overhead and scale fitted as `nccompile profile` fits them by default,
    on the zoo, the student and the shipped specs measured whole, less the model itself (leave-one-out),
-   and compared with its measurement (the fastest of 3 medians, the models taking turns): the 10 zoo
+   and compared with its measurement (the fastest of 3 medians, the models taking turns, up to 9 for a
+   model no round of which met a fast spell of the machine): the 10 zoo
    specs at 224, the student at 32, 64 and 256, and random specs from the tests' generator
    (tests/test_random_specs.py);
 3. a search space's ranking: 20 configurations of specs/student_space.spec at 64x64, Spearman's rank
@@ -13,7 +14,7 @@ For each target (ONNX Runtime on nccompile's export graph, the deployed file's k
 
 Targets (issue 26): median absolute error <= 10%, 90th percentile <= 20%, Spearman >= 0.9. Beside each
 group's error, "rounds apart": how far the machine moved each model's own measurement during the run (its
-slowest round of 3 over its fastest), the floor of what a prediction from one moment can score.
+slowest round over its fastest), the floor of what a prediction from one moment can score.
 
 Run alone (the timings share the machine):
     OMP_WAIT_POLICY=PASSIVE python bench/bench_latency.py [--targets ort-fp32,torch-fp32] [--random 50]
