@@ -809,20 +809,31 @@ def test_the_profilers_floor_grows_with_a_nodes_inputs():
     assert _floors(ms, {"b": 3}, ["b"]) == pytest.approx({"b": 0.008})
 
 
-def test_the_step_between_kernels_is_the_median_of_rounds_timing_both_chains_one_after_the_other(tmp_path,
-                                                                                                  monkeypatch):
-    """A slow spell that catches one round (both chains, or one of them) moves the step no more than the
-    median lets it: the fastest of each chain's rounds apart once read it 2x too high."""
+def test_the_step_between_kernels_is_the_median_of_the_rounds_a_fast_spell_met(tmp_path, monkeypatch):
+    """Rounds of both chains, the probe around each: rounds a slow spell caught (the probe over GATE x its
+    fastest) are left out however they read, and rounds go on until STEP_ROUNDS fast ones are taken."""
     import runtime.profile as profile
     from runtime.profile import measure
+    from runtime.profile.steady import GATE, Steadiness
 
     calls = []
     monkeypatch.setattr(measure, "TIMERS", {"ort-fp32": lambda model, threads, batch: len(model.root.children)})
-    # chain times (ms) in the order they are taken: short, long per round; round 2's long chain slow
-    times = iter([0.010, 0.0118, 0.010, 0.0300, 0.011, 0.0128, 0.010, 0.0119, 0.010, 0.0118, 0.012, 0.0138,
-                  0.010, 0.0118])
+    monkeypatch.setattr(profile, "STEP_MIN_S", 0.0)
+    fast_steps = [0.0016, 0.0018, 0.0019, 0.0018, 0.0017, 0.0020, 0.0018]
+    slow_steps = [0.0040, 0.0038, 0.0036]  # the first three rounds, in a slow spell: left out
+    steps = slow_steps + fast_steps
+    times = iter([t for d in steps for t in (0.010, 0.010 + d)])
     monkeypatch.setattr(measure, "median_ms", lambda call, samples, warmup=10: calls.append(call) or next(times))
+    probes = iter([2 * GATE] * 2 * len(slow_steps) + [1.0] * 2 * len(fast_steps))  # before and after each round
+
+    def now(self):
+        ms = next(probes)
+        self.fastest = min(self.fastest, ms)
+        return ms
+
+    monkeypatch.setattr(Steadiness, "now", now)
     table = latency.Table(tmp_path / "t.json", "ort-fp32", 1, 1, latency.machine(), {}, {})
-    step = profile._step_ms(table, 5)
-    assert calls == list(profile.STEP_CHAINS) * profile.STEP_ROUNDS  # the two chains in turn, every round
+    step = profile._step_ms(table, 5, Steadiness("ort-fp32", 1, 1, call=lambda: None))
+    assert calls == list(profile.STEP_CHAINS) * len(steps)  # the two chains in turn, every round
+    assert len(fast_steps) == profile.STEP_ROUNDS  # and no round more once that many fast ones are taken
     assert step == pytest.approx(0.0018 / (profile.STEP_CHAINS[1] - profile.STEP_CHAINS[0]))

@@ -31,7 +31,8 @@ UNIT_PASSES = 2   # units: the faster of two medians, a pass over every unit apa
 MAX_UNIT_PASSES = 4  # ... then again those a slow spell caught both times (steady.py), up to this many passes
 IN_MODEL_PASSES = 2  # ORT's profiler over each whole model: the lower of this many
 STEP_CHAINS = (9, 18)  # ReLU chains timed whole: their difference is what a model pays per unit (KERNEL_TIMES)
-STEP_ROUNDS = 7
+STEP_ROUNDS = 7  # ... rounds from fast spells (steady.py), taken over at least STEP_MIN_S, at most STEP_MAX_S
+STEP_MIN_S, STEP_MAX_S = 10.0, 60.0
 SHIPPED = ("specs/student.spec", "specs/student_se.spec", "specs/student_4bit.spec", "specs/origin.spec",
            "specs/teacher.spec")
 STUDENT_SIZES = (32, 64, 256)
@@ -268,12 +269,12 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
         for unit in latency.units_on(model, table.target):
             wanted.setdefault(unit.key, unit)
     todo = [u for k, u in wanted.items() if k not in table.entries]
+    state = Steadiness(table.target, table.threads, table.batch)
     if table.target in KERNEL_TIMES and (todo or "step_ms" not in table.fit):
-        table.fit["step_ms"] = _step_ms(table, samples)  # measured: the fit takes it as the per-unit term
+        table.fit["step_ms"] = _step_ms(table, samples, state)  # measured: the fit takes it as the per-unit term
     saved = time.monotonic()
     empties: dict[tuple, object] = {}  # input shape -> the empty model timed beside each unit
     failed: dict[str, str] = {}
-    state = Steadiness(table.target, table.threads, table.batch)
     rounds = Rounds(table, samples, state, IN_MODEL_PASSES)
     probes: dict[str, float] = {}  # unit key -> the probe around its kept measurement
     retimed: set[str] = set()
@@ -366,11 +367,13 @@ def _runnable(models: list, table: latency.Table, failed: dict) -> list:
                  if not any(u.key in failed for u in latency.units_on(m, table.target))}.values())
 
 
-def _step_ms(table: latency.Table, samples: int) -> float:
+def _step_ms(table: latency.Table, samples: int, state: Steadiness) -> float:
     """On targets whose units are kernel times, what a model pays per unit beyond them: a chain of 18
-    ReLUs on one value less a chain of 9, per ReLU, the two timed one right after the other, the median
-    of STEP_ROUNDS such rounds. (The fastest of three rounds of each chain apart once read 0.30 us where
-    five other profiles read 0.15-0.17: a slow spell had caught every round of one chain.)"""
+    ReLUs on one value less a chain of 9, per ReLU, the two timed one right after the other, with the
+    probe around them (steady.py); rounds for at least STEP_MIN_S, until STEP_ROUNDS of them met a fast
+    spell (or for STEP_MAX_S): the median of those. A slow spell lasts seconds and catches every round of
+    a shorter try: three int8 profiles read 0.29-0.30 us so where seven others read 0.15-0.17 (in slow
+    spells the step reads 0.21 at the median, and swings from -0.3 to 0.7)."""
     import compiler
 
     from .measure import TIMERS, median_ms
@@ -378,11 +381,15 @@ def _step_ms(table: latency.Table, samples: int) -> float:
     chains = [compiler.compile_source(f"model chain {{\n    input 1x1x1\n    {'relu ' * n}\n}}\n", "chain")
               for n in STEP_CHAINS]
     short, long = (TIMERS[table.target](c, table.threads, table.batch) for c in chains)
-    steps = []
-    for _ in range(STEP_ROUNDS):
-        short_ms = median_ms(short, samples)
-        steps.append((median_ms(long, samples) - short_ms) / (STEP_CHAINS[1] - STEP_CHAINS[0]))
-    return max(0.0, statistics.median(steps))
+    rounds: list[tuple[float, float]] = []  # (step, the probe around it)
+    start = time.monotonic()
+    while True:
+        (short_ms, long_ms), probe = state.around(lambda: (median_ms(short, samples), median_ms(long, samples)))
+        rounds.append(((long_ms - short_ms) / (STEP_CHAINS[1] - STEP_CHAINS[0]), probe))
+        fast = [step for step, probe in rounds if not state.slow(probe)]
+        spent = time.monotonic() - start
+        if spent >= STEP_MAX_S or (spent >= STEP_MIN_S and len(fast) >= STEP_ROUNDS):
+            return max(0.0, statistics.median(fast or [step for step, _ in rounds]))
 
 
 def check(specs: list[str], inputs: list[str], table: latency.Table, samples: int) -> list[dict]:
