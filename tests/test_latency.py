@@ -381,6 +381,26 @@ def test_prediction_takes_the_smallest_units_as_they_were_timed(tmp_path):
     assert sum(prediction.by_path().values()) == pytest.approx(0.004 * len(small) + large * 1.2 * 0.004)
 
 
+def test_a_smallest_unit_timed_by_the_clock_and_inside_models_enters_at_the_mean_of_the_two(tmp_path):
+    """Two instruments of a tiny unit's cost that err either way (the profiler's whole microseconds inside
+    models, a unit alone's edges): it enters at their mean. A larger unit, or one the profiler timed alone
+    too, keeps its in-model time."""
+    model = compiler.compile_source("model m { input 3x16x16 conv(8, kernel=3) bn relu gap flatten linear(4) }",
+                                    "m.spec")
+    table = _table(tmp_path, model, lambda u: 0.001)
+    units = latency.units(model)
+    small = next(u for u in units if math.prod(u.in_shape) <= latency.RAW_UNIT_INPUTS)
+    large = next(u for u in units if math.prod(u.in_shape) > latency.RAW_UNIT_INPUTS)
+    for unit in (small, large):
+        table.entries[unit.key].update(clock="wall", ctx={"other@3x16x16": 0.003})
+    table.touch()
+    assert latency.entry_ms(small, table)[0] == pytest.approx(0.002)
+    assert latency.entry_ms(large, table)[0] == pytest.approx(0.003)
+    del table.entries[small.key]["clock"]  # the profiler's time alone: one instrument
+    table.touch()
+    assert latency.entry_ms(small, table)[0] == pytest.approx(0.003)
+
+
 def test_the_sums_a_fit_needs_keep_the_smallest_units_apart_on_ort(tmp_path):
     from runtime.profile import unit_sums
 

@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from ..ops import fmt_shape
 from ..tree import Model
-from .tables import FIRST_CONV_FLOAT, LatencyError, Table, canonical_target
+from .tables import FIRST_CONV_FLOAT, RAW_UNIT_INPUTS, LatencyError, Table, canonical_target
 from .units import Unit, target_units
 
 IN_MODEL = "measured in a model"  # an entry from ORT's profiler inside whole models, not the unit alone
@@ -131,13 +131,17 @@ def _solve(a: list[list[float]], b: list[float]) -> list[float] | None:
 
 
 def entry_ms(unit: Unit, table: Table, inputs: int | None = None) -> tuple[float, str]:
-    """The unit's time in a model of `inputs` input elements (in_context): measured, else from the nearest
+    """The unit's time in a model of `inputs` input elements (in_context; for a unit of up to RAW_UNIT_INPUTS
+    timed by the clock, the mean of that and its time alone): measured, else from the nearest
     measured unit of its structure, moved along that structure's fitted cost per MAC and per element
     moved (or, with too few of them to fit, scaled by the ratio of MACs, or of bytes moved for units
     without MACs)."""
     hit = table.entries.get(unit.key)
     if hit is not None:
-        return in_context(hit, inputs, _derived(table)["sizes"]), IN_MODEL if hit.get("ctx") else "measured"
+        ms = in_context(hit, inputs, _derived(table)["sizes"])
+        if hit.get("ctx") and hit.get("clock") == "wall" and math.prod(unit.in_shape) <= RAW_UNIT_INPUTS:
+            ms = (ms + float(hit["ms"])) / 2  # two instruments of a tiny unit's cost, neither better (tables.py)
+        return ms, IN_MODEL if hit.get("ctx") else "measured"
     structure = unit.structure
     best, best_distance = None, math.inf
     for key, e in _derived(table)["by_structure"].get(structure, []):
