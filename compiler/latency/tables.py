@@ -33,7 +33,7 @@ SMALL_UNIT_INPUTS = 4096
 # the int8 random specs' tiny units (0.5-2 us each); on four of five kept int8 tables their median error went
 # from 13-21% to 6-10%, on the fifth from 13% to 16% (BENCHMARKS.md). Where the clock timed such a unit
 # alone and ORT's profiler inside models too, it enters at the mean of the two: the profiler's whole
-# microseconds and a unit alone's edges (int8's conversions) err either way, by 0.5-1 us (a linear on 8
+# microseconds and a unit alone's edges (int8's conversions) err either way, by 0.5-1 us (a linear on 112
 # values: 1.0 us alone, 2.2 in models); the random specs' median error went from 6-19% to 5-18% on four
 # int8 tables, and on four fp32 ones as far as from 6.1% to 3.7% (BENCHMARKS.md)
 RAW_UNIT_INPUTS = 512

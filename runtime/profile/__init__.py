@@ -322,8 +322,8 @@ def profile(models: list, table: latency.Table, samples: int) -> tuple[int, int]
     whole = _runnable(models, table, failed)
     rounds.settle(whole, WHOLE_ROUNDS, MAX_WHOLE_ROUNDS)
     if rounds.done > WHOLE_ROUNDS:
-        print(f"profile: whole models timed in {rounds.done} rounds, {WHOLE_ROUNDS} not having met the machine "
-              f"in a fast spell (the probe under {GATE}x its fastest) for each")
+        print(f"profile: some whole models timed in up to {rounds.done} rounds, none of their first {WHOLE_ROUNDS} "
+              f"having met the machine in a fast spell (the probe under {GATE}x its fastest)")
     if table.target in BLOCKED_LAYOUT:
         table.fit["channel_block"] = ort_channel_block()  # pruning to a latency rounds to it
     calibration = table.fit.setdefault("models", {})
