@@ -172,7 +172,7 @@ def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, fl
     import dataclasses
 
     from compiler.rewrite.channels import analyse_channels, rewrite
-    from runtime.profile.measure import whole_models_ms
+    from runtime.profile.measure import round_ms
     from runtime.rewrite.prune import channel_multiple, importance, predicted_latency_ms
     from runtime.steps.prune import Prune, PruneConfig, settle
 
@@ -193,7 +193,7 @@ def prune_to_half(target: str, samples: int) -> list[tuple[str, float, float, fl
         for r in range(PRUNE_ROUNDS):
             if r:
                 time.sleep(PRUNE_ROUNDS_APART_S)
-            best = [min(b, ms) for b, ms in zip(best, whole_models_ms([pruned, model], target, 1, 1, samples, 1))]
+            best = [min(b, ms) for b, (ms, _) in zip(best, round_ms([pruned, model], target, 1, 1, samples))]
         out.append((f"{spec.removesuffix('.spec')}@{size}", goal, predicted_latency_ms(pruned, target), *best))
     return out
 

@@ -249,24 +249,11 @@ def unit_ms(model, empty, target: str, threads: int = 1, batch: int = 1, samples
     return {"ms": max(0.0, net), "run_ms": raw}
 
 
-def whole_models_ms(models: list, target: str, threads: int, batch: int, samples: int, rounds: int = 3,
-                    progress=None) -> list[float]:
-    """Each model's latency as the fastest of `rounds` medians, the models taking turns: a slower spell of
-    a shared machine (which lasts seconds here, 20% and more) then weighs on no model's figure alone."""
-    timers = [TIMERS[target](m, threads, batch) for m in models]
-    best = [float("inf")] * len(models)
-    for _ in range(rounds):
-        for i, call in enumerate(timers):
-            best[i] = min(best[i], median_ms(call, samples))
-            if progress is not None:
-                progress()
-    return best
-
-
-def probed_round_ms(models: list, target: str, threads: int, batch: int, samples: int, probe,
-                    progress=None) -> list[tuple[float, float]]:
+def round_ms(models: list, target: str, threads: int, batch: int, samples: int, probe=None,
+             progress=None) -> list[tuple[float, float]]:
     """Each model's median once, the models taking turns, with `probe()` (steady.Steadiness.now) timed
-    before the first and after each: (ms, the slower of the probes on either side of it)."""
+    before the first and after each: (ms, the slower of the probes on either side of it; 0 without one)."""
+    probe = probe or (lambda: 0.0)
     timers = [TIMERS[target](m, threads, batch) for m in models]
     out, before = [], probe()
     for call in timers:

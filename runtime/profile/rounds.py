@@ -55,7 +55,7 @@ class Rounds:
 
         import compiler
 
-        from .measure import KERNEL_TIMES, probed_round_ms
+        from .measure import KERNEL_TIMES, round_ms
 
         t = self.table
         shapes = list(dict.fromkeys(m.input_shape for m in whole)) if shapes is None else shapes
@@ -64,8 +64,8 @@ class Rounds:
         empties = [compiler.compile_source(latency.baseline_spec(s), "empty") for s in shapes]
         with tqdm(total=len(whole) + len(empties), desc=f"whole models, round {self.done + 1}", unit="run",
                   mininterval=0.5, leave=False) as bar:
-            times = probed_round_ms(whole + empties, t.target, t.threads, t.batch, self.samples, self.state.now,
-                                    progress=bar.update)
+            times = round_ms(whole + empties, t.target, t.threads, t.batch, self.samples, self.state.now,
+                             progress=bar.update)
         for key, (ms, probe) in zip([label(m) for m in whole] + shapes, times):
             self.times.setdefault(key, []).append(round(ms, 6))
             self.probes.setdefault(key, []).append(probe)
