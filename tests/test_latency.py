@@ -73,6 +73,13 @@ def test_a_conv_takes_in_its_batchnorm_and_activation_as_ort_fuses_them():
     assert texts == ["conv|3", "relu|1", "maxpool|1", "gap|1", "flatten|1", "linear|3"]
 
 
+def test_a_conv_takes_in_the_batchnorm_of_a_block_after_it_as_the_flat_graph_fuses_them():
+    model = compiler.compile_source("block norm() { bn(eps=0.001) }\nmodel m { input 3x8x8 conv(4) norm hardswish "
+                                    "{ pwconv(8) norm } relu gap flatten linear(10) }", "m.spec")
+    texts = [u.text.split("(")[0] + "|" + str(len(u.paths)) for u in latency.units(model)]
+    assert texts == ["conv|3", "pwconv|3", "gap|1", "flatten|1", "linear|1"]
+
+
 def test_latency_budgets_read_their_unit_in_the_dsl_and_in_yaml():
     m = compiler.compile_source(TINY.replace("LIMIT", "800us"), "t.spec")
     (b,) = m.definition.budgets

@@ -94,15 +94,7 @@ def target_units(model: Model, first_conv_float: bool) -> list[Unit]:
 def _walk(node: Node, out: list[Unit]) -> None:
     if node.op == "seq":
         pending: list[Node] = []
-        for child in node.children:
-            if child.children:
-                _flush(pending, out)
-                _walk(child, out)
-            elif pending and (child.op in FREE or child.op in _takes(pending)):
-                pending.append(child)
-            else:
-                _flush(pending, out)
-                pending.append(child)
+        _stream(node, pending, out)
         _flush(pending, out)
     elif node.op == "residual":
         for child in node.children:
@@ -119,6 +111,23 @@ def _walk(node: Node, out: list[Unit]) -> None:
             _walk(child, out)
     else:
         out.append(_unit([node]))
+
+
+def _stream(seq: Node, pending: list[Node], out: list[Unit]) -> None:
+    """The layers of `seq` in order into units, a nested seq's (a block such as `norm() { bn }`) among them:
+    the graph a runtime fuses is flat, so MobileNetV3's `pwconv norm hardswish` is one unit as ORT runs
+    it, not a conv whose BatchNorm's in-model time holds the fused kernel's."""
+    for child in seq.children:
+        if child.op == "seq":
+            _stream(child, pending, out)
+        elif child.children:
+            _flush(pending, out)
+            _walk(child, out)
+        elif pending and (child.op in FREE or child.op in _takes(pending)):
+            pending.append(child)
+        else:
+            _flush(pending, out)
+            pending.append(child)
 
 
 def _takes(pending: list[Node]) -> tuple:
