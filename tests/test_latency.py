@@ -488,6 +488,59 @@ def test_prediction_takes_each_units_terms_by_where_it_was_timed(tmp_path):
     assert latency.predict(model, old).ms == pytest.approx(0.01 + len(units) * (0.0002 + 0.9 * 0.004))
 
 
+def test_a_units_weights_are_its_own_layers_tensors_not_a_residuals_branch():
+    model = compiler.compile_source("model m { input 8x4x4 residual { conv(8) bn relu } gap flatten linear(2) }",
+                                    "m.spec")
+    conv, residual, *_ = latency.units(model)
+    nodes = {n.path: n for n in model.root.walk()}
+    assert conv.weights == sum(t.numel for p in conv.paths for t in nodes[p].tensors) > 8 * 8 * 9
+    assert residual.text == "residual { identity }" and residual.weights == 0
+    assert residual.moved == 2 * 8 * 4 * 4  # its add's input and output, none of the branch's weights
+
+
+def test_units_alone_in_a_large_model_pay_for_their_weights_from_memory():
+    """Alone a unit runs with its weights in the cache; inside a model whose units move over `cold_above`
+    elements in all they come from memory on each run. The fit finds that size among
+    COLD_ABOVE_CANDIDATES and a cost per weight of the units alone where that fits the whole models
+    better, and leaves both out where it does not."""
+    from runtime.profile import fit
+
+    step, empty, per_weight = 0.0002, 0.005, 1e-7
+    models = {}
+    for i, (net, n, moved, weights) in enumerate([
+            (0.05, 5, 10_000, 2_000), (0.4, 30, 500_000, 90_000), (2.0, 12, 3_000_000, 300_000),
+            (7.0, 80, 40_000_000, 5_000_000), (3.0, 40, 6_000_000, 9_000_000), (1.2, 60, 30_000_000, 2_000_000),
+            (0.3, 9, 800_000, 700_000)]):
+        cold = per_weight * weights if moved > 4_194_304 else 0.0  # 3M moved stays in the cache, 6M does not
+        models[str(i)] = {"inputs": 3072, "empty_ms": empty, "units": n, "moved": moved, "weights": weights,
+                          "measured_ms": empty + step * n + net + cold, "sum_ms": net + cold, "alone_ms": net / 1.1}
+    f = fit(models, step)
+    assert f["cold_above"] == 4_194_304
+    assert (f["alone_scale"], f["alone_per_unit_ms"], f["cold_ms_per_weight"]) == pytest.approx(
+        (1.1, 0.0, per_weight), abs=1e-9)
+    assert (f["scale"], f["in_model_per_unit_ms"]) == pytest.approx((1.0, 0.0), abs=1e-9)  # in-model times hold it
+    warm = {k: {**c, "measured_ms": empty + step * c["units"] + c["alone_ms"] * 1.1} for k, c in models.items()}
+    assert "cold_ms_per_weight" not in fit(warm, step) and "cold_above" not in fit(warm, step)
+
+
+def test_prediction_adds_the_weights_of_the_units_alone_in_a_model_over_the_cold_size(tmp_path):
+    model = compiler.compile_spec(_tiny(tmp_path))
+    units = latency.units(model)
+    moved, weights = sum(u.moved for u in units), sum(u.weights for u in units)
+    table = _table(tmp_path, model, lambda u: 0.004,
+                   fit={"overhead_ms": 0.01, "scale": 1.0, "cold_ms_per_weight": 1e-6, "cold_above": moved - 1})
+    warm = 0.01 + 0.004 * len(units)
+    assert weights > 0 and latency.predict(model, table).ms == pytest.approx(warm + 1e-6 * weights)
+    seen = units[::2]  # measured inside a profiled model: their time there holds their weights' reads
+    for u in seen:
+        table.entries[u.key]["ctx"] = {"m@1": 0.004}
+    table.touch()
+    alone = sum(u.weights for u in units[1::2])
+    assert latency.predict(model, table).ms == pytest.approx(warm + 1e-6 * alone)
+    table.fit["cold_above"] = moved  # a model of this size keeps its weights in the cache
+    assert latency.predict(model, table).ms == pytest.approx(warm)
+
+
 def test_small_ort_units_are_timed_by_the_clock(monkeypatch):
     """The profiler reports whole microseconds, most of a small unit's time: a small unit is its time less
     the empty model's, paired, by the clock, and less the step before each node after the first, its

@@ -23,6 +23,7 @@ from __future__ import annotations
 from .predict import (
     IN_MODEL,
     Prediction,
+    cold_weights,
     entry_ms,
     in_context,
     overhead_at,
@@ -36,6 +37,7 @@ from .predict import (
 from .predict import _slopes as _slopes  # tests check the fitted slopes
 from .tables import (
     ALIASES,
+    COLD_ABOVE_CANDIDATES,
     RAW_UNIT_INPUTS,
     SCALE_ABOVE_CANDIDATES,
     SETTINGS,
@@ -52,7 +54,8 @@ from .tables import (
 )
 from .units import Unit, baseline_spec, units
 
-__all__ = ["ALIASES", "RAW_UNIT_INPUTS", "SETTINGS", "SCALE_ABOVE_CANDIDATES", "SMALL_UNIT_INPUTS", "TARGETS",
-           "LatencyError", "Prediction", "Table", "Unit", "baseline_spec", "cached_table", "IN_MODEL",
-           "canonical_target", "entry_ms", "in_context", "library_version", "load_table", "machine", "overhead_at",
-           "overhead_ms", "per_unit_counts", "predict", "scaled_sum", "scales", "table_path", "units", "units_on"]
+__all__ = ["ALIASES", "COLD_ABOVE_CANDIDATES", "RAW_UNIT_INPUTS", "SETTINGS", "SCALE_ABOVE_CANDIDATES",
+           "SMALL_UNIT_INPUTS", "TARGETS", "LatencyError", "Prediction", "Table", "Unit", "baseline_spec",
+           "cached_table", "IN_MODEL", "canonical_target", "cold_weights", "entry_ms", "in_context",
+           "library_version", "load_table", "machine", "overhead_at", "overhead_ms", "per_unit_counts", "predict",
+           "scaled_sum", "scales", "table_path", "units", "units_on"]

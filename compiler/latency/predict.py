@@ -213,6 +213,15 @@ def per_unit_counts(units: list[Unit], above: int) -> int:
     return sum(1 for unit in units if _over(unit, above))
 
 
+def cold_weights(units: list[Unit], alone: list[Unit], above: int | None) -> int:
+    """The weights (elements) of the `alone` units that a model of `units` reads from memory on each run:
+    all of them where its units move over `above` elements in all (a fit's `cold_above`), none below it or
+    where the fit found no such size."""
+    if above is None or sum(unit.moved for unit in units) <= above:
+        return 0
+    return sum(unit.weights for unit in alone)
+
+
 def predict(model: Model, table: Table) -> Prediction:
     rows = []
     inputs = math.prod(model.input_shape)
@@ -227,6 +236,8 @@ def predict(model: Model, table: Table) -> Prediction:
     extra = (f.get("per_unit_ms", 0.0) * len(rows)
              + f.get("alone_per_unit_ms", 0.0) * per_unit_counts(alone, f.get("alone_per_unit_above", 0))
              + f.get("in_model_per_unit_ms", 0.0) * per_unit_counts(inside, f.get("in_model_per_unit_above", 0)))
+    if f.get("cold_ms_per_weight"):  # units alone ran with their weights in the cache
+        extra += f["cold_ms_per_weight"] * cold_weights([unit for unit, _, _ in rows], alone, f.get("cold_above"))
     if f.get("per_moved_ms"):  # PyTorch's (profile.fit); search predicts thousands of models on ORT without it
         extra += f["per_moved_ms"] * sum(unit.moved for unit, _, _ in rows)
     # a negative correction never takes more than half of what the units measured

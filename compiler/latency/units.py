@@ -23,6 +23,7 @@ class Unit:
     moved: int          # elements read and written: input, output and weights
     paths: tuple = ()   # the model's layers it covers
     variant: str = ""   # how the target runs it, where not as its other units: "float" (int8's first conv)
+    weights: int = 0    # elements of its layers' own tensors (a residual's add has none of its branch's)
 
     @property
     def key(self) -> str:
@@ -55,9 +56,10 @@ def _leaf_text(node: Node) -> str:
 
 def _unit(nodes: list[Node], text: str | None = None, in_shape: tuple | None = None) -> Unit:
     in_shape = in_shape or nodes[0].in_shape
-    weights = sum(t.numel for n in nodes for _, t in n.state_tensors())
+    weights = sum(t.numel for n in nodes for t in n.tensors)
     return Unit(text or " ".join(_leaf_text(n) for n in nodes), tuple(in_shape), sum(n.macs for n in nodes),
-                math.prod(in_shape) + math.prod(nodes[-1].out_shape) + weights, tuple(n.path for n in nodes))
+                math.prod(in_shape) + math.prod(nodes[-1].out_shape) + weights, tuple(n.path for n in nodes),
+                weights=weights)
 
 
 def units(model: Model) -> list[Unit]:
@@ -87,7 +89,8 @@ def target_units(model: Model, first_conv_float: bool) -> list[Unit]:
         end += 1
     group = out[first:end]
     out[first:end] = [Unit(" ".join(u.text for u in group), group[0].in_shape, sum(u.macs for u in group),
-                           sum(u.moved for u in group), tuple(p for u in group for p in u.paths), "float")]
+                           sum(u.moved for u in group), tuple(p for u in group for p in u.paths), "float",
+                           sum(u.weights for u in group))]
     return out
 
 

@@ -179,12 +179,43 @@ def fit(calibration: dict, per_unit: float | None = None) -> dict:
     terms.update(scale=in_model["scale"], in_model_per_unit_ms=in_model["per_unit_ms"],
                  in_model_per_unit_above=in_model_above)
     if any("alone_ms" in c for c in calibration.values()):
-        alone = _scaled([(c["alone_ms"] - c.get("raw_alone_ms", 0.0), reached(c, above), rest(c, m, True))
-                         for c, m in net if "alone_ms" in c])
+        alone = _with_cold([(c["alone_ms"] - c.get("raw_alone_ms", 0.0), reached(c, above), rest(c, m, True), c)
+                            for c, m in net if "alone_ms" in c])
     else:  # models measured before alone sums were kept
         alone = {"scale": terms["scale"], "per_unit_ms": 0.0}
     return {**terms, "alone_scale": alone["scale"], "alone_per_unit_ms": alone["per_unit_ms"],
-            "alone_per_unit_above": above}
+            "alone_per_unit_above": above, **{k: alone[k] for k in ("cold_ms_per_weight", "cold_above") if k in alone}}
+
+
+COLD_GAIN = 0.05  # the cold term enters where it takes at least this share off the misfit of the terms without it
+
+
+def _with_cold(points: list[tuple[float, float, float, dict]]) -> dict:
+    """The terms of units alone (_scaled's, from (sum, units, time less the rest, calibration) of each
+    model), and a cost per weight of theirs in models whose units move over `cold_above` elements
+    (COLD_ABOVE_CANDIDATES), where that fits the whole models clearly better (COLD_GAIN): alone a unit
+    runs with its weights in the cache, inside a large model they come from memory (latency.cold_weights)."""
+    import numpy as np
+
+    plain = _scaled([p[:3] for p in points])
+    best = (_misfit([p[:3] for p in points], plain), plain)
+    kept = [p for p in points if p[0] > 0 and p[2] > 0]
+    for above in latency.COLD_ABOVE_CANDIDATES:
+        cold = np.array([c.get("weights", 0) if c.get("moved", 0) > above else 0 for *_, c in kept], dtype=float)
+        if len(kept) < 4 or not cold.any():
+            continue
+        s, n, m = (np.array(v, dtype=float) for v in zip(*(p[:3] for p in kept)))
+        cols = np.stack([n / max(n.max(), 1.0), s, cold / cold.max()], 1) / m[:, None]
+        (per_unit, scale, per_weight), _, rank, _ = np.linalg.lstsq(cols, np.ones_like(m), rcond=None)
+        if rank < 3 or scale <= 0 or per_weight < 0:
+            continue
+        terms = {"per_unit_ms": float(per_unit / max(n.max(), 1.0)), "scale": float(scale),
+                 "cold_ms_per_weight": float(per_weight / cold.max()), "cold_above": above}
+        misfit = _rms([(terms["per_unit_ms"] * x + scale * y + terms["cold_ms_per_weight"] * w) / z - 1
+                       for (y, x, z), w in zip(zip(s, n, m), cold)])
+        if misfit < best[0] * (1 - COLD_GAIN) - 1e-9:  # a term and a size more: for a clear gain only
+            best = (misfit, terms)
+    return best[1]
 
 
 def _scaled_from(net: list[tuple[dict, float]]) -> dict:
@@ -353,11 +384,11 @@ def unit_sums(model, table: latency.Table) -> dict:
             "sum_above_ms": {str(t): latency.scaled_sum(entries, t)[0] for t in latency.SCALE_ABOVE_CANDIDATES},
             "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units),
             "units_above": latency.per_unit_counts(units, latency.SMALL_UNIT_INPUTS),
-            "moved": sum(u.moved for u in units)}
+            "moved": sum(u.moved for u in units), "weights": sum(u.weights for u in units)}
     if table.target in KERNEL_TIMES:
         raw = [(u, ms) for u, ms in entries if math.prod(u.in_shape) <= latency.RAW_UNIT_INPUTS]
         sums.update(raw_ms=sum(ms for _, ms in raw), raw_alone_ms=sum(table.entries[u.key]["ms"] for u, _ in raw),
-                    raw_units=len(raw))
+                    raw_units=len(raw), weights=sums["weights"] - sum(u.weights for u, _ in raw))
     return sums
 
 
@@ -421,7 +452,14 @@ def _terms(f: dict) -> str:
     return (f"{1e3 * f['per_unit_ms']:.2f} us per unit (the step between kernels), then "
             + (f"a unit of up to {raw:,} input elements as timed, a larger one " if raw else "a unit ")
             + f"measured in a model {1e3 * f['in_model_per_unit_ms']:+.2f} us{_above(f, 'in_model')} + "
-            f"{in_model_scale:.3f} x its time there, one measured alone {alone}")
+            f"{in_model_scale:.3f} x its time there, one measured alone {alone}" + _cold(f))
+
+
+def _cold(f: dict) -> str:
+    if not f.get("cold_ms_per_weight"):
+        return ""
+    return (f", {f['cold_ms_per_weight'] * 1e9:.0f} ps per weight in a model whose units move over "
+            f"{f['cold_above']:,} elements")
 
 
 def _above(f: dict, which: str) -> str:
