@@ -10,7 +10,8 @@ under it and give each unit its time inside them (node names are layer paths, so
 to units), which is the unit's entry where known. On ort-int8 the model's first conv is a unit of its
 own (`[float]`): the int8 file keeps it in float. Prediction = overhead + per_unit x units + scale x
 (sum of the units' entries): the overhead is the empty model's measured time (a constant plus a cost per
-input element), per_unit and scale are fitted by the profiler on the whole models.
+input element), per_unit and scale are fitted by the profiler on the whole models, as is a cost per weight
+of the units timed alone in a model large enough to evict its weights between runs (cold_weights).
 
 A unit the table lacks takes the nearest measured unit of the same structure (the key with every
 number masked) by MACs and bytes moved, moved along that structure's cost per MAC and per element moved
