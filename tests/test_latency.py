@@ -887,6 +887,11 @@ def test_the_profilers_floor_grows_with_a_nodes_inputs():
     assert floors == pytest.approx({"a": 0.008, "b": 0.007, "c": 0.010})
     ms.update({f"{FLOOR_PREFIX}Add#{i}": 0.005 for i in range(1, FLOOR_NODES + 1)})  # noise: never below one input
     assert _floors(ms, {"b": 3}, ["b"]) == pytest.approx({"b": 0.008})
+    # never over what the model's own nodes reported in the same runs (the chains caught by a slow spell)
+    ms.update({"a": 0.009, "b": 0.0058, "c": 0.012})
+    floors = _floors(ms, {"a": 1, "b": 1, "c": 2}, ["a", "b", "c"])
+    assert floors["b"] == pytest.approx(0.0058) and floors["c"] == pytest.approx(0.0058)
+    assert floors["a"] == pytest.approx(0.0058 + 0.002)  # the first node's extra for reading the input stays
 
 
 def test_the_step_between_kernels_is_the_median_of_the_rounds_a_fast_spell_met(tmp_path, monkeypatch):
