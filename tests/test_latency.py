@@ -498,11 +498,38 @@ def test_a_units_weights_are_its_own_layers_tensors_not_a_residuals_branch():
     assert residual.moved == 2 * 8 * 4 * 4  # its add's input and output, none of the branch's weights
 
 
+def test_the_cold_size_and_cost_per_weight_come_from_the_units_timed_inside_the_models():
+    """The table's own in-model times show what reading weights from memory costs: a model's weight-bound
+    units took longer inside it than alone, in proportion to their weights, in models over a size and
+    not below it. The size is the candidate that explains those excesses best, the cost the models'
+    median over it (one model whose layers ran otherwise inside it does not move it), and the terms of
+    units alone are fitted on what is left."""
+    from runtime.profile import fit
+
+    step, empty, per_weight = 0.0002, 0.005, 1e-7
+    models = {}
+    for i, (net, n, moved, weights, excess) in enumerate([
+            (0.05, 5, 10_000, 2_000, 0.0), (0.4, 30, 500_000, 90_000, 2e-10), (2.0, 12, 3_000_000, 300_000, -1e-10),
+            (3.0, 40, 6_000_000, 9_000_000, 1.1e-7), (1.2, 60, 30_000_000, 2_000_000, 0.9e-7),
+            (7.0, 80, 40_000_000, 5_000_000, 1.0e-7), (9.0, 90, 60_000_000, 20_000_000, -3e-7),
+            (0.8, 20, 20_000_000, 1_000_000, 1.0e-7)]):
+        cold = per_weight * weights if moved > 4_194_304 else 0.0  # 3M moved stays in the cache, 6M does not
+        models[str(i)] = {"inputs": 3072, "empty_ms": empty, "units": n, "moved": moved, "weights": weights,
+                          "cold_excess_ms": excess * weights / 2, "cold_weights": weights // 2,
+                          "measured_ms": empty + step * n + net + cold, "sum_ms": net + cold, "alone_ms": net / 1.1}
+    f = fit(models, step)
+    assert f["cold_above"] == 4_194_304
+    assert f["cold_ms_per_weight"] == pytest.approx(per_weight)  # the median of 1.1, 0.9, 1.0, -3 and 1.0
+    assert (f["alone_scale"], f["alone_per_unit_ms"]) == pytest.approx((1.1, 0.0), abs=1e-9)
+    warm = {k: {**c, "cold_excess_ms": 0.0} for k, c in models.items()}
+    assert "cold_ms_per_weight" not in fit(warm, step) and "cold_above" not in fit(warm, step)
+
+
 def test_units_alone_in_a_large_model_pay_for_their_weights_from_memory():
     """Alone a unit runs with its weights in the cache; inside a model whose units move over `cold_above`
-    elements in all they come from memory on each run. The fit finds that size among
-    COLD_ABOVE_CANDIDATES and a cost per weight of the units alone where that fits the whole models
-    better, and leaves both out where it does not."""
+    elements in all they come from memory on each run. In a table from before the units' in-model
+    excesses were kept, the fit finds that size among COLD_ABOVE_CANDIDATES and a cost per weight of the
+    units alone from the whole models where that fits them better, and leaves both out where it does not."""
     from runtime.profile import fit
 
     step, empty, per_weight = 0.0002, 0.005, 1e-7

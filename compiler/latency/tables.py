@@ -47,7 +47,7 @@ SCALE_ABOVE_CANDIDATES = (0, 4_096, 16_384, 65_536, 262_144, 1_048_576)
 # cache, inside a large model they were evicted since the last run. On the bench's VM (1 MiB L2, 32 MiB L3)
 # the zoo's 1x1 convs at 7x7 and its classifiers took 70-160 ps more per weight inside the models than alone,
 # the search space's models at 64 px (up to 2.1M elements moved) none
-COLD_ABOVE_CANDIDATES = (1_048_576, 2_097_152, 4_194_304, 8_388_608, 16_777_216)
+COLD_ABOVE_CANDIDATES = (1_048_576, 2_097_152, 4_194_304, 8_388_608, 16_777_216, 33_554_432, 67_108_864)
 
 
 class LatencyError(NcError):

@@ -187,20 +187,59 @@ def fit(calibration: dict, per_unit: float | None = None) -> dict:
             "alone_per_unit_above": above, **{k: alone[k] for k in ("cold_ms_per_weight", "cold_above") if k in alone}}
 
 
-COLD_GAIN = 0.05  # the cold term enters where it takes at least this share off the misfit of the terms without it
+COLD_GAIN = 0.05  # the cold term enters where it takes at least this share off the misfit without it
+WEIGHT_BOUND_MACS = 200  # a unit of at most this many MACs per weight: loading its weights is a visible
+# share of its time (a 1x1 conv at 7x7 does 49, a linear 1), so its time inside a model less its time
+# alone shows what reading them from memory costs
 
 
 def _with_cold(points: list[tuple[float, float, float, dict]]) -> dict:
     """The terms of units alone (_scaled's, from (sum, units, time less the rest, calibration) of each
-    model), and a cost per weight of theirs in models whose units move over `cold_above` elements
-    (COLD_ABOVE_CANDIDATES), where that fits the whole models clearly better (COLD_GAIN): alone a unit
-    runs with its weights in the cache, inside a large model they come from memory (latency.cold_weights)."""
+    model), and a cost per weight of theirs in models whose units move over `cold_above` elements: alone
+    a unit runs with its weights in the cache, inside a large model they come from memory
+    (latency.cold_weights). Both come from the table's own in-model times where the models hold them
+    (_cold_from_units), else from the whole models (_cold_from_models)."""
+    plain = _scaled([p[:3] for p in points])
+    if not points or not all("cold_excess_ms" in c for *_, c in points):  # a table from before they were kept
+        return _cold_from_models(points, plain)
+    cold = _cold_from_units([c for *_, c in points])
+    if not cold:
+        return plain
+
+    def paid(c: dict) -> float:  # what the model's units alone pay for their weights
+        return cold["cold_ms_per_weight"] * (c.get("weights", 0) if c.get("moved", 0) > cold["cold_above"] else 0)
+
+    return {**_scaled([(s, n, m - paid(c)) for s, n, m, c in points]), **cold}
+
+
+def _cold_from_units(calibration: list[dict]) -> dict:
+    """{cold_ms_per_weight, cold_above} from each model's weight-bound units (WEIGHT_BOUND_MACS): their
+    time inside it less their time alone (`cold_excess_ms`), over their weights (`cold_weights`). The
+    size is the one of COLD_ABOVE_CANDIDATES that explains those costs per weight best, one model one vote
+    (least absolute misfit; a smaller size for a clear gain only), the cost the models' median over it (a
+    few models' layers run otherwise inside them: ConvNeXt's linears took 10 ms less inside it than alone
+    on ort-fp32); none where that takes less than COLD_GAIN off the misfit of no term."""
+    rows = [(c["moved"], c["cold_excess_ms"] / c["cold_weights"]) for c in calibration if c.get("cold_weights")]
+    best: tuple[float, dict] = (sum(abs(k) for _, k in rows), {})
+    for above in sorted(latency.COLD_ABOVE_CANDIDATES, reverse=True):
+        over = [k for moved, k in rows if moved > above]
+        per_weight = statistics.median(over) if over else 0.0
+        if per_weight <= 0:
+            continue
+        misfit = sum(abs(k - (per_weight if moved > above else 0.0)) for moved, k in rows)
+        if misfit < best[0] * (1 - COLD_GAIN) - 1e-12:
+            best = (misfit, {"cold_ms_per_weight": per_weight, "cold_above": above})
+    return best[1]
+
+
+def _cold_from_models(points: list[tuple[float, float, float, dict]], plain: dict) -> dict:
+    """_with_cold's terms fitted on the whole models alone (tables from before the in-model excesses were
+    kept): the cost per weight a third term of the least squares, at the size that fits them best."""
     import numpy as np
 
-    plain = _scaled([p[:3] for p in points])
     best = (_misfit([p[:3] for p in points], plain), plain)
     kept = [p for p in points if p[0] > 0 and p[2] > 0]
-    for above in latency.COLD_ABOVE_CANDIDATES:
+    for above in sorted(latency.COLD_ABOVE_CANDIDATES, reverse=True):  # a smaller size for a clear gain only
         cold = np.array([c.get("weights", 0) if c.get("moved", 0) > above else 0 for *_, c in kept], dtype=float)
         if len(kept) < 4 or not cold.any():
             continue
@@ -384,12 +423,25 @@ def unit_sums(model, table: latency.Table) -> dict:
             "sum_above_ms": {str(t): latency.scaled_sum(entries, t)[0] for t in latency.SCALE_ABOVE_CANDIDATES},
             "alone_ms": sum(table.entries[u.key]["ms"] for u in units), "units": len(units),
             "units_above": latency.per_unit_counts(units, latency.SMALL_UNIT_INPUTS),
-            "moved": sum(u.moved for u in units), "weights": sum(u.weights for u in units)}
+            "moved": sum(u.moved for u in units), "weights": sum(u.weights for u in units),
+            **_cold_excess(model, units, table)}
     if table.target in KERNEL_TIMES:
         raw = [(u, ms) for u, ms in entries if math.prod(u.in_shape) <= latency.RAW_UNIT_INPUTS]
         sums.update(raw_ms=sum(ms for _, ms in raw), raw_alone_ms=sum(table.entries[u.key]["ms"] for u, _ in raw),
                     raw_units=len(raw), weights=sums["weights"] - sum(u.weights for u, _ in raw))
     return sums
+
+
+def _cold_excess(model, units: list, table: latency.Table) -> dict:
+    """The model's weight-bound units (WEIGHT_BOUND_MACS) that the profiler timed inside it: their time there
+    less their time alone (`cold_excess_ms`), and their weights (`cold_weights`)."""
+    label, excess, weights = _label(model), 0.0, 0
+    for u in units:
+        ctx = table.entries[u.key].get("ctx") or {}
+        if u.weights and label in ctx and u.macs <= WEIGHT_BOUND_MACS * u.weights:
+            excess += ctx[label] - table.entries[u.key]["ms"]
+            weights += u.weights
+    return {"cold_excess_ms": excess, "cold_weights": weights}
 
 
 def _runnable(models: list, table: latency.Table, failed: dict) -> list:
