@@ -43,10 +43,11 @@ RAW_UNIT_INPUTS = 512
 # values as it does inside
 SCALE_ABOVE_CANDIDATES = (0, 4_096, 16_384, 65_536, 262_144, 1_048_576)
 # where a model's weights start to come from memory on each run (the elements its units move, summed; a fit
-# picks the one that fits its whole models best, `cold_above`): a unit alone runs with its weights in the
-# cache, inside a large model they were evicted since the last run. On the bench's VM (1 MiB L2, 32 MiB L3)
-# the zoo's 1x1 convs at 7x7 and its classifiers took 70-160 ps more per weight inside the models than alone,
-# the search space's models at 64 px (up to 2.1M elements moved) none
+# picks the one that explains the in-model times of its models' weight-bound units best, `cold_above`): a
+# unit alone runs with its weights in the cache, inside a large model they were evicted since the last run.
+# On the bench's VM (1 MiB L2, 32 MiB L3) the zoo's 1x1 convs at 7x7 and its classifiers took 80-160 ps more
+# per weight inside the models than alone on ort-fp32, the search space's models at 64 px (up to 2.1M
+# elements moved) none; on ort-int8 (a quarter of the bytes) only the three largest models paid
 COLD_ABOVE_CANDIDATES = (1_048_576, 2_097_152, 4_194_304, 8_388_608, 16_777_216, 33_554_432, 67_108_864)
 
 
