@@ -199,15 +199,14 @@ def _with_cold(points: list[tuple[float, float, float, dict]]) -> dict:
     a unit runs with its weights in the cache, inside a large model they come from memory
     (latency.cold_weights). Both come from the table's own in-model times where the models hold them
     (_cold_from_units), else from the whole models (_cold_from_models)."""
-    plain = _scaled([p[:3] for p in points])
-    if not points or not all("cold_excess_ms" in c for *_, c in points):  # a table from before they were kept
-        return _cold_from_models(points, plain)
+    if not all("cold_excess_ms" in c for *_, c in points):  # a table from before they were kept
+        return _cold_from_models(points)
     cold = _cold_from_units([c for *_, c in points])
-    if not cold:
-        return plain
 
-    def paid(c: dict) -> float:  # what the model's units alone pay for their weights
-        return cold["cold_ms_per_weight"] * (c.get("weights", 0) if c.get("moved", 0) > cold["cold_above"] else 0)
+    def paid(c: dict) -> float:  # what the model's units alone pay for their weights (none without the term)
+        if not cold or c.get("moved", 0) <= cold["cold_above"]:
+            return 0.0
+        return cold["cold_ms_per_weight"] * c.get("weights", 0)
 
     return {**_scaled([(s, n, m - paid(c)) for s, n, m, c in points]), **cold}
 
@@ -232,11 +231,12 @@ def _cold_from_units(calibration: list[dict]) -> dict:
     return best[1]
 
 
-def _cold_from_models(points: list[tuple[float, float, float, dict]], plain: dict) -> dict:
+def _cold_from_models(points: list[tuple[float, float, float, dict]]) -> dict:
     """_with_cold's terms fitted on the whole models alone (tables from before the in-model excesses were
     kept): the cost per weight a third term of the least squares, at the size that fits them best."""
     import numpy as np
 
+    plain = _scaled([p[:3] for p in points])
     best = (_misfit([p[:3] for p in points], plain), plain)
     kept = [p for p in points if p[0] > 0 and p[2] > 0]
     for above in sorted(latency.COLD_ABOVE_CANDIDATES, reverse=True):  # a smaller size for a clear gain only
