@@ -827,6 +827,34 @@ def test_a_ctrl_c_that_a_library_turns_into_another_exception_is_still_an_interr
     assert "internal error" not in proc.stderr and "Traceback" not in proc.stderr
 
 
+def test_a_ctrl_c_inside_the_import_of_torch_waits_for_the_import_to_end(in_root, tmp_path):
+    """torch's C++ start-up calls back into Python; a KeyboardInterrupt raised there aborts the process
+    (pybind11: "terminate called after throwing"). A stand-in `torch` package sends itself SIGINT while it
+    imports: the signal must be held until the import ends, then raised as usual."""
+    import subprocess
+    import sys
+
+    (tmp_path / "torch").mkdir()
+    (tmp_path / "torch" / "__init__.py").write_text(
+        "import os, signal, time\n"
+        "os.kill(os.getpid(), signal.SIGINT)\n"
+        "time.sleep(0.2)  # the handler would have run by now\n"
+        "print('held:', signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()))\n"
+        "print('import ran to its end')\n")
+    script = (f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n"
+              "from runtime import ctrl_c\n"
+              "ctrl_c.install()\n"
+              "try:\n"
+              "    import torch\n"
+              "except KeyboardInterrupt:\n"
+              "    print('interrupted after the import:', ctrl_c.fired(), 'torch' in sys.modules)\n"
+              "import signal\n"
+              "print('held after:', signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()))\n")
+    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60, cwd=in_root)
+    assert proc.stdout.splitlines() == ["held: True", "import ran to its end", "interrupted after the import: True "
+                                        "False", "held after: False"], proc.stdout + proc.stderr
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("delay", [0.15, 0.3, 0.6, 1.0])
 def test_ctrl_c_at_any_moment_of_the_start_is_an_interrupt(delay, in_root):

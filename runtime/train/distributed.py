@@ -4,9 +4,14 @@ A launch by torchrun gets a process group even with one process, so that the col
 (DDP, summed metrics, barriers) are the ones a single GPU exercises too."""
 from __future__ import annotations
 
+import ctypes
 import os
+from collections import deque
 
 import torch
+
+# The works of the last collectives that summed tensors; see `stop`.
+_recent_works: deque = deque(maxlen=64)
 
 
 def launched() -> tuple[int, int]:
@@ -30,6 +35,24 @@ def start(device: torch.device) -> torch.device:
     return device
 
 
+def sum_over_ranks(*tensors: torch.Tensor) -> None:
+    """Sum each tensor in place over the ranks (blocking), keeping the collective's work object; see `stop`."""
+    for tensor in tensors:
+        work = torch.distributed.all_reduce(tensor, async_op=True)
+        work.wait()
+        _recent_works.append(work)
+
+
 def stop() -> None:
+    """Leave the process group, and keep the last collectives' works alive until the process is gone.
+
+    gloo's worker thread lets go of a collective's work a moment after the work finished. When it holds the last
+    reference, it frees the work's tensors, and that needs the GIL. Once Python has begun to exit, taking the GIL
+    ends the thread inside C++, which aborts the process ("terminate called without an active exception", torch
+    2.14): a rank whose last collective came just before its exit died so about one run in ten. Works that are
+    never freed are never freed by that thread; those of older collectives were let go of long ago."""
     if active():
         torch.distributed.destroy_process_group()
+    for work in _recent_works:
+        ctypes.pythonapi.Py_IncRef(ctypes.py_object(work))
+    _recent_works.clear()

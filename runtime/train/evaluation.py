@@ -55,8 +55,7 @@ def score(module: torch.nn.Module, placed: Placed, pipeline: Pipeline, speed: Sp
         loss_sum += F.cross_entropy(logits, y, reduction="sum").double()
         conf += torch.bincount(y * n_classes + logits.argmax(1), minlength=n_classes * n_classes)
     if distributed.active():
-        torch.distributed.all_reduce(conf)
-        torch.distributed.all_reduce(loss_sum)
+        distributed.sum_over_ranks(conf, loss_sum)
     matrix = conf.view(n_classes, n_classes).cpu()  # the one host sync
     total = int(matrix.sum())
     if total == 0:

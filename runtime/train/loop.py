@@ -95,7 +95,7 @@ def train_epoch(ctx: RunContext, step: TrainStep, placed: Placed, pipeline: Pipe
     stats = torch.stack([step.loss_sum.double(), step.correct.double(),
                          torch.tensor(float(seen), dtype=torch.float64, device=speed.device)])
     if distributed.active():
-        torch.distributed.all_reduce(stats)
+        distributed.sum_over_ranks(stats)
     total_loss, total_correct, total_seen = stats.tolist()  # the epoch's host sync
     return total_loss, total_correct, int(total_seen)
 
