@@ -842,6 +842,8 @@ def test_a_ctrl_c_inside_the_import_of_torch_waits_for_the_import_to_end(in_root
         "print('held:', signal.SIGINT in signal.pthread_sigmask(signal.SIG_BLOCK, set()))\n"
         "print('import ran to its end')\n")
     script = (f"import sys\nsys.path.insert(0, {str(tmp_path)!r})\n"
+              "import signal\n"
+              "signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, not under a '&'\n"
               "from runtime import ctrl_c\n"
               "ctrl_c.install()\n"
               "try:\n"
@@ -865,7 +867,8 @@ def test_ctrl_c_at_any_moment_of_the_start_is_an_interrupt(delay, in_root):
     import sys
 
     proc = subprocess.Popen([sys.executable, "-m", "runtime", "specs/student.spec", "--recipe", "kd", "--dry-run"],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # even under a '&'
     time.sleep(delay)
     proc.send_signal(signal.SIGINT)
     _, err = proc.communicate(timeout=60)
