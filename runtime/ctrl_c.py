@@ -3,7 +3,7 @@ descriptor's __set_name__ can come out as another exception (a RuntimeError, a R
 half-imported module), so the CLI's handler notes that it fired. Standard library only: it is installed
 before the compiler, pydantic and torch import.
 
-Inside the imports of torch and onnxruntime, Ctrl-C waits until the import ends: their C++ start-up calls
+Inside the imports of torch, torchvision and onnxruntime, Ctrl-C waits until the import ends: their C++ start-up calls
 back into Python (torch's `_c10d_init`), and a KeyboardInterrupt raised there cannot unwind through C++
 (pybind11 aborts the process: "terminate called after throwing ... KeyboardInterrupt")."""
 import contextlib

@@ -49,8 +49,8 @@ def stop() -> None:
     gloo's worker thread lets go of a collective's work a moment after the work finished. When it holds the last
     reference, it frees the work's tensors, and that needs the GIL. Once Python has begun to exit, taking the GIL
     ends the thread inside C++, which aborts the process ("terminate called without an active exception", torch
-    2.14): a rank whose last collective came just before its exit died so about one run in ten. Works that are
-    never freed are never freed by that thread; those of older collectives were let go of long ago."""
+    2.14): a rank whose last collective came just before its exit died so about one run in ten. A kept work is
+    never freed, so never by that thread; the works of older collectives were let go of long ago."""
     if active():
         torch.distributed.destroy_process_group()
     for work in _recent_works:
